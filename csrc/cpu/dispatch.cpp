@@ -1,0 +1,120 @@
+// grouped_dispatch on CPU: grouped top-k routing per token (parallel over tokens), a stable counting
+// sort of the T*K (token, slot) pairs by expert, then the copy of each hidden row to its K slots.
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "../moge.h"
+
+namespace moge {
+
+namespace {
+
+// Scores of one token in fp32. A NaN anywhere in a softmax row makes the whole row NaN, as
+// torch.softmax does; sigmoid keeps NaN per expert.
+void token_scores(const float* logits, int64_t E, bool softmax, float* scores) {
+  if (!softmax) {
+    for (int64_t e = 0; e < E; ++e) scores[e] = 1.0f / (1.0f + std::exp(-logits[e]));
+    return;
+  }
+  float row_max = -std::numeric_limits<float>::infinity();
+  for (int64_t e = 0; e < E; ++e) {
+    row_max = std::isnan(logits[e]) || std::isnan(row_max) ? NAN : std::max(row_max, logits[e]);
+  }
+  float total = 0.f;
+  for (int64_t e = 0; e < E; ++e) {
+    scores[e] = std::exp(logits[e] - row_max);
+    total += scores[e];
+  }
+  for (int64_t e = 0; e < E; ++e) scores[e] /= total;
+}
+
+// Selection key: NaN ranks below every number (the NaN policy in moge_kernels/reference.py).
+inline float selection_key(float score) {
+  return std::isnan(score) ? -std::numeric_limits<float>::infinity() : score;
+}
+
+}  // namespace
+
+DispatchOutputs grouped_dispatch_cpu(const at::Tensor& hidden, const at::Tensor& router_logits,
+                                     int64_t num_groups, int64_t topk_per_group,
+                                     const std::optional<at::Tensor>& expert_scale, bool renormalize,
+                                     c10::string_view score_func) {
+  check_dispatch_args(hidden, router_logits, num_groups, topk_per_group, expert_scale, score_func);
+  const int64_t T = router_logits.size(0), E = router_logits.size(1), H = hidden.size(1);
+  const int64_t G = num_groups, k_g = topk_per_group, S = E / G, K = G * k_g;
+  const bool softmax = score_func == "softmax";
+
+  auto logits = router_logits.to(at::kFloat).contiguous();           // [T, E] fp32
+  at::Tensor scale;                                                   // [E] fp32
+  if (expert_scale.has_value()) scale = expert_scale->to(at::kFloat).contiguous();
+  auto topk_weights = at::empty({T, K}, logits.options());           // [T, K] fp32
+  auto topk_ids = at::empty({T, K}, logits.options().dtype(at::kInt));  // [T, K] int32
+  const float* logits_ptr = logits.data_ptr<float>();
+  const float* scale_ptr = scale.defined() ? scale.data_ptr<float>() : nullptr;
+  float* weights_ptr = topk_weights.data_ptr<float>();
+  int32_t* ids_ptr = topk_ids.data_ptr<int32_t>();
+
+  at::parallel_for(0, T, 64, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(E);
+    std::vector<char> taken(S);
+    for (int64_t t = begin; t < end; ++t) {
+      token_scores(logits_ptr + t * E, E, softmax, scores.data());
+      float* w = weights_ptr + t * K;
+      int32_t* ids = ids_ptr + t * K;
+      for (int64_t g = 0; g < G; ++g) {
+        std::fill(taken.begin(), taken.end(), 0);
+        for (int64_t j = 0; j < k_g; ++j) {   // k_g passes of an argmax: ties go to the lower index
+          int64_t best = -1;
+          float best_key = 0.f;
+          for (int64_t s = 0; s < S; ++s) {
+            if (taken[s]) continue;
+            float key = selection_key(scores[g * S + s]);
+            if (best < 0 || key > best_key) best = s, best_key = key;
+          }
+          taken[best] = 1;
+          ids[g * k_g + j] = static_cast<int32_t>(g * S + best);
+          w[g * k_g + j] = scores[g * S + best];
+        }
+      }
+      if (renormalize) {
+        float total = 0.f;
+        for (int64_t k = 0; k < K; ++k) total += w[k];
+        for (int64_t k = 0; k < K; ++k) w[k] /= total;
+      }
+      if (scale_ptr != nullptr) {
+        for (int64_t k = 0; k < K; ++k) w[k] *= scale_ptr[ids[k]];
+      }
+    }
+  });
+
+  // Stable counting sort by expert. One sequential pass over T*K int32s costs far less than the row
+  // copies below, and keeps (token, slot) order inside each expert without any merge step.
+  auto expert_offsets = at::zeros({E + 1}, topk_ids.options());     // [E+1] int32
+  auto row_index = at::empty({T, K}, topk_ids.options());           // [T, K] int32
+  int32_t* offsets_ptr = expert_offsets.data_ptr<int32_t>();
+  int32_t* row_ptr = row_index.data_ptr<int32_t>();
+  for (int64_t i = 0; i < T * K; ++i) offsets_ptr[ids_ptr[i] + 1] += 1;
+  for (int64_t e = 0; e < E; ++e) offsets_ptr[e + 1] += offsets_ptr[e];
+  std::vector<int32_t> cursor(offsets_ptr, offsets_ptr + E);
+  for (int64_t i = 0; i < T * K; ++i) row_ptr[i] = cursor[ids_ptr[i]]++;
+
+  auto src = hidden.contiguous();
+  auto permuted_hidden = at::empty({T * K, H}, src.options());      // [T*K, H]
+  const int64_t row_bytes = H * static_cast<int64_t>(src.element_size());
+  const char* src_ptr = static_cast<const char*>(src.data_ptr());
+  char* dst_ptr = static_cast<char*>(permuted_hidden.data_ptr());
+  at::parallel_for(0, T, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      for (int64_t k = 0; k < K; ++k) {
+        std::memcpy(dst_ptr + row_ptr[t * K + k] * row_bytes, src_ptr + t * row_bytes, row_bytes);
+      }
+    }
+  });
+  return {permuted_hidden, topk_weights, topk_ids, expert_offsets, row_index};
+}
+
+}  // namespace moge

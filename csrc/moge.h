@@ -1,0 +1,33 @@
+// Kernel entry points of the private `moge_C` op namespace; public ops live in moge_kernels/ops.py.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <string>
+#include <tuple>
+
+namespace moge {
+
+using DispatchOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// CPU kernels (csrc/cpu/)
+DispatchOutputs grouped_dispatch_cpu(const at::Tensor& hidden, const at::Tensor& router_logits,
+                                     int64_t num_groups, int64_t topk_per_group,
+                                     const std::optional<at::Tensor>& expert_scale, bool renormalize,
+                                     c10::string_view score_func);
+at::Tensor grouped_gemm_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& expert_offsets);
+at::Tensor grouped_mlp_cpu(const at::Tensor& x, const at::Tensor& w_gate_up, const at::Tensor& w_down,
+                           const at::Tensor& expert_offsets, const std::optional<at::Tensor>& row_scale);
+at::Tensor grouped_combine_cpu(const at::Tensor& expert_out, const at::Tensor& topk_weights,
+                               const at::Tensor& row_index, const std::optional<at::Tensor>& shared_out);
+
+// Shared argument checks (csrc/checks.cpp): same rules and messages as moge_kernels/checks.py.
+void check_dispatch_args(const at::Tensor& hidden, const at::Tensor& router_logits, int64_t num_groups,
+                         int64_t topk_per_group, const std::optional<at::Tensor>& expert_scale,
+                         c10::string_view score_func);
+void check_combine_args(const at::Tensor& expert_out, const at::Tensor& topk_weights,
+                        const at::Tensor& row_index, const std::optional<at::Tensor>& shared_out);
+void check_gemm_args(const at::Tensor& x, const at::Tensor& w, const at::Tensor& expert_offsets);
+
+}  // namespace moge

@@ -1,0 +1,29 @@
+"""moge_kernels: fast Mixture of Grouped Experts (MoGE) ops for PyTorch, under `torch.ops.moge`."""
+from __future__ import annotations
+
+import importlib
+
+from . import reference, registry
+from .ops import grouped_combine, grouped_dispatch, grouped_gemm, grouped_mlp, moge_forward
+from .registry import backends, get_backend, resolve, set_backend, use_backend
+
+
+def _load_backend(backend: str, module: str) -> None:
+    """Import a backend module (it registers its kernels); record why when it cannot load."""
+    try:
+        importlib.import_module(module, __name__)
+    except ImportError as err:
+        registry.mark_unavailable(backend, str(err))
+    except Exception as err:  # a broken optional backend must not break `import moge_kernels`
+        registry.mark_unavailable(backend, f"{module} failed to import: {type(err).__name__}: {err}")
+
+
+_load_backend("cpu", "._cpu")
+_load_backend("cuda", "._cuda")
+_load_backend("triton", ".triton")
+registry.select_from_env()
+
+__all__ = [
+    "grouped_dispatch", "grouped_gemm", "grouped_mlp", "grouped_combine", "moge_forward",
+    "backends", "set_backend", "get_backend", "use_backend", "resolve", "reference", "registry",
+]

@@ -1,0 +1,126 @@
+"""Argument checks shared by the fake (meta) kernels and every real backend.
+
+Shape, dtype and device checks only read metadata, so they run everywhere, under FakeTensorMode and
+`torch.compile` included. Checks of values (expert_offsets monotone, row_index in range) need the data:
+they run on CPU tensors always, and on accelerators only with MOGE_VALIDATE=1, because reading device
+memory from the host would synchronise the hot path.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+INT32_MAX = 2**31 - 1
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+SCORE_FUNCS = ("softmax", "sigmoid")
+
+
+def _fail(msg: str, exc=ValueError):
+    raise exc(msg)
+
+
+def check_tensor(name, t, ndim, dtypes=FLOAT_DTYPES, device=None):
+    if not isinstance(t, torch.Tensor):
+        _fail(f"{name} must be a Tensor, got {type(t).__name__}", TypeError)
+    if t.dim() != ndim:
+        _fail(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+    if t.dtype not in dtypes:
+        _fail(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {t.dtype}", TypeError)
+    if device is not None and t.device != device:
+        _fail(f"{name} is on {t.device} but the other inputs are on {device}")
+
+
+def check_shape(name, t, shape):
+    if tuple(t.shape) != tuple(shape):
+        _fail(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+
+
+def check_rows_fit_int32(name, rows):
+    if rows > INT32_MAX:
+        _fail(f"{name}: {rows} rows overflow the int32 row indices (max {INT32_MAX})")
+
+
+def validate_values() -> bool:
+    return os.environ.get("MOGE_VALIDATE", "0") == "1"
+
+
+def _should_check_values(t) -> bool:
+    if isinstance(t, torch._subclasses.FakeTensor) or t.device.type == "meta":
+        return False
+    return t.device.type == "cpu" or validate_values()
+
+
+def check_dispatch(hidden, router_logits, num_groups, topk_per_group, expert_scale, renormalize,
+                   score_func):
+    check_tensor("hidden", hidden, 2)
+    check_tensor("router_logits", router_logits, 2, device=hidden.device)
+    T, E = router_logits.shape
+    if hidden.shape[0] != T:
+        _fail(f"hidden has {hidden.shape[0]} tokens but router_logits has {T}")
+    if num_groups < 1 or E % num_groups != 0:
+        _fail(f"num_groups={num_groups} must be >= 1 and divide the number of experts E={E}")
+    group_size = E // num_groups
+    if not 1 <= topk_per_group <= group_size:
+        _fail(f"topk_per_group={topk_per_group} must be in [1, E/num_groups={group_size}]")
+    if score_func not in SCORE_FUNCS:
+        _fail(f"score_func must be one of {SCORE_FUNCS}, got {score_func!r}")
+    if expert_scale is not None:
+        check_tensor("expert_scale", expert_scale, 1, device=hidden.device)
+        check_shape("expert_scale", expert_scale, (E,))
+    check_rows_fit_int32("grouped_dispatch T*K", T * num_groups * topk_per_group)
+
+
+def check_offsets(expert_offsets, num_experts, num_rows, device):
+    check_tensor("expert_offsets", expert_offsets, 1, dtypes=(torch.int32,), device=device)
+    check_shape("expert_offsets", expert_offsets, (num_experts + 1,))
+    if _should_check_values(expert_offsets):
+        offsets = expert_offsets.cpu()
+        if offsets[0].item() != 0 or offsets[-1].item() != num_rows:
+            _fail(f"expert_offsets must start at 0 and end at the row count {num_rows}, "
+                  f"got {offsets[0].item()} ... {offsets[-1].item()}")
+        if bool((offsets[1:] < offsets[:-1]).any()):
+            _fail("expert_offsets must be non-decreasing")
+
+
+def check_gemm(x, w, expert_offsets):
+    check_tensor("x", x, 2)
+    check_tensor("w", w, 3, dtypes=(x.dtype,), device=x.device)
+    if w.shape[2] != x.shape[1]:
+        _fail(f"w must be [E, N, K] with K = x.shape[1] = {x.shape[1]}, got shape {tuple(w.shape)}")
+    check_rows_fit_int32("grouped_gemm x", x.shape[0])
+    check_offsets(expert_offsets, w.shape[0], x.shape[0], x.device)
+
+
+def check_mlp(x, w_gate_up, w_down, expert_offsets, row_scale):
+    check_tensor("x", x, 2)
+    check_tensor("w_gate_up", w_gate_up, 3, dtypes=(x.dtype,), device=x.device)
+    check_tensor("w_down", w_down, 3, dtypes=(x.dtype,), device=x.device)
+    E, two_i, H = w_gate_up.shape
+    if H != x.shape[1] or two_i % 2 != 0:
+        _fail(f"w_gate_up must be [E, 2I, H] with H = x.shape[1] = {x.shape[1]}, "
+              f"got shape {tuple(w_gate_up.shape)}")
+    check_shape("w_down", w_down, (E, H, two_i // 2))
+    check_rows_fit_int32("grouped_mlp x", x.shape[0])
+    if row_scale is not None:
+        check_tensor("row_scale", row_scale, 1, device=x.device)
+        check_shape("row_scale", row_scale, (x.shape[0],))
+    check_offsets(expert_offsets, E, x.shape[0], x.device)
+
+
+def check_combine(expert_out, topk_weights, row_index, shared_out):
+    check_tensor("expert_out", expert_out, 2)
+    check_tensor("topk_weights", topk_weights, 2, device=expert_out.device)
+    check_tensor("row_index", row_index, 2, dtypes=(torch.int32,), device=expert_out.device)
+    T, K = row_index.shape
+    check_shape("topk_weights", topk_weights, (T, K))
+    if expert_out.shape[0] != T * K:
+        _fail(f"expert_out must have T*K = {T * K} rows (row_index is [{T}, {K}]), "
+              f"got {expert_out.shape[0]}")
+    if shared_out is not None:
+        check_tensor("shared_out", shared_out, 2, device=expert_out.device)
+        check_shape("shared_out", shared_out, (T, expert_out.shape[1]))
+    if _should_check_values(row_index) and row_index.numel() > 0:
+        lo, hi = row_index.min().item(), row_index.max().item()
+        if lo < 0 or hi >= T * K:
+            _fail(f"row_index values must lie in [0, {T * K}), got [{lo}, {hi}]")

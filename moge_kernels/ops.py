@@ -1,0 +1,152 @@
+"""The `torch.ops.moge` surface: one schema per op, its fake kernel, and the device kernels that route to
+the active backend (`moge_kernels/registry.py`).
+
+The schemas are defined here, in Python, rather than in C++ `TORCH_LIBRARY`, because several backends
+plug into them and most are Python (Triton, reference, Ascend through torch_npu): defining the ops in
+Python keeps them available when the C++ extension is absent or failed to build, and puts schema, fake
+kernel, checks and autograd for one op side by side. The C++ kernels register under the private
+namespace `moge_C` (csrc/) and are reached through the backend registry.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import checks, reference, registry
+
+_lib = torch.library.Library("moge", "DEF")
+
+SCHEMAS = {
+    "grouped_dispatch": (
+        "(Tensor hidden, Tensor router_logits, int num_groups, int topk_per_group=1, "
+        "Tensor? expert_scale=None, bool renormalize=False, str score_func='softmax') -> "
+        "(Tensor permuted_hidden, Tensor topk_weights, Tensor topk_ids, Tensor expert_offsets, "
+        "Tensor row_index)"),
+    "grouped_gemm": "(Tensor x, Tensor w, Tensor expert_offsets) -> Tensor",
+    "grouped_mlp": ("(Tensor x, Tensor w_gate_up, Tensor w_down, Tensor expert_offsets, "
+                    "Tensor? row_scale=None) -> Tensor"),
+    "grouped_combine": ("(Tensor expert_out, Tensor topk_weights, Tensor row_index, "
+                        "Tensor? shared_out=None) -> Tensor"),
+}
+ARG_CHECKS = {
+    "grouped_dispatch": checks.check_dispatch,
+    "grouped_gemm": checks.check_gemm,
+    "grouped_mlp": checks.check_mlp,
+    "grouped_combine": checks.check_combine,
+}
+# Devices with a routing kernel; an Ascend backend adds "npu" (PrivateUse1) when torch_npu imports.
+DEVICE_TYPES = ("cpu", "cuda")
+
+for _name, _schema in SCHEMAS.items():
+    _lib.define(_name + _schema)
+
+
+def _make_device_kernel(op_name):
+    arg_check = ARG_CHECKS[op_name]
+    schema_args = getattr(torch.ops.moge, op_name).default._schema.arguments
+
+    def device_kernel(*args, **kwargs):
+        # The dispatcher hands over what the caller passed; backends get every argument positionally.
+        args = list(args)
+        for arg in schema_args[len(args):]:
+            args.append(kwargs[arg.name] if arg.name in kwargs else arg.default_value)
+        arg_check(*args)
+        _, fn = registry.resolve(op_name, args[0].device.type)
+        return fn(*args)
+
+    device_kernel.__name__ = f"{op_name}_device_kernel"
+    return device_kernel
+
+
+def register_device_type(device_type: str) -> None:
+    """Route `torch.ops.moge.*` on `device_type` tensors through the backend registry."""
+    for op_name in SCHEMAS:
+        torch.library.impl(f"moge::{op_name}", device_type, _make_device_kernel(op_name), lib=_lib)
+
+
+for _device_type in DEVICE_TYPES:
+    register_device_type(_device_type)
+
+for _name in SCHEMAS:
+    registry.register_kernel("reference", _name, getattr(reference, _name), devices=("*",))
+
+
+# ----------------------------------------------------------------------------- fake (meta) kernels
+@torch.library.register_fake("moge::grouped_dispatch")
+def _(hidden, router_logits, num_groups, topk_per_group=1, expert_scale=None, renormalize=False,
+      score_func="softmax"):
+    checks.check_dispatch(hidden, router_logits, num_groups, topk_per_group, expert_scale,
+                          renormalize, score_func)
+    T, E = router_logits.shape
+    K = num_groups * topk_per_group
+    return (hidden.new_empty(T * K, hidden.shape[1]),
+            hidden.new_empty(T, K, dtype=torch.float32),
+            hidden.new_empty(T, K, dtype=torch.int32),
+            hidden.new_empty(E + 1, dtype=torch.int32),
+            hidden.new_empty(T, K, dtype=torch.int32))
+
+
+@torch.library.register_fake("moge::grouped_gemm")
+def _(x, w, expert_offsets):
+    checks.check_gemm(x, w, expert_offsets)
+    return x.new_empty(x.shape[0], w.shape[1])
+
+
+@torch.library.register_fake("moge::grouped_mlp")
+def _(x, w_gate_up, w_down, expert_offsets, row_scale=None):
+    checks.check_mlp(x, w_gate_up, w_down, expert_offsets, row_scale)
+    return x.new_empty(x.shape[0], w_down.shape[1])
+
+
+@torch.library.register_fake("moge::grouped_combine")
+def _(expert_out, topk_weights, row_index, shared_out=None):
+    checks.check_combine(expert_out, topk_weights, row_index, shared_out)
+    return expert_out.new_empty(row_index.shape[0], expert_out.shape[1])
+
+
+# ----------------------------------------------------------------------------- Python API
+def grouped_dispatch(hidden: Tensor, router_logits: Tensor, num_groups: int, topk_per_group: int = 1,
+                     expert_scale: Optional[Tensor] = None, renormalize: bool = False,
+                     score_func: str = "softmax"):
+    """Grouped top-k routing + stable permute: (permuted_hidden, topk_weights, topk_ids, expert_offsets, row_index)."""
+    return torch.ops.moge.grouped_dispatch(hidden, router_logits, num_groups, topk_per_group,
+                                           expert_scale, renormalize, score_func)
+
+
+def grouped_gemm(x: Tensor, w: Tensor, expert_offsets: Tensor) -> Tensor:
+    """Rows [offsets[e], offsets[e+1]) of x times w[e]^T, for every expert e: [M, N]."""
+    return torch.ops.moge.grouped_gemm(x, w, expert_offsets)
+
+
+def grouped_mlp(x: Tensor, w_gate_up: Tensor, w_down: Tensor, expert_offsets: Tensor,
+                row_scale: Optional[Tensor] = None) -> Tensor:
+    """Per-expert SwiGLU MLP over expert-sorted rows: [M, H]; row_scale [M] scales output rows."""
+    return torch.ops.moge.grouped_mlp(x, w_gate_up, w_down, expert_offsets, row_scale)
+
+
+def grouped_combine(expert_out: Tensor, topk_weights: Tensor, row_index: Tensor,
+                    shared_out: Optional[Tensor] = None) -> Tensor:
+    """Weighted un-permute: out[t] = sum_k w[t,k] * expert_out[row_index[t,k]] (+ shared_out[t])."""
+    return torch.ops.moge.grouped_combine(expert_out, topk_weights, row_index, shared_out)
+
+
+def moge_forward(hidden: Tensor, router_logits: Tensor, w_gate_up: Tensor, w_down: Tensor,
+                 num_groups: int, topk_per_group: int = 1, expert_scale: Optional[Tensor] = None,
+                 renormalize: bool = False, score_func: str = "softmax",
+                 shared_w_gate_up: Optional[Tensor] = None,
+                 shared_w_down: Optional[Tensor] = None) -> Tensor:
+    """One MoGE layer: route + permute, expert SwiGLU MLPs, combine (+ optional shared SwiGLU expert).
+
+    hidden [T,H], router_logits [T,E], w_gate_up [E,2I,H], w_down [E,H,I]; shared_w_gate_up [2Is,H] and
+    shared_w_down [H,Is] add a dense shared expert. Returns [T,H] in hidden's dtype."""
+    if (shared_w_gate_up is None) != (shared_w_down is None):
+        raise ValueError("shared_w_gate_up and shared_w_down must be given together")
+    permuted, topk_weights, _, expert_offsets, row_index = grouped_dispatch(
+        hidden, router_logits, num_groups, topk_per_group, expert_scale, renormalize, score_func)
+    expert_out = grouped_mlp(permuted, w_gate_up, w_down, expert_offsets)
+    shared_out = None
+    if shared_w_gate_up is not None:
+        shared_out = reference.swiglu_mlp(hidden, shared_w_gate_up, shared_w_down)
+    return grouped_combine(expert_out, topk_weights, row_index, shared_out)

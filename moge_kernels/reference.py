@@ -1,0 +1,125 @@
+"""Eager PyTorch reference of every `moge` op: the specification all backends are tested against.
+
+Small and obviously correct on purpose; speed is not a goal here. The contract is
+`../shared/design/SEMANTICS.md`. Index tensors passed between the ops:
+
+    topk_ids        [T, K] int32   global expert id of slot k of token t, group-major (K = G * k_g)
+    topk_weights    [T, K] fp32    routing weight of that slot
+    expert_offsets  [E+1]  int32   exclusive cumsum of rows per expert; rows of expert e are
+                                   [expert_offsets[e], expert_offsets[e+1]) of the permuted tensor
+    row_index       [T, K] int32   permuted row that (token t, slot k) was copied to
+
+NaN policy: a NaN score ranks below every number when experts are selected (ties, NaN ties included, go
+to the lower expert index), so every id is a valid expert of its group whatever the logits hold. The
+weight of a selected NaN score stays NaN, so the token's output is NaN: a broken router is visible in
+the loss, never hidden by a silently substituted weight.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def route(router_logits, num_groups, topk_per_group=1, expert_scale=None, renormalize=False,
+          score_func="softmax"):
+    """Grouped top-k: returns (topk_weights [T,K] fp32, topk_ids [T,K] int32)."""
+    T, E = router_logits.shape
+    G, k_g = num_groups, topk_per_group
+    S = E // G
+    logits = router_logits.float()
+    scores = torch.softmax(logits, dim=-1) if score_func == "softmax" else torch.sigmoid(logits)
+    # A stable descending sort gives "ties -> lower index first"; NaN keys sort as -inf.
+    keys = scores.nan_to_num(nan=float("-inf")).view(T, G, S)
+    idx = torch.sort(keys, dim=-1, descending=True, stable=True).indices[..., :k_g]   # [T, G, k_g]
+    vals = scores.view(T, G, S).gather(-1, idx)
+    group_base = torch.arange(G, device=router_logits.device).view(1, G, 1) * S
+    topk_ids = (idx + group_base).reshape(T, G * k_g)
+    topk_weights = vals.reshape(T, G * k_g)
+    if renormalize:
+        topk_weights = topk_weights / topk_weights.sum(-1, keepdim=True)
+    if expert_scale is not None:
+        topk_weights = topk_weights * expert_scale.float()[topk_ids]
+    return topk_weights, topk_ids.to(torch.int32)
+
+
+def permute(hidden, topk_ids, num_experts):
+    """Stable sort of the T*K (token, slot) pairs by expert.
+
+    Returns (permuted_hidden [T*K,H], expert_offsets [E+1] int32, row_index [T,K] int32)."""
+    T, K = topk_ids.shape
+    flat_ids = topk_ids.reshape(-1).long()
+    order = torch.argsort(flat_ids, stable=True)                    # order[r] = t*K + k
+    permuted_hidden = hidden[order // K]
+    counts = torch.bincount(flat_ids, minlength=num_experts)
+    expert_offsets = torch.zeros(num_experts + 1, dtype=torch.int32, device=hidden.device)
+    expert_offsets[1:] = torch.cumsum(counts, 0).to(torch.int32)
+    row_index = torch.empty(T * K, dtype=torch.int32, device=hidden.device)
+    row_index[order] = torch.arange(T * K, dtype=torch.int32, device=hidden.device)
+    return permuted_hidden, expert_offsets, row_index.view(T, K)
+
+
+def grouped_dispatch(hidden, router_logits, num_groups, topk_per_group=1, expert_scale=None,
+                     renormalize=False, score_func="softmax"):
+    topk_weights, topk_ids = route(router_logits, num_groups, topk_per_group, expert_scale,
+                                   renormalize, score_func)
+    permuted_hidden, expert_offsets, row_index = permute(hidden, topk_ids, router_logits.shape[1])
+    return permuted_hidden, topk_weights, topk_ids, expert_offsets, row_index
+
+
+def _expert_slices(expert_offsets):
+    bounds = expert_offsets.tolist()   # host sync: fine for the reference, never in a kernel path
+    for e in range(len(bounds) - 1):
+        if bounds[e + 1] > bounds[e]:
+            yield e, bounds[e], bounds[e + 1]
+
+
+def grouped_gemm(x, w, expert_offsets):
+    """y[rows of e] = x[rows of e] @ w[e]^T; fp32 accumulation (matmul's), output in x's dtype."""
+    y = x.new_zeros(x.shape[0], w.shape[1])
+    for e, lo, hi in _expert_slices(expert_offsets):
+        y[lo:hi] = x[lo:hi] @ w[e].t()
+    return y
+
+
+def swiglu(gate_up):
+    """[M, 2I] (gate columns first) -> silu(gate) * up in fp32, rounded to gate_up's dtype."""
+    gate, up = gate_up.float().chunk(2, dim=-1)
+    return (F.silu(gate) * up).to(gate_up.dtype)
+
+
+def grouped_mlp(x, w_gate_up, w_down, expert_offsets, row_scale=None):
+    """SwiGLU expert MLP over expert-sorted rows; row_scale [M] fp32 optionally scales each output row."""
+    h = swiglu(grouped_gemm(x, w_gate_up, expert_offsets))
+    y = grouped_gemm(h, w_down, expert_offsets)
+    if row_scale is not None:
+        y = (y.float() * row_scale.float()[:, None]).to(y.dtype)
+    return y
+
+
+def grouped_combine(expert_out, topk_weights, row_index, shared_out=None):
+    """out[t] = sum_k w[t,k] * expert_out[row_index[t,k]] (+ shared_out[t]); fp32, in slot order."""
+    T, K = row_index.shape
+    acc = torch.zeros(T, expert_out.shape[1], dtype=torch.float32, device=expert_out.device)
+    for k in range(K):
+        acc = acc + topk_weights[:, k:k + 1].float() * expert_out[row_index[:, k].long()].float()
+    if shared_out is not None:
+        acc = acc + shared_out.float()
+    return acc.to(expert_out.dtype)
+
+
+def swiglu_mlp(x, w_gate_up, w_down):
+    """Dense SwiGLU MLP (shared experts): x [T,H], w_gate_up [2I,H], w_down [H,I]."""
+    return swiglu(x @ w_gate_up.t()) @ w_down.t()
+
+
+def moge_forward(hidden, router_logits, w_gate_up, w_down, num_groups, topk_per_group=1,
+                 expert_scale=None, renormalize=False, score_func="softmax",
+                 shared_w_gate_up=None, shared_w_down=None):
+    """The whole routed (+ shared) MoGE layer, composed from the reference ops."""
+    permuted, weights, _, offsets, row_index = grouped_dispatch(
+        hidden, router_logits, num_groups, topk_per_group, expert_scale, renormalize, score_func)
+    expert_out = grouped_mlp(permuted, w_gate_up, w_down, offsets)
+    shared = None
+    if shared_w_gate_up is not None:
+        shared = swiglu_mlp(hidden, shared_w_gate_up, shared_w_down)
+    return grouped_combine(expert_out, weights, row_index, shared)

@@ -1,0 +1,17 @@
+"""The `triton` backend: one module per kernel family; each registers the ops it implements.
+
+On CUDA tensors always; on CPU tensors only under TRITON_INTERPRET=1 (Triton's interpreter, used by CI)."""
+import importlib
+import os
+
+import triton  # noqa: F401  missing Triton marks the backend unavailable (moge_kernels/__init__.py)
+
+DEVICES = ("cuda", "cpu") if os.environ.get("TRITON_INTERPRET") == "1" else ("cuda",)
+KERNEL_MODULES = ("dispatch", "combine", "grouped_gemm")
+
+for _name in KERNEL_MODULES:
+    try:
+        importlib.import_module(f".{_name}", __name__)
+    except ModuleNotFoundError as err:
+        if err.name != f"{__name__}.{_name}":   # only a module not written yet is skipped silently
+            raise
