@@ -67,3 +67,36 @@ def assert_error_within(out, lowp_ref, exact_ref, factor=2.0, floor=1e-6, what="
     err, ref_err = relative_error(out, exact_ref), relative_error(lowp_ref, exact_ref)
     assert err <= factor * ref_err + floor, \
         f"{what}: relative error {err:.3e} > {factor} x PyTorch's {ref_err:.3e} + {floor:.0e}"
+
+
+def sample_inputs(device="cpu", dtype=torch.float32):
+    """{op: [(args, kwargs), ...]}: small ragged cases of every op, shared by correctness tests, opcheck
+    and gradient tests. Covers T=0, T=1, empty experts, odd H, k_g=2, sigmoid, expert_scale, row_scale."""
+    samples = {"grouped_dispatch": [], "grouped_gemm": [], "grouped_mlp": [], "grouped_combine": []}
+    for T, E, G, k_g, H, extra in [(0, 8, 2, 1, 12, {}),
+                                   (1, 8, 4, 1, 12, {}),
+                                   (7, 16, 4, 2, 20, dict(score_func="sigmoid", renormalize=True)),
+                                   (33, 64, 8, 1, 36, dict(expert_scale=True))]:
+        hidden, logits = make_routing_inputs(T, E, H, dtype, device, seed=T, dead_experts=3)
+        if extra.get("expert_scale"):
+            extra = dict(extra, expert_scale=torch.rand(E, generator=generator(T)).add(0.5).to(device))
+        samples["grouped_dispatch"].append(((hidden, logits, G, k_g), extra))
+    for M, E, N, Kd in [(0, 4, 8, 12), (1, 4, 8, 12), (37, 8, 24, 20)]:
+        g = generator(M)
+        x = torch.randn(M, Kd, generator=g).to(dtype).to(device)
+        w = (torch.randn(E, N, Kd, generator=g) / Kd ** 0.5).to(dtype).to(device)
+        offsets = random_offsets(M, E, seed=M, device=device)
+        samples["grouped_gemm"].append(((x, w, offsets), {}))
+        w_gate_up, w_down = make_expert_weights(E, Kd, N // 2, dtype, device, seed=M)
+        samples["grouped_mlp"].append(((x, w_gate_up, w_down, offsets), {}))
+        row_scale = torch.rand(M, generator=g).to(device)
+        samples["grouped_mlp"].append(((x, w_gate_up, w_down, offsets), dict(row_scale=row_scale)))
+    for T, K, H in [(0, 2, 8), (1, 8, 12), (9, 4, 20)]:
+        g = generator(T)
+        expert_out = torch.randn(T * K, H, generator=g).to(dtype).to(device)
+        weights = torch.rand(T, K, generator=g).to(device)
+        row_index = torch.randperm(T * K, generator=g).to(torch.int32).view(T, K).to(device)
+        samples["grouped_combine"].append(((expert_out, weights, row_index), {}))
+        shared = torch.randn(T, H, generator=g).to(dtype).to(device)
+        samples["grouped_combine"].append(((expert_out, weights, row_index), dict(shared_out=shared)))
+    return samples
