@@ -1,0 +1,319 @@
+"""Triton `moge::grouped_dispatch`: fused grouped top-k routing + stable permutation of the hidden rows.
+
+Index tensors passed between the kernels (T tokens, E experts in G groups of S = E/G, k_g picks per group,
+K = G*k_g slots per token, NB = cdiv(T, ROUTE_BLOCK_T) routing blocks):
+
+    topk_ids        [T, K]   int32  global expert id of slot (t, k), group-major (output)
+    topk_weights    [T, K]   fp32   routing weight of slot (t, k) (output)
+    slot_rank       [T, K]   int32  scratch: rank of (t, k) among the rows that the tokens of its routing
+                                    block send to the same expert (tokens ascending)
+    block_base      [NB, E]  int32  scratch: first, per-expert counts of each routing block; after the scan,
+                                    the permuted row of the first row that block b sends to expert e
+    expert_offsets  [E+1]    int32  exclusive cumsum of rows per expert (output)
+    row_index       [T, K]   int32  row of the permuted tensor that slot (t, k) lands on (output):
+                                    block_base[t // ROUTE_BLOCK_T, topk_ids[t, k]] + slot_rank[t, k]
+
+Launches (all on the current stream, only allocation between them, no host synchronisation):
+
+    1. _route_kernel, one program per routing block: softmax/sigmoid over E in fp32, top-k_g per group,
+       renormalise, expert_scale; writes topk_ids/topk_weights, slot_rank and the block's per-expert counts.
+    2. _scan_kernel, one program per group: turns the counts into expert_offsets and block_base.
+    3. _permute_kernel, one program per (token block, H block): row_index, and the copy of each hidden row
+       to its K permuted rows (each hidden row is read once and written K times).
+
+Why three: a row's position depends on the routing of every earlier token, so some grid-wide step must
+follow all the routing (a dependency between programs of one launch needs either a grid-wide barrier or
+spin-waiting on other programs, which Triton does not promise to schedule, and is not deterministic to
+reason about). The scan is tiny, but folding it into launch 3 would make every copy program re-read the
+counts of all earlier blocks (quadratic in T). When all tokens fit one routing block (T <= 128 at E = 64,
+the decode regime where launch latency is the cost) launch 1 writes the offsets itself and launch 2 is
+skipped: two launches.
+
+The MoGE structure does the group-level part of the scan for free: group g always owns the permuted rows
+[g*T*k_g, (g+1)*T*k_g), so each group's offsets start at a base known without looking at any data, the
+groups are scanned independently (one program each), and only the split among a group's S experts is
+data-dependent.
+
+Order inside an expert is stable (ascending token; a token never sends two slots to one expert), so every
+output equals the eager reference (`moge_kernels.reference.grouped_dispatch`) bit for bit, except
+topk_weights, which can differ from PyTorch's softmax by rounding (reduction order of the denominator).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ..registry import register_kernel
+from . import DEVICES
+
+try:  # accurate expf (the one PyTorch's CUDA softmax uses); Triton's tl.exp is ex2.approx on fp32
+    from triton.language.extra import libdevice
+except ImportError:  # pragma: no cover - older Triton
+    libdevice = None
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+# Routing tiles are [ROUTE_BLOCK_T, G_PAD, S_PAD] fp32. One program routes all of a decode batch alone if
+# it fits this many elements (8192 = 128 tokens at E = 64, 32 registers a thread at 8 warps) ...
+ROUTE_SINGLE_BLOCK_ELEMS = 8192
+# ... otherwise blocks of this many elements (32 tokens at E = 64): enough programs to fill the 132 SMs
+# from T = 4096 on, small enough that the scan over blocks stays a few microseconds.
+ROUTE_BLOCK_ELEMS = 2048
+# Scan tile [SCAN_CHUNK_B blocks, S_PAD experts].
+SCAN_TILE_ELEMS = 4096
+
+
+# ----------------------------------------------------------------------------------------- launch 1
+@triton.jit(do_not_specialize=["T"])
+def _route_kernel(
+    logits_ptr,          # [T, E] fp32/bf16/fp16 router logits, strides (stride_lt, stride_le)
+    scale_ptr,           # [E] expert_scale, any float dtype; read only if HAS_SCALE
+    topk_ids_ptr,        # [T, K] int32 out
+    topk_weights_ptr,    # [T, K] fp32 out
+    slot_rank_ptr,       # [T, K] int32 out
+    block_base_ptr,      # [NB, E] int32 out: per-block expert counts (SINGLE_BLOCK: the final bases)
+    expert_offsets_ptr,  # [E+1] int32 out; written here only if SINGLE_BLOCK
+    T, stride_lt, stride_le,
+    E: tl.constexpr, S: tl.constexpr, G: tl.constexpr, K_G: tl.constexpr, K: tl.constexpr,
+    G_PAD: tl.constexpr, S_PAD: tl.constexpr, KG_PAD: tl.constexpr,
+    BLOCK_T: tl.constexpr, SOFTMAX: tl.constexpr, RENORMALIZE: tl.constexpr, HAS_SCALE: tl.constexpr,
+    SINGLE_BLOCK: tl.constexpr, PRECISE: tl.constexpr,
+):
+    """Grid (NB,): program b routes tokens [b*BLOCK_T, (b+1)*BLOCK_T)."""
+    pid = tl.program_id(0)
+    t3 = (pid * BLOCK_T + tl.arange(0, BLOCK_T))[:, None, None]     # [BT, 1, 1] token
+    g3 = tl.arange(0, G_PAD)[None, :, None]                          # [1, G_PAD, 1] group
+    s3 = tl.arange(0, S_PAD)[None, None, :]                          # [1, 1, S_PAD] expert within group
+    j3 = tl.arange(0, KG_PAD)[None, None, :]                         # [1, 1, KG_PAD] pick within group
+    tok_ok = t3 < T
+    expert_ok = (g3 < G) & (s3 < S)
+
+    x = tl.load(logits_ptr + t3.to(tl.int64) * stride_lt + (g3 * S + s3) * stride_le,
+                mask=tok_ok & expert_ok, other=0.0).to(tl.float32)
+    x = tl.where(expert_ok, x, float("-inf"))   # padding experts score 0; padding tokens stay finite
+    # Same formula as PyTorch's softmax (exp(x - max) / sum); with PRECISE also the same exp and an
+    # IEEE division, so scores (and thus near-tie rankings) match the eager reference on CUDA.
+    if SOFTMAX:
+        row_max = tl.max(tl.max(x, axis=2), axis=1)[:, None, None]
+        if PRECISE:
+            p = libdevice.exp(x - row_max)
+        else:
+            p = tl.exp(x - row_max)
+        p = tl.where(expert_ok, p, 0.0)
+        denom = tl.sum(tl.sum(p, axis=2), axis=1)[:, None, None]
+        scores = tl.math.div_rn(p, denom)
+    else:
+        if PRECISE:
+            e_neg = libdevice.exp(-x)
+        else:
+            e_neg = tl.exp(-x)
+        scores = tl.math.div_rn(tl.full(x.shape, 1.0, tl.float32), 1.0 + e_neg)
+    # NaN ranks below every number (reference.route); the pick still carries its NaN weight.
+    key = tl.where(scores == scores, scores, float("-inf"))
+
+    # Top-k_g per group by k_g rounds of arg-max; ties (NaN ties too) go to the lower expert index.
+    taken = tl.zeros([BLOCK_T, G_PAD, S_PAD], dtype=tl.int32)
+    pick_s = tl.zeros([BLOCK_T, G_PAD, KG_PAD], dtype=tl.int32)      # expert within group of pick j
+    pick_w = tl.zeros([BLOCK_T, G_PAD, KG_PAD], dtype=tl.float32)
+    for j in tl.static_range(K_G):
+        cand = expert_ok & (taken == 0)
+        cand_key = tl.where(cand, key, float("-inf"))
+        best = tl.max(cand_key, axis=2)[:, :, None]
+        best_s = tl.min(tl.where(cand & (cand_key == best), s3, S_PAD), axis=2)[:, :, None]
+        is_pick = s3 == best_s
+        taken = tl.where(is_pick, 1, taken)
+        pick_s = tl.where(j3 == j, best_s, pick_s)
+        pick_w = tl.where(j3 == j, tl.sum(tl.where(is_pick, scores, 0.0), axis=2)[:, :, None], pick_w)
+
+    slot_ok = tok_ok & (g3 < G) & (j3 < K_G)
+    expert_id = g3 * S + pick_s                                      # [BT, G_PAD, KG_PAD] global id
+    if RENORMALIZE:
+        total = tl.sum(tl.sum(tl.where(slot_ok, pick_w, 0.0), axis=2), axis=1)[:, None, None]
+        total = tl.where(tok_ok, total, 1.0)
+        pick_w = tl.math.div_rn(pick_w, total)
+    if HAS_SCALE:
+        pick_w = pick_w * tl.load(scale_ptr + expert_id, mask=slot_ok, other=1.0).to(tl.float32)
+    slot = t3 * K + g3 * K_G + j3                                    # column g*k_g + j: group-major
+    tl.store(topk_ids_ptr + slot, expert_id, mask=slot_ok)
+    tl.store(topk_weights_ptr + slot, pick_w, mask=slot_ok)
+
+    # Rank of each pick among this block's picks of the same expert (earlier tokens first).
+    taken = tl.where(tok_ok, taken, 0)
+    earlier = tl.cumsum(taken, axis=0) - taken                       # [BT, G_PAD, S_PAD]
+    rank = tl.zeros([BLOCK_T, G_PAD, KG_PAD], dtype=tl.int32)
+    for j in tl.static_range(K_G):
+        s_j = tl.sum(tl.where(j3 == j, pick_s, 0), axis=2)[:, :, None]
+        rank_j = tl.sum(tl.where(s3 == s_j, earlier, 0), axis=2)[:, :, None]
+        rank = tl.where(j3 == j, rank_j, rank)
+    tl.store(slot_rank_ptr + slot, rank, mask=slot_ok)
+
+    counts = tl.sum(taken, axis=0)                                   # [G_PAD, S_PAD] rows per expert
+    g2 = tl.arange(0, G_PAD)[:, None]
+    s2 = tl.arange(0, S_PAD)[None, :]
+    expert_ok2 = (g2 < G) & (s2 < S)
+    if SINGLE_BLOCK:
+        # Group g's rows start at g*T*k_g whatever the data; experts split it by an in-group scan.
+        base = g2 * (T * K_G) + tl.cumsum(counts, axis=1) - counts
+        tl.store(block_base_ptr + g2 * S + s2, base, mask=expert_ok2)
+        tl.store(expert_offsets_ptr + g2 * S + s2, base, mask=expert_ok2)
+        tl.store(expert_offsets_ptr + E, T * K)
+    else:
+        tl.store(block_base_ptr + pid * E + g2 * S + s2, counts, mask=expert_ok2)
+
+
+# ----------------------------------------------------------------------------------------- launch 2
+@triton.jit(do_not_specialize=["T", "num_blocks"])
+def _scan_kernel(
+    block_base_ptr,      # [NB, E] int32 in: per-block counts; out (in place): per-block base rows
+    expert_offsets_ptr,  # [E+1] int32 out
+    T, num_blocks,
+    E: tl.constexpr, S: tl.constexpr, G: tl.constexpr, K_G: tl.constexpr,
+    S_PAD: tl.constexpr, CHUNK_B: tl.constexpr,
+):
+    """Grid (G,): program g scans the S experts of group g over all routing blocks (two passes)."""
+    g = tl.program_id(0)
+    s = tl.arange(0, S_PAD)
+    s_ok = s < S
+    cols = g * S + s
+    total = tl.zeros([S_PAD], dtype=tl.int32)
+    for b0 in range(0, num_blocks, CHUNK_B):
+        b = b0 + tl.arange(0, CHUNK_B)
+        mask = (b < num_blocks)[:, None] & s_ok[None, :]
+        total += tl.sum(tl.load(block_base_ptr + b[:, None] * E + cols[None, :], mask=mask, other=0), axis=0)
+    # Group g owns rows [g*T*k_g, (g+1)*T*k_g): its base needs no cross-group scan.
+    base = g * T * K_G + tl.cumsum(total, axis=0) - total
+    tl.store(expert_offsets_ptr + cols, base, mask=s_ok)
+    if g == G - 1:
+        tl.store(expert_offsets_ptr + E, T * K_G * G)
+    for b0 in range(0, num_blocks, CHUNK_B):
+        b = b0 + tl.arange(0, CHUNK_B)
+        mask = (b < num_blocks)[:, None] & s_ok[None, :]
+        ptrs = block_base_ptr + b[:, None] * E + cols[None, :]
+        counts = tl.load(ptrs, mask=mask, other=0)
+        # Read before write, same program, same addresses: in place is safe.
+        tl.store(ptrs, base[None, :] + tl.cumsum(counts, axis=0) - counts, mask=mask)
+        base += tl.sum(counts, axis=0)
+
+
+# ----------------------------------------------------------------------------------------- launch 3
+@triton.jit(do_not_specialize=["T"])
+def _permute_kernel(
+    hidden_ptr,          # [T, H] row stride stride_ht, unit column stride
+    topk_ids_ptr,        # [T, K] int32
+    slot_rank_ptr,       # [T, K] int32
+    block_base_ptr,      # [NB, E] int32
+    row_index_ptr,       # [T, K] int32 out
+    permuted_ptr,        # [T*K, H] out, contiguous
+    T, H, stride_ht,
+    E: tl.constexpr, K: tl.constexpr, ROUTE_BLOCK_T: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """Grid (cdiv(T, BLOCK_T), cdiv(H, BLOCK_H)): tokens [pid_t*BLOCK_T, +BLOCK_T), columns of block pid_h."""
+    pid_t = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_ok = t < T
+    h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    mask = t_ok[:, None] & (h < H)[None, :]
+    # int64 addresses: T*K*H passes 2^31 elements (T = 65536, K = 8, H = 5120).
+    rows = tl.load(hidden_ptr + t.to(tl.int64)[:, None] * stride_ht + h[None, :], mask=mask,
+                   eviction_policy="evict_first")   # read once: keep L2 for the K writes
+    block = t // ROUTE_BLOCK_T
+    for k in tl.static_range(K):
+        expert = tl.load(topk_ids_ptr + t * K + k, mask=t_ok, other=0)
+        row = tl.load(block_base_ptr + block * E + expert, mask=t_ok, other=0) \
+            + tl.load(slot_rank_ptr + t * K + k, mask=t_ok, other=0)
+        if pid_h == 0:
+            tl.store(row_index_ptr + t * K + k, row, mask=t_ok)
+        tl.store(permuted_ptr + row.to(tl.int64)[:, None] * H + h[None, :], rows, mask=mask)
+
+
+# ----------------------------------------------------------------------------------------- launcher
+def _pow2(n: int) -> int:
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+def _copy_config(T: int, H: int):
+    """(BLOCK_T, BLOCK_H, num_warps) of the permute copy."""
+    # 1024 columns x 4 warps = one 16-byte vector a thread per token (bf16/fp16); H = 5120 splits evenly.
+    block_h = min(_pow2(H), 1024)
+    # Decode: one token a program gives T*H/BLOCK_H programs; prefill: 4 tokens a program put 4 loads
+    # and 4*K stores in flight per thread.
+    block_t = 1 if T < 1024 else 4
+    if _INTERPRET:   # the interpreter pays per program and per op, not per element: few, big programs
+        block_t = 16
+    num_warps = max(1, min(4, block_t * block_h // 256))
+    return block_t, block_h, num_warps
+
+
+def grouped_dispatch(hidden, router_logits, num_groups, topk_per_group=1, expert_scale=None,
+                     renormalize=False, score_func="softmax", *, route_block_t=None, copy_config=None):
+    """Triton kernel of `moge::grouped_dispatch` (arguments already checked by moge_kernels.checks).
+
+    route_block_t / copy_config=(BLOCK_T, BLOCK_H, num_warps) override the tile choice (tests, tuning)."""
+    T, E = router_logits.shape
+    H = hidden.shape[1]
+    G, k_g = num_groups, topk_per_group
+    S, K = E // G, G * k_g
+    device = hidden.device
+    permuted = torch.empty(T * K, H, dtype=hidden.dtype, device=device)     # [T*K, H]
+    topk_weights = torch.empty(T, K, dtype=torch.float32, device=device)    # [T, K] fp32
+    topk_ids = torch.empty(T, K, dtype=torch.int32, device=device)          # [T, K] int32
+    row_index = torch.empty(T, K, dtype=torch.int32, device=device)         # [T, K] int32
+    if T == 0:   # a shape (not data) branch: nothing to route
+        return permuted, topk_weights, topk_ids, torch.zeros(E + 1, dtype=torch.int32, device=device), \
+            row_index
+    expert_offsets = torch.empty(E + 1, dtype=torch.int32, device=device)  # [E+1] int32
+
+    if hidden.stride(1) != 1:
+        hidden = hidden.contiguous()
+    if expert_scale is not None:
+        expert_scale = expert_scale.contiguous()
+
+    g_pad, s_pad, kg_pad = _pow2(G), _pow2(S), _pow2(k_g)
+    tile = g_pad * s_pad
+    if route_block_t is None:
+        single = max(1, ROUTE_SINGLE_BLOCK_ELEMS // tile)
+        route_block_t = _pow2(T) if T <= single else max(1, ROUTE_BLOCK_ELEMS // tile)
+    num_blocks = triton.cdiv(T, route_block_t)
+    single_block = num_blocks == 1
+
+    scratch = torch.empty(T * K + num_blocks * E, dtype=torch.int32, device=device)
+    slot_rank = scratch[:T * K]                                              # [T, K] int32
+    block_base = scratch[T * K:]                                             # [NB, E] int32
+
+    _route_kernel[(num_blocks,)](
+        router_logits, expert_scale if expert_scale is not None else router_logits,
+        topk_ids, topk_weights, slot_rank, block_base, expert_offsets,
+        T, router_logits.stride(0), router_logits.stride(1),
+        E=E, S=S, G=G, K_G=k_g, K=K, G_PAD=g_pad, S_PAD=s_pad, KG_PAD=kg_pad,
+        BLOCK_T=route_block_t, SOFTMAX=score_func == "softmax", RENORMALIZE=bool(renormalize),
+        HAS_SCALE=expert_scale is not None, SINGLE_BLOCK=single_block,
+        PRECISE=not _INTERPRET and libdevice is not None,
+        num_warps=8 if route_block_t * tile >= 8192 else 4)
+    if not single_block:
+        _scan_kernel[(G,)](
+            block_base, expert_offsets, T, num_blocks,
+            E=E, S=S, G=G, K_G=k_g, S_PAD=s_pad,
+            CHUNK_B=min(_pow2(num_blocks), max(1, SCAN_TILE_ELEMS // s_pad)), num_warps=4)
+
+    block_t, block_h, num_warps = copy_config or _copy_config(T, H)
+    # At least one H block even when H == 0: the pid_h == 0 programs write row_index.
+    grid = (triton.cdiv(T, block_t), max(1, triton.cdiv(H, block_h)))
+    _permute_kernel[grid](
+        hidden, topk_ids, slot_rank, block_base, row_index, permuted,
+        T, H, hidden.stride(0),
+        E=E, K=K, ROUTE_BLOCK_T=route_block_t, BLOCK_T=block_t, BLOCK_H=block_h,
+        num_warps=num_warps)
+    return permuted, topk_weights, topk_ids, expert_offsets, row_index
+
+
+def _registered(hidden, router_logits, num_groups, topk_per_group, expert_scale, renormalize, score_func):
+    return grouped_dispatch(hidden, router_logits, num_groups, topk_per_group, expert_scale,
+                            renormalize, score_func)
+
+
+register_kernel("triton", "grouped_dispatch", _registered, devices=DEVICES)
