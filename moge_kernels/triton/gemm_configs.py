@@ -1,0 +1,168 @@
+"""Launch configurations of the grouped-GEMM kernels (moge_kernels/triton/grouped_gemm.py).
+
+A config is chosen by heuristics, never by timing in the hot path: the key is the regime (rows per
+expert, M / E), the kind of GEMM (fused gate_up + SwiGLU, or plain), the dtype and the device. The tables
+below were tuned on an H100 80GB HBM3 with the Pangu Pro MoE expert shapes (H=5120, I=1344, E=64) by
+`python bench/bench_experts.py --sweep`; the H200 uses the same tables (same SM count and shared memory,
+more bandwidth, so the same tile shapes stay right) until it gets its own sweep.
+
+Escape hatches (one place, environment):
+  MOGE_TRITON_GEMM_CONFIG="BM,BN,BK,warps,stages[,tma[,split_tail]]"  force one config for every launch
+  MOGE_TRITON_AUTOTUNE=1   time the candidate list of a key on its first call (host sync: never under
+                           CUDA-graph capture, where the table's choice is used); unset or 0: tables only.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+
+import torch
+
+
+@dataclasses.dataclass(frozen=True)
+class GemmConfig:
+    block_m: int            # rows of one expert per tile (power of two >= 16: tl.dot's minimum)
+    block_n: int            # output columns per tile (with SwiGLU: gate and up columns each)
+    block_k: int            # reduction slice per pipeline stage
+    num_warps: int
+    num_stages: int         # cp.async / TMA pipeline depth
+    tma: bool = False       # load x and w through host-built TMA descriptors (Hopper+)
+    split_tail: bool = False  # tiles with <= block_m/2 rows (or columns) run a half-size main loop
+
+    def __str__(self):
+        return (f"{self.block_m}x{self.block_n}x{self.block_k} w{self.num_warps} s{self.num_stages}"
+                f"{' tma' if self.tma else ''}{' tail' if self.split_tail else ''}")
+
+
+C = GemmConfig
+
+# Regimes by average rows per expert (M / E). Decode streams weights: small block_m (the tokens of an
+# expert fit one tile), narrow block_n so that enough programs stream in parallel, deep k slices so each
+# stage moves many bytes. Prefill is matrix-bound: 128-row tiles (wgmma's 2 x m64), 256 output columns
+# (gate+up 2 x 128, or 256 plain) so that each operand byte fetched from L2 feeds enough FLOPs.
+REGIMES = ((2.0, "decode"), (32.0, "small"), (192.0, "medium"), (float("inf"), "prefill"))
+
+# (regime, swiglu) -> config, for 16-bit inputs on H100/H200.
+H100_TABLE = {
+    ("decode", True): C(16, 32, 256, 4, 4),
+    ("decode", False): C(16, 64, 128, 4, 4),
+    ("small", True): C(32, 32, 256, 4, 4),
+    ("small", False): C(32, 64, 128, 4, 4),
+    ("medium", True): C(64, 128, 64, 8, 4),
+    ("medium", False): C(64, 256, 64, 8, 4),
+    ("prefill", True): C(128, 128, 64, 8, 4),
+    ("prefill", False): C(128, 256, 64, 8, 3),
+}
+TABLES = {"H100": H100_TABLE, "H200": H100_TABLE}
+
+# Candidates timed by MOGE_TRITON_AUTOTUNE=1 and by the benchmark's --sweep.
+CANDIDATES = {
+    ("decode", True): [C(16, 32, 256, 4, 4), C(16, 32, 128, 4, 4), C(16, 64, 128, 4, 4),
+                       C(16, 16, 256, 4, 4), C(16, 32, 256, 4, 3), C(16, 32, 128, 4, 6)],
+    ("decode", False): [C(16, 64, 128, 4, 4), C(16, 32, 128, 4, 4), C(16, 64, 64, 4, 6),
+                        C(16, 128, 64, 4, 4), C(16, 32, 256, 4, 3)],
+    ("small", True): [C(32, 32, 256, 4, 4), C(32, 64, 128, 4, 4), C(16, 32, 256, 4, 4),
+                      C(32, 32, 128, 4, 5), C(64, 64, 128, 4, 3)],
+    ("small", False): [C(32, 64, 128, 4, 4), C(32, 128, 64, 4, 4), C(16, 64, 128, 4, 4),
+                       C(32, 32, 128, 4, 4), C(64, 128, 64, 4, 4)],
+    ("medium", True): [C(64, 128, 64, 8, 4), C(64, 64, 64, 4, 4), C(64, 128, 64, 4, 3),
+                       C(128, 128, 64, 8, 3), C(64, 128, 64, 8, 4, tma=True),
+                       C(128, 128, 64, 8, 4, split_tail=True)],
+    ("medium", False): [C(64, 256, 64, 8, 4), C(64, 128, 64, 4, 4), C(128, 256, 64, 8, 3),
+                        C(64, 256, 64, 8, 4, tma=True), C(128, 128, 64, 8, 4),
+                        C(128, 256, 64, 8, 3, split_tail=True)],
+    ("prefill", True): [C(128, 128, 64, 8, 4), C(128, 128, 64, 8, 3), C(128, 64, 64, 4, 4),
+                        C(128, 128, 64, 8, 4, tma=True), C(128, 128, 64, 8, 4, split_tail=True),
+                        C(128, 128, 64, 8, 4, tma=True, split_tail=True)],
+    ("prefill", False): [C(128, 256, 64, 8, 3), C(128, 256, 64, 8, 4), C(128, 128, 64, 4, 4),
+                         C(128, 256, 64, 8, 3, tma=True), C(128, 256, 64, 8, 3, split_tail=True),
+                         C(128, 256, 64, 8, 4, tma=True, split_tail=True)],
+}
+
+# Small, safe tiles for the Triton interpreter (CPU, CI): speed there is irrelevant.
+INTERPRETER_CONFIG = C(16, 32, 32, 4, 1)
+
+SMEM_LIMIT = 227 * 1024   # Hopper's per-block opt-in maximum; Ampere (A100) has 163 KB
+
+
+def regime(num_rows: int, num_experts: int) -> str:
+    rows_per_expert = num_rows / max(num_experts, 1)
+    for bound, name in REGIMES:
+        if rows_per_expert <= bound:
+            return name
+    return "prefill"
+
+
+@functools.lru_cache(maxsize=None)
+def device_family(device_index: int) -> str:
+    name = torch.cuda.get_device_name(device_index)
+    for family in TABLES:
+        if family in name:
+            return family
+    return "H100"   # nearest table for an unknown card; shared-memory fit is enforced below
+
+
+@functools.lru_cache(maxsize=None)
+def smem_limit(device_index: int) -> int:
+    props = torch.cuda.get_device_properties(device_index)
+    return int(getattr(props, "shared_memory_per_block_optin", SMEM_LIMIT))
+
+
+def stage_bytes(cfg: GemmConfig, swiglu: bool, elem_size: int) -> int:
+    b_rows = cfg.block_n * (2 if swiglu else 1)
+    return (cfg.block_m + b_rows) * cfg.block_k * elem_size
+
+
+def fit(cfg: GemmConfig, swiglu: bool, dtype: torch.dtype, smem: int = SMEM_LIMIT) -> GemmConfig:
+    """Adapt a 16-bit config to dtype (fp32 halves block_k) and trim stages to the shared memory."""
+    elem_size = torch.empty((), dtype=dtype).element_size()
+    if elem_size == 4 and cfg.block_k > 32:
+        cfg = dataclasses.replace(cfg, block_k=cfg.block_k // 2)
+    stages = cfg.num_stages
+    # 8 KB headroom: Triton keeps barriers and the epilogue's layout-conversion scratch there too
+    while stages > 2 and stages * stage_bytes(cfg, swiglu, elem_size) > smem - 8 * 1024:
+        stages -= 1
+    return dataclasses.replace(cfg, num_stages=stages)
+
+
+def _parse_forced(text: str) -> GemmConfig:
+    parts = [p.strip() for p in text.split(",")]
+    ints = [int(p) for p in parts[:5]]
+    flags = [p.lower() in ("1", "true", "tma", "tail") for p in parts[5:]]
+    return GemmConfig(*ints, *flags)
+
+
+def forced_config():
+    text = os.environ.get("MOGE_TRITON_GEMM_CONFIG", "").strip()
+    return _parse_forced(text) if text else None
+
+
+def autotune_enabled() -> bool:
+    return os.environ.get("MOGE_TRITON_AUTOTUNE", "0") == "1"
+
+
+def table_config(num_rows: int, num_experts: int, swiglu: bool, dtype: torch.dtype,
+                 device: torch.device) -> GemmConfig:
+    """The committed heuristic: (M/E regime, swiglu, dtype, device) -> config."""
+    if device.type != "cuda":
+        return INTERPRETER_CONFIG
+    forced = forced_config()
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if forced is not None:
+        return fit(forced, swiglu, dtype, smem_limit(index))
+    table = TABLES[device_family(index)]
+    cfg = table[(regime(num_rows, num_experts), swiglu)]
+    return fit(cfg, swiglu, dtype, smem_limit(index))
+
+
+def candidates(num_rows: int, num_experts: int, swiglu: bool, dtype: torch.dtype,
+               device: torch.device) -> list[GemmConfig]:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    seen, out = set(), []
+    for cfg in CANDIDATES[(regime(num_rows, num_experts), swiglu)]:
+        cfg = fit(cfg, swiglu, dtype, smem_limit(index))
+        if cfg not in seen:
+            seen.add(cfg)
+            out.append(cfg)
+    return out

@@ -1,0 +1,321 @@
+"""Triton grouped GEMM over expert-sorted rows: `moge::grouped_gemm` and `moge::grouped_mlp`.
+
+Index arrays (all on the device, none read by the host):
+    x               [M, Kd]     rows sorted by expert; rows of expert e are [offsets[e], offsets[e+1])
+    w               [E, N, Kd]  nn.Linear layout: y[rows of e] = x[rows of e] @ w[e]^T
+    expert_offsets  [E+1] int32 exclusive cumsum of rows per expert; offsets[0] = 0, offsets[E] = M
+    w_gate_up       [E, 2I, H]  rows [0, I) gate, rows [I, 2I) up
+    w_down          [E, H, I]
+    row_scale       [M] fp32    optional factor per output row (routing weights folded into the down GEMM)
+
+Tile schedule, derived on the device so that nothing syncs with the host (CUDA graphs and
+torch.compile(fullgraph=True) work): every program loads expert_offsets (a few hundred bytes, an L2 hit
+after the first program), counts each expert's row tiles, cdiv(rows_e, BM), takes a cumsum of
+tiles * n_tiles, and finds its own (expert, n-tile, m-tile) by searching that cumsum. Programs are
+ordered expert-major, then n-tile, then m-tile, so the m-tiles that share one weight tile run side by side
+(the weight tile comes from DRAM once, then from L2) and one expert's rows stay in L2 across its n-tiles.
+The grid is sized to a static worst case, min(M, cdiv(M, BM) + min(E, M)) row tiles times n_tiles, and
+programs past the real work return at once. Empty experts own no tile and cost nothing.
+
+grouped_mlp runs two launches of one kernel: gate_up with SwiGLU fused into the epilogue (a program holds
+gate columns [n, n+BN) and the matching up columns [I+n, I+n+BN) in two fp32 accumulators and writes only
+h = silu(gate) * up, [M, I]; the [M, 2I] product never reaches memory), then down, optionally scaling
+each output row by row_scale in fp32 before the cast. Deterministic: no atomics, one program per output
+tile, fixed summation order.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ..registry import register_kernel
+from . import DEVICES
+from . import gemm_configs
+
+try:   # host-built TMA descriptors (Triton >= 3.4 on Hopper); absent -> pointer loads only
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover
+    TensorDescriptor = None
+
+
+@triton.jit
+def _find_tile(pid, offsets_ptr, num_n_tiles, E: tl.constexpr, E_POW2: tl.constexpr,
+               BM: tl.constexpr):
+    """pid -> (total work, expert, first row of the tile, end row of the expert, first column)."""
+    experts = tl.arange(0, E_POW2)
+    in_range = experts < E
+    starts = tl.load(offsets_ptr + experts, mask=in_range, other=0)      # [E_POW2] int32
+    ends = tl.load(offsets_ptr + experts + 1, mask=in_range, other=0)
+    m_tiles = (ends - starts + BM - 1) // BM                            # row tiles per expert
+    work = m_tiles * num_n_tiles                                        # programs per expert
+    work_end = tl.cumsum(work, 0)                                       # inclusive
+    total = tl.sum(work, 0)
+    e = tl.sum((work_end <= pid).to(tl.int32), 0)                       # first expert ending after pid
+    mine = experts == e
+    local = pid - tl.sum(tl.where(mine, work_end - work, 0), 0)
+    m_tiles_e = tl.maximum(tl.sum(tl.where(mine, m_tiles, 0), 0), 1)
+    row0 = tl.sum(tl.where(mine, starts, 0), 0) + (local % m_tiles_e) * BM
+    row_end = tl.sum(tl.where(mine, ends, 0), 0)
+    pid_n = local // m_tiles_e
+    return total, e, row0, row_end, pid_n
+
+
+@triton.jit
+def _gemm_tile(x_ptr, w_ptr, x_desc, w_desc, y_ptr, row_scale_ptr, e, row0, row_end, col0,
+               N_OUT, K, W_ROWS, stride_xm, stride_we, stride_wn, stride_ym,
+               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SWIGLU: tl.constexpr,
+               HAS_ROW_SCALE: tl.constexpr, EVEN_K: tl.constexpr, USE_TMA: tl.constexpr,
+               DOT_PRECISION: tl.constexpr):
+    """One [BM, BN] output tile of expert e: rows [row0, min(row0+BM, row_end)), columns [col0, col0+BN)."""
+    offs_m = tl.arange(0, BM)
+    offs_n = tl.arange(0, BN)
+    offs_k = tl.arange(0, BK)
+    row_ok = (row0 + offs_m) < row_end
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    acc_up = tl.zeros((BM, BN), dtype=tl.float32)   # unused (and removed by the compiler) unless SWIGLU
+    num_k = tl.cdiv(K, BK)
+    if USE_TMA:
+        # Rows past the expert (the next expert's) and past M (zero-filled by TMA) land in discarded
+        # output rows; columns past N_OUT likewise; K past the end is zero-filled.
+        w_row = e * W_ROWS + col0          # TMA coordinates are int32; E * N < 2^31 for any real layer
+        for kk in range(num_k):
+            k = kk * BK
+            a = x_desc.load([row0, k])
+            b = w_desc.load([w_row, k])
+            acc = tl.dot(a, b.T, acc, input_precision=DOT_PRECISION)
+            if SWIGLU:
+                b_up = w_desc.load([w_row + N_OUT, k])
+                acc_up = tl.dot(a, b_up.T, acc_up, input_precision=DOT_PRECISION)
+    else:
+        # int64 only in the per-program bases (M*Kd can pass 2^31); in-tile offsets stay int32.
+        x_ptrs = x_ptr + row0.to(tl.int64) * stride_xm + (offs_m[:, None] * stride_xm + offs_k[None, :])
+        # Clamp weight rows instead of masking them: loads stay in bounds and unmasked along k (16-byte
+        # vectors); the duplicated columns past N_OUT are dropped by the store mask.
+        w_cols = tl.minimum(col0 + offs_n, N_OUT - 1)
+        w_ptrs = w_ptr + e.to(tl.int64) * stride_we + (w_cols[:, None] * stride_wn + offs_k[None, :])
+        up_shift = N_OUT * stride_wn
+        for kk in range(num_k):
+            if EVEN_K:
+                a = tl.load(x_ptrs, mask=row_ok[:, None], other=0.0)
+                b = tl.load(w_ptrs)
+            else:
+                k_ok = offs_k < K - kk * BK
+                a = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                b = tl.load(w_ptrs, mask=k_ok[None, :], other=0.0)
+            acc = tl.dot(a, tl.trans(b), acc, input_precision=DOT_PRECISION)
+            if SWIGLU:
+                if EVEN_K:
+                    b_up = tl.load(w_ptrs + up_shift)
+                else:
+                    b_up = tl.load(w_ptrs + up_shift, mask=k_ok[None, :], other=0.0)
+                acc_up = tl.dot(a, tl.trans(b_up), acc_up, input_precision=DOT_PRECISION)
+            x_ptrs += BK
+            w_ptrs += BK
+
+    if SWIGLU:
+        out = acc * tl.sigmoid(acc) * acc_up        # silu(gate) * up, fp32
+    else:
+        out = acc
+    if HAS_ROW_SCALE:
+        scale = tl.load(row_scale_ptr + row0 + offs_m, mask=row_ok, other=0.0)
+        out = out * scale[:, None]
+    cols = col0 + offs_n
+    y_ptrs = y_ptr + row0.to(tl.int64) * stride_ym + (offs_m[:, None] * stride_ym + cols[None, :])
+    tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & (cols < N_OUT)[None, :])
+
+
+@triton.jit
+def _grouped_gemm_kernel(
+        x_ptr,              # [M, Kd] expert-sorted rows, row stride stride_xm, unit column stride
+        w_ptr,              # [E, W_ROWS, Kd] weights, unit stride along Kd
+        x_desc, x_desc_half,    # TMA descriptors of x, blocks [BM, BK] and [BM/2, BK] (USE_TMA only)
+        w_desc, w_desc_half,    # TMA descriptors of w viewed [E*W_ROWS, Kd], blocks [BN, BK], [BN/2, BK]
+        y_ptr,              # [M, N_OUT] output (h for SwiGLU)
+        offsets_ptr,        # [E+1] int32 expert_offsets
+        row_scale_ptr,      # [M] fp32 (HAS_ROW_SCALE only)
+        N_OUT, K, W_ROWS, num_n_tiles,
+        stride_xm, stride_we, stride_wn, stride_ym,
+        E: tl.constexpr, E_POW2: tl.constexpr,
+        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+        SWIGLU: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, EVEN_K: tl.constexpr,
+        USE_TMA: tl.constexpr, SPLIT_M_TAIL: tl.constexpr, SPLIT_N_TAIL: tl.constexpr,
+        DOT_PRECISION: tl.constexpr):
+    """Grid: (max_row_tiles * num_n_tiles,); see the module docstring for the schedule."""
+    pid = tl.program_id(0)
+    total, e, row0, row_end, pid_n = _find_tile(pid, offsets_ptr, num_n_tiles, E, E_POW2, BM)
+    if pid >= total:
+        return
+    col0 = pid_n * BN
+    # Split tails: an expert's last row tile (or the last column tile) that is at most half full runs
+    # a half-size main loop, so its wasted MMA work halves (prefill: ~12% of the FLOPs at T=4096).
+    # The branches test constexprs first: a Python value assigned in a kernel becomes a tensor, and
+    # every branch of a tensor `if` is compiled (with TMA, a half-size tile needs its own descriptor).
+    if SPLIT_M_TAIL:
+        if row_end - row0 <= BM // 2:
+            _gemm_tile_n_split(x_ptr, w_ptr, x_desc_half, w_desc, w_desc_half, y_ptr, row_scale_ptr, e,
+                               row0, row_end, col0, N_OUT, K, W_ROWS, stride_xm, stride_we, stride_wn,
+                               stride_ym, BM // 2, BN, BK, SWIGLU, HAS_ROW_SCALE, EVEN_K, USE_TMA,
+                               SPLIT_N_TAIL, DOT_PRECISION)
+        else:
+            _gemm_tile_n_split(x_ptr, w_ptr, x_desc, w_desc, w_desc_half, y_ptr, row_scale_ptr, e,
+                               row0, row_end, col0, N_OUT, K, W_ROWS, stride_xm, stride_we, stride_wn,
+                               stride_ym, BM, BN, BK, SWIGLU, HAS_ROW_SCALE, EVEN_K, USE_TMA,
+                               SPLIT_N_TAIL, DOT_PRECISION)
+    else:
+        _gemm_tile_n_split(x_ptr, w_ptr, x_desc, w_desc, w_desc_half, y_ptr, row_scale_ptr, e,
+                           row0, row_end, col0, N_OUT, K, W_ROWS, stride_xm, stride_we, stride_wn,
+                           stride_ym, BM, BN, BK, SWIGLU, HAS_ROW_SCALE, EVEN_K, USE_TMA,
+                           SPLIT_N_TAIL, DOT_PRECISION)
+
+
+@triton.jit
+def _gemm_tile_n_split(x_ptr, w_ptr, x_desc, w_desc, w_desc_half, y_ptr, row_scale_ptr, e, row0,
+                       row_end, col0, N_OUT, K, W_ROWS, stride_xm, stride_we, stride_wn, stride_ym,
+                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SWIGLU: tl.constexpr,
+                       HAS_ROW_SCALE: tl.constexpr, EVEN_K: tl.constexpr, USE_TMA: tl.constexpr,
+                       SPLIT_N_TAIL: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """_gemm_tile, with a half-width main loop for a last column tile that is at most half full."""
+    if SPLIT_N_TAIL:
+        if N_OUT - col0 <= BN // 2:
+            _gemm_tile(x_ptr, w_ptr, x_desc, w_desc_half, y_ptr, row_scale_ptr, e, row0, row_end, col0,
+                       N_OUT, K, W_ROWS, stride_xm, stride_we, stride_wn, stride_ym,
+                       BM, BN // 2, BK, SWIGLU, HAS_ROW_SCALE, EVEN_K, USE_TMA, DOT_PRECISION)
+        else:
+            _gemm_tile(x_ptr, w_ptr, x_desc, w_desc, y_ptr, row_scale_ptr, e, row0, row_end, col0,
+                       N_OUT, K, W_ROWS, stride_xm, stride_we, stride_wn, stride_ym,
+                       BM, BN, BK, SWIGLU, HAS_ROW_SCALE, EVEN_K, USE_TMA, DOT_PRECISION)
+    else:
+        _gemm_tile(x_ptr, w_ptr, x_desc, w_desc, y_ptr, row_scale_ptr, e, row0, row_end, col0,
+                   N_OUT, K, W_ROWS, stride_xm, stride_we, stride_wn, stride_ym,
+                   BM, BN, BK, SWIGLU, HAS_ROW_SCALE, EVEN_K, USE_TMA, DOT_PRECISION)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+def _tma_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """TMA needs Hopper+ (or the interpreter), 16-byte aligned bases and row strides."""
+    if TensorDescriptor is None:
+        return False
+    if x.device.type == "cuda":
+        if torch.cuda.get_device_capability(x.device)[0] < 9:
+            return False
+    elif os.environ.get("TRITON_INTERPRET") != "1":
+        return False
+    es = x.element_size()
+    return (x.stride(0) * es % 16 == 0 and w.stride(1) * es % 16 == 0
+            and x.data_ptr() % 16 == 0 and w.data_ptr() % 16 == 0)
+
+
+def launch_grouped_gemm(x: torch.Tensor, w: torch.Tensor, expert_offsets: torch.Tensor,
+                        out: torch.Tensor, swiglu: bool, row_scale=None,
+                        config: gemm_configs.GemmConfig | None = None) -> torch.Tensor:
+    """out[rows of e] = x[rows of e] @ w[e]^T (or silu(gate) * up of it when swiglu). No host sync.
+
+    x [M, Kd] (unit column stride), w [E, W_ROWS, Kd] (unit stride along Kd), out [M, N_OUT] contiguous,
+    expert_offsets [E+1] int32 contiguous, row_scale [M] fp32 contiguous or None."""
+    M, K = x.shape
+    E, w_rows, _ = w.shape
+    n_out = w_rows // 2 if swiglu else w_rows
+    if M == 0 or n_out == 0:
+        return out
+    if config is None:
+        config = choose_config(x, w, expert_offsets, out, swiglu)
+    BM, BN, BK = config.block_m, config.block_n, config.block_k
+    use_tma = config.tma and _tma_ok(x, w)
+    split_m = config.split_tail and BM >= 32
+    # only worth a second main loop when the last column tile is at most half full
+    split_n = config.split_tail and BN >= 32 and 0 < n_out % BN <= BN // 2
+    num_n_tiles = _cdiv(n_out, BN)
+    max_row_tiles = min(M, _cdiv(M, BM) + min(E, M))   # sum_e cdiv(rows_e, BM) <= M/BM + #non-empty
+    grid = (max_row_tiles * num_n_tiles,)
+    if use_tma:
+        w2d = w.view(E * w_rows, K) if w.is_contiguous() else w.reshape(E * w_rows, K)
+        x_desc = TensorDescriptor.from_tensor(x, [BM, BK])
+        w_desc = TensorDescriptor.from_tensor(w2d, [BN, BK])
+        x_desc_half = TensorDescriptor.from_tensor(x, [BM // 2, BK]) if split_m else x_desc
+        w_desc_half = TensorDescriptor.from_tensor(w2d, [BN // 2, BK]) if split_n else w_desc
+    else:
+        x_desc = x_desc_half = x      # placeholders, never read when USE_TMA is off
+        w_desc = w_desc_half = w
+    has_row_scale = row_scale is not None
+    _grouped_gemm_kernel[grid](
+        x, w, x_desc, x_desc_half, w_desc, w_desc_half, out, expert_offsets,
+        row_scale if has_row_scale else out,
+        n_out, K, w_rows, num_n_tiles,
+        x.stride(0), w.stride(0), w.stride(1), out.stride(0),
+        E=E, E_POW2=max(2, triton.next_power_of_2(E)),
+        BM=BM, BN=BN, BK=BK, SWIGLU=swiglu, HAS_ROW_SCALE=has_row_scale, EVEN_K=K % BK == 0,
+        USE_TMA=use_tma, SPLIT_M_TAIL=split_m, SPLIT_N_TAIL=split_n,
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        num_warps=config.num_warps, num_stages=config.num_stages)
+    return out
+
+
+# ----------------------------------------------------------------------------- config choice
+_tuned: dict[tuple, gemm_configs.GemmConfig] = {}
+
+
+def choose_config(x, w, expert_offsets, out, swiglu) -> gemm_configs.GemmConfig:
+    """Committed table (gemm_configs); with MOGE_TRITON_AUTOTUNE=1, the fastest candidate of the key,
+    timed once per key outside CUDA-graph capture and outside torch.compile tracing."""
+    M = x.shape[0]
+    E = w.shape[0]
+    cfg = gemm_configs.table_config(M, E, swiglu, x.dtype, x.device)
+    if (x.device.type != "cuda" or not gemm_configs.autotune_enabled()
+            or gemm_configs.forced_config() is not None
+            or torch.cuda.is_current_stream_capturing()):
+        return cfg
+    key = (triton.next_power_of_2(M), E, tuple(w.shape[1:]), x.dtype, swiglu, x.device.index)
+    if key not in _tuned:
+        scratch = torch.empty_like(out)
+        timings = []
+        for cand in gemm_configs.candidates(M, E, swiglu, x.dtype, x.device):
+            try:
+                ms = triton.testing.do_bench(
+                    lambda: launch_grouped_gemm(x, w, expert_offsets, scratch, swiglu, config=cand),
+                    warmup=5, rep=20)
+            except Exception:   # noqa: BLE001  a candidate that fails to compile or launch is skipped
+                continue
+            timings.append((ms, cand))
+        _tuned[key] = min(timings, key=lambda t: t[0])[1] if timings else cfg
+    return _tuned[key]
+
+
+# ----------------------------------------------------------------------------- op implementations
+def _unit_inner(t: torch.Tensor) -> torch.Tensor:
+    """The kernels need unit stride along the reduction dimension only."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def grouped_gemm(x, w, expert_offsets):
+    """Registered as triton's moge::grouped_gemm: [M, N]."""
+    x, w, offsets = _unit_inner(x), _unit_inner(w), expert_offsets.contiguous()
+    y = x.new_empty(x.shape[0], w.shape[1])
+    if x.shape[1] == 0:
+        return y.zero_()
+    return launch_grouped_gemm(x, w, offsets, y, swiglu=False)
+
+
+def grouped_mlp(x, w_gate_up, w_down, expert_offsets, row_scale=None):
+    """Registered as triton's moge::grouped_mlp: [M, H]. Only h = silu(gate) * up, [M, I], is stored."""
+    x, w_gate_up, w_down = _unit_inner(x), _unit_inner(w_gate_up), _unit_inner(w_down)
+    offsets = expert_offsets.contiguous()
+    M, H = x.shape
+    I = w_gate_up.shape[1] // 2
+    y = x.new_empty(M, w_down.shape[1])
+    if I == 0 or H == 0:
+        return y.zero_()
+    h = x.new_empty(M, I)                                     # [M, I] SwiGLU output, x's dtype
+    launch_grouped_gemm(x, w_gate_up, offsets, h, swiglu=True)
+    if row_scale is not None:
+        row_scale = row_scale.to(torch.float32).contiguous()
+    return launch_grouped_gemm(h, w_down, offsets, y, swiglu=False, row_scale=row_scale)
+
+
+register_kernel("triton", "grouped_gemm", grouped_gemm, devices=DEVICES)
+register_kernel("triton", "grouped_mlp", grouped_mlp, devices=DEVICES)
