@@ -22,6 +22,17 @@ at::Tensor grouped_mlp_cpu(const at::Tensor& x, const at::Tensor& w_gate_up, con
 at::Tensor grouped_combine_cpu(const at::Tensor& expert_out, const at::Tensor& topk_weights,
                                const at::Tensor& row_index, const std::optional<at::Tensor>& shared_out);
 
+// CUDA kernels (csrc/cuda/), built into moge_kernels._cuda_C when a CUDA toolkit is present
+DispatchOutputs grouped_dispatch_cuda(const at::Tensor& hidden, const at::Tensor& router_logits,
+                                      int64_t num_groups, int64_t topk_per_group,
+                                      const std::optional<at::Tensor>& expert_scale, bool renormalize,
+                                      c10::string_view score_func);
+at::Tensor grouped_gemm_cuda(const at::Tensor& x, const at::Tensor& w, const at::Tensor& expert_offsets);
+at::Tensor grouped_mlp_cuda(const at::Tensor& x, const at::Tensor& w_gate_up, const at::Tensor& w_down,
+                            const at::Tensor& expert_offsets, const std::optional<at::Tensor>& row_scale);
+at::Tensor grouped_combine_cuda(const at::Tensor& expert_out, const at::Tensor& topk_weights,
+                                const at::Tensor& row_index, const std::optional<at::Tensor>& shared_out);
+
 // Shared argument checks (csrc/checks.cpp): same rules and messages as moge_kernels/checks.py.
 void check_dispatch_args(const at::Tensor& hidden, const at::Tensor& router_logits, int64_t num_groups,
                          int64_t topk_per_group, const std::optional<at::Tensor>& expert_scale,

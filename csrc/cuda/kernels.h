@@ -1,0 +1,77 @@
+// Launchers of the CUDA kernels in csrc/cuda/*.cu, called by the ATen glue in csrc/cuda/*_host.cpp.
+//
+// Plain pointers and sizes only: the .cu files include no ATen header, so they compile in seconds and
+// also on a box whose torch is a CPU build (tests/test_cuda_compile.py compiles them there). Every
+// launcher runs on the given stream, never synchronises, and returns the launch's cudaError_t.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+namespace moge {
+namespace cuda {
+
+enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+// ----------------------------------------------------------------------------- grouped_dispatch
+struct DispatchArgs {
+  const void* logits;            // [T, E] router logits, any strides
+  DType logits_dtype;
+  int64_t logits_stride_t, logits_stride_e;  // in elements
+  const float* expert_scale;     // [E] fp32, or nullptr
+  const void* hidden;            // [T, H] rows of row_bytes contiguous bytes, hidden_stride_bytes apart
+  int64_t hidden_stride_bytes;
+  int64_t row_bytes;             // H * element size
+  void* permuted_hidden;         // [T*K, H] out, contiguous
+  float* topk_weights;           // [T, K] fp32 out
+  int32_t* topk_ids;             // [T, K] int32 out
+  int32_t* expert_offsets;       // [E+1] int32 out
+  int32_t* row_index;            // [T, K] int32 out
+  int32_t* workspace;            // dispatch_workspace_ints(T, K, E) int32 scratch
+  int64_t T;                     // >= 1; T * K <= INT32_MAX (checked by the caller)
+  int E, G, k_g;
+  bool softmax, renormalize;
+};
+int64_t dispatch_workspace_ints(int64_t T, int K, int E);
+// Dynamic shared memory the routing kernel needs; the caller rejects E too large for the device.
+int64_t dispatch_route_smem_bytes(int E, int K);
+cudaError_t launch_grouped_dispatch(const DispatchArgs& args, cudaStream_t stream);
+
+// ----------------------------------------------------------------------------- grouped_combine
+struct CombineArgs {
+  const void* expert_out;        // [T*K, H] contiguous, dtype
+  DType dtype;
+  const float* topk_weights;     // [T, K] fp32 contiguous
+  const int32_t* row_index;      // [T, K] int32 contiguous
+  const void* shared_out;        // [T, H] contiguous in dtype (or fp32 when shared_is_fp32), or nullptr
+  bool shared_is_fp32;
+  void* out;                     // [T, H] contiguous, dtype
+  int64_t T, H;                  // T >= 1, H >= 1
+  int K;
+};
+cudaError_t launch_grouped_combine(const CombineArgs& args, cudaStream_t stream);
+
+// ----------------------------------------------------------------------------- grouped_gemm / mlp
+struct GemmArgs {
+  const void* x;                 // [M, Kd] contiguous, dtype
+  const void* w;                 // [E, N_w, Kd] contiguous, dtype (nn.Linear layout)
+  const int32_t* expert_offsets; // [E+1] int32: rows of expert e are [offsets[e], offsets[e+1])
+  const float* row_scale;        // [M] fp32 multiplies each output row, or nullptr
+  void* y;                       // [M, N_out] contiguous, dtype
+  DType dtype;
+  int64_t M, Kd, N_w;            // M >= 1
+  int E;
+  // false: y = x w[e]^T (N_out = N_w). true: the SwiGLU gate_up product, w[e] = [gate (I rows); up (I
+  // rows)], y = silu(x gate^T) * (x up^T) with N_out = I = N_w / 2, gate and up never leave registers.
+  bool swiglu;
+};
+cudaError_t launch_grouped_gemm(const GemmArgs& args, cudaStream_t stream);
+
+// Per-dtype launchers (csrc/cuda/grouped_gemm_{bf16,fp16,fp32}.cu), selected by launch_grouped_gemm.
+cudaError_t launch_grouped_gemm_bf16(const GemmArgs& args, cudaStream_t stream);
+cudaError_t launch_grouped_gemm_fp16(const GemmArgs& args, cudaStream_t stream);
+cudaError_t launch_grouped_gemm_fp32(const GemmArgs& args, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace moge
