@@ -21,6 +21,8 @@ import torch
 from torch.utils import cpp_extension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, ROOT)  # build_ascend.py sits beside setup.py; PEP 517 backends do not put it on sys.path
+from build_ascend import ascend_extensions  # noqa: E402  Ascend (CANN) extension: built only where CANN is found
 
 
 def _log(msg):
@@ -62,6 +64,7 @@ def extensions():
             "moge_kernels._cuda_C", _sources("csrc/cuda/*.cu", "csrc/cuda/*.cpp", "csrc/checks.cpp"),
             extra_compile_args={"cxx": cxx, "nvcc": nvcc}, py_limited_api=True))
         _log(f"building the CUDA extension for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
+    exts += ascend_extensions(_log, debug=debug)
     return exts
 
 

@@ -21,6 +21,7 @@ def _load_backend(backend: str, module: str) -> None:
 _load_backend("cpu", "._cpu")
 _load_backend("cuda", "._cuda")
 _load_backend("triton", ".triton")
+_load_backend("ascend", ".ascend")
 registry.select_from_env()
 
 __all__ = [
