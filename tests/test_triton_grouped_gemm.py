@@ -115,9 +115,11 @@ def test_grouped_mlp_small(shape, dtype):
 
 # Explicit configs, so that CI covers every code path of the kernel: TMA descriptors (the interpreter
 # runs them), split tails (half-size main loops for an expert's last row tile and the last column tile),
+# the persistent kernel,
 # K not a multiple of BK.
-PATH_CONFIGS = [C(16, 32, 32, 4, 1), C(32, 32, 32, 4, 1, split_tail=True), C(32, 64, 32, 4, 1, tma=True),
-                C(32, 64, 32, 4, 1, tma=True, split_tail=True)]
+PATH_CONFIGS = [C(16, 32, 32, 4, 1), C(32, 64, 32, 4, 1, split_m=True, split_n=True),
+                C(32, 64, 32, 4, 1, tma=True), C(32, 64, 32, 4, 1, tma=True, split_m=True, split_n=True),
+                C(32, 64, 32, 4, 1, tma=True, split_n=True), C(32, 64, 32, 4, 1, tma=True, persistent=True)]
 
 
 @pytest.mark.parametrize("cfg", PATH_CONFIGS, ids=str)
@@ -213,7 +215,8 @@ def test_config_table_covers_every_regime():
                             <= gemm_configs.SMEM_LIMIT), (family, regime, dtype)
     assert gemm_configs.regime(8, 64) == "decode"            # Pangu T=1
     assert gemm_configs.regime(32768, 64) == "prefill"       # Pangu T=4096
-    assert gemm_configs._parse_forced("64,128,64,8,4,1,0") == C(64, 128, 64, 8, 4, True, False)
+    assert gemm_configs.regime(131072, 64) == "large"        # Pangu T=16384
+    assert gemm_configs._parse_forced("64,128,64,8,4,1,0,1") == C(64, 128, 64, 8, 4, True, False, True)
 
 
 # ----------------------------------------------------------------------------- GPU only

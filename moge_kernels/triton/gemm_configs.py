@@ -7,7 +7,8 @@ below were tuned on an H100 80GB HBM3 with the Pangu Pro MoE expert shapes (H=51
 more bandwidth, so the same tile shapes stay right) until it gets its own sweep.
 
 Escape hatches (one place, environment):
-  MOGE_TRITON_GEMM_CONFIG="BM,BN,BK,warps,stages[,tma[,split_tail]]"  force one config for every launch
+  MOGE_TRITON_GEMM_CONFIG="BM,BN,BK,warps,stages[,tma[,split_m[,split_n[,persistent]]]]"  force one
+                           config for every launch (flags 0/1)
   MOGE_TRITON_AUTOTUNE=1   time the candidate list of a key on its first call (host sync: never under
                            CUDA-graph capture, where the table's choice is used); unset or 0: tables only.
 """
@@ -28,11 +29,14 @@ class GemmConfig:
     num_warps: int
     num_stages: int         # cp.async / TMA pipeline depth
     tma: bool = False       # load x and w through host-built TMA descriptors (Hopper+)
-    split_tail: bool = False  # tiles with <= block_m/2 rows (or columns) run a half-size main loop
+    split_m: bool = False   # an expert's last row tile with <= block_m/2 rows runs a half-height loop
+    split_n: bool = False   # a last column tile with <= block_n/2 columns runs a half-width loop
+    persistent: bool = False  # one program per SM walking tiles, TMA only (no split tails)
 
     def __str__(self):
         return (f"{self.block_m}x{self.block_n}x{self.block_k} w{self.num_warps} s{self.num_stages}"
-                f"{' tma' if self.tma else ''}{' tail' if self.split_tail else ''}")
+                f"{' tma' if self.tma else ''}{' tailM' if self.split_m else ''}"
+                f"{' tailN' if self.split_n else ''}{' pers' if self.persistent else ''}")
 
 
 C = GemmConfig
@@ -41,43 +45,64 @@ C = GemmConfig
 # expert fit one tile), narrow block_n so that enough programs stream in parallel, deep k slices so each
 # stage moves many bytes. Prefill is matrix-bound: 128-row tiles (wgmma's 2 x m64), 256 output columns
 # (gate+up 2 x 128, or 256 plain) so that each operand byte fetched from L2 feeds enough FLOPs.
-REGIMES = ((2.0, "decode"), (32.0, "small"), (192.0, "medium"), (float("inf"), "prefill"))
+REGIMES = ((2.0, "decode"), (32.0, "small"), (192.0, "medium"), (1024.0, "prefill"),
+           (float("inf"), "large"))
 
-# (regime, swiglu) -> config, for 16-bit inputs on H100/H200.
+# (regime, swiglu) -> config, for 16-bit inputs on H100/H200. From `bench_experts.py --sweep` on an
+# H100 80GB HBM3 (bench/results/experts_h100.txt has the table these give), Pangu shapes:
+#   decode  (T<=16):   weight streaming at 86-93% of the copy bandwidth; 1 row tile per expert
+#   small   (T~128):   32-row tiles hold an expert's ~16 rows
+#   medium  (T~1024):  ~128 rows per expert: 128-row tiles plus a half-height tail tile
+#   prefill (T~4096):  TMA gate_up (10% over cp.async); down stays on cp.async (K=1344 is short)
+#   large   (T>=16k):  TMA for both
 H100_TABLE = {
-    ("decode", True): C(16, 32, 256, 4, 4),
+    ("decode", True): C(16, 32, 128, 4, 4),
     ("decode", False): C(16, 64, 128, 4, 4),
-    ("small", True): C(32, 32, 256, 4, 4),
+    ("small", True): C(32, 64, 128, 4, 4),
     ("small", False): C(32, 64, 128, 4, 4),
-    ("medium", True): C(64, 128, 64, 8, 4),
-    ("medium", False): C(64, 256, 64, 8, 4),
-    ("prefill", True): C(128, 128, 64, 8, 4),
+    ("medium", True): C(128, 128, 64, 8, 4, split_m=True, split_n=True),
+    ("medium", False): C(128, 256, 64, 8, 3, split_m=True),
+    ("prefill", True): C(128, 128, 64, 8, 4, tma=True),
     ("prefill", False): C(128, 256, 64, 8, 3),
+    ("large", True): C(128, 128, 64, 8, 4, tma=True),
+    ("large", False): C(128, 256, 64, 8, 3, tma=True),
 }
 TABLES = {"H100": H100_TABLE, "H200": H100_TABLE}
 
 # Candidates timed by MOGE_TRITON_AUTOTUNE=1 and by the benchmark's --sweep.
+P = dict(tma=True, persistent=True)
+_big_gate_up = [C(128, 128, 64, 8, 4, tma=True), C(128, 128, 64, 8, 4, **P), C(128, 128, 64, 8, 3, **P),
+                C(128, 128, 64, 8, 4, tma=True, split_n=True),
+                C(128, 128, 64, 8, 4, tma=True, split_m=True),
+                C(128, 128, 64, 8, 4, split_m=True, split_n=True), C(128, 128, 64, 8, 4, split_n=True),
+                C(128, 64, 64, 8, 3, tma=True), C(128, 128, 64, 8, 3, tma=True)]
+_big_down = [C(128, 256, 64, 8, 3), C(128, 256, 64, 8, 3, tma=True), C(128, 256, 64, 8, 4, tma=True),
+             C(128, 256, 64, 8, 3, **P), C(128, 256, 64, 8, 4, **P), C(128, 128, 64, 8, 4, **P),
+             C(128, 256, 64, 8, 3, split_m=True), C(128, 256, 64, 8, 3, tma=True, split_m=True),
+             C(128, 128, 64, 8, 3), C(128, 128, 64, 8, 3, tma=True)]
 CANDIDATES = {
-    ("decode", True): [C(16, 32, 256, 4, 4), C(16, 32, 128, 4, 4), C(16, 64, 128, 4, 4),
-                       C(16, 16, 256, 4, 4), C(16, 32, 256, 4, 3), C(16, 32, 128, 4, 6)],
-    ("decode", False): [C(16, 64, 128, 4, 4), C(16, 32, 128, 4, 4), C(16, 64, 64, 4, 6),
-                        C(16, 128, 64, 4, 4), C(16, 32, 256, 4, 3)],
-    ("small", True): [C(32, 32, 256, 4, 4), C(32, 64, 128, 4, 4), C(16, 32, 256, 4, 4),
-                      C(32, 32, 128, 4, 5), C(64, 64, 128, 4, 3)],
-    ("small", False): [C(32, 64, 128, 4, 4), C(32, 128, 64, 4, 4), C(16, 64, 128, 4, 4),
-                       C(32, 32, 128, 4, 4), C(64, 128, 64, 4, 4)],
-    ("medium", True): [C(64, 128, 64, 8, 4), C(64, 64, 64, 4, 4), C(64, 128, 64, 4, 3),
-                       C(128, 128, 64, 8, 3), C(64, 128, 64, 8, 4, tma=True),
-                       C(128, 128, 64, 8, 4, split_tail=True)],
-    ("medium", False): [C(64, 256, 64, 8, 4), C(64, 128, 64, 4, 4), C(128, 256, 64, 8, 3),
-                        C(64, 256, 64, 8, 4, tma=True), C(128, 128, 64, 8, 4),
-                        C(128, 256, 64, 8, 3, split_tail=True)],
-    ("prefill", True): [C(128, 128, 64, 8, 4), C(128, 128, 64, 8, 3), C(128, 64, 64, 4, 4),
-                        C(128, 128, 64, 8, 4, tma=True), C(128, 128, 64, 8, 4, split_tail=True),
-                        C(128, 128, 64, 8, 4, tma=True, split_tail=True)],
-    ("prefill", False): [C(128, 256, 64, 8, 3), C(128, 256, 64, 8, 4), C(128, 128, 64, 4, 4),
-                         C(128, 256, 64, 8, 3, tma=True), C(128, 256, 64, 8, 3, split_tail=True),
-                         C(128, 256, 64, 8, 4, tma=True, split_tail=True)],
+    ("decode", True): [C(16, 32, 128, 4, 4), C(16, 32, 256, 4, 4), C(16, 32, 128, 4, 6),
+                       C(16, 64, 128, 4, 3), C(16, 32, 128, 8, 4)],
+    ("decode", False): [C(16, 64, 128, 4, 4), C(16, 32, 256, 4, 3), C(16, 64, 128, 4, 6),
+                        C(16, 64, 128, 8, 4), C(16, 32, 128, 4, 4)],
+    ("small", True): [C(32, 64, 128, 4, 4), C(32, 32, 128, 4, 5), C(32, 64, 128, 4, 3),
+                      C(32, 64, 64, 4, 6), C(32, 128, 64, 4, 4)],
+    ("small", False): [C(32, 64, 128, 4, 4), C(32, 32, 128, 4, 4), C(32, 128, 64, 4, 4),
+                       C(32, 64, 128, 4, 3)],
+    ("medium", True): [C(128, 128, 64, 8, 4, split_m=True, split_n=True),
+                       C(128, 128, 64, 8, 4, tma=True, split_m=True),
+                       C(128, 128, 64, 8, 4, tma=True, split_n=True),
+                       C(128, 128, 64, 8, 4, tma=True, split_m=True, split_n=True),
+                       C(128, 128, 64, 8, 4, **P),
+                       C(128, 64, 64, 8, 4, split_m=True), C(64, 64, 64, 4, 4)],
+    ("medium", False): [C(128, 256, 64, 8, 3, split_m=True), C(128, 256, 64, 8, 3),
+                        C(128, 256, 64, 8, 3, tma=True, split_m=True),
+                        C(128, 256, 64, 8, 4, tma=True, split_m=True), C(128, 256, 64, 8, 3, **P),
+                        C(128, 128, 64, 8, 3, split_m=True), C(64, 128, 64, 4, 4)],
+    ("prefill", True): _big_gate_up,
+    ("prefill", False): _big_down,
+    ("large", True): _big_gate_up,
+    ("large", False): _big_down,
 }
 
 # Small, safe tiles for the Triton interpreter (CPU, CI): speed there is irrelevant.
@@ -129,7 +154,7 @@ def fit(cfg: GemmConfig, swiglu: bool, dtype: torch.dtype, smem: int = SMEM_LIMI
 def _parse_forced(text: str) -> GemmConfig:
     parts = [p.strip() for p in text.split(",")]
     ints = [int(p) for p in parts[:5]]
-    flags = [p.lower() in ("1", "true", "tma", "tail") for p in parts[5:]]
+    flags = [p.lower() in ("1", "true") for p in parts[5:]]
     return GemmConfig(*ints, *flags)
 
 

@@ -25,6 +25,7 @@ tile, fixed summation order.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -42,25 +43,29 @@ except ImportError:  # pragma: no cover
 
 
 @triton.jit
-def _find_tile(pid, offsets_ptr, num_n_tiles, E: tl.constexpr, E_POW2: tl.constexpr,
-               BM: tl.constexpr):
-    """pid -> (total work, expert, first row of the tile, end row of the expert, first column)."""
+def _schedule(offsets_ptr, num_n_tiles, E: tl.constexpr, E_POW2: tl.constexpr, BM: tl.constexpr):
+    """Per-expert vectors of the tile schedule, [E_POW2] int32 each (lanes >= E hold zeros)."""
     experts = tl.arange(0, E_POW2)
     in_range = experts < E
-    starts = tl.load(offsets_ptr + experts, mask=in_range, other=0)      # [E_POW2] int32
+    starts = tl.load(offsets_ptr + experts, mask=in_range, other=0)      # first row of each expert
     ends = tl.load(offsets_ptr + experts + 1, mask=in_range, other=0)
     m_tiles = (ends - starts + BM - 1) // BM                            # row tiles per expert
-    work = m_tiles * num_n_tiles                                        # programs per expert
+    work = m_tiles * num_n_tiles                                        # tiles per expert
     work_end = tl.cumsum(work, 0)                                       # inclusive
-    total = tl.sum(work, 0)
-    e = tl.sum((work_end <= pid).to(tl.int32), 0)                       # first expert ending after pid
+    return experts, starts, ends, m_tiles, work_end - work, work_end
+
+
+@triton.jit
+def _locate(tile, experts, starts, ends, m_tiles, work_begin, work_end, BM: tl.constexpr):
+    """Tile index -> (expert, first row, end row of the expert, column-tile index); expert-major,
+    then column tile, then row tile, so the row tiles sharing a weight tile are neighbours."""
+    e = tl.sum((work_end <= tile).to(tl.int32), 0)                      # first expert ending after it
     mine = experts == e
-    local = pid - tl.sum(tl.where(mine, work_end - work, 0), 0)
+    local = tile - tl.sum(tl.where(mine, work_begin, 0), 0)
     m_tiles_e = tl.maximum(tl.sum(tl.where(mine, m_tiles, 0), 0), 1)
     row0 = tl.sum(tl.where(mine, starts, 0), 0) + (local % m_tiles_e) * BM
     row_end = tl.sum(tl.where(mine, ends, 0), 0)
-    pid_n = local // m_tiles_e
-    return total, e, row0, row_end, pid_n
+    return e, row0, row_end, local // m_tiles_e
 
 
 @triton.jit
@@ -115,6 +120,18 @@ def _gemm_tile(x_ptr, w_ptr, x_desc, w_desc, y_ptr, row_scale_ptr, e, row0, row_
             x_ptrs += BK
             w_ptrs += BK
 
+    _epilogue(acc, acc_up, y_ptr, row_scale_ptr, row0, row_end, col0, N_OUT, stride_ym, BM, BN, SWIGLU,
+              HAS_ROW_SCALE)
+
+
+@triton.jit
+def _epilogue(acc, acc_up, y_ptr, row_scale_ptr, row0, row_end, col0, N_OUT, stride_ym,
+              BM: tl.constexpr, BN: tl.constexpr, SWIGLU: tl.constexpr, HAS_ROW_SCALE: tl.constexpr):
+    """SwiGLU and row scale in fp32, cast, masked store of rows [row0, row_end) and columns < N_OUT.
+    A plain store, not TMA: a tile's rows past its expert belong to the next expert's tile."""
+    offs_m = tl.arange(0, BM)
+    offs_n = tl.arange(0, BN)
+    row_ok = (row0 + offs_m) < row_end
     if SWIGLU:
         out = acc * tl.sigmoid(acc) * acc_up        # silu(gate) * up, fp32
     else:
@@ -145,9 +162,11 @@ def _grouped_gemm_kernel(
         DOT_PRECISION: tl.constexpr):
     """Grid: (max_row_tiles * num_n_tiles,); see the module docstring for the schedule."""
     pid = tl.program_id(0)
-    total, e, row0, row_end, pid_n = _find_tile(pid, offsets_ptr, num_n_tiles, E, E_POW2, BM)
-    if pid >= total:
+    experts, starts, ends, m_tiles, work_begin, work_end = _schedule(offsets_ptr, num_n_tiles, E,
+                                                                     E_POW2, BM)
+    if pid >= tl.max(work_end, 0):
         return
+    e, row0, row_end, pid_n = _locate(pid, experts, starts, ends, m_tiles, work_begin, work_end, BM)
     col0 = pid_n * BN
     # Split tails: an expert's last row tile (or the last column tile) that is at most half full runs
     # a half-size main loop, so its wasted MMA work halves (prefill: ~12% of the FLOPs at T=4096).
@@ -193,8 +212,56 @@ def _gemm_tile_n_split(x_ptr, w_ptr, x_desc, w_desc, w_desc_half, y_ptr, row_sca
                    BM, BN, BK, SWIGLU, HAS_ROW_SCALE, EVEN_K, USE_TMA, DOT_PRECISION)
 
 
+@triton.jit
+def _grouped_gemm_persistent_kernel(
+        x_desc,             # TMA descriptor of x [M, Kd], block [BM, BK]
+        w_desc,             # TMA descriptor of w viewed [E*W_ROWS, Kd], block [BN, BK]
+        y_ptr, offsets_ptr, row_scale_ptr,
+        N_OUT, K, W_ROWS, num_n_tiles, num_programs, stride_ym,
+        E: tl.constexpr, E_POW2: tl.constexpr,
+        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+        SWIGLU: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Persistent variant: grid = (num_programs,) ~ one program per SM, each walking tiles
+    pid, pid + num_programs, ... of the same schedule. The tile loop and the k loop are flattened into
+    one software pipeline, so the next tile's first TMA loads are in flight during this tile's epilogue
+    (what limits the down GEMM, whose K = I = 1344 is only 21 k-steps)."""
+    pid = tl.program_id(0)
+    experts, starts, ends, m_tiles, work_begin, work_end = _schedule(offsets_ptr, num_n_tiles, E,
+                                                                     E_POW2, BM)
+    total = tl.max(work_end, 0)
+    num_k = tl.cdiv(K, BK)
+    # The epilogue locates its tile again from its own counter (as Triton's persistent matmul tutorial
+    # does): a value used both by the loads and by the epilogue would tie the pipeline's stages.
+    tile_c = pid - num_programs
+    for tile in tl.range(pid, total, num_programs, flatten=True):
+        e, row0, _, pid_n = _locate(tile, experts, starts, ends, m_tiles, work_begin, work_end, BM)
+        w_row = e * W_ROWS + pid_n * BN
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        acc_up = tl.zeros((BM, BN), dtype=tl.float32)
+        for kk in range(num_k):
+            k = kk * BK
+            a = x_desc.load([row0, k])
+            b = w_desc.load([w_row, k])
+            acc = tl.dot(a, b.T, acc, input_precision=DOT_PRECISION)
+            if SWIGLU:
+                b_up = w_desc.load([w_row + N_OUT, k])
+                acc_up = tl.dot(a, b_up.T, acc_up, input_precision=DOT_PRECISION)
+        tile_c += num_programs
+        _, row0_c, row_end_c, pid_n_c = _locate(tile_c, experts, starts, ends, m_tiles, work_begin,
+                                                work_end, BM)
+        _epilogue(acc, acc_up, y_ptr, row_scale_ptr, row0_c, row_end_c, pid_n_c * BN, N_OUT, stride_ym,
+                  BM, BN, SWIGLU, HAS_ROW_SCALE)
+
+
 def _cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4             # the interpreter: a few programs, each walking several tiles
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _tma_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
@@ -227,9 +294,9 @@ def launch_grouped_gemm(x: torch.Tensor, w: torch.Tensor, expert_offsets: torch.
         config = choose_config(x, w, expert_offsets, out, swiglu)
     BM, BN, BK = config.block_m, config.block_n, config.block_k
     use_tma = config.tma and _tma_ok(x, w)
-    split_m = config.split_tail and BM >= 32
+    split_m = config.split_m and BM >= 32          # tl.dot needs >= 16 rows
     # only worth a second main loop when the last column tile is at most half full
-    split_n = config.split_tail and BN >= 32 and 0 < n_out % BN <= BN // 2
+    split_n = config.split_n and BN >= 32 and 0 < n_out % BN <= BN // 2
     num_n_tiles = _cdiv(n_out, BN)
     max_row_tiles = min(M, _cdiv(M, BM) + min(E, M))   # sum_e cdiv(rows_e, BM) <= M/BM + #non-empty
     grid = (max_row_tiles * num_n_tiles,)
@@ -243,6 +310,16 @@ def launch_grouped_gemm(x: torch.Tensor, w: torch.Tensor, expert_offsets: torch.
         x_desc = x_desc_half = x      # placeholders, never read when USE_TMA is off
         w_desc = w_desc_half = w
     has_row_scale = row_scale is not None
+    if use_tma and config.persistent:
+        num_programs = min(grid[0], _num_sms(x.device))
+        _grouped_gemm_persistent_kernel[(num_programs,)](
+            x_desc, w_desc, out, expert_offsets, row_scale if has_row_scale else out,
+            n_out, K, w_rows, num_n_tiles, num_programs, out.stride(0),
+            E=E, E_POW2=max(2, triton.next_power_of_2(E)), BM=BM, BN=BN, BK=BK,
+            SWIGLU=swiglu, HAS_ROW_SCALE=has_row_scale,
+            DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+            num_warps=config.num_warps, num_stages=config.num_stages)
+        return out
     _grouped_gemm_kernel[grid](
         x, w, x_desc, x_desc_half, w_desc, w_desc_half, out, expert_offsets,
         row_scale if has_row_scale else out,
