@@ -356,7 +356,7 @@ def section_graph(run, T):
         torch.cuda.current_stream().wait_stream(side)
         dist.barrier()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             static_out = fn()
         graph.replay()
         run.sync()
@@ -466,11 +466,13 @@ def main():
     tokens = [int(t) for t in args.tokens.split(",") if t]
     late_tokens = [int(t) for t in args.late_tokens.split(",") if t]
     dev_name = torch.cuda.get_device_name(run.device) if run.cuda else "cpu"
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
-    except OSError:
-        commit = "unknown"
+    commit = os.environ.get("EP_COMMIT", "")      # set when running from an exported snapshot (no .git)
+    if not commit:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                    cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
+        except OSError:
+            commit = "unknown"
     backends = {op: moge_kernels.resolve(op, run.device.type)[0]
                 for op in ("grouped_dispatch", "grouped_mlp", "grouped_combine")}
     header = [f"EP MoGE bench: D={run.D} x {dev_name}, {dist.get_backend()}, torch {torch.__version__}, "
