@@ -44,7 +44,10 @@ def _cpp_ops() -> set:
 
 
 adapter.bind(torch_npu)
-ops.register_device_type("npu")   # after `import torch_npu`: "npu" only names PrivateUse1 from then on
+# After `import torch_npu`: "npu" only names PrivateUse1 from then on. Once per process: a second import
+# of this package (after a first one raised below) must not register the same kernels again.
+if not torch._C._dispatch_has_kernel_for_dispatch_key("moge::grouped_dispatch", "PrivateUse1"):
+    ops.register_device_type("npu")
 PLAN = adapter.plan(torch_npu, _cpp_ops(),
                     prefer=os.environ.get("MOGE_ASCEND_IMPL", "python").strip().lower() or "python")
 for _op, _impl in PLAN.items():
