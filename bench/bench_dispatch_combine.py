@@ -14,7 +14,7 @@ copy, bytes read + written):
 dispatch timed as a CUDA-graph replay (no launch gaps), for the decode sizes.
 
     python bench/bench_dispatch_combine.py                  # the table, T in {1,16,128,1024,4096,16384}
-    python bench/bench_dispatch_combine.py --T 1,4096 --sweep --profile
+    python bench/bench_dispatch_combine.py --T 1,4096 --sweep --profile --host
     python bench/bench_dispatch_combine.py --check          # small correctness run (compute-sanitizer)
 Reusable: run(rows_out=None, Ts=..., ...) -> (rows, copy_gbs); format_table(rows, copy_gbs, device).
 """
@@ -139,38 +139,40 @@ def _triton_version():
 
 
 # ----------------------------------------------------------------------------- tuning aids
-COPY_CONFIGS = [(1, 512, 2), (1, 1024, 4), (2, 1024, 4), (4, 1024, 4), (8, 1024, 8), (1, 2048, 8),
-                (2, 2048, 8), (4, 2048, 8), (4, 512, 4)]
-COMBINE_CONFIGS = [(1, 512, 2), (1, 1024, 4), (2, 1024, 4), (4, 1024, 4), (1, 2048, 8), (2, 2048, 8),
-                   (2, 512, 4), (4, 1024, 8)]
-ROUTE_BLOCKS = [8, 16, 32, 64, 128]
+COPY_CONFIGS = [(1, 512, 2), (1, 1024, 4), (2, 1024, 4), (4, 1024, 4), (4, 512, 4), (1, 2048, 8)]
+COMBINE_CONFIGS = [(1, 512, 2), (1, 1024, 4), (2, 1024, 4), (4, 1024, 4), (2, 512, 4)]
+ROUTE_BLOCKS = [1, 2, 4, 8, 16, 32, 64]
 
 
-def sweep(Ts=(1, 128, 4096, 16384), shape=PANGU, dtype=torch.bfloat16, device="cuda", log=print):
-    """Time each candidate tile of the permute copy, the routing block and the combine (ms, do_bench)."""
+def sweep(Ts=(16, 128, 1024, 4096), shape=PANGU, dtype=torch.bfloat16, device="cuda", log=print):
+    """Time candidate tiles (us, CUDA-graph replays: the GPU time without host launch cost)."""
     from moge_kernels.triton import combine as C, dispatch as D
     H, E, G, k_g = shape["H"], shape["E"], shape["G"], shape["k_g"]
+
+    def us(fn):
+        return do_bench(graph_replay(fn)) * 1e3
+
     for T in Ts:
         x = make_inputs(T, H, E, G, k_g, dtype, device, seed=T)
         h, lg = x["hidden"], x["logits"]
+        cells = [f"route{b}={us(lambda: D.grouped_dispatch(h, lg, G, k_g, route_block_t=b)):.1f}"
+                 for b in ROUTE_BLOCKS if b <= max(T, 1)]
+        cells += [f"default={us(lambda: D.grouped_dispatch(h, lg, G, k_g)):.1f}"]
+        log(f"sweep T={T} dispatch us: " + " ".join(cells))
         default_copy = D._copy_config(T, H)
         cells = [f"copy{c}{'*' if c == default_copy else ''}="
-                 f"{do_bench(lambda: D.grouped_dispatch(h, lg, G, k_g, copy_config=c)) * 1e3:.1f}"
-                 for c in COPY_CONFIGS]
-        log(f"sweep T={T} dispatch us: " + " ".join(cells))
-        cells = [f"route{b}={do_bench(lambda: D.grouped_dispatch(h, lg, G, k_g, route_block_t=b)) * 1e3:.1f}"
-                 for b in ROUTE_BLOCKS]
+                 f"{us(lambda: D.grouped_dispatch(h, lg, G, k_g, copy_config=c)):.1f}" for c in COPY_CONFIGS]
         log(f"sweep T={T} dispatch us: " + " ".join(cells))
         default_comb = C._combine_config(T, H)
         cells = [f"comb{c}{'*' if c == default_comb else ''}="
-                 f"{do_bench(lambda: C.grouped_combine(x['expert_out'], x['weights'], x['row_index'], config=c)) * 1e3:.1f}"
+                 f"{us(lambda: C.grouped_combine(x['expert_out'], x['weights'], x['row_index'], config=c)):.1f}"
                  for c in COMBINE_CONFIGS]
         log(f"sweep T={T} combine us: " + " ".join(cells))
         del x
         torch.cuda.empty_cache()
 
 
-def profile(Ts=(128, 4096), shape=PANGU, dtype=torch.bfloat16, device="cuda", log=print):
+def profile(Ts=(1, 16, 128, 4096), shape=PANGU, dtype=torch.bfloat16, device="cuda", log=print):
     """Per-kernel device time of one dispatch and one combine (torch.profiler)."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
     H, E, G, k_g = shape["H"], shape["E"], shape["G"], shape["k_g"]
@@ -187,10 +189,50 @@ def profile(Ts=(128, 4096), shape=PANGU, dtype=torch.bfloat16, device="cuda", lo
                     for fn in fns:
                         fn()
                 torch.cuda.synchronize()
+            cells = []
             for evt in prof.key_averages():
-                if evt.device_type.name == "CUDA" or "kernel" in evt.key:
-                    us = getattr(evt, "device_time", getattr(evt, "cuda_time", 0.0))
-                    log(f"profile T={T} {evt.key[:60]:<60} {us:9.2f} us x{evt.count // 5}")
+                if evt.key.startswith("_") and "kernel" in evt.key:
+                    total = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0.0)
+                    cells.append(f"{evt.key}={total / max(evt.count, 1):.2f}")
+            log(f"profile T={T} us per launch: " + " ".join(cells))
+
+
+def host_overhead(T=1, shape=PANGU, dtype=torch.bfloat16, device="cuda", calls=200, log=print):
+    """Host microseconds per call (no synchronisation in the loop), and where dispatch's host time goes."""
+    import cProfile
+    import io
+    import pstats
+    import time
+    H, E, G, k_g = shape["H"], shape["E"], shape["G"], shape["k_g"]
+    x = make_inputs(T, H, E, G, k_g, dtype, device, seed=T)
+    from moge_kernels.triton import combine as C, dispatch as D
+    fns = {
+        "op dispatch": lambda: torch.ops.moge.grouped_dispatch(x["hidden"], x["logits"], G, k_g),
+        "launcher dispatch": lambda: D.grouped_dispatch(x["hidden"], x["logits"], G, k_g),
+        "op combine": lambda: torch.ops.moge.grouped_combine(x["expert_out"], x["weights"], x["row_index"]),
+        "launcher combine": lambda: C.grouped_combine(x["expert_out"], x["weights"], x["row_index"]),
+        "torch.empty x1": lambda: torch.empty(T, 8, device=device),
+    }
+    with mk.use_backend("triton"):
+        for name, fn in fns.items():
+            for _ in range(10):
+                fn()
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            host_us = (time.perf_counter() - start) / calls * 1e6
+            torch.cuda.synchronize()
+            log(f"host T={T} {name}: {host_us:.1f} us/call")
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(calls):
+            fns["op dispatch"]()
+        prof.disable()
+        torch.cuda.synchronize()
+        buf = io.StringIO()
+        pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(12)
+        log("\n".join(line for line in buf.getvalue().splitlines() if line.strip())[-2500:])
 
 
 def check(device="cuda", dtype=torch.bfloat16):
@@ -220,6 +262,7 @@ def main(argv=None):
     parser.add_argument("--no-eager", action="store_true")
     parser.add_argument("--sweep", action="store_true", help="also time candidate tiles")
     parser.add_argument("--profile", action="store_true", help="also list per-kernel device times")
+    parser.add_argument("--host", action="store_true", help="also measure host time per call (T=1)")
     parser.add_argument("--check", action="store_true", help="only the small correctness run")
     parser.add_argument("--out", default=None, help="also write the table to this file")
     args = parser.parse_args(argv)
@@ -228,6 +271,8 @@ def main(argv=None):
         return
     Ts = tuple(int(t) for t in args.T.split(",")) if args.T else DEFAULT_TS
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    if args.host:
+        host_overhead(log=log)
     if args.profile:
         profile(log=log)
     if args.sweep:

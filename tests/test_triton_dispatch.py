@@ -59,7 +59,11 @@ def test_matches_reference(T, E, G, k_g, H):
 
 
 @pytest.mark.parametrize("route_block_t,copy_config", [
-    (1, (16, 16, 1)), (2, (1, 64, 1)), (8, (4, 8, 1)), (64, (2, 128, 4))])
+    (1, (16, 16, 1)),     # 23 blocks: the scan launch
+    (2, (1, 64, 1)),      # 12 blocks: the scan fused into the permute programs
+    (4, (16, 32, 2)),     # fused; copy tile clamped to the routing block
+    (8, (4, 8, 1)),
+    (64, (2, 128, 4))])   # one block
 def test_tilings(route_block_t, copy_config):
     """Every tiling gives the same bits: many routing blocks (deep scan), H split in many blocks."""
     T, E, G, k_g, H = 23, 32, 4, 2, 44

@@ -7,8 +7,9 @@ K = G*k_g slots per token, NB = cdiv(T, ROUTE_BLOCK_T) routing blocks):
     topk_weights    [T, K]   fp32   routing weight of slot (t, k) (output)
     slot_rank       [T, K]   int32  scratch: rank of (t, k) among the rows that the tokens of its routing
                                     block send to the same expert (tokens ascending)
-    block_base      [NB, E]  int32  scratch: first, per-expert counts of each routing block; after the scan,
-                                    the permuted row of the first row that block b sends to expert e
+    block_base      [NB, E]  int32  scratch: first, per-expert counts of each routing block; after the scan
+                                    kernel (when it runs), the permuted row of the first row that block b
+                                    sends to expert e
     expert_offsets  [E+1]    int32  exclusive cumsum of rows per expert (output)
     row_index       [T, K]   int32  row of the permuted tensor that slot (t, k) lands on (output):
                                     block_base[t // ROUTE_BLOCK_T, topk_ids[t, k]] + slot_rank[t, k]
@@ -22,12 +23,12 @@ Launches (all on the current stream, only allocation between them, no host synch
        to its K permuted rows (each hidden row is read once and written K times).
 
 Why three: a row's position depends on the routing of every earlier token, so some grid-wide step must
-follow all the routing (a dependency between programs of one launch needs either a grid-wide barrier or
-spin-waiting on other programs, which Triton does not promise to schedule, and is not deterministic to
-reason about). The scan is tiny, but folding it into launch 3 would make every copy program re-read the
-counts of all earlier blocks (quadratic in T). When all tokens fit one routing block (T <= 128 at E = 64,
-the decode regime where launch latency is the cost) launch 1 writes the offsets itself and launch 2 is
-skipped: two launches.
+follow all the routing (a dependency between programs of one launch needs a grid-wide barrier or
+spin-waiting on other programs, and Triton promises neither co-residency nor scheduling order). With few
+routing blocks (NB <= FUSED_SCAN_MAX_BLOCKS: T <= 512 at E = 64, the decode regime where each launch's
+latency is the cost) every permute program redoes the scan itself from the NB x E counts (a few KB from
+L2, overlapped with its hidden-row load) and launch 2 is skipped: two launches. With many blocks that
+re-reading would grow as T^2, so the scan gets its own launch.
 
 The MoGE structure does the group-level part of the scan for free: group g always owns the permuted rows
 [g*T*k_g, (g+1)*T*k_g), so each group's offsets start at a base known without looking at any data, the
@@ -56,12 +57,13 @@ except ImportError:  # pragma: no cover - older Triton
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
-# Routing tiles are [ROUTE_BLOCK_T, G_PAD, S_PAD] fp32. One program routes all of a decode batch alone if
-# it fits this many elements (8192 = 128 tokens at E = 64, 32 registers a thread at 8 warps) ...
-ROUTE_SINGLE_BLOCK_ELEMS = 8192
-# ... otherwise blocks of this many elements (32 tokens at E = 64): enough programs to fill the 132 SMs
-# from T = 4096 on, small enough that the scan over blocks stays a few microseconds.
+# Routing tiles are [ROUTE_BLOCK_T, G_PAD, S_PAD] fp32, at most this many elements (32 tokens at E = 64):
+# a routing program's latency grows with its tile (H100: 32 tokens ~3.5 us, 128 tokens ~9 us), and 32
+# tokens a program fill the 132 SMs from T = 4096 on while the scan over blocks stays a few microseconds.
 ROUTE_BLOCK_ELEMS = 2048
+# Up to this many routing blocks the permute programs scan the counts themselves (no scan launch). Small T
+# is split into this many blocks (of >= 1 token) so that routing is spread over as many programs.
+FUSED_SCAN_MAX_BLOCKS = 16
 # Scan tile [SCAN_CHUNK_B blocks, S_PAD experts].
 SCAN_TILE_ELEMS = 4096
 
@@ -74,13 +76,12 @@ def _route_kernel(
     topk_ids_ptr,        # [T, K] int32 out
     topk_weights_ptr,    # [T, K] fp32 out
     slot_rank_ptr,       # [T, K] int32 out
-    block_base_ptr,      # [NB, E] int32 out: per-block expert counts (SINGLE_BLOCK: the final bases)
-    expert_offsets_ptr,  # [E+1] int32 out; written here only if SINGLE_BLOCK
+    block_base_ptr,      # [NB, E] int32 out: per-block expert counts
     T, stride_lt, stride_le,
     E: tl.constexpr, S: tl.constexpr, G: tl.constexpr, K_G: tl.constexpr, K: tl.constexpr,
     G_PAD: tl.constexpr, S_PAD: tl.constexpr, KG_PAD: tl.constexpr,
     BLOCK_T: tl.constexpr, SOFTMAX: tl.constexpr, RENORMALIZE: tl.constexpr, HAS_SCALE: tl.constexpr,
-    SINGLE_BLOCK: tl.constexpr, PRECISE: tl.constexpr,
+    PRECISE: tl.constexpr,
 ):
     """Grid (NB,): program b routes tokens [b*BLOCK_T, (b+1)*BLOCK_T)."""
     pid = tl.program_id(0)
@@ -153,15 +154,7 @@ def _route_kernel(
     counts = tl.sum(taken, axis=0)                                   # [G_PAD, S_PAD] rows per expert
     g2 = tl.arange(0, G_PAD)[:, None]
     s2 = tl.arange(0, S_PAD)[None, :]
-    expert_ok2 = (g2 < G) & (s2 < S)
-    if SINGLE_BLOCK:
-        # Group g's rows start at g*T*k_g whatever the data; experts split it by an in-group scan.
-        base = g2 * (T * K_G) + tl.cumsum(counts, axis=1) - counts
-        tl.store(block_base_ptr + g2 * S + s2, base, mask=expert_ok2)
-        tl.store(expert_offsets_ptr + g2 * S + s2, base, mask=expert_ok2)
-        tl.store(expert_offsets_ptr + E, T * K)
-    else:
-        tl.store(block_base_ptr + pid * E + g2 * S + s2, counts, mask=expert_ok2)
+    tl.store(block_base_ptr + pid * E + g2 * S + s2, counts, mask=(g2 < G) & (s2 < S))
 
 
 # ----------------------------------------------------------------------------------------- launch 2
@@ -199,19 +192,23 @@ def _scan_kernel(
 
 
 # ----------------------------------------------------------------------------------------- launch 3
-@triton.jit(do_not_specialize=["T"])
+@triton.jit(do_not_specialize=["T", "num_blocks"])
 def _permute_kernel(
     hidden_ptr,          # [T, H] row stride stride_ht, unit column stride
     topk_ids_ptr,        # [T, K] int32
     slot_rank_ptr,       # [T, K] int32
-    block_base_ptr,      # [NB, E] int32
+    block_base_ptr,      # [NB, E] int32: base rows after the scan kernel; FUSED_SCAN: the counts
+    expert_offsets_ptr,  # [E+1] int32 out, written only if FUSED_SCAN (by program (0, 0))
     row_index_ptr,       # [T, K] int32 out
     permuted_ptr,        # [T*K, H] out, contiguous
-    T, H, stride_ht,
-    E: tl.constexpr, K: tl.constexpr, ROUTE_BLOCK_T: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+    T, H, stride_ht, num_blocks,
+    E: tl.constexpr, S: tl.constexpr, G: tl.constexpr, K_G: tl.constexpr, K: tl.constexpr,
+    G_PAD: tl.constexpr, S_PAD: tl.constexpr, NB_PAD: tl.constexpr, FUSED_SCAN: tl.constexpr,
+    ROUTE_BLOCK_T: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    """Grid (cdiv(T, BLOCK_T), cdiv(H, BLOCK_H)): tokens [pid_t*BLOCK_T, +BLOCK_T), columns of block pid_h."""
+    """Grid (cdiv(T, BLOCK_T), cdiv(H, BLOCK_H)): tokens [pid_t*BLOCK_T, +BLOCK_T), columns of block pid_h.
+
+    FUSED_SCAN needs BLOCK_T <= ROUTE_BLOCK_T (both powers of two): a program's tokens share one block."""
     pid_t = tl.program_id(0)
     pid_h = tl.program_id(1)
     t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -221,11 +218,35 @@ def _permute_kernel(
     # int64 addresses: T*K*H passes 2^31 elements (T = 65536, K = 8, H = 5120).
     rows = tl.load(hidden_ptr + t.to(tl.int64)[:, None] * stride_ht + h[None, :], mask=mask,
                    eviction_policy="evict_first")   # read once: keep L2 for the K writes
-    block = t // ROUTE_BLOCK_T
+    if FUSED_SCAN:
+        # The scan kernel's work for this program's routing block, from all blocks' counts.
+        b3 = tl.arange(0, NB_PAD)[:, None, None]
+        g3 = tl.arange(0, G_PAD)[None, :, None]
+        s3 = tl.arange(0, S_PAD)[None, None, :]
+        counts = tl.load(block_base_ptr + b3 * E + g3 * S + s3,
+                         mask=(b3 < num_blocks) & (g3 < G) & (s3 < S), other=0)   # [NB_PAD, G_PAD, S_PAD]
+        totals = tl.sum(counts, axis=0)                                         # [G_PAD, S_PAD]
+        g2 = tl.arange(0, G_PAD)[:, None]
+        s2 = tl.arange(0, S_PAD)[None, :]
+        # Group g owns rows [g*T*k_g, (g+1)*T*k_g): only the split among its experts needs the counts.
+        offsets = g2 * (T * K_G) + tl.cumsum(totals, axis=1) - totals
+        if pid_t == 0:
+            if pid_h == 0:
+                tl.store(expert_offsets_ptr + g2 * S + s2, offsets, mask=(g2 < G) & (s2 < S))
+                tl.store(expert_offsets_ptr + E, T * K)
+        my_block = (pid_t * BLOCK_T) // ROUTE_BLOCK_T
+        base = offsets + tl.sum(tl.where(b3 < my_block, counts, 0), axis=0)    # [G_PAD, S_PAD]
+        # global id of each tile entry; padding entries (s >= S) would alias the next group's ids
+        expert_of = tl.where((g2 < G) & (s2 < S), g2 * S + s2, -1)[None, :, :]   # [1, G_PAD, S_PAD]
+    else:
+        block = t // ROUTE_BLOCK_T
     for k in tl.static_range(K):
         expert = tl.load(topk_ids_ptr + t * K + k, mask=t_ok, other=0)
-        row = tl.load(block_base_ptr + block * E + expert, mask=t_ok, other=0) \
-            + tl.load(slot_rank_ptr + t * K + k, mask=t_ok, other=0)
+        if FUSED_SCAN:
+            row = tl.sum(tl.sum(tl.where(expert_of == expert[:, None, None], base[None, :, :], 0), axis=2), axis=1)
+        else:
+            row = tl.load(block_base_ptr + block * E + expert, mask=t_ok, other=0)
+        row += tl.load(slot_rank_ptr + t * K + k, mask=t_ok, other=0)
         if pid_h == 0:
             tl.store(row_index_ptr + t * K + k, row, mask=t_ok)
         tl.store(permuted_ptr + row.to(tl.int64)[:, None] * H + h[None, :], rows, mask=mask)
@@ -274,12 +295,12 @@ def grouped_dispatch(hidden, router_logits, num_groups, topk_per_group=1, expert
         expert_scale = expert_scale.contiguous()
 
     g_pad, s_pad, kg_pad = _pow2(G), _pow2(S), _pow2(k_g)
-    tile = g_pad * s_pad
     if route_block_t is None:
-        single = max(1, ROUTE_SINGLE_BLOCK_ELEMS // tile)
-        route_block_t = _pow2(T) if T <= single else max(1, ROUTE_BLOCK_ELEMS // tile)
+        route_block_t = max(1, ROUTE_BLOCK_ELEMS // (g_pad * s_pad))
+        if not _INTERPRET:   # (the interpreter pays per program: there, few big blocks)
+            route_block_t = min(route_block_t, _pow2(triton.cdiv(T, FUSED_SCAN_MAX_BLOCKS)))
     num_blocks = triton.cdiv(T, route_block_t)
-    single_block = num_blocks == 1
+    fused_scan = num_blocks <= FUSED_SCAN_MAX_BLOCKS
 
     scratch = torch.empty(T * K + num_blocks * E, dtype=torch.int32, device=device)
     slot_rank = scratch[:T * K]                                              # [T, K] int32
@@ -287,26 +308,28 @@ def grouped_dispatch(hidden, router_logits, num_groups, topk_per_group=1, expert
 
     _route_kernel[(num_blocks,)](
         router_logits, expert_scale if expert_scale is not None else router_logits,
-        topk_ids, topk_weights, slot_rank, block_base, expert_offsets,
+        topk_ids, topk_weights, slot_rank, block_base,
         T, router_logits.stride(0), router_logits.stride(1),
         E=E, S=S, G=G, K_G=k_g, K=K, G_PAD=g_pad, S_PAD=s_pad, KG_PAD=kg_pad,
         BLOCK_T=route_block_t, SOFTMAX=score_func == "softmax", RENORMALIZE=bool(renormalize),
-        HAS_SCALE=expert_scale is not None, SINGLE_BLOCK=single_block,
-        PRECISE=not _INTERPRET and libdevice is not None,
-        num_warps=8 if route_block_t * tile >= 8192 else 4)
-    if not single_block:
+        HAS_SCALE=expert_scale is not None, PRECISE=not _INTERPRET and libdevice is not None,
+        num_warps=8 if route_block_t * g_pad * s_pad >= 8192 else 4)
+    if not fused_scan:
         _scan_kernel[(G,)](
             block_base, expert_offsets, T, num_blocks,
             E=E, S=S, G=G, K_G=k_g, S_PAD=s_pad,
             CHUNK_B=min(_pow2(num_blocks), max(1, SCAN_TILE_ELEMS // s_pad)), num_warps=4)
 
     block_t, block_h, num_warps = copy_config or _copy_config(T, H)
+    if fused_scan:
+        block_t = min(block_t, route_block_t)
     # At least one H block even when H == 0: the pid_h == 0 programs write row_index.
     grid = (triton.cdiv(T, block_t), max(1, triton.cdiv(H, block_h)))
     _permute_kernel[grid](
-        hidden, topk_ids, slot_rank, block_base, row_index, permuted,
-        T, H, hidden.stride(0),
-        E=E, K=K, ROUTE_BLOCK_T=route_block_t, BLOCK_T=block_t, BLOCK_H=block_h,
+        hidden, topk_ids, slot_rank, block_base, expert_offsets, row_index, permuted,
+        T, H, hidden.stride(0), num_blocks,
+        E=E, S=S, G=G, K_G=k_g, K=K, G_PAD=g_pad, S_PAD=s_pad, NB_PAD=_pow2(num_blocks),
+        FUSED_SCAN=fused_scan, ROUTE_BLOCK_T=route_block_t, BLOCK_T=block_t, BLOCK_H=block_h,
         num_warps=num_warps)
     return permuted, topk_weights, topk_ids, expert_offsets, row_index
 
