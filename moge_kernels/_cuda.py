@@ -14,5 +14,6 @@ if importlib.util.find_spec(f"{__package__}._cuda_C") is None:
 from . import _cuda_C  # noqa: E402,F401
 
 for _op in OPS:
-    if torch._C._dispatch_has_kernel_for_dispatch_key(f"moge_C::{_op}", "CUDA"):
+    if hasattr(torch.ops.moge_C, _op) and \
+            torch._C._dispatch_has_kernel_for_dispatch_key(f"moge_C::{_op}", "CUDA"):
         register_kernel("cuda", _op, getattr(torch.ops.moge_C, _op), devices=("cuda",))
