@@ -1,12 +1,14 @@
 """Build of moge_kernels' C++ extensions.
 
 Always: `moge_kernels._C`, the CPU kernels (csrc/*.cpp, csrc/cpu/). Also `moge_kernels._cuda_C`
-(csrc/cuda/) when a CUDA toolkit and a CUDA build of torch are both present; the decision reads
+(csrc/cuda/) when a CUDA toolkit and a CUDA build of torch are both present, and `moge_kernels._ascend_C`
+(csrc/ascend/) where a CANN toolkit and torch_npu are found; the decision reads
 CUDA_HOME and torch.version.cuda, never torch.cuda.is_available(), so a GPU-less build box still builds
 the CUDA kernels. No toolkit means a CPU-only build, never a failed install.
 
 Environment:
   MOGE_BUILD_CUDA=0|1     force the CUDA extension off (or on: then a missing toolkit is an error)
+  MOGE_BUILD_ASCEND=0|1   the same for the Ascend (CANN) extension, decided in build_ascend.py
   TORCH_CUDA_ARCH_LIST    GPU targets; default "8.0;9.0"
   MOGE_DEBUG_BUILD=1      -O0 -g, and -lineinfo for CUDA
   MAX_JOBS                parallel compile jobs (ninja)
