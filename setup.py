@@ -70,8 +70,12 @@ def extensions():
     return exts
 
 
+EXTENSIONS = extensions()
+# The wheel is tagged abi3 only when every extension keeps to the limited API (torch_npu's headers don't).
+ABI3 = all(getattr(ext, "py_limited_api", False) for ext in EXTENSIONS)
+
 setup(
-    ext_modules=extensions(),
+    ext_modules=EXTENSIONS,
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
-    options={"bdist_wheel": {"py_limited_api": "cp39"}},
+    options={"bdist_wheel": {"py_limited_api": "cp39"}} if ABI3 else {},
 )
