@@ -24,7 +24,11 @@ _load_backend("triton", ".triton")
 _load_backend("ascend", ".ascend")
 registry.select_from_env()
 
+from . import autograd, layer  # noqa: E402  backward of every op; the trainable layer
+from .layer import MoGELayer  # noqa: E402
+
 __all__ = [
     "grouped_dispatch", "grouped_gemm", "grouped_mlp", "grouped_combine", "moge_forward",
     "backends", "set_backend", "get_backend", "use_backend", "resolve", "reference", "registry",
+    "MoGELayer", "autograd", "layer",
 ]

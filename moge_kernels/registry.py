@@ -22,7 +22,7 @@ import os
 from typing import Callable
 
 BACKENDS = ("triton", "cuda", "cpu", "ascend", "reference")
-OPS = ("grouped_dispatch", "grouped_gemm", "grouped_mlp", "grouped_combine")
+OPS = ("grouped_dispatch", "grouped_gemm", "grouped_mlp", "grouped_combine", "grouped_gemm_dgrad", "grouped_gemm_wgrad", "swiglu", "swiglu_backward", "grouped_combine_backward")
 # Per device type, best first. "reference" last everywhere: the surface is complete on every device.
 AUTO_ORDER = {
     "cuda": ("triton", "cuda", "reference"),

@@ -1,0 +1,238 @@
+"""`MoGELayer`: a trainable Mixture of Grouped Experts layer (Pangu Pro MoE's MLP block) on `torch.ops.moge`.
+
+Parameters and their checkpoint keys (as Pangu Pro MoE checkpoints on the hub name them, relative to
+the layer's prefix such as `model.layers.3.mlp.`):
+
+    gate.weight                         [E, H]       router (nn.Linear, no bias)
+    router_scale                        [E]          learned per-expert scale (checkpoints: [1, E])
+    w_gate_up                           [E, 2I, H]   stacked experts.{e}.gate_proj.weight [I, H] (rows
+                                                     [0, I)) and experts.{e}.up_proj.weight (rows [I, 2I))
+    w_down                              [E, H, I]    stacked experts.{e}.down_proj.weight
+    shared_expert.{gate,up,down}_proj.weight          optional dense SwiGLU MLP (Pangu: intermediate 5376)
+
+`load_state_dict` accepts either layout: a pre-hook stacks the per-expert keys (and flattens a [1, E]
+router_scale). `from_pretrained_state_dict` builds a layer from such a dict, inferring every size;
+`per_expert_state_dict` writes the checkpoint layout back.
+
+Load-balancing loss. Pangu Pro MoE (arXiv 2505.21411) adds a batch-level auxiliary loss computed on the
+global softmax scores S (softmax over all E experts, before the per-group top-k):
+    aux = coef * sum_i f_i * P_i,   f_i = E / (K * T) * #(tokens routed to expert i),
+                                    P_i = (1 / T) * sum_t S[t, i]
+(the Switch-Transformer form, f_i from the actual routing, gradient through P_i only). With MoGE,
+f is balanced across groups by construction; the loss balances the experts inside each group. The
+formula here is our reading of the paper's description, not copied from its code (none is public).
+The loss is recorded as `layer.aux_loss` on every training-mode forward and returned by
+`forward(x, return_aux_loss=True)`; `aux_loss_coef` defaults to Pangu's 0.001.
+"""
+from __future__ import annotations
+
+import math
+import re
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import autograd  # noqa: F401  registers the backward of every moge op
+
+_EXPERT_KEY = re.compile(r"experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+
+
+class SharedExpert(nn.Module):
+    """Dense SwiGLU MLP with checkpoint-compatible names; silu(gate) * up in fp32 like the reference."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, device=None, dtype=None):
+        super().__init__()
+        kw = dict(bias=False, device=device, dtype=dtype)
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, **kw)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, **kw)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, **kw)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        h = (F.silu(gate.float()) * up.float()).to(x.dtype)
+        return self.down_proj(h)
+
+
+class MoGELayer(nn.Module):
+    """Router + grouped top-k dispatch + expert SwiGLU MLPs + combine (+ shared expert), trainable.
+
+    hidden_size H, intermediate_size I (per routed expert), num_experts E in num_groups G groups,
+    topk_per_group k_g (K = G * k_g experts per token). Pangu Pro MoE: H=5120, I=1344, E=64, G=8, k_g=1,
+    shared_intermediate_size=5376, softmax scores, renormalize=False.
+
+    recompute=False (default) runs the experts as grouped_gemm -> swiglu -> grouped_gemm and keeps
+    gate_up [T*K, 2I] and h [T*K, I] for the backward; recompute=True runs the fused grouped_mlp op
+    and recomputes gate_up in the backward (one more gate_up GEMM, +22% FLOPs, no saved activations
+    beyond the permuted input). See moge_kernels/autograd.py.
+    """
+
+    def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, num_groups: int,
+                 topk_per_group: int = 1, shared_intermediate_size: int = 0,
+                 renormalize: bool = False, score_func: str = "softmax", aux_loss_coef: float = 1e-3,
+                 recompute: bool = False, device=None, dtype=None):
+        super().__init__()
+        if num_experts % num_groups != 0:
+            raise ValueError(f"num_groups={num_groups} must divide num_experts={num_experts}")
+        if not 1 <= topk_per_group <= num_experts // num_groups:
+            raise ValueError(f"topk_per_group={topk_per_group} must be in [1, {num_experts // num_groups}]")
+        if score_func not in ("softmax", "sigmoid"):
+            raise ValueError(f"score_func must be 'softmax' or 'sigmoid', got {score_func!r}")
+        self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
+        self.num_experts, self.num_groups, self.topk_per_group = num_experts, num_groups, topk_per_group
+        self.top_k = num_groups * topk_per_group
+        self.renormalize, self.score_func = renormalize, score_func
+        self.aux_loss_coef, self.recompute = aux_loss_coef, recompute
+        kw = dict(device=device, dtype=dtype)
+        self.gate = nn.Linear(hidden_size, num_experts, bias=False, **kw)
+        self.router_scale = nn.Parameter(torch.empty(num_experts, **kw))
+        self.w_gate_up = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size, **kw))
+        self.w_down = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size, **kw))
+        self.shared_expert = (SharedExpert(hidden_size, shared_intermediate_size, **kw)
+                              if shared_intermediate_size > 0 else None)
+        self.aux_loss: Optional[Tensor] = None
+        self.register_load_state_dict_pre_hook(_stack_per_expert_keys)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.router_scale.device.type == "meta":
+            return
+        with torch.no_grad():
+            self.router_scale.fill_(1.0)
+            # nn.Linear's default init, per expert: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+            bound_up = 1.0 / math.sqrt(self.hidden_size)
+            bound_down = 1.0 / math.sqrt(max(self.intermediate_size, 1))
+            self.w_gate_up.uniform_(-bound_up, bound_up)
+            self.w_down.uniform_(-bound_down, bound_down)
+
+    def extra_repr(self) -> str:
+        return (f"hidden_size={self.hidden_size}, intermediate_size={self.intermediate_size}, "
+                f"num_experts={self.num_experts}, num_groups={self.num_groups}, "
+                f"topk_per_group={self.topk_per_group}, score_func={self.score_func!r}, "
+                f"renormalize={self.renormalize}, aux_loss_coef={self.aux_loss_coef}, "
+                f"recompute={self.recompute}")
+
+    # ------------------------------------------------------------------------- forward
+    def experts(self, permuted: Tensor, expert_offsets: Tensor) -> Tensor:
+        """Expert SwiGLU MLPs over expert-sorted rows: [T*K, H] -> [T*K, H]."""
+        moge = torch.ops.moge
+        if self.recompute:
+            return moge.grouped_mlp(permuted, self.w_gate_up, self.w_down, expert_offsets, None)
+        gate_up = moge.grouped_gemm(permuted, self.w_gate_up, expert_offsets)     # [T*K, 2I]
+        return moge.grouped_gemm(moge.swiglu(gate_up), self.w_down, expert_offsets)
+
+    def forward(self, hidden_states: Tensor, return_aux_loss: bool = False):
+        """hidden_states [..., H] -> [..., H] (and the auxiliary loss with return_aux_loss=True)."""
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, self.hidden_size)
+        router_logits = self.gate(x)                                                    # [T, E]
+        permuted, topk_weights, _, expert_offsets, row_index = torch.ops.moge.grouped_dispatch(
+            x, router_logits, self.num_groups, self.topk_per_group, self.router_scale,
+            self.renormalize, self.score_func)
+        expert_out = self.experts(permuted, expert_offsets)
+        shared_out = self.shared_expert(x) if self.shared_expert is not None else None
+        out = torch.ops.moge.grouped_combine(expert_out, topk_weights, row_index, shared_out)
+        aux = None
+        if self.training or return_aux_loss:
+            aux = self.load_balancing_loss(router_logits, expert_offsets)
+            self.aux_loss = aux
+        out = out.reshape(shape)
+        return (out, aux) if return_aux_loss else out
+
+    def load_balancing_loss(self, router_logits: Tensor, expert_offsets: Tensor) -> Tensor:
+        """aux_loss_coef * sum_i f_i * P_i over the batch (module docstring), fp32 scalar."""
+        T, E = router_logits.shape
+        logits = router_logits.float()
+        if self.score_func == "softmax":
+            scores = torch.softmax(logits, dim=-1)
+        else:   # sigmoid scores, normalised per token so that P is a distribution like softmax's
+            scores = torch.sigmoid(logits)
+            scores = scores / scores.sum(-1, keepdim=True)
+        tokens = max(T, 1)
+        counts = (expert_offsets[1:] - expert_offsets[:-1]).float()                   # [E] rows
+        f = counts * (E / (self.top_k * tokens))
+        p = scores.sum(0) / tokens
+        return self.aux_loss_coef * (f * p).sum()
+
+    # ------------------------------------------------------------------------- checkpoints
+    @classmethod
+    def from_pretrained_state_dict(cls, state_dict: dict, num_groups: int, topk_per_group: int = 1,
+                                   prefix: str = "", **kwargs) -> "MoGELayer":
+        """Build a layer from a checkpoint's tensors (per-expert or stacked keys under `prefix`),
+        sizes, dtype and device inferred from them; kwargs go to the constructor (score_func, ...)."""
+        sd = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        if "gate.weight" not in sd:
+            raise KeyError(f"{prefix}gate.weight not found in the state dict")
+        E, H = sd["gate.weight"].shape
+        if "w_down" in sd:
+            I = sd["w_down"].shape[2]
+        elif "experts.0.down_proj.weight" in sd:
+            I = sd["experts.0.down_proj.weight"].shape[1]
+        else:
+            raise KeyError(f"neither {prefix}w_down nor {prefix}experts.0.down_proj.weight found")
+        shared = sd.get("shared_expert.gate_proj.weight")
+        kwargs.setdefault("shared_intermediate_size", 0 if shared is None else shared.shape[0])
+        ref = sd["gate.weight"]
+        kwargs.setdefault("dtype", ref.dtype)
+        with torch.device("meta"):
+            layer = cls(H, I, E, num_groups, topk_per_group, **kwargs)
+        # build on meta, then take the checkpoint's tensors (converted to the layer's dtype) in place
+        sd = {k: v.to(dtype=kwargs["dtype"], device=ref.device) if v.is_floating_point() else v
+              for k, v in sd.items()}
+        layer.load_state_dict(sd, strict=True, assign=True)
+        return layer
+
+    def per_expert_state_dict(self, prefix: str = "") -> dict:
+        """The checkpoint layout: experts.{e}.{gate,up,down}_proj.weight, gate.weight, router_scale
+        ([1, E], as Pangu stores it), shared_expert.*; tensors are views of (or copies of) the layer's."""
+        I = self.intermediate_size
+        out = {}
+        for name, t in self.state_dict().items():
+            if name == "w_gate_up":
+                for e in range(self.num_experts):
+                    out[f"{prefix}experts.{e}.gate_proj.weight"] = t[e, :I]
+                    out[f"{prefix}experts.{e}.up_proj.weight"] = t[e, I:]
+            elif name == "w_down":
+                for e in range(self.num_experts):
+                    out[f"{prefix}experts.{e}.down_proj.weight"] = t[e]
+            elif name == "router_scale":
+                out[f"{prefix}router_scale"] = t.reshape(1, -1)
+            else:
+                out[prefix + name] = t
+        return out
+
+
+def _stack_per_expert_keys(module, state_dict, prefix, local_metadata, strict, missing_keys,
+                           unexpected_keys, error_msgs):
+    """load_state_dict pre-hook: per-expert checkpoint keys -> the stacked w_gate_up / w_down."""
+    scale_key = prefix + "router_scale"
+    if scale_key in state_dict and state_dict[scale_key].dim() == 2:
+        state_dict[scale_key] = state_dict[scale_key].reshape(-1)      # checkpoints store [1, E]
+    per_expert = {}
+    for key in list(state_dict):
+        if not key.startswith(prefix):
+            continue
+        m = _EXPERT_KEY.fullmatch(key[len(prefix):])
+        if m:
+            per_expert[(int(m.group(1)), m.group(2))] = key
+    if not per_expert:
+        return
+    E = module.num_experts
+    wanted = [(e, p) for e in range(E) for p in ("gate_proj", "up_proj", "down_proj")]
+    missing = [f"{prefix}experts.{e}.{p}.weight" for e, p in wanted if (e, p) not in per_expert]
+    if missing:   # leave the keys in place: strict loading then names what is missing and extra
+        error_msgs.append(f"per-expert checkpoint keys incomplete, missing e.g. {missing[:3]}")
+        return
+    gate_up, down = [], []
+    for e in range(E):
+        gate = state_dict.pop(per_expert[(e, "gate_proj")])
+        up = state_dict.pop(per_expert[(e, "up_proj")])
+        gate_up.append(torch.cat([gate, up], dim=0))
+        down.append(state_dict.pop(per_expert[(e, "down_proj")]))
+    for (e, _), key in per_expert.items():
+        if e >= E:
+            unexpected_keys.append(key)
+            state_dict.pop(key, None)
+    state_dict[prefix + "w_gate_up"] = torch.stack(gate_up)
+    state_dict[prefix + "w_down"] = torch.stack(down)
