@@ -224,7 +224,8 @@ def format_table(rows, ceil, device_name=None):
     device_name = device_name or torch.cuda.get_device_name()
     lines = [
         f"moge grouped_mlp (Triton) vs torch._grouped_mm pipeline vs eager loop; {device_name}; "
-        f"torch {torch.__version__}, triton {__import__('triton').__version__}",
+        f"torch {torch.__version__}, triton {__import__('triton').__version__}"
+        + (f", commit {os.environ['BENCH_COMMIT']}" if os.environ.get("BENCH_COMMIT") else ""),
         f"ceilings measured in this run (medians): copy {ceil.copy_gbs():.0f} GB/s (read+write), "
         f"dense bf16 cuBLAS 8192^3 {ceil.gemm_tflops():.0f} TFLOP/s",
         "time ratios are ours / theirs (< 1: ours faster); floor = max(FLOPs/dense rate, "

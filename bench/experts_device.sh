@@ -22,7 +22,7 @@ fi
 if has test; then
   stamp tests
   timeout ${TEST_TIMEOUT:-170} python3 -m pytest -q -p no:cacheprovider tests/test_triton_grouped_gemm.py \
-      -n ${TEST_WORKERS:-3} --durations=12 2>&1 | tail -60 | tee "$OUT/tests.log"
+      -n ${TEST_WORKERS:-3} --durations=12 ${TEST_K:+-k "$TEST_K"} 2>&1 | tail -60 | tee "$OUT/tests.log"
 fi
 if has memcheck; then
   stamp memcheck

@@ -17,6 +17,13 @@ ordered expert-major, then n-tile, then m-tile, so the m-tiles that share one we
 The grid is sized to a static worst case, min(M, cdiv(M, BM) + min(E, M)) row tiles times n_tiles, and
 programs past the real work return at once. Empty experts own no tile and cost nothing.
 
+Variants, chosen per launch by the config (gemm_configs.py): operands through cp.async pointer loads or
+through TMA descriptors (Hopper; rows and columns past a tile's expert are loaded but never stored, and
+loads past the tensor are zero-filled); "split tails", where an expert's last row tile holding at most
+BM/2 rows (and a last column tile at most BN/2 wide) runs a half-size main loop; and a persistent TMA
+kernel (one program per SM walking the same tile order, tile and k loops flattened into one software
+pipeline so the epilogue overlaps the next tile's loads).
+
 grouped_mlp runs two launches of one kernel: gate_up with SwiGLU fused into the epilogue (a program holds
 gate columns [n, n+BN) and the matching up columns [I+n, I+n+BN) in two fp32 accumulators and writes only
 h = silu(gate) * up, [M, I]; the [M, 2I] product never reaches memory), then down, optionally scaling
