@@ -2,6 +2,7 @@
 
 Inputs, measured on a GPU by `bench/bench_ep.py` (section `measure`, stored in its JSON under "measure"):
   t_expert(m)      grouped_mlp time of ONE expert with m rows (weights read from HBM), Pangu shape
+  t_all(T)         grouped_mlp time of all E experts for T tokens routed by MoGE (one device)
   t_a2a(bytes)     all_to_all_single time vs bytes per rank, equal splits, on the measuring host (D=2)
   t_dispatch(T), t_combine(T)   grouped_dispatch / grouped_combine on one device, T tokens
 Routing: real routing (the selection of moge_kernels.reference.route, see route_ids) of skewed logits
@@ -10,13 +11,18 @@ logits for MoGE (grouped top-k_g) and for plain top-K; several batches per point
 
 Model of one layer (forward) on D devices, T tokens per device, device d owning experts [d*E/D, (d+1)*E/D):
   step = t_dispatch(T) + a2a_out + max_d experts_d + a2a_back + t_combine(T)
-  experts_d = o + sum over d's experts e with m_e > 0 of (t_expert(m_e) - o),  o = t_expert(0)
+  experts_d = o + sum over d's experts e with m_e > 0 of max(w_time, slope * m_e)
+      per expert: the larger of reading its weights and its GEMM FLOPs, where
+      slope  = compute ms per row = the slope of t_expert(m) between its two largest m (compute bound),
+      w_time = weight-streaming ms per active expert, solved so that the model reproduces t_all at the
+               smallest measured T (all experts active, weight bound), o = t_expert(0) (launch);
+      the model is then checked against t_all at the other T and against the measured EP runs
   a2a = lat + max_d max(intra-node bytes of d, sent or received) / bw_intra  [+ inter-node term]
         (+ one more `lat` for the per-expert count exchange; + host sync for top-k's dynamic splits)
 Assumptions (stated, not measured):
-  A1. experts on one device run back to back in one grouped kernel and their times add up (exact when
-      each expert is weight-bandwidth or compute bound; pessimistic in between, where a grouped kernel
-      co-schedules tiles of several experts);
+  A1. the experts of one device run in one grouped kernel whose time is the sum over its active
+      experts of max(weight read, FLOPs) (a per-expert roofline, calibrated as above; tile quantisation
+      at small m_e and overlap between experts' tiles are ignored);
   A2. all_to_all: per-device link bandwidth and latency as measured between the 2 GPUs of the measuring
       host, independent of D inside one node (NVSwitch: every GPU sends to all peers at full rate); an
       all_to_all ends when the device with the most off-device bytes (sent or received) is done;
@@ -26,7 +32,9 @@ Assumptions (stated, not measured):
   A5. top-k pays one host sync per layer (split sizes to the host before the row exchange), taken from
       the bench's measured top-k minus MoGE exchange time at the smallest T when available;
   A6. no overlap of communication with computation, no capacity factor / token dropping, no shared
-      expert (it is the same dense work for both and would add the same time to both).
+      expert (it is the same dense work for both and would add the same time to both);
+  A7. the receiver's sort of its rows by expert (and back) costs two row gathers at 4.3 TB/s (H200's
+      measured copy rate, KINDS.md), proportional to the rows the device receives.
 At D=16 the Pangu routing (G=8 groups) leaves each device half a group: MoGE then balances device PAIRS
 only. Both that and G=16 (one group of 4 per device, K=16, compared with top-16) are projected.
 
@@ -66,8 +74,10 @@ class Curve:
 class Measured:
     """The model's inputs, from bench_ep.py's JSON or from analytic floors."""
 
-    def __init__(self, expert, dispatch, combine, a2a_lat_ms, a2a_bw_gbs, sync_ms, H, elem_bytes, source):
+    def __init__(self, expert, dispatch, combine, a2a_lat_ms, a2a_bw_gbs, sync_ms, H, elem_bytes, source,
+                 launch_ms, w_time_ms, slope_ms):
         self.expert, self.dispatch, self.combine = expert, dispatch, combine
+        self.launch_ms, self.w_time_ms, self.slope_ms = launch_ms, w_time_ms, slope_ms
         self.a2a_lat_ms, self.a2a_bw_gbs, self.sync_ms = a2a_lat_ms, a2a_bw_gbs, sync_ms
         self.H, self.elem_bytes, self.source = H, elem_bytes, source
 
@@ -93,7 +103,23 @@ class Measured:
             sync = max(small["topk"]["a2a_dispatch"] - small["moge"]["a2a_dispatch"], 0.0)
         elem = 2 if "bfloat16" in m["dtype"] or "float16" in m["dtype"] else 4
         src = f"measured: {path} ({data['header'][0]})"
-        return cls(expert, dispatch, combine, lat, bw, sync, m["H"], elem, src), data
+        pts_e = sorted((p["rows"], p["ms"]) for p in m["expert_mlp"])
+        (m1, t1), (m2, t2) = pts_e[-2], pts_e[-1]
+        slope = (t2 - t1) / (m2 - m1)
+        launch = pts_e[0][1] if pts_e[0][0] == 0 else 0.0
+        meas = cls(expert, dispatch, combine, lat, bw, sync, m["H"], elem, src, launch, 0.0, slope)
+        # w_time: reproduce t_all at the smallest T, on the same routing the bench used (seed 5)
+        first = min(m["dispatch_combine"], key=lambda p: p["T"])
+        rows = all_expert_rows(first["T"], m["E"], m["G"], m["k_g"], data["args"]["skew"])
+        lo, hi = 0.0, first["grouped_mlp_all_experts_ms"]
+        for _ in range(60):
+            meas.w_time_ms = (lo + hi) / 2
+            lo, hi = (meas.w_time_ms, hi) if expert_ms(meas, rows, 1)[0] < first["grouped_mlp_all_experts_ms"] \
+                else (lo, meas.w_time_ms)
+        meas.calibration = [(p["T"], expert_ms(meas, all_expert_rows(p["T"], m["E"], m["G"], m["k_g"],
+                                                                     data["args"]["skew"]), 1)[0],
+                             p["grouped_mlp_all_experts_ms"]) for p in m["dispatch_combine"]]
+        return meas, data
 
     @classmethod
     def analytic(cls, H=5120, I=1344, tflops=700.0, hbm_tbs=4.3, launch_ms=0.008, a2a_lat_ms=0.03,
@@ -105,9 +131,12 @@ class Measured:
                               if m else launch_ms for m in rows])
         Ts = [1, 128, 1024, 4096, 16384, 65536]
         move = lambda T: launch_ms + (T * H * 2 + T * K * H * 2) / (hbm_tbs * 1e12) * 1e3   # noqa: E731
-        return cls(expert, Curve(Ts, [move(T) for T in Ts]), Curve(Ts, [move(T) for T in Ts]), a2a_lat_ms,
+        meas = cls(expert, Curve(Ts, [move(T) for T in Ts]), Curve(Ts, [move(T) for T in Ts]), a2a_lat_ms,
                    a2a_bw_gbs, sync_ms, H, 2,
-                   f"analytic floors ({tflops} TFLOP/s, {hbm_tbs} TB/s, a2a {a2a_bw_gbs} GB/s + {a2a_lat_ms} ms)")
+                   f"analytic floors ({tflops} TFLOP/s, {hbm_tbs} TB/s, a2a {a2a_bw_gbs} GB/s + {a2a_lat_ms} ms)",
+                   launch_ms, w_bytes / (hbm_tbs * 1e12) * 1e3, 6 * H * I / (tflops * 1e12) * 1e3)
+        meas.calibration = []
+        return meas
 
 
 # ----------------------------------------------------------------------------- the model
@@ -152,14 +181,19 @@ def a2a_ms(meas, rows, node_size, inter_gbs, inter_lat_ms):
 
 
 def expert_ms(meas, expert_rows, D):
-    o = meas.expert(0)
+    """Per device: launch + sum over its active experts of max(weight read, slope * rows) (A1)."""
     per_dev = []
     for d_rows in expert_rows.view(D, -1).tolist():
-        per_dev.append(o + sum(max(meas.expert(m) - o, 0.0) for m in d_rows if m > 0))
+        per_dev.append(meas.launch_ms + sum(max(meas.w_time_ms, meas.slope_ms * m) for m in d_rows if m > 0))
     return per_dev
 
 
-def simulate_point(meas, D, T, E, G, k_g, K, skew, seeds, node_size, inter_gbs, inter_lat_ms):
+def all_expert_rows(T, E, G, k_g, skew, seed=5):
+    """Rows per expert of bench_ep's `measure` section: T tokens, MoGE routing, skewed logits of `seed`."""
+    return metrics.expert_load(route_ids(metrics.skewed_logits(T, E, skew=skew, seed=seed), G, k_g), E)
+
+
+def simulate_point(meas, D, T, E, G, k_g, K, skew, seeds, node_size, inter_gbs, inter_lat_ms, hbm_tbs=4.3):
     """Mean (over batches) phase times and load metrics for MoGE (G, k_g) and top-K on the same logits."""
     acc = {"moge": [], "topk": []}
     for seed in seeds:
@@ -169,7 +203,9 @@ def simulate_point(meas, D, T, E, G, k_g, K, skew, seeds, node_size, inter_gbs, 
             rows, expert_rows = traffic(ids.view(D, T, -1), E, D)
             dev_load = rows.sum(0)
             t_a2a = a2a_ms(meas, rows, node_size, inter_gbs, inter_lat_ms)
-            exp = expert_ms(meas, expert_rows, D)
+            # A7: the receiver's sort by expert and its inverse, two row gathers (read + write each)
+            sort_ms = [4 * n * meas.H * meas.elem_bytes / (hbm_tbs * 1e12) * 1e3 for n in dev_load.tolist()]
+            exp = [e + s_ for e, s_ in zip(expert_ms(meas, expert_rows, D), sort_ms)]
             count_xchg = meas.a2a_lat_ms
             sync = meas.sync_ms if kind == "topk" else 0.0
             phases = dict(route=meas.dispatch(T), a2a=2 * t_a2a + count_xchg + sync, experts=max(exp),
@@ -219,8 +255,9 @@ def main():
         meas = Measured.analytic()
     seeds = list(range(args.batches))
     lines = [f"MoGE vs top-k EP layer projection (forward, one layer). Inputs: {meas.source}",
-             f"t_expert(0)={meas.expert(0):.4f} ms, t_expert(1024)={meas.expert(1024):.4f} ms, "
-             f"t_expert(8192)={meas.expert(8192):.4f} ms; all_to_all latency {meas.a2a_lat_ms:.4f} ms, "
+             f"experts: launch {meas.launch_ms:.4f} ms, weight read {meas.w_time_ms * 1e3:.1f} us per active "
+             f"expert, {meas.slope_ms * 1e6:.2f} us per 1000 rows ({6 * 5120 * 1344 / (meas.slope_ms * 1e-3) / 1e12:.0f}"
+             f" TFLOP/s at the Pangu shape); all_to_all latency {meas.a2a_lat_ms:.4f} ms, "
              f"bandwidth {meas.a2a_bw_gbs:.0f} GB/s per device (off-device bytes); top-k host sync "
              f"{meas.sync_ms:.4f} ms; D=16: node size {args.node_size}, inter-node {args.inter_node_gbs} GB/s",
              f"mean over {len(seeds)} routing batches of skewed logits; times in ms; speedup = top-k step / "
@@ -238,6 +275,10 @@ def main():
                      f"{t['phases']['experts']:7.3f} {t['imbalance']:5.2f} {t['straggler']:5.2f} | "
                      f"{t['step'] / m['step']:6.2f}x{note}")
 
+    if meas.calibration:
+        lines.append("expert model vs measured grouped_mlp of all 64 experts on one device: " + ", ".join(
+            f"T={T}: {model:.3f} vs {measured:.3f} ms" for T, model, measured in meas.calibration))
+        lines.append("")
     # Calibration: the model at the measuring host's D against what bench_ep measured there.
     if bench and bench.get("bench"):
         Dm = bench["measure"]["D"]
@@ -263,7 +304,7 @@ def main():
                                        args.inter_node_gbs, args.inter_node_lat_ms)
                     emit(D, label, T, skew, r)
                     results.append(dict(D=D, label=label, T=T, skew=skew, **r))
-    lines += ["", "Assumptions: A1-A6 in bench/simulate_ep.py's docstring (additive per-expert times, measured "
+    lines += ["", "Assumptions: A1-A7 in bench/simulate_ep.py's docstring (per-expert roofline, measured "
               "per-device a2a bandwidth independent of D within a node, inter-node link for D=16, no "
               "comm/compute overlap, no shared expert, top-k host sync per layer)."]
     text = "\n".join(lines) + "\n"
