@@ -26,6 +26,7 @@ registry.select_from_env()
 
 from . import autograd, layer  # noqa: E402  backward of every op; the trainable layer
 from .layer import MoGELayer  # noqa: E402
+from . import parallel, metrics  # noqa: E402  expert parallelism over torch.distributed; load metrics
 
 __all__ = [
     "grouped_dispatch", "grouped_gemm", "grouped_mlp", "grouped_combine", "moge_forward",
