@@ -450,8 +450,13 @@ def test_cuda_graph_capture_backward():
     tensors, kw = _routing_case(T, E, G, 1, H, I, dict(scale=True), dtype=torch.bfloat16, device="cuda")
     tensors[1] = _leaf(tensors[1], torch.float32)
     fn = _bind(G, 1, kw, _moge_ops, True, recompute=False)
-    for _ in range(2):                             # warm up: compile the Triton kernels
-        fn(*tensors).float().sum().backward()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):                # warm up off the default stream, as capture wants
+        for _ in range(2):
+            fn(*tensors).float().sum().backward()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn(*tensors).float().sum().backward()

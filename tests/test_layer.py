@@ -202,8 +202,9 @@ def test_cuda_bf16_layer_backward(recompute):
     base = _layer(recompute=recompute)
     x32 = torch.randn(512, H)
     exact = copy.deepcopy(base).cuda()
-    out32 = exact(x32.cuda())
-    out32.square().sum().backward()
+    with mk.use_backend("reference"):
+        out32 = exact(x32.cuda())
+        out32.square().sum().backward()
 
     def run(backend):
         layer = copy.deepcopy(base).cuda().bfloat16()

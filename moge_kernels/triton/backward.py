@@ -220,7 +220,7 @@ def _swiglu_backward_kernel(
         grad_scale_ptr,     # [M] fp32 out (NEED_SCALE_GRAD): sum_i grad_h * rounded h
         M, I,
         HAS_SCALE: tl.constexpr, NEED_H: tl.constexpr, NEED_SCALE_GRAD: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr):
+        NEED_ROUNDED_H: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr):
     """Grid (cdiv(M, BLOCK_M),): a program owns whole rows, so the row reduction for grad_row_scale
     needs no second pass and no atomics."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -248,7 +248,7 @@ def _swiglu_backward_kernel(
         dst = grad_gate_up_ptr + rows64[:, None] * (2 * I) + cols[None, :]
         tl.store(dst, grad_gate.to(grad_gate_up_ptr.dtype.element_ty), mask=mask)
         tl.store(dst + I, grad_up.to(grad_gate_up_ptr.dtype.element_ty), mask=mask)
-        if NEED_H or NEED_SCALE_GRAD:
+        if NEED_ROUNDED_H:   # NEED_H or NEED_SCALE_GRAD
             # the forward rounds h before the down GEMM; both uses below see that rounded value
             h = (silu * up).to(h_ptr.dtype.element_ty).to(tl.float32)
             if NEED_SCALE_GRAD:
@@ -303,7 +303,7 @@ def swiglu_backward(grad_h, gate_up, row_scale=None, need_h=False):
         grad_h, gate_up, row_scale if has_scale else grad_scale, grad_gate_up,
         h if need_h else grad_gate_up, grad_scale, M, I,
         HAS_SCALE=has_scale, NEED_H=need_h, NEED_SCALE_GRAD=has_scale,
-        BLOCK_M=BM, BLOCK_I=BI, num_warps=warps)
+        NEED_ROUNDED_H=need_h or has_scale, BLOCK_M=BM, BLOCK_I=BI, num_warps=warps)
     return grad_gate_up, h, grad_scale
 
 
