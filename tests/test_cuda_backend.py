@@ -94,7 +94,7 @@ def test_dispatch_row_widths(H):
 
 
 def test_dispatch_many_chunks():
-    """More token chunks than warps in the offsets scan (T / 64 > 32), few experts: long runs per expert."""
+    """More token chunks than warps in the offsets scan (T / 32 > 32), few experts: long runs per expert."""
     hidden, logits = make_routing_inputs(5000, 4, 8, device=DEV, seed=5)
     assert_dispatch_equal(mk.grouped_dispatch(hidden, logits, 2), R.grouped_dispatch(hidden, logits, 2))
 
@@ -154,7 +154,8 @@ def _gemm_case(M, E, Kd, N, dtype, seed, empty_every=3):
     g = generator(seed)
     x = torch.randn(M, Kd, generator=g).to(dtype).to(DEV)
     w = (torch.randn(E, N, Kd, generator=g) / max(Kd, 1) ** 0.5).to(dtype).to(DEV)
-    offsets = random_offsets(M, E, seed=seed, empty_every=empty_every, device=DEV)
+    # (with one expert, that expert must hold every row: expert_offsets always ends at M)
+    offsets = random_offsets(M, E, seed=seed, empty_every=empty_every if E > 1 else 0, device=DEV)
     return x, w, offsets
 
 
@@ -195,6 +196,28 @@ def test_grouped_mlp_matches_reference(dtype, M, E, H, I, with_scale):
     assert_error_within(y, R.grouped_mlp(x, w_gate_up, w_down, offsets, row_scale),
                         _exact_mlp(x, w_gate_up, w_down, offsets, row_scale), floor=1e-6,
                         what=f"grouped_mlp {dtype}")
+
+
+@pytest.mark.parametrize("variant", ["3", "4", "3p", "4p"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_big_tile_variants(variant, dtype, monkeypatch):
+    """Every variant of the big tensor-core tile (MOGE_CUDA_GEMM_TILE: stages, pipelined main loop) on
+    shapes with row, column and K tails, and an expert whose rows fill whole tiles."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    monkeypatch.setenv("MOGE_CUDA_GEMM_TILE", variant)
+    for M, E, Kd, N in [(700, 3, 136, 300), (1024, 2, 512, 256), (513, 2, 72, 257)]:
+        x, w, offsets = _gemm_case(M, E, Kd, N, dtype, seed=M + N)
+        _poison_allocator()
+        assert_error_within(mk.grouped_gemm(x, w, offsets), R.grouped_gemm(x, w, offsets),
+                            _exact_gemm(x, w, offsets), what=f"grouped_gemm tile {variant}")
+    for M, E, H, I in [(600, 4, 136, 200), (1100, 2, 264, 136)]:
+        x, _, offsets = _gemm_case(M, E, H, 8, dtype, seed=M + I)
+        w_gate_up, w_down = make_expert_weights(E, H, I, dtype, DEV, seed=M)
+        scale = torch.rand(M, device=DEV) + 0.5
+        _poison_allocator()
+        assert_error_within(mk.grouped_mlp(x, w_gate_up, w_down, offsets, scale),
+                            R.grouped_mlp(x, w_gate_up, w_down, offsets, scale),
+                            _exact_mlp(x, w_gate_up, w_down, offsets, scale), what=f"grouped_mlp tile {variant}")
 
 
 @pytest.mark.parametrize("M", [0, 1, 5])

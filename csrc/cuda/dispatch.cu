@@ -29,9 +29,10 @@ namespace cuda {
 namespace {
 
 constexpr int kRouteWarps = 8;
-// Tokens per route block, 8 per warp: enough work per block to amortise the chunk's ranking pass, small
-// enough that T = 4096 still gives 64 blocks and the scan over chunks stays short (NC = T / 64).
-constexpr int kChunkTokens = 64;
+// Tokens per route block, 4 per warp: each warp walks its tokens one after another, so fewer tokens per
+// block means a shorter latency chain (T = 128 runs 4 blocks, not 2); the scan over chunks (NC = T / 32)
+// stays short.
+constexpr int kChunkTokens = 32;
 constexpr int kOffsetsThreads = 1024;
 constexpr int kPermuteThreads = 128;
 // Tokens per permute block: their 4 row loads are all in flight before the K stores of each.

@@ -57,7 +57,8 @@ if has suite; then
   stamp "rest of the suite, MOGE_BACKEND=cuda (without tests/test_triton_*.py)"
   MOGE_BACKEND=cuda timeout $(limit ${SUITE_TIMEOUT:-90}) python3 -m pytest -q -p no:cacheprovider -n ${TEST_WORKERS:-4} \
       tests --ignore-glob='tests/test_triton_*' --ignore=tests/test_cuda_compile.py \
-      --ignore=tests/test_cuda_backend.py 2>&1 | grep -v Warn | tail -25 | tee "$OUT/test_suite.log"
+      --ignore=tests/test_cuda_backend.py 2>&1 | grep -v Warn > "$OUT/test_suite.log"
+  grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/test_suite.log" | tail -15
 fi
 
 stamp done
