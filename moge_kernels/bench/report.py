@@ -1,0 +1,153 @@
+"""Rows of results: derived figures (rates, ratios, floors), the printed tables, the JSON, the environment.
+
+Per row: `ms` median time of one call; `tflops` useful FLOPs / time (gemm, mlp, layer only); `gbs` the
+op's fewest bytes (moge_kernels.bench.problems.work) / time; `x_eager` = eager reference time / time and
+`x_gmm` = torch._grouped_mm pipeline time / time (speed-ups: above 1 is faster than the baseline);
+`floor_fraction` = floor / time (1.0 = at the physical floor), the floor being max(FLOPs / measured
+matmul rate, bytes / measured copy bandwidth)."""
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+
+import torch
+
+from .problems import floor_ms
+
+COMPUTE_OPS = ("gemm", "mlp", "layer")
+
+
+def finalize(rows: list[dict], bandwidth_gbs: float, matmul_tflops: float) -> list[dict]:
+    """Adds floor, rates and ratios to timed rows (in place; also returned)."""
+    by_case = {}
+    for r in rows:
+        by_case.setdefault((r["shape"], r["T"], r["op"]), {})[r["method"]] = r
+    for r in rows:
+        ms = r["ms"]
+        r["floor_ms"], r["floor_bound"] = floor_ms(r["flops"], r["bytes"], bandwidth_gbs, matmul_tflops)
+        r["floor_fraction"] = r["floor_ms"] / ms
+        r["tflops"] = r["flops"] / ms / 1e9 if r["op"] in COMPUTE_OPS else None
+        r["gbs"] = r["bytes"] / ms / 1e6
+        case = by_case[(r["shape"], r["T"], r["op"])]
+        for key, base in (("eager", "eager"), ("gmm", "grouped_mm")):
+            other = case.get(base)
+            r[f"{key}_ms"] = other["ms"] if other else None
+            r[f"x_{key}"] = other["ms"] / ms if other else None
+    return rows
+
+
+# ------------------------------------------------------------------------------------ printing
+def _fmt(value, spec, width):
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return f"{'-':>{width}}"
+    return f"{value:>{width}{spec}}"
+
+
+def format_table(rows: list[dict]) -> str:
+    header = (f"{'shape':<10} {'T':>6} {'op':<8} {'method':<10} {'mode':<5} {'ms':>9} {'TFLOP/s':>8} "
+              f"{'GB/s':>7} {'x eager':>8} {'x gmm':>7} {'floor ms':>9} {'%floor':>7}  note")
+    lines = [header, "-" * len(header)]
+    previous = None
+    for r in rows:
+        case = (r["shape"], r["T"])
+        if previous is not None and case != previous:
+            lines.append("")
+        previous = case
+        note = " ".join(x for x in (r.get("served_by", ""), r.get("note", ""),
+                                    "" if r.get("check", "PASS") == "PASS" else "SELF-CHECK FAILED") if x)
+        lines.append(
+            f"{r['shape']:<10} {r['T']:>6} {r['op']:<8} {r['method']:<10} {r['mode']:<5} "
+            f"{_fmt(r['ms'], '.4f', 9)} {_fmt(r['tflops'], '.4g', 8)} {_fmt(r['gbs'], '.4g', 7)} "
+            f"{_fmt(r['x_eager'], '.2f', 7)}{'x' if r['x_eager'] else ' '} "
+            f"{_fmt(r['x_gmm'], '.2f', 6)}{'x' if r['x_gmm'] else ' '} "
+            f"{_fmt(r['floor_ms'], '.4f', 9)} {_fmt(100 * r['floor_fraction'], '.1f', 6)}%  {note}".rstrip())
+    return "\n".join(lines)
+
+
+def format_summary(rows: list[dict]) -> str:
+    """Three pivots, one line per (shape, op, method), one column per T."""
+    tokens = sorted({r["T"] for r in rows})
+    keys = []
+    for r in rows:
+        key = (r["shape"], r["op"], r["method"])
+        if key not in keys:
+            keys.append(key)
+    cell = {(r["shape"], r["op"], r["method"], r["T"]): r for r in rows}
+    out = []
+    for title, field, skip, spec in (
+            ("speed-up over the eager reference (x)", "x_eager", "eager", ".2f"),
+            ("speed-up over the torch._grouped_mm pipeline (x)", "x_gmm", "grouped_mm", ".2f"),
+            ("fraction of the physical floor reached (%)", "floor_fraction", None, ".1f")):
+        if not any(r[field] for r in rows):
+            continue
+        out.append(f"\n{title}")
+        columns = " ".join(f"{'T=' + str(t):>8}" for t in tokens)
+        out.append(f"{'shape':<10} {'op':<8} {'method':<10} {columns}")
+        for shape, op, method in keys:
+            if method == skip:
+                continue
+            values = []
+            for t in tokens:
+                r = cell.get((shape, op, method, t))
+                v = r[field] if r else None
+                values.append(_fmt(None if v is None else (100 * v if field == "floor_fraction" else v),
+                                   spec, 8))
+            out.append(f"{shape:<10} {op:<8} {method:<10} " + " ".join(values))
+    return "\n".join(out)
+
+
+# ------------------------------------------------------------------------------------ environment, JSON
+def _git(*args) -> str:
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        res = subprocess.run(["git", *args], capture_output=True, text=True, cwd=root, timeout=10)
+        return res.stdout.strip() if res.returncode == 0 else ""
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def environment(device: torch.device) -> dict:
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    env = dict(torch=torch.__version__, triton=triton_version, cuda=torch.version.cuda,
+               python=platform.python_version(), platform=platform.platform(),
+               commit=os.environ.get("MOGE_BENCH_COMMIT") or _git("rev-parse", "HEAD"),
+               threads=torch.get_num_threads(), argv=sys.argv[1:],
+               date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+    # uncommitted changes to the code being timed make the commit an incomplete description
+    env["dirty"] = bool(_git("status", "--porcelain", "--", "moge_kernels", "csrc")) if env["commit"] \
+        else None
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env.update(device=props.name, capability=f"{props.major}.{props.minor}",
+                   multiprocessors=props.multi_processor_count,
+                   memory_gib=round(props.total_memory / 2 ** 30, 1),
+                   l2_mib=round(getattr(props, "L2_cache_size", 0) / 2 ** 20, 1))
+    else:
+        env["device"] = _cpu_name()
+    return env
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def write_json(path: str, **payload) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=1, default=str)

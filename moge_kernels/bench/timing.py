@@ -1,0 +1,142 @@
+"""Timing: the device's own ceilings, CUDA-graph capture, and per-call samples that start from a cold L2.
+
+On CUDA every sample is one call between two CUDA events, after a 256 MB memset that evicts the L2 (as
+`triton.testing.do_bench` does): no timing is of inputs left in the cache by the previous call, and the
+host's launch work overlaps the memset. Methods without host syncs are captured once in a CUDA graph
+and timed as graph replays (the device time of the op, free of launch gaps, as a serving engine runs
+it); the others are timed as called. On CPU a sample is perf_counter around one (synchronous) call.
+
+The card reaches its power limit at large T and its clocks drop, so the CLI does not time one method
+after another: it runs rounds, each round times every method of the (shape, T) in a rotated order and
+samples the ceilings once, and reports medians over all samples."""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+L2_FLUSH_BYTES = 256 << 20        # > 4x the 50 MB L2 of an H100 (60 MB on an H200)
+
+
+class Timer:
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.flush = torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.int32, device=device) if self.cuda else None
+
+    def samples(self, fn: Callable, n: int) -> list[float]:
+        """n per-call times of fn(), in milliseconds."""
+        if not self.cuda:
+            out = []
+            for _ in range(n):
+                start = time.perf_counter()
+                fn()
+                out.append((time.perf_counter() - start) * 1e3)
+            return out
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+        for start, end in zip(starts, ends):
+            self.flush.zero_()
+            start.record()
+            fn()
+            end.record()
+        torch.cuda.synchronize(self.device)
+        return [s.elapsed_time(e) for s, e in zip(starts, ends)]
+
+    def estimate(self, fn: Callable) -> float:
+        return min(self.samples(fn, 2))
+
+
+def prepare(fn: Callable, device: torch.device, capture: bool) -> tuple[Callable, str, str]:
+    """(callable to time, mode 'graph' or 'eager', note). Warms fn up (compiles Triton kernels, creates
+    library handles) and, on CUDA when `capture`, captures one call in a CUDA graph; a method that
+    cannot be captured (a host sync inside, say) is timed as called and the note says why."""
+    if device.type != "cuda":
+        fn()
+        return fn, "eager", ""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):       # warm-up off the default stream, as graph capture wants
+        fn()
+        fn()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    torch.cuda.synchronize(device)
+    if not capture:
+        return fn, "eager", ""
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            fn()
+        torch.cuda.synchronize(device)
+        graph.replay()
+        torch.cuda.synchronize(device)
+    except Exception as err:  # noqa: BLE001  not capturable: time it as called
+        del graph
+        torch.cuda.synchronize(device)
+        return fn, "eager", f"graph capture failed ({type(err).__name__}: {str(err).splitlines()[0][:100]})"
+    return graph.replay, "graph", ""
+
+
+# ------------------------------------------------------------------------------------ ceilings
+@dataclass
+class Ceilings:
+    """The device's copy bandwidth (bytes read + written) and dense matmul rate, sampled during the run."""
+    device: torch.device
+    dtype: torch.dtype
+    copy_ms: list = field(default_factory=list)
+    matmul_ms: list = field(default_factory=list)
+
+    def __post_init__(self):
+        gpu = self.device.type == "cuda"
+        n_bytes = (1 << 30) if gpu else (64 << 20)       # far larger than any cache
+        self.src = torch.empty(n_bytes // 2, dtype=torch.float16, device=self.device)
+        self.src.normal_() if gpu else self.src.fill_(1.0)   # a CPU's normal_ is slow; a copy cares not
+        self.dst = torch.empty_like(self.src)
+        self.copy_bytes = 2 * n_bytes                     # read + write
+        n = 8192 if gpu else 768                          # 8192^3: a cuBLAS GEMM near peak on Hopper
+        self.a = torch.randn(n, n, device=self.device).to(self.dtype)
+        self.b = torch.randn(n, n, device=self.device).to(self.dtype)
+        self.c = torch.empty(n, n, device=self.device, dtype=self.dtype)
+        self.matmul_flops = 2 * n ** 3
+        self._copy = lambda: self.dst.copy_(self.src)
+        self._matmul = lambda: torch.mm(self.a, self.b, out=self.c)
+        self._copy()
+        self._matmul()
+
+    def sample(self, repeats: int = 1):
+        for _ in range(repeats):
+            self.copy_ms.append(self._time(self._copy))
+            self.matmul_ms.append(self._time(self._matmul))
+
+    def _time(self, fn, inner: int = 3) -> float:
+        if self.device.type != "cuda":
+            start = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            return (time.perf_counter() - start) * 1e3 / inner
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(inner):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / inner
+
+    @property
+    def bandwidth_gbs(self) -> float:
+        return self.copy_bytes / statistics.median(self.copy_ms) / 1e6
+
+    @property
+    def matmul_tflops(self) -> float:
+        return self.matmul_flops / statistics.median(self.matmul_ms) / 1e9
+
+    def as_dict(self) -> dict:
+        return dict(bandwidth_gbs=self.bandwidth_gbs, matmul_tflops=self.matmul_tflops,
+                    copy_bytes=self.copy_bytes, matmul_flops=self.matmul_flops,
+                    copy_ms_samples=self.copy_ms, matmul_ms_samples=self.matmul_ms)
+
+    def release(self):
+        del self.src, self.dst, self.a, self.b, self.c
