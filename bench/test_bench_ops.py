@@ -74,5 +74,7 @@ def test_bench(benchmark, T, op, method):
     benchmark.extra_info.update(shape=SHAPE["name"], T=T, op=op, method=method, flops=flops, bytes=nbytes,
                                 served_by=found[0].served_by)
     benchmark.pedantic(run, warmup_rounds=2, rounds=ROUNDS, iterations=1)
-    median_s = benchmark.stats.stats.median
-    benchmark.extra_info.update(gbs=nbytes / median_s / 1e9, tflops=flops / median_s / 1e12)
+    stats = getattr(benchmark, "stats", None)       # None under --benchmark-disable
+    if stats is not None:
+        median_s = stats.stats.median
+        benchmark.extra_info.update(gbs=nbytes / median_s / 1e9, tflops=flops / median_s / 1e12)

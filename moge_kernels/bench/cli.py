@@ -111,11 +111,20 @@ def time_case(p, ops, backends, baselines, timer: Timer, ceil: Ceilings, setting
     for r in range(settings["rounds"]):
         k = r % max(len(entries), 1)            # rotate the order: no method always runs first
         for e in entries[k:] + entries[:k]:
-            e["samples"] += timer.samples(e["run"], e["calls"])
+            if e["samples"] is None:
+                continue
+            try:
+                e["samples"] += timer.samples(e["run"], e["calls"])
+            except Exception as err:  # noqa: BLE001  a kernel that fails mid-run: drop it, keep the rest
+                log(f"    {name} {e['method'].op} {e['method'].name}: dropped ({type(err).__name__}: "
+                    f"{str(err).strip().splitlines()[0][:160]})")
+                e["samples"] = None
         if device.type == "cuda":
             ceil.sample()
     rows = []
     for e in entries:
+        if not e["samples"]:
+            continue
         m, samples = e["method"], sorted(e["samples"])
         flops, nbytes = work(p, m.op)
         rows.append(dict(
