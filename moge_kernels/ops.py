@@ -49,9 +49,10 @@ def _make_device_kernel(op_name):
 
     def device_kernel(*args, **kwargs):
         # The dispatcher hands over what the caller passed; backends get every argument positionally.
-        args = list(args)
-        for arg in schema_args[len(args):]:
-            args.append(kwargs[arg.name] if arg.name in kwargs else arg.default_value)
+        if len(args) < len(schema_args):
+            args = list(args)
+            for arg in schema_args[len(args):]:
+                args.append(kwargs[arg.name] if arg.name in kwargs else arg.default_value)
         arg_check(*args)
         _, fn = registry.resolve(op_name, args[0].device.type)
         return fn(*args)

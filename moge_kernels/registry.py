@@ -34,6 +34,7 @@ _kernels: dict[tuple[str, str], Callable] = {}          # (backend, op) -> fn(*o
 _devices: dict[str, set[str]] = {"reference": {"*"}}     # backend -> device types it runs on
 _unavailable: dict[str, str] = {}                        # backend -> why it is off
 _selected = "auto"
+_resolved: dict[tuple[str, str], tuple[str, Callable]] = {}   # resolve()'s cache; cleared on any change
 
 
 def register_kernel(backend: str, op: str, fn: Callable, devices: tuple[str, ...]) -> None:
@@ -43,6 +44,7 @@ def register_kernel(backend: str, op: str, fn: Callable, devices: tuple[str, ...
     if op not in OPS:
         raise ValueError(f"unknown op {op!r}; expected one of {OPS}")
     _kernels[(backend, op)] = fn
+    _resolved.clear()
     _devices.setdefault(backend, set()).update(devices)
     _unavailable.pop(backend, None)
 
@@ -59,6 +61,15 @@ def _runs_on(backend: str, device_type: str) -> bool:
 
 def resolve(op: str, device_type: str) -> tuple[str, Callable]:
     """(backend name, kernel) that `torch.ops.moge.<op>` uses for tensors on `device_type` right now."""
+    # Cached: this runs on every op call, and decode-sized calls are bound by host time.
+    key = (op, device_type)
+    hit = _resolved.get(key)
+    if hit is None:
+        hit = _resolved[key] = _resolve_uncached(op, device_type)
+    return hit
+
+
+def _resolve_uncached(op: str, device_type: str) -> tuple[str, Callable]:
     order = AUTO_ORDER.get(device_type, ("reference",))
     if _selected != "auto":
         order = (_selected,) + order
@@ -77,6 +88,7 @@ def set_backend(name: str) -> None:
     if name != "auto" and not any(b == name for b, _ in _kernels):
         raise RuntimeError(f"backend {name!r} is not available: {_unavailable.get(name, 'not built')}")
     _selected = name
+    _resolved.clear()
 
 
 def get_backend() -> str:
