@@ -48,6 +48,14 @@ def _fmt(value, spec, width):
     return f"{value:>{width}{spec}}"
 
 
+def _rate(value, width):
+    """A rate in at most `width` characters: 798, 46.6, 0.123, 1.5e-05."""
+    if value is None:
+        return f"{'-':>{width}}"
+    spec = ".0f" if value >= 1000 else ".1f" if value >= 10 else ".3f" if value >= 0.01 else ".1e"
+    return f"{value:>{width}{spec}}"
+
+
 def format_table(rows: list[dict]) -> str:
     header = (f"{'shape':<10} {'T':>6} {'op':<8} {'method':<10} {'mode':<5} {'ms':>9} {'TFLOP/s':>8} "
               f"{'GB/s':>7} {'x eager':>8} {'x gmm':>7} {'floor ms':>9} {'%floor':>7}  note")
@@ -62,7 +70,7 @@ def format_table(rows: list[dict]) -> str:
                                     "" if r.get("check", "PASS") == "PASS" else "SELF-CHECK FAILED") if x)
         lines.append(
             f"{r['shape']:<10} {r['T']:>6} {r['op']:<8} {r['method']:<10} {r['mode']:<5} "
-            f"{_fmt(r['ms'], '.4f', 9)} {_fmt(r['tflops'], '.4g', 8)} {_fmt(r['gbs'], '.4g', 7)} "
+            f"{_fmt(r['ms'], '.4f', 9)} {_rate(r['tflops'], 8)} {_rate(r['gbs'], 7)} "
             f"{_fmt(r['x_eager'], '.2f', 7)}{'x' if r['x_eager'] else ' '} "
             f"{_fmt(r['x_gmm'], '.2f', 6)}{'x' if r['x_gmm'] else ' '} "
             f"{_fmt(r['floor_ms'], '.4f', 9)} {_fmt(100 * r['floor_fraction'], '.1f', 6)}%  {note}".rstrip())
