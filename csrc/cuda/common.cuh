@@ -145,19 +145,6 @@ inline int device_cc_major() {
   return cached[dev];
 }
 
-// Shared memory one block may opt into on the current device, cached per device (host-side query).
-inline int device_smem_optin() {
-  static int cached[64] = {0};
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return 0;
-  if (cached[dev] == 0) {
-    int bytes = 0;
-    if (cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) return 0;
-    cached[dev] = bytes;
-  }
-  return cached[dev];
-}
-
 // Opts a kernel into more than 48 KB of dynamic shared memory, once per (kernel, device): the first
 // call of an op sets it, so later calls (a CUDA graph capture included) only read a flag.
 template <typename Kernel>

@@ -16,16 +16,18 @@
 //   - warps of WM x WN, ldmatrix.x4 fragments, mma.sync.m16n8k16 with fp32 accumulators;
 //   - SwiGLU: the block's BN weight rows are BN/2 gate rows and the matching BN/2 up rows, and each warp's
 //     n-tiles are half gate, half up, for the same output columns: gate and up of one output land in the
-//     same thread's registers and silu(gate) * up is computed there before the only store;
-//   - m16 / n8 sub-tiles with no output row or column (an expert's last tile, the last n-tile) skip their
-//     ldmatrix and mma, warp-uniformly;
-//   - two tiles: skinny (BM = 32) when an expert has few rows on average, big (128 x 256) otherwise, the
-//     big one in four variants (stages 3 or 4, plain or pipelined main loop), MOGE_CUDA_GEMM_TILE.
+//     same thread's registers and silu(gate) * up is computed there before the only store.
 // SIMT kernel: fp32 inputs (fp32 FMAs, as exact as a plain fp32 matmul), and the fallback for rows that
 // the tensor-core loader cannot move 16 bytes at a time.
+//
+// Measured on an H100 (bench/results/cuda_h100.txt): the big tile runs the Pangu expert MLP at 300-340
+// TFLOP/s, 1.6-1.75x the torch._grouped_mm (wgmma) pipeline; the skinny tile streams weights within
+// 1.05-1.2x of the copy floor. Tried and measured (bench/results/cuda_h100_run2.txt), not kept: warp-
+// uniform skip masks per m16 / n8 sub-tile inside the k loop put branches between the HMMAs (1,385
+// instructions per k-tile instead of 297) and made the big tile 1.7x slower. In that form, 4 stages were
+// 7% faster than 3 and a CUTLASS-style register double-buffered main loop 2%: the next things to try in
+// this branch-free loop, with tail skipping at whole-warp granularity only.
 #pragma once
-
-#include <cstdlib>
 
 #include "common.cuh"
 
@@ -86,14 +88,10 @@ inline int64_t max_slots(int64_t M, int E, int BM) {
 }
 
 // ============================================================================ tensor-core kernel
-template <int BM_, int BN_, int WARPS_M_, int WARPS_N_, int STAGES_, int MIN_BLOCKS_, bool PIPELINED_>
+template <int BM_, int BN_, int WARPS_M_, int WARPS_N_, int STAGES_, int MIN_BLOCKS_>
 struct TcConfig {
   static constexpr int BM = BM_, BN = BN_, BK = 64;   // BK: one 128-byte swizzled row per k-tile
   static constexpr int WARPS_M = WARPS_M_, WARPS_N = WARPS_N_, STAGES = STAGES_, MIN_BLOCKS = MIN_BLOCKS_;
-  // PIPELINED: fragments double-buffered in registers, the next k-step's ldmatrix issued before this
-  // k-step's mma, and the barrier of the next k-tile taken before the last k-step's mma (CUTLASS's
-  // multistage main loop), so neither the barrier nor the ldmatrix latency leaves the tensor pipe idle.
-  static constexpr bool PIPELINED = PIPELINED_;
   static constexpr int THREADS = WARPS_M * WARPS_N * 32;
   static constexpr int WM = BM / WARPS_M, WN = BN / WARPS_N;
   static constexpr int MT = WM / 16, NT = WN / 8;      // m16 / n8 mma tiles per warp
@@ -108,17 +106,12 @@ struct TcConfig {
   static_assert(BM % ROWS_PER_PASS == 0 && (BN / 2) % ROWS_PER_PASS == 0, "whole loader passes");
 };
 
-// Many rows per expert (prefill): 128 x 256 tiles, 8 warps of 64 x 64, one block per SM; the 64 x 64 warp
-// tile gives 32 mma per 8 ldmatrix.x4. Variants (MOGE_CUDA_GEMM_TILE, see big_tile_variant): 3 stages
-// (144 KB of shared memory) or 4 (192 KB, Hopper's 227 KB allow it; A100's 163 KB do not), with or without
-// the pipelined main loop.
-using BigTile3 = TcConfig<128, 256, 2, 4, 3, 1, false>;
-using BigTile4 = TcConfig<128, 256, 2, 4, 4, 1, false>;
-using BigTile3P = TcConfig<128, 256, 2, 4, 3, 1, true>;
-using BigTile4P = TcConfig<128, 256, 2, 4, 4, 1, true>;
+// Many rows per expert (prefill): 128 x 256 tiles, 8 warps of 64 x 64, 3 stages (144 KB), one block
+// per SM; the 64 x 64 warp tile gives 32 mma per 8 ldmatrix.x4.
+using BigTile = TcConfig<128, 256, 2, 4, 3, 1>;
 // Few rows per expert (decode): the weights are streamed once, so a short BM wastes no bandwidth; 4
 // stages of 20 KB keep 48 KB of weights in flight per block and two blocks fit on an SM.
-using SkinnyTile = TcConfig<32, 128, 1, 4, 4, 2, false>;
+using SkinnyTile = TcConfig<32, 128, 1, 4, 4, 2>;
 
 // First shared-memory row of n-tile j of warp column wn. SwiGLU: tiles [0, NT/2) are gate rows and
 // [NT/2, NT) the up rows of the same output columns (the up half starts at BN/2).
@@ -151,20 +144,17 @@ __global__ void __launch_bounds__(C::THREADS, C::MIN_BLOCKS) tc_kernel(const Par
   const T* w_expert = static_cast<const T*>(p.w) + static_cast<int64_t>(tile.expert) * p.N_w * Kd;
 
   // ---- loader: thread copies chunk c (16 bytes = 8 elements) of rows r0 + i * ROWS_PER_PASS.
-  // Offsets inside a tile are 32-bit (rows * Kd < 2^31, checked by the launcher), bases 64-bit: fewer
-  // registers held across the main loop than one 64-bit pointer per row.
   const int c = tid & 7, r0 = tid >> 3;
   const uint32_t swizzled = static_cast<uint32_t>(r0 * C::ROW_BYTES + ((c ^ (r0 & 7)) << 4));
-  const uint32_t pass_stride = static_cast<uint32_t>(C::ROWS_PER_PASS * Kd);   // elements between passes
-  const uint32_t row_offset = static_cast<uint32_t>(r0 * Kd + c * 8);
+  const T* a_src = x_tile + static_cast<int64_t>(r0) * Kd + c * 8;
   uint32_t a_ok = 0;                                             // bit i: row r0 + i*RPP is the expert's
 #pragma unroll
   for (int i = 0; i < C::A_PASSES; ++i) a_ok |= (r0 + i * C::ROWS_PER_PASS < rows ? 1u : 0u) << i;
   // B rows: plain, weight row n0 + r; SwiGLU, the block's rows [0, BN/2) are gate rows n0 + r and
   // [BN/2, BN) the up rows I + n0 + r - BN/2.
   constexpr int B_HALF = C::B_PASSES / 2;
-  const T* b_base = w_expert + n0 * Kd;
-  const T* b_base_up = b_base + I * Kd;
+  const T* b_src = w_expert + (n0 + r0) * Kd + c * 8;
+  const T* b_src_up = b_src + I * Kd;
   uint32_t b_ok = 0;
 #pragma unroll
   for (int i = 0; i < C::B_PASSES; ++i) {
@@ -174,22 +164,22 @@ __global__ void __launch_bounds__(C::THREADS, C::MIN_BLOCKS) tc_kernel(const Par
   const uint32_t smem_base = smem_u32(smem);
 
   auto load_stage = [&](int stage, int kt) {
-    const uint32_t k0 = static_cast<uint32_t>(kt) * C::BK;
+    const int64_t k0 = static_cast<int64_t>(kt) * C::BK;
     const bool k_ok = k0 + c * 8 < Kd;                          // Kd % 8 == 0: a chunk is all in or out
     const uint32_t a_dst = smem_base + stage * C::STAGE_BYTES + swizzled;
     const uint32_t b_dst = a_dst + C::BM * C::ROW_BYTES;
 #pragma unroll
     for (int i = 0; i < C::A_PASSES; ++i) {
       const bool ok = k_ok && ((a_ok >> i) & 1u);
-      const T* src = ok ? x_tile + (row_offset + i * pass_stride + k0) : static_cast<const T*>(p.x);
+      const T* src = ok ? a_src + static_cast<int64_t>(i * C::ROWS_PER_PASS) * Kd + k0 : static_cast<const T*>(p.x);
       cp_async_16(a_dst + i * C::ROWS_PER_PASS * C::ROW_BYTES, src, ok ? 16 : 0);
     }
 #pragma unroll
     for (int i = 0; i < C::B_PASSES; ++i) {
       const bool ok = k_ok && ((b_ok >> i) & 1u);
-      const T* base = (SWIGLU && i >= B_HALF) ? b_base_up : b_base;
-      const T* src = ok ? base + (row_offset + (SWIGLU ? i % B_HALF : i) * pass_stride + k0)
-                        : static_cast<const T*>(p.w);
+      const T* row = SWIGLU ? (i < B_HALF ? b_src : b_src_up) + static_cast<int64_t>((i % B_HALF) * C::ROWS_PER_PASS) * Kd
+                            : b_src + static_cast<int64_t>(i * C::ROWS_PER_PASS) * Kd;
+      const T* src = ok ? row + k0 : static_cast<const T*>(p.w);
       cp_async_16(b_dst + i * C::ROWS_PER_PASS * C::ROW_BYTES, src, ok ? 16 : 0);
     }
   };
@@ -202,102 +192,53 @@ __global__ void __launch_bounds__(C::THREADS, C::MIN_BLOCKS) tc_kernel(const Par
 #pragma unroll
       for (int q = 0; q < 4; ++q) acc[mi][nj][q] = 0.f;
 
-  // Warp-uniform masks of the m16 / n8 sub-tiles that hold any output: the tail tiles of an expert (rows
-  // past its last row) and of N (columns past N_out) skip their ldmatrix and mma, which leaves the tensor
-  // pipe of their SM sub-partition to the warps with work.
-  uint32_t m_live = 0, n_live = 0;
-#pragma unroll
-  for (int mi = 0; mi < C::MT; ++mi) m_live |= (wm * C::WM + mi * 16 < rows ? 1u : 0u) << mi;
-#pragma unroll
-  for (int nj = 0; nj < C::NT; ++nj) {
-    const int64_t col = SWIGLU ? n0 + wn * (C::WN / 2) + (nj % (C::NT / 2)) * 8 : n0 + wn * C::WN + nj * 8;
-    n_live |= (col < p.N_out ? 1u : 0u) << nj;
-  }
-
-  auto load_frags = [&](uint32_t (&a_frag)[C::MT][4], uint32_t (&b_frag)[C::NT][2], int stage, int ks) {
+  auto compute_stage = [&](int stage) {
     const uint32_t a_base = smem_base + stage * C::STAGE_BYTES;
     const uint32_t b_base = a_base + C::BM * C::ROW_BYTES;
 #pragma unroll
-    for (int mi = 0; mi < C::MT; ++mi) {
-      if (!((m_live >> mi) & 1u)) continue;
-      // matrices: rows 0-7 / 8-15 of the m16 tile at k 0-7, then the same rows at k 8-15
-      const int row = wm * C::WM + mi * 16 + (lane & 15);
-      const int chunk = ks * 2 + (lane >> 4);
-      ldmatrix_x4(a_frag[mi], a_base + row * C::ROW_BYTES + ((chunk ^ (row & 7)) << 4));
-    }
+    for (int ks = 0; ks < C::BK / 16; ++ks) {
+      uint32_t a_frag[C::MT][4];
+      uint32_t b_frag[C::NT][2];
 #pragma unroll
-    for (int pr = 0; pr < C::NT / 2; ++pr) {
-      if (!((n_live >> (2 * pr)) & 1u)) continue;   // n-tile 2pr+1 starts 8 columns after 2pr
-      // matrices: n-tile 2pr at k 0-7, k 8-15, then n-tile 2pr+1 at k 0-7, k 8-15
-      const int row = ntile_row<C, SWIGLU>(2 * pr, wn) + (lane & 7) + ((lane >> 4) << 3);
-      const int chunk = ks * 2 + ((lane >> 3) & 1);
-      uint32_t r[4];
-      ldmatrix_x4(r, b_base + row * C::ROW_BYTES + ((chunk ^ (row & 7)) << 4));
-      b_frag[2 * pr][0] = r[0];
-      b_frag[2 * pr][1] = r[1];
-      b_frag[2 * pr + 1][0] = r[2];
-      b_frag[2 * pr + 1][1] = r[3];
+      for (int mi = 0; mi < C::MT; ++mi) {
+        // matrices: rows 0-7 / 8-15 of the m16 tile at k 0-7, then the same rows at k 8-15
+        const int row = wm * C::WM + mi * 16 + (lane & 15);
+        const int chunk = ks * 2 + (lane >> 4);
+        ldmatrix_x4(a_frag[mi], a_base + row * C::ROW_BYTES + ((chunk ^ (row & 7)) << 4));
+      }
+#pragma unroll
+      for (int pr = 0; pr < C::NT / 2; ++pr) {
+        // matrices: n-tile 2pr at k 0-7, k 8-15, then n-tile 2pr+1 at k 0-7, k 8-15
+        const int row = ntile_row<C, SWIGLU>(2 * pr, wn) + (lane & 7) + ((lane >> 4) << 3);
+        const int chunk = ks * 2 + ((lane >> 3) & 1);
+        uint32_t r[4];
+        ldmatrix_x4(r, b_base + row * C::ROW_BYTES + ((chunk ^ (row & 7)) << 4));
+        b_frag[2 * pr][0] = r[0];
+        b_frag[2 * pr][1] = r[1];
+        b_frag[2 * pr + 1][0] = r[2];
+        b_frag[2 * pr + 1][1] = r[3];
+      }
+#pragma unroll
+      for (int mi = 0; mi < C::MT; ++mi)
+#pragma unroll
+        for (int nj = 0; nj < C::NT; ++nj) mma_16816<T>(acc[mi][nj], a_frag[mi], b_frag[nj]);
     }
   };
 
-  auto mma_all = [&](const uint32_t (&a_frag)[C::MT][4], const uint32_t (&b_frag)[C::NT][2]) {
-#pragma unroll
-    for (int mi = 0; mi < C::MT; ++mi)
-#pragma unroll
-      for (int nj = 0; nj < C::NT; ++nj)
-        if (((m_live >> mi) & (n_live >> nj)) & 1u) mma_16816<T>(acc[mi][nj], a_frag[mi], b_frag[nj]);
-  };
-
+  // ---- pipeline: k-tile kt lives in stage kt % STAGES; STAGES-1 tiles are in flight ahead of the math.
   const int k_tiles = static_cast<int>(ceil_div(Kd, C::BK));
-  if (!C::PIPELINED) {
-    // k-tile kt lives in stage kt % STAGES; STAGES-1 tiles are in flight ahead of the math.
 #pragma unroll
-    for (int s = 0; s < C::STAGES - 1; ++s) {
-      if (s < k_tiles) load_stage(s, s);
-      cp_async_commit();
-    }
-    for (int kt = 0; kt < k_tiles; ++kt) {
-      cp_async_wait<C::STAGES - 2>();   // k-tile kt has landed (for this thread) ...
-      __syncthreads();                  // ... for every thread, and stage (kt-1) % STAGES is free again
-      const int next = kt + C::STAGES - 1;
-      if (next < k_tiles) load_stage(next % C::STAGES, next);
-      cp_async_commit();
-#pragma unroll
-      for (int ks = 0; ks < C::BK / 16; ++ks) {
-        uint32_t a_frag[C::MT][4], b_frag[C::NT][2];
-        load_frags(a_frag, b_frag, kt % C::STAGES, ks);
-        mma_all(a_frag, b_frag);
-      }
-    }
-  } else {
-    // All STAGES stages are filled up front. In k-tile kt, the fragments of k-step ks+1 are loaded while
-    // k-step ks multiplies; before the last k-step, one barrier makes k-tile kt+1 visible and frees stage
-    // kt % STAGES (its last fragments are already in registers), which then receives k-tile kt+STAGES.
-    uint32_t a_frag[2][C::MT][4], b_frag[2][C::NT][2];
-#pragma unroll
-    for (int s = 0; s < C::STAGES; ++s) {
-      if (s < k_tiles) load_stage(s, s);
-      cp_async_commit();
-    }
-    cp_async_wait<C::STAGES - 1>();
-    __syncthreads();
-    if (k_tiles > 0) load_frags(a_frag[0], b_frag[0], 0, 0);
-    for (int kt = 0; kt < k_tiles; ++kt) {
-      const int stage = kt % C::STAGES;
-#pragma unroll
-      for (int ks = 0; ks < C::BK / 16; ++ks) {
-        if (ks < C::BK / 16 - 1) {
-          load_frags(a_frag[(ks + 1) & 1], b_frag[(ks + 1) & 1], stage, ks + 1);
-        } else {
-          cp_async_wait<C::STAGES - 2>();   // k-tile kt+1 has landed (groups committed: STAGES + kt)
-          __syncthreads();
-          if (kt + C::STAGES < k_tiles) load_stage(stage, kt + C::STAGES);
-          cp_async_commit();
-          if (kt + 1 < k_tiles) load_frags(a_frag[(ks + 1) & 1], b_frag[(ks + 1) & 1], (kt + 1) % C::STAGES, 0);
-        }
-        mma_all(a_frag[ks & 1], b_frag[ks & 1]);
-      }
-    }
+  for (int s = 0; s < C::STAGES - 1; ++s) {
+    if (s < k_tiles) load_stage(s, s);
+    cp_async_commit();
+  }
+  for (int kt = 0; kt < k_tiles; ++kt) {
+    cp_async_wait<C::STAGES - 2>();   // k-tile kt has landed (for this thread) ...
+    __syncthreads();                  // ... for every thread, and stage (kt-1) % STAGES is free again
+    const int next = kt + C::STAGES - 1;
+    if (next < k_tiles) load_stage(next % C::STAGES, next);
+    cp_async_commit();
+    compute_stage(kt % C::STAGES);
   }
   cp_async_wait<0>();
 
@@ -475,33 +416,17 @@ cudaError_t launch_simt_any(const GemmArgs& a, cudaStream_t stream) {
 // Rows per expert on average decide the tile: below kSkinnyRows the skinny tile (weights streamed once
 // per expert, the mma work is free); above, the big tile (the math dominates).
 constexpr int64_t kSkinnyRows = 64;
-// The big tile's variant when MOGE_CUDA_GEMM_TILE is unset: stages, then "p" for the pipelined main loop.
-constexpr const char* kDefaultBigTile = "4p";
-
-// MOGE_CUDA_GEMM_TILE in {"3", "4", "3p", "4p"} (read at every launch, so a benchmark can switch it; a
-// captured CUDA graph keeps the variant it was captured with). 4 stages need 192 KB of shared memory per
-// block: where the device allows less, the 3-stage kernel of the same kind runs.
-template <typename T, bool SWIGLU>
-cudaError_t launch_big_tile(const Params& p, cudaStream_t stream) {
-  const char* env = std::getenv("MOGE_CUDA_GEMM_TILE");
-  const char* variant = (env != nullptr && env[0] != '\0') ? env : kDefaultBigTile;
-  const bool pipelined = variant[0] != '\0' && variant[1] == 'p';
-  const bool four = variant[0] == '4' && device_smem_optin() >= BigTile4::SMEM_BYTES + 1024;
-  if (four) return pipelined ? launch_tc<T, BigTile4P, SWIGLU>(p, stream) : launch_tc<T, BigTile4, SWIGLU>(p, stream);
-  return pipelined ? launch_tc<T, BigTile3P, SWIGLU>(p, stream) : launch_tc<T, BigTile3, SWIGLU>(p, stream);
-}
 
 template <typename T>
 cudaError_t launch_tensor_core(const GemmArgs& a, cudaStream_t stream) {
   const bool aligned = a.Kd % 8 == 0 && reinterpret_cast<uintptr_t>(a.x) % 16 == 0 &&
                        reinterpret_cast<uintptr_t>(a.w) % 16 == 0;
-  const bool offsets_fit = (BigTile4::BN + 1) * a.Kd < (int64_t{1} << 31);   // tile offsets are 32-bit
-  if (!aligned || !offsets_fit || device_cc_major() < 8) return launch_simt_any<T>(a, stream);
+  if (!aligned || device_cc_major() < 8) return launch_simt_any<T>(a, stream);
   const Params p = make_params(a);
   if (a.M < kSkinnyRows * a.E) {
     return a.swiglu ? launch_tc<T, SkinnyTile, true>(p, stream) : launch_tc<T, SkinnyTile, false>(p, stream);
   }
-  return a.swiglu ? launch_big_tile<T, true>(p, stream) : launch_big_tile<T, false>(p, stream);
+  return a.swiglu ? launch_tc<T, BigTile, true>(p, stream) : launch_tc<T, BigTile, false>(p, stream);
 }
 
 }  // namespace gemm

@@ -6,7 +6,7 @@
 Without the caching allocator every tensor is its own cudaMalloc, so memcheck sees its exact bounds.
 Covers: dispatch (16-byte and 4-byte row copies, strided rows, k_g=2, several chunks), combine (vector and
 scalar paths, shared_out), grouped GEMM on the skinny and the big tensor-core tile and on the SIMT kernel,
-grouped MLP (SwiGLU epilogue, row_scale), every big-tile variant. Each result is checked against the reference as well.
+grouped MLP (SwiGLU epilogue, row_scale). Each result is checked against the reference as well.
 """
 import os
 import sys
@@ -65,18 +65,6 @@ def main():
         check(f"grouped_mlp {what} M={M} H={Kd} I=40",
               mk.grouped_mlp(x, w_gate_up, w_down, offsets, scale),
               R.grouped_mlp(x.float(), w_gate_up.float(), w_down.float(), offsets, scale), 5e-2, 5e-2)
-    # The other variants of the big tile (MOGE_CUDA_GEMM_TILE): stages and the pipelined main loop.
-    x = torch.randn(300, 136, device=DEV).to(torch.bfloat16)
-    w = (torch.randn(4, 264, 136, device=DEV) / 12).to(torch.bfloat16)
-    offsets = random_offsets(300, 4, seed=3, device=DEV)
-    w_gate_up, w_down = make_expert_weights(4, 136, 40, torch.bfloat16, DEV)
-    for variant in ("3", "4", "3p", "4p"):
-        os.environ["MOGE_CUDA_GEMM_TILE"] = variant
-        check(f"grouped_gemm big tile {variant}", mk.grouped_gemm(x, w, offsets),
-              R.grouped_gemm(x.float(), w.float(), offsets), 5e-2, 5e-2)
-        check(f"grouped_mlp big tile {variant}", mk.grouped_mlp(x, w_gate_up, w_down, offsets),
-              R.grouped_mlp(x.float(), w_gate_up.float(), w_down.float(), offsets), 5e-2, 5e-2)
-    os.environ.pop("MOGE_CUDA_GEMM_TILE")
     print("all kernels ran")
 
 
