@@ -59,7 +59,9 @@ def _entry(rank, world_size, port, out_dir):
 # fork: the children inherit the imported torch/moge_kernels. "spawn" re-imports torch in every child,
 # which took ~35 s for 4 processes on a 2-core sandbox; the children use one thread each and the parent
 # holds no process group, which is what makes forking after `import torch` safe here.
-START_METHOD = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+# Where CUDA is present, an earlier test may have run a backward pass, whose autograd device threads make
+# a forked child unusable ("Unable to handle autograd's threading ..."): spawn there.
+START_METHOD = "fork" if "fork" in mp.get_all_start_methods() and not torch.cuda.is_available() else "spawn"
 
 
 def run_battery(world_size, out_dir, timeout=RUN_TIMEOUT_S):
