@@ -10,7 +10,7 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,power.draw,po
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 stamp bench
 timeout ${BENCH_TIMEOUT:-210} python3 bench/bench_training.py --out "$OUT/training_h100.txt" 2>&1 \
-    | grep -v -i "warn" | tee "$OUT/bench.log" | tail -45
+    | grep -v "FP_FUSION\|warn_once" | tee "$OUT/bench.log" | tail -45
 stamp tests
 timeout ${TEST_TIMEOUT:-150} python3 -m pytest -q -p no:cacheprovider tests/test_autograd.py tests/test_layer.py \
     -k cuda --durations=8 2>&1 | tail -40 | tee "$OUT/tests.log"

@@ -311,11 +311,14 @@ def _grouped_mm_applies(*tensors) -> bool:
 
 def _grouped_mm_call(fn, *args):
     """Runs fn (a torch._grouped_mm call); a Python-level refusal (a layout rule we did not foresee)
-    switches this process to the Triton kernels, once, with a warning."""
+    switches this process to the Triton kernels, once, with a warning. Not during CUDA-graph capture:
+    an error there is the capture's (an earlier illegal call invalidates it), so it propagates."""
     global _grouped_mm_failed
     try:
         return fn(*args)
     except RuntimeError as err:
+        if torch.cuda.is_current_stream_capturing():
+            raise
         _grouped_mm_failed = True
         warnings.warn(f"torch._grouped_mm refused a backward GEMM ({err}); using the Triton kernels",
                       stacklevel=3)
