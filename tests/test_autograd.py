@@ -9,8 +9,6 @@ the reference backend's gradients. Tolerances:
   fp16 (Triton interpreter) and bf16 (GPU): the relative error against an fp32 (fp64 on GPU) oracle
     is at most 2x the error of the reference backend run in the same low precision, plus a floor.
 """
-import os
-
 import pytest
 import torch
 
@@ -218,13 +216,12 @@ def test_route_backward_matches_autograd():
             logits = torch.randn(T, E, generator=g, dtype=F64, requires_grad=True)
             scale = torch.rand(E, generator=g, dtype=F64).add(0.5).requires_grad_()
             w, ids = _torch_route(logits, G, k_g, scale, renormalize, score_func)
-            gw = torch.randn(T, K := G * k_g, generator=g, dtype=F64)
+            gw = torch.randn(T, G * k_g, generator=g, dtype=F64)
             exp_logits, exp_scale = torch.autograd.grad(w, (logits, scale), gw)
             got_logits, got_scale = AG.route_backward(gw, logits.detach(), ids.int(), scale.detach(),
                                                       renormalize, score_func)
             torch.testing.assert_close(got_logits, exp_logits, atol=1e-12, rtol=1e-10)
             torch.testing.assert_close(got_scale, exp_scale, atol=1e-12, rtol=1e-10)
-            assert K == w.shape[1]
 
 
 # --------------------------------------------------------------------------------- backends vs reference
@@ -464,7 +461,6 @@ def test_cuda_graph_capture_backward():
     torch.cuda.synchronize()
 
 
-@pytest.mark.skipif(os.environ.get("MOGE_TEST_GPU_ONLY") == "1", reason="GPU-only run")
 def test_registry_lists_primitives():
     assert set(PRIMITIVES) <= set(mk.registry.OPS)
     assert set(PRIMITIVES) <= set(mk.backends()["reference"]["ops"])
