@@ -59,9 +59,9 @@ import warnings
 
 import torch
 
-from . import checks, registry
+from . import checks, ops, registry
 
-_lib = torch.library.Library("moge", "FRAGMENT")
+_lib = ops._lib   # the backward primitives live in the `moge` namespace beside the forward ops
 
 SCHEMAS = {
     "grouped_gemm_dgrad": "(Tensor grad_y, Tensor w, Tensor expert_offsets) -> Tensor",
@@ -76,8 +76,6 @@ SCHEMAS = {
 # The primitives also accept fp64 (gradcheck runs the whole backward in fp64 on the CPU).
 FLOAT_DTYPES = checks.FLOAT_DTYPES + (torch.float64,)
 
-for _name, _schema in SCHEMAS.items():
-    _lib.define(_name + _schema)
 
 
 # ----------------------------------------------------------------------------- argument checks
@@ -220,34 +218,8 @@ REFERENCE = {
 }
 
 
-# ----------------------------------------------------------------------------- device kernels
-def _make_device_kernel(op_name):
-    arg_check = ARG_CHECKS[op_name]
-    schema_args = getattr(torch.ops.moge, op_name).default._schema.arguments
-
-    def device_kernel(*args, **kwargs):
-        args = list(args)
-        for arg in schema_args[len(args):]:
-            args.append(kwargs[arg.name] if arg.name in kwargs else arg.default_value)
-        arg_check(*args)
-        _, fn = registry.resolve(op_name, args[0].device.type)
-        return fn(*args)
-
-    device_kernel.__name__ = f"{op_name}_device_kernel"
-    return device_kernel
-
-
-def register_device_type(device_type: str) -> None:
-    """Route the backward primitives on `device_type` tensors through the backend registry."""
-    for op_name in SCHEMAS:
-        torch.library.impl(f"moge::{op_name}", device_type, _make_device_kernel(op_name), lib=_lib)
-
-
-for _device_type in ("cpu", "cuda"):
-    register_device_type(_device_type)
-
-for _name, _fn in REFERENCE.items():
-    registry.register_kernel("reference", _name, _fn, devices=("*",))
+for _name, _schema in SCHEMAS.items():
+    ops.define_op(_name, _schema, ARG_CHECKS[_name], REFERENCE[_name])
 
 
 # ----------------------------------------------------------------------------- fake kernels

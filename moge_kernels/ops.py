@@ -30,17 +30,14 @@ SCHEMAS = {
     "grouped_combine": ("(Tensor expert_out, Tensor topk_weights, Tensor row_index, "
                         "Tensor? shared_out=None) -> Tensor"),
 }
-ARG_CHECKS = {
+ARG_CHECKS = {   # every op defined through define_op, the backward primitives of autograd.py included
     "grouped_dispatch": checks.check_dispatch,
     "grouped_gemm": checks.check_gemm,
     "grouped_mlp": checks.check_mlp,
     "grouped_combine": checks.check_combine,
 }
-# Devices with a routing kernel; an Ascend backend adds "npu" (PrivateUse1) when torch_npu imports.
-DEVICE_TYPES = ("cpu", "cuda")
-
-for _name, _schema in SCHEMAS.items():
-    _lib.define(_name + _schema)
+# Devices with a routing kernel; the Ascend backend adds "npu" (PrivateUse1) when torch_npu imports.
+_device_types = ["cpu", "cuda"]
 
 
 def _make_device_kernel(op_name):
@@ -61,17 +58,28 @@ def _make_device_kernel(op_name):
     return device_kernel
 
 
+def define_op(name: str, schema: str, arg_check, reference_fn) -> None:
+    """Define `moge::<name>` once: its schema, a routing kernel on every device type (argument check,
+    then the active backend's implementation), and `reference_fn` as its reference backend."""
+    _lib.define(name + schema)
+    registry.declare_op(name)
+    ARG_CHECKS[name] = arg_check
+    for device_type in _device_types:
+        torch.library.impl(f"moge::{name}", device_type, _make_device_kernel(name), lib=_lib)
+    registry.register_kernel("reference", name, reference_fn, devices=("*",))
+
+
 def register_device_type(device_type: str) -> None:
-    """Route `torch.ops.moge.*` on `device_type` tensors through the backend registry."""
-    for op_name in SCHEMAS:
-        torch.library.impl(f"moge::{op_name}", device_type, _make_device_kernel(op_name), lib=_lib)
+    """Route every `torch.ops.moge.*` op on `device_type` tensors through the backend registry."""
+    if device_type in _device_types:
+        return
+    _device_types.append(device_type)
+    for name in ARG_CHECKS:
+        torch.library.impl(f"moge::{name}", device_type, _make_device_kernel(name), lib=_lib)
 
 
-for _device_type in DEVICE_TYPES:
-    register_device_type(_device_type)
-
-for _name in SCHEMAS:
-    registry.register_kernel("reference", _name, getattr(reference, _name), devices=("*",))
+for _name, _schema in SCHEMAS.items():
+    define_op(_name, _schema, ARG_CHECKS[_name], getattr(reference, _name))
 
 
 # ----------------------------------------------------------------------------- fake (meta) kernels

@@ -22,7 +22,9 @@ import os
 from typing import Callable
 
 BACKENDS = ("triton", "cuda", "cpu", "ascend", "reference")
-OPS = ("grouped_dispatch", "grouped_gemm", "grouped_mlp", "grouped_combine", "grouped_gemm_dgrad", "grouped_gemm_wgrad", "swiglu", "swiglu_backward", "grouped_combine_backward")
+# Every op name a backend may implement; `ops.define_op` adds each op it defines (the four forward ops,
+# then autograd.py's backward primitives), so a backend module never lists them itself.
+OPS: list[str] = []
 # Per device type, best first. "reference" last everywhere: the surface is complete on every device.
 AUTO_ORDER = {
     "cuda": ("triton", "cuda", "reference"),
@@ -35,6 +37,11 @@ _devices: dict[str, set[str]] = {"reference": {"*"}}     # backend -> device typ
 _unavailable: dict[str, str] = {}                        # backend -> why it is off
 _selected = "auto"
 _resolved: dict[tuple[str, str], tuple[str, Callable]] = {}   # resolve()'s cache; cleared on any change
+
+
+def declare_op(op: str) -> None:
+    if op not in OPS:
+        OPS.append(op)
 
 
 def register_kernel(backend: str, op: str, fn: Callable, devices: tuple[str, ...]) -> None:
