@@ -33,6 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import moge_kernels as mk  # noqa: E402
 from moge_kernels import reference as R  # noqa: E402
 from moge_kernels import registry  # noqa: E402
+from moge_kernels.bench.timing import measure_ceilings  # noqa: E402  (bytes/s, FLOP/s)
 
 PANGU = dict(H=5120, I=1344, E=64, G=8, k_g=1)
 DEFAULT_TS = (1, 16, 128, 1024, 4096, 16384)
@@ -79,22 +80,6 @@ def time_eager(fn, budget_ms=60.0):
     fn()
     torch.cuda.synchronize()
     return _median_ms(fn, budget_ms)
-
-
-def measure_ceilings():
-    """(copy bandwidth in bytes/s counting read + write, dense bf16 GEMM rate in FLOP/s)."""
-    src = torch.empty(1 << 29, dtype=torch.bfloat16, device="cuda").normal_()
-    dst = torch.empty_like(src)
-    copy_ms = time_eager(lambda: dst.copy_(src), 100)
-    bandwidth = 2 * src.numel() * 2 / (copy_ms * 1e-3)
-    del src, dst
-    a = torch.randn(8192, 8192, device="cuda").to(torch.bfloat16)
-    b = torch.randn(8192, 8192, device="cuda").to(torch.bfloat16)
-    mm_ms = time_eager(lambda: a @ b, 200)
-    rate = 2 * 8192 ** 3 / (mm_ms * 1e-3)
-    del a, b
-    torch.cuda.empty_cache()
-    return bandwidth, rate
 
 
 # ----------------------------------------------------------------------------- problems

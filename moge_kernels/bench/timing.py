@@ -50,6 +50,49 @@ class Timer:
         return min(self.samples(fn, 2))
 
 
+def elapsed_ms(fn: Callable, inner: int = 1, cuda: bool = True) -> float:
+    """Milliseconds per call of fn(), over `inner` back-to-back calls: between two CUDA events when
+    `cuda`, else perf_counter around the (synchronous) calls."""
+    if not cuda:
+        start = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        return (time.perf_counter() - start) * 1e3 / inner
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(inner):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / inner
+
+
+def warm_up(fn: Callable, device: torch.device | None = None):
+    """Two calls of fn off the default stream, as graph capture wants (compiles Triton kernels, creates
+    library handles), then a device sync."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        fn()
+        fn()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    torch.cuda.synchronize(device)
+
+
+def capture_graph(fn: Callable, device: torch.device | None = None, warm: bool = True) -> Callable:
+    """fn() captured once in a CUDA graph (after `warm_up` unless warm=False) and replayed once; returns
+    the graph's replay. Raises where fn cannot be captured (a host sync inside, say)."""
+    if warm:
+        warm_up(fn, device)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    torch.cuda.synchronize(device)
+    graph.replay()
+    torch.cuda.synchronize(device)
+    return graph.replay
+
+
 def prepare(fn: Callable, device: torch.device, capture: bool) -> tuple[Callable, str, str]:
     """(callable to time, mode 'graph' or 'eager', note). Warms fn up (compiles Triton kernels, creates
     library handles) and, on CUDA when `capture`, captures one call in a CUDA graph; a method that
@@ -57,27 +100,14 @@ def prepare(fn: Callable, device: torch.device, capture: bool) -> tuple[Callable
     if device.type != "cuda":
         fn()
         return fn, "eager", ""
-    stream = torch.cuda.Stream(device)
-    stream.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(stream):       # warm-up off the default stream, as graph capture wants
-        fn()
-        fn()
-    torch.cuda.current_stream(device).wait_stream(stream)
-    torch.cuda.synchronize(device)
+    warm_up(fn, device)
     if not capture:
         return fn, "eager", ""
-    graph = torch.cuda.CUDAGraph()
     try:
-        with torch.cuda.graph(graph):
-            fn()
-        torch.cuda.synchronize(device)
-        graph.replay()
-        torch.cuda.synchronize(device)
+        return capture_graph(fn, device, warm=False), "graph", ""
     except Exception as err:  # noqa: BLE001  not capturable: time it as called
-        del graph
         torch.cuda.synchronize(device)
         return fn, "eager", f"graph capture failed ({type(err).__name__}: {str(err).splitlines()[0][:100]})"
-    return graph.replay, "graph", ""
 
 
 # ------------------------------------------------------------------------------------ ceilings
@@ -106,32 +136,25 @@ class Ceilings:
         self._copy()
         self._matmul()
 
-    def sample(self, repeats: int = 1):
+    def sample(self, repeats: int = 1, inner: int = 3):
+        """`repeats` samples of each ceiling, each the mean of `inner` back-to-back calls."""
+        cuda = self.device.type == "cuda"
         for _ in range(repeats):
-            self.copy_ms.append(self._time(self._copy))
-            self.matmul_ms.append(self._time(self._matmul))
+            self.copy_ms.append(elapsed_ms(self._copy, inner, cuda))
+            self.matmul_ms.append(elapsed_ms(self._matmul, inner, cuda))
 
-    def _time(self, fn, inner: int = 3) -> float:
-        if self.device.type != "cuda":
-            start = time.perf_counter()
-            for _ in range(inner):
-                fn()
-            return (time.perf_counter() - start) * 1e3 / inner
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(inner):
-            fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / inner
+    def rates(self, since: int = 0) -> tuple[float, float]:
+        """(copy GB/s, matmul TFLOP/s): medians of the samples from index `since` on (0: all of them)."""
+        return (self.copy_bytes / statistics.median(self.copy_ms[since:]) / 1e6,
+                self.matmul_flops / statistics.median(self.matmul_ms[since:]) / 1e9)
 
     @property
     def bandwidth_gbs(self) -> float:
-        return self.copy_bytes / statistics.median(self.copy_ms) / 1e6
+        return self.rates()[0]
 
     @property
     def matmul_tflops(self) -> float:
-        return self.matmul_flops / statistics.median(self.matmul_ms) / 1e9
+        return self.rates()[1]
 
     def as_dict(self) -> dict:
         return dict(bandwidth_gbs=self.bandwidth_gbs, matmul_tflops=self.matmul_tflops,
@@ -140,3 +163,15 @@ class Ceilings:
 
     def release(self):
         del self.src, self.dst, self.a, self.b, self.c
+
+
+def measure_ceilings(device="cuda", dtype: torch.dtype = torch.bfloat16, repeats: int = 20) -> tuple[float, float]:
+    """(copy bandwidth in bytes/s counting read + write, dense `dtype` matmul rate in FLOP/s): medians of
+    `repeats` samples of `Ceilings`, whose buffers are freed before it returns."""
+    ceil = Ceilings(torch.device(device), dtype)
+    ceil.sample(repeats)
+    bandwidth_gbs, matmul_tflops = ceil.rates()
+    ceil.release()
+    if ceil.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return bandwidth_gbs * 1e9, matmul_tflops * 1e12
