@@ -29,6 +29,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import moge_kernels as mk  # noqa: E402
 from moge_kernels import reference as R  # noqa: E402
+from moge_kernels.bench.report import print_table  # noqa: E402
+from moge_kernels.bench.timing import capture_graph, measure_ceilings  # noqa: E402
 from moge_kernels.testing import make_routing_inputs  # noqa: E402
 
 DEFAULT_TS = (1, 16, 128, 1024, 4096, 16384)
@@ -38,30 +40,6 @@ PANGU = dict(H=5120, E=64, G=8, k_g=1)
 def do_bench(fn) -> float:
     import triton.testing
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-
-
-def copy_bandwidth_gbs(device="cuda") -> float:
-    """Device-to-device copy of 1 GiB: (bytes read + bytes written) / median time."""
-    n_bytes = 1 << 30
-    src = torch.empty(n_bytes // 2, dtype=torch.float16, device=device).normal_()
-    dst = torch.empty_like(src)
-    ms = do_bench(lambda: dst.copy_(src))
-    del src, dst
-    return 2 * n_bytes / ms / 1e6
-
-
-def graph_replay(fn):
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    torch.cuda.synchronize()
-    return graph.replay
 
 
 def make_inputs(T, H, E, G, k_g, dtype, device, seed=0, logits_dtype=torch.float32):
@@ -77,7 +55,7 @@ def run(rows_out=None, Ts=DEFAULT_TS, shape=PANGU, dtype=torch.bfloat16, logits_
     H, E, G, k_g = shape["H"], shape["E"], shape["G"], shape["k_g"]
     K = G * k_g
     es = torch.finfo(dtype).bits // 8
-    copy_gbs = copy_bandwidth_gbs(device)
+    copy_gbs = measure_ceilings(device)[0] / 1e9      # 1 GiB device-to-device copy, read + write
     bw = copy_gbs * 1e6                               # bytes per ms
     rows = []
     with mk.use_backend("triton"):
@@ -97,7 +75,7 @@ def run(rows_out=None, Ts=DEFAULT_TS, shape=PANGU, dtype=torch.bfloat16, logits_
                                                                     x["row_index"]), rtol=1.6e-2, atol=1.6e-2)
             row = dict(T=T)
             row["dispatch_ms"] = do_bench(dispatch)
-            row["dispatch_graph_ms"] = do_bench(graph_replay(dispatch)) if graph else float("nan")
+            row["dispatch_graph_ms"] = do_bench(capture_graph(dispatch)) if graph else float("nan")
             row["dispatch_eager_ms"] = do_bench(lambda: R.grouped_dispatch(x["hidden"], x["logits"], G, k_g)) \
                 if eager else float("nan")
             row["dispatch_floor_ms"] = (T * H * es + T * K * H * es + T * E * x["logits"].element_size()) / bw
@@ -150,7 +128,7 @@ def sweep(Ts=(16, 128, 1024, 4096), shape=PANGU, dtype=torch.bfloat16, device="c
     H, E, G, k_g = shape["H"], shape["E"], shape["G"], shape["k_g"]
 
     def us(fn):
-        return do_bench(graph_replay(fn)) * 1e3
+        return do_bench(capture_graph(fn)) * 1e3
 
     for T in Ts:
         x = make_inputs(T, H, E, G, k_g, dtype, device, seed=T)
@@ -278,11 +256,7 @@ def main(argv=None):
     if args.sweep:
         sweep(log=log)
     rows, copy_gbs = run(Ts=Ts, eager=not args.no_eager, log=log)
-    table = format_table(rows, copy_gbs, torch.cuda.get_device_name())
-    print(table)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(table + "\n")
+    print_table(format_table(rows, copy_gbs, torch.cuda.get_device_name()), args.out)
 
 
 if __name__ == "__main__":

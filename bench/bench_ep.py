@@ -38,6 +38,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import moge_kernels  # noqa: E402
 from moge_kernels import metrics, parallel, reference  # noqa: E402
+from moge_kernels.bench.timing import elapsed_ms  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 PHASE_NAMES = ("route", "a2a_dispatch", "experts", "a2a_combine", "combine")
@@ -193,20 +194,7 @@ def time_plain(run, fn, iters, warmup):
     for _ in range(warmup):
         fn()
     run.sync()
-    samples = []
-    for _ in range(iters):
-        if run.cuda:
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            samples.append(a.elapsed_time(b))
-        else:
-            t = time.perf_counter()
-            fn()
-            samples.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(samples)
+    return statistics.median(elapsed_ms(fn, cuda=run.cuda) for _ in range(iters))
 
 
 # ----------------------------------------------------------------------------- sections

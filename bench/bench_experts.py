@@ -33,6 +33,8 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import moge_kernels  # noqa: E402
 from moge_kernels import reference  # noqa: E402
+from moge_kernels.bench.report import print_table  # noqa: E402
+from moge_kernels.bench.timing import Ceilings, capture_graph, elapsed_ms  # noqa: E402
 
 DEFAULT_TS = (1, 16, 128, 1024, 4096, 16384)
 PANGU = dict(H=5120, I=1344, E=64, G=8, k_g=1)
@@ -86,70 +88,10 @@ def eager_mlp(p):
 
 
 # ----------------------------------------------------------------------------- timing
-def graph_of(fn):
-    """Capture fn() once (after a warm-up on a side stream); returns the replay callable."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    torch.cuda.synchronize()
-    return graph.replay
-
-
-def time_once(run, inner=1):
-    """Milliseconds per call of `run`, over `inner` back-to-back calls between two events."""
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(inner):
-        run()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / inner
-
-
 def inner_for(run, target_ms=3.0):
-    est = time_once(run, 1)
-    est = min(est, time_once(run, 1))
+    est = elapsed_ms(run)
+    est = min(est, elapsed_ms(run))
     return max(1, min(200, int(target_ms / max(est, 1e-3))))
-
-
-class Ceilings:
-    """Copy bandwidth and dense cuBLAS rate, sampled on demand so they can be interleaved."""
-
-    def __init__(self, device="cuda", dtype=torch.bfloat16):
-        n = 1 << 29                                           # 1 GiB of bf16
-        self.src = torch.randn(n // 2, device=device).to(torch.bfloat16).repeat(2)
-        self.dst = torch.empty_like(self.src)
-        self.copy_bytes = 2 * self.src.numel() * self.src.element_size()   # read + write
-        d = 8192
-        self.a = torch.randn(d, d, device=device).to(dtype)
-        self.b = torch.randn(d, d, device=device).to(dtype)
-        self.c = torch.empty(d, d, device=device, dtype=dtype)
-        self.gemm_flops = 2 * d ** 3
-        self.copy_ms, self.gemm_ms = [], []
-        self._copy = lambda: self.dst.copy_(self.src)
-        self._gemm = lambda: torch.mm(self.a, self.b, out=self.c)
-        for _ in range(3):
-            self._copy()
-            self._gemm()
-        torch.cuda.synchronize()
-
-    def sample(self):
-        self.copy_ms.append(time_once(self._copy, 5))
-        self.gemm_ms.append(time_once(self._gemm, 5))
-
-    def copy_gbs(self, samples=None):
-        ms = statistics.median(samples if samples is not None else self.copy_ms)
-        return self.copy_bytes / ms / 1e6
-
-    def gemm_tflops(self, samples=None):
-        ms = statistics.median(samples if samples is not None else self.gemm_ms)
-        return self.gemm_flops / ms / 1e9
 
 
 def flops_of(p):
@@ -167,15 +109,15 @@ def bench_experts(Ts=DEFAULT_TS, rounds=9, dtype=torch.bfloat16, device="cuda", 
                   eager=True, grouped_mm=True, log=print):
     """Time the expert MLP per T; returns (rows, ceilings). Rows hold medians in ms and derived rates."""
     moge_kernels.set_backend("triton")
-    ceil = Ceilings(device, dtype)
+    ceil = Ceilings(torch.device(device), dtype)        # 1 GiB copy, dense 8192^3 matmul
     weights = make_weights(shape["E"], shape["H"], shape["I"], dtype, device)
     rows = []
     for T in Ts:
         p = make_problem(T, shape["H"], shape["I"], shape["E"], shape["G"], shape["k_g"], dtype, device,
                          weights=weights)
-        methods = {"triton": graph_of(lambda: triton_mlp(p))}
+        methods = {"triton": capture_graph(lambda: triton_mlp(p))}
         if grouped_mm:
-            methods["grouped_mm"] = graph_of(lambda: grouped_mm_mlp(p))
+            methods["grouped_mm"] = capture_graph(lambda: grouped_mm_mlp(p))
         if eager:
             eager_mlp(p)
             methods["eager"] = lambda: eager_mlp(p)
@@ -185,15 +127,13 @@ def bench_experts(Ts=DEFAULT_TS, rounds=9, dtype=torch.bfloat16, device="cuda", 
         rel = ((ours - check).norm() / check.norm().clamp_min(1e-30)).item()
         inner = {name: inner_for(run) if name != "eager" else 1 for name, run in methods.items()}
         samples = {name: [] for name in methods}
-        copy_ms, gemm_ms = [], []
+        since = len(ceil.copy_ms)                       # this T's ceiling samples start here
         for _ in range(rounds):
             for name, run in methods.items():
-                samples[name].append(time_once(run, inner[name]))
-            ceil.sample()
-            copy_ms.append(ceil.copy_ms[-1])
-            gemm_ms.append(ceil.gemm_ms[-1])
+                samples[name].append(elapsed_ms(run, inner[name]))
+            ceil.sample(inner=5)
         med = {name: statistics.median(v) for name, v in samples.items()}
-        copy_gbs, gemm_tf = ceil.copy_gbs(copy_ms), ceil.gemm_tflops(gemm_ms)
+        copy_gbs, gemm_tf = ceil.rates(since)
         flops = flops_of(p)
         w_bytes, all_bytes = bytes_of(p)
         flop_floor = flops / gemm_tf / 1e9
@@ -226,8 +166,8 @@ def format_table(rows, ceil, device_name=None):
         f"moge grouped_mlp (Triton) vs torch._grouped_mm pipeline vs eager loop; {device_name}; "
         f"torch {torch.__version__}, triton {__import__('triton').__version__}"
         + (f", commit {os.environ['BENCH_COMMIT']}" if os.environ.get("BENCH_COMMIT") else ""),
-        f"ceilings measured in this run (medians): copy {ceil.copy_gbs():.0f} GB/s (read+write), "
-        f"dense bf16 cuBLAS 8192^3 {ceil.gemm_tflops():.0f} TFLOP/s",
+        f"ceilings measured in this run (medians): copy {ceil.bandwidth_gbs:.0f} GB/s (read+write), "
+        f"dense bf16 cuBLAS 8192^3 {ceil.matmul_tflops:.0f} TFLOP/s",
         "time ratios are ours / theirs (< 1: ours faster); floor = max(FLOPs/dense rate, "
         "active weight bytes/copy bandwidth)",
         "",
@@ -266,7 +206,7 @@ def sweep(Ts=DEFAULT_TS, dtype=torch.bfloat16, device="cuda", shape=PANGU, round
             runs = {}
             for cfg in cands:
                 try:
-                    run = graph_of(lambda: launch_grouped_gemm(inp, w, offs, out, swiglu, config=cfg))
+                    run = capture_graph(lambda: launch_grouped_gemm(inp, w, offs, out, swiglu, config=cfg))
                     runs[cfg] = (run, inner_for(run, 2.0))
                 except Exception as err:  # noqa: BLE001  report and go on
                     log(f"  T={T} {'gate_up' if swiglu else 'down'} {cfg}: FAILED {type(err).__name__}: "
@@ -274,7 +214,7 @@ def sweep(Ts=DEFAULT_TS, dtype=torch.bfloat16, device="cuda", shape=PANGU, round
             samples = {cfg: [] for cfg in runs}
             for _ in range(rounds):            # interleaved: clock drift hits every config alike
                 for cfg, (run, inner) in runs.items():
-                    samples[cfg].append(time_once(run, inner))
+                    samples[cfg].append(elapsed_ms(run, inner))
             results = sorted(((statistics.median(v), cfg) for cfg, v in samples.items()),
                              key=lambda r: r[0])
             kind = "gate_up" if swiglu else "down"
@@ -404,11 +344,7 @@ def main(argv=None):
         sweep(Ts, dtype)
         return
     rows, ceil = bench_experts(Ts, args.rounds, dtype, eager=not args.no_eager)
-    table = format_table(rows, ceil)
-    print(table)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(table + "\n")
+    print_table(format_table(rows, ceil), args.out)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,8 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import moge_kernels  # noqa: E402
 from moge_kernels import MoGELayer, reference  # noqa: E402
+from moge_kernels.bench.report import print_table  # noqa: E402
+from moge_kernels.bench.timing import capture_graph, elapsed_ms, warm_up  # noqa: E402
 
 PANGU = dict(H=5120, I=1344, E=64, G=8, k_g=1)
 
@@ -113,33 +115,13 @@ class env:
 # ----------------------------------------------------------------------------- timing
 def capture(fn):
     """(callable, mode): a CUDA-graph replay of fn when it captures, else fn itself."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
+    warm_up(fn)
     try:
-        with torch.cuda.graph(graph):
-            fn()
-        graph.replay()
-        torch.cuda.synchronize()
-        return graph.replay, "graph"
+        return capture_graph(fn, warm=False), "graph"
     except Exception as err:  # noqa: BLE001  a host sync inside: time it as called
         torch.cuda.synchronize()
         print(f"  (graph capture failed: {type(err).__name__}: {str(err).splitlines()[0][:90]})")
         return fn, "eager"
-
-
-def time_ms(run):
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    run()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end)
 
 
 def peak_mib(fn):
@@ -237,9 +219,9 @@ def bench_T(T, shape, rounds, dtype, layer_too=True, eager=True, log=print):
         order = names[r % len(names):] + names[:r % len(names)]
         for name in order:
             with env(**envs.get(name, {})):
-                samples[name].append(time_ms(runs[name]))
+                samples[name].append(elapsed_ms(runs[name]))
         for cname, run, _ in ceilings:
-            ceil_ms[cname].append(min(time_ms(run) for _ in range(3)))
+            ceil_ms[cname].append(min(elapsed_ms(run) for _ in range(3)))
     rates = {cname: f / statistics.median(ceil_ms[cname]) / 1e9 for cname, _, f in ceilings}
     peak_rate = max(rates.values())
     floor = flops / peak_rate / 1e9
@@ -292,10 +274,7 @@ def main():
                                       if autograd._grouped_mm_failed else
                                       "torch._grouped_mm (moge save/triton: Triton kernels)"))
     print(f"(bench took {time.time() - t0:.0f} s)")
-    print(table)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(table + "\n")
+    print_table(table, args.out)
 
 
 if __name__ == "__main__":

@@ -159,3 +159,11 @@ def write_json(path: str, **payload) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump(payload, f, indent=1, default=str)
+
+
+def print_table(table: str, path: str | None = None):
+    """Print a bench script's table and, where `path` is given, write it there too."""
+    print(table)
+    if path:
+        with open(path, "w") as f:
+            f.write(table + "\n")
