@@ -69,6 +69,23 @@ def assert_error_within(out, lowp_ref, exact_ref, factor=2.0, floor=1e-6, what="
         f"{what}: relative error {err:.3e} > {factor} x PyTorch's {ref_err:.3e} + {floor:.0e}"
 
 
+DISPATCH_OUTPUTS = ("permuted_hidden", "topk_weights", "topk_ids", "expert_offsets", "row_index")
+
+
+def assert_dispatch_equal(out, ref, rtol=1e-6, atol=1e-7):
+    """grouped_dispatch's outputs against the reference's: every output's shape, dtype and device; the
+    int32 outputs and the permuted rows bit for bit; the fp32 weights within rtol/atol (NaN == NaN)."""
+    for name, a, b in zip(DISPATCH_OUTPUTS, out, ref, strict=True):
+        assert a.shape == b.shape and a.dtype == b.dtype and a.device == b.device, \
+            f"{name}: {tuple(a.shape)} {a.dtype} {a.device} != {tuple(b.shape)} {b.dtype} {b.device}"
+        if name == "topk_weights":
+            assert a.dtype == torch.float32, f"{name}: {a.dtype}"
+            torch.testing.assert_close(a, b, rtol=rtol, atol=atol, equal_nan=True)
+        else:
+            assert name == "permuted_hidden" or a.dtype == torch.int32, f"{name}: {a.dtype}"
+            assert torch.equal(a, b), f"{name} differs from the reference"
+
+
 def sample_inputs(device="cpu", dtype=torch.float32):
     """{op: [(args, kwargs), ...]}: small ragged cases of every op, shared by correctness tests, opcheck
     and gradient tests. Covers T=0, T=1, empty experts, odd H, k_g=2, sigmoid, expert_scale, row_scale."""

@@ -21,7 +21,8 @@ import torch
 
 import moge_kernels as mk
 from moge_kernels import reference as R
-from moge_kernels.testing import TOLERANCES, make_expert_weights, make_routing_inputs, random_offsets, sample_inputs
+from moge_kernels.testing import (TOLERANCES, assert_dispatch_equal, make_expert_weights, make_routing_inputs,
+                                  random_offsets, sample_inputs)
 
 import npu_contract_ops as npu
 
@@ -44,17 +45,6 @@ def _load_adapter():
 
 
 A = _load_adapter()
-
-
-def assert_dispatch_equal(out, ref):
-    permuted, weights, ids, offsets, row_index = out
-    r_permuted, r_weights, r_ids, r_offsets, r_row_index = ref
-    assert torch.equal(ids, r_ids) and ids.dtype == torch.int32
-    assert torch.equal(offsets, r_offsets) and offsets.dtype == torch.int32
-    assert torch.equal(row_index, r_row_index) and row_index.dtype == torch.int32
-    assert torch.equal(permuted, r_permuted) and permuted.dtype == r_permuted.dtype
-    assert weights.dtype == torch.float32
-    torch.testing.assert_close(weights, r_weights, rtol=1e-6, atol=1e-7, equal_nan=True)
 
 
 # ----------------------------------------------------------------------------- the stand-ins themselves

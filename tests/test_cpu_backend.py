@@ -4,24 +4,14 @@ import torch
 
 import moge_kernels as mk
 from moge_kernels import reference as R
-from moge_kernels.testing import (TOLERANCES, make_expert_weights, make_routing_inputs, random_offsets,
-                                  sample_inputs)
+from moge_kernels.testing import (TOLERANCES, assert_dispatch_equal, make_expert_weights, make_routing_inputs,
+                                  random_offsets, sample_inputs)
 
 pytestmark = pytest.mark.skipif(not mk.backends()["cpu"]["available"],
                                 reason=f"cpu backend: {mk.backends()['cpu']['reason']}")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # (E, G, k_g): G divides E, k_g <= E/G
 ROUTINGS = [(4, 2, 1), (4, 1, 2), (8, 4, 2), (8, 8, 1), (64, 8, 1), (64, 8, 2), (128, 8, 1), (128, 16, 2)]
-
-
-def assert_dispatch_equal(out, ref):
-    permuted, weights, ids, offsets, row_index = out
-    r_permuted, r_weights, r_ids, r_offsets, r_row_index = ref
-    assert torch.equal(ids, r_ids) and ids.dtype == torch.int32
-    assert torch.equal(offsets, r_offsets) and offsets.dtype == torch.int32
-    assert torch.equal(row_index, r_row_index) and row_index.dtype == torch.int32
-    assert torch.equal(permuted, r_permuted) and permuted.dtype == r_permuted.dtype
-    torch.testing.assert_close(weights, r_weights, rtol=1e-6, atol=1e-7, equal_nan=True)
 
 
 @pytest.mark.parametrize("T", [0, 1, 2, 7, 33, 257])

@@ -6,17 +6,11 @@ import moge_kernels as mk
 from moge_kernels import reference as R
 from moge_kernels.testing import TOLERANCES, generator, make_routing_inputs, sample_inputs
 
-HAS_CUDA = torch.cuda.is_available()
-HAS_TRITON = mk.backends()["triton"]["available"]
-DEVICE = "cuda" if HAS_CUDA else "cpu"
+from triton_testing import DEVICE, FLOAT_DTYPES, HAS_CUDA, HAS_TRITON, requires_cuda, runs_here
+
 if HAS_TRITON:
-    from moge_kernels import triton as mk_triton
     from moge_kernels.triton import combine as triton_combine
-RUNS_HERE = HAS_TRITON and DEVICE in mk_triton.DEVICES
-pytestmark = pytest.mark.skipif(not RUNS_HERE, reason="needs the triton backend on a GPU, or "
-                                "TRITON_INTERPRET=1 (tests/conftest.py) on CPU")
-requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
-FLOAT_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if HAS_CUDA else [])
+pytestmark = runs_here
 
 
 def make_combine_inputs(T, K, H, dtype=torch.float32, seed=0, weights_dtype=torch.float32, shared=False):

@@ -4,36 +4,23 @@ Without a GPU the kernels run through Triton's interpreter on CPU tensors (tests
 TRITON_INTERPRET=1): small fp32/fp16 shapes only, since the interpreter has no bf16 and pays per op.
 On a GPU the same tests run on CUDA tensors, plus the GPU-only ones (bf16, Pangu shapes, the
 T=65536 int64-address case, torch.compile, CUDA graphs)."""
+import functools
+
 import pytest
 import torch
 
 import moge_kernels as mk
 from moge_kernels import reference as R
+from moge_kernels import testing
 from moge_kernels.testing import generator, make_routing_inputs, sample_inputs
 
-HAS_CUDA = torch.cuda.is_available()
-HAS_TRITON = mk.backends()["triton"]["available"]
-DEVICE = "cuda" if HAS_CUDA else "cpu"
+from triton_testing import DEVICE, FLOAT_DTYPES, HAS_CUDA, HAS_TRITON, requires_cuda, runs_here
+
 if HAS_TRITON:
-    from moge_kernels import triton as mk_triton
     from moge_kernels.triton import dispatch as triton_dispatch
-RUNS_HERE = HAS_TRITON and DEVICE in mk_triton.DEVICES
-pytestmark = pytest.mark.skipif(not RUNS_HERE, reason="needs the triton backend on a GPU, or "
-                                "TRITON_INTERPRET=1 (tests/conftest.py) on CPU")
-requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
-FLOAT_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if HAS_CUDA else [])
-
-
-def assert_dispatch_equal(out, ref):
-    """ids, offsets, row_index and the permuted rows bit for bit; weights within 1e-6 relative."""
-    names = ("permuted_hidden", "topk_weights", "topk_ids", "expert_offsets", "row_index")
-    for name, a, b in zip(names, out, ref):
-        assert a.shape == b.shape and a.dtype == b.dtype and a.device == b.device, \
-            f"{name}: {tuple(a.shape)} {a.dtype} {a.device} != {tuple(b.shape)} {b.dtype} {b.device}"
-        if name == "topk_weights":
-            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-12, equal_nan=True)
-        else:
-            assert torch.equal(a, b), f"{name} differs from the reference"
+pytestmark = runs_here
+# ids, offsets, row_index and the permuted rows bit for bit; weights within 1e-6 relative
+assert_dispatch_equal = functools.partial(testing.assert_dispatch_equal, rtol=1e-6, atol=1e-12)
 
 
 def run_triton(*args, **kwargs):
