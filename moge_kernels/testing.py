@@ -86,6 +86,26 @@ def assert_dispatch_equal(out, ref, rtol=1e-6, atol=1e-7):
             assert torch.equal(a, b), f"{name} differs from the reference"
 
 
+def check_gemm_and_mlp(grouped_gemm, grouped_mlp, dtype, M, E, H=40, I=24):
+    """grouped_gemm and grouped_mlp (with and without row_scale) against the reference on a ragged
+    [M, H] problem over E experts (some empty), within TOLERANCES[dtype]; dtypes and shapes too."""
+    from . import reference as R
+    g = torch.Generator().manual_seed(M)
+    x = torch.randn(M, H, generator=g).to(dtype)
+    offsets = random_offsets(M, E, seed=M)
+    w_gate_up, w_down = make_expert_weights(E, H, I, dtype)
+    row_scale = torch.rand(M, generator=g)
+    tol = TOLERANCES[dtype]
+    y = grouped_gemm(x, w_gate_up, offsets)
+    z = grouped_mlp(x, w_gate_up, w_down, offsets)
+    z_scaled = grouped_mlp(x, w_gate_up, w_down, offsets, row_scale)
+    torch.testing.assert_close(y, R.grouped_gemm(x, w_gate_up, offsets), **tol)
+    torch.testing.assert_close(z, R.grouped_mlp(x, w_gate_up, w_down, offsets), **tol)
+    torch.testing.assert_close(z_scaled, R.grouped_mlp(x, w_gate_up, w_down, offsets, row_scale), **tol)
+    assert y.dtype == z.dtype == z_scaled.dtype == dtype
+    assert y.shape == (M, 2 * I) and z.shape == (M, H)
+
+
 def sample_inputs(device="cpu", dtype=torch.float32):
     """{op: [(args, kwargs), ...]}: small ragged cases of every op, shared by correctness tests, opcheck
     and gradient tests. Covers T=0, T=1, empty experts, odd H, k_g=2, sigmoid, expert_scale, row_scale."""

@@ -21,8 +21,8 @@ import torch
 
 import moge_kernels as mk
 from moge_kernels import reference as R
-from moge_kernels.testing import (TOLERANCES, assert_dispatch_equal, make_expert_weights, make_routing_inputs,
-                                  random_offsets, sample_inputs)
+from moge_kernels.testing import (TOLERANCES, assert_dispatch_equal, check_gemm_and_mlp, make_expert_weights,
+                                  make_routing_inputs, sample_inputs)
 
 import npu_contract_ops as npu
 
@@ -156,21 +156,7 @@ def test_dispatch_contract_pins_the_row_index_convention():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("M,E", [(0, 4), (1, 4), (37, 8), (300, 64)])
 def test_gemm_and_mlp_contract(dtype, M, E):
-    H, I = 40, 24
-    g = torch.Generator().manual_seed(M)
-    x = torch.randn(M, H, generator=g).to(dtype)
-    offsets = random_offsets(M, E, seed=M)
-    w_gate_up, w_down = make_expert_weights(E, H, I, dtype)
-    row_scale = torch.rand(M, generator=g)
-    tol = TOLERANCES[dtype]
-    y = A.grouped_gemm(x, w_gate_up, offsets)
-    z = A.grouped_mlp(x, w_gate_up, w_down, offsets)
-    z_scaled = A.grouped_mlp(x, w_gate_up, w_down, offsets, row_scale)
-    torch.testing.assert_close(y, R.grouped_gemm(x, w_gate_up, offsets), **tol)
-    torch.testing.assert_close(z, R.grouped_mlp(x, w_gate_up, w_down, offsets), **tol)
-    torch.testing.assert_close(z_scaled, R.grouped_mlp(x, w_gate_up, w_down, offsets, row_scale), **tol)
-    assert y.dtype == z.dtype == z_scaled.dtype == dtype
-    assert y.shape == (M, 2 * I) and z.shape == (M, H)
+    check_gemm_and_mlp(A.grouped_gemm, A.grouped_mlp, dtype, M, E)
 
 
 def test_gemm_contract_non_contiguous_and_empty_experts():

@@ -4,8 +4,8 @@ import torch
 
 import moge_kernels as mk
 from moge_kernels import reference as R
-from moge_kernels.testing import (TOLERANCES, assert_dispatch_equal, make_expert_weights, make_routing_inputs,
-                                  random_offsets, sample_inputs)
+from moge_kernels.testing import (TOLERANCES, assert_dispatch_equal, check_gemm_and_mlp, make_expert_weights,
+                                  make_routing_inputs, random_offsets, sample_inputs)
 
 pytestmark = pytest.mark.skipif(not mk.backends()["cpu"]["available"],
                                 reason=f"cpu backend: {mk.backends()['cpu']['reason']}")
@@ -60,21 +60,8 @@ def test_dispatch_moge_group_blocks():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("M,E", [(0, 4), (1, 4), (37, 8), (300, 64)])
 def test_grouped_gemm_and_mlp_match_reference(dtype, M, E):
-    H, I = 40, 24
-    g = torch.Generator().manual_seed(M)
-    x = torch.randn(M, H, generator=g).to(dtype)
-    offsets = random_offsets(M, E, seed=M)
-    w_gate_up, w_down = make_expert_weights(E, H, I, dtype)
-    tol = TOLERANCES[dtype]
     with mk.use_backend("cpu"):
-        y = mk.grouped_gemm(x, w_gate_up, offsets)
-        z = mk.grouped_mlp(x, w_gate_up, w_down, offsets)
-        scale = torch.rand(M, generator=g)
-        z_scaled = mk.grouped_mlp(x, w_gate_up, w_down, offsets, scale)
-    torch.testing.assert_close(y, R.grouped_gemm(x, w_gate_up, offsets), **tol)
-    torch.testing.assert_close(z, R.grouped_mlp(x, w_gate_up, w_down, offsets), **tol)
-    torch.testing.assert_close(z_scaled, R.grouped_mlp(x, w_gate_up, w_down, offsets, scale), **tol)
-    assert y.dtype == z.dtype == dtype
+        check_gemm_and_mlp(mk.grouped_gemm, mk.grouped_mlp, dtype, M, E)
 
 
 def test_grouped_gemm_non_contiguous():
