@@ -16,7 +16,9 @@ bandwidth (a 1 GiB device-to-device copy, bytes read + written) and the dense bf
     combine floor  = (T*K*H*2 read + T*H*2 written) / copy bandwidth
     mlp floor      = max(6*T*K*H*I / dense rate, bytes of the active experts' weights / copy bandwidth)
 Ratios are time / other time: cuda/triton < 2 and, for grouped_mlp, cuda/gmm < 1.5 at T >= 4096 and
-cuda/floor < 1.5 at T <= 16 are the targets of the cuda backend.
+cuda/floor < 1.5 at T <= 16 are the targets of the cuda backend. A second table times grouped_mlp at
+T >= 1024 with each variant of the cuda backend's big tensor-core tile (MOGE_CUDA_GEMM_TILE, --gemm-variants),
+in the same run. --ops grouped_mlp times only the expert MLP.
 """
 from __future__ import annotations
 
@@ -110,7 +112,7 @@ def backend_fn(backend, op):
 
 
 # ----------------------------------------------------------------------------- the benchmark
-def run(Ts, backends, deadline_s, budget_ms, log=print):
+def run(Ts, backends, deadline_s, budget_ms, gemm_variants=(), variants_from_T=1024, ops=OPS, log=print):
     started = time.perf_counter()
     H, I, E, G, k_g = (PANGU[k] for k in ("H", "I", "E", "G", "k_g"))
     K = G * k_g
@@ -120,8 +122,8 @@ def run(Ts, backends, deadline_s, budget_ms, log=print):
     expert_bytes = (w_gate_up[0].numel() + w_down[0].numel()) * w_gate_up.element_size()
     rows = []
 
-    def out_of_time():
-        return time.perf_counter() - started > deadline_s
+    def out_of_time(slack=0.0):
+        return time.perf_counter() - started > deadline_s + slack
 
     for T in Ts:
         g = torch.Generator(device="cuda").manual_seed(T)
@@ -141,7 +143,7 @@ def run(Ts, backends, deadline_s, budget_ms, log=print):
             "grouped_combine": (T * K * H * 2 + T * H * 2) / bandwidth,
             "grouped_mlp": max(6 * T * K * H * I / rate, active * expert_bytes / bandwidth),
         }
-        for op in OPS:
+        for op in ops:
             row = dict(op=op, T=T, floor=floors[op] * 1e3)
             for backend in backends:
                 fn = backend_fn(backend, op)
@@ -152,6 +154,21 @@ def run(Ts, backends, deadline_s, budget_ms, log=print):
                     row[backend] = (time_eager if backend == "reference" else time_graph)(call, budget_ms)
                 except Exception as err:  # a broken backend must not cost the others' numbers
                     log(f"  {op} T={T} {backend}: {type(err).__name__}: {str(err)[:200]}")
+            if op == "grouped_mlp" and T >= variants_from_T and backend_fn("cuda", op) is not None:
+                for variant in gemm_variants:          # the big tile's variants (MOGE_CUDA_GEMM_TILE)
+                    if out_of_time(slack=20):
+                        break
+                    previous = os.environ.get("MOGE_CUDA_GEMM_TILE")
+                    os.environ["MOGE_CUDA_GEMM_TILE"] = variant
+                    try:
+                        row[f"cuda[{variant}]"] = time_graph(lambda a=args[op]: backend_fn("cuda", op)(*a), budget_ms)
+                    except Exception as err:
+                        log(f"  grouped_mlp T={T} cuda[{variant}]: {type(err).__name__}: {str(err)[:200]}")
+                    finally:
+                        if previous is None:
+                            os.environ.pop("MOGE_CUDA_GEMM_TILE")
+                        else:
+                            os.environ["MOGE_CUDA_GEMM_TILE"] = previous
             if op == "grouped_mlp" and "gmm" in backends and hasattr(torch, "_grouped_mm") and not out_of_time():
                 try:
                     row["gmm"] = time_graph(lambda: grouped_mm_mlp(permuted, w_gate_up, w_down, offsets), budget_ms)
@@ -178,6 +195,25 @@ def format_row(row, backends=COLUMNS):
             + " " + ratio("cuda", "triton") + " " + ratio("cuda", "gmm") + " " + ratio("cuda", "floor"))
 
 
+def format_variants(rows, variants):
+    """grouped_mlp with each variant of the cuda backend's big tile, and its ratio to _grouped_mm."""
+    timed = [r for r in rows if r["op"] == "grouped_mlp" and any(f"cuda[{v}]" in r for v in variants)]
+    if not timed:
+        return ""
+    lines = ["# grouped_mlp, cuda backend, big-tile variants (MOGE_CUDA_GEMM_TILE, see csrc/cuda/grouped_gemm.cuh); "
+             "ms and ratio to the _grouped_mm pipeline",
+             f"{'T':>6} " + " ".join(f"{v + ' ms':>10} {'/gmm':>6}" for v in variants)]
+    for r in timed:
+        cells = []
+        for v in variants:
+            key = f"cuda[{v}]"
+            ms = f"{r[key]:10.4f}" if key in r else f"{'-':>10}"
+            ratio = f"{r[key] / r['gmm']:6.2f}" if key in r and "gmm" in r else f"{'-':>6}"
+            cells.append(f"{ms} {ratio}")
+        lines.append(f"{r['T']:>6} " + " ".join(cells))
+    return "\n".join(lines)
+
+
 def format_table(rows, ceilings, device):
     bandwidth, rate = ceilings
     header = (f"{'op':<17}{'T':>6} " + " ".join(f"{c + ' ms':>9}" for c in COLUMNS) + f" {'floor ms':>9}"
@@ -186,6 +222,7 @@ def format_table(rows, ceilings, device):
              f"# ceilings measured in this run: copy {bandwidth / 1e12:.2f} TB/s (read + write), dense bf16 "
              f"GEMM {rate / 1e12:.0f} TFLOP/s",
              "# cuda / triton / gmm (torch._grouped_mm pipeline): CUDA-graph replays; reference: eager, as called",
+             f"# cuda column: MOGE_CUDA_GEMM_TILE={os.environ.get('MOGE_CUDA_GEMM_TILE', '(unset: built-in default)')}",
              header, "-" * len(header)]
     lines += [format_row(r) for r in rows]
     return "\n".join(lines)
@@ -198,6 +235,9 @@ def main():
     parser.add_argument("--deadline", type=float, default=1e9,
                         help="seconds after which only the cuda backend is still timed")
     parser.add_argument("--budget-ms", type=float, default=60.0, help="timing budget per measurement")
+    parser.add_argument("--ops", default=",".join(OPS), help="ops to time")
+    parser.add_argument("--gemm-variants", default="big,big4,big4d,sq",
+                        help="big-tile variants of the cuda grouped_mlp timed at T >= 1024 ('' for none)")
     parser.add_argument("--out", default=None, help="also write the table to this file")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -205,8 +245,14 @@ def main():
     for name, report in mk.backends().items():
         print(f"backend {name}: {'yes' if report['available'] else 'no: ' + report['reason'][:100]}")
     backends = [b for b in args.backends.split(",") if b]
-    rows, ceilings = run([int(t) for t in args.T.split(",")], backends, args.deadline, args.budget_ms)
+    variants = [v for v in args.gemm_variants.split(",") if v]
+    ops = [o for o in args.ops.split(",") if o]
+    rows, ceilings = run([int(t) for t in args.T.split(",")], backends, args.deadline, args.budget_ms, variants,
+                         ops=ops)
     table = format_table(rows, ceilings, torch.cuda.get_device_name())
+    variant_table = format_variants(rows, variants)
+    if variant_table:
+        table += "\n\n" + variant_table
     print(table)
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

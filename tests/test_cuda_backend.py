@@ -198,6 +198,30 @@ def test_grouped_mlp_matches_reference(dtype, M, E, H, I, with_scale):
                         what=f"grouped_mlp {dtype}")
 
 
+@pytest.mark.parametrize("variant", ["big", "big4", "big4d", "sq"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_big_tile_variants(variant, dtype, monkeypatch):
+    """Every variant of the big tensor-core tile (MOGE_CUDA_GEMM_TILE) on shapes with row, column and K
+    tails (tail tiles whose last warps skip their MMAs), an expert whose rows fill whole tiles, and the
+    Pangu widths."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    monkeypatch.setenv("MOGE_CUDA_GEMM_TILE", variant)
+    for M, E, Kd, N in [(700, 3, 136, 300), (1024, 2, 512, 256), (513, 2, 72, 257), (1500, 1, 520, 264)]:
+        x, w, offsets = _gemm_case(M, E, Kd, N, dtype, seed=M + N)
+        _poison_allocator()
+        assert_error_within(mk.grouped_gemm(x, w, offsets), R.grouped_gemm(x, w, offsets),
+                            _exact_gemm(x, w, offsets), floor=1e-6, what=f"grouped_gemm tile {variant}")
+    for M, E, H, I in [(600, 4, 136, 200), (1100, 2, 264, 136), (1024, 8, 5120, 1344)]:
+        x, _, offsets = _gemm_case(M, E, H, 8, dtype, seed=M + I)
+        w_gate_up, w_down = make_expert_weights(E, H, I, dtype, DEV, seed=M)
+        scale = (torch.rand(M, generator=generator(M)) + 0.5).to(DEV)
+        _poison_allocator()
+        assert_error_within(mk.grouped_mlp(x, w_gate_up, w_down, offsets, scale),
+                            R.grouped_mlp(x, w_gate_up, w_down, offsets, scale),
+                            _exact_mlp(x, w_gate_up, w_down, offsets, scale), floor=1e-6,
+                            what=f"grouped_mlp tile {variant}")
+
+
 @pytest.mark.parametrize("M", [0, 1, 5])
 def test_gemm_and_mlp_tiny_and_empty(M):
     for dtype in DTYPES:

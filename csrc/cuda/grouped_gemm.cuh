@@ -26,8 +26,14 @@
 // uniform skip masks per m16 / n8 sub-tile inside the k loop put branches between the HMMAs (1,385
 // instructions per k-tile instead of 297) and made the big tile 1.7x slower. In that form, 4 stages were
 // 7% faster than 3 and a CUTLASS-style register double-buffered main loop 2%: the next things to try in
-// this branch-free loop, with tail skipping at whole-warp granularity only.
+// this branch-free loop, with tail skipping at whole-warp granularity only: the opt-in variants "big4",
+// "big4d" and "sq" (MOGE_CUDA_GEMM_TILE, below) do that; their SASS main loops have no branch between
+// the 128 HMMAs of a k-tile and no spills (nvcc 13.0, sm_90). Tried here, not kept: cp.async copies
+// interleaved between the k-steps' MMAs from 32-bit row offsets spilled at the 255-register cap.
 #pragma once
+
+#include <cstdlib>
+#include <cstring>
 
 #include "common.cuh"
 
@@ -88,10 +94,15 @@ inline int64_t max_slots(int64_t M, int E, int BM) {
 }
 
 // ============================================================================ tensor-core kernel
-template <int BM_, int BN_, int WARPS_M_, int WARPS_N_, int STAGES_, int MIN_BLOCKS_>
+// SKIP_WARPS: a warp whose rows (or columns) of the tile are all past the expert's last row (or the
+// output's last column) skips its MMAs; the test is one warp-uniform branch per k-tile around the whole
+// branch-free MMA sequence. DBUF: the ldmatrix fragments of k-step ks+1 load while the MMAs of ks run.
+template <int BM_, int BN_, int WARPS_M_, int WARPS_N_, int STAGES_, int MIN_BLOCKS_, bool SKIP_WARPS_ = false,
+          bool DBUF_ = false>
 struct TcConfig {
   static constexpr int BM = BM_, BN = BN_, BK = 64;   // BK: one 128-byte swizzled row per k-tile
   static constexpr int WARPS_M = WARPS_M_, WARPS_N = WARPS_N_, STAGES = STAGES_, MIN_BLOCKS = MIN_BLOCKS_;
+  static constexpr bool SKIP_WARPS = SKIP_WARPS_, DBUF = DBUF_;
   static constexpr int THREADS = WARPS_M * WARPS_N * 32;
   static constexpr int WM = BM / WARPS_M, WN = BN / WARPS_N;
   static constexpr int MT = WM / 16, NT = WN / 8;      // m16 / n8 mma tiles per warp
@@ -112,6 +123,15 @@ using BigTile = TcConfig<128, 256, 2, 4, 3, 1>;
 // Few rows per expert (decode): the weights are streamed once, so a short BM wastes no bandwidth; 4
 // stages of 20 KB keep 48 KB of weights in flight per block and two blocks fit on an SM.
 using SkinnyTile = TcConfig<32, 128, 1, 4, 4, 2>;
+// Opt-in variants of the big tile (MOGE_CUDA_GEMM_TILE, see big_tile_variant), with whole-warp skipping:
+//   "big4":  128 x 256, 4 stages (192 KB);
+//   "big4d": as "big4" with double-buffered fragments;
+//   "sq":    128 x 128, 4 warps of 64 x 64, 3 stages (96 KB), two blocks per SM: one block's barrier
+//            stalls are hidden by the other's MMAs, and for SwiGLU BN/2 = 64 divides I = 1344 (the 256
+//            tile's 128-column halves leave the last of 11 n-tiles half empty).
+using BigTile4 = TcConfig<128, 256, 2, 4, 4, 1, true, false>;
+using BigTile4D = TcConfig<128, 256, 2, 4, 4, 1, true, true>;
+using SquareTile = TcConfig<128, 128, 2, 2, 3, 2, true, false>;
 
 // First shared-memory row of n-tile j of warp column wn. SwiGLU: tiles [0, NT/2) are gate rows and
 // [NT/2, NT) the up rows of the same output columns (the up half starts at BN/2).
@@ -192,38 +212,66 @@ __global__ void __launch_bounds__(C::THREADS, C::MIN_BLOCKS) tc_kernel(const Par
 #pragma unroll
       for (int q = 0; q < 4; ++q) acc[mi][nj][q] = 0.f;
 
+  // Fragments of k-step ks: A as MT ldmatrix.x4, B as NT/2 ldmatrix.x4 (two n8 tiles each).
+  auto load_frags = [&](uint32_t a_base, uint32_t b_base, int ks, uint32_t (&a_frag)[C::MT][4],
+                        uint32_t (&b_frag)[C::NT][2]) {
+#pragma unroll
+    for (int mi = 0; mi < C::MT; ++mi) {
+      // matrices: rows 0-7 / 8-15 of the m16 tile at k 0-7, then the same rows at k 8-15
+      const int row = wm * C::WM + mi * 16 + (lane & 15);
+      const int chunk = ks * 2 + (lane >> 4);
+      ldmatrix_x4(a_frag[mi], a_base + row * C::ROW_BYTES + ((chunk ^ (row & 7)) << 4));
+    }
+#pragma unroll
+    for (int pr = 0; pr < C::NT / 2; ++pr) {
+      // matrices: n-tile 2pr at k 0-7, k 8-15, then n-tile 2pr+1 at k 0-7, k 8-15
+      const int row = ntile_row<C, SWIGLU>(2 * pr, wn) + (lane & 7) + ((lane >> 4) << 3);
+      const int chunk = ks * 2 + ((lane >> 3) & 1);
+      uint32_t r[4];
+      ldmatrix_x4(r, b_base + row * C::ROW_BYTES + ((chunk ^ (row & 7)) << 4));
+      b_frag[2 * pr][0] = r[0];
+      b_frag[2 * pr][1] = r[1];
+      b_frag[2 * pr + 1][0] = r[2];
+      b_frag[2 * pr + 1][1] = r[3];
+    }
+  };
+  auto mma_all = [&](const uint32_t (&a_frag)[C::MT][4], const uint32_t (&b_frag)[C::NT][2]) {
+#pragma unroll
+    for (int mi = 0; mi < C::MT; ++mi)
+#pragma unroll
+      for (int nj = 0; nj < C::NT; ++nj) mma_16816<T>(acc[mi][nj], a_frag[mi], b_frag[nj]);
+  };
+
   auto compute_stage = [&](int stage) {
     const uint32_t a_base = smem_base + stage * C::STAGE_BYTES;
     const uint32_t b_base = a_base + C::BM * C::ROW_BYTES;
+    if (C::DBUF) {
+      uint32_t a_frag[2][C::MT][4];
+      uint32_t b_frag[2][C::NT][2];
+      load_frags(a_base, b_base, 0, a_frag[0], b_frag[0]);
 #pragma unroll
-    for (int ks = 0; ks < C::BK / 16; ++ks) {
-      uint32_t a_frag[C::MT][4];
-      uint32_t b_frag[C::NT][2];
-#pragma unroll
-      for (int mi = 0; mi < C::MT; ++mi) {
-        // matrices: rows 0-7 / 8-15 of the m16 tile at k 0-7, then the same rows at k 8-15
-        const int row = wm * C::WM + mi * 16 + (lane & 15);
-        const int chunk = ks * 2 + (lane >> 4);
-        ldmatrix_x4(a_frag[mi], a_base + row * C::ROW_BYTES + ((chunk ^ (row & 7)) << 4));
+      for (int ks = 0; ks < C::BK / 16; ++ks) {
+        if (ks + 1 < C::BK / 16) load_frags(a_base, b_base, ks + 1, a_frag[(ks + 1) & 1], b_frag[(ks + 1) & 1]);
+        mma_all(a_frag[ks & 1], b_frag[ks & 1]);
       }
+    } else {
 #pragma unroll
-      for (int pr = 0; pr < C::NT / 2; ++pr) {
-        // matrices: n-tile 2pr at k 0-7, k 8-15, then n-tile 2pr+1 at k 0-7, k 8-15
-        const int row = ntile_row<C, SWIGLU>(2 * pr, wn) + (lane & 7) + ((lane >> 4) << 3);
-        const int chunk = ks * 2 + ((lane >> 3) & 1);
-        uint32_t r[4];
-        ldmatrix_x4(r, b_base + row * C::ROW_BYTES + ((chunk ^ (row & 7)) << 4));
-        b_frag[2 * pr][0] = r[0];
-        b_frag[2 * pr][1] = r[1];
-        b_frag[2 * pr + 1][0] = r[2];
-        b_frag[2 * pr + 1][1] = r[3];
+      for (int ks = 0; ks < C::BK / 16; ++ks) {
+        uint32_t a_frag[C::MT][4];
+        uint32_t b_frag[C::NT][2];
+        load_frags(a_base, b_base, ks, a_frag, b_frag);
+        mma_all(a_frag, b_frag);
       }
-#pragma unroll
-      for (int mi = 0; mi < C::MT; ++mi)
-#pragma unroll
-        for (int nj = 0; nj < C::NT; ++nj) mma_16816<T>(acc[mi][nj], a_frag[mi], b_frag[nj]);
     }
   };
+
+  // Whole-warp skip (SKIP_WARPS): every row of this warp is past the tile's last row, or every output
+  // column is past the last one. Warp-uniform, tested once per k-tile outside the MMA sequence.
+  bool warp_active = true;
+  if (C::SKIP_WARPS) {
+    const int64_t first_col = n0 + (SWIGLU ? wn * (C::WN / 2) : wn * C::WN);
+    warp_active = wm * C::WM < rows && first_col < p.N_out;
+  }
 
   // ---- pipeline: k-tile kt lives in stage kt % STAGES; STAGES-1 tiles are in flight ahead of the math.
   const int k_tiles = static_cast<int>(ceil_div(Kd, C::BK));
@@ -238,7 +286,7 @@ __global__ void __launch_bounds__(C::THREADS, C::MIN_BLOCKS) tc_kernel(const Par
     const int next = kt + C::STAGES - 1;
     if (next < k_tiles) load_stage(next % C::STAGES, next);
     cp_async_commit();
-    compute_stage(kt % C::STAGES);
+    if (warp_active) compute_stage(kt % C::STAGES);
   }
   cp_async_wait<0>();
 
@@ -413,6 +461,20 @@ cudaError_t launch_simt_any(const GemmArgs& a, cudaStream_t stream) {
   return a.swiglu ? launch_simt<T, true>(p, stream) : launch_simt<T, false>(p, stream);
 }
 
+// The tile of the many-rows case: MOGE_CUDA_GEMM_TILE in {"big", "big4", "big4d", "sq"}, unset or anything
+// else: "big" (BigTile). Read at every launch (a getenv, no device work), so a benchmark or a test can
+// switch it between calls; a CUDA graph keeps the tile it was captured with.
+enum class BigVariant { kBig, kBig4, kBig4D, kSquare };
+
+inline BigVariant big_tile_variant() {
+  const char* env = std::getenv("MOGE_CUDA_GEMM_TILE");
+  if (env == nullptr) return BigVariant::kBig;
+  if (std::strcmp(env, "big4") == 0) return BigVariant::kBig4;
+  if (std::strcmp(env, "sq") == 0) return BigVariant::kSquare;
+  if (std::strcmp(env, "big4d") == 0) return BigVariant::kBig4D;
+  return BigVariant::kBig;
+}
+
 // Rows per expert on average decide the tile: below kSkinnyRows the skinny tile (weights streamed once
 // per expert, the mma work is free); above, the big tile (the math dominates).
 constexpr int64_t kSkinnyRows = 64;
@@ -426,7 +488,16 @@ cudaError_t launch_tensor_core(const GemmArgs& a, cudaStream_t stream) {
   if (a.M < kSkinnyRows * a.E) {
     return a.swiglu ? launch_tc<T, SkinnyTile, true>(p, stream) : launch_tc<T, SkinnyTile, false>(p, stream);
   }
-  return a.swiglu ? launch_tc<T, BigTile, true>(p, stream) : launch_tc<T, BigTile, false>(p, stream);
+  switch (big_tile_variant()) {
+    case BigVariant::kBig4:
+      return a.swiglu ? launch_tc<T, BigTile4, true>(p, stream) : launch_tc<T, BigTile4, false>(p, stream);
+    case BigVariant::kSquare:
+      return a.swiglu ? launch_tc<T, SquareTile, true>(p, stream) : launch_tc<T, SquareTile, false>(p, stream);
+    case BigVariant::kBig4D:
+      return a.swiglu ? launch_tc<T, BigTile4D, true>(p, stream) : launch_tc<T, BigTile4D, false>(p, stream);
+    default:
+      return a.swiglu ? launch_tc<T, BigTile, true>(p, stream) : launch_tc<T, BigTile, false>(p, stream);
+  }
 }
 
 }  // namespace gemm
