@@ -165,7 +165,8 @@ class Ceilings:
         del self.src, self.dst, self.a, self.b, self.c
 
 
-def measure_ceilings(device="cuda", dtype: torch.dtype = torch.bfloat16, repeats: int = 20) -> tuple[float, float]:
+def measure_ceilings(device="cuda", dtype: torch.dtype = torch.bfloat16,
+                     repeats: int = 20) -> tuple[float, float]:
     """(copy bandwidth in bytes/s counting read + write, dense `dtype` matmul rate in FLOP/s): medians of
     `repeats` samples of `Ceilings`, whose buffers are freed before it returns."""
     ceil = Ceilings(torch.device(device), dtype)
