@@ -30,6 +30,12 @@
 // "big4d" and "sq" (MOGE_CUDA_GEMM_TILE, below) do that; their SASS main loops have no branch between
 // the 128 HMMAs of a k-tile and no spills (nvcc 13.0, sm_90). Tried here, not kept: cp.async copies
 // interleaved between the k-steps' MMAs from 32-bit row offsets spilled at the 255-register cap.
+// Measured on an H100 (bench/results/cuda_h100_run3.txt, all tests passing for every variant): none
+// reaches the 1.5x-of-_grouped_mm goal at T >= 4096. "sq" was the fastest variant in its table (4.34 /
+// 16.7 ms at T = 4096 / 16384 vs 4.47 / 18.0 for "big" there), but the default's own column in the
+// same run read 4.55 / 16.3 ms, so the gain is within the run's noise: the default stays "big". The
+// 4-stage 128 x 256 variants were no faster than 3 stages without the skip masks. Left to try: a
+// wgmma (sm_90a) path, which needs TORCH_CUDA_ARCH_LIST=9.0a in setup.py.
 #pragma once
 
 #include <cstdlib>
