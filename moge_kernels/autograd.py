@@ -60,6 +60,7 @@ import warnings
 import torch
 
 from . import checks, ops, registry
+from .reference import expert_slices
 
 _lib = ops._lib   # the backward primitives live in the `moge` namespace beside the forward ops
 
@@ -143,16 +144,9 @@ def _acc_dtype(t):
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def _expert_slices(expert_offsets):
-    bounds = expert_offsets.tolist()   # host sync: fine for the reference, never in a kernel path
-    for e in range(len(bounds) - 1):
-        if bounds[e + 1] > bounds[e]:
-            yield e, bounds[e], bounds[e + 1]
-
-
 def ref_grouped_gemm_dgrad(grad_y, w, expert_offsets):
     grad_x = grad_y.new_zeros(grad_y.shape[0], w.shape[2])
-    for e, lo, hi in _expert_slices(expert_offsets):
+    for e, lo, hi in expert_slices(expert_offsets):
         grad_x[lo:hi] = grad_y[lo:hi] @ w[e]
     return grad_x
 
@@ -160,7 +154,7 @@ def ref_grouped_gemm_dgrad(grad_y, w, expert_offsets):
 def ref_grouped_gemm_wgrad(grad_y, x, expert_offsets):
     acc = _acc_dtype(x)
     grad_w = x.new_zeros(expert_offsets.shape[0] - 1, grad_y.shape[1], x.shape[1])
-    for e, lo, hi in _expert_slices(expert_offsets):
+    for e, lo, hi in expert_slices(expert_offsets):
         grad_w[e] = (grad_y[lo:hi].to(acc).t() @ x[lo:hi].to(acc)).to(x.dtype)
     return grad_w
 

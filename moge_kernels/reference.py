@@ -66,7 +66,8 @@ def grouped_dispatch(hidden, router_logits, num_groups, topk_per_group=1, expert
     return permuted_hidden, topk_weights, topk_ids, expert_offsets, row_index
 
 
-def _expert_slices(expert_offsets):
+def expert_slices(expert_offsets):
+    """(e, lo, hi) for every expert with rows."""
     bounds = expert_offsets.tolist()   # host sync: fine for the reference, never in a kernel path
     for e in range(len(bounds) - 1):
         if bounds[e + 1] > bounds[e]:
@@ -76,7 +77,7 @@ def _expert_slices(expert_offsets):
 def grouped_gemm(x, w, expert_offsets):
     """y[rows of e] = x[rows of e] @ w[e]^T; fp32 accumulation (matmul's), output in x's dtype."""
     y = x.new_zeros(x.shape[0], w.shape[1])
-    for e, lo, hi in _expert_slices(expert_offsets):
+    for e, lo, hi in expert_slices(expert_offsets):
         y[lo:hi] = x[lo:hi] @ w[e].t()
     return y
 
