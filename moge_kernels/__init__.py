@@ -24,12 +24,12 @@ _load_backend("triton", ".triton")
 _load_backend("ascend", ".ascend")
 registry.select_from_env()
 
-from . import autograd, layer  # noqa: E402  backward of every op; the trainable layer
+# After the backends: autograd registers its backward primitives' Triton kernels when Triton loaded.
+from . import autograd, layer, metrics, parallel  # noqa: E402
 from .layer import MoGELayer  # noqa: E402
-from . import parallel, metrics  # noqa: E402  expert parallelism over torch.distributed; load metrics
 
 __all__ = [
     "grouped_dispatch", "grouped_gemm", "grouped_mlp", "grouped_combine", "moge_forward",
     "backends", "set_backend", "get_backend", "use_backend", "resolve", "reference", "registry",
-    "MoGELayer", "autograd", "layer",
+    "MoGELayer", "autograd", "layer", "metrics", "parallel",
 ]
