@@ -313,25 +313,22 @@ def _register_triton() -> None:
         return
     lowp = (torch.float16, torch.bfloat16, torch.float32)
 
-    def dgrad(grad_y, w, expert_offsets):
-        grad_y, w = grad_y.contiguous(), w.contiguous()
-        if _grouped_mm_applies(grad_y, w) and grad_y.shape[1] % 8 == 0 and w.shape[2] % 8 == 0:
-            out = _grouped_mm_call(grouped_mm_dgrad, grad_y, w, expert_offsets.contiguous())
-            if out is not None:
-                return out
-        if grad_y.dtype not in lowp:
-            return ref_grouped_gemm_dgrad(grad_y, w, expert_offsets)
-        return tb.grouped_gemm_dgrad(grad_y, w, expert_offsets)
+    def backward_gemm(grouped_mm_fn, triton_fn, ref_fn):
+        """torch._grouped_mm where its layout rules hold, else Triton (fp32/fp16/bf16), else the reference.
+        `other` is w [E, N, Kd] for dgrad or x [M, Kd] for wgrad: both need 16-byte rows."""
+        def fn(grad_y, other, expert_offsets):
+            grad_y, other = grad_y.contiguous(), other.contiguous()
+            if _grouped_mm_applies(grad_y, other) and grad_y.shape[1] % 8 == 0 and other.shape[-1] % 8 == 0:
+                out = _grouped_mm_call(grouped_mm_fn, grad_y, other, expert_offsets.contiguous())
+                if out is not None:
+                    return out
+            if grad_y.dtype not in lowp:
+                return ref_fn(grad_y, other, expert_offsets)
+            return triton_fn(grad_y, other, expert_offsets)
+        return fn
 
-    def wgrad(grad_y, x, expert_offsets):
-        grad_y, x = grad_y.contiguous(), x.contiguous()
-        if _grouped_mm_applies(grad_y, x) and grad_y.shape[1] % 8 == 0 and x.shape[1] % 8 == 0:
-            out = _grouped_mm_call(grouped_mm_wgrad, grad_y, x, expert_offsets.contiguous())
-            if out is not None:
-                return out
-        if grad_y.dtype not in lowp:
-            return ref_grouped_gemm_wgrad(grad_y, x, expert_offsets)
-        return tb.grouped_gemm_wgrad(grad_y, x, expert_offsets)
+    dgrad = backward_gemm(grouped_mm_dgrad, tb.grouped_gemm_dgrad, ref_grouped_gemm_dgrad)
+    wgrad = backward_gemm(grouped_mm_wgrad, tb.grouped_gemm_wgrad, ref_grouped_gemm_wgrad)
 
     def only_lowp(triton_fn, ref_fn):
         def fn(*args):
