@@ -215,6 +215,23 @@ def _run_local_experts(recv_rows, recv_counts, w_gate_up, w_down, mlp_fn):
 
 
 # ----------------------------------------------------------------------------- EP layers
+def _experts_then_combine(recv_rows, recv_counts, recv_splits, send_splits, group, w_gate_up, w_down,
+                          mlp_fn, combine_fn, topk_weights, row_index, hidden, shared_w_gate_up,
+                          shared_w_down, phase_hook):
+    """Second half of both EP paths: local experts, rows back to their source rank, combine there."""
+    _hook(phase_hook, "experts")
+    expert_out = _run_local_experts(recv_rows, recv_counts, w_gate_up, w_down, mlp_fn)
+
+    _hook(phase_hook, "a2a_combine")
+    returned = all_to_all_rows(expert_out, recv_splits, send_splits, group)      # [T*K, H]
+
+    _hook(phase_hook, "combine")
+    out = combine_fn(returned, topk_weights, row_index,
+                     _shared_out(hidden, shared_w_gate_up, shared_w_down))
+    _hook(phase_hook, "end")
+    return out
+
+
 def _check_local_weights(router_logits, w_gate_up, w_down, num_groups, D):
     E = router_logits.shape[1]
     check_ep_config(num_groups, D, E, w_gate_up.shape[0])
@@ -301,16 +318,9 @@ def ep_moge_forward(hidden: Tensor, router_logits: Tensor, w_gate_up: Tensor, w_
     recv_counts = _all_to_all(send_counts, None, None, group)                   # [D, El] int32
     recv_rows = all_to_all_rows(permuted, send_splits, recv_splits, group)       # [sum recv, H]
 
-    _hook(phase_hook, "experts")
-    expert_out = _run_local_experts(recv_rows, recv_counts, w_gate_up, w_down, mlp_fn)
-
-    _hook(phase_hook, "a2a_combine")
-    returned = all_to_all_rows(expert_out, recv_splits, send_splits, group)      # [T*K, H]
-
-    _hook(phase_hook, "combine")
-    out = combine_fn(returned, topk_weights, row_index,
-                     _shared_out(hidden, shared_w_gate_up, shared_w_down))
-    _hook(phase_hook, "end")
+    out = _experts_then_combine(recv_rows, recv_counts, recv_splits, send_splits, group, w_gate_up, w_down,
+                                mlp_fn, combine_fn, topk_weights, row_index, hidden, shared_w_gate_up,
+                                shared_w_down, phase_hook)
     if not return_info:
         return out
     return out, dict(send_splits=plan.send_splits, recv_splits=plan.recv_splits, static=True,
@@ -350,16 +360,9 @@ def ep_topk_forward(hidden: Tensor, router_logits: Tensor, w_gate_up: Tensor, w_
     send_splits, recv_splits = tuple(splits[0]), tuple(splits[1])
     recv_rows = all_to_all_rows(permuted, send_splits, recv_splits, group)
 
-    _hook(phase_hook, "experts")
-    expert_out = _run_local_experts(recv_rows, recv_counts, w_gate_up, w_down, mlp_fn)
-
-    _hook(phase_hook, "a2a_combine")
-    returned = all_to_all_rows(expert_out, recv_splits, send_splits, group)
-
-    _hook(phase_hook, "combine")
-    out = combine_fn(returned, topk_weights, row_index,
-                     _shared_out(hidden, shared_w_gate_up, shared_w_down))
-    _hook(phase_hook, "end")
+    out = _experts_then_combine(recv_rows, recv_counts, recv_splits, send_splits, group, w_gate_up, w_down,
+                                mlp_fn, combine_fn, topk_weights, row_index, hidden, shared_w_gate_up,
+                                shared_w_down, phase_hook)
     if not return_info:
         return out
     return out, dict(send_splits=send_splits, recv_splits=recv_splits, static=False,
