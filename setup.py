@@ -9,7 +9,8 @@ the CUDA kernels. No toolkit means a CPU-only build, never a failed install.
 Environment:
   MOGE_BUILD_CUDA=0|1     force the CUDA extension off (or on: then a missing toolkit is an error)
   MOGE_BUILD_ASCEND=0|1   the same for the Ascend (CANN) extension, decided in build_ascend.py
-  TORCH_CUDA_ARCH_LIST    GPU targets; default "8.0;9.0"
+  TORCH_CUDA_ARCH_LIST    GPU targets; default "8.0;9.0a" (9.0a: Hopper with wgmma, the fast grouped GEMM;
+                          a list without 9.0a builds no wgmma kernel and Hopper runs the mma.sync one)
   MOGE_DEBUG_BUILD=1      -O0 -g, and -lineinfo for CUDA
   MAX_JOBS                parallel compile jobs (ninja)
 """
@@ -60,8 +61,11 @@ def extensions():
         "moge_kernels._C", _sources("csrc/*.cpp", "csrc/cpu/*.cpp"),
         extra_compile_args={"cxx": cxx + ["-fopenmp"]}, extra_link_args=["-fopenmp"], py_limited_api=True)]
     if _want_cuda():
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
         nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr"] + (["-lineinfo", "-g"] if debug else [])
+        # The host side may launch the wgmma kernel only if its sm_90a cubin is in the build.
+        if "9.0a" in os.environ["TORCH_CUDA_ARCH_LIST"]:
+            nvcc.append("-DMOGE_SM90A=1")
         exts.append(cpp_extension.CUDAExtension(
             "moge_kernels._cuda_C", _sources("csrc/cuda/*.cu", "csrc/cuda/*.cpp", "csrc/checks.cpp"),
             extra_compile_args={"cxx": cxx, "nvcc": nvcc}, py_limited_api=True))

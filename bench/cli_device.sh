@@ -17,7 +17,7 @@ stamp() { echo "[$(elapsed)s] $*"; }
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,power.draw,power.limit,temperature.gpu \
     --format=csv
 stamp "build (CPU + CUDA extensions, sm90 only)"
-TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} \
+TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a} MAX_JOBS=${MAX_JOBS:-16} \
     timeout ${BUILD_TIMEOUT:-150} python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1
 echo "build exit $? (a failed CUDA build only drops the cuda backend)"; tail -2 "$OUT/build.log"
 LIMIT=$(( BUDGET - $(elapsed) - 90 ))

@@ -17,3 +17,10 @@ for _op in OPS:
     if hasattr(torch.ops.moge_C, _op) and \
             torch._C._dispatch_has_kernel_for_dispatch_key(f"moge_C::{_op}", "CUDA"):
         register_kernel("cuda", _op, getattr(torch.ops.moge_C, _op), devices=("cuda",))
+
+
+def wgmma_built() -> bool:
+    """Whether the extension holds the Hopper wgmma grouped GEMM (built with 9.0a in TORCH_CUDA_ARCH_LIST);
+    on an sm_90 device it then runs every bf16/fp16 grouped GEMM of >= 64 rows per expert on average."""
+    import ctypes
+    return bool(ctypes.CDLL(_cuda_C.__file__).moge_cuda_wgmma_built())

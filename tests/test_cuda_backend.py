@@ -198,7 +198,7 @@ def test_grouped_mlp_matches_reference(dtype, M, E, H, I, with_scale):
                         what=f"grouped_mlp {dtype}")
 
 
-@pytest.mark.parametrize("variant", ["big", "big4", "big4d", "sq"])
+@pytest.mark.parametrize("variant", ["wgmma", "wgmma96", "wgmma128", "big", "big4", "big4d", "sq"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_big_tile_variants(variant, dtype, monkeypatch):
     """Every variant of the big tensor-core tile (MOGE_CUDA_GEMM_TILE) on shapes with row, column and K
@@ -220,6 +220,21 @@ def test_big_tile_variants(variant, dtype, monkeypatch):
                             R.grouped_mlp(x, w_gate_up, w_down, offsets, scale),
                             _exact_mlp(x, w_gate_up, w_down, offsets, scale), floor=1e-6,
                             what=f"grouped_mlp tile {variant}")
+
+
+def test_hopper_runs_the_wgmma_kernel():
+    """On an sm_90 device a 9.0a build must run the wgmma kernel for the many-rows case (seen in the
+    profiler's kernel names), not silently fall back to the mma.sync one."""
+    from moge_kernels import _cuda
+    if torch.cuda.get_device_capability() != (9, 0) or not _cuda.wgmma_built():
+        pytest.skip("needs an sm_90 device and a build with TORCH_CUDA_ARCH_LIST holding 9.0a")
+    x, _, offsets = _gemm_case(2048, 4, 512, 8, torch.bfloat16, seed=3)
+    w_gate_up, w_down = make_expert_weights(4, 512, 192, torch.bfloat16, DEV, seed=3)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        mk.grouped_mlp(x, w_gate_up, w_down, offsets)
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert sum("wgmma_kernel" in n for n in names) == 2, names    # gate_up + SwiGLU, then down
 
 
 @pytest.mark.parametrize("M", [0, 1, 5])

@@ -6,7 +6,8 @@ Why not setup.py: it builds the CUDA extension only with a CUDA build of torch (
 CI has the CPU wheel. The .cu files include no ATen header on purpose, so they need only the toolkit. The
 glue needs c10/cuda headers, which the CPU wheel ships except for one generated file
 (c10/cuda/impl/cuda_cmake_macros.h, a single define): the test writes it into a scratch include folder.
-Skipped when nvcc is absent. MOGE_CI_CUDA_ARCHS (default "90") picks the targets, e.g. "80,90".
+Skipped when nvcc is absent. MOGE_CI_CUDA_ARCHS (default "90a", as setup.py builds for Hopper, with
+MOGE_SM90A so the wgmma launcher compiles too) picks the targets, e.g. "80,90a".
 """
 import concurrent.futures
 import os
@@ -45,9 +46,9 @@ def _run(cmd):
 
 
 def _kernel_cmd(source, out_dir):
-    archs = os.environ.get("MOGE_CI_CUDA_ARCHS", "90").split(",")
+    archs = os.environ.get("MOGE_CI_CUDA_ARCHS", "90a").split(",")
     gencode = [f"-gencode=arch=compute_{a.strip()},code=sm_{a.strip()}" for a in archs if a.strip()]
-    return [NVCC, *TORCH_NVCC_FLAGS, *gencode, "-Xptxas", "-v", "-I", str(CUDA_SRC), "-c",
+    return [NVCC, *TORCH_NVCC_FLAGS, "-DMOGE_SM90A=1", *gencode, "-Xptxas", "-v", "-I", str(CUDA_SRC), "-c",
             str(source), "-o", str(out_dir / (source.stem + ".o"))]
 
 

@@ -467,14 +467,16 @@ cudaError_t launch_simt_any(const GemmArgs& a, cudaStream_t stream) {
   return a.swiglu ? launch_simt<T, true>(p, stream) : launch_simt<T, false>(p, stream);
 }
 
-// The tile of the many-rows case: MOGE_CUDA_GEMM_TILE in {"big", "big4", "big4d", "sq"}, unset or anything
-// else: "big" (BigTile). Read at every launch (a getenv, no device work), so a benchmark or a test can
-// switch it between calls; a CUDA graph keeps the tile it was captured with.
-enum class BigVariant { kBig, kBig4, kBig4D, kSquare };
+// The tile of the many-rows case, MOGE_CUDA_GEMM_TILE: unset, "wgmma", "wgmma96" or "wgmma128": the Hopper
+// wgmma kernel (csrc/cuda/grouped_gemm_sm90.cu) where it runs (an sm_90 device and a 9.0a build), else the
+// mma.sync "big" tile; "big", "big4", "big4d", "sq": that mma.sync tile (BigTile and the opt-in variants).
+// Read at every launch (a getenv, no device work), so a benchmark or a test can switch it between calls;
+// a CUDA graph keeps the tile it was captured with.
+enum class BigVariant { kAuto, kBig, kBig4, kBig4D, kSquare };
 
 inline BigVariant big_tile_variant() {
   const char* env = std::getenv("MOGE_CUDA_GEMM_TILE");
-  if (env == nullptr) return BigVariant::kBig;
+  if (env == nullptr || std::strncmp(env, "wgmma", 5) == 0) return BigVariant::kAuto;
   if (std::strcmp(env, "big4") == 0) return BigVariant::kBig4;
   if (std::strcmp(env, "sq") == 0) return BigVariant::kSquare;
   if (std::strcmp(env, "big4d") == 0) return BigVariant::kBig4D;
@@ -494,7 +496,12 @@ cudaError_t launch_tensor_core(const GemmArgs& a, cudaStream_t stream) {
   if (a.M < kSkinnyRows * a.E) {
     return a.swiglu ? launch_tc<T, SkinnyTile, true>(p, stream) : launch_tc<T, SkinnyTile, false>(p, stream);
   }
-  switch (big_tile_variant()) {
+  const BigVariant variant = big_tile_variant();
+  if (variant == BigVariant::kAuto) {
+    const cudaError_t err = launch_grouped_gemm_sm90(a, stream);
+    if (err != cudaErrorNotSupported) return err;
+  }
+  switch (variant) {
     case BigVariant::kBig4:
       return a.swiglu ? launch_tc<T, BigTile4, true>(p, stream) : launch_tc<T, BigTile4, false>(p, stream);
     case BigVariant::kSquare:

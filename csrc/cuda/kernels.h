@@ -72,6 +72,9 @@ cudaError_t launch_grouped_gemm(const GemmArgs& args, cudaStream_t stream);
 cudaError_t launch_grouped_gemm_bf16(const GemmArgs& args, cudaStream_t stream);
 cudaError_t launch_grouped_gemm_fp16(const GemmArgs& args, cudaStream_t stream);
 cudaError_t launch_grouped_gemm_fp32(const GemmArgs& args, cudaStream_t stream);
+// Hopper wgmma kernel (csrc/cuda/grouped_gemm_sm90.cu) for bf16 / fp16: cudaErrorNotSupported when it
+// cannot run here (not an sm_90 device, a build without the 9.0a target, unaligned or odd-sized operands).
+cudaError_t launch_grouped_gemm_sm90(const GemmArgs& args, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace moge

@@ -11,7 +11,7 @@ stamp() { echo "[$(( $(date +%s) - T0 ))s] $*"; }
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 stamp "pip install --no-build-isolation --no-deps -e ."
-MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0 timeout 300 python3 -m pip install --no-build-isolation --no-deps -e . \
+MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0a timeout 300 python3 -m pip install --no-build-isolation --no-deps -e . \
     > "$OUT/build.log" 2>&1
 echo "build exit: $?"; grep -E "moge_kernels build|error" "$OUT/build.log" | head
 python3 -c "import moge_kernels as mk; print({k: v['available'] for k, v in mk.backends().items()})"

@@ -21,7 +21,7 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torc
 if has build; then
   stamp "build: pip install --no-build-isolation --no-deps -e .  (clean tree: no .so, no build/)"
   ls moge_kernels/*.so build 2>/dev/null && echo "WARNING: the tree holds build outputs"
-  MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} timeout $(limit ${BUILD_TIMEOUT:-240}) \
+  MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a} timeout $(limit ${BUILD_TIMEOUT:-240}) \
       python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1
   echo "build exit: $?"
   grep -E "error|moge_kernels build|spill" "$OUT/build.log" | head -20

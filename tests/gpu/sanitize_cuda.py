@@ -5,7 +5,7 @@
 
 Without the caching allocator every tensor is its own cudaMalloc, so memcheck sees its exact bounds.
 Covers: dispatch (16-byte and 4-byte row copies, strided rows, k_g=2, several chunks), combine (vector and
-scalar paths, shared_out), grouped GEMM on the skinny and the big tensor-core tile and on the SIMT kernel,
+scalar paths, shared_out), grouped GEMM on the skinny and the big tensor-core tile (wgmma and mma.sync) and on the SIMT kernel,
 grouped MLP (SwiGLU epilogue, row_scale). Each result is checked against the reference as well.
 """
 import os
@@ -53,8 +53,11 @@ def main():
 
     for M, E, Kd, N, dtype, what in [(37, 8, 64, 72, torch.bfloat16, "skinny tile"),
                                      (300, 4, 136, 264, torch.bfloat16, "big tile"),
+                                     (300, 4, 136, 264, torch.float16, "big tile mma.sync"),
                                      (50, 3, 20, 33, torch.bfloat16, "SIMT fallback"),
                                      (50, 3, 24, 33, torch.float32, "SIMT fp32")]:
+        # "big tile": the wgmma kernel on an sm_90 device with a 9.0a build; "mma.sync": forced
+        os.environ["MOGE_CUDA_GEMM_TILE"] = "big" if what.endswith("mma.sync") else "wgmma"
         x = torch.randn(M, Kd, device=DEV).to(dtype)
         w = (torch.randn(E, N, Kd, device=DEV) / Kd ** 0.5).to(dtype)
         offsets = random_offsets(M, E, seed=M, device=DEV)
