@@ -20,22 +20,16 @@
 // SIMT kernel: fp32 inputs (fp32 FMAs, as exact as a plain fp32 matmul), and the fallback for rows that
 // the tensor-core loader cannot move 16 bytes at a time.
 //
-// Measured on an H100 (bench/results/cuda_h100.txt): the big tile runs the Pangu expert MLP at 300-340
-// TFLOP/s, 1.6-1.75x the torch._grouped_mm (wgmma) pipeline; the skinny tile streams weights within
-// 1.05-1.2x of the copy floor. Tried and measured (bench/results/cuda_h100_run2.txt), not kept: warp-
-// uniform skip masks per m16 / n8 sub-tile inside the k loop put branches between the HMMAs (1,385
-// instructions per k-tile instead of 297) and made the big tile 1.7x slower. In that form, 4 stages were
-// 7% faster than 3 and a CUTLASS-style register double-buffered main loop 2%: the next things to try in
-// this branch-free loop, with tail skipping at whole-warp granularity only: the opt-in variants "big4",
-// "big4d" and "sq" (MOGE_CUDA_GEMM_TILE, below) do that; their SASS main loops have no branch between
-// the 128 HMMAs of a k-tile and no spills (nvcc 13.0, sm_90). Tried here, not kept: cp.async copies
-// interleaved between the k-steps' MMAs from 32-bit row offsets spilled at the 255-register cap.
-// Measured on an H100 (bench/results/cuda_h100_run3.txt, all tests passing for every variant): none
-// reaches the 1.5x-of-_grouped_mm goal at T >= 4096. "sq" was the fastest variant in its table (4.34 /
-// 16.7 ms at T = 4096 / 16384 vs 4.47 / 18.0 for "big" there), but the default's own column in the
-// same run read 4.55 / 16.3 ms, so the gain is within the run's noise: the default stays "big". The
-// 4-stage 128 x 256 variants were no faster than 3 stages without the skip masks. Left to try: a
-// wgmma (sm_90a) path, which needs TORCH_CUDA_ARCH_LIST=9.0a in setup.py.
+// On Hopper the many-rows case runs the wgmma kernel of csrc/cuda/grouped_gemm_sm90.cu instead (built
+// with the 9.0a target, setup.py's default): 0.95x / 1.07x the torch._grouped_mm pipeline at T = 4096 /
+// 16384 on an H100 where the mma.sync big tile below takes 1.94x / 1.70x (bench/results/cuda_h100_wgmma.txt).
+// The mma.sync tiles stay for Ampere, for builds without 9.0a and for decode (the skinny tile streams
+// the weights within 1.05-1.2x of the copy floor).
+// History of the mma.sync big tile (bench/results/cuda_h100*.txt): 300-340 TFLOP/s, 1.6-1.75x the
+// _grouped_mm pipeline. Tried, not kept: warp-uniform skip masks per m16 / n8 sub-tile inside the k loop
+// (branches between the HMMAs, 1.7x slower); 4 stages and register double-buffering (the opt-in
+// variants "big4", "big4d" and "sq" of MOGE_CUDA_GEMM_TILE below, within noise of "big"); cp.async
+// copies interleaved between the k-steps' MMAs (spilled at the 255-register cap).
 #pragma once
 
 #include <cstdlib>
