@@ -13,7 +13,7 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,power.draw,po
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 if has pre; then
   stamp precompile
-  timeout 150 python3 -c "
+  timeout ${PRE_TIMEOUT:-150} python3 -c "
 import sys, torch; sys.path.insert(0, 'bench')
 import bench_experts as b
 b.precompile((torch.bfloat16,), 10, table_dtypes=(torch.float16,))
@@ -33,7 +33,7 @@ if has memcheck; then
 fi
 if has sweep; then
   stamp sweep
-  timeout ${SWEEP_TIMEOUT:-150} python3 bench/bench_experts.py --sweep --T ${SWEEP_T:-1,16,128,1024,4096,16384} 2>&1 \
+  timeout ${SWEEP_TIMEOUT:-150} python3 bench/bench_experts.py --sweep --T ${SWEEP_T:-1,1024,4096,16384} 2>&1 \
       | grep -v Warn | tee "$OUT/sweep.log"
 fi
 if has bench; then

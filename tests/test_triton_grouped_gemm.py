@@ -119,7 +119,8 @@ def test_grouped_mlp_small(shape, dtype):
 # K not a multiple of BK.
 PATH_CONFIGS = [C(16, 32, 32, 4, 1), C(32, 64, 32, 4, 1, split_m=True, split_n=True),
                 C(32, 64, 32, 4, 1, tma=True), C(32, 64, 32, 4, 1, tma=True, split_m=True, split_n=True),
-                C(32, 64, 32, 4, 1, tma=True, split_n=True), C(32, 64, 32, 4, 1, tma=True, persistent=True)]
+                C(32, 64, 32, 4, 1, tma=True, split_n=True), C(32, 64, 32, 4, 1, tma=True, persistent=True),
+                C(32, 64, 32, 4, 1, tma=True, persistent=2), C(32, 64, 32, 4, 1, tma=True, ws=True)]
 
 
 @pytest.mark.parametrize("cfg", PATH_CONFIGS, ids=str)
@@ -138,6 +139,47 @@ def test_kernel_paths(cfg, swiglu):
     if swiglu:
         lowp, exact = reference.swiglu(lowp), reference.swiglu(exact)
     _check(out, lowp, exact, what=f"{cfg} swiglu={swiglu}")
+
+
+# Tail tiles of a chosen height (tail_m < BM/2): counts (70, 0, 5, 80, 16, 33) with BM = 64 give tails of
+# 6, 5, 16 (at the boundary: the tail loop) and 16 rows, and 33 rows in one full tile; M = 0 too.
+TAIL_CONFIGS = [C(64, 32, 32, 4, 1, tail_m=16), C(64, 64, 32, 4, 1, tail_m=16, split_n=True),
+                C(64, 32, 32, 4, 1, tma=True, tail_m=16), C(64, 64, 32, 4, 1, tma=True, tail_m=32, split_n=True),
+                C(64, 32, 32, 4, 1, tma=True, tail_m=16, ws=True)]
+
+
+@pytest.mark.parametrize("cfg", TAIL_CONFIGS, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_tail_tile_heights(cfg, dtype):
+    counts = torch.tensor([70, 0, 5, 80, 16, 33])
+    E, K, n_out = len(counts), 48, 80                  # K = 48: a masked last k-slice with BK = 32
+    for M in (int(counts.sum()), 0):
+        offs = torch.zeros(E + 1, dtype=torch.int32)
+        if M:
+            offs[1:] = torch.cumsum(counts, 0)
+        offs = offs.to(DEVICE)
+        x = _randn(M, K, dtype=dtype, seed=30)
+        for swiglu in (False, True):
+            w = _randn(E, 2 * n_out if swiglu else n_out, K, dtype=dtype, seed=31, scale=K ** -0.5)
+            out = torch.full((M, n_out), float("nan"), dtype=dtype, device=DEVICE)
+            triton_gg.launch_grouped_gemm(x, w, offs, out, swiglu, config=gemm_configs.fit(cfg, swiglu, dtype))
+            lowp, exact = _ref_gemm(x, w, offs)
+            if swiglu:
+                lowp, exact = reference.swiglu(lowp), reference.swiglu(exact)
+            _check(out, lowp, exact, what=f"{cfg} swiglu={swiglu} M={M} {dtype}")
+
+
+def test_config_fields_and_forced_parse():
+    assert C(128, 128, 64, 8, 4, split_m=True).tail_rows() == 64
+    assert C(128, 128, 64, 8, 4, tail_m=32).tail_rows() == 32
+    assert C(128, 128, 64, 8, 4).tail_rows() == 0
+    assert str(C(16, 64, 64, 4, 6, tma=True, persistent=2, tail_m=16, ws=True)) == \
+        "16x64x64 w4 s6 tma tailM16 pers2 ws"
+    assert gemm_configs._parse_forced("128,128,64,8,4,1,0,1,0,32,1") == \
+        C(128, 128, 64, 8, 4, tma=True, split_n=True, tail_m=32, ws=True)
+    assert gemm_configs._parse_forced("16,64,64,4,6,1,0,0,2").persistent == 2
+    fp32 = gemm_configs.fit(C(128, 128, 64, 8, 4, tma=True, persistent=2, ws=True), False, torch.float32)
+    assert not fp32.tma and not fp32.persistent and not fp32.ws
 
 
 def test_uneven_k_paths():

@@ -7,8 +7,9 @@ below were tuned on an H100 80GB HBM3 with the Pangu Pro MoE expert shapes (H=51
 more bandwidth, so the same tile shapes stay right) until it gets its own sweep.
 
 Escape hatches (one place, environment):
-  MOGE_TRITON_GEMM_CONFIG="BM,BN,BK,warps,stages[,tma[,split_m[,split_n[,persistent]]]]"  force one
-                           config for every launch (flags 0/1)
+  MOGE_TRITON_GEMM_CONFIG="BM,BN,BK,warps,stages[,tma[,split_m[,split_n[,persistent[,tail_m[,ws]]]]]]"
+                           force one config for every launch (flags 0/1; persistent: programs per
+                           SM, tail_m: rows of the split tail tile)
   MOGE_TRITON_AUTOTUNE=1   time the candidate list of a key on its first call (host sync: never under
                            CUDA-graph capture, where the table's choice is used); unset or 0: tables only.
 """
@@ -31,12 +32,22 @@ class GemmConfig:
     tma: bool = False       # load x and w through host-built TMA descriptors (Hopper+)
     split_m: bool = False   # an expert's last row tile with <= block_m/2 rows runs a half-height loop
     split_n: bool = False   # a last column tile with <= block_n/2 columns runs a half-width loop
-    persistent: bool = False  # one program per SM walking tiles, TMA only (no split tails)
+    persistent: int = 0     # programs per SM walking tiles (0: one program per tile); TMA only, no tails
+    tail_m: int = 0         # split_m with this height (a power of two >= 16, < block_m) instead of half
+    ws: bool = False        # Triton's automatic warp specialization of the TMA k loop
+
+    def tail_rows(self) -> int:
+        """Height of the tail tile's main loop, 0 when tails are not split."""
+        if self.tail_m:
+            return self.tail_m
+        return self.block_m // 2 if self.split_m else 0
 
     def __str__(self):
+        pers = "" if not self.persistent else " pers" if self.persistent == 1 else f" pers{self.persistent}"
+        tail = f" tailM{self.tail_m}" if self.tail_m else " tailM" if self.split_m else ""
         return (f"{self.block_m}x{self.block_n}x{self.block_k} w{self.num_warps} s{self.num_stages}"
-                f"{' tma' if self.tma else ''}{' tailM' if self.split_m else ''}"
-                f"{' tailN' if self.split_n else ''}{' pers' if self.persistent else ''}")
+                f"{' tma' if self.tma else ''}{tail}"
+                f"{' tailN' if self.split_n else ''}{pers}{' ws' if self.ws else ''}")
 
 
 C = GemmConfig
@@ -73,35 +84,41 @@ H100_TABLE = {
 TABLES = {"H100": H100_TABLE, "H200": H100_TABLE}
 
 # Candidates timed by MOGE_TRITON_AUTOTUNE=1 and by the benchmark's --sweep.
-P = dict(tma=True, persistent=True)
-_big_gate_up = [C(128, 128, 64, 8, 4, tma=True), C(128, 128, 64, 8, 4, **P), C(128, 128, 64, 8, 3, **P),
-                C(128, 128, 64, 8, 4, tma=True, split_n=True),
-                C(128, 128, 64, 8, 4, tma=True, split_m=True),
-                C(128, 128, 64, 8, 4, split_m=True, split_n=True), C(128, 128, 64, 8, 4, split_n=True),
-                C(128, 64, 64, 8, 3, tma=True), C(128, 128, 64, 8, 3, tma=True)]
-_big_down = [C(128, 256, 64, 8, 3), C(128, 256, 64, 8, 3, tma=True), C(128, 256, 64, 8, 4, tma=True),
-             C(128, 256, 64, 8, 3, **P), C(128, 256, 64, 8, 4, **P), C(128, 128, 64, 8, 4, **P),
-             C(128, 256, 64, 8, 3, split_m=True), C(128, 256, 64, 8, 3, tma=True, split_m=True),
-             C(128, 128, 64, 8, 3), C(128, 128, 64, 8, 3, tma=True)]
+P = dict(tma=True, persistent=1)
+P2 = dict(tma=True, persistent=2)
+T = dict(tma=True)
+_big_gate_up = [C(128, 128, 64, 8, 4, **T), C(128, 128, 64, 8, 4, tma=True, split_n=True),
+                C(128, 128, 64, 8, 3, **T), C(128, 128, 64, 8, 4, tma=True, split_m=True),
+                C(128, 128, 64, 8, 4, tma=True, tail_m=32), C(128, 128, 64, 8, 4, tma=True, tail_m=32, split_n=True),
+                C(128, 128, 64, 8, 4, tma=True, tail_m=16, split_n=True),
+                C(256, 64, 64, 8, 4, **T), C(256, 64, 64, 8, 4, tma=True, tail_m=32),
+                C(256, 64, 64, 8, 4, tma=True, tail_m=64), C(128, 128, 64, 8, 4, tma=True, ws=True)]
+_big_down = [C(128, 256, 64, 8, 4, **P), C(128, 256, 64, 8, 3, **P), C(128, 256, 64, 8, 4, **T),
+             C(128, 256, 64, 8, 3, tma=True, split_m=True), C(128, 256, 64, 8, 4, tma=True, tail_m=32),
+             C(128, 256, 64, 8, 4, tma=True, tail_m=16), C(256, 128, 64, 8, 4, **P),
+             C(256, 128, 64, 8, 4, tma=True, tail_m=32), C(64, 256, 64, 4, 4, **P)]
 CANDIDATES = {
-    ("decode", True): [C(16, 32, 128, 4, 4), C(16, 32, 256, 4, 4), C(16, 32, 128, 4, 6),
-                       C(16, 64, 128, 4, 3), C(16, 32, 128, 8, 4)],
-    ("decode", False): [C(16, 64, 128, 4, 4), C(16, 32, 256, 4, 3), C(16, 64, 128, 4, 6),
-                        C(16, 64, 128, 8, 4), C(16, 32, 128, 4, 4)],
+    ("decode", True): [C(16, 32, 128, 4, 4), C(16, 64, 128, 4, 3), C(16, 32, 64, 4, 8, **T),
+                       C(16, 32, 64, 4, 8, **P2), C(16, 64, 64, 4, 6, **P2), C(16, 32, 64, 4, 8, **P),
+                       C(16, 16, 256, 4, 4)],
+    ("decode", False): [C(16, 64, 128, 4, 4), C(16, 64, 64, 4, 8), C(16, 128, 64, 4, 6),
+                        C(16, 32, 256, 4, 3), C(16, 64, 64, 4, 6, **P2), C(16, 128, 64, 4, 4, **P2),
+                        C(16, 64, 64, 4, 8, **P), C(16, 256, 64, 4, 4)],
     ("small", True): [C(32, 64, 128, 4, 4), C(32, 32, 128, 4, 5), C(32, 64, 128, 4, 3),
                       C(32, 64, 64, 4, 6), C(32, 128, 64, 4, 4)],
     ("small", False): [C(32, 64, 128, 4, 4), C(32, 32, 128, 4, 4), C(32, 128, 64, 4, 4),
                        C(32, 64, 128, 4, 3)],
     ("medium", True): [C(128, 128, 64, 8, 4, split_m=True, split_n=True),
-                       C(128, 128, 64, 8, 4, tma=True, split_m=True),
-                       C(128, 128, 64, 8, 4, tma=True, split_n=True),
                        C(128, 128, 64, 8, 4, tma=True, split_m=True, split_n=True),
-                       C(128, 128, 64, 8, 4, **P),
-                       C(128, 64, 64, 8, 4, split_m=True), C(64, 64, 64, 4, 4)],
-    ("medium", False): [C(128, 256, 64, 8, 3, split_m=True), C(128, 256, 64, 8, 3),
-                        C(128, 256, 64, 8, 3, tma=True, split_m=True),
-                        C(128, 256, 64, 8, 4, tma=True, split_m=True), C(128, 256, 64, 8, 3, **P),
-                        C(128, 128, 64, 8, 3, split_m=True), C(64, 128, 64, 4, 4)],
+                       C(128, 128, 64, 8, 4, tma=True, tail_m=32, split_n=True),
+                       C(128, 128, 64, 8, 4, tma=True, tail_m=16, split_n=True),
+                       C(128, 128, 64, 8, 4, tma=True, split_n=True),
+                       C(256, 64, 64, 8, 4, tma=True, tail_m=32),
+                       C(128, 128, 64, 8, 4, tma=True, split_n=True, ws=True)],
+    ("medium", False): [C(128, 256, 64, 8, 4, tma=True, split_m=True), C(128, 256, 64, 8, 3, split_m=True),
+                        C(128, 256, 64, 8, 4, tma=True, tail_m=32),
+                        C(128, 256, 64, 8, 4, tma=True, tail_m=16), C(128, 256, 64, 8, 4, **P),
+                        C(64, 256, 64, 4, 4, **P), C(256, 128, 64, 8, 4, tma=True, tail_m=32)],
     ("prefill", True): _big_gate_up,
     ("prefill", False): _big_down,
     ("large", True): _big_gate_up,
@@ -149,7 +166,7 @@ def fit(cfg: GemmConfig, swiglu: bool, dtype: torch.dtype, smem: int = SMEM_LIMI
         # fp32 runs full-precision (ieee) dots, which are FMA loops rather than wgmma: keep it on the
         # plain cp.async kernel that the fp32 tests cover, with half-depth k slices
         cfg = dataclasses.replace(cfg, block_k=max(16, cfg.block_k // 2),
-                                  tma=False, persistent=False)
+                                  tma=False, persistent=0, ws=False)
     stages = cfg.num_stages
     # 8 KB headroom: Triton keeps barriers and the epilogue's layout-conversion scratch there too
     while stages > 2 and stages * stage_bytes(cfg, swiglu, elem_size) > smem - 8 * 1024:
@@ -159,9 +176,14 @@ def fit(cfg: GemmConfig, swiglu: bool, dtype: torch.dtype, smem: int = SMEM_LIMI
 
 def _parse_forced(text: str) -> GemmConfig:
     parts = [p.strip() for p in text.split(",")]
-    ints = [int(p) for p in parts[:5]]
-    flags = [p.lower() in ("1", "true") for p in parts[5:]]
-    return GemmConfig(*ints, *flags)
+    fields = dataclasses.fields(GemmConfig)
+    values = []
+    for field, part in zip(fields, parts):
+        if field.type in ("bool", bool):
+            values.append(part.lower() in ("1", "true"))
+        else:
+            values.append(int(part))
+    return GemmConfig(*values)
 
 
 def forced_config():

@@ -20,9 +20,12 @@ programs past the real work return at once. Empty experts own no tile and cost n
 Variants, chosen per launch by the config (gemm_configs.py): operands through cp.async pointer loads or
 through TMA descriptors (Hopper; rows and columns past a tile's expert are loaded but never stored, and
 loads past the tensor are zero-filled); "split tails", where an expert's last row tile holding at most
-BM/2 rows (and a last column tile at most BN/2 wide) runs a half-size main loop; and a persistent TMA
-kernel (one program per SM walking the same tile order, tile and k loops flattened into one software
-pipeline so the epilogue overlaps the next tile's loads).
+TAIL_BM rows (BM/2, or a smaller power of two) runs a main loop of that height, and a last column tile at
+most BN/2 wide a half-width one; Triton's automatic warp specialization of the TMA k loop (a producer
+warp issuing the loads, `tl.range(warp_specialize=True)`); and a persistent TMA kernel (one or more
+programs per SM walking the same tile order, tile and k loops flattened into one software pipeline so
+the epilogue overlaps the next tile's loads). The tiled and the persistent kernels share one TMA k loop
+(_tma_k_loop; a @triton.jit helper is inlined, so both compile to what the hand-copied loops did).
 
 grouped_mlp runs two launches of one kernel: gate_up with SwiGLU fused into the epilogue (a program holds
 gate columns [n, n+BN) and the matching up columns [I+n, I+n+BN) in two fp32 accumulators and writes only
@@ -76,11 +79,37 @@ def _locate(tile, experts, starts, ends, m_tiles, work_begin, work_end, BM: tl.c
 
 
 @triton.jit
+def _tma_k_loop(x_desc, w_desc, row0, w_row, N_OUT, num_k, acc, acc_up, BK: tl.constexpr,
+                SWIGLU: tl.constexpr, DOT_PRECISION: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
+    """acc += x[row0 : row0+BM] @ w2d[w_row : w_row+BN]^T over all of K through TMA descriptors (and
+    acc_up with the up rows, N_OUT further down, when SWIGLU). Shared by the tiled and persistent kernels."""
+    if WARP_SPECIALIZE:     # constexpr: the other branch is never compiled (nor needs tl.range's argument)
+        for kk in tl.range(0, num_k, warp_specialize=True):
+            k = kk * BK
+            a = x_desc.load([row0, k])
+            b = w_desc.load([w_row, k])
+            acc = tl.dot(a, b.T, acc, input_precision=DOT_PRECISION)
+            if SWIGLU:
+                b_up = w_desc.load([w_row + N_OUT, k])
+                acc_up = tl.dot(a, b_up.T, acc_up, input_precision=DOT_PRECISION)
+    else:
+        for kk in range(num_k):
+            k = kk * BK
+            a = x_desc.load([row0, k])
+            b = w_desc.load([w_row, k])
+            acc = tl.dot(a, b.T, acc, input_precision=DOT_PRECISION)
+            if SWIGLU:
+                b_up = w_desc.load([w_row + N_OUT, k])
+                acc_up = tl.dot(a, b_up.T, acc_up, input_precision=DOT_PRECISION)
+    return acc, acc_up
+
+
+@triton.jit
 def _gemm_tile(x_ptr, w_ptr, x_desc, w_desc, y_ptr, row_scale_ptr, e, row0, row_end, col0,
                N_OUT, K, W_ROWS, stride_xm, stride_we, stride_wn, stride_ym,
                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SWIGLU: tl.constexpr,
                HAS_ROW_SCALE: tl.constexpr, EVEN_K: tl.constexpr, USE_TMA: tl.constexpr,
-               DOT_PRECISION: tl.constexpr):
+               DOT_PRECISION: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
     """One [BM, BN] output tile of expert e: rows [row0, min(row0+BM, row_end)), columns [col0, col0+BN)."""
     offs_m = tl.arange(0, BM)
     offs_n = tl.arange(0, BN)
@@ -93,14 +122,8 @@ def _gemm_tile(x_ptr, w_ptr, x_desc, w_desc, y_ptr, row_scale_ptr, e, row0, row_
         # Rows past the expert (the next expert's) and past M (zero-filled by TMA) land in discarded
         # output rows; columns past N_OUT likewise; K past the end is zero-filled.
         w_row = e * W_ROWS + col0          # TMA coordinates are int32; E * N < 2^31 for any real layer
-        for kk in range(num_k):
-            k = kk * BK
-            a = x_desc.load([row0, k])
-            b = w_desc.load([w_row, k])
-            acc = tl.dot(a, b.T, acc, input_precision=DOT_PRECISION)
-            if SWIGLU:
-                b_up = w_desc.load([w_row + N_OUT, k])
-                acc_up = tl.dot(a, b_up.T, acc_up, input_precision=DOT_PRECISION)
+        acc, acc_up = _tma_k_loop(x_desc, w_desc, row0, w_row, N_OUT, num_k, acc, acc_up, BK, SWIGLU,
+                                  DOT_PRECISION, WARP_SPECIALIZE)
     else:
         # int64 only in the per-program bases (M*Kd can pass 2^31); in-tile offsets stay int32.
         x_ptrs = x_ptr + row0.to(tl.int64) * stride_xm + (offs_m[:, None] * stride_xm + offs_k[None, :])
@@ -155,7 +178,7 @@ def _epilogue(acc, acc_up, y_ptr, row_scale_ptr, row0, row_end, col0, N_OUT, str
 def _grouped_gemm_kernel(
         x_ptr,              # [M, Kd] expert-sorted rows, row stride stride_xm, unit column stride
         w_ptr,              # [E, W_ROWS, Kd] weights, unit stride along Kd
-        x_desc, x_desc_half,    # TMA descriptors of x, blocks [BM, BK] and [BM/2, BK] (USE_TMA only)
+        x_desc, x_desc_tail,    # TMA descriptors of x, blocks [BM, BK] and [TAIL_BM, BK] (USE_TMA only)
         w_desc, w_desc_half,    # TMA descriptors of w viewed [E*W_ROWS, Kd], blocks [BN, BK], [BN/2, BK]
         y_ptr,              # [M, N_OUT] output (h for SwiGLU)
         offsets_ptr,        # [E+1] int32 expert_offsets
@@ -165,8 +188,8 @@ def _grouped_gemm_kernel(
         E: tl.constexpr, E_POW2: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
         SWIGLU: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, EVEN_K: tl.constexpr,
-        USE_TMA: tl.constexpr, SPLIT_M_TAIL: tl.constexpr, SPLIT_N_TAIL: tl.constexpr,
-        DOT_PRECISION: tl.constexpr):
+        USE_TMA: tl.constexpr, TAIL_BM: tl.constexpr, SPLIT_N_TAIL: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
     """Grid: (max_row_tiles * num_n_tiles,); see the module docstring for the schedule."""
     pid = tl.program_id(0)
     experts, starts, ends, m_tiles, work_begin, work_end = _schedule(offsets_ptr, num_n_tiles, E,
@@ -175,26 +198,28 @@ def _grouped_gemm_kernel(
         return
     e, row0, row_end, pid_n = _locate(pid, experts, starts, ends, m_tiles, work_begin, work_end, BM)
     col0 = pid_n * BN
-    # Split tails: an expert's last row tile (or the last column tile) that is at most half full runs
-    # a half-size main loop, so its wasted MMA work halves (prefill: ~12% of the FLOPs at T=4096).
+    # Split tails: an expert's last row tile holding at most TAIL_BM rows (or a last column tile at
+    # most half full) runs a main loop of that size, so its wasted MMA work shrinks (prefill: ~12% of
+    # the FLOPs at T=4096). The weight tile it streams stays full size, so a tail tile saves less than
+    # its row count suggests when loads, not MMAs, bound the tile.
     # The branches test constexprs first: a Python value assigned in a kernel becomes a tensor, and
-    # every branch of a tensor `if` is compiled (with TMA, a half-size tile needs its own descriptor).
-    if SPLIT_M_TAIL:
-        if row_end - row0 <= BM // 2:
-            _gemm_tile_n_split(x_ptr, w_ptr, x_desc_half, w_desc, w_desc_half, y_ptr, row_scale_ptr, e,
+    # every branch of a tensor `if` is compiled (with TMA, a smaller tile needs its own descriptor).
+    if TAIL_BM > 0:
+        if row_end - row0 <= TAIL_BM:
+            _gemm_tile_n_split(x_ptr, w_ptr, x_desc_tail, w_desc, w_desc_half, y_ptr, row_scale_ptr, e,
                                row0, row_end, col0, N_OUT, K, W_ROWS, stride_xm, stride_we, stride_wn,
-                               stride_ym, BM // 2, BN, BK, SWIGLU, HAS_ROW_SCALE, EVEN_K, USE_TMA,
-                               SPLIT_N_TAIL, DOT_PRECISION)
+                               stride_ym, TAIL_BM, BN, BK, SWIGLU, HAS_ROW_SCALE, EVEN_K, USE_TMA,
+                               SPLIT_N_TAIL, DOT_PRECISION, WARP_SPECIALIZE)
         else:
             _gemm_tile_n_split(x_ptr, w_ptr, x_desc, w_desc, w_desc_half, y_ptr, row_scale_ptr, e,
                                row0, row_end, col0, N_OUT, K, W_ROWS, stride_xm, stride_we, stride_wn,
                                stride_ym, BM, BN, BK, SWIGLU, HAS_ROW_SCALE, EVEN_K, USE_TMA,
-                               SPLIT_N_TAIL, DOT_PRECISION)
+                               SPLIT_N_TAIL, DOT_PRECISION, WARP_SPECIALIZE)
     else:
         _gemm_tile_n_split(x_ptr, w_ptr, x_desc, w_desc, w_desc_half, y_ptr, row_scale_ptr, e,
                            row0, row_end, col0, N_OUT, K, W_ROWS, stride_xm, stride_we, stride_wn,
                            stride_ym, BM, BN, BK, SWIGLU, HAS_ROW_SCALE, EVEN_K, USE_TMA,
-                           SPLIT_N_TAIL, DOT_PRECISION)
+                           SPLIT_N_TAIL, DOT_PRECISION, WARP_SPECIALIZE)
 
 
 @triton.jit
@@ -202,21 +227,24 @@ def _gemm_tile_n_split(x_ptr, w_ptr, x_desc, w_desc, w_desc_half, y_ptr, row_sca
                        row_end, col0, N_OUT, K, W_ROWS, stride_xm, stride_we, stride_wn, stride_ym,
                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SWIGLU: tl.constexpr,
                        HAS_ROW_SCALE: tl.constexpr, EVEN_K: tl.constexpr, USE_TMA: tl.constexpr,
-                       SPLIT_N_TAIL: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                       SPLIT_N_TAIL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                       WARP_SPECIALIZE: tl.constexpr):
     """_gemm_tile, with a half-width main loop for a last column tile that is at most half full."""
     if SPLIT_N_TAIL:
         if N_OUT - col0 <= BN // 2:
             _gemm_tile(x_ptr, w_ptr, x_desc, w_desc_half, y_ptr, row_scale_ptr, e, row0, row_end, col0,
                        N_OUT, K, W_ROWS, stride_xm, stride_we, stride_wn, stride_ym,
-                       BM, BN // 2, BK, SWIGLU, HAS_ROW_SCALE, EVEN_K, USE_TMA, DOT_PRECISION)
+                       BM, BN // 2, BK, SWIGLU, HAS_ROW_SCALE, EVEN_K, USE_TMA, DOT_PRECISION,
+                       WARP_SPECIALIZE)
         else:
             _gemm_tile(x_ptr, w_ptr, x_desc, w_desc, y_ptr, row_scale_ptr, e, row0, row_end, col0,
                        N_OUT, K, W_ROWS, stride_xm, stride_we, stride_wn, stride_ym,
-                       BM, BN, BK, SWIGLU, HAS_ROW_SCALE, EVEN_K, USE_TMA, DOT_PRECISION)
+                       BM, BN, BK, SWIGLU, HAS_ROW_SCALE, EVEN_K, USE_TMA, DOT_PRECISION,
+                       WARP_SPECIALIZE)
     else:
         _gemm_tile(x_ptr, w_ptr, x_desc, w_desc, y_ptr, row_scale_ptr, e, row0, row_end, col0,
                    N_OUT, K, W_ROWS, stride_xm, stride_we, stride_wn, stride_ym,
-                   BM, BN, BK, SWIGLU, HAS_ROW_SCALE, EVEN_K, USE_TMA, DOT_PRECISION)
+                   BM, BN, BK, SWIGLU, HAS_ROW_SCALE, EVEN_K, USE_TMA, DOT_PRECISION, WARP_SPECIALIZE)
 
 
 @triton.jit
@@ -228,10 +256,11 @@ def _grouped_gemm_persistent_kernel(
         E: tl.constexpr, E_POW2: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
         SWIGLU: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Persistent variant: grid = (num_programs,) ~ one program per SM, each walking tiles
+    """Persistent variant: grid = (num_programs,), one or a few programs per SM, each walking tiles
     pid, pid + num_programs, ... of the same schedule. The tile loop and the k loop are flattened into
     one software pipeline, so the next tile's first TMA loads are in flight during this tile's epilogue
-    (what limits the down GEMM, whose K = I = 1344 is only 21 k-steps)."""
+    (what limits the down GEMM, whose K = I = 1344 is only 21 k-steps; in decode, where a tile streams
+    little, it also saves each tile's pipeline fill)."""
     pid = tl.program_id(0)
     experts, starts, ends, m_tiles, work_begin, work_end = _schedule(offsets_ptr, num_n_tiles, E,
                                                                      E_POW2, BM)
@@ -242,17 +271,10 @@ def _grouped_gemm_persistent_kernel(
     tile_c = pid - num_programs
     for tile in tl.range(pid, total, num_programs, flatten=True):
         e, row0, _, pid_n = _locate(tile, experts, starts, ends, m_tiles, work_begin, work_end, BM)
-        w_row = e * W_ROWS + pid_n * BN
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         acc_up = tl.zeros((BM, BN), dtype=tl.float32)
-        for kk in range(num_k):
-            k = kk * BK
-            a = x_desc.load([row0, k])
-            b = w_desc.load([w_row, k])
-            acc = tl.dot(a, b.T, acc, input_precision=DOT_PRECISION)
-            if SWIGLU:
-                b_up = w_desc.load([w_row + N_OUT, k])
-                acc_up = tl.dot(a, b_up.T, acc_up, input_precision=DOT_PRECISION)
+        acc, acc_up = _tma_k_loop(x_desc, w_desc, row0, e * W_ROWS + pid_n * BN, N_OUT, num_k, acc,
+                                  acc_up, BK, SWIGLU, DOT_PRECISION, False)
         tile_c += num_programs
         _, row0_c, row_end_c, pid_n_c = _locate(tile_c, experts, starts, ends, m_tiles, work_begin,
                                                 work_end, BM)
@@ -301,7 +323,9 @@ def launch_grouped_gemm(x: torch.Tensor, w: torch.Tensor, expert_offsets: torch.
         config = choose_config(x, w, expert_offsets, out, swiglu)
     BM, BN, BK = config.block_m, config.block_n, config.block_k
     use_tma = config.tma and _tma_ok(x, w)
-    split_m = config.split_m and BM >= 32          # tl.dot needs >= 16 rows
+    tail_bm = config.tail_rows()
+    if not 16 <= tail_bm < BM:                          # tl.dot needs >= 16 rows
+        tail_bm = 0
     # only worth a second main loop when the last column tile is at most half full
     split_n = config.split_n and BN >= 32 and 0 < n_out % BN <= BN // 2
     num_n_tiles = _cdiv(n_out, BN)
@@ -311,31 +335,32 @@ def launch_grouped_gemm(x: torch.Tensor, w: torch.Tensor, expert_offsets: torch.
         w2d = w.view(E * w_rows, K) if w.is_contiguous() else w.reshape(E * w_rows, K)
         x_desc = TensorDescriptor.from_tensor(x, [BM, BK])
         w_desc = TensorDescriptor.from_tensor(w2d, [BN, BK])
-        x_desc_half = TensorDescriptor.from_tensor(x, [BM // 2, BK]) if split_m else x_desc
+        x_desc_tail = TensorDescriptor.from_tensor(x, [tail_bm, BK]) if tail_bm else x_desc
         w_desc_half = TensorDescriptor.from_tensor(w2d, [BN // 2, BK]) if split_n else w_desc
     else:
-        x_desc = x_desc_half = x      # placeholders, never read when USE_TMA is off
+        x_desc = x_desc_tail = x      # placeholders, never read when USE_TMA is off
         w_desc = w_desc_half = w
     has_row_scale = row_scale is not None
+    dot_precision = "ieee" if x.dtype == torch.float32 else "tf32"
     if use_tma and config.persistent:
-        num_programs = min(grid[0], _num_sms(x.device))
+        # config.persistent programs per SM (2: a second program's loads cover one's epilogue)
+        num_programs = min(grid[0], int(config.persistent) * _num_sms(x.device))
         _grouped_gemm_persistent_kernel[(num_programs,)](
             x_desc, w_desc, out, expert_offsets, row_scale if has_row_scale else out,
             n_out, K, w_rows, num_n_tiles, num_programs, out.stride(0),
             E=E, E_POW2=max(2, triton.next_power_of_2(E)), BM=BM, BN=BN, BK=BK,
-            SWIGLU=swiglu, HAS_ROW_SCALE=has_row_scale,
-            DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+            SWIGLU=swiglu, HAS_ROW_SCALE=has_row_scale, DOT_PRECISION=dot_precision,
             num_warps=config.num_warps, num_stages=config.num_stages)
         return out
     _grouped_gemm_kernel[grid](
-        x, w, x_desc, x_desc_half, w_desc, w_desc_half, out, expert_offsets,
+        x, w, x_desc, x_desc_tail, w_desc, w_desc_half, out, expert_offsets,
         row_scale if has_row_scale else out,
         n_out, K, w_rows, num_n_tiles,
         x.stride(0), w.stride(0), w.stride(1), out.stride(0),
         E=E, E_POW2=max(2, triton.next_power_of_2(E)),
         BM=BM, BN=BN, BK=BK, SWIGLU=swiglu, HAS_ROW_SCALE=has_row_scale, EVEN_K=K % BK == 0,
-        USE_TMA=use_tma, SPLIT_M_TAIL=split_m, SPLIT_N_TAIL=split_n,
-        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        USE_TMA=use_tma, TAIL_BM=tail_bm, SPLIT_N_TAIL=split_n, DOT_PRECISION=dot_precision,
+        WARP_SPECIALIZE=bool(config.ws and use_tma),
         num_warps=config.num_warps, num_stages=config.num_stages)
     return out
 
