@@ -7,7 +7,7 @@ below were tuned on an H100 80GB HBM3 with the Pangu Pro MoE expert shapes (H=51
 more bandwidth, so the same tile shapes stay right) until it gets its own sweep.
 
 Escape hatches (one place, environment):
-  MOGE_TRITON_GEMM_CONFIG="BM,BN,BK,warps,stages[,tma[,split_m[,split_n[,persistent[,tail_m[,ws]]]]]]"
+  MOGE_TRITON_GEMM_CONFIG="BM,BN,BK,warps,stages[,tma[,split_m[,split_n[,persistent[,tail_m]]]]]"
                            force one config for every launch (flags 0/1; persistent: programs per
                            SM, tail_m: rows of the split tail tile)
   MOGE_TRITON_AUTOTUNE=1   time the candidate list of a key on its first call (host sync: never under
@@ -34,7 +34,6 @@ class GemmConfig:
     split_n: bool = False   # a last column tile with <= block_n/2 columns runs a half-width loop
     persistent: int = 0     # programs per SM walking tiles (0: one program per tile); TMA only, no tails
     tail_m: int = 0         # split_m with this height (a power of two >= 16, < block_m) instead of half
-    ws: bool = False        # Triton's automatic warp specialization of the TMA k loop
 
     def tail_rows(self) -> int:
         """Height of the tail tile's main loop, 0 when tails are not split."""
@@ -47,7 +46,7 @@ class GemmConfig:
         tail = f" tailM{self.tail_m}" if self.tail_m else " tailM" if self.split_m else ""
         return (f"{self.block_m}x{self.block_n}x{self.block_k} w{self.num_warps} s{self.num_stages}"
                 f"{' tma' if self.tma else ''}{tail}"
-                f"{' tailN' if self.split_n else ''}{pers}{' ws' if self.ws else ''}")
+                f"{' tailN' if self.split_n else ''}{pers}")
 
 
 C = GemmConfig
@@ -59,16 +58,23 @@ C = GemmConfig
 REGIMES = ((2.0, "decode"), (32.0, "small"), (192.0, "medium"), (1024.0, "prefill"),
            (float("inf"), "large"))
 
-# (regime, swiglu) -> config, for 16-bit inputs on H100/H200. From two `bench_experts.py --sweep` runs on
-# an H100 80GB HBM3 (triton 3.6), Pangu shapes; bench/results/experts_h100.txt has the table they give.
+# (regime, swiglu) -> config, for 16-bit inputs on H100/H200. From three `bench_experts.py --sweep` runs on
+# an H100 80GB HBM3 (triton 3.6), Pangu shapes; bench/results/experts_h100.txt has the table they give,
+# experts_h100_sweep*.txt the sweeps.
 #   decode  (T<=16):   weight streaming at 86-93% of the copy bandwidth, one row tile per expert;
-#                      deeper k slices or wider n tiles move the time by < 1%
+#                      deeper k slices, wider n tiles, TMA or persistent streaming (1 or 2 programs per
+#                      SM) move the time by < 1% or lose
 #   small   (T~128):   32-row tiles hold an expert's ~16 rows
-#   medium  (T~1024):  ~128 rows per expert: 128-row tiles plus a half-height tail tile (-9% gate_up)
-#   prefill (T~4096) and large (T>=16k): gate_up through TMA (-10% against cp.async loads; the
-#                      persistent variant is 40% slower here: two accumulators leave it no registers);
-#                      down persistent (K = 1344 is only 21 k-steps, so hiding the epilogue behind the
-#                      next tile's loads gains 8%)
+#   medium  (T~1024):  ~128 rows per expert: 128-row tiles plus a half-height tail tile (-9% gate_up);
+#                      tails of 16 or 32 rows time the same
+#   prefill (T~4096) and large (T>=16k): gate_up through TMA (-10% against cp.async loads) with a
+#                      half-width last column tile (1344 = 10.5 x 128; -2% at T=4096); split row tails
+#                      of 64, 32 or 16 rows do not pay here (a tail tile still streams the full weight
+#                      tile, and the loads bound it); 256x64 tiles (no column waste) are 15-25% slower
+#                      (n64 wgmma); the persistent gate_up is 40% slower (two accumulators leave it no
+#                      registers); Triton 3.6's warp specialization on Hopper compiles at 8 warps but
+#                      gains nothing (-2..0%) and fails to compile at 4. Down persistent (K = 1344 is
+#                      only 21 k-steps, so hiding the epilogue behind the next tile's loads gains 6-8%)
 H100_TABLE = {
     ("decode", True): C(16, 32, 128, 4, 4),
     ("decode", False): C(16, 64, 128, 4, 4),
@@ -76,9 +82,9 @@ H100_TABLE = {
     ("small", False): C(32, 32, 128, 4, 4),
     ("medium", True): C(128, 128, 64, 8, 4, tma=True, split_m=True, split_n=True),
     ("medium", False): C(128, 256, 64, 8, 4, tma=True, split_m=True),
-    ("prefill", True): C(128, 128, 64, 8, 4, tma=True),
+    ("prefill", True): C(128, 128, 64, 8, 4, tma=True, split_n=True),
     ("prefill", False): C(128, 256, 64, 8, 4, tma=True, persistent=True),
-    ("large", True): C(128, 128, 64, 8, 4, tma=True),
+    ("large", True): C(128, 128, 64, 8, 4, tma=True, split_n=True),
     ("large", False): C(128, 256, 64, 8, 4, tma=True, persistent=True),
 }
 TABLES = {"H100": H100_TABLE, "H200": H100_TABLE}
@@ -89,21 +95,15 @@ P2 = dict(tma=True, persistent=2)
 T = dict(tma=True)
 _big_gate_up = [C(128, 128, 64, 8, 4, **T), C(128, 128, 64, 8, 4, tma=True, split_n=True),
                 C(128, 128, 64, 8, 3, **T), C(128, 128, 64, 8, 4, tma=True, split_m=True),
-                C(128, 128, 64, 8, 4, tma=True, tail_m=32), C(128, 128, 64, 8, 4, tma=True, tail_m=32, split_n=True),
-                C(128, 128, 64, 8, 4, tma=True, tail_m=16, split_n=True),
-                C(256, 64, 64, 8, 4, **T), C(256, 64, 64, 8, 4, tma=True, tail_m=32),
-                C(256, 64, 64, 8, 4, tma=True, tail_m=64), C(128, 128, 64, 8, 4, tma=True, ws=True)]
+                C(128, 128, 64, 8, 4, tma=True, tail_m=32, split_n=True)]
 _big_down = [C(128, 256, 64, 8, 4, **P), C(128, 256, 64, 8, 3, **P), C(128, 256, 64, 8, 4, **T),
              C(128, 256, 64, 8, 3, tma=True, split_m=True), C(128, 256, 64, 8, 4, tma=True, tail_m=32),
-             C(128, 256, 64, 8, 4, tma=True, tail_m=16), C(256, 128, 64, 8, 4, **P),
-             C(256, 128, 64, 8, 4, tma=True, tail_m=32), C(64, 256, 64, 4, 4, **P)]
+             C(256, 128, 64, 8, 4, **P)]
 CANDIDATES = {
     ("decode", True): [C(16, 32, 128, 4, 4), C(16, 64, 128, 4, 3), C(16, 32, 64, 4, 8, **T),
-                       C(16, 32, 64, 4, 8, **P2), C(16, 64, 64, 4, 6, **P2), C(16, 32, 64, 4, 8, **P),
-                       C(16, 16, 256, 4, 4)],
-    ("decode", False): [C(16, 64, 128, 4, 4), C(16, 64, 64, 4, 8), C(16, 128, 64, 4, 6),
-                        C(16, 32, 256, 4, 3), C(16, 64, 64, 4, 6, **P2), C(16, 128, 64, 4, 4, **P2),
-                        C(16, 64, 64, 4, 8, **P), C(16, 256, 64, 4, 4)],
+                       C(16, 64, 64, 4, 6, **P2), C(16, 16, 256, 4, 4)],
+    ("decode", False): [C(16, 64, 128, 4, 4), C(16, 64, 64, 4, 8), C(16, 32, 256, 4, 3),
+                        C(16, 64, 64, 4, 6, **P2), C(16, 64, 64, 4, 8, **P)],
     ("small", True): [C(32, 64, 128, 4, 4), C(32, 32, 128, 4, 5), C(32, 64, 128, 4, 3),
                       C(32, 64, 64, 4, 6), C(32, 128, 64, 4, 4)],
     ("small", False): [C(32, 64, 128, 4, 4), C(32, 32, 128, 4, 4), C(32, 128, 64, 4, 4),
@@ -112,13 +112,11 @@ CANDIDATES = {
                        C(128, 128, 64, 8, 4, tma=True, split_m=True, split_n=True),
                        C(128, 128, 64, 8, 4, tma=True, tail_m=32, split_n=True),
                        C(128, 128, 64, 8, 4, tma=True, tail_m=16, split_n=True),
-                       C(128, 128, 64, 8, 4, tma=True, split_n=True),
-                       C(256, 64, 64, 8, 4, tma=True, tail_m=32),
-                       C(128, 128, 64, 8, 4, tma=True, split_n=True, ws=True)],
+                       C(128, 128, 64, 8, 4, tma=True, split_n=True)],
     ("medium", False): [C(128, 256, 64, 8, 4, tma=True, split_m=True), C(128, 256, 64, 8, 3, split_m=True),
                         C(128, 256, 64, 8, 4, tma=True, tail_m=32),
                         C(128, 256, 64, 8, 4, tma=True, tail_m=16), C(128, 256, 64, 8, 4, **P),
-                        C(64, 256, 64, 4, 4, **P), C(256, 128, 64, 8, 4, tma=True, tail_m=32)],
+                        C(64, 256, 64, 4, 4, **P)],
     ("prefill", True): _big_gate_up,
     ("prefill", False): _big_down,
     ("large", True): _big_gate_up,
@@ -166,7 +164,7 @@ def fit(cfg: GemmConfig, swiglu: bool, dtype: torch.dtype, smem: int = SMEM_LIMI
         # fp32 runs full-precision (ieee) dots, which are FMA loops rather than wgmma: keep it on the
         # plain cp.async kernel that the fp32 tests cover, with half-depth k slices
         cfg = dataclasses.replace(cfg, block_k=max(16, cfg.block_k // 2),
-                                  tma=False, persistent=0, ws=False)
+                                  tma=False, persistent=0)
     stages = cfg.num_stages
     # 8 KB headroom: Triton keeps barriers and the epilogue's layout-conversion scratch there too
     while stages > 2 and stages * stage_bytes(cfg, swiglu, elem_size) > smem - 8 * 1024:

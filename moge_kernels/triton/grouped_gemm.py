@@ -21,8 +21,7 @@ Variants, chosen per launch by the config (gemm_configs.py): operands through cp
 through TMA descriptors (Hopper; rows and columns past a tile's expert are loaded but never stored, and
 loads past the tensor are zero-filled); "split tails", where an expert's last row tile holding at most
 TAIL_BM rows (BM/2, or a smaller power of two) runs a main loop of that height, and a last column tile at
-most BN/2 wide a half-width one; Triton's automatic warp specialization of the TMA k loop (a producer
-warp issuing the loads, `tl.range(warp_specialize=True)`); and a persistent TMA kernel (one or more
+most BN/2 wide a half-width one; and a persistent TMA kernel (one or more
 programs per SM walking the same tile order, tile and k loops flattened into one software pipeline so
 the epilogue overlaps the next tile's loads). The tiled and the persistent kernels share one TMA k loop
 (_tma_k_loop; a @triton.jit helper is inlined, so both compile to what the hand-copied loops did).
@@ -80,27 +79,17 @@ def _locate(tile, experts, starts, ends, m_tiles, work_begin, work_end, BM: tl.c
 
 @triton.jit
 def _tma_k_loop(x_desc, w_desc, row0, w_row, N_OUT, num_k, acc, acc_up, BK: tl.constexpr,
-                SWIGLU: tl.constexpr, DOT_PRECISION: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
+                SWIGLU: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """acc += x[row0 : row0+BM] @ w2d[w_row : w_row+BN]^T over all of K through TMA descriptors (and
     acc_up with the up rows, N_OUT further down, when SWIGLU). Shared by the tiled and persistent kernels."""
-    if WARP_SPECIALIZE:     # constexpr: the other branch is never compiled (nor needs tl.range's argument)
-        for kk in tl.range(0, num_k, warp_specialize=True):
-            k = kk * BK
-            a = x_desc.load([row0, k])
-            b = w_desc.load([w_row, k])
-            acc = tl.dot(a, b.T, acc, input_precision=DOT_PRECISION)
-            if SWIGLU:
-                b_up = w_desc.load([w_row + N_OUT, k])
-                acc_up = tl.dot(a, b_up.T, acc_up, input_precision=DOT_PRECISION)
-    else:
-        for kk in range(num_k):
-            k = kk * BK
-            a = x_desc.load([row0, k])
-            b = w_desc.load([w_row, k])
-            acc = tl.dot(a, b.T, acc, input_precision=DOT_PRECISION)
-            if SWIGLU:
-                b_up = w_desc.load([w_row + N_OUT, k])
-                acc_up = tl.dot(a, b_up.T, acc_up, input_precision=DOT_PRECISION)
+    for kk in range(num_k):
+        k = kk * BK
+        a = x_desc.load([row0, k])
+        b = w_desc.load([w_row, k])
+        acc = tl.dot(a, b.T, acc, input_precision=DOT_PRECISION)
+        if SWIGLU:
+            b_up = w_desc.load([w_row + N_OUT, k])
+            acc_up = tl.dot(a, b_up.T, acc_up, input_precision=DOT_PRECISION)
     return acc, acc_up
 
 
@@ -109,7 +98,7 @@ def _gemm_tile(x_ptr, w_ptr, x_desc, w_desc, y_ptr, row_scale_ptr, e, row0, row_
                N_OUT, K, W_ROWS, stride_xm, stride_we, stride_wn, stride_ym,
                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SWIGLU: tl.constexpr,
                HAS_ROW_SCALE: tl.constexpr, EVEN_K: tl.constexpr, USE_TMA: tl.constexpr,
-               DOT_PRECISION: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
+               DOT_PRECISION: tl.constexpr):
     """One [BM, BN] output tile of expert e: rows [row0, min(row0+BM, row_end)), columns [col0, col0+BN)."""
     offs_m = tl.arange(0, BM)
     offs_n = tl.arange(0, BN)
@@ -123,7 +112,7 @@ def _gemm_tile(x_ptr, w_ptr, x_desc, w_desc, y_ptr, row_scale_ptr, e, row0, row_
         # output rows; columns past N_OUT likewise; K past the end is zero-filled.
         w_row = e * W_ROWS + col0          # TMA coordinates are int32; E * N < 2^31 for any real layer
         acc, acc_up = _tma_k_loop(x_desc, w_desc, row0, w_row, N_OUT, num_k, acc, acc_up, BK, SWIGLU,
-                                  DOT_PRECISION, WARP_SPECIALIZE)
+                                  DOT_PRECISION)
     else:
         # int64 only in the per-program bases (M*Kd can pass 2^31); in-tile offsets stay int32.
         x_ptrs = x_ptr + row0.to(tl.int64) * stride_xm + (offs_m[:, None] * stride_xm + offs_k[None, :])
@@ -189,7 +178,7 @@ def _grouped_gemm_kernel(
         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
         SWIGLU: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, EVEN_K: tl.constexpr,
         USE_TMA: tl.constexpr, TAIL_BM: tl.constexpr, SPLIT_N_TAIL: tl.constexpr,
-        DOT_PRECISION: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
+        DOT_PRECISION: tl.constexpr):
     """Grid: (max_row_tiles * num_n_tiles,); see the module docstring for the schedule."""
     pid = tl.program_id(0)
     experts, starts, ends, m_tiles, work_begin, work_end = _schedule(offsets_ptr, num_n_tiles, E,
@@ -209,17 +198,17 @@ def _grouped_gemm_kernel(
             _gemm_tile_n_split(x_ptr, w_ptr, x_desc_tail, w_desc, w_desc_half, y_ptr, row_scale_ptr, e,
                                row0, row_end, col0, N_OUT, K, W_ROWS, stride_xm, stride_we, stride_wn,
                                stride_ym, TAIL_BM, BN, BK, SWIGLU, HAS_ROW_SCALE, EVEN_K, USE_TMA,
-                               SPLIT_N_TAIL, DOT_PRECISION, WARP_SPECIALIZE)
+                               SPLIT_N_TAIL, DOT_PRECISION)
         else:
             _gemm_tile_n_split(x_ptr, w_ptr, x_desc, w_desc, w_desc_half, y_ptr, row_scale_ptr, e,
                                row0, row_end, col0, N_OUT, K, W_ROWS, stride_xm, stride_we, stride_wn,
                                stride_ym, BM, BN, BK, SWIGLU, HAS_ROW_SCALE, EVEN_K, USE_TMA,
-                               SPLIT_N_TAIL, DOT_PRECISION, WARP_SPECIALIZE)
+                               SPLIT_N_TAIL, DOT_PRECISION)
     else:
         _gemm_tile_n_split(x_ptr, w_ptr, x_desc, w_desc, w_desc_half, y_ptr, row_scale_ptr, e,
                            row0, row_end, col0, N_OUT, K, W_ROWS, stride_xm, stride_we, stride_wn,
                            stride_ym, BM, BN, BK, SWIGLU, HAS_ROW_SCALE, EVEN_K, USE_TMA,
-                           SPLIT_N_TAIL, DOT_PRECISION, WARP_SPECIALIZE)
+                           SPLIT_N_TAIL, DOT_PRECISION)
 
 
 @triton.jit
@@ -227,24 +216,21 @@ def _gemm_tile_n_split(x_ptr, w_ptr, x_desc, w_desc, w_desc_half, y_ptr, row_sca
                        row_end, col0, N_OUT, K, W_ROWS, stride_xm, stride_we, stride_wn, stride_ym,
                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SWIGLU: tl.constexpr,
                        HAS_ROW_SCALE: tl.constexpr, EVEN_K: tl.constexpr, USE_TMA: tl.constexpr,
-                       SPLIT_N_TAIL: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                       WARP_SPECIALIZE: tl.constexpr):
+                       SPLIT_N_TAIL: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """_gemm_tile, with a half-width main loop for a last column tile that is at most half full."""
     if SPLIT_N_TAIL:
         if N_OUT - col0 <= BN // 2:
             _gemm_tile(x_ptr, w_ptr, x_desc, w_desc_half, y_ptr, row_scale_ptr, e, row0, row_end, col0,
                        N_OUT, K, W_ROWS, stride_xm, stride_we, stride_wn, stride_ym,
-                       BM, BN // 2, BK, SWIGLU, HAS_ROW_SCALE, EVEN_K, USE_TMA, DOT_PRECISION,
-                       WARP_SPECIALIZE)
+                       BM, BN // 2, BK, SWIGLU, HAS_ROW_SCALE, EVEN_K, USE_TMA, DOT_PRECISION)
         else:
             _gemm_tile(x_ptr, w_ptr, x_desc, w_desc, y_ptr, row_scale_ptr, e, row0, row_end, col0,
                        N_OUT, K, W_ROWS, stride_xm, stride_we, stride_wn, stride_ym,
-                       BM, BN, BK, SWIGLU, HAS_ROW_SCALE, EVEN_K, USE_TMA, DOT_PRECISION,
-                       WARP_SPECIALIZE)
+                       BM, BN, BK, SWIGLU, HAS_ROW_SCALE, EVEN_K, USE_TMA, DOT_PRECISION)
     else:
         _gemm_tile(x_ptr, w_ptr, x_desc, w_desc, y_ptr, row_scale_ptr, e, row0, row_end, col0,
                    N_OUT, K, W_ROWS, stride_xm, stride_we, stride_wn, stride_ym,
-                   BM, BN, BK, SWIGLU, HAS_ROW_SCALE, EVEN_K, USE_TMA, DOT_PRECISION, WARP_SPECIALIZE)
+                   BM, BN, BK, SWIGLU, HAS_ROW_SCALE, EVEN_K, USE_TMA, DOT_PRECISION)
 
 
 @triton.jit
@@ -274,7 +260,7 @@ def _grouped_gemm_persistent_kernel(
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         acc_up = tl.zeros((BM, BN), dtype=tl.float32)
         acc, acc_up = _tma_k_loop(x_desc, w_desc, row0, e * W_ROWS + pid_n * BN, N_OUT, num_k, acc,
-                                  acc_up, BK, SWIGLU, DOT_PRECISION, False)
+                                  acc_up, BK, SWIGLU, DOT_PRECISION)
         tile_c += num_programs
         _, row0_c, row_end_c, pid_n_c = _locate(tile_c, experts, starts, ends, m_tiles, work_begin,
                                                 work_end, BM)
@@ -360,7 +346,6 @@ def launch_grouped_gemm(x: torch.Tensor, w: torch.Tensor, expert_offsets: torch.
         E=E, E_POW2=max(2, triton.next_power_of_2(E)),
         BM=BM, BN=BN, BK=BK, SWIGLU=swiglu, HAS_ROW_SCALE=has_row_scale, EVEN_K=K % BK == 0,
         USE_TMA=use_tma, TAIL_BM=tail_bm, SPLIT_N_TAIL=split_n, DOT_PRECISION=dot_precision,
-        WARP_SPECIALIZE=bool(config.ws and use_tma),
         num_warps=config.num_warps, num_stages=config.num_stages)
     return out
 
