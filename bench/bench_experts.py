@@ -8,7 +8,8 @@ as the kernels, because at large T the card reaches its power limit and clocks d
 
     floor  = max(6*T*K*H*I / dense_rate, active_expert_weight_bytes / copy_bandwidth)
     TFLOP/s counts useful FLOPs only (6*T*K*H*I); GB/s counts active weights + x read + h written and
-    read + y written. Ratios are time / other time (< 1: ours is faster).
+    read + y written. For T with >= 64 rows per expert, also the same FLOPs as two dense cuBLAS GEMMs at
+    the real shapes (`dense_gemms`), timed in the same rounds. Ratios are time / other time (< 1: ours is faster).
 
 The Triton and _grouped_mm pipelines are timed as CUDA-graph replays (no launch gaps); the eager loop
 (moge_kernels.reference.grouped_mlp) syncs with the host per call, so it is timed as called.
@@ -87,6 +88,17 @@ def eager_mlp(p):
     return reference.grouped_mlp(p["x"], p["w_gate_up"], p["w_down"], p["expert_offsets"])
 
 
+def dense_gemms(p):
+    """The same FLOPs as one dense problem: all M rows times one expert's weights, the two cuBLAS GEMMs
+    alone (x [M, H] @ gate_up^T, then h [M, I] @ down^T; no SwiGLU pass). The rate cuBLAS reaches at the
+    real GEMM shapes, which is the bound a grouped GEMM can hope for (8192^3 flatters cuBLAS: K = 1344
+    of the down GEMM is short)."""
+    if "h_dense" not in p:
+        p["h_dense"] = torch.randn(p["M"], p["I"], device=p["x"].device).to(p["x"].dtype)
+    F.linear(p["x"], p["w_gate_up"][0])
+    return F.linear(p["h_dense"], p["w_down"][0])
+
+
 # ----------------------------------------------------------------------------- timing
 def inner_for(run, target_ms=3.0):
     est = elapsed_ms(run)
@@ -118,6 +130,8 @@ def bench_experts(Ts=DEFAULT_TS, rounds=9, dtype=torch.bfloat16, device="cuda", 
         methods = {"triton": capture_graph(lambda: triton_mlp(p))}
         if grouped_mm:
             methods["grouped_mm"] = capture_graph(lambda: grouped_mm_mlp(p))
+        if p["M"] >= 64 * p["E"]:                       # matrix-bound rows only: below, one expert's
+            methods["dense"] = capture_graph(lambda: dense_gemms(p))   # weights are no comparison
         if eager:
             eager_mlp(p)
             methods["eager"] = lambda: eager_mlp(p)
@@ -146,6 +160,9 @@ def bench_experts(Ts=DEFAULT_TS, rounds=9, dtype=torch.bfloat16, device="cuda", 
                    spread=(max(samples["triton"]) - min(samples["triton"])) / t)
         row["vs_floor"] = t / row["floor_ms"]
         row["pct_dense"] = row["tflops"] / gemm_tf
+        if "dense" in med:
+            row["dense_ms"] = med["dense"]
+            row["pct_dense_shape"] = med["dense"] / t
         for name in ("grouped_mm", "eager"):
             if name in med:
                 row[name + "_ms"] = med[name]
@@ -170,10 +187,12 @@ def format_table(rows, ceil, device_name=None):
         f"dense bf16 cuBLAS 8192^3 {ceil.matmul_tflops:.0f} TFLOP/s",
         "time ratios are ours / theirs (< 1: ours faster); floor = max(FLOPs/dense rate, "
         "active weight bytes/copy bandwidth)",
+        "dense ms: the same FLOPs as two dense cuBLAS GEMMs at the real shapes ([M,H]x[H,2I], [M,I]x[I,H]); "
+        "%dshape = dense ms / ms",
         "",
         f"{'T':>6} {'M':>7} {'act':>4} {'ms':>8} {'TFLOP/s':>8} {'%dense':>7} {'GB/s':>7} "
         f"{'floor ms':>9} {'kind':>5} {'/floor':>7} {'gmm ms':>8} {'/gmm':>6} {'eager ms':>9} "
-        f"{'/eager':>7} {'relΔ':>8}",
+        f"{'/eager':>7} {'dense ms':>9} {'%dshape':>8} {'relΔ':>8}",
     ]
     for r in rows:
         lines.append(
@@ -181,7 +200,8 @@ def format_table(rows, ceil, device_name=None):
             f"{100 * r['pct_dense']:>6.1f}% {r['gbs']:>7.0f} {r['floor_ms']:>9.4f} {r['floor_kind']:>5} "
             f"{r['vs_floor']:>7.3f} {r.get('grouped_mm_ms', math.nan):>8.4f} "
             f"{r.get('vs_grouped_mm', math.nan):>6.3f} {r.get('eager_ms', math.nan):>9.3f} "
-            f"{r.get('vs_eager', math.nan):>7.3f} {r['rel_diff']:>8.1e}")
+            f"{r.get('vs_eager', math.nan):>7.3f} {r.get('dense_ms', math.nan):>9.4f} "
+            f"{100 * r.get('pct_dense_shape', math.nan):>7.1f}% {r['rel_diff']:>8.1e}")
     return "\n".join(lines)
 
 
