@@ -16,7 +16,7 @@ MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0a timeout 300 python3 -m pip install --no-bu
 echo "build exit: $?"; grep -E "moge_kernels build|error" "$OUT/build.log" | head
 python3 -c "import moge_kernels as mk; print({k: v['available'] for k, v in mk.backends().items()})"
 stamp "whole suite, default backends"
-timeout $(left) python3 -m pytest -q -p no:cacheprovider -n 8 tests --durations=10 2>&1 \
+timeout $(left) python3 -m pytest -q -p no:cacheprovider -n 6 tests --durations=10 2>&1 \
     | grep -v Warn > "$OUT/suite.log"
 echo "suite exit: ${PIPESTATUS[0]}"; tail -30 "$OUT/suite.log"
 if [ "$(left)" -gt 40 ]; then
