@@ -42,14 +42,17 @@ _device_types = ["cpu", "cuda"]
 
 def _make_device_kernel(op_name):
     arg_check = ARG_CHECKS[op_name]
-    schema_args = getattr(torch.ops.moge, op_name).default._schema.arguments
+    # (name, default) of every schema argument, read once: the schema's pybind properties cost
+    # microseconds per access, and this runs on every call
+    schema_args = [(arg.name, arg.default_value)
+                   for arg in getattr(torch.ops.moge, op_name).default._schema.arguments]
 
     def device_kernel(*args, **kwargs):
         # The dispatcher hands over what the caller passed; backends get every argument positionally.
         if len(args) < len(schema_args):
             args = list(args)
-            for arg in schema_args[len(args):]:
-                args.append(kwargs[arg.name] if arg.name in kwargs else arg.default_value)
+            for name, default in schema_args[len(args):]:
+                args.append(kwargs.get(name, default))
         arg_check(*args)
         _, fn = registry.resolve(op_name, args[0].device.type)
         return fn(*args)
