@@ -1,8 +1,7 @@
 // Hopper grouped GEMM (sm_90a): the big-tile path of grouped_gemm / grouped_mlp on an H100 / H200.
 //
-// Same contract and tile schedule as the mma.sync kernel of csrc/cuda/grouped_gemm.cuh (static grid of
-// (m-slot, n-tile) blocks, find_tile maps a slot to an expert's rows on the device, no host sync), but the
-// math is Hopper's:
+// Same contract as the mma.sync kernel of csrc/cuda/grouped_gemm.cuh (a static grid, the tile of each block
+// found on the device from expert_offsets, no host sync), but the math is Hopper's:
 //   - operands move through the tensor-memory accelerator (TMA): one 2-D tensor map over x [M, K] and one
 //     over the weights seen as [E * N_w, K], boxes of 64 k-elements (128 bytes, swizzled 128B) by 128 rows
 //     of x / BN rows of w. Rows past M or past the weights are zero-filled by the TMA; rows of the next
@@ -11,8 +10,12 @@
 //     ring, completion tracked by mbarriers), warpgroups 1 and 2 are consumers of 64 rows each, issuing
 //     wgmma.m64nBNk16 straight from shared memory, fp32 accumulators in registers (setmaxnreg moves the
 //     register budget from the producer to the consumers);
-//   - a consumer whose 64 rows are all past the expert's last row skips its wgmmas (the tail tile of an
-//     expert with 512 + 17 rows costs half a tile);
+//   - clusters of two CTAs (default): two row tiles of one expert share each weight tile, which rank 0
+//     loads once and multicasts to both (find_pair_work). At 128 x 256 tiles the loads from L2 into shared
+//     memory, not the tensor cores, bound a Hopper SM; sharing the weight tile cuts them by a third, and an
+//     expert's tail tile of a few rows then costs little more than its own x rows. "nc" variants: one
+//     CTA per (row tile, n-tile) block (find_tile, as the mma.sync kernel);
+//   - a consumer whose 64 rows are all past the expert's last row skips its wgmmas;
 //   - SwiGLU: the B tile is BN/2 gate rows then the BN/2 up rows of the same output columns, so gate
 //     column c and up column c + BN/2 land in the same thread (accumulator j and j + BN/4) and only
 //     silu(gate) * up is stored. BN = 192 for I = 1344 (14 x 96: no idle columns), else 256.
@@ -20,6 +23,7 @@
 // download), and this file is the whole kernel.
 #include <cuda.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 
@@ -91,6 +95,43 @@ __device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map
 #endif
 }
 
+// The same box multicast to the CTAs of `cta_mask` (same shared-memory offset and barrier in each).
+__device__ __forceinline__ void tma_load_2d_multicast(uint32_t dst, const CUtensorMap* map, uint32_t bar, int k,
+                                                      int row, uint16_t cta_mask) {
+#if MOGE_WGMMA_ENABLED
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster"
+      " [%0], [%1, {%3, %4}], [%2], %5;\n"
+      ::"r"(dst), "l"(reinterpret_cast<uint64_t>(map)), "r"(bar), "r"(k), "r"(row), "h"(cta_mask)
+      : "memory");
+#endif
+}
+
+// Arrival on the barrier at the same shared-memory offset in CTA `cta_rank` of the cluster.
+__device__ __forceinline__ void mbar_arrive_remote(uint32_t bar, uint32_t cta_rank) {
+#if MOGE_WGMMA_ENABLED
+  asm volatile(
+      "{\n.reg .b32 remote;\nmapa.shared::cluster.u32 remote, %0, %1;\n"
+      "mbarrier.arrive.release.cluster.shared::cluster.b64 _, [remote];\n}\n" ::"r"(bar), "r"(cta_rank)
+      : "memory");
+#endif
+}
+
+// Every thread of both CTAs of the cluster (release / acquire: barrier inits and smem writes visible).
+__device__ __forceinline__ void cluster_sync() {
+#if MOGE_WGMMA_ENABLED
+  asm volatile("barrier.cluster.arrive.release;\nbarrier.cluster.wait.acquire;\n" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ uint32_t cluster_rank() {
+  uint32_t rank = 0;
+#if MOGE_WGMMA_ENABLED
+  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(rank));
+#endif
+  return rank;
+}
+
 __device__ __forceinline__ void wgmma_fence() {
 #if MOGE_WGMMA_ENABLED
   asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
@@ -124,8 +165,58 @@ __device__ __forceinline__ uint64_t smem_desc(uint32_t addr) {
          (uint64_t{1} << 62);
 }
 
+// ----------------------------------------------------------------------------- tile schedule
+// What one block works on: rows [row0, row1) of `expert` (expert < 0: nothing), output n-tile `n_tile`;
+// with clusters, whether the cluster's other CTA holds a row tile too (`paired`).
+struct Work {
+  int expert, row0, row1, n_tile;
+  bool paired;
+};
+
+// Clusters of two CTAs: unit u = (expert, pair of row tiles 2p and 2p+1, n-tile), expert-major then pair
+// then n-tile; CTA rank r takes row tile 2p + r. The pair shares one weight tile (multicast by rank 0), so
+// an expert's tail tile of a few rows rides along a full tile for the price of its own x rows. Warp 0
+// scans the per-expert unit counts 32 experts at a time; all threads call it (it holds a barrier).
+__device__ __forceinline__ Work find_pair_work(const gemm::Params& p, int unit, uint32_t rank, int* smem) {
+  if (threadIdx.x < 32) {
+    const int lane = threadIdx.x;
+    if (lane == 0) smem[0] = -1;
+    __syncwarp();
+    int carry = 0;
+    for (int e0 = 0; e0 < p.E && carry <= unit; e0 += 32) {
+      const int e = e0 + lane;
+      int lo = 0, hi = 0;
+      if (e < p.E) {                               // clamped so that bad offsets never leave [0, M)
+        lo = min(max(p.expert_offsets[e], 0), p.M);
+        hi = min(max(p.expert_offsets[e + 1], lo), p.M);
+      }
+      const int m_tiles = (hi - lo + BM - 1) / BM;
+      const int units = (m_tiles + 1) / 2 * p.n_tiles;
+      const int inclusive = warp_inclusive_scan(units);
+      const int first = carry + inclusive - units;
+      if (unit >= first && unit < first + units) {
+        const int local = unit - first;
+        const int tile = 2 * (local / p.n_tiles) + static_cast<int>(rank);
+        const int row0 = lo + tile * BM;
+        smem[0] = tile < m_tiles ? e : -2;          // -2: the pair's second tile does not exist
+        smem[1] = row0;
+        smem[2] = min(hi, row0 + BM);
+        smem[3] = local % p.n_tiles;
+        smem[4] = (2 * (local / p.n_tiles) + 1) < m_tiles;
+      }
+      carry += __shfl_sync(kFullMask, inclusive, 31);
+    }
+  }
+  __syncthreads();
+  return Work{smem[0], smem[1], smem[2], smem[3], smem[4] != 0};
+}
+
 // ----------------------------------------------------------------------------- kernel
-template <typename T, int BN, bool SWIGLU>
+// CLUSTER: launched in clusters of two CTAs (find_pair_work); rank 0 multicasts the weight tile to both,
+// each CTA loads its own x rows. Rank 0's `empty` barrier then also counts rank 1's consumers, since its
+// multicast overwrites rank 1's stage too; every thread of both CTAs meets at a cluster barrier after the
+// barrier inits and before exit (no CTA leaves while the other may still arrive on its barriers).
+template <typename T, int BN, bool SWIGLU, bool CLUSTER>
 __global__ void __launch_bounds__(THREADS, 1)
     wgmma_kernel(const __grid_constant__ CUtensorMap x_map, const __grid_constant__ CUtensorMap w_map,
                  const gemm::Params p) {
@@ -133,118 +224,139 @@ __global__ void __launch_bounds__(THREADS, 1)
   using S = TileShape<BN>;
   extern __shared__ uint8_t smem_raw[];
   __shared__ __align__(8) uint64_t full_bar[S::STAGES];    // TMA bytes of stage s have landed
-  __shared__ __align__(8) uint64_t empty_bar[S::STAGES];   // both consumers are done with stage s
-  __shared__ int tile_smem[3];
+  __shared__ __align__(8) uint64_t empty_bar[S::STAGES];   // the consumers are done with stage s
+  __shared__ int work_smem[5];
 
-  const int slot = static_cast<int>(blockIdx.x / p.n_tiles);
-  const int n_tile = static_cast<int>(blockIdx.x % p.n_tiles);
-  const gemm::Tile tile = gemm::find_tile<BM>(p, slot, tile_smem);
-  if (tile.expert < 0) return;
+  Work work;
+  uint32_t rank = 0;
+  if (CLUSTER) {
+    rank = cluster_rank();
+    work = find_pair_work(p, static_cast<int>(blockIdx.x / 2), rank, work_smem);
+    if (work.expert == -1) return;                 // past the last unit: both CTAs leave together
+  } else {
+    const gemm::Tile tile = gemm::find_tile<BM>(p, static_cast<int>(blockIdx.x / p.n_tiles), work_smem);
+    if (tile.expert < 0) return;
+    work = Work{tile.expert, tile.row0, tile.row1, static_cast<int>(blockIdx.x % p.n_tiles), false};
+  }
+  const bool has_tile = work.expert >= 0;          // false: rank 1 of a pair with one row tile
+  const bool multicast = CLUSTER && work.paired;
 
   const uint32_t ring = (smem_u32(smem_raw) + 1023u) & ~1023u;   // swizzle atoms need 1 KB alignment
   if (threadIdx.x == 0) {
     for (int s = 0; s < S::STAGES; ++s) {
       mbar_init(smem_u32(&full_bar[s]), 1);
-      mbar_init(smem_u32(&empty_bar[s]), 2);
+      mbar_init(smem_u32(&empty_bar[s]), multicast && rank == 0 ? 4 : 2);
     }
     asm volatile("fence.mbarrier_init.release.cluster;\nfence.proxy.async.shared::cta;\n" ::: "memory");
   }
-  __syncthreads();
+  if (CLUSTER) {
+    cluster_sync();
+  } else {
+    __syncthreads();
+  }
 
   const int warpgroup = threadIdx.x / 128;
   const int k_tiles = static_cast<int>(ceil_div(p.Kd, BK));
-  const int64_t n0 = static_cast<int64_t>(n_tile) * (SWIGLU ? BN / 2 : BN);   // first output column
+  const int64_t n0 = static_cast<int64_t>(work.n_tile) * (SWIGLU ? BN / 2 : BN);   // first output column
 
   if (warpgroup == 0) {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
-    if (threadIdx.x == 0) {
+    if (threadIdx.x == 0 && has_tile) {
       asm volatile("prefetch.tensormap [%0];\nprefetch.tensormap [%1];\n" ::"l"(reinterpret_cast<uint64_t>(&x_map)),
                    "l"(reinterpret_cast<uint64_t>(&w_map)));
       // Weight rows are < E * N_w <= INT32_MAX (checked by the launcher).
-      const int w_row = static_cast<int>(tile.expert * p.N_w + n0);
+      const int w_row = static_cast<int>(work.expert * p.N_w + n0);
       const int up_row = static_cast<int>(w_row + p.N_w / 2);
+      const bool loads_w = !multicast || rank == 0;
       for (int kt = 0; kt < k_tiles; ++kt) {
         const int s = kt % S::STAGES;
         mbar_wait(smem_u32(&empty_bar[s]), ((kt / S::STAGES) & 1) ^ 1);
         const uint32_t bar = smem_u32(&full_bar[s]);
         const uint32_t a_dst = ring + s * S::STAGE_BYTES;
         const uint32_t b_dst = a_dst + S::A_BYTES;
-        mbar_expect_tx(bar, S::STAGE_BYTES);   // out-of-bounds box parts count too (zero-filled)
-        tma_load_2d(a_dst, &x_map, bar, kt * BK, tile.row0);
-        if (SWIGLU) {
-          tma_load_2d(b_dst, &w_map, bar, kt * BK, w_row);
-          tma_load_2d(b_dst + (BN / 2) * BK * 2, &w_map, bar, kt * BK, up_row);
-        } else {
-          tma_load_2d(b_dst, &w_map, bar, kt * BK, w_row);
+        // out-of-bounds box parts count too (zero-filled); rank 1's weight bytes come from rank 0
+        mbar_expect_tx(bar, S::STAGE_BYTES);
+        tma_load_2d(a_dst, &x_map, bar, kt * BK, work.row0);
+        if (loads_w) {
+          if (multicast) {
+            tma_load_2d_multicast(b_dst, &w_map, bar, kt * BK, w_row, 0x3);
+            if (SWIGLU) tma_load_2d_multicast(b_dst + (BN / 2) * BK * 2, &w_map, bar, kt * BK, up_row, 0x3);
+          } else {
+            tma_load_2d(b_dst, &w_map, bar, kt * BK, w_row);
+            if (SWIGLU) tma_load_2d(b_dst + (BN / 2) * BK * 2, &w_map, bar, kt * BK, up_row);
+          }
         }
       }
     }
-    return;
-  }
-
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
-  const int consumer = warpgroup - 1;                  // rows [64 c, 64 c + 64) of the tile
-  const int rows = tile.row1 - tile.row0;
-  const bool active = consumer * 64 < rows;
-  const bool signals = (threadIdx.x % 128) == 0;       // one arrival per consumer warpgroup
-  float acc[S::ACC];
+  } else if (has_tile) {
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
+    const int consumer = warpgroup - 1;                // rows [64 c, 64 c + 64) of the tile
+    const int rows = work.row1 - work.row0;
+    const bool active = consumer * 64 < rows;
+    const bool signals = (threadIdx.x % 128) == 0;     // one arrival per consumer warpgroup
+    float acc[S::ACC];
 #pragma unroll
-  for (int i = 0; i < S::ACC; ++i) acc[i] = 0.f;
+    for (int i = 0; i < S::ACC; ++i) acc[i] = 0.f;
 
-  for (int kt = 0; kt < k_tiles; ++kt) {
-    const int s = kt % S::STAGES;
-    mbar_wait(smem_u32(&full_bar[s]), (kt / S::STAGES) & 1);
-    if (active) {
-      const uint32_t a_tile = ring + s * S::STAGE_BYTES + consumer * 64 * BK * 2;
-      const uint32_t b_tile = ring + s * S::STAGE_BYTES + S::A_BYTES;
-      wgmma_fence();
+    for (int kt = 0; kt < k_tiles; ++kt) {
+      const int s = kt % S::STAGES;
+      mbar_wait(smem_u32(&full_bar[s]), (kt / S::STAGES) & 1);
+      if (active) {
+        const uint32_t a_tile = ring + s * S::STAGE_BYTES + consumer * 64 * BK * 2;
+        const uint32_t b_tile = ring + s * S::STAGE_BYTES + S::A_BYTES;
+        wgmma_fence();
 #pragma unroll
-      for (int k = 0; k < BK / 16; ++k) {
-        // a k16 step is 32 bytes further along the (swizzled) 128-byte rows
-        Wgmma<T, BN>::mma(acc, smem_desc(a_tile + 32 * k), smem_desc(b_tile + 32 * k));
+        for (int k = 0; k < BK / 16; ++k) {
+          // a k16 step is 32 bytes further along the (swizzled) 128-byte rows
+          Wgmma<T, BN>::mma(acc, smem_desc(a_tile + 32 * k), smem_desc(b_tile + 32 * k));
+        }
+        wgmma_commit();
+        wgmma_wait<1>();                               // k-tile kt-1's products are done ...
       }
-      wgmma_commit();
-      wgmma_wait<1>();                                 // k-tile kt-1's products are done ...
-    }
-    if (kt > 0 && signals) mbar_arrive(smem_u32(&empty_bar[(kt - 1) % S::STAGES]));   // ... so refill it
-  }
-  wgmma_wait<0>();
-  fence_registers(acc);
-  if (!active) return;
-
-  // Accumulator j of thread (warp w, lane l) in its warpgroup: row 16 w + l / 4 + 8 ((j / 2) % 2),
-  // column 8 (j / 4) + 2 (l % 4) + j % 2.
-  const int t = threadIdx.x % 128, lane = t % 32;
-  const int row_base = consumer * 64 + (t / 32) * 16 + lane / 4;
-  T* y = static_cast<T*>(p.y);
-  const bool pairs = (p.N_out % 2) == 0;
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int r = row_base + 8 * h;
-    if (r >= rows) continue;
-    const int64_t grow = static_cast<int64_t>(tile.row0) + r;
-    T* y_row = y + grow * p.N_out;
-    const float scale = (!SWIGLU && p.row_scale != nullptr) ? p.row_scale[grow] : 1.f;
-#pragma unroll
-    for (int g = 0; g < (SWIGLU ? BN / 16 : BN / 8); ++g) {
-      const int j = 4 * g + 2 * h;
-      float v0, v1;
-      if (SWIGLU) {
-        v0 = gemm::silu(acc[j]) * acc[j + BN / 4];
-        v1 = gemm::silu(acc[j + 1]) * acc[j + 1 + BN / 4];
-      } else {
-        v0 = acc[j] * scale;
-        v1 = acc[j + 1] * scale;
-      }
-      const int64_t col = n0 + 8 * g + 2 * (lane % 4);
-      if (pairs && col + 1 < p.N_out) {
-        store_pair(y_row + col, v0, v1);
-      } else {
-        if (col < p.N_out) y_row[col] = from_float<T>(v0);
-        if (col + 1 < p.N_out) y_row[col + 1] = from_float<T>(v1);
+      if (kt > 0 && signals) {                         // ... so its stage may be refilled
+        const uint32_t bar = smem_u32(&empty_bar[(kt - 1) % S::STAGES]);
+        mbar_arrive(bar);
+        if (multicast && rank == 1) mbar_arrive_remote(bar, 0);
       }
     }
+    wgmma_wait<0>();
+    fence_registers(acc);
+
+    // Accumulator j of thread (warp w, lane l) in its warpgroup: row 16 w + l / 4 + 8 ((j / 2) % 2),
+    // column 8 (j / 4) + 2 (l % 4) + j % 2.
+    const int t = threadIdx.x % 128, lane = t % 32;
+    const int row_base = consumer * 64 + (t / 32) * 16 + lane / 4;
+    T* y = static_cast<T*>(p.y);
+    const bool pairs = (p.N_out % 2) == 0;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int r = row_base + 8 * h;
+      if (!active || r >= rows) continue;
+      const int64_t grow = static_cast<int64_t>(work.row0) + r;
+      T* y_row = y + grow * p.N_out;
+      const float scale = (!SWIGLU && p.row_scale != nullptr) ? p.row_scale[grow] : 1.f;
+#pragma unroll
+      for (int g = 0; g < (SWIGLU ? BN / 16 : BN / 8); ++g) {
+        const int j = 4 * g + 2 * h;
+        float v0, v1;
+        if (SWIGLU) {
+          v0 = gemm::silu(acc[j]) * acc[j + BN / 4];
+          v1 = gemm::silu(acc[j + 1]) * acc[j + 1 + BN / 4];
+        } else {
+          v0 = acc[j] * scale;
+          v1 = acc[j + 1] * scale;
+        }
+        const int64_t col = n0 + 8 * g + 2 * (lane % 4);
+        if (pairs && col + 1 < p.N_out) {
+          store_pair(y_row + col, v0, v1);
+        } else {
+          if (col < p.N_out) y_row[col] = from_float<T>(v0);
+          if (col + 1 < p.N_out) y_row[col + 1] = from_float<T>(v1);
+        }
+      }
+    }
   }
+  if (CLUSTER) cluster_sync();
 #endif
 }
 
@@ -282,13 +394,15 @@ inline bool make_map(CUtensorMap* map, const void* base, DType dtype, int64_t ro
                         CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-template <typename T, int BN, bool SWIGLU>
+template <typename T, int BN, bool SWIGLU, bool CLUSTER>
 cudaError_t launch(const GemmArgs& a, cudaStream_t stream) {
   using S = TileShape<BN>;
   static uint64_t configured_devices = 0;
   gemm::Params p = gemm::make_params(a);
   const int64_t n_tiles = ceil_div(p.N_out, SWIGLU ? BN / 2 : BN);
-  const int64_t blocks = n_tiles * gemm::max_slots(p.M, p.E, BM);
+  const int64_t slots = gemm::max_slots(p.M, p.E, BM);
+  // clusters: sum_e ceil(m_tiles_e / 2) <= (slots + non-empty experts + 1) / 2 pairs, two CTAs each
+  const int64_t blocks = CLUSTER ? 2 * n_tiles * ((slots + std::min<int64_t>(p.E, p.M) + 1) / 2) : n_tiles * slots;
   if (blocks == 0) return cudaSuccess;
   if (blocks > 2147483647) return cudaErrorInvalidConfiguration;
   p.n_tiles = static_cast<int>(n_tiles);
@@ -297,10 +411,22 @@ cudaError_t launch(const GemmArgs& a, cudaStream_t stream) {
       !make_map(&w_map, a.w, a.dtype, static_cast<int64_t>(a.E) * a.N_w, a.Kd, SWIGLU ? BN / 2 : BN)) {
     return cudaErrorNotSupported;
   }
-  cudaError_t err = allow_dynamic_smem(wgmma_kernel<T, BN, SWIGLU>, S::SMEM_BYTES, configured_devices);
+  auto kernel = wgmma_kernel<T, BN, SWIGLU, CLUSTER>;
+  cudaError_t err = allow_dynamic_smem(kernel, S::SMEM_BYTES, configured_devices);
   if (err != cudaSuccess) return err;
-  wgmma_kernel<T, BN, SWIGLU><<<static_cast<unsigned>(blocks), THREADS, S::SMEM_BYTES, stream>>>(x_map, w_map, p);
-  return cudaGetLastError();
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(static_cast<unsigned>(blocks));
+  config.blockDim = dim3(THREADS);
+  config.dynamicSmemBytes = S::SMEM_BYTES;
+  config.stream = stream;
+  cudaLaunchAttribute cluster;
+  cluster.id = cudaLaunchAttributeClusterDimension;
+  cluster.val.clusterDim.x = CLUSTER ? 2 : 1;
+  cluster.val.clusterDim.y = 1;
+  cluster.val.clusterDim.z = 1;
+  config.attrs = &cluster;
+  config.numAttrs = 1;
+  return cudaLaunchKernelEx(&config, kernel, x_map, w_map, p);
 }
 
 // Compute capability of the current device is exactly 9.0 (the sm_90a cubin runs nowhere else).
@@ -317,17 +443,22 @@ inline bool device_is_sm90() {
   return cached[dev] == 1;
 }
 
+// MOGE_CUDA_GEMM_TILE="wgmma[96|128][nc]": the SwiGLU tile width (96 or 128 output columns; default 96
+// when it divides I and 128 does not, as for Pangu's I = 1344) and "nc" for one CTA per tile instead of
+// clusters of two (benchmarks, tests).
 template <typename T>
 cudaError_t launch_typed(const GemmArgs& a, cudaStream_t stream) {
-  if (!a.swiglu) return launch<T, 256, false>(a, stream);
-  // Output columns per tile: 96 when they divide I and 128 do not (Pangu's I = 1344), else 128.
-  // MOGE_CUDA_GEMM_TILE=wgmma96 / wgmma128 force one (benchmarks, tests).
   const char* env = std::getenv("MOGE_CUDA_GEMM_TILE");
+  const bool cluster = env == nullptr || std::strstr(env, "nc") == nullptr;
+  if (!a.swiglu) {
+    return cluster ? launch<T, 256, false, true>(a, stream) : launch<T, 256, false, false>(a, stream);
+  }
   const int64_t I = a.N_w / 2;
   bool narrow = I % 96 == 0 && I % 128 != 0;
-  if (env != nullptr && std::strcmp(env, "wgmma96") == 0) narrow = true;
-  if (env != nullptr && std::strcmp(env, "wgmma128") == 0) narrow = false;
-  return narrow ? launch<T, 192, true>(a, stream) : launch<T, 256, true>(a, stream);
+  if (env != nullptr && std::strstr(env, "96") != nullptr) narrow = true;
+  if (env != nullptr && std::strstr(env, "128") != nullptr) narrow = false;
+  if (narrow) return cluster ? launch<T, 192, true, true>(a, stream) : launch<T, 192, true, false>(a, stream);
+  return cluster ? launch<T, 256, true, true>(a, stream) : launch<T, 256, true, false>(a, stream);
 }
 #endif  // MOGE_SM90A
 
