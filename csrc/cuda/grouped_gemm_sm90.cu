@@ -10,8 +10,8 @@
 //     ring, completion tracked by mbarriers), warpgroups 1 and 2 are consumers of 64 rows each, issuing
 //     wgmma.m64nBNk16 straight from shared memory, fp32 accumulators in registers (setmaxnreg moves the
 //     register budget from the producer to the consumers);
-//   - clusters of two CTAs (default): two row tiles of one expert share each weight tile, which rank 0
-//     loads once and multicasts to both (find_pair_work). At 128 x 256 tiles the loads from L2 into shared
+//   - clusters of two CTAs (default): two row tiles of one expert share each weight tile, each CTA
+//     fetching one half and multicasting it to both (find_pair_work). At 128 x 256 tiles the loads from L2 into shared
 //     memory, not the tensor cores, bound a Hopper SM; sharing the weight tile cuts them by a third, and an
 //     expert's tail tile of a few rows then costs little more than its own x rows. "nc" variants: one
 //     CTA per (row tile, n-tile) block (find_tile, as the mma.sync kernel);
@@ -174,7 +174,7 @@ struct Work {
 };
 
 // Clusters of two CTAs: unit u = (expert, pair of row tiles 2p and 2p+1, n-tile), expert-major then pair
-// then n-tile; CTA rank r takes row tile 2p + r. The pair shares one weight tile (multicast by rank 0), so
+// then n-tile; CTA rank r takes row tile 2p + r. The pair shares one weight tile (each CTA multicasts half), so
 // an expert's tail tile of a few rows rides along a full tile for the price of its own x rows. Warp 0
 // scans the per-expert unit counts 32 experts at a time; all threads call it (it holds a barrier).
 __device__ __forceinline__ Work find_pair_work(const gemm::Params& p, int unit, uint32_t rank, int* smem) {
@@ -212,10 +212,11 @@ __device__ __forceinline__ Work find_pair_work(const gemm::Params& p, int unit, 
 }
 
 // ----------------------------------------------------------------------------- kernel
-// CLUSTER: launched in clusters of two CTAs (find_pair_work); rank 0 multicasts the weight tile to both,
-// each CTA loads its own x rows. Rank 0's `empty` barrier then also counts rank 1's consumers, since its
-// multicast overwrites rank 1's stage too; every thread of both CTAs meets at a cluster barrier after the
-// barrier inits and before exit (no CTA leaves while the other may still arrive on its barriers).
+// CLUSTER: launched in clusters of two CTAs (find_pair_work). When both hold a row tile, each fetches one
+// half of the weight tile (its BN/2-row box) and multicasts it to both, and loads its own x rows; each
+// `empty` barrier then counts the consumers of both CTAs, since either CTA's multicast refills the stage
+// of the other, and every thread of both meets at a cluster barrier after the barrier inits and before
+// exit (no CTA leaves while the other may still arrive on its barriers or write its shared memory).
 template <typename T, int BN, bool SWIGLU, bool CLUSTER>
 __global__ void __launch_bounds__(THREADS, 1)
     wgmma_kernel(const __grid_constant__ CUtensorMap x_map, const __grid_constant__ CUtensorMap w_map,
@@ -245,15 +246,16 @@ __global__ void __launch_bounds__(THREADS, 1)
   if (threadIdx.x == 0) {
     for (int s = 0; s < S::STAGES; ++s) {
       mbar_init(smem_u32(&full_bar[s]), 1);
-      mbar_init(smem_u32(&empty_bar[s]), multicast && rank == 0 ? 4 : 2);
+      mbar_init(smem_u32(&empty_bar[s]), multicast ? 4 : 2);
     }
     asm volatile("fence.mbarrier_init.release.cluster;\nfence.proxy.async.shared::cta;\n" ::: "memory");
   }
-  if (CLUSTER) {
+  if (multicast) {
     cluster_sync();
   } else {
     __syncthreads();
   }
+  if (!has_tile) return;                           // rank 1 of an unpaired cluster: nothing to do
 
   const int warpgroup = threadIdx.x / 128;
   const int k_tiles = static_cast<int>(ceil_div(p.Kd, BK));
@@ -261,34 +263,32 @@ __global__ void __launch_bounds__(THREADS, 1)
 
   if (warpgroup == 0) {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
-    if (threadIdx.x == 0 && has_tile) {
+    if (threadIdx.x == 0) {
       asm volatile("prefetch.tensormap [%0];\nprefetch.tensormap [%1];\n" ::"l"(reinterpret_cast<uint64_t>(&x_map)),
                    "l"(reinterpret_cast<uint64_t>(&w_map)));
       // Weight rows are < E * N_w <= INT32_MAX (checked by the launcher).
+      // The weight tile is two boxes of BN/2 rows: gate and up rows (SwiGLU) or the two halves.
       const int w_row = static_cast<int>(work.expert * p.N_w + n0);
-      const int up_row = static_cast<int>(w_row + p.N_w / 2);
-      const bool loads_w = !multicast || rank == 0;
+      const int w_row2 = static_cast<int>(SWIGLU ? w_row + p.N_w / 2 : w_row + BN / 2);
       for (int kt = 0; kt < k_tiles; ++kt) {
         const int s = kt % S::STAGES;
         mbar_wait(smem_u32(&empty_bar[s]), ((kt / S::STAGES) & 1) ^ 1);
         const uint32_t bar = smem_u32(&full_bar[s]);
         const uint32_t a_dst = ring + s * S::STAGE_BYTES;
         const uint32_t b_dst = a_dst + S::A_BYTES;
-        // out-of-bounds box parts count too (zero-filled); rank 1's weight bytes come from rank 0
+        // out-of-bounds box parts count too (zero-filled); half the weight bytes come from the other CTA
         mbar_expect_tx(bar, S::STAGE_BYTES);
         tma_load_2d(a_dst, &x_map, bar, kt * BK, work.row0);
-        if (loads_w) {
-          if (multicast) {
-            tma_load_2d_multicast(b_dst, &w_map, bar, kt * BK, w_row, 0x3);
-            if (SWIGLU) tma_load_2d_multicast(b_dst + (BN / 2) * BK * 2, &w_map, bar, kt * BK, up_row, 0x3);
-          } else {
-            tma_load_2d(b_dst, &w_map, bar, kt * BK, w_row);
-            if (SWIGLU) tma_load_2d(b_dst + (BN / 2) * BK * 2, &w_map, bar, kt * BK, up_row);
-          }
+        if (multicast) {                               // each rank fetches one box for both CTAs
+          const uint32_t half = rank * (BN / 2) * BK * 2;
+          tma_load_2d_multicast(b_dst + half, &w_map, bar, kt * BK, rank == 0 ? w_row : w_row2, 0x3);
+        } else {
+          tma_load_2d(b_dst, &w_map, bar, kt * BK, w_row);
+          tma_load_2d(b_dst + (BN / 2) * BK * 2, &w_map, bar, kt * BK, w_row2);
         }
       }
     }
-  } else if (has_tile) {
+  } else {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
     const int consumer = warpgroup - 1;                // rows [64 c, 64 c + 64) of the tile
     const int rows = work.row1 - work.row0;
@@ -316,7 +316,7 @@ __global__ void __launch_bounds__(THREADS, 1)
       if (kt > 0 && signals) {                         // ... so its stage may be refilled
         const uint32_t bar = smem_u32(&empty_bar[(kt - 1) % S::STAGES]);
         mbar_arrive(bar);
-        if (multicast && rank == 1) mbar_arrive_remote(bar, 0);
+        if (multicast) mbar_arrive_remote(bar, rank ^ 1u);   // its multicast writes our stage too
       }
     }
     wgmma_wait<0>();
@@ -356,7 +356,7 @@ __global__ void __launch_bounds__(THREADS, 1)
       }
     }
   }
-  if (CLUSTER) cluster_sync();
+  if (multicast) cluster_sync();
 #endif
 }
 
@@ -408,7 +408,7 @@ cudaError_t launch(const GemmArgs& a, cudaStream_t stream) {
   p.n_tiles = static_cast<int>(n_tiles);
   CUtensorMap x_map, w_map;
   if (!make_map(&x_map, a.x, a.dtype, a.M, a.Kd, BM) ||
-      !make_map(&w_map, a.w, a.dtype, static_cast<int64_t>(a.E) * a.N_w, a.Kd, SWIGLU ? BN / 2 : BN)) {
+      !make_map(&w_map, a.w, a.dtype, static_cast<int64_t>(a.E) * a.N_w, a.Kd, BN / 2)) {
     return cudaErrorNotSupported;
   }
   auto kernel = wgmma_kernel<T, BN, SWIGLU, CLUSTER>;
