@@ -107,12 +107,15 @@ __device__ __forceinline__ void tma_load_2d_multicast(uint32_t dst, const CUtens
 #endif
 }
 
-// Arrival on the barrier at the same shared-memory offset in CTA `cta_rank` of the cluster.
+// Arrival on the barrier at the same shared-memory offset in CTA `cta_rank` of the cluster. CTA-scope
+// release (the default), not .cluster: the arrival only says "done reading this stage" (the reads were
+// the wgmmas', already waited for), and a cluster-scope release is a fence that stalls the warpgroup's
+// next wgmma on every k-step.
 __device__ __forceinline__ void mbar_arrive_remote(uint32_t bar, uint32_t cta_rank) {
 #if MOGE_WGMMA_ENABLED
   asm volatile(
       "{\n.reg .b32 remote;\nmapa.shared::cluster.u32 remote, %0, %1;\n"
-      "mbarrier.arrive.release.cluster.shared::cluster.b64 _, [remote];\n}\n" ::"r"(bar), "r"(cta_rank)
+      "mbarrier.arrive.shared::cluster.b64 _, [remote];\n}\n" ::"r"(bar), "r"(cta_rank)
       : "memory");
 #endif
 }
