@@ -10,11 +10,12 @@
 //     ring, completion tracked by mbarriers), warpgroups 1 and 2 are consumers of 64 rows each, issuing
 //     wgmma.m64nBNk16 straight from shared memory, fp32 accumulators in registers (setmaxnreg moves the
 //     register budget from the producer to the consumers);
-//   - clusters of two CTAs (default): two row tiles of one expert share each weight tile, each CTA
-//     fetching one half and multicasting it to both (find_pair_work). At 128 x 256 tiles the loads from L2 into shared
-//     memory, not the tensor cores, bound a Hopper SM; sharing the weight tile cuts them by a third, and an
-//     expert's tail tile of a few rows then costs little more than its own x rows. "nc" variants: one
-//     CTA per (row tile, n-tile) block (find_tile, as the mma.sync kernel);
+//   - persistent (default): one CTA per SM walks the (row tile, n-tile) blocks in gemm::find_tile's order;
+//     the ring of stages runs on across tiles, so the next tile's loads overlap this tile's epilogue;
+//   - opt-in clusters of two CTAs ("_cl"): two row tiles of one expert share each weight tile, each CTA
+//     fetching one half and multicasting it to both (find_pair_work), a third less traffic from L2 into
+//     shared memory. Measured slower than the persistent kernel on an H100 (not persistent; ptxas
+//     serialises its wgmmas, C7515), kept as the starting point for a persistent clustered kernel;
 //   - a consumer whose 64 rows are all past the expert's last row skips its wgmmas;
 //   - SwiGLU: the B tile is BN/2 gate rows then the BN/2 up rows of the same output columns, so gate
 //     column c and up column c + BN/2 land in the same thread (accumulator j and j + BN/4) and only
@@ -214,9 +215,158 @@ __device__ __forceinline__ Work find_pair_work(const gemm::Params& p, int unit, 
   return Work{smem[0], smem[1], smem[2], smem[3], smem[4] != 0};
 }
 
+// Row tile `slot` (gemm::find_tile's numbering) found by one warp alone, result in every lane: the
+// persistent kernel's producer and consumer warps each walk the schedule without a block barrier.
+__device__ __forceinline__ gemm::Tile find_tile_warp(const gemm::Params& p, int slot) {
+  const int lane = threadIdx.x & 31;
+  gemm::Tile tile{-1, 0, 0};
+  int carry = 0;
+  for (int e0 = 0; e0 < p.E && carry <= slot; e0 += 32) {
+    const int e = e0 + lane;
+    int lo = 0, hi = 0;
+    if (e < p.E) {                                   // clamped so that bad offsets never leave [0, M)
+      lo = min(max(p.expert_offsets[e], 0), p.M);
+      hi = min(max(p.expert_offsets[e + 1], lo), p.M);
+    }
+    const int n = (hi - lo + BM - 1) / BM;
+    const int inclusive = warp_inclusive_scan(n);
+    const int first = carry + inclusive - n;
+    const unsigned owner = __ballot_sync(kFullMask, slot >= first && slot < first + n);
+    if (owner != 0) {
+      const int src = __ffs(owner) - 1;
+      const int row0 = lo + (slot - first) * BM;
+      tile.expert = __shfl_sync(kFullMask, e, src);
+      tile.row0 = __shfl_sync(kFullMask, row0, src);
+      tile.row1 = __shfl_sync(kFullMask, min(hi, row0 + BM), src);
+    }
+    carry += __shfl_sync(kFullMask, inclusive, 31);
+  }
+  return tile;
+}
+
+// Stage and phase of the ring position `it` (k-steps counted over all the tiles of a CTA).
+template <class S>
+struct Ring {
+  uint32_t base;                                     // 1 KB aligned
+  uint64_t* full;                                    // [STAGES] TMA bytes of the stage have landed
+  uint64_t* empty;                                   // [STAGES] the consumers are done with the stage
+  __device__ __forceinline__ int stage(int it) const { return it % S::STAGES; }
+  __device__ __forceinline__ uint32_t parity(int it) const { return (it / S::STAGES) & 1; }
+  __device__ __forceinline__ uint32_t a(int it) const { return base + stage(it) * S::STAGE_BYTES; }
+  __device__ __forceinline__ uint32_t b(int it) const { return a(it) + S::A_BYTES; }
+};
+
+// Producer (one thread): the TMA loads of one tile's k-steps, ring positions [it0, it0 + k_tiles). The
+// weight tile is two boxes of BN/2 rows: gate and up rows (SwiGLU) or the two halves; with multicast each
+// CTA of the pair fetches one box for both.
+template <class S, int BN, bool SWIGLU>
+__device__ __forceinline__ void produce_tile(const CUtensorMap* x_map, const CUtensorMap* w_map,
+                                             const gemm::Params& p, const Ring<S>& ring, const Work& work,
+                                             int it0, int k_tiles, bool multicast, uint32_t rank) {
+  const int64_t n0 = static_cast<int64_t>(work.n_tile) * (SWIGLU ? BN / 2 : BN);
+  // weight rows are < E * N_w <= INT32_MAX (checked by the launcher)
+  const int w_row = static_cast<int>(work.expert * p.N_w + n0);
+  const int w_row2 = static_cast<int>(SWIGLU ? w_row + p.N_w / 2 : w_row + BN / 2);
+  for (int kt = 0; kt < k_tiles; ++kt) {
+    const int it = it0 + kt;
+    mbar_wait(smem_u32(&ring.empty[ring.stage(it)]), ring.parity(it) ^ 1);
+    const uint32_t bar = smem_u32(&ring.full[ring.stage(it)]);
+    // out-of-bounds box parts count too (zero-filled); with multicast half the weight bytes come from
+    // the other CTA
+    mbar_expect_tx(bar, S::STAGE_BYTES);
+    tma_load_2d(ring.a(it), x_map, bar, kt * BK, work.row0);
+    if (multicast) {
+      tma_load_2d_multicast(ring.b(it) + rank * (BN / 2) * BK * 2, w_map, bar, kt * BK, rank == 0 ? w_row : w_row2,
+                            0x3);
+    } else {
+      tma_load_2d(ring.b(it), w_map, bar, kt * BK, w_row);
+      tma_load_2d(ring.b(it) + (BN / 2) * BK * 2, w_map, bar, kt * BK, w_row2);
+    }
+  }
+}
+
+// Consumer warpgroup `consumer` (rows [64 c, 64 c + 64) of the tile): acc = its rows times the weight
+// tile over ring positions [it0, it0 + k_tiles); every position is handed back to the producer (the
+// last one after the final wait), so the ring runs on into the CTA's next tile.
+template <class S, typename T, int BN>
+__device__ __forceinline__ void consume_tile(float (&acc)[S::ACC], const Ring<S>& ring, int it0, int k_tiles,
+                                             int consumer, bool active, bool multicast, uint32_t rank) {
+  const bool signals = (threadIdx.x % 128) == 0;     // one arrival per consumer warpgroup
+  auto release = [&](int it) {
+    if (!signals) return;
+    const uint32_t bar = smem_u32(&ring.empty[ring.stage(it)]);
+    mbar_arrive(bar);
+    if (multicast) mbar_arrive_remote(bar, rank ^ 1u);   // its multicast writes our stage too
+  };
+#pragma unroll
+  for (int i = 0; i < S::ACC; ++i) acc[i] = 0.f;
+  for (int kt = 0; kt < k_tiles; ++kt) {
+    const int it = it0 + kt;
+    mbar_wait(smem_u32(&ring.full[ring.stage(it)]), ring.parity(it));
+    if (active) {
+      const uint32_t a_tile = ring.a(it) + consumer * 64 * BK * 2;
+      wgmma_fence();
+#pragma unroll
+      for (int k = 0; k < BK / 16; ++k) {
+        // a k16 step is 32 bytes further along the (swizzled) 128-byte rows
+        Wgmma<T, BN>::mma(acc, smem_desc(a_tile + 32 * k), smem_desc(ring.b(it) + 32 * k));
+      }
+      wgmma_commit();
+      wgmma_wait<1>();                               // k-step kt-1's products are done ...
+    }
+    if (kt > 0) release(it - 1);                     // ... so its stage may be refilled
+  }
+  wgmma_wait<0>();
+  fence_registers(acc);
+  if (k_tiles > 0) release(it0 + k_tiles - 1);
+}
+
+// Epilogue of consumer warpgroup `consumer`: accumulator j of thread (warp w, lane l) in its warpgroup
+// is row 16 w + l / 4 + 8 ((j / 2) % 2), column 8 (j / 4) + 2 (l % 4) + j % 2.
+template <class S, typename T, int BN, bool SWIGLU>
+__device__ __forceinline__ void store_tile(const float (&acc)[S::ACC], const gemm::Params& p, const Work& work,
+                                           int consumer) {
+  const int t = threadIdx.x % 128, lane = t % 32;
+  const int rows = work.row1 - work.row0;
+  const int row_base = consumer * 64 + (t / 32) * 16 + lane / 4;
+  const int64_t n0 = static_cast<int64_t>(work.n_tile) * (SWIGLU ? BN / 2 : BN);
+  T* y = static_cast<T*>(p.y);
+  const bool pairs = (p.N_out % 2) == 0;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int r = row_base + 8 * h;
+    if (r >= rows) continue;
+    const int64_t grow = static_cast<int64_t>(work.row0) + r;
+    T* y_row = y + grow * p.N_out;
+    const float scale = (!SWIGLU && p.row_scale != nullptr) ? p.row_scale[grow] : 1.f;
+#pragma unroll
+    for (int g = 0; g < (SWIGLU ? BN / 16 : BN / 8); ++g) {
+      const int j = 4 * g + 2 * h;
+      float v0, v1;
+      if (SWIGLU) {
+        v0 = gemm::silu(acc[j]) * acc[j + BN / 4];
+        v1 = gemm::silu(acc[j + 1]) * acc[j + 1 + BN / 4];
+      } else {
+        v0 = acc[j] * scale;
+        v1 = acc[j + 1] * scale;
+      }
+      const int64_t col = n0 + 8 * g + 2 * (lane % 4);
+      if (pairs && col + 1 < p.N_out) {
+        store_pair(y_row + col, v0, v1);
+      } else {
+        if (col < p.N_out) y_row[col] = from_float<T>(v0);
+        if (col + 1 < p.N_out) y_row[col + 1] = from_float<T>(v1);
+      }
+    }
+  }
+}
+
 // ----------------------------------------------------------------------------- kernel
-// CLUSTER: launched in clusters of two CTAs (find_pair_work). When both hold a row tile, each fetches one
-// half of the weight tile (its BN/2-row box) and multicasts it to both, and loads its own x rows; each
+// Default (CLUSTER = false): persistent, one CTA per SM walking the (row tile, n-tile) blocks blockIdx.x,
+// + gridDim.x, ... (gemm::find_tile's order); the ring of stages runs on across tiles, so the producer
+// loads the next tile while the consumers store the last one.
+// CLUSTER: one pair of row tiles per cluster of two CTAs (find_pair_work). When both hold a row tile,
+// each fetches one half of the weight tile and multicasts it to both, and loads its own x rows; each
 // `empty` barrier then counts the consumers of both CTAs, since either CTA's multicast refills the stage
 // of the other, and every thread of both meets at a cluster barrier after the barrier inits and before
 // exit (no CTA leaves while the other may still arrive on its barriers or write its shared memory).
@@ -227,25 +377,19 @@ __global__ void __launch_bounds__(THREADS, 1)
 #if MOGE_WGMMA_ENABLED
   using S = TileShape<BN>;
   extern __shared__ uint8_t smem_raw[];
-  __shared__ __align__(8) uint64_t full_bar[S::STAGES];    // TMA bytes of stage s have landed
-  __shared__ __align__(8) uint64_t empty_bar[S::STAGES];   // the consumers are done with stage s
+  __shared__ __align__(8) uint64_t full_bar[S::STAGES];
+  __shared__ __align__(8) uint64_t empty_bar[S::STAGES];
   __shared__ int work_smem[5];
 
-  Work work;
+  Work work{-1, 0, 0, 0, false};
   uint32_t rank = 0;
   if (CLUSTER) {
     rank = cluster_rank();
     work = find_pair_work(p, static_cast<int>(blockIdx.x / 2), rank, work_smem);
     if (work.expert == -1) return;                 // past the last unit: both CTAs leave together
-  } else {
-    const gemm::Tile tile = gemm::find_tile<BM>(p, static_cast<int>(blockIdx.x / p.n_tiles), work_smem);
-    if (tile.expert < 0) return;
-    work = Work{tile.expert, tile.row0, tile.row1, static_cast<int>(blockIdx.x % p.n_tiles), false};
   }
-  const bool has_tile = work.expert >= 0;          // false: rank 1 of a pair with one row tile
   const bool multicast = CLUSTER && work.paired;
-
-  const uint32_t ring = (smem_u32(smem_raw) + 1023u) & ~1023u;   // swizzle atoms need 1 KB alignment
+  const Ring<S> ring{(smem_u32(smem_raw) + 1023u) & ~1023u, full_bar, empty_bar};   // 1 KB: swizzle atoms
   if (threadIdx.x == 0) {
     for (int s = 0; s < S::STAGES; ++s) {
       mbar_init(smem_u32(&full_bar[s]), 1);
@@ -258,105 +402,44 @@ __global__ void __launch_bounds__(THREADS, 1)
   } else {
     __syncthreads();
   }
-  if (!has_tile) return;                           // rank 1 of an unpaired cluster: nothing to do
+  if (CLUSTER && work.expert < 0) return;          // rank 1 of an unpaired cluster: nothing to do
 
   const int warpgroup = threadIdx.x / 128;
   const int k_tiles = static_cast<int>(ceil_div(p.Kd, BK));
-  const int64_t n0 = static_cast<int64_t>(work.n_tile) * (SWIGLU ? BN / 2 : BN);   // first output column
-
+  // The CTA's next block of the persistent walk (CLUSTER: its one tile, then none).
+  auto next_work = [&](int block) {
+    const gemm::Tile tile = find_tile_warp(p, block / p.n_tiles);
+    return Work{tile.expert, tile.row0, tile.row1, block % p.n_tiles, false};
+  };
   if (warpgroup == 0) {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
-    if (threadIdx.x == 0) {
-      asm volatile("prefetch.tensormap [%0];\nprefetch.tensormap [%1];\n" ::"l"(reinterpret_cast<uint64_t>(&x_map)),
-                   "l"(reinterpret_cast<uint64_t>(&w_map)));
-      // Weight rows are < E * N_w <= INT32_MAX (checked by the launcher).
-      // The weight tile is two boxes of BN/2 rows: gate and up rows (SwiGLU) or the two halves.
-      const int w_row = static_cast<int>(work.expert * p.N_w + n0);
-      const int w_row2 = static_cast<int>(SWIGLU ? w_row + p.N_w / 2 : w_row + BN / 2);
-      for (int kt = 0; kt < k_tiles; ++kt) {
-        const int s = kt % S::STAGES;
-        mbar_wait(smem_u32(&empty_bar[s]), ((kt / S::STAGES) & 1) ^ 1);
-        const uint32_t bar = smem_u32(&full_bar[s]);
-        const uint32_t a_dst = ring + s * S::STAGE_BYTES;
-        const uint32_t b_dst = a_dst + S::A_BYTES;
-        // out-of-bounds box parts count too (zero-filled); half the weight bytes come from the other CTA
-        mbar_expect_tx(bar, S::STAGE_BYTES);
-        tma_load_2d(a_dst, &x_map, bar, kt * BK, work.row0);
-        if (multicast) {                               // each rank fetches one box for both CTAs
-          const uint32_t half = rank * (BN / 2) * BK * 2;
-          tma_load_2d_multicast(b_dst + half, &w_map, bar, kt * BK, rank == 0 ? w_row : w_row2, 0x3);
-        } else {
-          tma_load_2d(b_dst, &w_map, bar, kt * BK, w_row);
-          tma_load_2d(b_dst + (BN / 2) * BK * 2, &w_map, bar, kt * BK, w_row2);
-        }
+    if (threadIdx.x < 32) {                          // warp 0 walks the schedule, lane 0 issues the loads
+      if (threadIdx.x == 0) {
+        asm volatile("prefetch.tensormap [%0];\nprefetch.tensormap [%1];\n"
+                     ::"l"(reinterpret_cast<uint64_t>(&x_map)), "l"(reinterpret_cast<uint64_t>(&w_map)));
+      }
+      int it = 0;
+      for (int block = blockIdx.x;; block += gridDim.x) {
+        const Work w = CLUSTER ? work : next_work(block);
+        if (w.expert < 0) break;
+        if (threadIdx.x == 0) produce_tile<S, BN, SWIGLU>(&x_map, &w_map, p, ring, w, it, k_tiles, multicast, rank);
+        it += k_tiles;
+        if (CLUSTER) break;
       }
     }
   } else {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
-    const int consumer = warpgroup - 1;                // rows [64 c, 64 c + 64) of the tile
-    const int rows = work.row1 - work.row0;
-    const bool active = consumer * 64 < rows;
-    const bool signals = (threadIdx.x % 128) == 0;     // one arrival per consumer warpgroup
+    const int consumer = warpgroup - 1;
     float acc[S::ACC];
-#pragma unroll
-    for (int i = 0; i < S::ACC; ++i) acc[i] = 0.f;
-
-    for (int kt = 0; kt < k_tiles; ++kt) {
-      const int s = kt % S::STAGES;
-      mbar_wait(smem_u32(&full_bar[s]), (kt / S::STAGES) & 1);
-      if (active) {
-        const uint32_t a_tile = ring + s * S::STAGE_BYTES + consumer * 64 * BK * 2;
-        const uint32_t b_tile = ring + s * S::STAGE_BYTES + S::A_BYTES;
-        wgmma_fence();
-#pragma unroll
-        for (int k = 0; k < BK / 16; ++k) {
-          // a k16 step is 32 bytes further along the (swizzled) 128-byte rows
-          Wgmma<T, BN>::mma(acc, smem_desc(a_tile + 32 * k), smem_desc(b_tile + 32 * k));
-        }
-        wgmma_commit();
-        wgmma_wait<1>();                               // k-tile kt-1's products are done ...
-      }
-      if (kt > 0 && signals) {                         // ... so its stage may be refilled
-        const uint32_t bar = smem_u32(&empty_bar[(kt - 1) % S::STAGES]);
-        mbar_arrive(bar);
-        if (multicast) mbar_arrive_remote(bar, rank ^ 1u);   // its multicast writes our stage too
-      }
-    }
-    wgmma_wait<0>();
-    fence_registers(acc);
-
-    // Accumulator j of thread (warp w, lane l) in its warpgroup: row 16 w + l / 4 + 8 ((j / 2) % 2),
-    // column 8 (j / 4) + 2 (l % 4) + j % 2.
-    const int t = threadIdx.x % 128, lane = t % 32;
-    const int row_base = consumer * 64 + (t / 32) * 16 + lane / 4;
-    T* y = static_cast<T*>(p.y);
-    const bool pairs = (p.N_out % 2) == 0;
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int r = row_base + 8 * h;
-      if (!active || r >= rows) continue;
-      const int64_t grow = static_cast<int64_t>(work.row0) + r;
-      T* y_row = y + grow * p.N_out;
-      const float scale = (!SWIGLU && p.row_scale != nullptr) ? p.row_scale[grow] : 1.f;
-#pragma unroll
-      for (int g = 0; g < (SWIGLU ? BN / 16 : BN / 8); ++g) {
-        const int j = 4 * g + 2 * h;
-        float v0, v1;
-        if (SWIGLU) {
-          v0 = gemm::silu(acc[j]) * acc[j + BN / 4];
-          v1 = gemm::silu(acc[j + 1]) * acc[j + 1 + BN / 4];
-        } else {
-          v0 = acc[j] * scale;
-          v1 = acc[j + 1] * scale;
-        }
-        const int64_t col = n0 + 8 * g + 2 * (lane % 4);
-        if (pairs && col + 1 < p.N_out) {
-          store_pair(y_row + col, v0, v1);
-        } else {
-          if (col < p.N_out) y_row[col] = from_float<T>(v0);
-          if (col + 1 < p.N_out) y_row[col + 1] = from_float<T>(v1);
-        }
-      }
+    int it = 0;
+    for (int block = blockIdx.x;; block += gridDim.x) {
+      const Work w = CLUSTER ? work : next_work(block);
+      if (w.expert < 0) break;
+      const bool active = consumer * 64 < w.row1 - w.row0;   // a tail tile's empty half skips its wgmmas
+      consume_tile<S, T, BN>(acc, ring, it, k_tiles, consumer, active, multicast, rank);
+      if (active) store_tile<S, T, BN, SWIGLU>(acc, p, w, consumer);
+      it += k_tiles;
+      if (CLUSTER) break;
     }
   }
   if (multicast) cluster_sync();
@@ -397,6 +480,17 @@ inline bool make_map(CUtensorMap* map, const void* base, DType dtype, int64_t ro
                         CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
+// Multiprocessors of the current device, cached per device (a host-side query, no sync).
+inline int64_t multiprocessors() {
+  static int cached[64] = {0};
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return 132;
+  if (cached[dev] == 0 && cudaDeviceGetAttribute(&cached[dev], cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
+    return 132;
+  }
+  return cached[dev];
+}
+
 template <typename T, int BN, bool SWIGLU, bool CLUSTER>
 cudaError_t launch(const GemmArgs& a, cudaStream_t stream) {
   using S = TileShape<BN>;
@@ -404,8 +498,10 @@ cudaError_t launch(const GemmArgs& a, cudaStream_t stream) {
   gemm::Params p = gemm::make_params(a);
   const int64_t n_tiles = ceil_div(p.N_out, SWIGLU ? BN / 2 : BN);
   const int64_t slots = gemm::max_slots(p.M, p.E, BM);
-  // clusters: sum_e ceil(m_tiles_e / 2) <= (slots + non-empty experts + 1) / 2 pairs, two CTAs each
-  const int64_t blocks = CLUSTER ? 2 * n_tiles * ((slots + std::min<int64_t>(p.E, p.M) + 1) / 2) : n_tiles * slots;
+  // clusters: sum_e ceil(m_tiles_e / 2) <= (slots + non-empty experts + 1) / 2 pairs, two CTAs each;
+  // clusters: one pair of row tiles each; persistent: one CTA per SM (or fewer, for few blocks)
+  const int64_t blocks = CLUSTER ? 2 * n_tiles * ((slots + std::min<int64_t>(p.E, p.M) + 1) / 2)
+                                 : std::min<int64_t>(n_tiles * slots, multiprocessors());
   if (blocks == 0) return cudaSuccess;
   if (blocks > 2147483647) return cudaErrorInvalidConfiguration;
   p.n_tiles = static_cast<int>(n_tiles);
@@ -446,13 +542,13 @@ inline bool device_is_sm90() {
   return cached[dev] == 1;
 }
 
-// MOGE_CUDA_GEMM_TILE="wgmma[96|128][nc]": the SwiGLU tile width (96 or 128 output columns; default 96
-// when it divides I and 128 does not, as for Pangu's I = 1344) and "nc" for one CTA per tile instead of
-// clusters of two (benchmarks, tests).
+// MOGE_CUDA_GEMM_TILE="wgmma[96|128][_cl]": the SwiGLU tile width (96 or 128 output columns; default 96
+// when it divides I and 128 does not, as for Pangu's I = 1344) and "_cl" for the clusters of two instead
+// of the persistent kernel (benchmarks, tests).
 template <typename T>
 cudaError_t launch_typed(const GemmArgs& a, cudaStream_t stream) {
   const char* env = std::getenv("MOGE_CUDA_GEMM_TILE");
-  const bool cluster = env == nullptr || std::strstr(env, "nc") == nullptr;
+  const bool cluster = env != nullptr && std::strstr(env, "cl") != nullptr;
   if (!a.swiglu) {
     return cluster ? launch<T, 256, false, true>(a, stream) : launch<T, 256, false, false>(a, stream);
   }

@@ -54,12 +54,12 @@ def main():
     for M, E, Kd, N, dtype, what in [(37, 8, 64, 72, torch.bfloat16, "skinny tile"),
                                      (300, 4, 136, 264, torch.bfloat16, "big tile"),
                                      (300, 4, 136, 264, torch.float16, "big tile mma.sync"),
-                                     (300, 4, 136, 264, torch.bfloat16, "big tile wgmma_nc"),
+                                     (300, 4, 136, 264, torch.bfloat16, "big tile wgmma_cl"),
                                      (50, 3, 20, 33, torch.bfloat16, "SIMT fallback"),
                                      (50, 3, 24, 33, torch.float32, "SIMT fp32")]:
-        # "big tile": the wgmma kernel in clusters of two on an sm_90 device with a 9.0a build;
-        # "wgmma_nc": the same kernel one CTA per tile; "mma.sync": the Ampere-style kernel
-        os.environ["MOGE_CUDA_GEMM_TILE"] = {"mma.sync": "big", "wgmma_nc": "wgmma_nc"}.get(what.split()[-1], "wgmma")
+        # "big tile": the persistent wgmma kernel on an sm_90 device with a 9.0a build; "wgmma_cl": the
+        # clusters of two; "mma.sync": the Ampere-style kernel
+        os.environ["MOGE_CUDA_GEMM_TILE"] = {"mma.sync": "big", "wgmma_cl": "wgmma_cl"}.get(what.split()[-1], "wgmma")
         x = torch.randn(M, Kd, device=DEV).to(dtype)
         w = (torch.randn(E, N, Kd, device=DEV) / Kd ** 0.5).to(dtype)
         offsets = random_offsets(M, E, seed=M, device=DEV)
