@@ -193,7 +193,7 @@ def test_grouped_mlp_matches_reference(dtype, M, E, H, I, with_scale):
                         what=f"grouped_mlp {dtype}")
 
 
-@pytest.mark.parametrize("variant", ["wgmma", "wgmma96", "wgmma128", "wgmma_cl", "big", "big4", "big4d", "sq"])
+@pytest.mark.parametrize("variant", ["wgmma", "wgmma96", "wgmma128", "wgmma_cl", "wgmma_p", "big", "big4", "big4d", "sq"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_big_tile_variants(variant, dtype, monkeypatch):
     """Every variant of the big tensor-core tile (MOGE_CUDA_GEMM_TILE) on shapes with row, column and K

@@ -10,8 +10,12 @@
 //     ring, completion tracked by mbarriers), warpgroups 1 and 2 are consumers of 64 rows each, issuing
 //     wgmma.m64nBNk16 straight from shared memory, fp32 accumulators in registers (setmaxnreg moves the
 //     register budget from the producer to the consumers);
-//   - persistent (default): one CTA per SM walks the (row tile, n-tile) blocks in gemm::find_tile's order;
-//     the ring of stages runs on across tiles, so the next tile's loads overlap this tile's epilogue;
+//   - the (row tile, n-tile) blocks in gemm::find_tile's order, one CTA each (default), or, opt-in ("_p"),
+//     a persistent grid of one CTA per SM walking them with the ring of stages running on across tiles
+//     (the next tile's loads overlap this tile's epilogue). The same kernel: a CTA walks blockIdx.x,
+//     + gridDim.x, ... until the schedule ends. Measured on an H100 (tests/gpu/profile_wgmma.py, down
+//     GEMM of T=4096): persistent 1.23 ms against 0.95 for one CTA per block, whose hardware dispatch
+//     keeps the resident blocks on neighbouring tiles that share x rows and weights in L2;
 //   - opt-in clusters of two CTAs ("_cl"): two row tiles of one expert share each weight tile, each CTA
 //     fetching one half and multicasting it to both (find_pair_work), a third less traffic from L2 into
 //     shared memory. Measured slower than the persistent kernel on an H100 (not persistent; ptxas
@@ -362,9 +366,10 @@ __device__ __forceinline__ void store_tile(const float (&acc)[S::ACC], const gem
 }
 
 // ----------------------------------------------------------------------------- kernel
-// Default (CLUSTER = false): persistent, one CTA per SM walking the (row tile, n-tile) blocks blockIdx.x,
-// + gridDim.x, ... (gemm::find_tile's order); the ring of stages runs on across tiles, so the producer
-// loads the next tile while the consumers store the last one.
+// CLUSTER = false: a CTA walks the (row tile, n-tile) blocks blockIdx.x, + gridDim.x, ... (gemm::find_tile's
+// order) until the schedule ends: one block per CTA when the grid holds every block (the default), a
+// persistent walk when it is one CTA per SM; the ring of stages runs on across a CTA's tiles, so the
+// producer loads the next tile while the consumers store the last one.
 // CLUSTER: one pair of row tiles per cluster of two CTAs (find_pair_work). When both hold a row tile,
 // each fetches one half of the weight tile and multicasts it to both, and loads its own x rows; each
 // `empty` barrier then counts the consumers of both CTAs, since either CTA's multicast refills the stage
@@ -492,16 +497,16 @@ inline int64_t multiprocessors() {
 }
 
 template <typename T, int BN, bool SWIGLU, bool CLUSTER>
-cudaError_t launch(const GemmArgs& a, cudaStream_t stream) {
+cudaError_t launch(const GemmArgs& a, bool persistent, cudaStream_t stream) {
   using S = TileShape<BN>;
   static uint64_t configured_devices = 0;
   gemm::Params p = gemm::make_params(a);
   const int64_t n_tiles = ceil_div(p.N_out, SWIGLU ? BN / 2 : BN);
   const int64_t slots = gemm::max_slots(p.M, p.E, BM);
   // clusters: sum_e ceil(m_tiles_e / 2) <= (slots + non-empty experts + 1) / 2 pairs, two CTAs each;
-  // clusters: one pair of row tiles each; persistent: one CTA per SM (or fewer, for few blocks)
-  const int64_t blocks = CLUSTER ? 2 * n_tiles * ((slots + std::min<int64_t>(p.E, p.M) + 1) / 2)
-                                 : std::min<int64_t>(n_tiles * slots, multiprocessors());
+  // clusters: one pair of row tiles each; tiled: one CTA per block; persistent: one CTA per SM
+  int64_t blocks = CLUSTER ? 2 * n_tiles * ((slots + std::min<int64_t>(p.E, p.M) + 1) / 2) : n_tiles * slots;
+  if (!CLUSTER && persistent) blocks = std::min<int64_t>(blocks, multiprocessors());
   if (blocks == 0) return cudaSuccess;
   if (blocks > 2147483647) return cudaErrorInvalidConfiguration;
   p.n_tiles = static_cast<int>(n_tiles);
@@ -542,22 +547,25 @@ inline bool device_is_sm90() {
   return cached[dev] == 1;
 }
 
-// MOGE_CUDA_GEMM_TILE="wgmma[96|128][_cl]": the SwiGLU tile width (96 or 128 output columns; default 96
-// when it divides I and 128 does not, as for Pangu's I = 1344) and "_cl" for the clusters of two instead
-// of the persistent kernel (benchmarks, tests).
+// MOGE_CUDA_GEMM_TILE="wgmma[96|128][_p|_cl]": the SwiGLU tile width (96 or 128 output columns; default
+// 96 when it divides I and 128 does not, as for Pangu's I = 1344), and "_p" for the persistent grid or
+// "_cl" for the clusters of two instead of one CTA per block (benchmarks, tests).
 template <typename T>
 cudaError_t launch_typed(const GemmArgs& a, cudaStream_t stream) {
   const char* env = std::getenv("MOGE_CUDA_GEMM_TILE");
-  const bool cluster = env != nullptr && std::strstr(env, "cl") != nullptr;
+  const bool cluster = env != nullptr && std::strstr(env, "_cl") != nullptr;
+  const bool persistent = env != nullptr && std::strstr(env, "_p") != nullptr;
   if (!a.swiglu) {
-    return cluster ? launch<T, 256, false, true>(a, stream) : launch<T, 256, false, false>(a, stream);
+    return cluster ? launch<T, 256, false, true>(a, false, stream) : launch<T, 256, false, false>(a, persistent, stream);
   }
   const int64_t I = a.N_w / 2;
   bool narrow = I % 96 == 0 && I % 128 != 0;
   if (env != nullptr && std::strstr(env, "96") != nullptr) narrow = true;
   if (env != nullptr && std::strstr(env, "128") != nullptr) narrow = false;
-  if (narrow) return cluster ? launch<T, 192, true, true>(a, stream) : launch<T, 192, true, false>(a, stream);
-  return cluster ? launch<T, 256, true, true>(a, stream) : launch<T, 256, true, false>(a, stream);
+  if (narrow) {
+    return cluster ? launch<T, 192, true, true>(a, false, stream) : launch<T, 192, true, false>(a, persistent, stream);
+  }
+  return cluster ? launch<T, 256, true, true>(a, false, stream) : launch<T, 256, true, false>(a, persistent, stream);
 }
 #endif  // MOGE_SM90A
 
