@@ -1,6 +1,7 @@
-"""The per-shape tables of bench/README.md from a `moge-bench` results.json:
+"""The per-shape tables of bench/README.md from a `moge-bench` results.json or its printed table:
 
     python bench/readme_tables.py bench/results/h100/results.json
+    python bench/readme_tables.py bench/results/h100/cli_h100.txt
 
 Each cell: ms (CUDA-graph replay, cold L2) / speed-up over the torch._grouped_mm pipeline / % of the floor,
 for the package's backends (the baselines stay in the full table, results/<device>/cli_<device>.txt)."""
@@ -35,5 +36,20 @@ def tables(results: dict) -> str:
     return "\n".join(out)
 
 
+def rows_from_table(text: str) -> list[dict]:
+    """The rows of the CLI's printed table (shape T op method mode ms TFLOP/s GB/s x_eager x_gmm floor_ms
+    %floor [note]), with the fields tables() reads."""
+    rows = []
+    for line in text.splitlines():
+        f = line.split()
+        if len(f) < 12 or not f[1].isdigit() or f[4] not in ("graph", "eager") or not f[9].endswith("x"):
+            continue
+        rows.append(dict(shape=f[0], T=int(f[1]), op=f[2], method=f[3], ms=float(f[5]),
+                         x_gmm=float(f[9][:-1]), floor_fraction=float(f[11][:-1]) / 100))
+    return rows
+
+
 if __name__ == "__main__":
-    print(tables(json.load(open(sys.argv[1]))))
+    path = sys.argv[1]
+    text = open(path).read()
+    print(tables(json.loads(text) if path.endswith(".json") else {"rows": rows_from_table(text)}))
