@@ -21,8 +21,8 @@
 // the tensor-core loader cannot move 16 bytes at a time.
 //
 // On Hopper the many-rows case runs the wgmma kernel of csrc/cuda/grouped_gemm_sm90.cu instead (built
-// with the 9.0a target, setup.py's default): 0.95x / 1.07x the torch._grouped_mm pipeline at T = 4096 /
-// 16384 on an H100 where the mma.sync big tile below takes 1.94x / 1.70x (bench/results/cuda_h100_wgmma.txt).
+// with the 9.0a target, setup.py's default): 1.00x / 1.06x the torch._grouped_mm pipeline's time at T = 4096
+// / 16384 on an H100 where the mma.sync big tile below takes 1.79x / 1.97x (bench/results/cuda_h100_wgmma.txt).
 // The mma.sync tiles stay for Ampere, for builds without 9.0a and for decode (the skinny tile streams
 // the weights within 1.05-1.2x of the copy floor).
 // History of the mma.sync big tile (bench/results/cuda_h100*.txt): 300-340 TFLOP/s, 1.6-1.75x the

@@ -18,8 +18,8 @@
 //     keeps the resident blocks on neighbouring tiles that share x rows and weights in L2;
 //   - opt-in clusters of two CTAs ("_cl"): two row tiles of one expert share each weight tile, each CTA
 //     fetching one half and multicasting it to both (find_pair_work), a third less traffic from L2 into
-//     shared memory. Measured slower than the persistent kernel on an H100 (not persistent; ptxas
-//     serialises its wgmmas, C7515), kept as the starting point for a persistent clustered kernel;
+//     shared memory. Measured slower than one CTA per block on an H100 (ptxas serialises its wgmmas,
+//     C7515; bench/results/cuda_h100_wgmma.txt), kept as the starting point of a better clustered kernel;
 //   - a consumer whose 64 rows are all past the expert's last row skips its wgmmas;
 //   - SwiGLU: the B tile is BN/2 gate rows then the BN/2 up rows of the same output columns, so gate
 //     column c and up column c + BN/2 land in the same thread (accumulator j and j + BN/4) and only
