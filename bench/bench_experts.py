@@ -118,7 +118,7 @@ def bytes_of(p):
 
 
 def bench_experts(Ts=DEFAULT_TS, rounds=9, dtype=torch.bfloat16, device="cuda", shape=PANGU,
-                  eager=True, grouped_mm=True, log=print):
+                  eager=True, grouped_mm=True, two_streams=False, log=print):
     """Time the expert MLP per T; returns (rows, ceilings). Rows hold medians in ms and derived rates."""
     moge_kernels.set_backend("triton")
     ceil = Ceilings(torch.device(device), dtype)        # 1 GiB copy, dense 8192^3 matmul
@@ -128,6 +128,12 @@ def bench_experts(Ts=DEFAULT_TS, rounds=9, dtype=torch.bfloat16, device="cuda", 
         p = make_problem(T, shape["H"], shape["I"], shape["E"], shape["G"], shape["k_g"], dtype, device,
                          weights=weights)
         methods = {"triton": capture_graph(lambda: triton_mlp(p))}
+        if two_streams:                                 # the expert halves on two streams, captured so
+            os.environ["MOGE_TRITON_MLP_STREAMS"] = "1"
+            try:
+                methods["two_streams"] = capture_graph(lambda: triton_mlp(p))
+            finally:
+                os.environ.pop("MOGE_TRITON_MLP_STREAMS")
         if grouped_mm:
             methods["grouped_mm"] = capture_graph(lambda: grouped_mm_mlp(p))
         if p["M"] >= 64 * p["E"]:                       # matrix-bound rows only: below, one expert's
@@ -349,6 +355,8 @@ def main(argv=None):
     ap.add_argument("--precompile", type=int, default=0, metavar="WORKERS",
                     help="compile all candidate configs in WORKERS processes first")
     ap.add_argument("--no-eager", action="store_true")
+    ap.add_argument("--two-streams", action="store_true",
+                    help="also time grouped_mlp with MOGE_TRITON_MLP_STREAMS=1 (in the log lines)")
     ap.add_argument("--out", help="also write the table to this file")
     ap.add_argument("--memcheck-case", action="store_true",
                     help="run a small case through every kernel path (for compute-sanitizer)")
@@ -363,7 +371,7 @@ def main(argv=None):
     if args.sweep:
         sweep(Ts, dtype)
         return
-    rows, ceil = bench_experts(Ts, args.rounds, dtype, eager=not args.no_eager)
+    rows, ceil = bench_experts(Ts, args.rounds, dtype, eager=not args.no_eager, two_streams=args.two_streams)
     print_table(format_table(rows, ceil), args.out)
 
 

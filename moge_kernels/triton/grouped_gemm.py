@@ -395,20 +395,56 @@ def grouped_gemm(x, w, expert_offsets):
     return launch_grouped_gemm(x, w, offsets, y, swiglu=False)
 
 
+_side_streams: dict[int, torch.cuda.Stream] = {}
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _side_streams:
+        _side_streams[index] = torch.cuda.Stream(device=index)
+    return _side_streams[index]
+
+
+def _two_streams(x: torch.Tensor, E: int) -> bool:
+    """Split the experts over two streams (MOGE_TRITON_MLP_STREAMS=1, CUDA 16-bit inputs, >= 2 experts):
+    one half's down GEMM then runs beside the other half's gate_up, filling the gap between the launches."""
+    return (x.is_cuda and E >= 2 and x.dtype != torch.float32
+            and os.environ.get("MOGE_TRITON_MLP_STREAMS", "0") == "1")
+
+
 def grouped_mlp(x, w_gate_up, w_down, expert_offsets, row_scale=None):
     """Registered as triton's moge::grouped_mlp: [M, H]. Only h = silu(gate) * up, [M, I], is stored."""
     x, w_gate_up, w_down = _unit_inner(x), _unit_inner(w_gate_up), _unit_inner(w_down)
     offsets = expert_offsets.contiguous()
     M, H = x.shape
+    E = w_gate_up.shape[0]
     I = w_gate_up.shape[1] // 2
     y = x.new_empty(M, w_down.shape[1])
     if I == 0 or H == 0:
         return y.zero_()
     h = x.new_empty(M, I)                                     # [M, I] SwiGLU output, x's dtype
-    launch_grouped_gemm(x, w_gate_up, offsets, h, swiglu=True)
     if row_scale is not None:
         row_scale = row_scale.to(torch.float32).contiguous()
-    return launch_grouped_gemm(h, w_down, offsets, y, swiglu=False, row_scale=row_scale)
+    if not _two_streams(x, E):
+        launch_grouped_gemm(x, w_gate_up, offsets, h, swiglu=True)
+        return launch_grouped_gemm(h, w_down, offsets, y, swiglu=False, row_scale=row_scale)
+    # Experts [0, E/2) on this stream, [E/2, E) on a side stream; offsets hold absolute rows, so a slice
+    # of them with the matching weight slice is the same problem on fewer experts. Configs come from the
+    # whole problem's key (a half has twice the rows per expert on paper, not in its tiles). No host
+    # sync, capturable: the side stream forks from and joins back into this one, whose allocations it
+    # uses only between the two.
+    cfg_gate_up = choose_config(x, w_gate_up, offsets, h, True)
+    cfg_down = choose_config(h, w_down, offsets, y, False)
+    half = E // 2
+    main, side = torch.cuda.current_stream(x.device), _side_stream(x.device)
+    side.wait_stream(main)
+    for lo, hi, stream in ((0, half, main), (half, E, side)):
+        with torch.cuda.stream(stream):
+            launch_grouped_gemm(x, w_gate_up[lo:hi], offsets[lo:hi + 1], h, swiglu=True, config=cfg_gate_up)
+            launch_grouped_gemm(h, w_down[lo:hi], offsets[lo:hi + 1], y, swiglu=False, row_scale=row_scale,
+                                config=cfg_down)
+    main.wait_stream(side)
+    return y
 
 
 register_kernel("triton", "grouped_gemm", grouped_gemm, devices=DEVICES)
