@@ -406,10 +406,16 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
 
 
 def _two_streams(x: torch.Tensor, E: int) -> bool:
-    """Split the experts over two streams (MOGE_TRITON_MLP_STREAMS=1, CUDA 16-bit inputs, >= 2 experts):
-    one half's down GEMM then runs beside the other half's gate_up, filling the gap between the launches."""
-    return (x.is_cuda and E >= 2 and x.dtype != torch.float32
-            and os.environ.get("MOGE_TRITON_MLP_STREAMS", "0") == "1")
+    """Split the experts over two streams (CUDA 16-bit inputs, >= 2 experts): one half's down GEMM then
+    runs beside the other half's gate_up, filling the gap between the launches. By default from 32 rows
+    per expert on ("medium" and larger regimes): 2.5-3% faster at T = 1024 / 4096 / 16384 on an H100
+    (Pangu shapes), 0.5% at T = 128. MOGE_TRITON_MLP_STREAMS=0 / 1 turns it off / on for every size."""
+    if not x.is_cuda or E < 2 or x.dtype == torch.float32:
+        return False
+    flag = os.environ.get("MOGE_TRITON_MLP_STREAMS")
+    if flag is not None:
+        return flag == "1"
+    return gemm_configs.regime(x.shape[0], E) in ("medium", "prefill", "large")
 
 
 def grouped_mlp(x, w_gate_up, w_down, expert_offsets, row_scale=None):
