@@ -29,8 +29,10 @@ the epilogue overlaps the next tile's loads). The tiled and the persistent kerne
 grouped_mlp runs two launches of one kernel: gate_up with SwiGLU fused into the epilogue (a program holds
 gate columns [n, n+BN) and the matching up columns [I+n, I+n+BN) in two fp32 accumulators and writes only
 h = silu(gate) * up, [M, I]; the [M, 2I] product never reaches memory), then down, optionally scaling
-each output row by row_scale in fp32 before the cast. Deterministic: no atomics, one program per output
-tile, fixed summation order.
+each output row by row_scale in fp32 before the cast. From 32 rows per expert on (CUDA, 16-bit), the
+experts are split in two halves on two streams, so one half's down GEMM fills the gap after the other
+half's gate_up (_two_streams; MOGE_TRITON_MLP_STREAMS=0/1 forces it off/on). Deterministic: no atomics,
+one program per output tile, fixed summation order.
 """
 from __future__ import annotations
 
