@@ -56,32 +56,52 @@ struct Tile {
   int expert, row0, row1;         // expert < 0: no tile for this slot
 };
 
-// Which expert and rows m-slot `slot` covers, for tiles of BM rows. All threads call it (it holds a
-// barrier); warp 0 scans the per-expert tile counts 32 experts at a time.
+// Rows [lo, hi) of expert e (none for e >= E), clamped so that bad offsets never leave [0, M).
+__device__ __forceinline__ void expert_rows(const Params& p, int e, int& lo, int& hi) {
+  lo = hi = 0;
+  if (e < p.E) {
+    lo = min(max(p.expert_offsets[e], 0), p.M);
+    hi = min(max(p.expert_offsets[e + 1], lo), p.M);
+  }
+}
+
+// Which expert and rows m-slot `slot` covers, for tiles of BM rows, found by one warp (all 32 lanes call
+// it; the result is in every lane): a scan of the per-expert tile counts, 32 experts at a time.
+template <int BM>
+__device__ __forceinline__ Tile find_tile_warp(const Params& p, int slot) {
+  const int lane = threadIdx.x & 31;
+  Tile tile{-1, 0, 0};
+  int carry = 0;                                     // tiles of the experts before e0
+  for (int e0 = 0; e0 < p.E && carry <= slot; e0 += 32) {
+    const int e = e0 + lane;
+    int lo, hi;
+    expert_rows(p, e, lo, hi);
+    const int n = (hi - lo + BM - 1) / BM;
+    const int inclusive = warp_inclusive_scan(n);
+    const int first = carry + inclusive - n;
+    const unsigned owner = __ballot_sync(kFullMask, slot >= first && slot < first + n);
+    if (owner != 0) {
+      const int src = __ffs(owner) - 1;
+      const int row0 = lo + (slot - first) * BM;
+      tile.expert = __shfl_sync(kFullMask, e, src);
+      tile.row0 = __shfl_sync(kFullMask, row0, src);
+      tile.row1 = __shfl_sync(kFullMask, min(hi, row0 + BM), src);
+    }
+    carry += __shfl_sync(kFullMask, inclusive, 31);
+  }
+  return tile;
+}
+
+// The same for a whole block: warp 0 finds it and shares it through shared memory (all threads call it;
+// it holds a barrier).
 template <int BM>
 __device__ __forceinline__ Tile find_tile(const Params& p, int slot, int* tile_smem) {
   if (threadIdx.x < 32) {
-    const int lane = threadIdx.x;
-    if (lane == 0) tile_smem[0] = -1;
-    __syncwarp();
-    int carry = 0;                                   // tiles of the experts before e0
-    for (int e0 = 0; e0 < p.E && carry <= slot; e0 += 32) {
-      const int e = e0 + lane;
-      int lo = 0, hi = 0;
-      if (e < p.E) {                                 // clamped so that bad offsets never leave [0, M)
-        lo = min(max(p.expert_offsets[e], 0), p.M);
-        hi = min(max(p.expert_offsets[e + 1], lo), p.M);
-      }
-      const int n = (hi - lo + BM - 1) / BM;
-      const int inclusive = warp_inclusive_scan(n);
-      const int first = carry + inclusive - n;
-      if (slot >= first && slot < first + n) {
-        const int row0 = lo + (slot - first) * BM;
-        tile_smem[0] = e;
-        tile_smem[1] = row0;
-        tile_smem[2] = min(hi, row0 + BM);
-      }
-      carry += __shfl_sync(kFullMask, inclusive, 31);
+    const Tile tile = find_tile_warp<BM>(p, slot);
+    if (threadIdx.x == 0) {
+      tile_smem[0] = tile.expert;
+      tile_smem[1] = tile.row0;
+      tile_smem[2] = tile.row1;
     }
   }
   __syncthreads();

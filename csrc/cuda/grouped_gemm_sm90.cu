@@ -193,11 +193,8 @@ __device__ __forceinline__ Work find_pair_work(const gemm::Params& p, int unit, 
     int carry = 0;
     for (int e0 = 0; e0 < p.E && carry <= unit; e0 += 32) {
       const int e = e0 + lane;
-      int lo = 0, hi = 0;
-      if (e < p.E) {                               // clamped so that bad offsets never leave [0, M)
-        lo = min(max(p.expert_offsets[e], 0), p.M);
-        hi = min(max(p.expert_offsets[e + 1], lo), p.M);
-      }
+      int lo, hi;
+      gemm::expert_rows(p, e, lo, hi);
       const int m_tiles = (hi - lo + BM - 1) / BM;
       const int units = (m_tiles + 1) / 2 * p.n_tiles;
       const int inclusive = warp_inclusive_scan(units);
@@ -217,35 +214,6 @@ __device__ __forceinline__ Work find_pair_work(const gemm::Params& p, int unit, 
   }
   __syncthreads();
   return Work{smem[0], smem[1], smem[2], smem[3], smem[4] != 0};
-}
-
-// Row tile `slot` (gemm::find_tile's numbering) found by one warp alone, result in every lane: the
-// persistent kernel's producer and consumer warps each walk the schedule without a block barrier.
-__device__ __forceinline__ gemm::Tile find_tile_warp(const gemm::Params& p, int slot) {
-  const int lane = threadIdx.x & 31;
-  gemm::Tile tile{-1, 0, 0};
-  int carry = 0;
-  for (int e0 = 0; e0 < p.E && carry <= slot; e0 += 32) {
-    const int e = e0 + lane;
-    int lo = 0, hi = 0;
-    if (e < p.E) {                                   // clamped so that bad offsets never leave [0, M)
-      lo = min(max(p.expert_offsets[e], 0), p.M);
-      hi = min(max(p.expert_offsets[e + 1], lo), p.M);
-    }
-    const int n = (hi - lo + BM - 1) / BM;
-    const int inclusive = warp_inclusive_scan(n);
-    const int first = carry + inclusive - n;
-    const unsigned owner = __ballot_sync(kFullMask, slot >= first && slot < first + n);
-    if (owner != 0) {
-      const int src = __ffs(owner) - 1;
-      const int row0 = lo + (slot - first) * BM;
-      tile.expert = __shfl_sync(kFullMask, e, src);
-      tile.row0 = __shfl_sync(kFullMask, row0, src);
-      tile.row1 = __shfl_sync(kFullMask, min(hi, row0 + BM), src);
-    }
-    carry += __shfl_sync(kFullMask, inclusive, 31);
-  }
-  return tile;
 }
 
 // Stage and phase of the ring position `it` (k-steps counted over all the tiles of a CTA).
@@ -413,7 +381,7 @@ __global__ void __launch_bounds__(THREADS, 1)
   const int k_tiles = static_cast<int>(ceil_div(p.Kd, BK));
   // The CTA's next block of the persistent walk (CLUSTER: its one tile, then none).
   auto next_work = [&](int block) {
-    const gemm::Tile tile = find_tile_warp(p, block / p.n_tiles);
+    const gemm::Tile tile = gemm::find_tile_warp<BM>(p, block / p.n_tiles);
     return Work{tile.expert, tile.row0, tile.row1, block % p.n_tiles, false};
   };
   if (warpgroup == 0) {
