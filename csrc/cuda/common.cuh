@@ -132,18 +132,22 @@ __device__ __forceinline__ void mma_16816<__half>(float (&d)[4], const uint32_t 
 #endif
 }
 
-// Compute capability major of the current device, cached per device (a host-side query, no sync).
-inline int device_cc_major() {
+// An attribute of the current device, cached per device (a host-side query, no sync); `fallback` when
+// the query fails.
+template <cudaDeviceAttr ATTR>
+inline int device_attribute(int fallback) {
   static int cached[64] = {0};
+  static bool known[64] = {false};                   // an attribute may well be 0 (a minor version)
   int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return 0;
-  if (cached[dev] == 0) {
-    int major = 0;
-    if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) return 0;
-    cached[dev] = major;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return fallback;
+  if (!known[dev]) {
+    if (cudaDeviceGetAttribute(&cached[dev], ATTR, dev) != cudaSuccess) return fallback;
+    known[dev] = true;
   }
   return cached[dev];
 }
+
+inline int device_cc_major() { return device_attribute<cudaDevAttrComputeCapabilityMajor>(0); }
 
 // Opts a kernel into more than 48 KB of dynamic shared memory, once per (kernel, device): the first
 // call of an op sets it, so later calls (a CUDA graph capture included) only read a flag.

@@ -453,17 +453,6 @@ inline bool make_map(CUtensorMap* map, const void* base, DType dtype, int64_t ro
                         CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-// Multiprocessors of the current device, cached per device (a host-side query, no sync).
-inline int64_t multiprocessors() {
-  static int cached[64] = {0};
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return 132;
-  if (cached[dev] == 0 && cudaDeviceGetAttribute(&cached[dev], cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
-    return 132;
-  }
-  return cached[dev];
-}
-
 template <typename T, int BN, bool SWIGLU, bool CLUSTER>
 cudaError_t launch(const GemmArgs& a, bool persistent, cudaStream_t stream) {
   using S = TileShape<BN>;
@@ -474,7 +463,9 @@ cudaError_t launch(const GemmArgs& a, bool persistent, cudaStream_t stream) {
   // clusters: sum_e ceil(m_tiles_e / 2) <= (slots + non-empty experts + 1) / 2 pairs, two CTAs each;
   // clusters: one pair of row tiles each; tiled: one CTA per block; persistent: one CTA per SM
   int64_t blocks = CLUSTER ? 2 * n_tiles * ((slots + std::min<int64_t>(p.E, p.M) + 1) / 2) : n_tiles * slots;
-  if (!CLUSTER && persistent) blocks = std::min<int64_t>(blocks, multiprocessors());
+  if (!CLUSTER && persistent) {
+    blocks = std::min<int64_t>(blocks, device_attribute<cudaDevAttrMultiProcessorCount>(132));
+  }
   if (blocks == 0) return cudaSuccess;
   if (blocks > 2147483647) return cudaErrorInvalidConfiguration;
   p.n_tiles = static_cast<int>(n_tiles);
@@ -503,16 +494,14 @@ cudaError_t launch(const GemmArgs& a, bool persistent, cudaStream_t stream) {
 
 // Compute capability of the current device is exactly 9.0 (the sm_90a cubin runs nowhere else).
 inline bool device_is_sm90() {
-  static int cached[64] = {0};   // 0 unknown, 1 yes, 2 no
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return false;
-  if (cached[dev] == 0) {
-    int major = 0, minor = 0;
-    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
-    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev);
-    cached[dev] = (major == 9 && minor == 0) ? 1 : 2;
-  }
-  return cached[dev] == 1;
+  return device_attribute<cudaDevAttrComputeCapabilityMajor>(0) == 9 &&
+         device_attribute<cudaDevAttrComputeCapabilityMinor>(-1) == 0;
+}
+
+// The clusters of two, the persistent grid or one CTA per block, for one tile shape.
+template <typename T, int BN, bool SWIGLU>
+cudaError_t launch_schedule(const GemmArgs& a, bool cluster, bool persistent, cudaStream_t stream) {
+  return cluster ? launch<T, BN, SWIGLU, true>(a, false, stream) : launch<T, BN, SWIGLU, false>(a, persistent, stream);
 }
 
 // MOGE_CUDA_GEMM_TILE="wgmma[96|128][_p|_cl]": the SwiGLU tile width (96 or 128 output columns; default
@@ -523,17 +512,13 @@ cudaError_t launch_typed(const GemmArgs& a, cudaStream_t stream) {
   const char* env = std::getenv("MOGE_CUDA_GEMM_TILE");
   const bool cluster = env != nullptr && std::strstr(env, "_cl") != nullptr;
   const bool persistent = env != nullptr && std::strstr(env, "_p") != nullptr;
-  if (!a.swiglu) {
-    return cluster ? launch<T, 256, false, true>(a, false, stream) : launch<T, 256, false, false>(a, persistent, stream);
-  }
+  if (!a.swiglu) return launch_schedule<T, 256, false>(a, cluster, persistent, stream);
   const int64_t I = a.N_w / 2;
   bool narrow = I % 96 == 0 && I % 128 != 0;
   if (env != nullptr && std::strstr(env, "96") != nullptr) narrow = true;
   if (env != nullptr && std::strstr(env, "128") != nullptr) narrow = false;
-  if (narrow) {
-    return cluster ? launch<T, 192, true, true>(a, false, stream) : launch<T, 192, true, false>(a, persistent, stream);
-  }
-  return cluster ? launch<T, 256, true, true>(a, false, stream) : launch<T, 256, true, false>(a, persistent, stream);
+  return narrow ? launch_schedule<T, 192, true>(a, cluster, persistent, stream)
+                : launch_schedule<T, 256, true>(a, cluster, persistent, stream);
 }
 #endif  // MOGE_SM90A
 
