@@ -120,7 +120,11 @@ def test_grouped_mlp_small(shape, dtype):
 PATH_CONFIGS = [C(16, 32, 32, 4, 1), C(32, 64, 32, 4, 1, split_m=True, split_n=True),
                 C(32, 64, 32, 4, 1, tma=True), C(32, 64, 32, 4, 1, tma=True, split_m=True, split_n=True),
                 C(32, 64, 32, 4, 1, tma=True, split_n=True), C(32, 64, 32, 4, 1, tma=True, persistent=True),
-                C(32, 64, 32, 4, 1, tma=True, persistent=2)]
+                C(32, 64, 32, 4, 1, tma=True, persistent=2),
+                # gate and up as one [2, BN, BK] box and one dot (SwiGLU; plain GEMMs ignore the flag)
+                C(32, 64, 32, 4, 1, tma=True, wide=True),
+                C(32, 64, 32, 4, 1, tma=True, split_m=True, split_n=True, wide=True),
+                C(32, 64, 32, 4, 1, tma=True, persistent=True, wide=True)]
 
 
 @pytest.mark.parametrize("cfg", PATH_CONFIGS, ids=str)
@@ -144,7 +148,8 @@ def test_kernel_paths(cfg, swiglu):
 # Tail tiles of a chosen height (tail_m < BM/2): counts (70, 0, 5, 80, 16, 33) with BM = 64 give tails of
 # 6, 5, 16 (at the boundary: the tail loop) and 16 rows, and 33 rows in one full tile; M = 0 too.
 TAIL_CONFIGS = [C(64, 32, 32, 4, 1, tail_m=16), C(64, 64, 32, 4, 1, tail_m=16, split_n=True),
-                C(64, 32, 32, 4, 1, tma=True, tail_m=16), C(64, 64, 32, 4, 1, tma=True, tail_m=32, split_n=True)]
+                C(64, 32, 32, 4, 1, tma=True, tail_m=16), C(64, 64, 32, 4, 1, tma=True, tail_m=32, split_n=True),
+                C(64, 64, 32, 4, 1, tma=True, tail_m=16, split_n=True, wide=True)]
 
 
 @pytest.mark.parametrize("cfg", TAIL_CONFIGS, ids=str)

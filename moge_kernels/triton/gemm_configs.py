@@ -7,7 +7,7 @@ below were tuned on an H100 80GB HBM3 with the Pangu Pro MoE expert shapes (H=51
 changed (same SM count and shared memory, more bandwidth: the same tile shapes stay right elsewhere).
 
 Escape hatches (one place, environment):
-  MOGE_TRITON_GEMM_CONFIG="BM,BN,BK,warps,stages[,tma[,split_m[,split_n[,persistent[,tail_m]]]]]"
+  MOGE_TRITON_GEMM_CONFIG="BM,BN,BK,warps,stages[,tma[,split_m[,split_n[,persistent[,tail_m[,wide]]]]]]"
                            force one config for every launch (flags 0/1; persistent: programs per
                            SM, tail_m: rows of the split tail tile)
   MOGE_TRITON_AUTOTUNE=1   time the candidate list of a key on its first call (host sync: never under
@@ -34,6 +34,7 @@ class GemmConfig:
     split_n: bool = False   # a last column tile with <= block_n/2 columns runs a half-width loop
     persistent: int = 0     # programs per SM walking tiles (0: one program per tile); TMA only, no tails
     tail_m: int = 0         # split_m with this height (a power of two >= 16, < block_m) instead of half
+    wide: bool = False      # SwiGLU through TMA: gate and up tiles as one box, one dot 2*block_n wide
 
     def tail_rows(self) -> int:
         """Height of the tail tile's main loop, 0 when tails are not split."""
@@ -46,7 +47,7 @@ class GemmConfig:
         tail = f" tailM{self.tail_m}" if self.tail_m else " tailM" if self.split_m else ""
         return (f"{self.block_m}x{self.block_n}x{self.block_k} w{self.num_warps} s{self.num_stages}"
                 f"{' tma' if self.tma else ''}{tail}"
-                f"{' tailN' if self.split_n else ''}{pers}")
+                f"{' tailN' if self.split_n else ''}{pers}{' wide' if self.wide else ''}")
 
 
 C = GemmConfig
@@ -75,16 +76,21 @@ REGIMES = ((2.0, "decode"), (32.0, "small"), (192.0, "medium"), (1024.0, "prefil
 #                      registers); Triton 3.6's warp specialization on Hopper compiles at 8 warps but
 #                      gains nothing (-2..0%) and fails to compile at 4. Down persistent (K = 1344 is
 #                      only 21 k-steps, so hiding the epilogue behind the next tile's loads gains 6-8%)
+#   gate_up "wide" (medium and up): gate and up rows as one [2, 128, 64] TMA box and one m64n256 wgmma
+#                      instead of two m64n128 (A read once from shared memory per k-step): whole MLP
+#                      -0.3..-0.7% at T=1024, -0.6% at 4096, -1.6% at 16384, bit-identical output
+#                      (bench/results/experts_h100_wide.txt); as a persistent kernel it now compiles
+#                      without spilling (one accumulator) but ties at T=1024 and loses at 4096/16384
 H100_TABLE = {
     ("decode", True): C(16, 32, 128, 4, 4),
     ("decode", False): C(16, 64, 128, 4, 4),
     ("small", True): C(32, 64, 128, 4, 4),
     ("small", False): C(32, 32, 128, 4, 4),
-    ("medium", True): C(128, 128, 64, 8, 4, tma=True, split_m=True, split_n=True),
+    ("medium", True): C(128, 128, 64, 8, 4, tma=True, split_m=True, split_n=True, wide=True),
     ("medium", False): C(128, 256, 64, 8, 4, tma=True, split_m=True),
-    ("prefill", True): C(128, 128, 64, 8, 4, tma=True, split_n=True),
+    ("prefill", True): C(128, 128, 64, 8, 4, tma=True, split_n=True, wide=True),
     ("prefill", False): C(128, 256, 64, 8, 4, tma=True, persistent=True),
-    ("large", True): C(128, 128, 64, 8, 4, tma=True, split_n=True),
+    ("large", True): C(128, 128, 64, 8, 4, tma=True, split_n=True, wide=True),
     ("large", False): C(128, 256, 64, 8, 4, tma=True, persistent=True),
 }
 # H200 (same SMs and shared memory, 1.4x the bandwidth): the H100 table but for the two entries that an
@@ -99,9 +105,11 @@ TABLES = {"H100": H100_TABLE, "H200": H200_TABLE}
 P = dict(tma=True, persistent=1)
 P2 = dict(tma=True, persistent=2)
 T = dict(tma=True)
+W = dict(tma=True, wide=True)
 _big_gate_up = [C(128, 128, 64, 8, 4, **T), C(128, 128, 64, 8, 4, tma=True, split_n=True),
-                C(128, 128, 64, 8, 3, **T), C(128, 128, 64, 8, 4, tma=True, split_m=True),
-                C(128, 128, 64, 8, 4, tma=True, tail_m=32, split_n=True)]
+                C(128, 128, 64, 8, 4, **W), C(128, 128, 64, 8, 4, split_n=True, **W),
+                C(128, 128, 64, 8, 3, split_n=True, **W), C(128, 128, 64, 8, 4, persistent=1, **W),
+                C(128, 128, 64, 8, 4, tail_m=64, split_n=True, **W)]
 _big_down = [C(128, 256, 64, 8, 4, **P), C(128, 256, 64, 8, 3, **P), C(128, 256, 64, 8, 4, **T),
              C(128, 256, 64, 8, 3, tma=True, split_m=True), C(128, 256, 64, 8, 4, tma=True, tail_m=32),
              C(256, 128, 64, 8, 4, **P)]
@@ -114,7 +122,10 @@ CANDIDATES = {
                       C(32, 64, 64, 4, 6), C(32, 128, 64, 4, 4)],
     ("small", False): [C(32, 64, 128, 4, 4), C(32, 32, 128, 4, 4), C(32, 128, 64, 4, 4),
                        C(32, 64, 128, 4, 3)],
-    ("medium", True): [C(128, 128, 64, 8, 4, split_m=True, split_n=True),
+    ("medium", True): [C(128, 128, 64, 8, 4, split_m=True, split_n=True, **W),
+                       C(128, 128, 64, 8, 4, split_m=True, persistent=1, **W),
+                       C(128, 64, 64, 8, 4, split_m=True, split_n=True, **W),
+                       C(128, 128, 64, 8, 4, split_m=True, split_n=True),
                        C(128, 128, 64, 8, 4, tma=True, split_m=True, split_n=True),
                        C(128, 128, 64, 8, 4, tma=True, tail_m=32, split_n=True),
                        C(128, 128, 64, 8, 4, tma=True, tail_m=16, split_n=True),

@@ -80,18 +80,25 @@ def _locate(tile, experts, starts, ends, m_tiles, work_begin, work_end, BM: tl.c
 
 
 @triton.jit
-def _tma_k_loop(x_desc, w_desc, row0, w_row, N_OUT, num_k, acc, acc_up, BK: tl.constexpr,
-                SWIGLU: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """acc += x[row0 : row0+BM] @ w2d[w_row : w_row+BN]^T over all of K through TMA descriptors (and
-    acc_up with the up rows, N_OUT further down, when SWIGLU). Shared by the tiled and persistent kernels."""
+def _tma_k_loop(x_desc, w_desc, row0, e, col0, W_ROWS, N_OUT, num_k, acc, acc_up, BN: tl.constexpr,
+                BK: tl.constexpr, SWIGLU: tl.constexpr, WIDE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """acc += x[row0 : row0+BM] @ w[e][col0 : col0+BN]^T over all of K through TMA descriptors (and
+    acc_up with the up rows, N_OUT further down, when SWIGLU). WIDE (SwiGLU only): w_desc views the
+    weights as [2E, I, K], one [2, BN, BK] box holds the gate and the up rows of the tile, and one dot
+    2*BN wide fills acc [BM, 2*BN] (gate columns, then up columns). Shared by the tiled and persistent
+    kernels."""
     for kk in range(num_k):
         k = kk * BK
         a = x_desc.load([row0, k])
-        b = w_desc.load([w_row, k])
-        acc = tl.dot(a, b.T, acc, input_precision=DOT_PRECISION)
-        if SWIGLU:
-            b_up = w_desc.load([w_row + N_OUT, k])
-            acc_up = tl.dot(a, b_up.T, acc_up, input_precision=DOT_PRECISION)
+        if WIDE:
+            b = w_desc.load([2 * e, col0, k]).reshape(2 * BN, BK)
+            acc = tl.dot(a, b.T, acc, input_precision=DOT_PRECISION)
+        else:
+            b = w_desc.load([e * W_ROWS + col0, k])
+            acc = tl.dot(a, b.T, acc, input_precision=DOT_PRECISION)
+            if SWIGLU:
+                b_up = w_desc.load([e * W_ROWS + col0 + N_OUT, k])
+                acc_up = tl.dot(a, b_up.T, acc_up, input_precision=DOT_PRECISION)
     return acc, acc_up
 
 
@@ -100,21 +107,24 @@ def _gemm_tile(x_ptr, w_ptr, x_desc, w_desc, y_ptr, row_scale_ptr, e, row0, row_
                N_OUT, K, W_ROWS, stride_xm, stride_we, stride_wn, stride_ym,
                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SWIGLU: tl.constexpr,
                HAS_ROW_SCALE: tl.constexpr, EVEN_K: tl.constexpr, USE_TMA: tl.constexpr,
-               DOT_PRECISION: tl.constexpr):
+               WIDE: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """One [BM, BN] output tile of expert e: rows [row0, min(row0+BM, row_end)), columns [col0, col0+BN)."""
     offs_m = tl.arange(0, BM)
     offs_n = tl.arange(0, BN)
     offs_k = tl.arange(0, BK)
     row_ok = (row0 + offs_m) < row_end
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    if WIDE:
+        acc = tl.zeros((BM, 2 * BN), dtype=tl.float32)   # gate columns, then up columns
+    else:
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
     acc_up = tl.zeros((BM, BN), dtype=tl.float32)   # unused (and removed by the compiler) unless SWIGLU
     num_k = tl.cdiv(K, BK)
     if USE_TMA:
         # Rows past the expert (the next expert's) and past M (zero-filled by TMA) land in discarded
         # output rows; columns past N_OUT likewise; K past the end is zero-filled.
-        w_row = e * W_ROWS + col0          # TMA coordinates are int32; E * N < 2^31 for any real layer
-        acc, acc_up = _tma_k_loop(x_desc, w_desc, row0, w_row, N_OUT, num_k, acc, acc_up, BK, SWIGLU,
-                                  DOT_PRECISION)
+        # TMA coordinates are int32; E * N < 2^31 for any real layer
+        acc, acc_up = _tma_k_loop(x_desc, w_desc, row0, e, col0, W_ROWS, N_OUT, num_k, acc, acc_up, BN,
+                                  BK, SWIGLU, WIDE, DOT_PRECISION)
     else:
         # int64 only in the per-program bases (M*Kd can pass 2^31); in-tile offsets stay int32.
         x_ptrs = x_ptr + row0.to(tl.int64) * stride_xm + (offs_m[:, None] * stride_xm + offs_k[None, :])
@@ -142,18 +152,23 @@ def _gemm_tile(x_ptr, w_ptr, x_desc, w_desc, y_ptr, row_scale_ptr, e, row0, row_
             w_ptrs += BK
 
     _epilogue(acc, acc_up, y_ptr, row_scale_ptr, row0, row_end, col0, N_OUT, stride_ym, BM, BN, SWIGLU,
-              HAS_ROW_SCALE)
+              HAS_ROW_SCALE, WIDE)
 
 
 @triton.jit
 def _epilogue(acc, acc_up, y_ptr, row_scale_ptr, row0, row_end, col0, N_OUT, stride_ym,
-              BM: tl.constexpr, BN: tl.constexpr, SWIGLU: tl.constexpr, HAS_ROW_SCALE: tl.constexpr):
+              BM: tl.constexpr, BN: tl.constexpr, SWIGLU: tl.constexpr, HAS_ROW_SCALE: tl.constexpr,
+              WIDE: tl.constexpr):
     """SwiGLU and row scale in fp32, cast, masked store of rows [row0, row_end) and columns < N_OUT.
     A plain store, not TMA: a tile's rows past its expert belong to the next expert's tile."""
     offs_m = tl.arange(0, BM)
     offs_n = tl.arange(0, BN)
     row_ok = (row0 + offs_m) < row_end
-    if SWIGLU:
+    if WIDE:
+        # [BM, 2*BN] -> [BM, BN, 2]: gate and up of one column side by side, then apart
+        gate, up = tl.split(tl.permute(tl.reshape(acc, (BM, 2, BN)), (0, 2, 1)))
+        out = gate * tl.sigmoid(gate) * up
+    elif SWIGLU:
         out = acc * tl.sigmoid(acc) * acc_up        # silu(gate) * up, fp32
     else:
         out = acc
@@ -180,7 +195,7 @@ def _grouped_gemm_kernel(
         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
         SWIGLU: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, EVEN_K: tl.constexpr,
         USE_TMA: tl.constexpr, TAIL_BM: tl.constexpr, SPLIT_N_TAIL: tl.constexpr,
-        DOT_PRECISION: tl.constexpr):
+        WIDE: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Grid: (max_row_tiles * num_n_tiles,); see the module docstring for the schedule."""
     pid = tl.program_id(0)
     experts, starts, ends, m_tiles, work_begin, work_end = _schedule(offsets_ptr, num_n_tiles, E,
@@ -200,17 +215,17 @@ def _grouped_gemm_kernel(
             _gemm_tile_n_split(x_ptr, w_ptr, x_desc_tail, w_desc, w_desc_half, y_ptr, row_scale_ptr, e,
                                row0, row_end, col0, N_OUT, K, W_ROWS, stride_xm, stride_we, stride_wn,
                                stride_ym, TAIL_BM, BN, BK, SWIGLU, HAS_ROW_SCALE, EVEN_K, USE_TMA,
-                               SPLIT_N_TAIL, DOT_PRECISION)
+                               SPLIT_N_TAIL, WIDE, DOT_PRECISION)
         else:
             _gemm_tile_n_split(x_ptr, w_ptr, x_desc, w_desc, w_desc_half, y_ptr, row_scale_ptr, e,
                                row0, row_end, col0, N_OUT, K, W_ROWS, stride_xm, stride_we, stride_wn,
                                stride_ym, BM, BN, BK, SWIGLU, HAS_ROW_SCALE, EVEN_K, USE_TMA,
-                               SPLIT_N_TAIL, DOT_PRECISION)
+                               SPLIT_N_TAIL, WIDE, DOT_PRECISION)
     else:
         _gemm_tile_n_split(x_ptr, w_ptr, x_desc, w_desc, w_desc_half, y_ptr, row_scale_ptr, e,
                            row0, row_end, col0, N_OUT, K, W_ROWS, stride_xm, stride_we, stride_wn,
                            stride_ym, BM, BN, BK, SWIGLU, HAS_ROW_SCALE, EVEN_K, USE_TMA,
-                           SPLIT_N_TAIL, DOT_PRECISION)
+                           SPLIT_N_TAIL, WIDE, DOT_PRECISION)
 
 
 @triton.jit
@@ -218,21 +233,24 @@ def _gemm_tile_n_split(x_ptr, w_ptr, x_desc, w_desc, w_desc_half, y_ptr, row_sca
                        row_end, col0, N_OUT, K, W_ROWS, stride_xm, stride_we, stride_wn, stride_ym,
                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SWIGLU: tl.constexpr,
                        HAS_ROW_SCALE: tl.constexpr, EVEN_K: tl.constexpr, USE_TMA: tl.constexpr,
-                       SPLIT_N_TAIL: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                       SPLIT_N_TAIL: tl.constexpr, WIDE: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """_gemm_tile, with a half-width main loop for a last column tile that is at most half full."""
     if SPLIT_N_TAIL:
         if N_OUT - col0 <= BN // 2:
             _gemm_tile(x_ptr, w_ptr, x_desc, w_desc_half, y_ptr, row_scale_ptr, e, row0, row_end, col0,
                        N_OUT, K, W_ROWS, stride_xm, stride_we, stride_wn, stride_ym,
-                       BM, BN // 2, BK, SWIGLU, HAS_ROW_SCALE, EVEN_K, USE_TMA, DOT_PRECISION)
+                       BM, BN // 2, BK, SWIGLU, HAS_ROW_SCALE, EVEN_K, USE_TMA, WIDE,
+                       DOT_PRECISION)
         else:
             _gemm_tile(x_ptr, w_ptr, x_desc, w_desc, y_ptr, row_scale_ptr, e, row0, row_end, col0,
                        N_OUT, K, W_ROWS, stride_xm, stride_we, stride_wn, stride_ym,
-                       BM, BN, BK, SWIGLU, HAS_ROW_SCALE, EVEN_K, USE_TMA, DOT_PRECISION)
+                       BM, BN, BK, SWIGLU, HAS_ROW_SCALE, EVEN_K, USE_TMA, WIDE,
+                       DOT_PRECISION)
     else:
         _gemm_tile(x_ptr, w_ptr, x_desc, w_desc, y_ptr, row_scale_ptr, e, row0, row_end, col0,
                    N_OUT, K, W_ROWS, stride_xm, stride_we, stride_wn, stride_ym,
-                   BM, BN, BK, SWIGLU, HAS_ROW_SCALE, EVEN_K, USE_TMA, DOT_PRECISION)
+                   BM, BN, BK, SWIGLU, HAS_ROW_SCALE, EVEN_K, USE_TMA, WIDE,
+                       DOT_PRECISION)
 
 
 @triton.jit
@@ -243,7 +261,8 @@ def _grouped_gemm_persistent_kernel(
         N_OUT, K, W_ROWS, num_n_tiles, num_programs, stride_ym,
         E: tl.constexpr, E_POW2: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-        SWIGLU: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+        SWIGLU: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, WIDE: tl.constexpr,
+        DOT_PRECISION: tl.constexpr):
     """Persistent variant: grid = (num_programs,), one or a few programs per SM, each walking tiles
     pid, pid + num_programs, ... of the same schedule. The tile loop and the k loop are flattened into
     one software pipeline, so the next tile's first TMA loads are in flight during this tile's epilogue
@@ -259,15 +278,18 @@ def _grouped_gemm_persistent_kernel(
     tile_c = pid - num_programs
     for tile in tl.range(pid, total, num_programs, flatten=True):
         e, row0, _, pid_n = _locate(tile, experts, starts, ends, m_tiles, work_begin, work_end, BM)
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        if WIDE:
+            acc = tl.zeros((BM, 2 * BN), dtype=tl.float32)
+        else:
+            acc = tl.zeros((BM, BN), dtype=tl.float32)
         acc_up = tl.zeros((BM, BN), dtype=tl.float32)
-        acc, acc_up = _tma_k_loop(x_desc, w_desc, row0, e * W_ROWS + pid_n * BN, N_OUT, num_k, acc,
-                                  acc_up, BK, SWIGLU, DOT_PRECISION)
+        acc, acc_up = _tma_k_loop(x_desc, w_desc, row0, e, pid_n * BN, W_ROWS, N_OUT, num_k, acc, acc_up,
+                                  BN, BK, SWIGLU, WIDE, DOT_PRECISION)
         tile_c += num_programs
         _, row0_c, row_end_c, pid_n_c = _locate(tile_c, experts, starts, ends, m_tiles, work_begin,
                                                 work_end, BM)
         _epilogue(acc, acc_up, y_ptr, row_scale_ptr, row0_c, row_end_c, pid_n_c * BN, N_OUT, stride_ym,
-                  BM, BN, SWIGLU, HAS_ROW_SCALE)
+                  BM, BN, SWIGLU, HAS_ROW_SCALE, WIDE)
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -311,6 +333,9 @@ def launch_grouped_gemm(x: torch.Tensor, w: torch.Tensor, expert_offsets: torch.
         config = choose_config(x, w, expert_offsets, out, swiglu)
     BM, BN, BK = config.block_m, config.block_n, config.block_k
     use_tma = config.tma and _tma_ok(x, w)
+    # one [2, BN, BK] box of a [2E, I, K] view: needs the gate and up halves of each expert stacked
+    wide = (swiglu and use_tma and config.wide and w.stride(0) == w_rows * w.stride(1)
+            and n_out % 8 == 0)
     tail_bm = config.tail_rows()
     if not 16 <= tail_bm < BM:                          # tl.dot needs >= 16 rows
         tail_bm = 0
@@ -319,12 +344,18 @@ def launch_grouped_gemm(x: torch.Tensor, w: torch.Tensor, expert_offsets: torch.
     num_n_tiles = _cdiv(n_out, BN)
     max_row_tiles = min(M, _cdiv(M, BM) + min(E, M))   # sum_e cdiv(rows_e, BM) <= M/BM + #non-empty
     grid = (max_row_tiles * num_n_tiles,)
-    if use_tma:
+    if wide:
+        # rows past I in the last column tile are zero-filled, not the next half's rows
+        w3d = w.as_strided((2 * E, n_out, K), (n_out * w.stride(1), w.stride(1), 1))
+        w_desc = TensorDescriptor.from_tensor(w3d, [2, BN, BK])
+        w_desc_half = TensorDescriptor.from_tensor(w3d, [2, BN // 2, BK]) if split_n else w_desc
+    elif use_tma:
         w2d = w.view(E * w_rows, K) if w.is_contiguous() else w.reshape(E * w_rows, K)
-        x_desc = TensorDescriptor.from_tensor(x, [BM, BK])
         w_desc = TensorDescriptor.from_tensor(w2d, [BN, BK])
-        x_desc_tail = TensorDescriptor.from_tensor(x, [tail_bm, BK]) if tail_bm else x_desc
         w_desc_half = TensorDescriptor.from_tensor(w2d, [BN // 2, BK]) if split_n else w_desc
+    if use_tma:
+        x_desc = TensorDescriptor.from_tensor(x, [BM, BK])
+        x_desc_tail = TensorDescriptor.from_tensor(x, [tail_bm, BK]) if tail_bm else x_desc
     else:
         x_desc = x_desc_tail = x      # placeholders, never read when USE_TMA is off
         w_desc = w_desc_half = w
@@ -337,7 +368,7 @@ def launch_grouped_gemm(x: torch.Tensor, w: torch.Tensor, expert_offsets: torch.
             x_desc, w_desc, out, expert_offsets, row_scale if has_row_scale else out,
             n_out, K, w_rows, num_n_tiles, num_programs, out.stride(0),
             E=E, E_POW2=max(2, triton.next_power_of_2(E)), BM=BM, BN=BN, BK=BK,
-            SWIGLU=swiglu, HAS_ROW_SCALE=has_row_scale, DOT_PRECISION=dot_precision,
+            SWIGLU=swiglu, HAS_ROW_SCALE=has_row_scale, WIDE=wide, DOT_PRECISION=dot_precision,
             num_warps=config.num_warps, num_stages=config.num_stages)
         return out
     _grouped_gemm_kernel[grid](
@@ -347,7 +378,7 @@ def launch_grouped_gemm(x: torch.Tensor, w: torch.Tensor, expert_offsets: torch.
         x.stride(0), w.stride(0), w.stride(1), out.stride(0),
         E=E, E_POW2=max(2, triton.next_power_of_2(E)),
         BM=BM, BN=BN, BK=BK, SWIGLU=swiglu, HAS_ROW_SCALE=has_row_scale, EVEN_K=K % BK == 0,
-        USE_TMA=use_tma, TAIL_BM=tail_bm, SPLIT_N_TAIL=split_n, DOT_PRECISION=dot_precision,
+        USE_TMA=use_tma, TAIL_BM=tail_bm, SPLIT_N_TAIL=split_n, WIDE=wide, DOT_PRECISION=dot_precision,
         num_warps=config.num_warps, num_stages=config.num_stages)
     return out
 
@@ -443,10 +474,12 @@ def grouped_mlp(x, w_gate_up, w_down, expert_offsets, row_scale=None):
     # uses only between the two.
     cfg_gate_up = choose_config(x, w_gate_up, offsets, h, True)
     cfg_down = choose_config(h, w_down, offsets, y, False)
-    half = E // 2
+    chunks = max(2, min(E, int(os.environ.get("MOGE_TRITON_MLP_CHUNKS", "2"))))
+    bounds = [E * c // chunks for c in range(chunks + 1)]
     main, side = torch.cuda.current_stream(x.device), _side_stream(x.device)
     side.wait_stream(main)
-    for lo, hi, stream in ((0, half, main), (half, E, side)):
+    for c in range(chunks):
+        lo, hi, stream = bounds[c], bounds[c + 1], (main, side)[c % 2]
         with torch.cuda.stream(stream):
             launch_grouped_gemm(x, w_gate_up[lo:hi], offsets[lo:hi + 1], h, swiglu=True, config=cfg_gate_up)
             launch_grouped_gemm(h, w_down[lo:hi], offsets[lo:hi + 1], y, swiglu=False, row_scale=row_scale,

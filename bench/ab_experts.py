@@ -1,0 +1,139 @@
+"""A/B of the Triton expert MLP: variants of the config table and of the stream split, timed interleaved.
+
+Each variant is the committed table with some entries replaced and some environment switches set, at
+capture time (the choice is frozen into the CUDA graph that is then replayed). All variants, the dense
+cuBLAS GEMMs of the same shapes and the 8192^3 ceiling are sampled in the same rounds; medians reported.
+
+    python bench/ab_experts.py --T 1024,4096,16384 --variants base,wide,chunks4,one_stream
+    python bench/ab_experts.py --T 1024 --variants "base;cfg:128,64,128,8,3,1,1,1,0,0,1/-"
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import statistics
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import bench_experts as be  # noqa: E402
+import moge_kernels  # noqa: E402
+from moge_kernels.bench.timing import Ceilings, capture_graph, elapsed_ms  # noqa: E402
+from moge_kernels.triton import gemm_configs  # noqa: E402
+
+C = gemm_configs.GemmConfig
+BIG = ("medium", "prefill", "large")
+
+
+def _wide(table):
+    return {(r, True): dataclasses.replace(table[(r, True)], wide=True) for r in BIG}
+
+
+def _wide_persistent(table):
+    return {(r, True): dataclasses.replace(table[(r, True)], wide=True, persistent=1, split_m=False,
+                                           tail_m=0) for r in ("prefill", "large")}
+
+
+# name -> (environment, function of the table giving the replaced entries)
+VARIANTS = {
+    "base": ({}, lambda t: {}),
+    "one_stream": ({"MOGE_TRITON_MLP_STREAMS": "0"}, lambda t: {}),
+    "chunks4": ({"MOGE_TRITON_MLP_CHUNKS": "4"}, lambda t: {}),
+    "chunks8": ({"MOGE_TRITON_MLP_CHUNKS": "8"}, lambda t: {}),
+    "wide": ({}, _wide),
+    "wide_chunks4": ({"MOGE_TRITON_MLP_CHUNKS": "4"}, _wide),
+    "wide_pers": ({}, lambda t: {**_wide(t), **_wide_persistent(t)}),
+    "wide_s3": ({}, lambda t: {k: dataclasses.replace(v, num_stages=3) for k, v in _wide(t).items()}),
+}
+
+
+def _spec_variant(name):
+    """"cfg:GATE_UP/DOWN[/ENV=V...]": configs in MOGE_TRITON_GEMM_CONFIG's syntax, '-' keeps the table,
+    for every regime."""
+    parts = name.split(":", 1)[1].split("/")
+    gate_up, down, env = parts[0], parts[1], dict(kv.split("=") for kv in parts[2:])
+
+    def entries(table):
+        out = {}
+        for regime_name, _ in gemm_configs.REGIMES:
+            if gate_up != "-":
+                out[(regime_name, True)] = gemm_configs._parse_forced(gate_up)
+            if down != "-":
+                out[(regime_name, False)] = gemm_configs._parse_forced(down)
+        return out
+    return env, entries
+
+
+def capture_variant(p, name):
+    env, entries = _spec_variant(name) if name.startswith("cfg:") else VARIANTS[name]
+    family = gemm_configs.device_family(torch.cuda.current_device())
+    table = gemm_configs.TABLES[family]
+    saved_table, saved_env = dict(table), {k: os.environ.get(k) for k in env}
+    table.update(entries(saved_table))
+    os.environ.update(env)
+    try:
+        return capture_graph(lambda: be.triton_mlp(p)), be.triton_mlp(p)
+    finally:
+        table.clear()
+        table.update(saved_table)
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--T", default="1024,4096,16384")
+    ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--variants", default="base,wide,chunks4,one_stream")
+    args = ap.parse_args(argv)
+    moge_kernels.set_backend("triton")
+    names = args.variants.split(";") if ";" in args.variants else args.variants.split(",")
+    dtype, device = torch.bfloat16, "cuda"
+    shape = be.PANGU
+    ceil = Ceilings(torch.device(device), dtype)
+    weights = be.make_weights(shape["E"], shape["H"], shape["I"], dtype, device)
+    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}; medians of {args.rounds} "
+          f"interleaved rounds; %dense = useful TFLOP/s / 8192^3 cuBLAS rate of the same rounds; "
+          f"%dshape = dense GEMMs at the real shapes / ms")
+    for T in [int(t) for t in args.T.split(",")]:
+        p = be.make_problem(T, shape["H"], shape["I"], shape["E"], shape["G"], shape["k_g"], dtype, device,
+                            weights=weights)
+        runs, outs = {}, {}
+        for name in names:
+            runs[name], outs[name] = capture_variant(p, name)
+        if p["M"] >= 64 * p["E"]:
+            runs["dense"] = capture_graph(lambda: be.dense_gemms(p))
+        inner = {name: be.inner_for(run) for name, run in runs.items()}
+        samples = {name: [] for name in runs}
+        since = len(ceil.copy_ms)
+        for _ in range(args.rounds):
+            for name, run in runs.items():
+                samples[name].append(elapsed_ms(run, inner[name]))
+            ceil.sample(inner=5)
+        copy_gbs, gemm_tf = ceil.rates(since)
+        med = {name: statistics.median(v) for name, v in samples.items()}
+        flops = be.flops_of(p)
+        w_bytes, _ = be.bytes_of(p)
+        floor_bytes = w_bytes / copy_gbs / 1e6
+        print(f"T={T} M={p['M']}: copy {copy_gbs:.0f} GB/s, dense {gemm_tf:.0f} TFLOP/s, weight floor "
+              f"{floor_bytes:.4f} ms, dense shapes {med.get('dense', float('nan')):.4f} ms")
+        base = outs[names[0]].float()
+        for name in names:
+            t = med[name]
+            diff = ((outs[name].float() - base).norm() / base.norm()).item()
+            print(f"  {name:<14.60} {t:8.4f} ms  x{t / med[names[0]]:6.3f}  {flops / t / 1e9:6.1f} TFLOP/s  "
+                  f"{100 * flops / t / 1e9 / gemm_tf:5.1f}% dense  "
+                  f"{100 * med.get('dense', float('nan')) / t:5.1f}% dshape  {t / floor_bytes:6.3f}x wfloor  "
+                  f"diff {diff:.1e}")
+        del p, runs, outs
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
