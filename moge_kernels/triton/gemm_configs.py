@@ -80,7 +80,7 @@ REGIMES = ((2.0, "decode"), (32.0, "small"), (192.0, "medium"), (1024.0, "prefil
 #                      instead of two m64n128 (A read once from shared memory per k-step): whole MLP
 #                      -0.3..-0.7% at T=1024, -0.6% at 4096, -1.6% at 16384, bit-identical output
 #                      (bench/results/experts_h100_wide.txt); as a persistent kernel it now compiles
-#                      without spilling (one accumulator) but ties at T=1024 and loses at 4096/16384
+#                      without spilling (one accumulator) but ties at T=1024 and 4096 and loses 1.6% at 16384
 H100_TABLE = {
     ("decode", True): C(16, 32, 128, 4, 4),
     ("decode", False): C(16, 64, 128, 4, 4),
