@@ -27,12 +27,16 @@ the epilogue overlaps the next tile's loads). The tiled and the persistent kerne
 (_tma_k_loop; a @triton.jit helper is inlined, so both compile to what the hand-copied loops did).
 
 grouped_mlp runs two launches of one kernel: gate_up with SwiGLU fused into the epilogue (a program holds
-gate columns [n, n+BN) and the matching up columns [I+n, I+n+BN) in two fp32 accumulators and writes only
+gate columns [n, n+BN) and the matching up columns [I+n, I+n+BN) in fp32 accumulators and writes only
 h = silu(gate) * up, [M, I]; the [M, 2I] product never reaches memory), then down, optionally scaling
-each output row by row_scale in fp32 before the cast. From 32 rows per expert on (CUDA, 16-bit), the
+each output row by row_scale in fp32 before the cast. The gate and up tiles are two dots into two
+accumulators, or with the "wide" config (TMA) one [2, BN, BK] box of the weights viewed [2E, I, K] and one
+dot 2*BN wide into one accumulator, split in the epilogue: one m64n256 wgmma per k-slice instead of two
+m64n128, so x's tile is read from shared memory once. From 32 rows per expert on (CUDA, 16-bit), the
 experts are split in two halves on two streams, so one half's down GEMM fills the gap after the other
-half's gate_up (_two_streams; MOGE_TRITON_MLP_STREAMS=0/1 forces it off/on). Deterministic: no atomics,
-one program per output tile, fixed summation order.
+half's gate_up (_two_streams; MOGE_TRITON_MLP_STREAMS=0/1 forces it off/on, MOGE_TRITON_MLP_CHUNKS=n
+alternates n expert chunks over the two streams instead of two halves: measured slower, kept for the
+benchmark's A/B). Deterministic: no atomics, one program per output tile, fixed summation order.
 """
 from __future__ import annotations
 
@@ -334,8 +338,7 @@ def launch_grouped_gemm(x: torch.Tensor, w: torch.Tensor, expert_offsets: torch.
     BM, BN, BK = config.block_m, config.block_n, config.block_k
     use_tma = config.tma and _tma_ok(x, w)
     # one [2, BN, BK] box of a [2E, I, K] view: needs the gate and up halves of each expert stacked
-    wide = (swiglu and use_tma and config.wide and w.stride(0) == w_rows * w.stride(1)
-            and n_out % 8 == 0)
+    wide = swiglu and use_tma and config.wide and w.stride(0) == w_rows * w.stride(1)
     tail_bm = config.tail_rows()
     if not 16 <= tail_bm < BM:                          # tl.dot needs >= 16 rows
         tail_bm = 0
