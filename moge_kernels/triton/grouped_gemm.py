@@ -243,18 +243,15 @@ def _gemm_tile_n_split(x_ptr, w_ptr, x_desc, w_desc, w_desc_half, y_ptr, row_sca
         if N_OUT - col0 <= BN // 2:
             _gemm_tile(x_ptr, w_ptr, x_desc, w_desc_half, y_ptr, row_scale_ptr, e, row0, row_end, col0,
                        N_OUT, K, W_ROWS, stride_xm, stride_we, stride_wn, stride_ym,
-                       BM, BN // 2, BK, SWIGLU, HAS_ROW_SCALE, EVEN_K, USE_TMA, WIDE,
-                       DOT_PRECISION)
+                       BM, BN // 2, BK, SWIGLU, HAS_ROW_SCALE, EVEN_K, USE_TMA, WIDE, DOT_PRECISION)
         else:
             _gemm_tile(x_ptr, w_ptr, x_desc, w_desc, y_ptr, row_scale_ptr, e, row0, row_end, col0,
                        N_OUT, K, W_ROWS, stride_xm, stride_we, stride_wn, stride_ym,
-                       BM, BN, BK, SWIGLU, HAS_ROW_SCALE, EVEN_K, USE_TMA, WIDE,
-                       DOT_PRECISION)
+                       BM, BN, BK, SWIGLU, HAS_ROW_SCALE, EVEN_K, USE_TMA, WIDE, DOT_PRECISION)
     else:
         _gemm_tile(x_ptr, w_ptr, x_desc, w_desc, y_ptr, row_scale_ptr, e, row0, row_end, col0,
                    N_OUT, K, W_ROWS, stride_xm, stride_we, stride_wn, stride_ym,
-                   BM, BN, BK, SWIGLU, HAS_ROW_SCALE, EVEN_K, USE_TMA, WIDE,
-                       DOT_PRECISION)
+                   BM, BN, BK, SWIGLU, HAS_ROW_SCALE, EVEN_K, USE_TMA, WIDE, DOT_PRECISION)
 
 
 @triton.jit

@@ -1,0 +1,78 @@
+"""How fast can one CTA per SM stream a weight tensor into shared memory through TMA boxes, with no MMA?
+
+A diagnostic for the memory-bound expert GEMMs (decode / T ~ 1024): each program streams one
+[ROWS, K] slab of a weight tensor in [ROWS, BK] boxes, the way the grouped-GEMM kernel streams its B
+operand, and reduces it (so the loads stay live). Layouts:
+  rowmajor  the weights as given, [N, K]: a box is ROWS pieces of BK*2 bytes, K*2 bytes apart
+  packed    the same bytes stored k-block-major, [K/BK, N, BK]: a box is one contiguous run
+Usage (GPU): python tests/gpu/stream_probe.py
+"""
+import statistics
+import sys
+
+import torch
+import triton
+import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+
+@triton.jit
+def _stream(desc, out_ptr, N, num_k, ROWS: tl.constexpr, BK: tl.constexpr, PACKED: tl.constexpr):
+    pid = tl.program_id(0)
+    acc = tl.zeros((ROWS, BK), dtype=tl.float32)
+    for kk in tl.range(num_k):
+        if PACKED:
+            b = desc.load([kk * N + pid * ROWS, 0])
+        else:
+            b = desc.load([pid * ROWS, kk * BK])
+        acc += b.to(tl.float32)
+    tl.store(out_ptr + pid, tl.sum(acc))
+
+
+def main():
+    N, K = int(sys.argv[1]) if len(sys.argv) > 1 else 64 * 2688, 5120
+    w = torch.randn(N, K, device="cuda").to(torch.bfloat16)
+    flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    nbytes = w.numel() * 2
+    for BK in (64, 128):
+        packed = w.view(N, K // BK, BK).transpose(0, 1).contiguous().view(K // BK * N, BK)
+        for ROWS, warps, stages in ((256, 8, 4), (256, 8, 3), (128, 4, 4), (64, 4, 4), (32, 4, 6)):
+            if ROWS * BK * 2 * stages > 200 * 1024:
+                continue
+            res = []
+            for name, t, is_packed in (("rowmajor", w, False), ("packed", packed, True)):
+                desc = TensorDescriptor.from_tensor(t, [ROWS, BK])
+                out = torch.empty(N // ROWS, device="cuda")
+
+                def run():
+                    _stream[(N // ROWS,)](desc, out, N, K // BK, ROWS=ROWS, BK=BK, PACKED=is_packed,
+                                          num_warps=warps, num_stages=stages)
+                run()
+                times = []
+                for _ in range(7):
+                    flush.zero_()
+                    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    s.record()
+                    run()
+                    e.record()
+                    e.synchronize()
+                    times.append(s.elapsed_time(e))
+                ms = statistics.median(times)
+                res.append(f"{name} {nbytes / ms / 1e9:6.0f} GB/s")
+            print(f"box [{ROWS:>3}, {BK:>3}] w{warps} s{stages}: " + "   ".join(res), flush=True)
+    # reference: a device-to-device copy of the same bytes (read + write counted)
+    dst = torch.empty_like(w)
+    times = []
+    for _ in range(7):
+        flush.zero_()
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        dst.copy_(w)
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e))
+    print(f"copy: {2 * nbytes / statistics.median(times) / 1e9:.0f} GB/s (read + write)")
+
+
+if __name__ == "__main__":
+    main()
