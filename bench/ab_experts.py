@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import bench_experts as be  # noqa: E402
 import moge_kernels  # noqa: E402
+from moge_kernels import packing  # noqa: E402
 from moge_kernels.bench.timing import Ceilings, capture_graph, elapsed_ms  # noqa: E402
 from moge_kernels.triton import gemm_configs  # noqa: E402
 
@@ -47,7 +48,10 @@ VARIANTS = {
     "wide_chunks4": ({"MOGE_TRITON_MLP_CHUNKS": "4"}, _wide),
     "wide_pers": ({}, lambda t: {**_wide(t), **_wide_persistent(t)}),
     "wide_s3": ({}, lambda t: {k: dataclasses.replace(v, num_stages=3) for k, v in _wide(t).items()}),
+    # the table, with both weight tensors packed k-block-major (moge_kernels.packing)
+    "packed": ({}, lambda t: {}),
 }
+PACKED = {"packed"}
 
 
 def _spec_variant(name):
@@ -74,8 +78,15 @@ def capture_variant(p, name):
     saved_table, saved_env = dict(table), {k: os.environ.get(k) for k in env}
     table.update(entries(saved_table))
     os.environ.update(env)
+    if name in PACKED:
+        if "w_gate_up_packed" not in p:
+            p["w_gate_up_packed"] = packing.pack_expert_weights(p["w_gate_up"])
+            p["w_down_packed"] = packing.pack_expert_weights(p["w_down"])
+        q = dict(p, w_gate_up=p["w_gate_up_packed"], w_down=p["w_down_packed"])
+    else:
+        q = p
     try:
-        return capture_graph(lambda: be.triton_mlp(p)), be.triton_mlp(p)
+        return capture_graph(lambda: be.triton_mlp(q)), be.triton_mlp(q)
     finally:
         table.clear()
         table.update(saved_table)

@@ -118,7 +118,7 @@ def bytes_of(p):
 
 
 def bench_experts(Ts=DEFAULT_TS, rounds=9, dtype=torch.bfloat16, device="cuda", shape=PANGU,
-                  eager=True, grouped_mm=True, two_streams=False, log=print):
+                  eager=True, grouped_mm=True, two_streams=False, packed=False, log=print):
     """Time the expert MLP per T; returns (rows, ceilings). Rows hold medians in ms and derived rates."""
     moge_kernels.set_backend("triton")
     ceil = Ceilings(torch.device(device), dtype)        # 1 GiB copy, dense 8192^3 matmul
@@ -134,6 +134,10 @@ def bench_experts(Ts=DEFAULT_TS, rounds=9, dtype=torch.bfloat16, device="cuda", 
                 methods["one_stream"] = capture_graph(lambda: triton_mlp(p))
             finally:
                 os.environ.pop("MOGE_TRITON_MLP_STREAMS")
+        if packed:                                      # the same op on k-block-major packed weights
+            q = dict(p, w_gate_up=moge_kernels.pack_expert_weights(p["w_gate_up"]),
+                     w_down=moge_kernels.pack_expert_weights(p["w_down"]))
+            methods["packed"] = capture_graph(lambda: triton_mlp(q))
         if grouped_mm:
             methods["grouped_mm"] = capture_graph(lambda: grouped_mm_mlp(p))
         if p["M"] >= 64 * p["E"]:                       # matrix-bound rows only: below, one expert's
@@ -145,6 +149,9 @@ def bench_experts(Ts=DEFAULT_TS, rounds=9, dtype=torch.bfloat16, device="cuda", 
         ours = triton_mlp(p).float()
         check = grouped_mm_mlp(p).float() if grouped_mm else eager_mlp(p).float()
         rel = ((ours - check).norm() / check.norm().clamp_min(1e-30)).item()
+        if packed:    # the packed layout changes where the bytes sit, not the arithmetic
+            rel_packed = ((triton_mlp(q).float() - ours).norm() / ours.norm().clamp_min(1e-30)).item()
+            log and log(f"T={T}: packed vs unpacked weights, relative difference {rel_packed:.1e}")
         inner = {name: inner_for(run) if name != "eager" else 1 for name, run in methods.items()}
         samples = {name: [] for name in methods}
         since = len(ceil.copy_ms)                       # this T's ceiling samples start here
@@ -169,6 +176,9 @@ def bench_experts(Ts=DEFAULT_TS, rounds=9, dtype=torch.bfloat16, device="cuda", 
         if "dense" in med:
             row["dense_ms"] = med["dense"]
             row["pct_dense_shape"] = med["dense"] / t
+        if "packed" in med:
+            row["packed_ms"] = med["packed"]
+            row["packed_vs_floor"] = med["packed"] / row["floor_ms"]
         for name in ("grouped_mm", "eager"):
             if name in med:
                 row[name + "_ms"] = med[name]
@@ -198,7 +208,8 @@ def format_table(rows, ceil, device_name=None):
         "",
         f"{'T':>6} {'M':>7} {'act':>4} {'ms':>8} {'TFLOP/s':>8} {'%dense':>7} {'GB/s':>7} "
         f"{'floor ms':>9} {'kind':>5} {'/floor':>7} {'gmm ms':>8} {'/gmm':>6} {'eager ms':>9} "
-        f"{'/eager':>7} {'dense ms':>9} {'%dshape':>8} {'relΔ':>8}",
+        f"{'/eager':>7} {'dense ms':>9} {'%dshape':>8} {'relΔ':>8}"
+        + (f" {'pk ms':>8} {'pk/flr':>7}" if any("packed_ms" in r for r in rows) else ""),
     ]
     for r in rows:
         lines.append(
@@ -207,7 +218,8 @@ def format_table(rows, ceil, device_name=None):
             f"{r['vs_floor']:>7.3f} {r.get('grouped_mm_ms', math.nan):>8.4f} "
             f"{r.get('vs_grouped_mm', math.nan):>6.3f} {r.get('eager_ms', math.nan):>9.3f} "
             f"{r.get('vs_eager', math.nan):>7.3f} {r.get('dense_ms', math.nan):>9.4f} "
-            f"{100 * r.get('pct_dense_shape', math.nan):>7.1f}% {r['rel_diff']:>8.1e}")
+            f"{100 * r.get('pct_dense_shape', math.nan):>7.1f}% {r['rel_diff']:>8.1e}"
+            + (f" {r['packed_ms']:>8.4f} {r['packed_vs_floor']:>7.3f}" if "packed_ms" in r else ""))
     return "\n".join(lines)
 
 
@@ -357,6 +369,8 @@ def main(argv=None):
     ap.add_argument("--no-eager", action="store_true")
     ap.add_argument("--two-streams", action="store_true",
                     help="also time grouped_mlp on one stream, MOGE_TRITON_MLP_STREAMS=0 (in the log lines)")
+    ap.add_argument("--packed", action="store_true",
+                    help="also time grouped_mlp on packed weights (moge_kernels.pack_expert_weights): pk columns")
     ap.add_argument("--out", help="also write the table to this file")
     ap.add_argument("--memcheck-case", action="store_true",
                     help="run a small case through every kernel path (for compute-sanitizer)")
@@ -371,7 +385,8 @@ def main(argv=None):
     if args.sweep:
         sweep(Ts, dtype)
         return
-    rows, ceil = bench_experts(Ts, args.rounds, dtype, eager=not args.no_eager, two_streams=args.two_streams)
+    rows, ceil = bench_experts(Ts, args.rounds, dtype, eager=not args.no_eager, two_streams=args.two_streams,
+                               packed=args.packed)
     print_table(format_table(rows, ceil), args.out)
 
 

@@ -5,6 +5,7 @@ import importlib
 
 from . import reference, registry
 from .ops import grouped_combine, grouped_dispatch, grouped_gemm, grouped_mlp, moge_forward
+from .packing import pack_expert_weights
 from .registry import backends, get_backend, resolve, set_backend, use_backend
 
 

@@ -59,7 +59,7 @@ import warnings
 
 import torch
 
-from . import checks, ops, registry
+from . import checks, ops, packing, registry
 from .reference import expert_slices
 
 _lib = ops._lib   # the backward primitives live in the `moge` namespace beside the forward ops
@@ -427,9 +427,15 @@ def _dispatch_backward(ctx, grad_permuted, grad_weights, *_):
 
 
 # ----------------------------------------------------------------------------- autograd: grouped_gemm
+def _as_weight(grad_w, shape):
+    """A weight gradient [E, N, K] in the weight's own shape ([E, N, K/B, B] when packed)."""
+    return grad_w if grad_w is None or grad_w.shape == shape else grad_w.view(shape)
+
+
 def _gemm_setup_context(ctx, inputs, output):
     x, w, expert_offsets = inputs
     need_x, need_w, _ = _needs(ctx, 3)
+    ctx.w_shape = w.shape
     ctx.save_for_backward(x if need_w else None, w if need_x else None, expert_offsets)
 
 
@@ -437,19 +443,21 @@ def _gemm_backward(ctx, grad_y):
     x, w, expert_offsets = ctx.saved_tensors
     need_x, need_w, _ = _needs(ctx, 3)
     grad_y = grad_y.contiguous()
-    grad_x = torch.ops.moge.grouped_gemm_dgrad(grad_y, w, expert_offsets) if need_x else None
+    grad_x = torch.ops.moge.grouped_gemm_dgrad(grad_y, packing.unpack(w), expert_offsets) if need_x else None
     grad_w = torch.ops.moge.grouped_gemm_wgrad(grad_y, x, expert_offsets) if need_w else None
-    return grad_x, grad_w, None
+    return grad_x, _as_weight(grad_w, ctx.w_shape), None
 
 
 # ----------------------------------------------------------------------------- autograd: grouped_mlp
 def _mlp_setup_context(ctx, inputs, output):
     x, w_gate_up, w_down, expert_offsets, row_scale = inputs
+    ctx.w_shapes = (w_gate_up.shape, w_down.shape)
     ctx.save_for_backward(x, w_gate_up, w_down, expert_offsets, row_scale)
 
 
 def _mlp_backward(ctx, grad_y):
     x, w_gate_up, w_down, expert_offsets, row_scale = ctx.saved_tensors
+    w_gate_up, w_down = packing.unpack(w_gate_up), packing.unpack(w_down)   # packed: a copy per call
     need_x, need_wgu, need_wd, _, need_scale = _needs(ctx, 5)
     moge = torch.ops.moge
     grad_y = grad_y.contiguous()
@@ -465,7 +473,8 @@ def _mlp_backward(ctx, grad_y):
         grad_scale = grad_scale.to(row_scale.dtype)
     else:
         grad_scale = None
-    return grad_x, grad_wgu, grad_wd, None, grad_scale
+    gu_shape, d_shape = ctx.w_shapes
+    return grad_x, _as_weight(grad_wgu, gu_shape), _as_weight(grad_wd, d_shape), None, grad_scale
 
 
 # ----------------------------------------------------------------------------- autograd: combine

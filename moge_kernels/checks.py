@@ -83,24 +83,36 @@ def check_offsets(expert_offsets, num_experts, num_rows, device):
             _fail("expert_offsets must be non-decreasing")
 
 
+def expert_weight_shape(name, w, dtype, device):
+    """(E, N, K) of expert weights given as [E, N, K] or packed [E, N, K/B, B] (moge_kernels.packing)."""
+    if isinstance(w, torch.Tensor) and w.dim() == 4:
+        check_tensor(name, w, 4, dtypes=(dtype,), device=device)
+        E, N, blocks, block = w.shape
+        return E, N, blocks * block
+    check_tensor(name, w, 3, dtypes=(dtype,), device=device)
+    return tuple(w.shape)
+
+
 def check_gemm(x, w, expert_offsets):
     check_tensor("x", x, 2)
-    check_tensor("w", w, 3, dtypes=(x.dtype,), device=x.device)
-    if w.shape[2] != x.shape[1]:
-        _fail(f"w must be [E, N, K] with K = x.shape[1] = {x.shape[1]}, got shape {tuple(w.shape)}")
+    E, N, K = expert_weight_shape("w", w, x.dtype, x.device)
+    if K != x.shape[1]:
+        _fail(f"w must be [E, N, K] (or packed [E, N, K/B, B]) with K = x.shape[1] = {x.shape[1]}, "
+              f"got shape {tuple(w.shape)}")
     check_rows_fit_int32("grouped_gemm x", x.shape[0])
     check_offsets(expert_offsets, w.shape[0], x.shape[0], x.device)
 
 
 def check_mlp(x, w_gate_up, w_down, expert_offsets, row_scale):
     check_tensor("x", x, 2)
-    check_tensor("w_gate_up", w_gate_up, 3, dtypes=(x.dtype,), device=x.device)
-    check_tensor("w_down", w_down, 3, dtypes=(x.dtype,), device=x.device)
-    E, two_i, H = w_gate_up.shape
+    E, two_i, H = expert_weight_shape("w_gate_up", w_gate_up, x.dtype, x.device)
+    down_shape = expert_weight_shape("w_down", w_down, x.dtype, x.device)
     if H != x.shape[1] or two_i % 2 != 0:
-        _fail(f"w_gate_up must be [E, 2I, H] with H = x.shape[1] = {x.shape[1]}, "
-              f"got shape {tuple(w_gate_up.shape)}")
-    check_shape("w_down", w_down, (E, H, two_i // 2))
+        _fail(f"w_gate_up must be [E, 2I, H] (or packed [E, 2I, H/B, B]) with H = x.shape[1] = "
+              f"{x.shape[1]}, got shape {tuple(w_gate_up.shape)}")
+    if down_shape != (E, H, two_i // 2):
+        _fail(f"w_down must have shape {(E, H, two_i // 2)} (or be packed [E, H, I/B, B]), "
+              f"got {tuple(w_down.shape)}")
     check_rows_fit_int32("grouped_mlp x", x.shape[0])
     if row_scale is not None:
         check_tensor("row_scale", row_scale, 1, device=x.device)

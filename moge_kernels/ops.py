@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import checks, reference, registry
+from . import checks, packing, reference, registry
 
 _lib = torch.library.Library("moge", "DEF")
 
@@ -40,8 +40,13 @@ ARG_CHECKS = {   # every op defined through define_op, the backward primitives o
 _device_types = ["cpu", "cuda"]
 
 
+# Positions of expert-weight arguments, which may come packed (moge_kernels.packing)
+WEIGHT_ARGS = {"grouped_gemm": (1,), "grouped_mlp": (1, 2)}
+
+
 def _make_device_kernel(op_name):
     arg_check = ARG_CHECKS[op_name]
+    weight_args = WEIGHT_ARGS.get(op_name, ())
     # (name, default) of every schema argument, read once: the schema's pybind properties cost
     # microseconds per access, and this runs on every call
     schema_args = [(arg.name, arg.default_value)
@@ -54,7 +59,11 @@ def _make_device_kernel(op_name):
             for name, default in schema_args[len(args):]:
                 args.append(kwargs.get(name, default))
         arg_check(*args)
-        _, fn = registry.resolve(op_name, args[0].device.type)
+        backend, fn = registry.resolve(op_name, args[0].device.type)
+        if weight_args and not registry.takes_packed(backend, op_name):
+            args = list(args)
+            for i in weight_args:
+                args[i] = packing.unpack(args[i])
         return fn(*args)
 
     device_kernel.__name__ = f"{op_name}_device_kernel"

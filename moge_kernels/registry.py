@@ -35,6 +35,7 @@ AUTO_ORDER = {
 _kernels: dict[tuple[str, str], Callable] = {}          # (backend, op) -> fn(*op_args)
 _devices: dict[str, set[str]] = {"reference": {"*"}}     # backend -> device types it runs on
 _unavailable: dict[str, str] = {}                        # backend -> why it is off
+_takes_packed: set[tuple[str, str]] = set()              # (backend, op) whose fn takes packed weights
 _selected = "auto"
 _resolved: dict[tuple[str, str], tuple[str, Callable]] = {}   # resolve()'s cache; cleared on any change
 
@@ -44,16 +45,27 @@ def declare_op(op: str) -> None:
         OPS.append(op)
 
 
-def register_kernel(backend: str, op: str, fn: Callable, devices: tuple[str, ...]) -> None:
-    """Called by a backend module at import: `fn` takes the op's arguments positionally, already checked."""
+def register_kernel(backend: str, op: str, fn: Callable, devices: tuple[str, ...],
+                    packed_weights: bool = False) -> None:
+    """Called by a backend module at import: `fn` takes the op's arguments positionally, already checked.
+    packed_weights: `fn` takes expert weights packed k-block-major (moge_kernels.packing) as they are;
+    other kernels get them unpacked to [E, N, K]."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
     if op not in OPS:
         raise ValueError(f"unknown op {op!r}; expected one of {OPS}")
     _kernels[(backend, op)] = fn
+    if packed_weights:
+        _takes_packed.add((backend, op))
+    else:
+        _takes_packed.discard((backend, op))
     _resolved.clear()
     _devices.setdefault(backend, set()).update(devices)
     _unavailable.pop(backend, None)
+
+
+def takes_packed(backend: str, op: str) -> bool:
+    return (backend, op) in _takes_packed
 
 
 def mark_unavailable(backend: str, why: str) -> None:

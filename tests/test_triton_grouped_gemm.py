@@ -145,6 +145,29 @@ def test_kernel_paths(cfg, swiglu):
     _check(out, lowp, exact, what=f"{cfg} swiglu={swiglu}")
 
 
+@pytest.mark.parametrize("cfg", PATH_CONFIGS, ids=str)
+@pytest.mark.parametrize("block", [32, 16])
+def test_kernel_paths_packed_weights(cfg, block):
+    """Packed (k-block-major) weights through every kernel path: block 32 = BK (one TMA box per block),
+    16 < BK (the slice shrinks to the block). Same offsets and shapes as test_kernel_paths."""
+    from moge_kernels import packing
+    dtype = torch.float16
+    offs = torch.tensor([0, 30, 30, 39, 80, 97], dtype=torch.int32, device=DEVICE)
+    M, K, E, n_out = 97, 64, 5, 80
+    x = _randn(M, K, dtype=dtype, seed=6)
+    for swiglu in (False, True):
+        w = _randn(E, 2 * n_out if swiglu else n_out, K, dtype=dtype, seed=7, scale=K ** -0.5)
+        w_packed = packing.pack_expert_weights(w, block)
+        assert packing.pack_block(w_packed) == block and not w_packed.is_contiguous()
+        assert torch.equal(packing.unpack(w_packed), w)
+        out = torch.full((M, n_out), float("nan"), dtype=dtype, device=DEVICE)
+        triton_gg.launch_grouped_gemm(x, w_packed, offs, out, swiglu, config=cfg)
+        lowp, exact = _ref_gemm(x, w, offs)
+        if swiglu:
+            lowp, exact = reference.swiglu(lowp), reference.swiglu(exact)
+        _check(out, lowp, exact, what=f"packed/{block} {cfg} swiglu={swiglu}")
+
+
 # Tail tiles of a chosen height (tail_m < BM/2): counts (70, 0, 5, 80, 16, 33) with BM = 64 give tails of
 # 6, 5, 16 (at the boundary: the tail loop) and 16 rows, and 33 rows in one full tile; M = 0 too.
 TAIL_CONFIGS = [C(64, 32, 32, 4, 1, tail_m=16), C(64, 64, 32, 4, 1, tail_m=16, split_n=True),

@@ -182,6 +182,11 @@ def fit(cfg: GemmConfig, swiglu: bool, dtype: torch.dtype, smem: int = SMEM_LIMI
         # plain cp.async kernel that the fp32 tests cover, with half-depth k slices
         cfg = dataclasses.replace(cfg, block_k=max(16, cfg.block_k // 2),
                                   tma=False, persistent=0)
+    return trim_stages(cfg, swiglu, elem_size, smem)
+
+
+def trim_stages(cfg: GemmConfig, swiglu: bool, elem_size: int, smem: int = SMEM_LIMIT) -> GemmConfig:
+    """As many of the config's pipeline stages as fit the shared memory (at least 2)."""
     stages = cfg.num_stages
     # 8 KB headroom: Triton keeps barriers and the epilogue's layout-conversion scratch there too
     while stages > 2 and stages * stage_bytes(cfg, swiglu, elem_size) > smem - 8 * 1024:

@@ -40,6 +40,7 @@ benchmark's A/B). Deterministic: no atomics, one program per output tile, fixed 
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 
@@ -47,6 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import packing
 from ..registry import register_kernel
 from . import DEVICES
 from . import gemm_configs
@@ -85,16 +87,30 @@ def _locate(tile, experts, starts, ends, m_tiles, work_begin, work_end, BM: tl.c
 
 @triton.jit
 def _tma_k_loop(x_desc, w_desc, row0, e, col0, W_ROWS, N_OUT, num_k, acc, acc_up, BN: tl.constexpr,
-                BK: tl.constexpr, SWIGLU: tl.constexpr, WIDE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                BK: tl.constexpr, SWIGLU: tl.constexpr, WIDE: tl.constexpr, PACKED: tl.constexpr,
+                DOT_PRECISION: tl.constexpr):
     """acc += x[row0 : row0+BM] @ w[e][col0 : col0+BN]^T over all of K through TMA descriptors (and
     acc_up with the up rows, N_OUT further down, when SWIGLU). WIDE (SwiGLU only): w_desc views the
     weights as [2E, I, K], one [2, BN, BK] box holds the gate and the up rows of the tile, and one dot
-    2*BN wide fills acc [BM, 2*BN] (gate columns, then up columns). Shared by the tiled and persistent
+    2*BN wide fills acc [BM, 2*BN] (gate columns, then up columns). PACKED: the weights are stored
+    k-block-major (pack_expert_weights, block BK) and w_desc views them [E*K/BK*W_ROWS, BK] (with WIDE
+    [E*K/BK*2, I, BK]): each box is one contiguous run of memory. Shared by the tiled and persistent
     kernels."""
     for kk in range(num_k):
         k = kk * BK
         a = x_desc.load([row0, k])
-        if WIDE:
+        if PACKED:
+            block = e * num_k + kk                        # k-block kk of expert e
+            if WIDE:
+                b = w_desc.load([2 * block, col0, 0]).reshape(2 * BN, BK)
+                acc = tl.dot(a, b.T, acc, input_precision=DOT_PRECISION)
+            else:
+                b = w_desc.load([block * W_ROWS + col0, 0])
+                acc = tl.dot(a, b.T, acc, input_precision=DOT_PRECISION)
+                if SWIGLU:
+                    b_up = w_desc.load([block * W_ROWS + col0 + N_OUT, 0])
+                    acc_up = tl.dot(a, b_up.T, acc_up, input_precision=DOT_PRECISION)
+        elif WIDE:
             b = w_desc.load([2 * e, col0, k]).reshape(2 * BN, BK)
             acc = tl.dot(a, b.T, acc, input_precision=DOT_PRECISION)
         else:
@@ -108,10 +124,10 @@ def _tma_k_loop(x_desc, w_desc, row0, e, col0, W_ROWS, N_OUT, num_k, acc, acc_up
 
 @triton.jit
 def _gemm_tile(x_ptr, w_ptr, x_desc, w_desc, y_ptr, row_scale_ptr, e, row0, row_end, col0,
-               N_OUT, K, W_ROWS, stride_xm, stride_we, stride_wn, stride_ym,
+               N_OUT, K, W_ROWS, stride_xm, stride_we, stride_wn, stride_wkb, stride_ym,
                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SWIGLU: tl.constexpr,
                HAS_ROW_SCALE: tl.constexpr, EVEN_K: tl.constexpr, USE_TMA: tl.constexpr,
-               WIDE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+               WIDE: tl.constexpr, PACK: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """One [BM, BN] output tile of expert e: rows [row0, min(row0+BM, row_end)), columns [col0, col0+BN)."""
     offs_m = tl.arange(0, BM)
     offs_n = tl.arange(0, BN)
@@ -128,7 +144,7 @@ def _gemm_tile(x_ptr, w_ptr, x_desc, w_desc, y_ptr, row_scale_ptr, e, row0, row_
         # output rows; columns past N_OUT likewise; K past the end is zero-filled.
         # TMA coordinates are int32; E * N < 2^31 for any real layer
         acc, acc_up = _tma_k_loop(x_desc, w_desc, row0, e, col0, W_ROWS, N_OUT, num_k, acc, acc_up, BN,
-                                  BK, SWIGLU, WIDE, DOT_PRECISION)
+                                  BK, SWIGLU, WIDE, PACK > 0, DOT_PRECISION)
     else:
         # int64 only in the per-program bases (M*Kd can pass 2^31); in-tile offsets stay int32.
         x_ptrs = x_ptr + row0.to(tl.int64) * stride_xm + (offs_m[:, None] * stride_xm + offs_k[None, :])
@@ -153,7 +169,10 @@ def _gemm_tile(x_ptr, w_ptr, x_desc, w_desc, y_ptr, row_scale_ptr, e, row0, row_
                     b_up = tl.load(w_ptrs + up_shift, mask=k_ok[None, :], other=0.0)
                 acc_up = tl.dot(a, tl.trans(b_up), acc_up, input_precision=DOT_PRECISION)
             x_ptrs += BK
-            w_ptrs += BK
+            if PACK > 0:   # k-block-major weights: the next k-slice may start the next block
+                w_ptrs += BK + tl.where(((kk + 1) * BK) % PACK == 0, stride_wkb - PACK, 0)
+            else:
+                w_ptrs += BK
 
     _epilogue(acc, acc_up, y_ptr, row_scale_ptr, row0, row_end, col0, N_OUT, stride_ym, BM, BN, SWIGLU,
               HAS_ROW_SCALE, WIDE)
@@ -194,12 +213,12 @@ def _grouped_gemm_kernel(
         offsets_ptr,        # [E+1] int32 expert_offsets
         row_scale_ptr,      # [M] fp32 (HAS_ROW_SCALE only)
         N_OUT, K, W_ROWS, num_n_tiles,
-        stride_xm, stride_we, stride_wn, stride_ym,
+        stride_xm, stride_we, stride_wn, stride_wkb, stride_ym,
         E: tl.constexpr, E_POW2: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
         SWIGLU: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, EVEN_K: tl.constexpr,
         USE_TMA: tl.constexpr, TAIL_BM: tl.constexpr, SPLIT_N_TAIL: tl.constexpr,
-        WIDE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+        WIDE: tl.constexpr, PACK: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Grid: (max_row_tiles * num_n_tiles,); see the module docstring for the schedule."""
     pid = tl.program_id(0)
     experts, starts, ends, m_tiles, work_begin, work_end = _schedule(offsets_ptr, num_n_tiles, E,
@@ -218,40 +237,42 @@ def _grouped_gemm_kernel(
         if row_end - row0 <= TAIL_BM:
             _gemm_tile_n_split(x_ptr, w_ptr, x_desc_tail, w_desc, w_desc_half, y_ptr, row_scale_ptr, e,
                                row0, row_end, col0, N_OUT, K, W_ROWS, stride_xm, stride_we, stride_wn,
-                               stride_ym, TAIL_BM, BN, BK, SWIGLU, HAS_ROW_SCALE, EVEN_K, USE_TMA,
-                               SPLIT_N_TAIL, WIDE, DOT_PRECISION)
+                               stride_wkb, stride_ym, TAIL_BM, BN, BK, SWIGLU, HAS_ROW_SCALE, EVEN_K, USE_TMA,
+                               SPLIT_N_TAIL, WIDE, PACK, DOT_PRECISION)
         else:
             _gemm_tile_n_split(x_ptr, w_ptr, x_desc, w_desc, w_desc_half, y_ptr, row_scale_ptr, e,
                                row0, row_end, col0, N_OUT, K, W_ROWS, stride_xm, stride_we, stride_wn,
-                               stride_ym, BM, BN, BK, SWIGLU, HAS_ROW_SCALE, EVEN_K, USE_TMA,
-                               SPLIT_N_TAIL, WIDE, DOT_PRECISION)
+                               stride_wkb, stride_ym, BM, BN, BK, SWIGLU, HAS_ROW_SCALE, EVEN_K, USE_TMA,
+                               SPLIT_N_TAIL, WIDE, PACK, DOT_PRECISION)
     else:
         _gemm_tile_n_split(x_ptr, w_ptr, x_desc, w_desc, w_desc_half, y_ptr, row_scale_ptr, e,
                            row0, row_end, col0, N_OUT, K, W_ROWS, stride_xm, stride_we, stride_wn,
-                           stride_ym, BM, BN, BK, SWIGLU, HAS_ROW_SCALE, EVEN_K, USE_TMA,
-                           SPLIT_N_TAIL, WIDE, DOT_PRECISION)
+                           stride_wkb, stride_ym, BM, BN, BK, SWIGLU, HAS_ROW_SCALE, EVEN_K, USE_TMA,
+                           SPLIT_N_TAIL, WIDE, PACK, DOT_PRECISION)
 
 
 @triton.jit
 def _gemm_tile_n_split(x_ptr, w_ptr, x_desc, w_desc, w_desc_half, y_ptr, row_scale_ptr, e, row0,
-                       row_end, col0, N_OUT, K, W_ROWS, stride_xm, stride_we, stride_wn, stride_ym,
+                       row_end, col0, N_OUT, K, W_ROWS, stride_xm, stride_we, stride_wn, stride_wkb,
+                       stride_ym,
                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SWIGLU: tl.constexpr,
                        HAS_ROW_SCALE: tl.constexpr, EVEN_K: tl.constexpr, USE_TMA: tl.constexpr,
-                       SPLIT_N_TAIL: tl.constexpr, WIDE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                       SPLIT_N_TAIL: tl.constexpr, WIDE: tl.constexpr, PACK: tl.constexpr,
+                       DOT_PRECISION: tl.constexpr):
     """_gemm_tile, with a half-width main loop for a last column tile that is at most half full."""
     if SPLIT_N_TAIL:
         if N_OUT - col0 <= BN // 2:
             _gemm_tile(x_ptr, w_ptr, x_desc, w_desc_half, y_ptr, row_scale_ptr, e, row0, row_end, col0,
-                       N_OUT, K, W_ROWS, stride_xm, stride_we, stride_wn, stride_ym,
-                       BM, BN // 2, BK, SWIGLU, HAS_ROW_SCALE, EVEN_K, USE_TMA, WIDE, DOT_PRECISION)
+                       N_OUT, K, W_ROWS, stride_xm, stride_we, stride_wn, stride_wkb, stride_ym,
+                       BM, BN // 2, BK, SWIGLU, HAS_ROW_SCALE, EVEN_K, USE_TMA, WIDE, PACK, DOT_PRECISION)
         else:
             _gemm_tile(x_ptr, w_ptr, x_desc, w_desc, y_ptr, row_scale_ptr, e, row0, row_end, col0,
-                       N_OUT, K, W_ROWS, stride_xm, stride_we, stride_wn, stride_ym,
-                       BM, BN, BK, SWIGLU, HAS_ROW_SCALE, EVEN_K, USE_TMA, WIDE, DOT_PRECISION)
+                       N_OUT, K, W_ROWS, stride_xm, stride_we, stride_wn, stride_wkb, stride_ym,
+                       BM, BN, BK, SWIGLU, HAS_ROW_SCALE, EVEN_K, USE_TMA, WIDE, PACK, DOT_PRECISION)
     else:
         _gemm_tile(x_ptr, w_ptr, x_desc, w_desc, y_ptr, row_scale_ptr, e, row0, row_end, col0,
-                   N_OUT, K, W_ROWS, stride_xm, stride_we, stride_wn, stride_ym,
-                   BM, BN, BK, SWIGLU, HAS_ROW_SCALE, EVEN_K, USE_TMA, WIDE, DOT_PRECISION)
+                   N_OUT, K, W_ROWS, stride_xm, stride_we, stride_wn, stride_wkb, stride_ym,
+                   BM, BN, BK, SWIGLU, HAS_ROW_SCALE, EVEN_K, USE_TMA, WIDE, PACK, DOT_PRECISION)
 
 
 @triton.jit
@@ -262,7 +283,7 @@ def _grouped_gemm_persistent_kernel(
         N_OUT, K, W_ROWS, num_n_tiles, num_programs, stride_ym,
         E: tl.constexpr, E_POW2: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-        SWIGLU: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, WIDE: tl.constexpr,
+        SWIGLU: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, WIDE: tl.constexpr, PACKED: tl.constexpr,
         DOT_PRECISION: tl.constexpr):
     """Persistent variant: grid = (num_programs,), one or a few programs per SM, each walking tiles
     pid, pid + num_programs, ... of the same schedule. The tile loop and the k loop are flattened into
@@ -285,7 +306,7 @@ def _grouped_gemm_persistent_kernel(
             acc = tl.zeros((BM, BN), dtype=tl.float32)
         acc_up = tl.zeros((BM, BN), dtype=tl.float32)
         acc, acc_up = _tma_k_loop(x_desc, w_desc, row0, e, pid_n * BN, W_ROWS, N_OUT, num_k, acc, acc_up,
-                                  BN, BK, SWIGLU, WIDE, DOT_PRECISION)
+                                  BN, BK, SWIGLU, WIDE, PACKED, DOT_PRECISION)
         tile_c += num_programs
         _, row0_c, row_end_c, pid_n_c = _locate(tile_c, experts, starts, ends, m_tiles, work_begin,
                                                 work_end, BM)
@@ -323,19 +344,25 @@ def launch_grouped_gemm(x: torch.Tensor, w: torch.Tensor, expert_offsets: torch.
                         config: gemm_configs.GemmConfig | None = None) -> torch.Tensor:
     """out[rows of e] = x[rows of e] @ w[e]^T (or silu(gate) * up of it when swiglu). No host sync.
 
-    x [M, Kd] (unit column stride), w [E, W_ROWS, Kd] (unit stride along Kd), out [M, N_OUT] contiguous,
-    expert_offsets [E+1] int32 contiguous, row_scale [M] fp32 contiguous or None."""
+    x [M, Kd] (unit column stride), w [E, W_ROWS, Kd] (unit stride along Kd) or packed
+    [E, W_ROWS, Kd/B, B] (packing.pack_expert_weights), out [M, N_OUT] contiguous, expert_offsets [E+1]
+    int32 contiguous, row_scale [M] fp32 contiguous or None."""
     M, K = x.shape
-    E, w_rows, _ = w.shape
+    E, w_rows = w.shape[:2]
     n_out = w_rows // 2 if swiglu else w_rows
     if M == 0 or n_out == 0:
         return out
+    pack = packing.pack_block(w)
+    if w.dim() == 4 and not pack:          # k-blocked view, but not k-block-major storage
+        w, pack = packing.unpack(w), 0
     if config is None:
         config = choose_config(x, w, expert_offsets, out, swiglu)
+    if pack:
+        config = _fit_to_pack(config, pack, swiglu, x)
     BM, BN, BK = config.block_m, config.block_n, config.block_k
     use_tma = config.tma and _tma_ok(x, w)
     # one [2, BN, BK] box of a [2E, I, K] view: needs the gate and up halves of each expert stacked
-    wide = swiglu and use_tma and config.wide and w.stride(0) == w_rows * w.stride(1)
+    wide = swiglu and use_tma and config.wide and (pack or w.stride(0) == w_rows * w.stride(1))
     tail_bm = config.tail_rows()
     if not 16 <= tail_bm < BM:                          # tl.dot needs >= 16 rows
         tail_bm = 0
@@ -344,7 +371,18 @@ def launch_grouped_gemm(x: torch.Tensor, w: torch.Tensor, expert_offsets: torch.
     num_n_tiles = _cdiv(n_out, BN)
     max_row_tiles = min(M, _cdiv(M, BM) + min(E, M))   # sum_e cdiv(rows_e, BM) <= M/BM + #non-empty
     grid = (max_row_tiles * num_n_tiles,)
-    if wide:
+    if pack and use_tma:
+        # storage order [E, K/B, W_ROWS, B]: a box of BN rows x B is one contiguous run; rows past the
+        # last column tile are the next block's (discarded) or, with WIDE, zero-filled
+        blocks = E * (K // pack)
+        phys = w.permute(0, 2, 1, 3)
+        if wide:
+            phys, box = phys.view(2 * blocks, n_out, pack), [2]
+        else:
+            phys, box = phys.view(blocks * w_rows, pack), []
+        w_desc = TensorDescriptor.from_tensor(phys, box + [BN, BK])
+        w_desc_half = TensorDescriptor.from_tensor(phys, box + [BN // 2, BK]) if split_n else w_desc
+    elif wide:
         # rows past I in the last column tile are zero-filled, not the next half's rows
         w3d = w.as_strided((2 * E, n_out, K), (n_out * w.stride(1), w.stride(1), 1))
         w_desc = TensorDescriptor.from_tensor(w3d, [2, BN, BK])
@@ -368,19 +406,38 @@ def launch_grouped_gemm(x: torch.Tensor, w: torch.Tensor, expert_offsets: torch.
             x_desc, w_desc, out, expert_offsets, row_scale if has_row_scale else out,
             n_out, K, w_rows, num_n_tiles, num_programs, out.stride(0),
             E=E, E_POW2=max(2, triton.next_power_of_2(E)), BM=BM, BN=BN, BK=BK,
-            SWIGLU=swiglu, HAS_ROW_SCALE=has_row_scale, WIDE=wide, DOT_PRECISION=dot_precision,
-            num_warps=config.num_warps, num_stages=config.num_stages)
+            SWIGLU=swiglu, HAS_ROW_SCALE=has_row_scale, WIDE=wide, PACKED=pack > 0,
+            DOT_PRECISION=dot_precision, num_warps=config.num_warps, num_stages=config.num_stages)
         return out
     _grouped_gemm_kernel[grid](
         x, w, x_desc, x_desc_tail, w_desc, w_desc_half, out, expert_offsets,
         row_scale if has_row_scale else out,
         n_out, K, w_rows, num_n_tiles,
-        x.stride(0), w.stride(0), w.stride(1), out.stride(0),
+        x.stride(0), w.stride(0), w.stride(1), w.stride(2) if pack else 0, out.stride(0),
         E=E, E_POW2=max(2, triton.next_power_of_2(E)),
         BM=BM, BN=BN, BK=BK, SWIGLU=swiglu, HAS_ROW_SCALE=has_row_scale, EVEN_K=K % BK == 0,
-        USE_TMA=use_tma, TAIL_BM=tail_bm, SPLIT_N_TAIL=split_n, WIDE=wide, DOT_PRECISION=dot_precision,
+        USE_TMA=use_tma, TAIL_BM=tail_bm, SPLIT_N_TAIL=split_n, WIDE=wide, PACK=pack,
+        DOT_PRECISION=dot_precision,
         num_warps=config.num_warps, num_stages=config.num_stages)
     return out
+
+
+def _fit_to_pack(config, pack, swiglu, x):
+    """Packed weights: a k-slice must not straddle two blocks (BK divides the block); a TMA box is
+    exactly one block. A halved slice gets twice the stages (the same bytes in flight) before the
+    shared-memory fit."""
+    bk = pack if config.tma else min(config.block_k, pack)
+    while pack % bk:
+        bk //= 2
+    if bk == config.block_k:
+        return config
+    stages = config.num_stages * max(1, config.block_k // bk)
+    cfg = dataclasses.replace(config, block_k=bk, num_stages=min(stages, 8))
+    smem = gemm_configs.SMEM_LIMIT
+    if x.is_cuda:
+        smem = gemm_configs.smem_limit(x.device.index if x.device.index is not None
+                                       else torch.cuda.current_device())
+    return gemm_configs.trim_stages(cfg, swiglu, x.element_size(), smem)
 
 
 # ----------------------------------------------------------------------------- config choice
@@ -488,5 +545,5 @@ def grouped_mlp(x, w_gate_up, w_down, expert_offsets, row_scale=None):
     return y
 
 
-register_kernel("triton", "grouped_gemm", grouped_gemm, devices=DEVICES)
-register_kernel("triton", "grouped_mlp", grouped_mlp, devices=DEVICES)
+register_kernel("triton", "grouped_gemm", grouped_gemm, devices=DEVICES, packed_weights=True)
+register_kernel("triton", "grouped_mlp", grouped_mlp, devices=DEVICES, packed_weights=True)
