@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import autograd  # noqa: F401  registers the backward of every moge op
+from . import packing
 
 _EXPERT_KEY = re.compile(r"experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 
@@ -65,7 +66,12 @@ class MoGELayer(nn.Module):
     recompute=False (default) runs the experts as grouped_gemm -> swiglu -> grouped_gemm and keeps
     gate_up [T*K, 2I] and h [T*K, I] for the backward; recompute=True runs the fused grouped_mlp op
     and recomputes gate_up in the backward (one more gate_up GEMM, +22% FLOPs, no saved activations
-    beyond the permuted input). See moge_kernels/autograd.py.
+    beyond the permuted input). See moge_kernels/autograd.py. Where no gradient is recorded (inference,
+    torch.no_grad), the fused grouped_mlp runs either way.
+
+    pack_weights_() switches the expert weights to the packed inference layout (moge_kernels.packing:
+    same values, k-block-major storage, [E, N, K/64, 64] parameters) that the Triton kernels stream
+    faster at decode sizes; unpack_weights_() switches back (checkpoints load into the unpacked layout).
     """
 
     def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, num_groups: int,
@@ -106,6 +112,24 @@ class MoGELayer(nn.Module):
             self.w_gate_up.uniform_(-bound_up, bound_up)
             self.w_down.uniform_(-bound_down, bound_down)
 
+    def pack_weights_(self, block: int = packing.BLOCK) -> "MoGELayer":
+        """Store w_gate_up and w_down packed (moge_kernels.packing), in place; gradients still flow."""
+        for name in ("w_gate_up", "w_down"):
+            w = getattr(self, name)
+            if w.dim() == 3:
+                setattr(self, name, nn.Parameter(packing.pack_expert_weights(w.data, block),
+                                                 requires_grad=w.requires_grad))
+        return self
+
+    def unpack_weights_(self) -> "MoGELayer":
+        """Back to the [E, N, K] layout of pack_weights_'s input, in place."""
+        for name in ("w_gate_up", "w_down"):
+            w = getattr(self, name)
+            if w.dim() == 4:
+                setattr(self, name, nn.Parameter(packing.unpack(w.data).contiguous(),
+                                                 requires_grad=w.requires_grad))
+        return self
+
     def extra_repr(self) -> str:
         return (f"hidden_size={self.hidden_size}, intermediate_size={self.intermediate_size}, "
                 f"num_experts={self.num_experts}, num_groups={self.num_groups}, "
@@ -117,7 +141,9 @@ class MoGELayer(nn.Module):
     def experts(self, permuted: Tensor, expert_offsets: Tensor) -> Tensor:
         """Expert SwiGLU MLPs over expert-sorted rows: [T*K, H] -> [T*K, H]."""
         moge = torch.ops.moge
-        if self.recompute:
+        records_grad = torch.is_grad_enabled() and (
+            permuted.requires_grad or self.w_gate_up.requires_grad or self.w_down.requires_grad)
+        if self.recompute or not records_grad:
             return moge.grouped_mlp(permuted, self.w_gate_up, self.w_down, expert_offsets, None)
         gate_up = moge.grouped_gemm(permuted, self.w_gate_up, expert_offsets)     # [T*K, 2I]
         return moge.grouped_gemm(moge.swiglu(gate_up), self.w_down, expert_offsets)

@@ -220,3 +220,42 @@ def test_cuda_bf16_layer_backward(recompute):
     for name, p in exact.named_parameters():
         err, ref_err = relative_error(grads[name], p.grad), relative_error(ref_grads[name], p.grad)
         assert err <= 2 * ref_err + 2e-3, f"{name}: {err:.2e} vs reference bf16 {ref_err:.2e}"
+
+
+def test_inference_runs_the_fused_mlp(monkeypatch):
+    """Without recorded gradients the layer runs grouped_mlp (no [T*K, 2I] intermediate) even with
+    recompute=False; with them it keeps the unfused, activation-saving path."""
+    layer = _layer(recompute=False)
+    x = torch.randn(11, H)
+    calls = []
+    fused = torch.ops.moge.grouped_mlp
+
+    def counting(*args):
+        calls.append(1)
+        return fused(*args)
+    monkeypatch.setattr(torch.ops.moge, "grouped_mlp", counting)
+    with torch.no_grad():
+        out = layer(x)
+    assert len(calls) == 1
+    torch.testing.assert_close(out, _reference_forward(layer, x), atol=1e-5, rtol=1e-5)
+    layer(x).sum().backward()
+    assert len(calls) == 1 and layer.w_gate_up.grad is not None
+
+
+def test_packed_weights_forward_backward_and_back():
+    from moge_kernels import packing
+    layer = _layer()
+    packed = copy.deepcopy(layer).pack_weights_(block=4)        # H = 24, I = 12: blocks of 4
+    assert packing.pack_block(packed.w_gate_up) == 4 and packing.pack_block(packed.w_down) == 4
+    assert isinstance(packed.w_gate_up, torch.nn.Parameter) and packed.w_gate_up.requires_grad
+    x = torch.randn(13, H)
+    with torch.no_grad():
+        torch.testing.assert_close(packed(x), layer(x), atol=1e-5, rtol=1e-5)
+    for m in (layer, packed):
+        m(x).square().sum().backward()
+    for name in ("w_gate_up", "w_down"):
+        torch.testing.assert_close(packing.unpack(getattr(packed, name).grad), getattr(layer, name).grad,
+                                   atol=1e-5, rtol=1e-5)
+    packed.unpack_weights_()
+    assert packed.w_gate_up.shape == layer.w_gate_up.shape and packed.w_gate_up.is_contiguous()
+    assert torch.equal(packed.w_gate_up, layer.w_gate_up) and torch.equal(packed.w_down, layer.w_down)
