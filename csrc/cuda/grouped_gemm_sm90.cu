@@ -174,11 +174,11 @@ __device__ __forceinline__ uint64_t smem_desc(uint32_t addr) {
 }
 
 // ----------------------------------------------------------------------------- tile schedule
-// What one block works on: rows [row0, row1) of `expert` (expert < 0: nothing), output n-tile `n_tile`.
-// With clusters, rank 1 of a pair whose second row tile does not exist gets no rows (row0 = row1) but
-// still fetches and multicasts its half of the weight tile.
+// What one block works on: rows [row0, row1) of `expert` (expert < 0: nothing), output n-tile `n_tile`;
+// with clusters, whether the cluster's other CTA holds a row tile too (`paired`).
 struct Work {
   int expert, row0, row1, n_tile;
+  bool paired;
 };
 
 // Clusters of two CTAs: unit u = (expert, pair of row tiles 2p and 2p+1, n-tile), expert-major then pair
@@ -202,17 +202,18 @@ __device__ __forceinline__ Work find_pair_work(const gemm::Params& p, int unit, 
       if (unit >= first && unit < first + units) {
         const int local = unit - first;
         const int tile = 2 * (local / p.n_tiles) + static_cast<int>(rank);
-        const int row0 = tile < m_tiles ? lo + tile * BM : hi;   // no rows: the pair's tile 2p+1 is missing
-        smem[0] = e;
+        const int row0 = lo + tile * BM;
+        smem[0] = tile < m_tiles ? e : -2;          // -2: the pair's second tile does not exist
         smem[1] = row0;
         smem[2] = min(hi, row0 + BM);
         smem[3] = local % p.n_tiles;
+        smem[4] = (2 * (local / p.n_tiles) + 1) < m_tiles;
       }
       carry += __shfl_sync(kFullMask, inclusive, 31);
     }
   }
   __syncthreads();
-  return Work{smem[0], smem[1], smem[2], smem[3]};
+  return Work{smem[0], smem[1], smem[2], smem[3], smem[4] != 0};
 }
 
 // Stage and phase of the ring position `it` (k-steps counted over all the tiles of a CTA).
@@ -228,13 +229,12 @@ struct Ring {
 };
 
 // Producer (one thread): the TMA loads of one tile's k-steps, ring positions [it0, it0 + k_tiles). The
-// weight tile is two boxes of BN/2 rows: gate and up rows (SwiGLU) or the two halves; with MULTICAST each
-// CTA of the pair fetches one box for both (a CTA without rows fetches its box and no x).
-template <class S, int BN, bool SWIGLU, bool MULTICAST>
+// weight tile is two boxes of BN/2 rows: gate and up rows (SwiGLU) or the two halves; with multicast each
+// CTA of the pair fetches one box for both.
+template <class S, int BN, bool SWIGLU>
 __device__ __forceinline__ void produce_tile(const CUtensorMap* x_map, const CUtensorMap* w_map,
                                              const gemm::Params& p, const Ring<S>& ring, const Work& work,
-                                             int it0, int k_tiles, uint32_t rank) {
-  const bool has_rows = work.row1 > work.row0;
+                                             int it0, int k_tiles, bool multicast, uint32_t rank) {
   const int64_t n0 = static_cast<int64_t>(work.n_tile) * (SWIGLU ? BN / 2 : BN);
   // weight rows are < E * N_w <= INT32_MAX (checked by the launcher)
   const int w_row = static_cast<int>(work.expert * p.N_w + n0);
@@ -245,9 +245,9 @@ __device__ __forceinline__ void produce_tile(const CUtensorMap* x_map, const CUt
     const uint32_t bar = smem_u32(&ring.full[ring.stage(it)]);
     // out-of-bounds box parts count too (zero-filled); with multicast half the weight bytes come from
     // the other CTA
-    mbar_expect_tx(bar, has_rows ? S::STAGE_BYTES : S::STAGE_BYTES - S::A_BYTES);
-    if (has_rows) tma_load_2d(ring.a(it), x_map, bar, kt * BK, work.row0);
-    if (MULTICAST) {
+    mbar_expect_tx(bar, S::STAGE_BYTES);
+    tma_load_2d(ring.a(it), x_map, bar, kt * BK, work.row0);
+    if (multicast) {
       tma_load_2d_multicast(ring.b(it) + rank * (BN / 2) * BK * 2, w_map, bar, kt * BK, rank == 0 ? w_row : w_row2,
                             0x3);
     } else {
@@ -257,21 +257,22 @@ __device__ __forceinline__ void produce_tile(const CUtensorMap* x_map, const CUt
   }
 }
 
-// Hands ring position `it` back: one arrival per consumer warpgroup on this CTA's `empty` barrier and,
-// REMOTE, on the other CTA's of the cluster, whose multicast writes our stage too.
-template <class S, bool REMOTE>
-__device__ __forceinline__ void release_stage(const Ring<S>& ring, int it, uint32_t rank) {
-  if ((threadIdx.x % 128) != 0) return;
-  const uint32_t bar = smem_u32(&ring.empty[ring.stage(it)]);
-  mbar_arrive(bar);
-  if (REMOTE) mbar_arrive_remote(bar, rank ^ 1u);
-}
-
-// k-steps [kt_begin, kt_end) of consume_tile, each releasing the previous position (REMOTE: on both CTAs).
-template <class S, typename T, int BN, bool REMOTE>
-__device__ __forceinline__ void consume_steps(float (&acc)[S::ACC], const Ring<S>& ring, int it0, int kt_begin,
-                                              int kt_end, int consumer, bool active, uint32_t rank) {
-  for (int kt = kt_begin; kt < kt_end; ++kt) {
+// Consumer warpgroup `consumer` (rows [64 c, 64 c + 64) of the tile): acc = its rows times the weight
+// tile over ring positions [it0, it0 + k_tiles); every position is handed back to the producer (the
+// last one after the final wait), so the ring runs on into the CTA's next tile.
+template <class S, typename T, int BN>
+__device__ __forceinline__ void consume_tile(float (&acc)[S::ACC], const Ring<S>& ring, int it0, int k_tiles,
+                                             int consumer, bool active, bool multicast, uint32_t rank) {
+  const bool signals = (threadIdx.x % 128) == 0;     // one arrival per consumer warpgroup
+  auto release = [&](int it) {
+    if (!signals) return;
+    const uint32_t bar = smem_u32(&ring.empty[ring.stage(it)]);
+    mbar_arrive(bar);
+    if (multicast) mbar_arrive_remote(bar, rank ^ 1u);   // its multicast writes our stage too
+  };
+#pragma unroll
+  for (int i = 0; i < S::ACC; ++i) acc[i] = 0.f;
+  for (int kt = 0; kt < k_tiles; ++kt) {
     const int it = it0 + kt;
     mbar_wait(smem_u32(&ring.full[ring.stage(it)]), ring.parity(it));
     if (active) {
@@ -285,32 +286,11 @@ __device__ __forceinline__ void consume_steps(float (&acc)[S::ACC], const Ring<S
       wgmma_commit();
       wgmma_wait<1>();                               // k-step kt-1's products are done ...
     }
-    if (kt > 0) release_stage<S, REMOTE>(ring, it - 1, rank);   // ... so its stage may be refilled
+    if (kt > 0) release(it - 1);                     // ... so its stage may be refilled
   }
-}
-
-// Consumer warpgroup `consumer` (rows [64 c, 64 c + 64) of the tile): acc = its rows times the weight
-// tile over ring positions [it0, it0 + k_tiles); every position is handed back to the producer (the
-// last one after the final wait), so the ring runs on into the CTA's next tile.
-//
-// MULTICAST (clusters, one tile per CTA): the other CTA's producer waits for the release of a position
-// only when it refills it, i.e. for the positions before the last STAGES; those get remote arrivals,
-// the last STAGES do not. So every arrival a CTA receives lands before its own last load (its producer
-// waits for it), no arrival can reach a CTA that has exited, and the kernel needs no cluster barrier at
-// its end. A cluster barrier there, or a run-time branch around the remote arrival between the wgmmas,
-// made ptxas serialize the wgmmas (C7515).
-template <class S, typename T, int BN, bool MULTICAST>
-__device__ __forceinline__ void consume_tile(float (&acc)[S::ACC], const Ring<S>& ring, int it0, int k_tiles,
-                                             int consumer, bool active, uint32_t rank) {
-#pragma unroll
-  for (int i = 0; i < S::ACC; ++i) acc[i] = 0.f;
-  // the step kt releases position kt - 1, which the other CTA waits for while kt - 1 < k_tiles - STAGES
-  const int remote_end = MULTICAST ? max(0, min(k_tiles, k_tiles - S::STAGES + 1)) : k_tiles;
-  consume_steps<S, T, BN, MULTICAST>(acc, ring, it0, 0, remote_end, consumer, active, rank);
-  consume_steps<S, T, BN, false>(acc, ring, it0, remote_end, k_tiles, consumer, active, rank);
   wgmma_wait<0>();
   fence_registers(acc);
-  if (k_tiles > 0) release_stage<S, false>(ring, it0 + k_tiles - 1, rank);
+  if (k_tiles > 0) release(it0 + k_tiles - 1);
 }
 
 // Epilogue of consumer warpgroup `consumer`: accumulator j of thread (warp w, lane l) in its warpgroup
@@ -374,33 +354,35 @@ __global__ void __launch_bounds__(THREADS, 1)
   __shared__ __align__(8) uint64_t empty_bar[S::STAGES];
   __shared__ int work_smem[5];
 
-  Work work{-1, 0, 0, 0};
+  Work work{-1, 0, 0, 0, false};
   uint32_t rank = 0;
   if (CLUSTER) {
     rank = cluster_rank();
     work = find_pair_work(p, static_cast<int>(blockIdx.x / 2), rank, work_smem);
-    if (work.expert < 0) return;                   // past the last unit: both CTAs leave together
+    if (work.expert == -1) return;                 // past the last unit: both CTAs leave together
   }
+  const bool multicast = CLUSTER && work.paired;
   const Ring<S> ring{(smem_u32(smem_raw) + 1023u) & ~1023u, full_bar, empty_bar};   // 1 KB: swizzle atoms
   if (threadIdx.x == 0) {
     for (int s = 0; s < S::STAGES; ++s) {
       mbar_init(smem_u32(&full_bar[s]), 1);
-      mbar_init(smem_u32(&empty_bar[s]), CLUSTER ? 4 : 2);
+      mbar_init(smem_u32(&empty_bar[s]), multicast ? 4 : 2);
     }
     asm volatile("fence.mbarrier_init.release.cluster;\nfence.proxy.async.shared::cta;\n" ::: "memory");
   }
-  if (CLUSTER) {
+  if (multicast) {
     cluster_sync();
   } else {
     __syncthreads();
   }
+  if (CLUSTER && work.expert < 0) return;          // rank 1 of an unpaired cluster: nothing to do
 
   const int warpgroup = threadIdx.x / 128;
   const int k_tiles = static_cast<int>(ceil_div(p.Kd, BK));
   // The CTA's next block of the persistent walk (CLUSTER: its one tile, then none).
   auto next_work = [&](int block) {
     const gemm::Tile tile = gemm::find_tile_warp<BM>(p, block / p.n_tiles);
-    return Work{tile.expert, tile.row0, tile.row1, block % p.n_tiles};
+    return Work{tile.expert, tile.row0, tile.row1, block % p.n_tiles, false};
   };
   if (warpgroup == 0) {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
@@ -413,10 +395,9 @@ __global__ void __launch_bounds__(THREADS, 1)
       for (int block = blockIdx.x;; block += gridDim.x) {
         const Work w = CLUSTER ? work : next_work(block);
         if (w.expert < 0) break;
-        if (threadIdx.x == 0) produce_tile<S, BN, SWIGLU, CLUSTER>(&x_map, &w_map, p, ring, w, it, k_tiles, rank);
+        if (threadIdx.x == 0) produce_tile<S, BN, SWIGLU>(&x_map, &w_map, p, ring, w, it, k_tiles, multicast, rank);
         it += k_tiles;
         if (CLUSTER) break;
-      }
       }
     }
   } else {
@@ -428,12 +409,13 @@ __global__ void __launch_bounds__(THREADS, 1)
       const Work w = CLUSTER ? work : next_work(block);
       if (w.expert < 0) break;
       const bool active = consumer * 64 < w.row1 - w.row0;   // a tail tile's empty half skips its wgmmas
-      consume_tile<S, T, BN, CLUSTER>(acc, ring, it, k_tiles, consumer, active, rank);
+      consume_tile<S, T, BN>(acc, ring, it, k_tiles, consumer, active, multicast, rank);
       if (active) store_tile<S, T, BN, SWIGLU>(acc, p, w, consumer);
       it += k_tiles;
       if (CLUSTER) break;
     }
   }
+  if (multicast) cluster_sync();
 #endif
 }
 
