@@ -344,16 +344,20 @@ def memcheck_case(log=print):
     configs |= {C(128, 128, 64, 8, 3, tma=True, split_m=True, split_n=True),
                 C(64, 64, 64, 4, 3, split_m=True, split_n=True), C(64, 64, 64, 4, 3, tma=True),
                 C(128, 128, 64, 8, 3, tma=True, persistent=True), C(64, 64, 64, 4, 3, tma=True, persistent=True)}
+    # and the packed layout (moge_kernels.packing): blocks of 64 for H = 320, of 32 for I = 96
+    layouts = {"": (wgu, wd), " packed": (moge_kernels.pack_expert_weights(wgu, 64),
+                                          moge_kernels.pack_expert_weights(wd, 32))}
     worst = 0.0
     for cfg in sorted(configs, key=str):
-        h = torch.full((M, I), float("nan"), device=dev, dtype=dtype)
-        y = torch.full((M, H), float("nan"), device=dev, dtype=dtype)
-        launch_grouped_gemm(x, wgu, offs, h, True, config=gemm_configs.fit(cfg, True, dtype))
-        launch_grouped_gemm(h, wd, offs, y, False, config=gemm_configs.fit(cfg, False, dtype))
-        torch.cuda.synchronize()
-        err = max(testing.relative_error(h, ref_h), testing.relative_error(y, ref_y))
-        worst = max(worst, err)
-        log(f"memcheck case {cfg}: rel err {err:.2e}")
+        for layout, (w1, w2) in layouts.items():
+            h = torch.full((M, I), float("nan"), device=dev, dtype=dtype)
+            y = torch.full((M, H), float("nan"), device=dev, dtype=dtype)
+            launch_grouped_gemm(x, w1, offs, h, True, config=gemm_configs.fit(cfg, True, dtype))
+            launch_grouped_gemm(h, w2, offs, y, False, config=gemm_configs.fit(cfg, False, dtype))
+            torch.cuda.synchronize()
+            err = max(testing.relative_error(h, ref_h), testing.relative_error(y, ref_y))
+            worst = max(worst, err)
+            log(f"memcheck case {cfg}{layout}: rel err {err:.2e}")
     assert worst < 2e-2, worst
     log(f"memcheck case done, worst rel err {worst:.2e}")
 
