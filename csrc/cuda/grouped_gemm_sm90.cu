@@ -406,13 +406,15 @@ __global__ void __launch_bounds__(THREADS, 1)
     float acc[S::ACC];
     int it = 0;
     for (int block = blockIdx.x;; block += gridDim.x) {
-      const Work w = CLUSTER ? work : next_work(block);
+      // CLUSTER: the one tile, then none. The loop must end on the work, not on a `break` after the first
+      // tile: straight-line code there made ptxas serialize the wgmmas (C7515).
+      const Work w = !CLUSTER ? next_work(block)
+                              : block == static_cast<int>(blockIdx.x) ? work : Work{-1, 0, 0, 0, false};
       if (w.expert < 0) break;
       const bool active = consumer * 64 < w.row1 - w.row0;   // a tail tile's empty half skips its wgmmas
       consume_tile<S, T, BN>(acc, ring, it, k_tiles, consumer, active, multicast, rank);
       if (active) store_tile<S, T, BN, SWIGLU>(acc, p, w, consumer);
       it += k_tiles;
-      if (CLUSTER) break;
     }
   }
   if (multicast) cluster_sync();
