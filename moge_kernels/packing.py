@@ -11,7 +11,7 @@ where the GEMMs are bound by MMA and L2 rather than DRAM: pack for decode-heavy 
 A packed tensor is the 4-d view [E, N, K/BLOCK, BLOCK] of that storage, so its values are the
 original's, `w.unflatten(2, (K // BLOCK, BLOCK))`: every op accepts it where it takes expert weights
 (w, w_gate_up, w_down); backends without a packed kernel (all but triton) flatten it back to [E, N, K],
-a copy per call. Pack once when the model is loaded (MoGELayer.pack_weights_()). Gradients flow: the
+a copy per call, and so does triton for a block that is not a power of two >= 16. Pack once when the model is loaded (MoGELayer.pack_weights_()). Gradients flow: the
 backward unpacks the weights (a copy) and returns the weight gradients in the packed shape.
 """
 from __future__ import annotations

@@ -59,6 +59,17 @@ def test_ops_take_packed_weights(backend, dtype, M):
     torch.testing.assert_close(out, R.grouped_mlp(x, w_gate_up, w_down, offsets, row_scale), **tol)
 
 
+@pytest.mark.parametrize("block", [8, 48])
+def test_blocks_no_triton_slice_fits(block):
+    """Blocks of 8 (below tl.dot's 16) or 48 (not a power of two): still correct on every backend."""
+    x, w_gate_up, w_down, offsets = _problem(21, 3, 96, 48, torch.float32, seed=9)
+    pgu, pd = packing.pack_expert_weights(w_gate_up, block), packing.pack_expert_weights(w_down, block)
+    for backend in BACKENDS:
+        with mk.use_backend(backend):
+            out = mk.grouped_mlp(x, pgu, pd, offsets)
+        torch.testing.assert_close(out, R.grouped_mlp(x, w_gate_up, w_down, offsets), **TOLERANCES[torch.float32])
+
+
 def test_opcheck_packed():
     x, w_gate_up, w_down, offsets = _problem(20, 4, 32, 16, torch.float32, seed=5)
     pgu, pd = packing.pack_expert_weights(w_gate_up, 16), packing.pack_expert_weights(w_down, 16)

@@ -353,7 +353,9 @@ def launch_grouped_gemm(x: torch.Tensor, w: torch.Tensor, expert_offsets: torch.
     if M == 0 or n_out == 0:
         return out
     pack = packing.pack_block(w)
-    if w.dim() == 4 and not pack:          # k-blocked view, but not k-block-major storage
+    # a k-blocked view without k-block-major storage, or blocks no k-slice fits (tl.dot needs a power of
+    # two >= 16): a copy in the [E, N, K] layout
+    if w.dim() == 4 and (pack < 16 or pack & (pack - 1)):
         w, pack = packing.unpack(w), 0
     if config is None:
         config = choose_config(x, w, expert_offsets, out, swiglu)
