@@ -17,6 +17,8 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from moge_kernels.bench.timing import Timer
+
 
 @triton.jit
 def _stream(desc, x_desc, out_ptr, N, num_k, ROWS: tl.constexpr, BK: tl.constexpr, PACKED: tl.constexpr,
@@ -41,7 +43,7 @@ def main():
     N, K = int(sys.argv[1]) if len(sys.argv) > 1 else 64 * 2688, 5120
     w = torch.randn(N, K, device="cuda").to(torch.bfloat16)
     x = torch.randn(64 * 128, K, device="cuda").to(torch.bfloat16)
-    flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    timer = Timer(torch.device("cuda"))      # event-timed calls, each after an L2 flush
     nbytes = w.numel() * 2
     for BK in (64, 128):
         packed = w.view(N, K // BK, BK).transpose(0, 1).contiguous().view(K // BK * N, BK)
@@ -61,30 +63,13 @@ def main():
                     _stream[(N // ROWS,)](desc, x_desc, out, N, K // BK, ROWS=ROWS, BK=BK, PACKED=is_packed,
                                           WITH_X=with_x, X_ROWS=128, num_warps=warps, num_stages=stages)
                 run()
-                times = []
-                for _ in range(7):
-                    flush.zero_()
-                    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    s.record()
-                    run()
-                    e.record()
-                    e.synchronize()
-                    times.append(s.elapsed_time(e))
-                ms = statistics.median(times)
+                ms = statistics.median(timer.samples(run, 7))
                 res.append(f"{name} {nbytes / ms / 1e6:6.0f} GB/s")
             print(f"box [{ROWS:>3}, {BK:>3}] w{warps} s{stages}: " + "   ".join(res), flush=True)
     # reference: a device-to-device copy of the same bytes (read + write counted)
     dst = torch.empty_like(w)
-    times = []
-    for _ in range(7):
-        flush.zero_()
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        dst.copy_(w)
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e))
-    print(f"copy: {2 * nbytes / statistics.median(times) / 1e6:.0f} GB/s (read + write)")
+    ms = statistics.median(timer.samples(lambda: dst.copy_(w), 7))
+    print(f"copy: {2 * nbytes / ms / 1e6:.0f} GB/s (read + write)")
 
 
 if __name__ == "__main__":
