@@ -4,9 +4,9 @@ The expert GEMMs read each weight tile as boxes of BLOCK columns (k) by many row
 layout [E, N, K] such a box is N pieces of BLOCK*2 bytes, K*2 bytes apart; packed, the same values are
 stored k-block-major, [E, K/BLOCK, N, BLOCK], and a box is one contiguous run. Measured on an H100
 (bench/results/experts_h100_packed.txt, experts_h100.txt): 256-row boxes of 64 bf16 stream at 2734 GB/s
-row-major and at 2823-2983 GB/s packed; the Pangu expert MLP (Triton, bf16, two streams) takes 7% less
-time at T=1024 (1.050 -> 0.977 ms), 2% less at T=16 and 128, the same at T=1, and 0-2% more at T>=4096,
-where the GEMMs are bound by MMA and L2 rather than DRAM: pack for decode-heavy serving.
+row-major and at 2823-3064 GB/s packed (two runs); the Pangu expert MLP (Triton, bf16, two streams)
+takes 7% less time at T=1024 (1.050 -> 0.977 ms), 2% less at T=16 and 128, the same at T=1, and 0-2%
+more at T>=4096, where the GEMMs are bound by MMA and L2 rather than DRAM: pack for decode-heavy serving.
 
 A packed tensor is the 4-d view [E, N, K/BLOCK, BLOCK] of that storage, so its values are the
 original's, `w.unflatten(2, (K // BLOCK, BLOCK))`: every op accepts it where it takes expert weights
