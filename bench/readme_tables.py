@@ -8,7 +8,7 @@ for the package's backends (the baselines stay in the full table, results/<devic
 import json
 import sys
 
-BACKENDS = ("triton", "cuda")
+BACKENDS = ("triton", "triton_packed", "cuda")
 OPS = ("dispatch", "mlp", "combine", "layer")
 
 

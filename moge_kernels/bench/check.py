@@ -82,7 +82,7 @@ def self_check(device, dtype, shape, tokens, ops, backends, baselines, log=None)
                 detail += f" ({m.served_by})"
             rows.append(dict(shape=shape["name"], T=T, op=m.op, method=m.name, ok=ok, detail=detail))
             if log:
-                log(f"  check T={T:<4} {m.op:<8} {m.name:<10} {'PASS' if ok else 'FAIL'}  {detail}")
+                log(f"  check T={T:<4} {m.op:<8} {m.name:<13} {'PASS' if ok else 'FAIL'}  {detail}")
         del methods, refs
     return rows
 

@@ -1,8 +1,10 @@
 """What is timed: for each op of a problem, one no-argument callable per method.
 
 Methods: every moge backend available on the device (`triton`, `cuda`, `cpu`, `ascend`), each called
-through the public `moge_kernels` API with that backend selected, and the baselines `eager` (the eager
-reference, `moge_kernels.reference`), `grouped_mm` and `loop` (moge_kernels/bench/baselines.py). The
+through the public `moge_kernels` API with that backend selected; `triton_packed`, the triton backend on
+expert weights packed for serving (moge_kernels.packing; CUDA, mlp and layer, where 64 divides H and I);
+and the baselines `eager` (the eager reference, `moge_kernels.reference`), `grouped_mm` and `loop`
+(moge_kernels/bench/baselines.py). The
 self-check, the CLI's timing table and the pytest-benchmark tests in bench/ all build their callables
 here, so what is checked is what is timed."""
 from __future__ import annotations
@@ -14,11 +16,13 @@ import torch
 
 import moge_kernels as mk
 
+from .. import packing
 from .. import reference as R
 from . import baselines as B
 from .problems import OP_NAMES, Problem
 
 BASELINES = ("eager", "grouped_mm", "loop")
+PACKED = "triton_packed"        # the triton backend on packed expert weights
 # Triton on CPU tensors runs through its interpreter (TRITON_INTERPRET=1): a correctness tool, not a
 # speed, so it is timed on CPU only when asked for by name.
 _CPU_OPT_IN = ("triton",)
@@ -92,17 +96,29 @@ _BASELINE_FNS = {
 }
 
 
-def _bind(p: Problem, op: str, fn: Callable) -> Callable:
-    """fn applied to problem p's inputs of `op`, as a no-argument callable."""
+def _bind(p: Problem, op: str, fn: Callable, weights=None) -> Callable:
+    """fn applied to problem p's inputs of `op` (expert weights `weights` instead of p's when given), as
+    a no-argument callable."""
     t, G, k_g = p.tensors, p.shape["G"], p.shape["k_g"]
+    w_gate_up, w_down = weights or (t["w_gate_up"], t["w_down"])
     args = {
         "dispatch": (t["hidden"], t["logits"], G, k_g),
-        "gemm": (t["permuted"], t["w_gate_up"], t["offsets"]),
-        "mlp": (t["permuted"], t["w_gate_up"], t["w_down"], t["offsets"]),
+        "gemm": (t["permuted"], w_gate_up, t["offsets"]),
+        "mlp": (t["permuted"], w_gate_up, w_down, t["offsets"]),
         "combine": (t["expert_out"], t["weights"], t["row_index"]),
-        "layer": (t["hidden"], t["logits"], t["w_gate_up"], t["w_down"], G, k_g),
+        "layer": (t["hidden"], t["logits"], w_gate_up, w_down, G, k_g),
     }[op]
     return lambda: fn(*args)
+
+
+def _packed_weights(p: Problem):
+    """p's expert weights packed (made once per problem), or None where the block does not divide H, I."""
+    t = p.tensors
+    if "packed_weights" not in t:
+        fits = p.shape["H"] % packing.BLOCK == 0 and p.shape["I"] % packing.BLOCK == 0
+        t["packed_weights"] = (packing.pack_expert_weights(t["w_gate_up"]),
+                               packing.pack_expert_weights(t["w_down"])) if fits else None
+    return t["packed_weights"]
 
 
 def build_methods(p: Problem, ops, backends, baselines) -> list[Method]:
@@ -118,6 +134,11 @@ def build_methods(p: Problem, ops, backends, baselines) -> list[Method]:
                 " ".join(f"{name.replace('grouped_', '')}={s}" for name, s in serving.items())
             methods.append(Method(b, op, _selected(b, _bind(p, op, moge_api[op])), capturable=True,
                                   kind="backend", served_by=label))
+        if "triton" in backends and op in ("mlp", "layer") and p.device.type == "cuda" \
+                and _packed_weights(p) is not None:
+            packed_call = _bind(p, op, moge_api[op], _packed_weights(p))
+            methods.append(Method(PACKED, op, _selected("triton", packed_call), capturable=True,
+                                  kind="backend", served_by="packed weights"))
         for name in baselines:
             fns, capturable = _BASELINE_FNS[name]
             if op in fns:

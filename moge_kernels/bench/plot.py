@@ -10,7 +10,8 @@ from __future__ import annotations
 import os
 
 STYLE = {   # method -> (color, marker): the same method looks the same in every figure
-    "triton": ("tab:blue", "o"), "cuda": ("tab:green", "s"), "cpu": ("tab:purple", "D"),
+    "triton": ("tab:blue", "o"), "triton_packed": ("tab:cyan", "o"), "cuda": ("tab:green", "s"),
+    "cpu": ("tab:purple", "D"),
     "ascend": ("tab:brown", "v"), "grouped_mm": ("tab:orange", "^"), "loop": ("tab:gray", "x"),
     "eager": ("black", "."),
 }

@@ -57,7 +57,7 @@ def _rate(value, width):
 
 
 def format_table(rows: list[dict]) -> str:
-    header = (f"{'shape':<10} {'T':>6} {'op':<8} {'method':<10} {'mode':<5} {'ms':>9} {'TFLOP/s':>8} "
+    header = (f"{'shape':<10} {'T':>6} {'op':<8} {'method':<13} {'mode':<5} {'ms':>9} {'TFLOP/s':>8} "
               f"{'GB/s':>7} {'x eager':>8} {'x gmm':>7} {'floor ms':>9} {'%floor':>7}  note")
     lines = [header, "-" * len(header)]
     previous = None
@@ -69,7 +69,7 @@ def format_table(rows: list[dict]) -> str:
         note = " ".join(x for x in (r.get("served_by", ""), r.get("note", ""),
                                     "" if r.get("check", "PASS") == "PASS" else "SELF-CHECK FAILED") if x)
         lines.append(
-            f"{r['shape']:<10} {r['T']:>6} {r['op']:<8} {r['method']:<10} {r['mode']:<5} "
+            f"{r['shape']:<10} {r['T']:>6} {r['op']:<8} {r['method']:<13} {r['mode']:<5} "
             f"{_fmt(r['ms'], '.4f', 9)} {_rate(r['tflops'], 8)} {_rate(r['gbs'], 7)} "
             f"{_fmt(r['x_eager'], '.2f', 7)}{'x' if r['x_eager'] else ' '} "
             f"{_fmt(r['x_gmm'], '.2f', 6)}{'x' if r['x_gmm'] else ' '} "
@@ -95,7 +95,7 @@ def format_summary(rows: list[dict]) -> str:
             continue
         out.append(f"\n{title}")
         columns = " ".join(f"{'T=' + str(t):>8}" for t in tokens)
-        out.append(f"{'shape':<10} {'op':<8} {'method':<10} {columns}")
+        out.append(f"{'shape':<10} {'op':<8} {'method':<13} {columns}")
         for shape, op, method in keys:
             if method == skip:
                 continue
@@ -105,7 +105,7 @@ def format_summary(rows: list[dict]) -> str:
                 v = r[field] if r else None
                 values.append(_fmt(None if v is None else (100 * v if field == "floor_fraction" else v),
                                    spec, 8))
-            out.append(f"{shape:<10} {op:<8} {method:<10} " + " ".join(values))
+            out.append(f"{shape:<10} {op:<8} {method:<13} " + " ".join(values))
     return "\n".join(out)
 
 
