@@ -86,6 +86,17 @@ def _locate(tile, experts, starts, ends, m_tiles, work_begin, work_end, BM: tl.c
 
 
 @triton.jit
+def _zero_accumulators(BM: tl.constexpr, BN: tl.constexpr, WIDE: tl.constexpr):
+    """acc [BM, BN] ([BM, 2*BN] with WIDE: gate columns, then up columns) and acc_up [BM, BN], which the
+    compiler removes unless a SwiGLU tile without WIDE uses it."""
+    if WIDE:
+        acc = tl.zeros((BM, 2 * BN), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+    return acc, tl.zeros((BM, BN), dtype=tl.float32)
+
+
+@triton.jit
 def _tma_k_loop(x_desc, w_desc, row0, e, col0, W_ROWS, N_OUT, num_k, acc, acc_up, BN: tl.constexpr,
                 BK: tl.constexpr, SWIGLU: tl.constexpr, WIDE: tl.constexpr, PACKED: tl.constexpr,
                 DOT_PRECISION: tl.constexpr):
@@ -99,25 +110,21 @@ def _tma_k_loop(x_desc, w_desc, row0, e, col0, W_ROWS, N_OUT, num_k, acc, acc_up
     for kk in range(num_k):
         k = kk * BK
         a = x_desc.load([row0, k])
+        # the weight slab of this k-slice: expert e's [W_ROWS, K], or with PACKED its k-block kk
         if PACKED:
-            block = e * num_k + kk                        # k-block kk of expert e
-            if WIDE:
-                b = w_desc.load([2 * block, col0, 0]).reshape(2 * BN, BK)
-                acc = tl.dot(a, b.T, acc, input_precision=DOT_PRECISION)
-            else:
-                b = w_desc.load([block * W_ROWS + col0, 0])
-                acc = tl.dot(a, b.T, acc, input_precision=DOT_PRECISION)
-                if SWIGLU:
-                    b_up = w_desc.load([block * W_ROWS + col0 + N_OUT, 0])
-                    acc_up = tl.dot(a, b_up.T, acc_up, input_precision=DOT_PRECISION)
-        elif WIDE:
-            b = w_desc.load([2 * e, col0, k]).reshape(2 * BN, BK)
+            slab = e * num_k + kk
+            w_k = 0
+        else:
+            slab = e
+            w_k = k
+        if WIDE:
+            b = w_desc.load([2 * slab, col0, w_k]).reshape(2 * BN, BK)
             acc = tl.dot(a, b.T, acc, input_precision=DOT_PRECISION)
         else:
-            b = w_desc.load([e * W_ROWS + col0, k])
+            b = w_desc.load([slab * W_ROWS + col0, w_k])
             acc = tl.dot(a, b.T, acc, input_precision=DOT_PRECISION)
             if SWIGLU:
-                b_up = w_desc.load([e * W_ROWS + col0 + N_OUT, k])
+                b_up = w_desc.load([slab * W_ROWS + col0 + N_OUT, w_k])
                 acc_up = tl.dot(a, b_up.T, acc_up, input_precision=DOT_PRECISION)
     return acc, acc_up
 
@@ -133,11 +140,7 @@ def _gemm_tile(x_ptr, w_ptr, x_desc, w_desc, y_ptr, row_scale_ptr, e, row0, row_
     offs_n = tl.arange(0, BN)
     offs_k = tl.arange(0, BK)
     row_ok = (row0 + offs_m) < row_end
-    if WIDE:
-        acc = tl.zeros((BM, 2 * BN), dtype=tl.float32)   # gate columns, then up columns
-    else:
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
-    acc_up = tl.zeros((BM, BN), dtype=tl.float32)   # unused (and removed by the compiler) unless SWIGLU
+    acc, acc_up = _zero_accumulators(BM, BN, WIDE)
     num_k = tl.cdiv(K, BK)
     if USE_TMA:
         # Rows past the expert (the next expert's) and past M (zero-filled by TMA) land in discarded
@@ -300,11 +303,7 @@ def _grouped_gemm_persistent_kernel(
     tile_c = pid - num_programs
     for tile in tl.range(pid, total, num_programs, flatten=True):
         e, row0, _, pid_n = _locate(tile, experts, starts, ends, m_tiles, work_begin, work_end, BM)
-        if WIDE:
-            acc = tl.zeros((BM, 2 * BN), dtype=tl.float32)
-        else:
-            acc = tl.zeros((BM, BN), dtype=tl.float32)
-        acc_up = tl.zeros((BM, BN), dtype=tl.float32)
+        acc, acc_up = _zero_accumulators(BM, BN, WIDE)
         acc, acc_up = _tma_k_loop(x_desc, w_desc, row0, e, pid_n * BN, W_ROWS, N_OUT, num_k, acc, acc_up,
                                   BN, BK, SWIGLU, WIDE, PACKED, DOT_PRECISION)
         tile_c += num_programs
