@@ -4,7 +4,7 @@ Each variant is the committed table with some entries replaced and some environm
 capture time (the choice is frozen into the CUDA graph that is then replayed). All variants, the dense
 cuBLAS GEMMs of the same shapes and the 8192^3 ceiling are sampled in the same rounds; medians reported.
 
-    python bench/ab_experts.py --T 1024,4096,16384 --variants base,wide,chunks4,one_stream
+    python bench/ab_experts.py --T 1024,4096,16384 --variants base,wide,packed,one_stream
     python bench/ab_experts.py --T 1024 --variants "base;cfg:128,64,128,8,3,1,1,1,0,0,1/-"
 """
 from __future__ import annotations
@@ -42,10 +42,7 @@ def _wide_persistent(table):
 VARIANTS = {
     "base": ({}, lambda t: {}),
     "one_stream": ({"MOGE_TRITON_MLP_STREAMS": "0"}, lambda t: {}),
-    "chunks4": ({"MOGE_TRITON_MLP_CHUNKS": "4"}, lambda t: {}),
-    "chunks8": ({"MOGE_TRITON_MLP_CHUNKS": "8"}, lambda t: {}),
     "wide": ({}, _wide),
-    "wide_chunks4": ({"MOGE_TRITON_MLP_CHUNKS": "4"}, _wide),
     "wide_pers": ({}, lambda t: {**_wide(t), **_wide_persistent(t)}),
     "wide_s3": ({}, lambda t: {k: dataclasses.replace(v, num_stages=3) for k, v in _wide(t).items()}),
     # the table, with both weight tensors packed k-block-major (moge_kernels.packing)
@@ -101,7 +98,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--T", default="1024,4096,16384")
     ap.add_argument("--rounds", type=int, default=9)
-    ap.add_argument("--variants", default="base,wide,chunks4,one_stream")
+    ap.add_argument("--variants", default="base,wide,packed,one_stream")
     args = ap.parse_args(argv)
     moge_kernels.set_backend("triton")
     names = args.variants.split(";") if ";" in args.variants else args.variants.split(",")

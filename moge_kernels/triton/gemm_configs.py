@@ -169,6 +169,16 @@ def smem_limit(device_index: int) -> int:
     return int(getattr(props, "shared_memory_per_block_optin", SMEM_LIMIT))
 
 
+def device_index(device: torch.device) -> int:
+    """The CUDA device's index (the current device for a bare "cuda")."""
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def device_smem(device: torch.device) -> int:
+    """Shared memory a block may use on `device`; Hopper's limit off CUDA (the interpreter)."""
+    return smem_limit(device_index(device)) if device.type == "cuda" else SMEM_LIMIT
+
+
 def stage_bytes(cfg: GemmConfig, swiglu: bool, elem_size: int) -> int:
     b_rows = cfg.block_n * (2 if swiglu else 1)
     return (cfg.block_m + b_rows) * cfg.block_k * elem_size
@@ -221,20 +231,18 @@ def table_config(num_rows: int, num_experts: int, swiglu: bool, dtype: torch.dty
     if device.type != "cuda":
         return INTERPRETER_CONFIG
     forced = forced_config()
-    index = device.index if device.index is not None else torch.cuda.current_device()
     if forced is not None:
-        return fit(forced, swiglu, dtype, smem_limit(index))
-    table = TABLES[device_family(index)]
+        return fit(forced, swiglu, dtype, device_smem(device))
+    table = TABLES[device_family(device_index(device))]
     cfg = table[(regime(num_rows, num_experts), swiglu)]
-    return fit(cfg, swiglu, dtype, smem_limit(index))
+    return fit(cfg, swiglu, dtype, device_smem(device))
 
 
 def candidates(num_rows: int, num_experts: int, swiglu: bool, dtype: torch.dtype,
                device: torch.device) -> list[GemmConfig]:
-    index = device.index if device.index is not None else torch.cuda.current_device()
     seen, out = set(), []
     for cfg in CANDIDATES[(regime(num_rows, num_experts), swiglu)]:
-        cfg = fit(cfg, swiglu, dtype, smem_limit(index))
+        cfg = fit(cfg, swiglu, dtype, device_smem(device))
         if cfg not in seen:
             seen.add(cfg)
             out.append(cfg)

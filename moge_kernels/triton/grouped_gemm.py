@@ -34,9 +34,9 @@ accumulators, or with the "wide" config (TMA) one [2, BN, BK] box of the weights
 dot 2*BN wide into one accumulator, split in the epilogue: one m64n256 wgmma per k-slice instead of two
 m64n128, so x's tile is read from shared memory once. From 32 rows per expert on (CUDA, 16-bit), the
 experts are split in two halves on two streams, so one half's down GEMM fills the gap after the other
-half's gate_up (_two_streams; MOGE_TRITON_MLP_STREAMS=0/1 forces it off/on, MOGE_TRITON_MLP_CHUNKS=n
-alternates n expert chunks over the two streams instead of two halves: measured slower, kept for the
-benchmark's A/B). Deterministic: no atomics, one program per output tile, fixed summation order.
+half's gate_up (_two_streams; MOGE_TRITON_MLP_STREAMS=0/1 forces it off/on; more, smaller expert chunks
+alternating over the two streams measured slower, bench/results/experts_h100_wide.txt). Deterministic: no
+atomics, one program per output tile, fixed summation order.
 """
 from __future__ import annotations
 
@@ -434,11 +434,7 @@ def _fit_to_pack(config, pack, swiglu, x):
         return config
     stages = config.num_stages * max(1, config.block_k // bk)
     cfg = dataclasses.replace(config, block_k=bk, num_stages=min(stages, 8))
-    smem = gemm_configs.SMEM_LIMIT
-    if x.is_cuda:
-        smem = gemm_configs.smem_limit(x.device.index if x.device.index is not None
-                                       else torch.cuda.current_device())
-    return gemm_configs.trim_stages(cfg, swiglu, x.element_size(), smem)
+    return gemm_configs.trim_stages(cfg, swiglu, x.element_size(), gemm_configs.device_smem(x.device))
 
 
 # ----------------------------------------------------------------------------- config choice
@@ -490,7 +486,7 @@ _side_streams: dict[int, torch.cuda.Stream] = {}
 
 
 def _side_stream(device: torch.device) -> torch.cuda.Stream:
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    index = gemm_configs.device_index(device)
     if index not in _side_streams:
         _side_streams[index] = torch.cuda.Stream(device=index)
     return _side_streams[index]
@@ -532,12 +528,10 @@ def grouped_mlp(x, w_gate_up, w_down, expert_offsets, row_scale=None):
     # uses only between the two.
     cfg_gate_up = choose_config(x, w_gate_up, offsets, h, True)
     cfg_down = choose_config(h, w_down, offsets, y, False)
-    chunks = max(2, min(E, int(os.environ.get("MOGE_TRITON_MLP_CHUNKS", "2"))))
-    bounds = [E * c // chunks for c in range(chunks + 1)]
+    half = E // 2
     main, side = torch.cuda.current_stream(x.device), _side_stream(x.device)
     side.wait_stream(main)
-    for c in range(chunks):
-        lo, hi, stream = bounds[c], bounds[c + 1], (main, side)[c % 2]
+    for lo, hi, stream in ((0, half, main), (half, E, side)):
         with torch.cuda.stream(stream):
             launch_grouped_gemm(x, w_gate_up[lo:hi], offsets[lo:hi + 1], h, swiglu=True, config=cfg_gate_up)
             launch_grouped_gemm(h, w_down[lo:hi], offsets[lo:hi + 1], y, swiglu=False, row_scale=row_scale,
