@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import autograd  # noqa: F401  registers the backward of every moge op
-from . import packing
+from . import expert_subsets, packing
 
 _EXPERT_KEY = re.compile(r"experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 
@@ -99,6 +99,7 @@ class MoGELayer(nn.Module):
                               if shared_intermediate_size > 0 else None)
         self.aux_loss: Optional[Tensor] = None
         self.register_load_state_dict_pre_hook(_stack_per_expert_keys)
+        self.register_load_state_dict_pre_hook(_take_kept_expert_ids)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -128,6 +129,28 @@ class MoGELayer(nn.Module):
             if w.dim() == 4:
                 setattr(self, name, nn.Parameter(packing.unpack(w.data).contiguous(),
                                                  requires_grad=w.requires_grad))
+        return self
+
+    @torch.no_grad()
+    def prune_experts_(self, keep) -> "MoGELayer":
+        """Keep only the experts in `keep` (a bool mask [E] or global ids; the same number in every group,
+        at least topk_per_group), in place: the router rows, router_scale and expert weights (packed or
+        not) are gathered into smaller tensors and the rest is freed. The layer then routes over the kept
+        experts only (softmax over them, as with the dropped experts' logits at -inf). The buffer
+        `kept_expert_ids` [E'] int64 records each kept expert's id in the original layer (across repeated
+        prunings); it is saved with the state dict, so the pruned layer's checkpoint loads back into
+        `from_pretrained_state_dict` or a MoGELayer built with num_experts=E'."""
+        kept = expert_subsets.compact_experts(keep, self.num_groups, self.gate.weight, self.w_gate_up,
+                                              self.w_down, self.router_scale, self.topk_per_group)
+        for module, name, value in ((self.gate, "weight", kept.router_weight),
+                                    (self, "router_scale", kept.router_scale),
+                                    (self, "w_gate_up", kept.w_gate_up), (self, "w_down", kept.w_down)):
+            old = getattr(module, name)
+            setattr(module, name, nn.Parameter(value, requires_grad=old.requires_grad))
+        original = getattr(self, "kept_expert_ids", None)
+        ids = kept.kept_ids if original is None else original[kept.kept_ids.to(original.device)]
+        self.register_buffer("kept_expert_ids", ids.to(self.router_scale.device))
+        self.num_experts = self.gate.out_features = kept.kept_ids.numel()
         return self
 
     def extra_repr(self) -> str:
@@ -227,6 +250,15 @@ class MoGELayer(nn.Module):
             else:
                 out[prefix + name] = t
         return out
+
+
+def _take_kept_expert_ids(module, state_dict, prefix, local_metadata, strict, missing_keys,
+                          unexpected_keys, error_msgs):
+    """load_state_dict pre-hook: a pruned layer's checkpoint carries kept_expert_ids; give the layer the
+    buffer so that it loads (a layer built with num_experts=E' has none yet)."""
+    ids = state_dict.get(prefix + "kept_expert_ids")
+    if ids is not None and getattr(module, "kept_expert_ids", None) is None:
+        module.register_buffer("kept_expert_ids", torch.empty_like(ids, device=module.router_scale.device))
 
 
 def _stack_per_expert_keys(module, state_dict, prefix, local_metadata, strict, missing_keys,

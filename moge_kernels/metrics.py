@@ -92,6 +92,71 @@ def compare_routing(router_logits: Tensor, num_groups: int, topk_per_group: int,
     }
 
 
+@dataclass
+class ExpertImportance:
+    """Per-expert routing statistics over calibration batches (PreMoe's expected selection score).
+
+    Accumulate with `expert_importance(logits, ..., state=previous)`; merge accumulators (other ranks,
+    other data) with `+`."""
+    weight_sum: Tensor    # [E] fp64 sum over tokens of the expert's routing weight where chosen, 0 elsewhere
+    chosen: Tensor        # [E] int64 tokens that chose the expert
+    num_tokens: int
+    num_groups: int
+
+    @property
+    def score(self) -> Tensor:
+        """[E] fp64 expected selection score: mean over tokens of the routing weight where chosen, else 0."""
+        return self.weight_sum / max(self.num_tokens, 1)
+
+    @property
+    def frequency(self) -> Tensor:
+        """[E] fp64 fraction of tokens that chose the expert."""
+        return self.chosen.double() / max(self.num_tokens, 1)
+
+    def top_experts(self, experts_per_group: int) -> Tensor:
+        """[G * experts_per_group] int64 ascending global ids of each group's highest-scoring experts
+        (ties to the lower id): a keep set for `compact_experts` / `MoGELayer.prune_experts_`."""
+        E = self.weight_sum.shape[0]
+        S = E // self.num_groups
+        if not 1 <= experts_per_group <= S:
+            raise ValueError(f"experts_per_group={experts_per_group} must be in [1, E/num_groups={S}]")
+        order = torch.sort(self.score.view(self.num_groups, S), dim=-1, descending=True, stable=True).indices
+        base = torch.arange(self.num_groups, device=order.device)[:, None] * S
+        return torch.sort((order[:, :experts_per_group] + base).reshape(-1)).values
+
+    def __add__(self, other: "ExpertImportance") -> "ExpertImportance":
+        if self.weight_sum.shape != other.weight_sum.shape or self.num_groups != other.num_groups:
+            raise ValueError("cannot add ExpertImportance of different expert layouts: "
+                             f"{tuple(self.weight_sum.shape)}/G={self.num_groups} and "
+                             f"{tuple(other.weight_sum.shape)}/G={other.num_groups}")
+        return ExpertImportance(self.weight_sum + other.weight_sum.to(self.weight_sum.device),
+                                self.chosen + other.chosen.to(self.chosen.device),
+                                self.num_tokens + other.num_tokens, self.num_groups)
+
+
+def expert_importance(router_logits: Tensor, num_groups: int, topk_per_group: int = 1,
+                      expert_scale: Optional[Tensor] = None, renormalize: bool = False,
+                      score_func: str = "softmax", *,
+                      state: Optional[ExpertImportance] = None) -> ExpertImportance:
+    """Add one calibration batch's routing (router_logits [T, E], routed as the layer routes: grouped
+    top-k, renormalize, expert_scale) to `state` (None: start from zero) and return the sum.
+
+    The returned accumulator's `score` [E] is PreMoe's expected selection score, `frequency` [E] how often
+    each expert is chosen, `top_experts(n)` the per-group keep set. Torch ops on the logits' device, no
+    host sync; deterministic (no float atomics)."""
+    T, E = router_logits.shape
+    topk_weights, topk_ids = reference.route(router_logits, num_groups, topk_per_group, expert_scale,
+                                             renormalize, score_func)
+    ids = topk_ids.long()
+    # a token's K slots name K distinct experts: scatter (not add) into a dense [T, E], then reduce
+    dense = torch.zeros(T, E, dtype=torch.float64, device=router_logits.device)
+    dense.scatter_(1, ids, topk_weights.double())
+    picked = torch.zeros(T, E, dtype=torch.int64, device=router_logits.device)
+    picked.scatter_(1, ids, 1)
+    batch = ExpertImportance(dense.sum(0), picked.sum(0), T, num_groups)
+    return batch if state is None else state + batch
+
+
 def skewed_logits(num_tokens: int, num_experts: int, skew: float = 1.0, seed: int = 0,
                   token_scale: float = 1.0, device="cpu") -> Tensor:
     """Router logits with a per-expert popularity bias, as trained routers show.
@@ -106,4 +171,4 @@ def skewed_logits(num_tokens: int, num_experts: int, skew: float = 1.0, seed: in
 
 
 __all__ = ["expert_load", "device_load", "imbalance_score", "LoadStats", "load_stats", "moge_route_ids",
-           "topk_route_ids", "compare_routing", "skewed_logits"]
+           "topk_route_ids", "compare_routing", "skewed_logits", "ExpertImportance", "expert_importance"]
