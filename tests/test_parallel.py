@@ -184,6 +184,27 @@ def case_forward_ragged_list(rank, D):
     _check_moge_forward(rank, D, tokens, E=16, G=4, k_g=2, ragged="list")
 
 
+def case_forward_pruned_layer(rank, D):
+    """Experts pruned to 2 of 4 per group (moge_kernels.compact_experts): EP over the E'=8 kept experts
+    keeps the static equal splits and equals the full layer with the dropped experts' logits at -inf."""
+    tokens, E, G, H, I = [5] * D, 16, 4, 24, 20
+    hidden, _, w_gate_up, w_down = _global_inputs(tokens, E, H, I, seed=21)
+    router_weight = torch.randn(E, H, generator=testing.generator(22)) / H ** 0.5
+    keep = [0, 2, 5, 6, 8, 11, 13, 14]
+    pruned = moge_kernels.compact_experts(keep, G, router_weight, w_gate_up, w_down)
+    dropped = torch.ones(E, dtype=torch.bool)
+    dropped[keep] = False
+    expected = moge_kernels.moge_forward(hidden, (hidden @ router_weight.t()).masked_fill(dropped, float("-inf")),
+                                         w_gate_up, w_down, G)
+    mine = _token_slice(tokens, rank)
+    wg, wd = parallel.shard_experts(pruned.w_gate_up, pruned.w_down, rank, D)
+    out, info = parallel.ep_moge_forward(hidden[mine], hidden[mine] @ pruned.router_weight.t(), wg, wd, G,
+                                         return_info=True, validate=False)
+    torch.testing.assert_close(out, expected[mine], **FP32_TOL)
+    assert info["send_splits"] == (5 * G // D,) * D and info["recv_splits"] == (5 * G // D,) * D
+    assert info["recv_expert_counts"].shape == (D, 8 // D) and not info["host_sync"]
+
+
 def case_default_validation(rank, D):
     """Default on CPU: token counts are checked (one all-gather), and the path reports the sync."""
     hidden, logits, wg_full, wd_full = _global_inputs([3] * D, 8, 8, 8)
