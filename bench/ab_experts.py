@@ -1,7 +1,7 @@
 """A/B of the Triton expert MLP: variants of the config table and of the stream split, timed interleaved.
 
-Each variant is the committed table with some entries replaced and some environment switches set, at
-capture time (the choice is frozen into the CUDA graph that is then replayed). All variants, the dense
+Each variant is the committed table with some entries replaced and some options (moge_kernels.options) set,
+at capture time (the choice is frozen into the CUDA graph that is then replayed). All variants, the dense
 cuBLAS GEMMs of the same shapes and the 8192^3 ceiling are sampled in the same rounds; medians reported.
 
     python bench/ab_experts.py --T 1024,4096,16384 --variants base,wide,packed,one_stream
@@ -38,10 +38,10 @@ def _wide_persistent(table):
                                            tail_m=0) for r in ("prefill", "large")}
 
 
-# name -> (environment, function of the table giving the replaced entries)
+# name -> (options, function of the table giving the replaced entries)
 VARIANTS = {
     "base": ({}, lambda t: {}),
-    "one_stream": ({"MOGE_TRITON_MLP_STREAMS": "0"}, lambda t: {}),
+    "one_stream": ({"triton_mlp_streams": False}, lambda t: {}),
     "wide": ({}, _wide),
     "wide_pers": ({}, lambda t: {**_wide(t), **_wide_persistent(t)}),
     "wide_s3": ({}, lambda t: {k: dataclasses.replace(v, num_stages=3) for k, v in _wide(t).items()}),
@@ -52,10 +52,10 @@ PACKED = {"packed"}
 
 
 def _spec_variant(name):
-    """"cfg:GATE_UP/DOWN[/ENV=V...]": configs in MOGE_TRITON_GEMM_CONFIG's syntax, '-' keeps the table,
-    for every regime."""
+    """"cfg:GATE_UP/DOWN[/OPTION=V...]": configs in MOGE_TRITON_GEMM_CONFIG's syntax, '-' keeps the table,
+    for every regime; then options by name (e.g. triton_mlp_streams=0)."""
     parts = name.split(":", 1)[1].split("/")
-    gate_up, down, env = parts[0], parts[1], dict(kv.split("=") for kv in parts[2:])
+    gate_up, down, opts = parts[0], parts[1], dict(kv.split("=") for kv in parts[2:])
 
     def entries(table):
         out = {}
@@ -65,16 +65,15 @@ def _spec_variant(name):
             if down != "-":
                 out[(regime_name, False)] = gemm_configs._parse_forced(down)
         return out
-    return env, entries
+    return opts, entries
 
 
 def capture_variant(p, name):
-    env, entries = _spec_variant(name) if name.startswith("cfg:") else VARIANTS[name]
+    opts, entries = _spec_variant(name) if name.startswith("cfg:") else VARIANTS[name]
     family = gemm_configs.device_family(torch.cuda.current_device())
     table = gemm_configs.TABLES[family]
-    saved_table, saved_env = dict(table), {k: os.environ.get(k) for k in env}
+    saved_table = dict(table)
     table.update(entries(saved_table))
-    os.environ.update(env)
     if name in PACKED:
         if "w_gate_up_packed" not in p:
             p["w_gate_up_packed"] = packing.pack_expert_weights(p["w_gate_up"])
@@ -83,15 +82,11 @@ def capture_variant(p, name):
     else:
         q = p
     try:
-        return capture_graph(lambda: be.triton_mlp(q)), be.triton_mlp(q)
+        with moge_kernels.use_options(**opts):
+            return capture_graph(lambda: be.triton_mlp(q)), be.triton_mlp(q)
     finally:
         table.clear()
         table.update(saved_table)
-        for k, v in saved_env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def main(argv=None):

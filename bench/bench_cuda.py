@@ -155,20 +155,15 @@ def run(Ts, backends, deadline_s, budget_ms, gemm_variants=(), variants_from_T=1
                 except Exception as err:  # a broken backend must not cost the others' numbers
                     log(f"  {op} T={T} {backend}: {type(err).__name__}: {str(err)[:200]}")
             if op == "grouped_mlp" and T >= variants_from_T and backend_fn("cuda", op) is not None:
-                for variant in gemm_variants:          # the big tile's variants (MOGE_CUDA_GEMM_TILE)
+                for variant in gemm_variants:          # the big tile's variants (option cuda_gemm_tile)
                     if out_of_time(slack=20):
                         break
-                    previous = os.environ.get("MOGE_CUDA_GEMM_TILE")
-                    os.environ["MOGE_CUDA_GEMM_TILE"] = variant
                     try:
-                        row[f"cuda[{variant}]"] = time_graph(lambda a=args[op]: backend_fn("cuda", op)(*a), budget_ms)
+                        with mk.use_options(cuda_gemm_tile=variant):
+                            row[f"cuda[{variant}]"] = time_graph(lambda a=args[op]: backend_fn("cuda", op)(*a),
+                                                                 budget_ms)
                     except Exception as err:
                         log(f"  grouped_mlp T={T} cuda[{variant}]: {type(err).__name__}: {str(err)[:200]}")
-                    finally:
-                        if previous is None:
-                            os.environ.pop("MOGE_CUDA_GEMM_TILE")
-                        else:
-                            os.environ["MOGE_CUDA_GEMM_TILE"] = previous
             if op == "grouped_mlp" and "gmm" in backends and hasattr(torch, "_grouped_mm") and not out_of_time():
                 try:
                     row["gmm"] = time_graph(lambda: grouped_mm_mlp(permuted, w_gate_up, w_down, offsets), budget_ms)
@@ -200,7 +195,7 @@ def format_variants(rows, variants):
     timed = [r for r in rows if r["op"] == "grouped_mlp" and any(f"cuda[{v}]" in r for v in variants)]
     if not timed:
         return ""
-    lines = ["# grouped_mlp, cuda backend, big-tile variants (MOGE_CUDA_GEMM_TILE, see csrc/cuda/grouped_gemm.cuh); "
+    lines = ["# grouped_mlp, cuda backend, big-tile variants (cuda_gemm_tile, MOGE_CUDA_GEMM_TILE; moge_kernels/options.py); "
              "ms and ratio to the _grouped_mm pipeline",
              f"{'T':>6} " + " ".join(f"{v + ' ms':>10} {'/gmm':>6}" for v in variants)]
     for r in timed:
@@ -222,7 +217,7 @@ def format_table(rows, ceilings, device):
              f"# ceilings measured in this run: copy {bandwidth / 1e12:.2f} TB/s (read + write), dense bf16 "
              f"GEMM {rate / 1e12:.0f} TFLOP/s",
              "# cuda / triton / gmm (torch._grouped_mm pipeline): CUDA-graph replays; reference: eager, as called",
-             f"# cuda column: MOGE_CUDA_GEMM_TILE={os.environ.get('MOGE_CUDA_GEMM_TILE', '(unset: built-in default)')}",
+             f"# cuda column: cuda_gemm_tile={mk.options.current.cuda_gemm_tile} (MOGE_CUDA_GEMM_TILE)",
              header, "-" * len(header)]
     lines += [format_row(r) for r in rows]
     return "\n".join(lines)

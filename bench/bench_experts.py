@@ -129,11 +129,8 @@ def bench_experts(Ts=DEFAULT_TS, rounds=9, dtype=torch.bfloat16, device="cuda", 
                          weights=weights)
         methods = {"triton": capture_graph(lambda: triton_mlp(p))}
         if two_streams:                                 # triton_mlp forced onto one stream, for comparison
-            os.environ["MOGE_TRITON_MLP_STREAMS"] = "0"
-            try:
+            with moge_kernels.use_options(triton_mlp_streams=False):
                 methods["one_stream"] = capture_graph(lambda: triton_mlp(p))
-            finally:
-                os.environ.pop("MOGE_TRITON_MLP_STREAMS")
         if packed:                                      # the same op on k-block-major packed weights
             q = dict(p, w_gate_up=moge_kernels.pack_expert_weights(p["w_gate_up"]),
                      w_down=moge_kernels.pack_expert_weights(p["w_down"]))

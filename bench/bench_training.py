@@ -10,7 +10,7 @@ One sample = forward, then torch.autograd.grad of (x, w_gate_up, w_down) for a f
 Methods (experts: x [M, H] expert-sorted -> y [M, H]):
     moge save        grouped_gemm -> swiglu -> grouped_gemm (MoGELayer's default): saves gate_up
     moge recompute   grouped_mlp (fused forward): the backward recomputes gate_up
-    moge save/triton moge save with MOGE_BWD_GEMM=triton (Triton dgrad/wgrad, not torch._grouped_mm)
+    moge save/triton moge save with bwd_gemm="triton" (Triton dgrad/wgrad, not torch._grouped_mm)
     grouped_mm       torch._grouped_mm -> silu*up -> torch._grouped_mm, eager autograd
     eager reference  moge_kernels.reference.grouped_mlp under eager autograd (a loop over experts)
 and the layer (router + dispatch + experts + combine, no shared expert):
@@ -93,25 +93,6 @@ def fwd_bwd(pipeline, p):
     return torch.autograd.grad(y, (p["x"], p["w_gate_up"], p["w_down"]), p["grad_y"])
 
 
-class env:
-    """Set environment variables for the duration of a call (MOGE_BWD_GEMM is read per call)."""
-
-    def __init__(self, **kv):
-        self.kv, self.old = kv, {}
-
-    def __enter__(self):
-        for k, v in self.kv.items():
-            self.old[k] = os.environ.get(k)
-            os.environ[k] = v
-
-    def __exit__(self, *exc):
-        for k, v in self.old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 # ----------------------------------------------------------------------------- timing
 def capture(fn):
     """(callable, mode): a CUDA-graph replay of fn when it captures, else fn itself."""
@@ -163,7 +144,7 @@ def bench_T(T, shape, rounds, dtype, layer_too=True, eager=True, log=print):
         "moge save/triton": lambda: fwd_bwd(moge_save, p),
         "grouped_mm": lambda: fwd_bwd(grouped_mm, p),
     }
-    envs = {"moge save/triton": dict(MOGE_BWD_GEMM="triton")}
+    opts = {"moge save/triton": dict(bwd_gemm="triton")}
     if eager:
         methods["eager reference"] = lambda: fwd_bwd(eager_reference, p)
 
@@ -171,7 +152,7 @@ def bench_T(T, shape, rounds, dtype, layer_too=True, eager=True, log=print):
     expect = fwd_bwd(grouped_mm, p)
     notes = {}
     for name in methods:
-        with env(**envs.get(name, {})):
+        with moge_kernels.use_options(**opts.get(name, {})):
             got = methods[name]()
         notes[name] = "dX %.1e dWgu %.1e dWd %.1e" % tuple(rel(g, e) for g, e in zip(got, expect))
         del got
@@ -202,7 +183,7 @@ def bench_T(T, shape, rounds, dtype, layer_too=True, eager=True, log=print):
         run()
     runs, modes, mem = {}, {}, {}
     for name, fn in methods.items():
-        with env(**envs.get(name, {})):
+        with moge_kernels.use_options(**opts.get(name, {})):
             mem[name] = peak_mib(fn)
             if name in ("eager reference", "layer reference", "layer moge"):
                 # the reference syncs with the host; the layer runs as a training step would, eagerly
@@ -218,7 +199,7 @@ def bench_T(T, shape, rounds, dtype, layer_too=True, eager=True, log=print):
     for r in range(rounds):
         order = names[r % len(names):] + names[:r % len(names)]
         for name in order:
-            with env(**envs.get(name, {})):
+            with moge_kernels.use_options(**opts.get(name, {})):
                 samples[name].append(elapsed_ms(runs[name]))
         for cname, run, _ in ceilings:
             ceil_ms[cname].append(min(elapsed_ms(run) for _ in range(3)))

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import importlib
 
-from . import expert_subsets, reference, registry
+from . import expert_subsets, options, reference, registry
 from .expert_subsets import compact_experts, voted_expert_mask
 from .ops import grouped_combine, grouped_dispatch, grouped_gemm, grouped_mlp, moge_forward
 from .packing import pack_expert_weights
+from .options import get_options, set_options, use_options
 from .registry import backends, get_backend, resolve, set_backend, use_backend
 
 
@@ -33,6 +34,7 @@ from .layer import MoGELayer  # noqa: E402
 __all__ = [
     "grouped_dispatch", "grouped_gemm", "grouped_mlp", "grouped_combine", "moge_forward",
     "backends", "set_backend", "get_backend", "use_backend", "resolve", "reference", "registry",
+    "options", "set_options", "use_options", "get_options",
     "MoGELayer", "autograd", "layer", "metrics", "parallel",
     "expert_subsets", "voted_expert_mask", "compact_experts",
 ]

@@ -6,6 +6,7 @@ import importlib.util
 import torch
 
 from . import _C  # noqa: F401  defines the moge_C schemas the CUDA kernels register against
+from . import options
 from .registry import OPS, register_kernel
 
 if importlib.util.find_spec(f"{__package__}._cuda_C") is None:
@@ -17,6 +18,28 @@ for _op in OPS:
     if hasattr(torch.ops.moge_C, _op) and \
             torch._C._dispatch_has_kernel_for_dispatch_key(f"moge_C::{_op}", "CUDA"):
         register_kernel("cuda", _op, getattr(torch.ops.moge_C, _op), devices=("cuda",))
+
+
+def gemm_tile_args(tile: str) -> tuple[int, int, int]:
+    """cuda_gemm_tile (options.CUDA_GEMM_TILES) as moge_cuda_set_gemm_tile's (variant, width, schedule):
+    variant 0 wgmma where it runs else "big", 1 "big", 2 "big4", 3 "big4d", 4 "sq" (csrc/cuda/kernels.h's
+    BigVariant); width 0 (by I), 96 or 128; schedule 0 one CTA per block, 1 persistent, 2 clusters."""
+    if tile in ("big", "big4", "big4d", "sq"):
+        return ("big", "big4", "big4d", "sq").index(tile) + 1, 0, 0
+    rest = tile.removeprefix("wgmma") if tile != "auto" else ""
+    schedule = 1 if rest.endswith("_p") else 2 if rest.endswith("_cl") else 0
+    width = rest.removesuffix("_p").removesuffix("_cl")
+    return 0, int(width) if width else 0, schedule
+
+
+def _set_gemm_tile(tile: str) -> None:
+    import ctypes
+    if ctypes.CDLL(_cuda_C.__file__).moge_cuda_set_gemm_tile(*gemm_tile_args(tile)) != 0:
+        raise RuntimeError(f"moge_kernels._cuda_C rejected cuda_gemm_tile={tile!r}")
+
+
+_set_gemm_tile(options.current.cuda_gemm_tile)
+options.on_change("cuda_gemm_tile", _set_gemm_tile)
 
 
 def wgmma_built() -> bool:

@@ -54,12 +54,11 @@ kernels (default "auto").
 """
 from __future__ import annotations
 
-import os
 import warnings
 
 import torch
 
-from . import checks, ops, packing, registry
+from . import checks, ops, options, packing, registry
 from .reference import expert_slices
 
 _lib = ops._lib   # the backward primitives live in the `moge` namespace beside the forward ops
@@ -254,7 +253,7 @@ def _(grad_out, expert_out, topk_weights, row_index, need_weights_grad):
 
 # ----------------------------------------------------------------------------- GPU kernels
 def _bwd_gemm_mode() -> str:
-    return os.environ.get("MOGE_BWD_GEMM", "auto").strip().lower() or "auto"
+    return options.current.bwd_gemm
 
 
 _grouped_mm_failed = False

@@ -7,9 +7,9 @@ memory from the host would synchronise the hot path.
 """
 from __future__ import annotations
 
-import os
-
 import torch
+
+from . import options
 
 INT32_MAX = 2**31 - 1
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -42,7 +42,7 @@ def check_rows_fit_int32(name, rows):
 
 
 def validate_values() -> bool:
-    return os.environ.get("MOGE_VALIDATE", "0") == "1"
+    return options.current.validate
 
 
 def _should_check_values(t) -> bool:

@@ -18,7 +18,6 @@ which one a call will take; `backends()` reports what is available and, if not, 
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import Callable
 
 BACKENDS = ("triton", "cuda", "cpu", "ascend", "reference")
@@ -139,7 +138,8 @@ def backends() -> dict[str, dict]:
 
 
 def select_from_env() -> None:
-    name = os.environ.get("MOGE_BACKEND", "auto").strip().lower() or "auto"
+    from .options import initial_backend
+    name = initial_backend()
     try:
         set_backend(name)
     except RuntimeError as err:   # an env var naming a missing backend must not break `import`

@@ -23,11 +23,11 @@ requires_triton = pytest.mark.skipif(not _has_backend("triton"),
 
 
 @pytest.fixture(autouse=True)
-def _restore_backend():
-    """A test that switches backends never leaks its choice into the next one."""
-    before = moge_kernels.get_backend()
+def _restore_options():
+    """A test that switches backends or sets options (mk.set_options) never leaks them into the next one."""
+    before = moge_kernels.get_options()
     yield
-    moge_kernels.set_backend(before)
+    moge_kernels.set_options(**before)
 
 
 def pytest_report_header(config):

@@ -407,8 +407,8 @@ def _oracle_f64(tensors, fn):
 @requires_cuda
 @pytest.mark.parametrize("gemm_mode", ["auto", "triton"])
 @pytest.mark.parametrize("recompute", [True, False])
-def test_cuda_bf16_backward_vs_reference(recompute, gemm_mode, monkeypatch, allow_fp64):
-    monkeypatch.setenv("MOGE_BWD_GEMM", gemm_mode)
+def test_cuda_bf16_backward_vs_reference(recompute, gemm_mode, allow_fp64):
+    mk.set_options(bwd_gemm=gemm_mode)
     T, E, G, k_g, H, I = 256, 64, 8, 1, 512, 192
     tensors, kw = _routing_case(T, E, G, k_g, H, I, dict(scale=True), device="cuda")
     bf = [_leaf(t, torch.bfloat16) if i != 1 else _leaf(t) for i, t in enumerate(tensors)]

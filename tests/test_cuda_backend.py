@@ -195,12 +195,12 @@ def test_grouped_mlp_matches_reference(dtype, M, E, H, I, with_scale):
 
 @pytest.mark.parametrize("variant", ["wgmma", "wgmma96", "wgmma128", "wgmma_cl", "wgmma_p", "big", "big4", "big4d", "sq"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_big_tile_variants(variant, dtype, monkeypatch):
-    """Every variant of the big tensor-core tile (MOGE_CUDA_GEMM_TILE) on shapes with row, column and K
+def test_big_tile_variants(variant, dtype):
+    """Every variant of the big tensor-core tile (option cuda_gemm_tile) on shapes with row, column and K
     tails (tail tiles whose last warps skip their MMAs), an expert whose rows fill whole tiles, and the
     Pangu widths."""
     torch.backends.cuda.matmul.allow_tf32 = False
-    monkeypatch.setenv("MOGE_CUDA_GEMM_TILE", variant)
+    mk.set_options(cuda_gemm_tile=variant)
     for M, E, Kd, N in [(700, 3, 136, 300), (1024, 2, 512, 256), (513, 2, 72, 257), (1500, 1, 520, 264)]:
         x, w, offsets = _gemm_case(M, E, Kd, N, dtype, seed=M + N)
         _poison_allocator()
@@ -233,9 +233,9 @@ def test_hopper_runs_the_wgmma_kernel():
 
 
 @pytest.mark.parametrize("variant", ["wgmma", "big"])
-def test_int64_addressing(variant, monkeypatch):
+def test_int64_addressing(variant):
     """M * Kd > 2^31 (rows past 419430 at Kd = 5120): the output and row offsets need int64."""
-    monkeypatch.setenv("MOGE_CUDA_GEMM_TILE", variant)
+    mk.set_options(cuda_gemm_tile=variant)
     M, K, N, E = 524288, 5120, 256, 4
     x = torch.randn(M, K, device=DEV, dtype=torch.bfloat16)
     w = (torch.randn(E, N, K, device=DEV) / K ** 0.5).to(torch.bfloat16)

@@ -388,16 +388,16 @@ def test_cuda_graph_and_determinism_gpu(pangu_weights):
 
 @needs_gpu
 @pytest.mark.parametrize("T", [128, 1024])
-def test_two_stream_mlp_gpu(T, pangu_weights, monkeypatch):
-    """MOGE_TRITON_MLP_STREAMS=1 (expert halves on two streams) against =0 (one stream): equal bit for
+def test_two_stream_mlp_gpu(T, pangu_weights):
+    """triton_mlp_streams=True (expert halves on two streams) against False (one stream): equal bit for
     bit, also as a replayed CUDA graph with new routing."""
     dtype = torch.bfloat16
     wgu, wd = (w.to(dtype) for w in pangu_weights)
     x, offs = _pangu_problem(T, dtype, seed=T + 7)
     row_scale = torch.rand(x.shape[0], device="cuda")
-    monkeypatch.setenv("MOGE_TRITON_MLP_STREAMS", "0")
+    moge_kernels.set_options(triton_mlp_streams=False)
     one_stream = torch.ops.moge.grouped_mlp(x, wgu, wd, offs, row_scale)
-    monkeypatch.setenv("MOGE_TRITON_MLP_STREAMS", "1")
+    moge_kernels.set_options(triton_mlp_streams=True)
     assert torch.equal(torch.ops.moge.grouped_mlp(x, wgu, wd, offs, row_scale), one_stream)
     static_x, static_offs = x.clone(), offs.clone()
     warm = torch.cuda.Stream()
@@ -413,7 +413,7 @@ def test_two_stream_mlp_gpu(T, pangu_weights, monkeypatch):
     static_offs.copy_(offs2)
     graph.replay()
     torch.cuda.synchronize()
-    monkeypatch.setenv("MOGE_TRITON_MLP_STREAMS", "0")
+    moge_kernels.set_options(triton_mlp_streams=False)
     assert torch.equal(static_out, torch.ops.moge.grouped_mlp(x2, wgu, wd, offs2, row_scale))
 
 

@@ -143,7 +143,7 @@ using BigTile = TcConfig<128, 256, 2, 4, 3, 1>;
 // Few rows per expert (decode): the weights are streamed once, so a short BM wastes no bandwidth; 4
 // stages of 20 KB keep 48 KB of weights in flight per block and two blocks fit on an SM.
 using SkinnyTile = TcConfig<32, 128, 1, 4, 4, 2>;
-// Opt-in variants of the big tile (MOGE_CUDA_GEMM_TILE, see big_tile_variant), with whole-warp skipping:
+// Opt-in variants of the big tile (option cuda_gemm_tile, see gemm_tile_choice in kernels.h), with whole-warp skipping:
 //   "big4":  128 x 256, 4 stages (192 KB);
 //   "big4d": as "big4" with double-buffered fragments;
 //   "sq":    128 x 128, 4 warps of 64 x 64, 3 stages (96 KB), two blocks per SM: one block's barrier
@@ -481,22 +481,6 @@ cudaError_t launch_simt_any(const GemmArgs& a, cudaStream_t stream) {
   return a.swiglu ? launch_simt<T, true>(p, stream) : launch_simt<T, false>(p, stream);
 }
 
-// The tile of the many-rows case, MOGE_CUDA_GEMM_TILE: unset, "wgmma", "wgmma96" or "wgmma128": the Hopper
-// wgmma kernel (csrc/cuda/grouped_gemm_sm90.cu) where it runs (an sm_90 device and a 9.0a build), else the
-// mma.sync "big" tile; "big", "big4", "big4d", "sq": that mma.sync tile (BigTile and the opt-in variants).
-// Read at every launch (a getenv, no device work), so a benchmark or a test can switch it between calls;
-// a CUDA graph keeps the tile it was captured with.
-enum class BigVariant { kAuto, kBig, kBig4, kBig4D, kSquare };
-
-inline BigVariant big_tile_variant() {
-  const char* env = std::getenv("MOGE_CUDA_GEMM_TILE");
-  if (env == nullptr || std::strncmp(env, "wgmma", 5) == 0) return BigVariant::kAuto;
-  if (std::strcmp(env, "big4") == 0) return BigVariant::kBig4;
-  if (std::strcmp(env, "sq") == 0) return BigVariant::kSquare;
-  if (std::strcmp(env, "big4d") == 0) return BigVariant::kBig4D;
-  return BigVariant::kBig;
-}
-
 // Rows per expert on average decide the tile: below kSkinnyRows the skinny tile (weights streamed once
 // per expert, the mma work is free); above, the big tile (the math dominates).
 constexpr int64_t kSkinnyRows = 64;
@@ -510,7 +494,7 @@ cudaError_t launch_tensor_core(const GemmArgs& a, cudaStream_t stream) {
   if (a.M < kSkinnyRows * a.E) {
     return a.swiglu ? launch_tc<T, SkinnyTile, true>(p, stream) : launch_tc<T, SkinnyTile, false>(p, stream);
   }
-  const BigVariant variant = big_tile_variant();
+  const BigVariant variant = gemm_tile_choice().variant;   // kernels.h
   if (variant == BigVariant::kAuto) {
     const cudaError_t err = launch_grouped_gemm_sm90(a, stream);
     if (err != cudaErrorNotSupported) return err;

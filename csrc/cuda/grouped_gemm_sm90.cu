@@ -30,6 +30,7 @@
 #include <cuda.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 
@@ -507,25 +508,36 @@ cudaError_t launch_schedule(const GemmArgs& a, bool cluster, bool persistent, cu
   return cluster ? launch<T, BN, SWIGLU, true>(a, false, stream) : launch<T, BN, SWIGLU, false>(a, persistent, stream);
 }
 
-// MOGE_CUDA_GEMM_TILE="wgmma[96|128][_p|_cl]": the SwiGLU tile width (96 or 128 output columns; default
-// 96 when it divides I and 128 does not, as for Pangu's I = 1344), and "_p" for the persistent grid or
-// "_cl" for the clusters of two instead of one CTA per block (benchmarks, tests).
+// cuda_gemm_tile "wgmma[96|128][_p|_cl]" (gemm_tile_choice): the SwiGLU tile width (96 or 128 output
+// columns; default 96 when it divides I and 128 does not, as for Pangu's I = 1344), and "_p" for the
+// persistent grid or "_cl" for the clusters of two instead of one CTA per block (benchmarks, tests).
 template <typename T>
 cudaError_t launch_typed(const GemmArgs& a, cudaStream_t stream) {
-  const char* env = std::getenv("MOGE_CUDA_GEMM_TILE");
-  const bool cluster = env != nullptr && std::strstr(env, "_cl") != nullptr;
-  const bool persistent = env != nullptr && std::strstr(env, "_p") != nullptr;
+  const GemmTileChoice tile = gemm_tile_choice();
+  const bool cluster = tile.sm90_schedule == 2;
+  const bool persistent = tile.sm90_schedule == 1;
   if (!a.swiglu) return launch_schedule<T, 256, false>(a, cluster, persistent, stream);
   const int64_t I = a.N_w / 2;
   bool narrow = I % 96 == 0 && I % 128 != 0;
-  if (env != nullptr && std::strstr(env, "96") != nullptr) narrow = true;
-  if (env != nullptr && std::strstr(env, "128") != nullptr) narrow = false;
+  if (tile.sm90_width == 96) narrow = true;
+  if (tile.sm90_width == 128) narrow = false;
   return narrow ? launch_schedule<T, 192, true>(a, cluster, persistent, stream)
                 : launch_schedule<T, 256, true>(a, cluster, persistent, stream);
 }
 #endif  // MOGE_SM90A
 
 }  // namespace sm90
+
+namespace {
+// Set by moge_cuda_set_gemm_tile below; relaxed atomics: a launch only needs some recent value.
+std::atomic<int> g_tile_variant{0}, g_tile_width{0}, g_tile_schedule{0};
+}  // namespace
+
+GemmTileChoice gemm_tile_choice() {
+  return GemmTileChoice{static_cast<BigVariant>(g_tile_variant.load(std::memory_order_relaxed)),
+                        g_tile_width.load(std::memory_order_relaxed),
+                        g_tile_schedule.load(std::memory_order_relaxed)};
+}
 
 cudaError_t launch_grouped_gemm_sm90(const GemmArgs& a, cudaStream_t stream) {
 #ifdef MOGE_SM90A
@@ -545,6 +557,20 @@ cudaError_t launch_grouped_gemm_sm90(const GemmArgs& a, cudaStream_t stream) {
 
 }  // namespace cuda
 }  // namespace moge
+
+// The cuda_gemm_tile option (moge_kernels/_cuda.py, which validated it): BigVariant, width 0/96/128,
+// schedule 0/1/2. Returns 0, or -1 (and changes nothing) for a value outside those.
+extern "C" __attribute__((visibility("default"))) int moge_cuda_set_gemm_tile(int variant, int width,
+                                                                              int schedule) {
+  if (variant < 0 || variant > static_cast<int>(moge::cuda::BigVariant::kSquare) ||
+      (width != 0 && width != 96 && width != 128) || schedule < 0 || schedule > 2) {
+    return -1;
+  }
+  moge::cuda::g_tile_variant.store(variant, std::memory_order_relaxed);
+  moge::cuda::g_tile_width.store(width, std::memory_order_relaxed);
+  moge::cuda::g_tile_schedule.store(schedule, std::memory_order_relaxed);
+  return 0;
+}
 
 // 1 when this build holds the wgmma kernel (TORCH_CUDA_ARCH_LIST with 9.0a); read by moge_kernels._cuda.
 extern "C" __attribute__((visibility("default"))) int moge_cuda_wgmma_built() {

@@ -68,6 +68,19 @@ struct GemmArgs {
 };
 cudaError_t launch_grouped_gemm(const GemmArgs& args, cudaStream_t stream);
 
+// The tile of the many-rows case: option cuda_gemm_tile (MOGE_CUDA_GEMM_TILE) of moge_kernels/options.py,
+// which passes it here through moge_cuda_set_gemm_tile (grouped_gemm_sm90.cu) whenever it changes; read
+// at every launch, so a benchmark or a test can switch it between calls (a CUDA graph keeps the tile it
+// was captured with). kAuto: the Hopper wgmma kernel where it runs (an sm_90 device and a 9.0a build),
+// else the mma.sync BigTile; the others: that mma.sync tile.
+enum class BigVariant : int { kAuto = 0, kBig = 1, kBig4 = 2, kBig4D = 3, kSquare = 4 };
+struct GemmTileChoice {
+  BigVariant variant;
+  int sm90_width;     // SwiGLU wgmma tile width: 96 or 128 columns; 0: 96 when it divides I and 128 does not
+  int sm90_schedule;  // wgmma grid: 0 one CTA per block, 1 persistent, 2 clusters of two
+};
+GemmTileChoice gemm_tile_choice();
+
 // Per-dtype launchers (csrc/cuda/grouped_gemm_{bf16,fp16,fp32}.cu), selected by launch_grouped_gemm.
 cudaError_t launch_grouped_gemm_bf16(const GemmArgs& args, cudaStream_t stream);
 cudaError_t launch_grouped_gemm_fp16(const GemmArgs& args, cudaStream_t stream);

@@ -7,14 +7,14 @@ Each op is served by one of:
     python  moge_kernels/ascend/adapter.py: torch_npu's fused MoE operators (the default)
     cpp     moge_kernels._ascend_C (csrc/ascend/): the same aclnn operators called from C++, built by
             setup.py where a CANN toolkit was found; used for an op whose operators the installed
-            torch_npu lacks, or for every op it implements with MOGE_ASCEND_IMPL=cpp
+            torch_npu lacks, or for every op it implements with option ascend_impl="cpp"
+            (MOGE_ASCEND_IMPL=cpp)
 
 An op neither can serve falls back to the reference on the NPU. Importing this package without
 torch_npu raises ImportError, and moge_kernels marks the backend unavailable with the reason.
 """
 import importlib
 import importlib.util
-import os
 
 if importlib.util.find_spec("torch_npu") is None:   # find_spec does not import: fast on every machine
     raise ImportError("torch_npu is not installed")
@@ -26,7 +26,7 @@ except Exception as err:   # installed but unusable, e.g. the CANN libraries are
 
 import torch  # noqa: E402
 
-from .. import ops, registry  # noqa: E402
+from .. import ops, options, registry  # noqa: E402
 from . import adapter  # noqa: E402
 
 DEVICES = ("npu",)
@@ -48,16 +48,25 @@ adapter.bind(torch_npu)
 # of this package (after a first one raised below) must not register the same kernels again.
 if not torch._C._dispatch_has_kernel_for_dispatch_key("moge::grouped_dispatch", "PrivateUse1"):
     ops.register_device_type("npu")
-PLAN = adapter.plan(torch_npu, _cpp_ops(),
-                    prefer=os.environ.get("MOGE_ASCEND_IMPL", "python").strip().lower() or "python")
-for _op, _impl in PLAN.items():
-    if _impl == "python":
-        registry.register_kernel("ascend", _op, adapter.OPS[_op], devices=DEVICES)
-    elif _impl == "cpp":
-        registry.register_kernel("ascend", _op, getattr(torch.ops.moge_C, _op), devices=DEVICES)
+_CPP_OPS = _cpp_ops()
+
+
+def _register(prefer: str) -> None:
+    """Register each op's implementation for option ascend_impl = `prefer` (again when it changes)."""
+    global PLAN
+    PLAN = adapter.plan(torch_npu, _CPP_OPS, prefer=prefer)
+    for op, impl in PLAN.items():
+        if impl == "python":
+            registry.register_kernel("ascend", op, adapter.OPS[op], devices=DEVICES)
+        elif impl == "cpp":
+            registry.register_kernel("ascend", op, getattr(torch.ops.moge_C, op), devices=DEVICES)
+
+
+_register(options.current.ascend_impl)
 
 if not any(PLAN.values()):
     _missing = sorted({name for op in adapter.REQUIRED_OPERATORS
                        for name in adapter.missing_operators(torch_npu, op)})
     raise ImportError(f"torch_npu {getattr(torch_npu, '__version__', '?')} lacks {', '.join(_missing)} and "
                       "moge_kernels._ascend_C was not built (no CANN toolkit at install time)")
+options.on_change("ascend_impl", _register)

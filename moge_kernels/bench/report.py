@@ -17,6 +17,7 @@ import sys
 
 import torch
 
+from .. import options
 from .problems import floor_ms
 
 COMPUTE_OPS = ("gemm", "mlp", "layer")
@@ -127,7 +128,7 @@ def environment(device: torch.device) -> dict:
         triton_version = None
     env = dict(torch=torch.__version__, triton=triton_version, cuda=torch.version.cuda,
                python=platform.python_version(), platform=platform.platform(),
-               commit=os.environ.get("MOGE_BENCH_COMMIT") or _git("rev-parse", "HEAD"),
+               commit=options.BENCH_COMMIT or _git("rev-parse", "HEAD"),
                threads=torch.get_num_threads(), argv=sys.argv[1:],
                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
     # uncommitted changes to the code being timed make the commit an incomplete description

@@ -2,11 +2,12 @@
 
 On CUDA tensors always; on CPU tensors only under TRITON_INTERPRET=1 (Triton's interpreter, used by CI)."""
 import importlib
-import os
 
 import triton  # noqa: F401  missing Triton marks the backend unavailable (moge_kernels/__init__.py)
 
-DEVICES = ("cuda", "cpu") if os.environ.get("TRITON_INTERPRET") == "1" else ("cuda",)
+from .. import options
+
+DEVICES = ("cuda", "cpu") if options.TRITON_INTERPRET else ("cuda",)
 KERNEL_MODULES = ("dispatch", "combine", "grouped_gemm")
 
 for _name in KERNEL_MODULES:

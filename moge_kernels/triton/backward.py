@@ -21,13 +21,13 @@ each output element is written by one program with a fixed summation order, no a
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from .. import options
+
+_INTERPRET = options.TRITON_INTERPRET
 
 
 def _cdiv(a: int, b: int) -> int:

@@ -12,16 +12,15 @@ deterministic (and independent of the tiling).
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from .. import options
 from ..registry import register_kernel
 from . import DEVICES
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_INTERPRET = options.TRITON_INTERPRET
 
 
 @triton.jit(do_not_specialize=["T"])

@@ -41,12 +41,11 @@ topk_weights, which can differ from PyTorch's softmax by rounding (reduction ord
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from .. import options
 from ..registry import register_kernel
 from . import DEVICES
 
@@ -55,7 +54,7 @@ try:  # accurate expf (the one PyTorch's CUDA softmax uses); Triton's tl.exp is 
 except ImportError:  # pragma: no cover - older Triton
     libdevice = None
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_INTERPRET = options.TRITON_INTERPRET
 
 # Routing tiles are [ROUTE_BLOCK_T, G_PAD, S_PAD] fp32, at most this many elements (32 tokens at E = 64):
 # a routing program's latency grows with its tile (H100: 32 tokens ~3.5 us, 128 tokens ~9 us), and 32

@@ -6,20 +6,21 @@ below were tuned on an H100 80GB HBM3 with the Pangu Pro MoE expert shapes (H=51
 `python bench/bench_experts.py --sweep`; the H200 table is the H100 one with the two entries its own sweep
 changed (same SM count and shared memory, more bandwidth: the same tile shapes stay right elsewhere).
 
-Escape hatches (one place, environment):
-  MOGE_TRITON_GEMM_CONFIG="BM,BN,BK,warps,stages[,tma[,split_m[,split_n[,persistent[,tail_m[,wide]]]]]]"
-                           force one config for every launch (flags 0/1; persistent: programs per
-                           SM, tail_m: rows of the split tail tile)
-  MOGE_TRITON_AUTOTUNE=1   time the candidate list of a key on its first call (host sync: never under
-                           CUDA-graph capture, where the table's choice is used); unset or 0: tables only.
+Escape hatches (moge_kernels/options.py; in code `set_options(...)` / `use_options(...)`):
+  triton_gemm_config, MOGE_TRITON_GEMM_CONFIG="BM,BN,BK,warps,stages[,tma[,split_m[,split_n[,persistent
+                           [,tail_m[,wide]]]]]]": force one config for every launch (flags 0/1;
+                           persistent: programs per SM, tail_m: rows of the split tail tile)
+  triton_autotune, MOGE_TRITON_AUTOTUNE=1: time the candidate list of a key on its first call (host sync:
+                           never under CUDA-graph capture, where the table's choice is used); off: tables only.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 
 import torch
+
+from .. import options
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,25 +205,24 @@ def trim_stages(cfg: GemmConfig, swiglu: bool, elem_size: int, smem: int = SMEM_
     return dataclasses.replace(cfg, num_stages=stages)
 
 
-def _parse_forced(text: str) -> GemmConfig:
-    parts = [p.strip() for p in text.split(",")]
-    fields = dataclasses.fields(GemmConfig)
-    values = []
-    for field, part in zip(fields, parts):
-        if field.type in ("bool", bool):
-            values.append(part.lower() in ("1", "true"))
-        else:
-            values.append(int(part))
-    return GemmConfig(*values)
+@functools.lru_cache(maxsize=None)
+def _forced(fields: tuple) -> GemmConfig:
+    return GemmConfig(*fields)
 
 
-def forced_config():
-    text = os.environ.get("MOGE_TRITON_GEMM_CONFIG", "").strip()
-    return _parse_forced(text) if text else None
+def _parse_forced(text) -> GemmConfig:
+    """A config spelled as MOGE_TRITON_GEMM_CONFIG spells it: "BM,BN,BK,warps,stages[,...]"."""
+    return _forced(options.parse("triton_gemm_config", text))
+
+
+def forced_config() -> GemmConfig | None:
+    """The triton_gemm_config option's config (options.py parsed and validated its fields), or None."""
+    fields = options.current.triton_gemm_config
+    return None if fields is None else _forced(fields)
 
 
 def autotune_enabled() -> bool:
-    return os.environ.get("MOGE_TRITON_AUTOTUNE", "0") == "1"
+    return options.current.triton_autotune
 
 
 def table_config(num_rows: int, num_experts: int, swiglu: bool, dtype: torch.dtype,

@@ -42,13 +42,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from .. import packing
+from .. import options, packing
 from ..registry import register_kernel
 from . import DEVICES
 from . import gemm_configs
@@ -331,7 +330,7 @@ def _tma_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
     if x.device.type == "cuda":
         if torch.cuda.get_device_capability(x.device)[0] < 9:
             return False
-    elif os.environ.get("TRITON_INTERPRET") != "1":
+    elif not options.TRITON_INTERPRET:
         return False
     es = x.element_size()
     return (x.stride(0) * es % 16 == 0 and w.stride(1) * es % 16 == 0
@@ -499,9 +498,9 @@ def _two_streams(x: torch.Tensor, E: int) -> bool:
     (Pangu shapes), 0.5% at T = 128. MOGE_TRITON_MLP_STREAMS=0 / 1 turns it off / on for every size."""
     if not x.is_cuda or E < 2 or x.dtype == torch.float32:
         return False
-    flag = os.environ.get("MOGE_TRITON_MLP_STREAMS")
+    flag = options.current.triton_mlp_streams
     if flag is not None:
-        return flag == "1"
+        return flag
     return gemm_configs.regime(x.shape[0], E) in ("medium", "prefill", "large")
 
 

@@ -59,7 +59,7 @@ def main():
                                      (50, 3, 24, 33, torch.float32, "SIMT fp32")]:
         # "big tile": the persistent wgmma kernel on an sm_90 device with a 9.0a build; "wgmma_cl": the
         # clusters of two; "mma.sync": the Ampere-style kernel
-        os.environ["MOGE_CUDA_GEMM_TILE"] = {"mma.sync": "big", "wgmma_cl": "wgmma_cl"}.get(what.split()[-1], "wgmma")
+        mk.set_options(cuda_gemm_tile={"mma.sync": "big", "wgmma_cl": "wgmma_cl"}.get(what.split()[-1], "wgmma"))
         x = torch.randn(M, Kd, device=DEV).to(dtype)
         w = (torch.randn(E, N, Kd, device=DEV) / Kd ** 0.5).to(dtype)
         offsets = random_offsets(M, E, seed=M, device=DEV)

@@ -1,0 +1,262 @@
+"""moge_kernels.options: every runtime switch parsed and validated once, overridable in code.
+
+Import-time behaviour (the environment is read once, when the package is imported) runs in subprocesses
+with the variable set; the code API runs in this process and restores every value it changes."""
+import dataclasses
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import moge_kernels as mk
+from moge_kernels import options, registry
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+# option -> (valid (given, stored) pairs from code, invalid values); environment spellings follow below
+CASES = {
+    "validate": ([(True, True), (False, False), ("1", True), ("off", False)], ["2", "maybe", 1, None]),
+    "triton_autotune": ([(True, True), ("yes", True), ("0", False)], ["", "enable", 0.5]),
+    "triton_mlp_streams": ([(None, None), ("auto", None), (True, True), ("true", True), ("0", False)],
+                           ["sometimes", 2]),
+    "cuda_gemm_tile": ([("auto", "auto"), ("wgmma", "wgmma"), ("WGMMA96_cl", "wgmma96_cl"), ("big", "big"),
+                        ("sq", "sq")], ["wgmma_pp", "wgmma64", "mma", "", None]),
+    "bwd_gemm": ([("auto", "auto"), ("Triton", "triton")], ["grouped_mm", "cuda"]),
+    "ascend_impl": ([("python", "python"), ("cpp", "cpp")], ["c++", "npu"]),
+    "triton_gemm_config": ([(None, None), ("64,128,64,8,4", (64, 128, 64, 8, 4)),
+                            ("128,128,64,8,4,1,0,1,0,32", (128, 128, 64, 8, 4, True, False, True, 0, 32)),
+                            ([16, 64, 64, 4, 6, True, 0, 0, 2], (16, 64, 64, 4, 6, True, False, False, 2))],
+                           ["64,64,32,4", "64,64,32,4,x", "64,64,32,4,3,2", "0,64,32,4,3", "1,2,3,4,5,0,0,0,0,0,0,9",
+                            "64,64,32,-4,3", 7]),
+}
+
+
+def _run(code: str, **env):
+    """Run `code` in a fresh interpreter with the given environment variables (and no MOGE_* inherited)."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("MOGE_")}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**base, **env, "PYTHONPATH": str(ROOT)}, cwd=ROOT)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def test_every_option_has_cases():
+    assert set(CASES) | {"backend"} == set(options.NAMES)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_parse_valid_and_invalid(name):
+    valid, invalid = CASES[name]
+    for given, stored in valid:
+        assert options.parse(name, given) == stored, given
+    env = options._OPTIONS[name].env
+    for value in invalid:
+        with pytest.raises(ValueError) as info:
+            options.parse(name, value)
+        message = str(info.value)
+        assert name in message and env in message and "expected" in message, message
+
+
+def test_invalid_message_names_the_allowed_values():
+    with pytest.raises(ValueError, match=r"MOGE_CUDA_GEMM_TILE.*'wgmma96_cl'.*'big4d'"):
+        mk.set_options(cuda_gemm_tile="wgmma_clx")
+    with pytest.raises(ValueError, match=r"MOGE_TRITON_MLP_STREAMS.*'auto' or True/False.*0/false/no/off"):
+        mk.set_options(triton_mlp_streams="2")
+    with pytest.raises(ValueError, match=r"MOGE_BWD_GEMM.*'auto', 'triton'"):
+        mk.set_options(bwd_gemm="cutlass")
+    with pytest.raises(ValueError, match=r"unknown option 'validat'.*validate"):
+        mk.set_options(validat=True)
+
+
+def test_gemm_config_fields_match_gemm_configs():
+    gemm_configs = pytest.importorskip("moge_kernels.triton.gemm_configs")
+    assert options.GEMM_CONFIG_FIELDS == tuple(f.name for f in dataclasses.fields(gemm_configs.GemmConfig))
+    cfg = gemm_configs.GemmConfig(64, 128, 64, 8, 4, tma=True, wide=True)
+    assert options.parse("triton_gemm_config", cfg) == dataclasses.astuple(cfg)   # a GemmConfig in code
+
+
+def test_set_options_validates_all_before_setting_any():
+    before = mk.get_options()
+    with pytest.raises(ValueError, match="cuda_gemm_tile"):
+        mk.set_options(validate=True, cuda_gemm_tile="nope")
+    assert mk.get_options() == before
+
+
+def test_use_options_restores_also_on_exception():
+    before = mk.get_options()
+    with mk.use_options(validate=True, triton_mlp_streams=False, bwd_gemm="triton"):
+        assert options.current.validate is True
+        assert options.current.triton_mlp_streams is False
+        assert options.current.bwd_gemm == "triton"
+    assert mk.get_options() == before
+    with pytest.raises(KeyError):
+        with mk.use_options(validate=True, backend="reference"):
+            assert mk.get_backend() == "reference"
+            raise KeyError("inside")
+    assert mk.get_options() == before and mk.get_backend() == before["backend"]
+
+
+def test_current_is_read_only():
+    with pytest.raises(AttributeError, match="set_options"):
+        options.current.validate = True
+
+
+def test_on_change_is_called_with_the_new_value():
+    seen = []
+    options.on_change("bwd_gemm", seen.append)
+    try:
+        with mk.use_options(bwd_gemm="triton"):
+            mk.set_options(bwd_gemm="triton")     # unchanged: no second call
+        assert seen == ["triton", "auto"]
+    finally:
+        options._listeners["bwd_gemm"].remove(seen.append)
+
+
+def test_backend_option_is_the_registry_selection():
+    with mk.use_options(backend="reference"):
+        assert mk.get_backend() == "reference" and mk.get_options()["backend"] == "reference"
+        assert mk.resolve("grouped_gemm", "cpu")[0] == "reference"
+    assert mk.get_backend() == "auto"
+    with pytest.raises(ValueError, match="backend must be"):
+        mk.set_options(backend="foo")
+
+
+def test_validate_switches_value_checks():
+    from moge_kernels import checks
+    with mk.use_options(validate=False):
+        assert checks.validate_values() is False
+    with mk.use_options(validate=True):
+        assert checks.validate_values() is True
+
+
+def test_triton_options_change_the_kernel_choice():
+    gemm_configs = pytest.importorskip("moge_kernels.triton.gemm_configs")
+    assert gemm_configs.forced_config() is None
+    with mk.use_options(triton_gemm_config="64,128,64,8,4,1"):
+        assert gemm_configs.forced_config() == gemm_configs.GemmConfig(64, 128, 64, 8, 4, tma=True)
+    assert gemm_configs.forced_config() is None
+    with mk.use_options(triton_autotune=True):
+        assert gemm_configs.autotune_enabled()
+    assert not gemm_configs.autotune_enabled()
+
+
+def test_mlp_streams_choice():
+    grouped_gemm = pytest.importorskip("moge_kernels.triton.grouped_gemm")
+
+    class FakeCuda:   # _two_streams looks at is_cuda, dtype and the row count only
+        is_cuda, dtype, shape = True, torch.bfloat16, (64 * 64, 128)
+
+    x = FakeCuda()
+    assert grouped_gemm._two_streams(x, 64)            # auto: on from 32 rows per expert
+    with mk.use_options(triton_mlp_streams=False):
+        assert not grouped_gemm._two_streams(x, 64)
+    with mk.use_options(triton_mlp_streams=True):
+        x.shape = (64, 128)                             # 1 row per expert: auto would say off
+        assert grouped_gemm._two_streams(x, 64)
+
+
+def test_bwd_gemm_choice():
+    from moge_kernels import autograd
+    with mk.use_options(bwd_gemm="triton"):
+        assert autograd._bwd_gemm_mode() == "triton"
+        assert not autograd._grouped_mm_applies(torch.zeros(4, 4, dtype=torch.bfloat16))
+
+
+def test_cuda_gemm_tile_arguments_for_the_launcher():
+    """The C++ launcher gets (variant, width, schedule) from _cuda.gemm_tile_args: check the mapping
+    without the extension (moge_kernels/_cuda.py imports only where it was built)."""
+    source = (ROOT / "moge_kernels" / "_cuda.py").read_text()
+    start = source.index("def gemm_tile_args")
+    namespace = {}
+    exec(source[start:source.index("\ndef ", start + 1)], namespace)   # noqa: S102  the function alone
+    tile_args = namespace["gemm_tile_args"]
+    expected = {"auto": (0, 0, 0), "wgmma": (0, 0, 0), "wgmma_p": (0, 0, 1), "wgmma_cl": (0, 0, 2),
+                "wgmma96": (0, 96, 0), "wgmma128_cl": (0, 128, 2), "wgmma96_p": (0, 96, 1),
+                "big": (1, 0, 0), "big4": (2, 0, 0), "big4d": (3, 0, 0), "sq": (4, 0, 0)}
+    for tile, args in expected.items():
+        assert tile_args(tile) == args, tile
+    for tile in options.CUDA_GEMM_TILES:   # every allowed value maps to what the C++ setter accepts
+        variant, width, schedule = tile_args(tile)
+        assert 0 <= variant <= 4 and width in (0, 96, 128) and schedule in (0, 1, 2)
+    header = (ROOT / "csrc" / "cuda" / "kernels.h").read_text()
+    assert "kAuto = 0, kBig = 1, kBig4 = 2, kBig4D = 3, kSquare = 4" in header
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_gemm_tile_reaches_the_extension():
+    cuda_backend = pytest.importorskip("moge_kernels._cuda")
+    import ctypes
+    lib = ctypes.CDLL(cuda_backend._cuda_C.__file__)
+    assert lib.moge_cuda_set_gemm_tile(5, 0, 0) == -1 and lib.moge_cuda_set_gemm_tile(0, 64, 0) == -1
+    with mk.use_options(cuda_gemm_tile="big"):
+        pass   # the setter raised if the extension rejected it
+    assert lib.moge_cuda_set_gemm_tile(*cuda_backend.gemm_tile_args(options.current.cuda_gemm_tile)) == 0
+
+
+# ----------------------------------------------------------------------------- the environment, at import
+def test_env_read_at_import():
+    code = ("import moge_kernels as mk, os; o = mk.get_options(); "
+            "os.environ['MOGE_VALIDATE'] = '0'; "           # read once: a later change does nothing
+            "print(o['validate'], o['triton_mlp_streams'], o['cuda_gemm_tile'], o['triton_gemm_config'], "
+            "o['bwd_gemm'], mk.options.current.validate, mk.options.BENCH_COMMIT)")
+    rc, out, err = _run(code, MOGE_VALIDATE="1", MOGE_TRITON_MLP_STREAMS="true", MOGE_CUDA_GEMM_TILE="big4",
+                        MOGE_TRITON_GEMM_CONFIG="64,64,32,4,3", MOGE_BWD_GEMM="triton",
+                        MOGE_BENCH_COMMIT="abc123")
+    assert rc == 0, err
+    assert out.split() == ["True", "True", "big4", "(64,", "64,", "32,", "4,", "3)", "triton", "True", "abc123"]
+
+
+def test_env_empty_is_unset():
+    rc, out, err = _run("import moge_kernels as mk; print(mk.get_options()['triton_mlp_streams'], "
+                        "mk.get_options()['cuda_gemm_tile'])", MOGE_TRITON_MLP_STREAMS="", MOGE_CUDA_GEMM_TILE=" ")
+    assert rc == 0, err
+    assert out.split() == ["None", "auto"]
+
+
+@pytest.mark.parametrize("var,value", [("MOGE_VALIDATE", "2"), ("MOGE_TRITON_MLP_STREAMS", "sometimes"),
+                                       ("MOGE_CUDA_GEMM_TILE", "wgmma_pp"), ("MOGE_BWD_GEMM", "cutlass"),
+                                       ("MOGE_TRITON_GEMM_CONFIG", "64,64"), ("MOGE_TRITON_AUTOTUNE", "x"),
+                                       ("MOGE_ASCEND_IMPL", "c")])
+def test_env_invalid_fails_import_naming_variable(var, value):
+    rc, out, err = _run("import moge_kernels", **{var: value})
+    assert rc != 0
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("ValueError: environment variable " + var) and "expected" in last, err
+
+
+def test_env_bad_backend_warns_and_imports():
+    rc, out, err = _run("import warnings; warnings.simplefilter('always')\n"
+                        "import moge_kernels as mk; print(mk.get_backend())", MOGE_BACKEND="foo")
+    assert rc == 0, err
+    assert out.strip() == "auto"
+    assert "MOGE_BACKEND='foo'" in err and "reference" in err and "using 'auto'" in err, err
+
+
+def test_env_backend_selects():
+    rc, out, err = _run("import moge_kernels as mk; print(mk.get_backend(), mk.resolve('grouped_gemm', 'cpu')[0])",
+                        MOGE_BACKEND="Reference")
+    assert rc == 0, err
+    assert out.split() == ["reference", "reference"]
+
+
+def test_triton_interpret_read_like_triton():
+    rc, out, err = _run("from moge_kernels import options; print(options.TRITON_INTERPRET)", TRITON_INTERPRET="on")
+    assert rc == 0, err
+    assert out.strip() == "True"
+
+
+# ----------------------------------------------------------------------------- one place
+def test_no_other_module_reads_the_environment():
+    offenders = []
+    for path in sorted((ROOT / "moge_kernels").rglob("*.py")):
+        if path.name == "options.py" and path.parent.name == "moge_kernels":
+            continue
+        if re.search(r"os\.environ|getenv", path.read_text()):
+            offenders.append(str(path.relative_to(ROOT)))
+    for path in sorted((ROOT / "csrc").rglob("*")):
+        if path.suffix in (".cpp", ".cu", ".cuh", ".h", ".hpp") and "getenv" in path.read_text():
+            offenders.append(str(path.relative_to(ROOT)))
+    assert not offenders, f"read the environment outside moge_kernels/options.py: {offenders}"
