@@ -6,6 +6,7 @@ import importlib
 from . import expert_subsets, options, reference, registry
 from .expert_subsets import compact_experts, voted_expert_mask
 from .ops import grouped_combine, grouped_dispatch, grouped_gemm, grouped_mlp, moge_forward
+from .fp8 import QuantizedExpertWeights, quantize_expert_weights
 from .packing import pack_expert_weights
 from .options import get_options, set_options, use_options
 from .registry import backends, get_backend, resolve, set_backend, use_backend
@@ -37,4 +38,5 @@ __all__ = [
     "options", "set_options", "use_options", "get_options",
     "MoGELayer", "autograd", "layer", "metrics", "parallel",
     "expert_subsets", "voted_expert_mask", "compact_experts",
+    "quantize_expert_weights", "QuantizedExpertWeights",
 ]

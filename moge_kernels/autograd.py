@@ -522,3 +522,17 @@ torch.library.register_autograd("moge::grouped_combine", _combine_backward,
                                 setup_context=_combine_setup_context, lib=_lib)
 torch.library.register_autograd("moge::swiglu", _swiglu_backward,
                                 setup_context=_swiglu_setup_context, lib=_lib)
+
+
+# ----------------------------------------------------------------------------- autograd: fp8 (none)
+def _fp8_no_backward(op_name):
+    def backward(ctx, *grads):
+        raise NotImplementedError(
+            f"moge::{op_name} is inference-only: FP8 expert weights have no backward. Train with the "
+            "bf16 weights (MoGELayer before quantize_()), or run the FP8 layer under torch.no_grad()")
+    return backward
+
+
+for _fp8_op in ("grouped_gemm_fp8", "grouped_mlp_fp8"):
+    torch.library.register_autograd(f"moge::{_fp8_op}", _fp8_no_backward(_fp8_op),
+                                    setup_context=lambda ctx, inputs, output: None, lib=_lib)

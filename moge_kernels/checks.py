@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from . import options
+from . import fp8, options
 
 INT32_MAX = 2**31 - 1
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -136,3 +136,44 @@ def check_combine(expert_out, topk_weights, row_index, shared_out):
         lo, hi = row_index.min().item(), row_index.max().item()
         if lo < 0 or hi >= T * K:
             _fail(f"row_index values must lie in [0, {T * K}), got [{lo}, {hi}]")
+
+
+def _check_fp8_weight(name, w, w_scale, block_n, block_k, device):
+    fp8.check_quantized_weight(name, w, w_scale, block_n, block_k)
+    if w.device != device:
+        _fail(f"{name} is on {w.device} but x is on {device}")
+    return tuple(w.shape)
+
+
+def check_gemm_fp8(x, w, w_scale, expert_offsets, block_n, block_k):
+    check_tensor("x", x, 2)
+    E, N, K = _check_fp8_weight("w", w, w_scale, block_n, block_k, x.device)
+    if K != x.shape[1]:
+        _fail(f"w must be [E, N, K] with K = x.shape[1] = {x.shape[1]}, got shape {tuple(w.shape)}")
+    check_rows_fit_int32("grouped_gemm x", x.shape[0])
+    check_offsets(expert_offsets, E, x.shape[0], x.device)
+
+
+def check_mlp_fp8(x, w_gate_up, w_gate_up_scale, w_down, w_down_scale, expert_offsets, row_scale,
+                  block_n, block_k):
+    check_tensor("x", x, 2)
+    E, two_i, H = _check_fp8_weight("w_gate_up", w_gate_up, w_gate_up_scale, block_n, block_k, x.device)
+    down_shape = _check_fp8_weight("w_down", w_down, w_down_scale, block_n, block_k, x.device)
+    if H != x.shape[1] or two_i % 2 != 0:
+        _fail(f"w_gate_up must be [E, 2I, H] with H = x.shape[1] = {x.shape[1]}, "
+              f"got shape {tuple(w_gate_up.shape)}")
+    I = two_i // 2
+    if down_shape != (E, H, I):
+        _fail(f"w_down must have shape {(E, H, I)}, got {down_shape}")
+    parts = w_gate_up_scale.shape[1]
+    if parts not in (1, 2) or (parts == 1 and I % block_n):
+        _fail(f"w_gate_up_scale must block gate and up rows apart (P = 2 projections, as checkpoints "
+              f"store them: quantize_expert_weights(w, parts=2)); with P = {parts} its {block_n}-row "
+              f"blocks straddle the gate/up boundary at I = {I}")
+    if w_down_scale.shape[1] != 1:
+        _fail(f"w_down_scale must hold one projection (P = 1), got shape {tuple(w_down_scale.shape)}")
+    check_rows_fit_int32("grouped_mlp x", x.shape[0])
+    if row_scale is not None:
+        check_tensor("row_scale", row_scale, 1, device=x.device)
+        check_shape("row_scale", row_scale, (x.shape[0],))
+    check_offsets(expert_offsets, E, x.shape[0], x.device)

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import checks, packing, reference, registry
+from . import checks, fp8, packing, reference, registry
 
 _lib = torch.library.Library("moge", "DEF")
 
@@ -29,12 +29,21 @@ SCHEMAS = {
                     "Tensor? row_scale=None) -> Tensor"),
     "grouped_combine": ("(Tensor expert_out, Tensor topk_weights, Tensor row_index, "
                         "Tensor? shared_out=None) -> Tensor"),
+    # FP8 expert weights (moge_kernels.fp8): each QuantizedExpertWeights as its e4m3 [E, N, K] and fp32
+    # [E, P, NB, KB] scale tensors; block_n = 1, block_k = 0 is the per-channel format
+    "grouped_gemm_fp8": ("(Tensor x, Tensor w, Tensor w_scale, Tensor expert_offsets, int block_n=128, "
+                         "int block_k=128) -> Tensor"),
+    "grouped_mlp_fp8": ("(Tensor x, Tensor w_gate_up, Tensor w_gate_up_scale, Tensor w_down, "
+                        "Tensor w_down_scale, Tensor expert_offsets, Tensor? row_scale=None, "
+                        "int block_n=128, int block_k=128) -> Tensor"),
 }
 ARG_CHECKS = {   # every op defined through define_op, the backward primitives of autograd.py included
     "grouped_dispatch": checks.check_dispatch,
     "grouped_gemm": checks.check_gemm,
     "grouped_mlp": checks.check_mlp,
     "grouped_combine": checks.check_combine,
+    "grouped_gemm_fp8": checks.check_gemm_fp8,
+    "grouped_mlp_fp8": checks.check_mlp_fp8,
 }
 # Devices with a routing kernel; the Ascend backend adds "npu" (PrivateUse1) when torch_npu imports.
 _device_types = ["cpu", "cuda"]
@@ -127,6 +136,20 @@ def _(expert_out, topk_weights, row_index, shared_out=None):
     return expert_out.new_empty(row_index.shape[0], expert_out.shape[1])
 
 
+@torch.library.register_fake("moge::grouped_gemm_fp8")
+def _(x, w, w_scale, expert_offsets, block_n=128, block_k=128):
+    checks.check_gemm_fp8(x, w, w_scale, expert_offsets, block_n, block_k)
+    return x.new_empty(x.shape[0], w.shape[1])
+
+
+@torch.library.register_fake("moge::grouped_mlp_fp8")
+def _(x, w_gate_up, w_gate_up_scale, w_down, w_down_scale, expert_offsets, row_scale=None,
+      block_n=128, block_k=128):
+    checks.check_mlp_fp8(x, w_gate_up, w_gate_up_scale, w_down, w_down_scale, expert_offsets, row_scale,
+                         block_n, block_k)
+    return x.new_empty(x.shape[0], w_down.shape[1])
+
+
 # ----------------------------------------------------------------------------- Python API
 def grouped_dispatch(hidden: Tensor, router_logits: Tensor, num_groups: int, topk_per_group: int = 1,
                      expert_scale: Optional[Tensor] = None, renormalize: bool = False,
@@ -137,13 +160,22 @@ def grouped_dispatch(hidden: Tensor, router_logits: Tensor, num_groups: int, top
 
 
 def grouped_gemm(x: Tensor, w: Tensor, expert_offsets: Tensor) -> Tensor:
-    """Rows [offsets[e], offsets[e+1]) of x times w[e]^T, for every expert e: [M, N]."""
+    """Rows [offsets[e], offsets[e+1]) of x times w[e]^T, for every expert e: [M, N].
+    w may be FP8 (fp8.QuantizedExpertWeights): moge::grouped_gemm_fp8, x quantized per token."""
+    if isinstance(w, fp8.QuantizedExpertWeights):
+        return torch.ops.moge.grouped_gemm_fp8(x, w.weight, w.scale, expert_offsets, w.block_n, w.block_k)
     return torch.ops.moge.grouped_gemm(x, w, expert_offsets)
 
 
 def grouped_mlp(x: Tensor, w_gate_up: Tensor, w_down: Tensor, expert_offsets: Tensor,
                 row_scale: Optional[Tensor] = None) -> Tensor:
-    """Per-expert SwiGLU MLP over expert-sorted rows: [M, H]; row_scale [M] scales output rows."""
+    """Per-expert SwiGLU MLP over expert-sorted rows: [M, H]; row_scale [M] scales output rows.
+    FP8 weights (fp8.QuantizedExpertWeights, both in one format) run moge::grouped_mlp_fp8."""
+    w_gate_up_q = isinstance(w_gate_up, fp8.QuantizedExpertWeights)
+    if w_gate_up_q or isinstance(w_down, fp8.QuantizedExpertWeights):
+        blocks = fp8.same_blocks(w_gate_up, w_down)
+        return torch.ops.moge.grouped_mlp_fp8(x, w_gate_up.weight, w_gate_up.scale, w_down.weight,
+                                              w_down.scale, expert_offsets, row_scale, *blocks)
     return torch.ops.moge.grouped_mlp(x, w_gate_up, w_down, expert_offsets, row_scale)
 
 

@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import fp8
+
 
 def route(router_logits, num_groups, topk_per_group=1, expert_scale=None, renormalize=False,
           score_func="softmax"):
@@ -106,6 +108,29 @@ def grouped_combine(expert_out, topk_weights, row_index, shared_out=None):
     if shared_out is not None:
         acc = acc + shared_out.float()
     return acc.to(expert_out.dtype)
+
+
+def grouped_gemm_fp8(x, w, w_scale, expert_offsets, block_n=fp8.BLOCK, block_k=fp8.BLOCK):
+    """grouped_gemm with FP8 weights (moge_kernels.fp8): x quantized per token in groups of block_k,
+    both sides dequantized, fp32 products; output in x's dtype."""
+    return _grouped_gemm_fp8_f32(x, w, w_scale, expert_offsets, block_n, block_k).to(x.dtype)
+
+
+def _grouped_gemm_fp8_f32(x, w, w_scale, expert_offsets, block_n, block_k):
+    x_deq = fp8.dequantize_activations(*fp8.quantize_activations(x, block_k), block_k)
+    return grouped_gemm(x_deq, fp8.dequantize_weight(w, w_scale, block_n, block_k), expert_offsets)
+
+
+def grouped_mlp_fp8(x, w_gate_up, w_gate_up_scale, w_down, w_down_scale, expert_offsets, row_scale=None,
+                    block_n=fp8.BLOCK, block_k=fp8.BLOCK):
+    """grouped_mlp with FP8 weights: the gate_up GEMM on quantized x in fp32, h = silu(gate) * up rounded
+    to x's dtype, h quantized (groups of block_k along I), the down GEMM in fp32, row_scale, x's dtype."""
+    gate_up = _grouped_gemm_fp8_f32(x, w_gate_up, w_gate_up_scale, expert_offsets, block_n, block_k)
+    h = swiglu(gate_up).to(x.dtype)
+    y = _grouped_gemm_fp8_f32(h, w_down, w_down_scale, expert_offsets, block_n, block_k)
+    if row_scale is not None:
+        y = y * row_scale.float()[:, None]
+    return y.to(x.dtype)
 
 
 def swiglu_mlp(x, w_gate_up, w_down):

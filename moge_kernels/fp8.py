@@ -1,0 +1,234 @@
+"""FP8 (e4m3) expert weights and activation quantization: the formats and their exact semantics.
+
+Formats (`quantize_expert_weights(w, fmt)`):
+
+    "fp8_block"    weights in 128x128 blocks, one scale each (DeepSeek-V3's format; HF FP8 checkpoints
+                   store it as `weight_scale_inv [ceil(N/128), ceil(K/128)]` beside each projection);
+                   activations per token in groups of 128 along K
+    "fp8_channel"  one scale per output channel (weight row); activations one scale per token
+
+Stored as `QuantizedExpertWeights`: `weight [E, N, K] float8_e4m3fn` and `scale [E, P, NB, KB] fp32`
+with w ~= weight * scale blockwise (a checkpoint's `weight_scale_inv` is this multiplier, despite its
+name). P is the number of projections stacked along N, each blocked on its own as checkpoints store them:
+P = 2 for w_gate_up (gate rows [0, I), then up rows [I, 2I)), 1 otherwise; NB = ceil(N/P / block_n),
+KB = ceil(K / block_k). Blocks at the edges are partial (Pangu's I = 1344 is 10.5 blocks of 128: gate
+and up rows 1280-1343 and down's last 64 columns of K are half blocks); nothing is padded.
+block_n = 1 and block_k = 0 ("the whole K") describe the per-channel format.
+
+Activation quantization (the reference and every kernel compute exactly this, in fp32 IEEE arithmetic):
+for each row and each group of `group` columns along K (the last group may be partial; group = 0: the
+whole row),
+
+    amax  = max(max |x| over the group, 1e-12)
+    scale = amax / 448                      # fp32 [M, ceil(K/group)]: x ~= q * scale
+    q     = e4m3(clamp(x * (448 / amax), -448, 448))   # round to nearest even
+
+e4m3 overflow saturates: values are clamped to +-448 (the largest finite e4m3) before the cast, never
+NaN. A NaN (or inf, which gives inf * 0) in a group makes that token's outputs NaN, as NaN propagates
+through the bf16 path. The SwiGLU output h = silu(gate) * up of the gate_up GEMM (fp32 accumulators) is
+rounded to the activation dtype, as the bf16 path stores it, then quantized the same way (groups along
+I) for the down GEMM. Weights are quantized blockwise the same way, with w / scale (offline, so there
+is no kernel to match); scale_format="e8m0" rounds each weight scale up to a power of two (so the
+dequantization is exact scaling; also what UE8M0 checkpoints hold).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+from torch import Tensor
+
+E4M3 = torch.float8_e4m3fn
+E4M3_MAX = 448.0           # largest finite float8_e4m3fn
+AMAX_FLOOR = 1e-12         # an all-zero group gets this amax (a finite scale, q = 0)
+BLOCK = 128
+FORMATS = {"fp8_block": (BLOCK, BLOCK), "fp8_channel": (1, 0)}   # name -> (block_n, block_k)
+SCALE_FORMATS = ("fp32", "e8m0")
+
+
+@dataclasses.dataclass
+class QuantizedExpertWeights:
+    """FP8 expert weights: one object the ops take wherever they take expert weights
+    (mk.grouped_gemm / grouped_mlp / moge_forward, MoGELayer). See the module docstring for the layout.
+
+    weight [E, N, K] float8_e4m3fn, scale [E, P, NB, KB] fp32, block_n (1: per channel), block_k
+    (0: per channel, whole K), scale_format "fp32" or "e8m0" (powers of two, stored as fp32)."""
+    weight: Tensor
+    scale: Tensor
+    block_n: int = BLOCK
+    block_k: int = BLOCK
+    scale_format: str = "fp32"
+
+    def __post_init__(self):
+        check_quantized_weight("weight", self.weight, self.scale, self.block_n, self.block_k)
+
+    @property
+    def format(self) -> str:
+        return format_name(self.block_n, self.block_k)
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.weight.shape
+
+    @property
+    def parts(self) -> int:
+        return self.scale.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.weight.device
+
+    def dequantize(self, dtype=torch.float32) -> Tensor:
+        """[E, N, K] in `dtype`: weight * scale, blockwise."""
+        return dequantize_weight(self.weight, self.scale, self.block_n, self.block_k).to(dtype)
+
+    def to(self, *args, **kwargs) -> "QuantizedExpertWeights":
+        """Moves both tensors (a device); dtypes stay e4m3 / fp32."""
+        device = torch.empty(0).to(*args, **kwargs).device
+        return dataclasses.replace(self, weight=self.weight.to(device), scale=self.scale.to(device))
+
+    def __repr__(self) -> str:
+        return (f"QuantizedExpertWeights({self.format}, shape={tuple(self.weight.shape)}, "
+                f"parts={self.parts}, scale_format={self.scale_format!r}, device={self.device})")
+
+
+def format_name(block_n: int, block_k: int) -> str:
+    for name, blocks in FORMATS.items():
+        if blocks == (block_n, block_k):
+            return name
+    return f"fp8 blocks {block_n}x{block_k or 'K'}"
+
+
+def same_blocks(w_gate_up, w_down) -> tuple[int, int]:
+    """(block_n, block_k) shared by the two weights of an FP8 MLP; a clear error for mixed inputs."""
+    for name, w in (("w_gate_up", w_gate_up), ("w_down", w_down)):
+        if not isinstance(w, QuantizedExpertWeights):
+            raise TypeError(f"{name} must be QuantizedExpertWeights like the other expert weight "
+                            f"(quantize both with quantize_expert_weights), got {type(w).__name__}")
+    blocks = (w_gate_up.block_n, w_gate_up.block_k)
+    if (w_down.block_n, w_down.block_k) != blocks:
+        raise ValueError(f"w_gate_up ({w_gate_up.format}) and w_down ({w_down.format}) must be quantized "
+                         "in the same format")
+    return blocks
+
+
+def scale_shape(E: int, N: int, K: int, parts: int, block_n: int, block_k: int) -> tuple:
+    """[E, P, ceil(N/P / block_n), ceil(K / block_k)] (block_k = 0: one scale along K)."""
+    kb = 1 if block_k == 0 else math.ceil(K / block_k)
+    return (E, parts, math.ceil(N // parts / block_n), kb)
+
+
+def check_quantized_weight(name: str, weight, scale, block_n: int, block_k: int) -> None:
+    """Shape / dtype checks of one quantized expert weight; errors name `name` (the user's argument)."""
+    if not isinstance(weight, Tensor) or not isinstance(scale, Tensor):
+        raise TypeError(f"{name}: weight and scale must be Tensors")
+    if weight.dtype != E4M3:
+        raise TypeError(f"{name} must be float8_e4m3fn, got {weight.dtype}")
+    if weight.dim() != 3:
+        raise ValueError(f"{name} must be [E, N, K], got shape {tuple(weight.shape)}")
+    if scale.dtype != torch.float32:
+        raise TypeError(f"{name}_scale must be float32, got {scale.dtype}")
+    if scale.device != weight.device:
+        raise ValueError(f"{name}_scale is on {scale.device} but {name} is on {weight.device}")
+    if block_n < 1 or block_k < 0:
+        raise ValueError(f"{name}: block sizes must be block_n >= 1, block_k >= 0 (0: the whole K), "
+                         f"got block_n={block_n}, block_k={block_k}")
+    E, N, K = weight.shape
+    if scale.dim() != 4 or scale.shape[0] != E or scale.shape[1] < 1 or N % scale.shape[1]:
+        raise ValueError(f"{name}_scale must be [E={E}, P, ceil(N/P / {block_n}), "
+                         f"{'1' if block_k == 0 else f'ceil(K / {block_k})'}] with P projections "
+                         f"dividing N={N}, got shape {tuple(scale.shape)}")
+    want = scale_shape(E, N, K, scale.shape[1], block_n, block_k)
+    if tuple(scale.shape) != want:
+        raise ValueError(f"{name}_scale must have shape {want} for {name} {tuple(weight.shape)} in "
+                         f"{scale.shape[1]} projection(s) of {block_n}x{block_k or 'K'} blocks, got "
+                         f"{tuple(scale.shape)}")
+
+
+def check_fp8_device(name: str, device: torch.device) -> None:
+    """FP8 tensor-core kernels need compute capability >= 8.9 (Ada, Hopper) on CUDA."""
+    if device.type == "cuda":
+        cap = torch.cuda.get_device_capability(device)
+        if cap < (8, 9):
+            raise RuntimeError(
+                f"{name}: float8_e4m3fn kernels need a GPU of compute capability >= 8.9, {device} is "
+                f"{cap[0]}.{cap[1]}; run the fp8 ops on the reference backend "
+                f"(moge_kernels.use_backend('reference'): fp32 dequantization) or keep bf16 weights")
+
+
+# ----------------------------------------------------------------------------- quantization
+def _blocks(t: Tensor, block_n: int, block_k: int) -> tuple[Tensor, int, int]:
+    """[B, N, K] fp32 -> [B, NB, bn, KB, bk] zero-padded view of the blocks (padding never raises amax)."""
+    B, N, K = t.shape
+    bn, bk = block_n, (K if block_k == 0 else block_k)
+    nb, kb = math.ceil(N / bn), (1 if block_k == 0 else math.ceil(K / bk))
+    padded = torch.nn.functional.pad(t, (0, kb * bk - K, 0, nb * bn - N))
+    return padded.view(B, nb, bn, kb, bk), nb, kb
+
+
+def _expand(scale: Tensor, N: int, K: int, block_n: int, block_k: int) -> Tensor:
+    """[B, NB, KB] block scales -> [B, N, K] (each block's scale over its elements)."""
+    bk = K if block_k == 0 else block_k
+    return scale.repeat_interleave(block_n, 1)[:, :N].repeat_interleave(max(bk, 1), 2)[:, :, :K]
+
+
+def quantize_expert_weights(w: Tensor, fmt: str = "fp8_block", scale_format: str = "fp32",
+                            parts: int = 1) -> QuantizedExpertWeights:
+    """[E, N, K] expert weights (any float dtype) -> QuantizedExpertWeights in `fmt` ("fp8_block":
+    128x128 blocks; "fp8_channel": per output row). parts: projections stacked along N, each blocked on
+    its own (2 for w_gate_up: gate rows, then up rows; what HF checkpoints hold per projection).
+    scale_format "e8m0": power-of-two scales."""
+    if fmt not in FORMATS:
+        raise ValueError(f"quantize_expert_weights: fmt must be one of {tuple(FORMATS)}, got {fmt!r}")
+    if scale_format not in SCALE_FORMATS:
+        raise ValueError(f"quantize_expert_weights: scale_format must be one of {SCALE_FORMATS}, "
+                         f"got {scale_format!r}")
+    if not isinstance(w, Tensor) or w.dim() != 3 or not w.is_floating_point() or w.dtype == E4M3:
+        raise ValueError("quantize_expert_weights: w must be a floating [E, N, K] tensor, got "
+                         f"{getattr(w, 'dtype', type(w).__name__)} {tuple(getattr(w, 'shape', ()))}")
+    E, N, K = w.shape
+    if parts < 1 or N % parts:
+        raise ValueError(f"quantize_expert_weights: parts={parts} must divide N={N} (w {tuple(w.shape)})")
+    block_n, block_k = FORMATS[fmt]
+    n = N // parts
+    wf = w.detach().float().reshape(E * parts, n, K)
+    blocks, nb, kb = _blocks(wf, block_n, block_k)
+    amax = blocks.abs().amax(dim=(2, 4)).clamp_min(AMAX_FLOOR)                  # [E*P, NB, KB]
+    scale = amax / E4M3_MAX
+    if scale_format == "e8m0":
+        scale = torch.exp2(torch.ceil(torch.log2(scale)))
+    q = (wf / _expand(scale, n, K, block_n, block_k)).clamp(-E4M3_MAX, E4M3_MAX)
+    return QuantizedExpertWeights(_to_e4m3("w", q).reshape(E, N, K), scale.reshape(E, parts, nb, kb),
+                                  block_n, block_k, scale_format)
+
+
+def _to_e4m3(name: str, t: Tensor) -> Tensor:
+    try:
+        return t.to(E4M3)
+    except (RuntimeError, TypeError) as err:   # e.g. a backend without float8 support
+        raise RuntimeError(f"{name}: this device ({t.device}) cannot hold float8_e4m3fn: {err}") from err
+
+
+def dequantize_weight(weight: Tensor, scale: Tensor, block_n: int, block_k: int) -> Tensor:
+    """[E, N, K] e4m3 with [E, P, NB, KB] scales -> [E, N, K] fp32."""
+    E, N, K = weight.shape
+    P = scale.shape[1]
+    s = _expand(scale.reshape(E * P, *scale.shape[2:]), N // P, K, block_n, block_k)
+    return (weight.float().reshape(E * P, N // P, K) * s).reshape(E, N, K)
+
+
+def quantize_activations(x: Tensor, group: int = BLOCK) -> tuple[Tensor, Tensor]:
+    """x [M, K] -> (q [M, K] e4m3, scale [M, ceil(K/group)] fp32), per token in groups of `group`
+    columns (0: the whole row); the exact rule is in the module docstring."""
+    M, K = x.shape
+    blocks, _, kb = _blocks(x.float().reshape(1, M, K), 1, group)               # [1, M, 1, KB, g]
+    amax = blocks.abs().amax(dim=(2, 4)).clamp_min(AMAX_FLOOR).reshape(M, kb)
+    inv = E4M3_MAX / amax
+    q = (x.float() * _expand(inv.reshape(1, M, kb), M, K, 1, group)[0]).clamp(-E4M3_MAX, E4M3_MAX)
+    return _to_e4m3("x", q), amax / E4M3_MAX
+
+
+def dequantize_activations(q: Tensor, scale: Tensor, group: int = BLOCK) -> Tensor:
+    M, K = q.shape
+    return q.float() * _expand(scale.reshape(1, *scale.shape), M, K, 1, group)[0]

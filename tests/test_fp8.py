@@ -1,0 +1,336 @@
+"""FP8 expert weights (moge_kernels.fp8): the formats against loop-by-loop oracles written here, the
+reference ops against a dequantize-then-matmul oracle (ragged experts, empty experts, M = 0, partial
+blocks), accuracy against the unquantized bf16 path, NaN / saturation, opcheck, no backward, bad inputs;
+the Triton kernels in the interpreter (fp32 / fp16) and on the GPU (bf16, the Pangu shape, graphs)."""
+import math
+
+import pytest
+import torch
+
+import moge_kernels as mk
+from moge_kernels import fp8
+from moge_kernels import reference as R
+from moge_kernels.testing import make_expert_weights, random_offsets
+
+from triton_testing import HAS_CUDA, RUNS_HERE
+
+E4M3 = torch.float8_e4m3fn
+
+
+def rel_err(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
+
+# ----------------------------------------------------------------------------- oracles (loops)
+def oracle_quantize_weight(w, block_n, block_k, parts, e8m0=False):
+    """Block by block, per expert and projection: (q [E, N, K] e4m3, scale [E, P, NB, KB])."""
+    E, N, K = w.shape
+    n = N // parts
+    bk = K if block_k == 0 else block_k
+    NB, KB = math.ceil(n / block_n), math.ceil(K / bk)
+    q = torch.empty(E, N, K, dtype=E4M3)
+    scale = torch.empty(E, parts, NB, KB)
+    for e in range(E):
+        for p in range(parts):
+            for i in range(NB):
+                for j in range(KB):
+                    rows = slice(p * n + i * block_n, p * n + min((i + 1) * block_n, n))
+                    cols = slice(j * bk, min((j + 1) * bk, K))
+                    blk = w[e, rows, cols].float()
+                    s = max(blk.abs().max().item(), 1e-12) / 448.0
+                    s = torch.tensor(s, dtype=torch.float32)
+                    if e8m0:
+                        s = torch.exp2(torch.ceil(torch.log2(s)))
+                    scale[e, p, i, j] = s
+                    q[e, rows, cols] = (blk / s).clamp(-448, 448).to(E4M3)
+    return q, scale
+
+
+def oracle_quantize_rows(x, group):
+    """Row by row, group by group: (q [M, K] e4m3, scale [M, G])."""
+    M, K = x.shape
+    g = K if group == 0 else group
+    G = 1 if group == 0 else math.ceil(K / g)
+    q = torch.empty(M, K, dtype=E4M3)
+    scale = torch.empty(M, G)
+    for m in range(M):
+        for j in range(G):
+            blk = x[m, j * g:(j + 1) * g].float()
+            amax = torch.clamp_min(blk.abs().max(), 1e-12) if blk.numel() else torch.tensor(1e-12)
+            scale[m, j] = amax / 448.0
+            q[m, j * g:(j + 1) * g] = (blk * (448.0 / amax)).clamp(-448, 448).to(E4M3)
+    return q, scale
+
+
+def oracle_dequant_rows(q, scale, group):
+    g = q.shape[1] if group == 0 else group
+    return torch.cat([q[:, j * g:(j + 1) * g].float() * scale[:, j:j + 1] for j in range(scale.shape[1])], 1)
+
+
+def oracle_mlp(x, gu: fp8.QuantizedExpertWeights, dn: fp8.QuantizedExpertWeights, offsets, row_scale=None):
+    """Dequantize the weights element by element, then per expert: quantize x, fp32 matmul, SwiGLU,
+    round to x's dtype, quantize h, fp32 matmul."""
+    group = gu.block_k
+    wgu = oracle_dequant_weight(gu)
+    wd = oracle_dequant_weight(dn)
+    I = wgu.shape[1] // 2
+    y = torch.zeros(x.shape[0], wd.shape[1])
+    bounds = offsets.tolist()
+    for e in range(len(bounds) - 1):
+        lo, hi = bounds[e], bounds[e + 1]
+        if hi == lo:
+            continue
+        xd = oracle_dequant_rows(*oracle_quantize_rows(x[lo:hi], group), group)
+        gate_up = xd @ wgu[e].t()
+        h = (torch.nn.functional.silu(gate_up[:, :I]) * gate_up[:, I:]).to(x.dtype)
+        hd = oracle_dequant_rows(*oracle_quantize_rows(h, group), group)
+        y[lo:hi] = hd @ wd[e].t()
+    if row_scale is not None:
+        y = y * row_scale.float()[:, None]
+    return y.to(x.dtype)
+
+
+def oracle_dequant_weight(qw):
+    E, N, K = qw.weight.shape
+    P = qw.parts
+    n = N // P
+    bk = K if qw.block_k == 0 else qw.block_k
+    out = torch.empty(E, N, K)
+    for r in range(N):
+        p, i = divmod(r, n)
+        for c in range(0, K, bk):
+            out[:, r, c:c + bk] = qw.weight[:, r, c:c + bk].float() * qw.scale[:, p, i // qw.block_n, c // bk, None]
+    return out
+
+
+# ----------------------------------------------------------------------------- formats
+@pytest.mark.parametrize("fmt,parts,e8m0", [("fp8_block", 1, False), ("fp8_block", 2, False),
+                                            ("fp8_block", 2, True), ("fp8_channel", 2, False)])
+def test_weight_quantization_matches_oracle(fmt, parts, e8m0):
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(3, 2 * 200, 320, generator=g)      # 200 = 1.5625 blocks, 320 = 2.5 blocks
+    w[1, :128, :128] = 0                                 # an all-zero block
+    w[2, 5, 7] = 1e4                                     # one large value in a block
+    qw = mk.quantize_expert_weights(w, fmt, scale_format="e8m0" if e8m0 else "fp32", parts=parts)
+    block_n, block_k = fp8.FORMATS[fmt]
+    q, scale = oracle_quantize_weight(w, block_n, block_k, parts, e8m0)
+    assert qw.weight.dtype == E4M3 and qw.scale.dtype == torch.float32
+    assert qw.scale.shape == scale.shape and qw.format == fmt and qw.parts == parts
+    torch.testing.assert_close(qw.scale, scale, rtol=0, atol=0)
+    assert torch.equal(qw.weight.view(torch.uint8), q.view(torch.uint8))
+    assert not qw.weight.float().isnan().any() and qw.weight.float().abs().max() <= 448
+    if e8m0:
+        assert torch.equal(torch.exp2(torch.log2(qw.scale).round()), qw.scale)
+    torch.testing.assert_close(qw.dequantize(), oracle_dequant_weight(qw), rtol=0, atol=0)
+    # e4m3 keeps 3 mantissa bits: each element within half an ulp of q (|q|/16; 2^-10 for subnormals),
+    # times its block's scale
+    s_full = qw.dequantize() / qw.weight.float().where(qw.weight.float() != 0, torch.ones(()))
+    s_full = torch.where(qw.weight.float() != 0, s_full, s_full.amax())
+    bound = s_full * (qw.weight.float().abs() / 16 + 2 ** -10) * (1 + 1e-6)
+    assert ((qw.dequantize() - w).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("group", [128, 0, 64])
+@pytest.mark.parametrize("K", [200, 256])
+def test_activation_quantization_matches_oracle(group, K):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(7, K, generator=g) * 3
+    x[2] = 0                                              # an all-zero row: scale from the floor, q = 0
+    x[3, 1] = 1e30                                        # saturates nothing (its group's scale grows)
+    x[4, :] *= 1e-30                                      # tiny values keep their relative precision
+    q, s = fp8.quantize_activations(x, group)
+    qo, so = oracle_quantize_rows(x, group)
+    assert torch.equal(q.view(torch.uint8), qo.view(torch.uint8))
+    torch.testing.assert_close(s, so, rtol=0, atol=0)
+    assert torch.equal(q[2].float(), torch.zeros(K))
+    xd = fp8.dequantize_activations(q, s, group)
+    ok = [0, 1, 4, 5, 6]
+    assert rel_err(xd[ok], x[ok]) < 0.04
+    for dtype in (torch.float16, torch.bfloat16):   # any float input, quantized from its exact fp32 value
+        qd, sd = fp8.quantize_activations(x.to(dtype), group)
+        qo, so = oracle_quantize_rows(x.to(dtype), group)
+        assert torch.equal(qd.view(torch.uint8), qo.view(torch.uint8)) and torch.equal(sd, so)
+
+
+def test_saturation_and_nan():
+    """clamp to +-448 before the cast (never NaN from overflow); NaN stays NaN."""
+    q, s = fp8.quantize_activations(torch.tensor([[1.0, -2.0, float("nan"), 4.0]]), 0)
+    assert q.float()[0, 2].isnan() or s.isnan().all()
+    # a weight block of one huge and many normal values: the big one maps to exactly +-448
+    w = torch.ones(1, 4, 4)
+    w[0, 0, 0] = -3e38
+    qw = mk.quantize_expert_weights(w, "fp8_block")
+    assert qw.weight.float()[0, 0, 0] == -448 and not qw.weight.float().isnan().any()
+
+
+# ----------------------------------------------------------------------------- reference ops
+def _problem(M, E, H, I, dtype, fmt="fp8_block", seed=0, empty_every=3, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, H, generator=g).to(dtype)
+    w_gate_up, w_down = make_expert_weights(E, H, I, torch.float32, "cpu", seed=seed + 1)
+    offsets = random_offsets(M, E, seed=seed, empty_every=empty_every)
+    gu = mk.quantize_expert_weights(w_gate_up, fmt, parts=2)
+    dn = mk.quantize_expert_weights(w_down, fmt)
+    return (x.to(device), gu.to(device), dn.to(device), offsets.to(device),
+            w_gate_up.to(dtype).to(device), w_down.to(dtype).to(device))
+
+
+REF_SHAPES = [  # (M, E, H, I): partial I blocks, H a multiple of 128 and not, empty experts, M = 0 / 1
+    (0, 4, 256, 200), (1, 4, 256, 200), (37, 5, 256, 200), (64, 3, 128, 64), (29, 4, 200, 136)]
+
+
+@pytest.mark.parametrize("fmt", ["fp8_block", "fp8_channel"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", REF_SHAPES, ids=lambda s: "M{}E{}H{}I{}".format(*s))
+def test_reference_mlp_against_oracle(shape, dtype, fmt):
+    M, E, H, I = shape
+    x, gu, dn, offsets, _, _ = _problem(M, E, H, I, dtype, fmt, seed=M + I)
+    row_scale = torch.rand(M, generator=torch.Generator().manual_seed(3))
+    with mk.use_backend("reference"):
+        y = mk.grouped_mlp(x, gu, dn, offsets, row_scale)
+    assert y.shape == (M, H) and y.dtype == dtype
+    want = oracle_mlp(x, gu, dn, offsets, row_scale)
+    if M:
+        # the same quantization; only fp32 summation order differs (which may move an h value across
+        # an e4m3 rounding boundary)
+        assert rel_err(y, want) <= 2e-3
+    counts = (offsets[1:] - offsets[:-1]).tolist()
+    assert 0 in counts or M == 0 or E == 3           # the shapes exercise empty experts
+
+
+@pytest.mark.parametrize("fmt", ["fp8_block", "fp8_channel"])
+def test_reference_gemm_against_oracle(fmt):
+    M, E, H, N = 33, 4, 256, 200
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(M, H, generator=g)
+    w = torch.randn(E, N, H, generator=g)
+    offsets = random_offsets(M, E, seed=5)
+    qw = mk.quantize_expert_weights(w, fmt)
+    y = mk.grouped_gemm(x, qw, offsets)
+    wd = oracle_dequant_weight(qw)
+    want = torch.zeros(M, N)
+    b = offsets.tolist()
+    for e in range(E):
+        xd = oracle_dequant_rows(*oracle_quantize_rows(x[b[e]:b[e + 1]], qw.block_k), qw.block_k)
+        want[b[e]:b[e + 1]] = xd @ wd[e].t()
+    assert rel_err(y, want) <= 1e-5
+
+
+# e4m3 keeps 3 mantissa bits: rounding one Gaussian operand costs 2.6% (rms, relative), one GEMM with
+# both operands quantized 3.7%, the expert MLP (two GEMMs, SwiGLU between) about 6.3%; the issue's 4e-2
+# is a layer figure (routed experts + the unquantized shared expert), tested in test_fp8_layer_*
+MLP_VS_BF16 = 8e-2
+
+
+@pytest.mark.parametrize("fmt", ["fp8_block", "fp8_channel"])
+def test_accuracy_against_unquantized(fmt):
+    """FP8 expert MLP vs the bf16 path on the unquantized weights (a reduced Pangu-like shape; the GPU
+    test runs the full one)."""
+    x, gu, dn, offsets, wgu, wd = _problem(96, 4, 512, 336, torch.bfloat16, fmt, seed=4)
+    with mk.use_backend("reference"):
+        y = mk.grouped_mlp(x, gu, dn, offsets)
+    err = rel_err(y, R.grouped_mlp(x, wgu, wd, offsets))
+    assert 0.03 < err <= MLP_VS_BF16, err     # above 3%: the weights really are e4m3
+
+
+def test_moge_forward_takes_quantized_weights():
+    T, E, G, H, I = 12, 8, 4, 256, 200
+    g = torch.Generator().manual_seed(6)
+    hidden = torch.randn(T, H, generator=g)
+    logits = torch.randn(T, E, generator=g)
+    w_gate_up, w_down = make_expert_weights(E, H, I, seed=7)
+    gu, dn = mk.quantize_expert_weights(w_gate_up, parts=2), mk.quantize_expert_weights(w_down)
+    out = mk.moge_forward(hidden, logits, gu, dn, num_groups=G, topk_per_group=1)
+    perm, weights, _, offsets, row_index = R.grouped_dispatch(hidden, logits, G)
+    want = R.grouped_combine(oracle_mlp(perm, gu, dn, offsets), weights, row_index)
+    assert rel_err(out, want) <= 2e-3
+    assert rel_err(out, R.moge_forward(hidden, logits, w_gate_up, w_down, G)) <= MLP_VS_BF16
+
+
+def test_nan_in_a_token_poisons_only_its_rows():
+    x, gu, dn, offsets, _, _ = _problem(20, 3, 256, 200, torch.float32, seed=8, empty_every=0)
+    x[4, 17] = float("nan")
+    x[9, 3] = float("inf")
+    x[11] *= 1e8                                           # large but finite: its scale grows
+    with mk.use_backend("reference"):
+        y = mk.grouped_mlp(x, gu, dn, offsets)
+    assert y[4].isnan().all() and y[9].isnan().all()
+    others = [r for r in range(20) if r not in (4, 9)]
+    assert y[others].isfinite().all()
+
+
+def test_opcheck():
+    """Fake kernels against the real ones (opcheck's test_schema cannot run: its SchemaCheckMode compares
+    the inputs before and after with ops that have no float8 kernel on CPU)."""
+    x, gu, dn, offsets, _, _ = _problem(20, 4, 256, 200, torch.float32, seed=9)
+    torch.library.opcheck(torch.ops.moge.grouped_mlp_fp8.default,
+                          (x, gu.weight, gu.scale, dn.weight, dn.scale, offsets, None, 128, 128),
+                          test_utils=("test_faketensor",))
+    torch.library.opcheck(torch.ops.moge.grouped_gemm_fp8.default,
+                          (x, gu.weight, gu.scale, offsets, 128, 128),
+                          test_utils=("test_faketensor",))
+
+
+def test_compile_fullgraph():
+    x, gu, dn, offsets, _, _ = _problem(20, 4, 256, 200, torch.float32, seed=10)
+    fn = torch.compile(lambda x: mk.grouped_mlp(x, gu, dn, offsets), fullgraph=True, backend="eager")
+    with mk.use_backend("reference"):
+        torch.testing.assert_close(fn(x), mk.grouped_mlp(x, gu, dn, offsets), rtol=0, atol=0)
+
+
+def test_no_backward():
+    x, gu, dn, offsets, _, _ = _problem(20, 4, 256, 200, torch.float32, seed=11)
+    x.requires_grad_()
+    y = mk.grouped_mlp(x, gu, dn, offsets)
+    with pytest.raises(NotImplementedError, match="inference-only"):
+        y.sum().backward()
+
+
+# ----------------------------------------------------------------------------- bad inputs
+def test_bad_inputs_name_the_argument():
+    x, gu, dn, offsets, wgu, wd = _problem(20, 4, 256, 200, torch.float32, seed=12)
+    s = gu.scale
+    with pytest.raises(ValueError, match="w_gate_up_scale must have shape"):
+        torch.ops.moge.grouped_mlp_fp8(x, gu.weight, s[:, :, :1], dn.weight, dn.scale, offsets)
+    with pytest.raises(ValueError, match="w_down_scale must have shape"):
+        torch.ops.moge.grouped_mlp_fp8(x, gu.weight, gu.scale, dn.weight, dn.scale[..., :1], offsets)
+    with pytest.raises(ValueError, match="w_gate_up_scale must have shape .* 64x128"):
+        # blocks that do not fit these scales
+        torch.ops.moge.grouped_mlp_fp8(x, gu.weight, gu.scale, dn.weight, dn.scale, offsets, None, 64, 128)
+    with pytest.raises(ValueError, match="block sizes"):
+        torch.ops.moge.grouped_mlp_fp8(x, gu.weight, gu.scale, dn.weight, dn.scale, offsets, None, 0, 128)
+    with pytest.raises(TypeError, match="w_gate_up must be float8_e4m3fn"):
+        torch.ops.moge.grouped_mlp_fp8(x, wgu, gu.scale, dn.weight, dn.scale, offsets)
+    with pytest.raises(TypeError, match="w_down_scale must be float32"):
+        torch.ops.moge.grouped_mlp_fp8(x, gu.weight, gu.scale, dn.weight, dn.scale.half(), offsets)
+    with pytest.raises(TypeError, match="w_down must be QuantizedExpertWeights"):
+        mk.grouped_mlp(x, gu, wd, offsets)
+    with pytest.raises(ValueError, match="same format"):
+        mk.grouped_mlp(x, gu, mk.quantize_expert_weights(wd, "fp8_channel"), offsets)
+    with pytest.raises(ValueError, match="w must be .* K = x.shape"):
+        mk.grouped_gemm(x[:, :128], gu, offsets)
+    with pytest.raises(ValueError, match="w_down must have shape"):
+        mk.grouped_mlp(x, gu, mk.quantize_expert_weights(wd[:, :, :128]), offsets)
+    with pytest.raises(ValueError, match="expert_offsets"):
+        mk.grouped_mlp(x, gu, dn, offsets[:-1])
+    # gate and up quantized as one projection, with a block straddling row I = 200
+    with pytest.raises(ValueError, match="straddle"):
+        mk.grouped_mlp(x, mk.quantize_expert_weights(wgu), dn, offsets)
+    with pytest.raises(ValueError, match="fmt must be one of"):
+        mk.quantize_expert_weights(wd, "fp8_tensor")
+    with pytest.raises(ValueError, match="scale_format"):
+        mk.quantize_expert_weights(wd, scale_format="ue4m3")
+    with pytest.raises(ValueError, match="parts=3 must divide"):
+        mk.quantize_expert_weights(wgu, parts=3)
+    with pytest.raises(ValueError, match="floating"):
+        mk.quantize_expert_weights(gu.weight)
+
+
+def test_fp8_device_check(monkeypatch):
+    """A GPU without FP8 tensor cores (compute capability < 8.9) gets an error naming the argument."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    with pytest.raises(RuntimeError, match=r"w_gate_up: float8_e4m3fn kernels need .* >= 8.9.*8\.0"):
+        fp8.check_fp8_device("w_gate_up", torch.device("cuda", 0))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    fp8.check_fp8_device("w_gate_up", torch.device("cuda", 0))
+    fp8.check_fp8_device("w_gate_up", torch.device("cpu"))
