@@ -232,3 +232,99 @@ def quantize_activations(x: Tensor, group: int = BLOCK) -> tuple[Tensor, Tensor]
 def dequantize_activations(q: Tensor, scale: Tensor, group: int = BLOCK) -> Tensor:
     M, K = q.shape
     return q.float() * _expand(scale.reshape(1, *scale.shape), M, K, 1, group)[0]
+
+
+# ----------------------------------------------------------------------------- MoGELayer support
+# A quantized MoGELayer keeps its expert weights as buffers (w_gate_up and w_down become None):
+#   w_gate_up_fp8 [E, 2I, H] e4m3, w_gate_up_scale [E, 2, NB, KB], w_down_fp8 [E, H, I] e4m3,
+#   w_down_scale [E, 1, NB', KB'], fp8_block_size [2] int64 (block_n, block_k; 0: whole K)
+# so its state dict round-trips; HF FP8 checkpoints (experts.{e}.{gate,up,down}_proj.weight in e4m3 with
+# weight_scale_inv [ceil(N/128), ceil(K/128)], or a per-channel weight_scale [N, 1]) load into it.
+_CKPT_SCALES = ("weight_scale_inv", "weight_scale")
+_PROJ = ("gate_proj", "up_proj", "down_proj")
+
+
+def layer_weights(layer) -> tuple[QuantizedExpertWeights, QuantizedExpertWeights] | None:
+    """The FP8 expert weights of a quantized MoGELayer, or None."""
+    blocks = getattr(layer, "_fp8_blocks", None)    # a Python copy of fp8_block_size: no device read
+    if blocks is None:
+        return None
+    block_n, block_k = blocks
+    return (QuantizedExpertWeights(layer.w_gate_up_fp8, layer.w_gate_up_scale, block_n, block_k),
+            QuantizedExpertWeights(layer.w_down_fp8, layer.w_down_scale, block_n, block_k))
+
+
+def _to_fp8_mode(layer, block_n: int, block_k: int, device) -> None:
+    """Replace the bf16 expert parameters by (empty) FP8 buffers of the layer's sizes."""
+    E, H, I = layer.num_experts, layer.hidden_size, layer.intermediate_size
+    layer.register_parameter("w_gate_up", None)
+    layer.register_parameter("w_down", None)
+    layer.register_buffer("w_gate_up_fp8", torch.empty(E, 2 * I, H, dtype=E4M3, device=device))
+    layer.register_buffer("w_gate_up_scale", torch.empty(scale_shape(E, 2 * I, H, 2, block_n, block_k),
+                                                         device=device))
+    layer.register_buffer("w_down_fp8", torch.empty(E, H, I, dtype=E4M3, device=device))
+    layer.register_buffer("w_down_scale", torch.empty(scale_shape(E, H, I, 1, block_n, block_k),
+                                                      device=device))
+    layer.register_buffer("fp8_block_size", torch.tensor([block_n, block_k], device=device))
+    layer._fp8_blocks = (block_n, block_k)
+
+
+def quantize_layer_(layer, fmt: str, scale_format: str):
+    """MoGELayer.quantize_: the expert weights to FP8 in place (inference only)."""
+    if layer_weights(layer) is not None:
+        raise RuntimeError("quantize_: the layer's expert weights are FP8 already")
+    w_gate_up = layer.w_gate_up.detach()
+    w_gate_up = w_gate_up.flatten(2) if w_gate_up.dim() == 4 else w_gate_up     # packed -> [E, N, K]
+    w_down = layer.w_down.detach()
+    w_down = w_down.flatten(2) if w_down.dim() == 4 else w_down
+    gu = quantize_expert_weights(w_gate_up, fmt, scale_format, parts=2)
+    dn = quantize_expert_weights(w_down, fmt, scale_format)
+    _to_fp8_mode(layer, gu.block_n, gu.block_k, w_gate_up.device)
+    layer.w_gate_up_fp8, layer.w_gate_up_scale = gu.weight, gu.scale
+    layer.w_down_fp8, layer.w_down_scale = dn.weight, dn.scale
+    return layer
+
+
+def is_checkpoint_fp8_key(key: str) -> bool:
+    """Scale tensors that stay fp32 when a checkpoint is loaded in another dtype."""
+    return key.endswith(_CKPT_SCALES + ("w_gate_up_scale", "w_down_scale"))
+
+
+def take_fp8_checkpoint_keys(module, state_dict, prefix, local_metadata, strict, missing_keys,
+                             unexpected_keys, error_msgs):
+    """load_state_dict pre-hook (before the bf16 one): FP8 per-expert checkpoint keys -> the stacked
+    FP8 buffers, switching the layer to FP8 first; a quantized layer's own state dict switches it too."""
+    if prefix + "fp8_block_size" in state_dict:
+        block_n, block_k = (int(v) for v in state_dict[prefix + "fp8_block_size"].tolist())  # loading: once
+        if layer_weights(module) is None:
+            _to_fp8_mode(module, block_n, block_k, module.router_scale.device)
+        return
+    first = prefix + "experts.0.gate_proj."
+    kind = next((s for s in _CKPT_SCALES if first + s in state_dict), None)
+    if kind is None or state_dict.get(first + "weight", torch.empty(0)).dtype != E4M3:
+        return
+    E, I, H = module.num_experts, module.intermediate_size, module.hidden_size
+    per_channel = tuple(state_dict[first + kind].shape) == (I, 1)
+    block_n, block_k = (1, 0) if per_channel else (BLOCK, BLOCK)
+    gate_up, gate_up_scale, down, down_scale = [], [], [], []
+    try:
+        for e in range(E):
+            t = {}
+            for p in _PROJ:
+                key = f"{prefix}experts.{e}.{p}."
+                t[p] = state_dict.pop(key + "weight"), state_dict.pop(key + kind).float()
+            (g, gs), (u, us), (d, ds) = t["gate_proj"], t["up_proj"], t["down_proj"]
+            gate_up.append(torch.cat([g, u]))
+            gate_up_scale.append(torch.stack([gs, us]))
+            down.append(d)
+            down_scale.append(ds[None])
+        gu = QuantizedExpertWeights(torch.stack(gate_up), torch.stack(gate_up_scale), block_n, block_k)
+        dn = QuantizedExpertWeights(torch.stack(down), torch.stack(down_scale), block_n, block_k)
+    except (KeyError, RuntimeError, ValueError, TypeError) as err:
+        error_msgs.append(f"FP8 checkpoint keys under {prefix}experts.*: {err}")
+        return
+    if layer_weights(module) is None:
+        _to_fp8_mode(module, block_n, block_k, module.router_scale.device)
+    state_dict[prefix + "w_gate_up_fp8"], state_dict[prefix + "w_gate_up_scale"] = gu.weight, gu.scale
+    state_dict[prefix + "w_down_fp8"], state_dict[prefix + "w_down_scale"] = dn.weight, dn.scale
+    state_dict[prefix + "fp8_block_size"] = torch.tensor([block_n, block_k])

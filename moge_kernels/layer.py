@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import autograd  # noqa: F401  registers the backward of every moge op
-from . import expert_subsets, packing
+from . import expert_subsets, fp8, ops, packing
 
 _EXPERT_KEY = re.compile(r"experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 
@@ -98,6 +98,7 @@ class MoGELayer(nn.Module):
         self.shared_expert = (SharedExpert(hidden_size, shared_intermediate_size, **kw)
                               if shared_intermediate_size > 0 else None)
         self.aux_loss: Optional[Tensor] = None
+        self.register_load_state_dict_pre_hook(fp8.take_fp8_checkpoint_keys)   # before the bf16 keys
         self.register_load_state_dict_pre_hook(_stack_per_expert_keys)
         self.register_load_state_dict_pre_hook(_take_kept_expert_ids)
         self.reset_parameters()
@@ -132,6 +133,13 @@ class MoGELayer(nn.Module):
         return self
 
     @torch.no_grad()
+    def quantize_(self, fmt: str = "fp8_block", scale_format: str = "fp32") -> "MoGELayer":
+        """Expert weights to FP8 (moge_kernels.fp8: "fp8_block" or "fp8_channel"), in place, for
+        inference: w_gate_up / w_down become the buffers w_gate_up_fp8, w_gate_up_scale, w_down_fp8,
+        w_down_scale (HF FP8 checkpoints load straight into them); the forward runs grouped_mlp_fp8."""
+        return fp8.quantize_layer_(self, fmt, scale_format)
+
+    @torch.no_grad()
     def prune_experts_(self, keep) -> "MoGELayer":
         """Keep only the experts in `keep` (a bool mask [E] or global ids; the same number in every group,
         at least topk_per_group), in place: the router rows, router_scale and expert weights (packed or
@@ -164,6 +172,9 @@ class MoGELayer(nn.Module):
     def experts(self, permuted: Tensor, expert_offsets: Tensor) -> Tensor:
         """Expert SwiGLU MLPs over expert-sorted rows: [T*K, H] -> [T*K, H]."""
         moge = torch.ops.moge
+        quantized = fp8.layer_weights(self)
+        if quantized is not None:
+            return ops.grouped_mlp(permuted, *quantized, expert_offsets)
         records_grad = torch.is_grad_enabled() and (
             permuted.requires_grad or self.w_gate_up.requires_grad or self.w_down.requires_grad)
         if self.recompute or not records_grad:
@@ -227,8 +238,9 @@ class MoGELayer(nn.Module):
         with torch.device("meta"):
             layer = cls(H, I, E, num_groups, topk_per_group, **kwargs)
         # build on meta, then take the checkpoint's tensors (converted to the layer's dtype) in place
-        sd = {k: v.to(dtype=kwargs["dtype"], device=ref.device) if v.is_floating_point() else v
-              for k, v in sd.items()}
+        sd = {k: v.to(dtype=kwargs["dtype"], device=ref.device)
+              if v.is_floating_point() and v.dtype != fp8.E4M3 and not fp8.is_checkpoint_fp8_key(k)
+              else v.to(device=ref.device) for k, v in sd.items()}
         layer.load_state_dict(sd, strict=True, assign=True)
         return layer
 
