@@ -1,0 +1,182 @@
+"""FP8 expert benchmark (device): the package's FP8 grouped_mlp and FP8 layer vs its bf16 ones.
+
+Pangu Pro MoE (H=5120, I=1344, E=64, G=8, K=8), T in {1, 16, 128, 1024, 4096, 16384}, bf16 activations,
+routing from random logits. All timings are CUDA-graph replays with a cold L2 (moge_kernels.bench.timing),
+medians over interleaved rounds. In the same run:
+    copy      device copy bandwidth (read + write), as the floors of the bf16 bench use it
+    fp8 mm    torch._scaled_mm at 8192^3 (e4m3, tensorwise scales, bf16 out): the dense FP8 rate
+    floor     FP8 weight-read floor = (e4m3 bytes + fp32 scales of the experts that get rows) / copy
+    peer      the torch._scaled_grouped_mm pipeline (rowwise scales: x quantized per token in torch,
+              gate_up, silu * up, h quantized per token, down), where this torch has it
+Accuracy (printed): FP8 grouped_mlp vs the reference with the same quantization (goal <= 1e-2) and vs
+bf16 on the unquantized weights; FP8 layer vs bf16 layer (goal <= 4e-2).
+
+    python bench/bench_fp8.py                  # the table (about 3 minutes on an H200)
+    python bench/bench_fp8.py --T 1,4096 --rounds 5
+    python bench/bench_fp8.py --sweep          # also time a few kernel configs per T
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import moge_kernels as mk  # noqa: E402
+from moge_kernels import fp8, reference  # noqa: E402
+from moge_kernels.bench.timing import Ceilings, Timer, capture_graph  # noqa: E402
+
+TS = (1, 16, 128, 1024, 4096, 16384)
+H, I, E, G, IS = 5120, 1344, 64, 8, 5376
+
+
+def rel_err(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def scaled_mm_rate(n=8192):
+    """Dense e4m3 GEMM rate (TFLOP/s) and its timer closure."""
+    a = torch.randn(n, n, device="cuda").to(fp8.E4M3)
+    b = torch.randn(n, n, device="cuda").to(fp8.E4M3).t()          # column-major, as _scaled_mm wants
+    one = torch.ones((), device="cuda")
+    fn = lambda: torch._scaled_mm(a, b, one, one, out_dtype=torch.bfloat16)  # noqa: E731
+    fn()
+    return fn, 2 * n ** 3
+
+
+def rowwise(x):
+    """Per-row e4m3 + fp32 scales in torch (the peer pipeline's activation quantization)."""
+    amax = x.float().abs().amax(1, keepdim=True).clamp_min(1e-12)
+    q = (x.float() * (448.0 / amax)).clamp(-448, 448).to(fp8.E4M3)
+    return q, (amax / 448.0).reshape(-1)
+
+
+def scaled_grouped_mm_pipeline(x, offsets, wgu_q, wgu_s, wd_q, wd_s):
+    """x [M, H] bf16 -> [M, H] through torch._scaled_grouped_mm with rowwise scales."""
+    ends = offsets[1:]
+    q, s = rowwise(x)
+    gate_up = torch._scaled_grouped_mm(q, wgu_q.transpose(-2, -1), s, wgu_s, offs=ends,
+                                       out_dtype=torch.bfloat16)
+    gate, up = gate_up.float().chunk(2, -1)
+    h = (torch.nn.functional.silu(gate) * up).to(torch.bfloat16)
+    hq, hs = rowwise(h)
+    return torch._scaled_grouped_mm(hq, wd_q.transpose(-2, -1), hs, wd_s, offs=ends,
+                                    out_dtype=torch.bfloat16)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--T", default=",".join(map(str, TS)))
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--samples", type=int, default=3, help="samples per method per round")
+    ap.add_argument("--sweep", action="store_true")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_fp8.py needs a CUDA device")
+    torch.manual_seed(0)
+    dev = torch.device("cuda")
+    timer = Timer(dev)
+    ceil = Ceilings(dev, torch.bfloat16)
+    mm8, mm8_flops = scaled_mm_rate()
+    mm8_ms = []
+
+    layer = mk.MoGELayer(H, I, E, G, shared_intermediate_size=IS).to(dev, torch.bfloat16).eval()
+    layer8 = copy.deepcopy(layer).quantize_("fp8_block")
+    gu, dn = fp8.layer_weights(layer8)
+    wgu, wd = layer.w_gate_up.detach(), layer.w_down.detach()
+    # the peer's weights: per-channel (rowwise) e4m3 of the same weights
+    pgu = mk.quantize_expert_weights(wgu, "fp8_channel", parts=2)
+    pdn = mk.quantize_expert_weights(wd, "fp8_channel")
+    peer_w = (pgu.weight, pgu.scale.reshape(E, -1), pdn.weight, pdn.scale.reshape(E, -1))
+    has_peer = hasattr(torch, "_scaled_grouped_mm")
+
+    rows = []
+    for T in [int(t) for t in args.T.split(",")]:
+        hidden = torch.randn(T, H, device=dev, dtype=torch.bfloat16)
+        logits = layer.gate(hidden)
+        x, _, _, offsets, _ = mk.grouped_dispatch(hidden, logits, G, 1, layer.router_scale)
+        counts = (offsets[1:] - offsets[:-1])
+        active = int((counts > 0).sum())
+        fp8_bytes = active * (gu.weight[0].numel() + dn.weight[0].numel()
+                              + 4 * (gu.scale[0].numel() + dn.scale[0].numel()))
+        methods = {}
+        with torch.no_grad(), mk.use_backend("triton"):
+            methods["bf16 mlp"] = lambda: mk.grouped_mlp(x, wgu, wd, offsets)
+            methods["fp8 mlp"] = lambda: mk.grouped_mlp(x, gu, dn, offsets)
+            methods["bf16 layer"] = lambda: layer(hidden)
+            methods["fp8 layer"] = lambda: layer8(hidden)
+            notes = []
+            if has_peer:
+                try:
+                    scaled_grouped_mm_pipeline(x, offsets, *peer_w)
+                    methods["peer _scaled_grouped_mm"] = lambda: scaled_grouped_mm_pipeline(x, offsets, *peer_w)
+                except Exception as err:  # noqa: BLE001
+                    notes.append(f"_scaled_grouped_mm: {type(err).__name__}: {str(err).splitlines()[0][:90]}")
+            replays = {}
+            for name, fn in methods.items():
+                try:
+                    replays[name] = capture_graph(fn, dev)
+                except Exception as err:  # noqa: BLE001
+                    notes.append(f"{name}: not captured ({type(err).__name__}: {str(err)[:80]})")
+            times = {name: [] for name in replays}
+            for r in range(args.rounds):
+                names = list(replays)
+                for name in names[r % len(names):] + names[:r % len(names)]:
+                    times[name] += timer.samples(replays[name], args.samples)
+                ceil.sample(1)
+                mm8_ms.append(min(timer.samples(mm8, 2)))
+            med = {name: statistics.median(v) for name, v in times.items()}
+            # accuracy
+            y8 = mk.grouped_mlp(x, gu, dn, offsets)
+            acc = {"fp8 mlp vs bf16": rel_err(y8, mk.grouped_mlp(x, wgu, wd, offsets)),
+                   "fp8 layer vs bf16 layer": rel_err(layer8(hidden), layer(hidden))}
+            if T in (16, 128, 4096):
+                with mk.use_backend("reference"):
+                    acc["fp8 mlp vs reference"] = rel_err(y8, mk.grouped_mlp(x, gu, dn, offsets))
+            if args.sweep:
+                from moge_kernels.triton import fp8_gemm
+                for cfg in ((16, 64, 4, 4), (32, 128, 4, 4), (64, 128, 4, 4), (64, 128, 4, 5),
+                            (128, 128, 8, 3), (128, 128, 4, 3)):
+                    c = fp8_gemm.Fp8Config(*cfg)
+                    fp8_gemm._forced.update(gate_up=c, down=c)
+                    try:
+                        ms = statistics.median(timer.samples(capture_graph(methods["fp8 mlp"], dev), 10))
+                        print(f"  sweep T={T} BM,BN,warps,stages={cfg}: {ms:.3f} ms")
+                    except Exception as err:  # noqa: BLE001
+                        print(f"  sweep T={T} {cfg}: failed {type(err).__name__}: {str(err)[:80]}")
+                    fp8_gemm._forced.clear()
+        bw_gbs, _ = ceil.rates()
+        floor_ms = fp8_bytes / (bw_gbs * 1e9) * 1e3
+        rows.append((T, med, floor_ms, acc, notes))
+        print(f"T={T}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in med.items())
+              + f", fp8 floor {floor_ms:.3f} ms; " + ", ".join(f"{k} {v:.2e}" for k, v in acc.items()),
+              flush=True)
+        for n in notes:
+            print("   note:", n)
+        del replays, methods
+
+    bw, bf16_rate = ceil.rates()
+    fp8_rate = mm8_flops / statistics.median(mm8_ms) / 1e9
+    print(f"\n{torch.cuda.get_device_name()}: copy {bw:.0f} GB/s, bf16 mm {bf16_rate:.0f} TFLOP/s, "
+          f"fp8 _scaled_mm 8192^3 {fp8_rate:.0f} TFLOP/s; ms are graph-replay medians, cold L2")
+    print("| T | bf16 mlp | fp8 mlp | fp8 floor | fp8 mlp / floor | peer _scaled_grouped_mm | "
+          "bf16 layer | fp8 layer | layer speed-up | fp8 TFLOP/s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for T, med, floor_ms, acc, _ in rows:
+        f = lambda k: f"{med[k]:.3f}" if k in med else "n/a"  # noqa: E731
+        flops = 6 * T * 8 * H * I
+        speed = med["bf16 layer"] / med["fp8 layer"] if "fp8 layer" in med and "bf16 layer" in med else float("nan")
+        ratio = med["fp8 mlp"] / floor_ms if "fp8 mlp" in med else float("nan")
+        tflops = flops / med["fp8 mlp"] / 1e9 if "fp8 mlp" in med else float("nan")
+        print(f"| {T} | {f('bf16 mlp')} | {f('fp8 mlp')} | {floor_ms:.3f} | {ratio:.2f}x | "
+              f"{f('peer _scaled_grouped_mm')} | {f('bf16 layer')} | {f('fp8 layer')} | {speed:.2f}x | {tflops:.0f} |")
+    print("\ngoals: T>=4096 layer speed-up >= 1.7x; T<=1024 fp8 mlp / floor <= 1.2x; fp8 mlp < peer at "
+          "every T; fp8 mlp vs reference <= 1e-2; fp8 layer vs bf16 layer <= 4e-2")
+
+
+if __name__ == "__main__":
+    main()
