@@ -187,13 +187,30 @@ def test_cuda_gemm_tile_arguments_for_the_launcher():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_gemm_tile_reaches_the_extension():
+    """The C++ setter rejects values outside its enum; on sm_90 with a 9.0a build, "auto" runs the wgmma
+    kernel and "big" the mma.sync one (kernel names in the profiler): the option set in code decides."""
     cuda_backend = pytest.importorskip("moge_kernels._cuda")
     import ctypes
     lib = ctypes.CDLL(cuda_backend._cuda_C.__file__)
     assert lib.moge_cuda_set_gemm_tile(5, 0, 0) == -1 and lib.moge_cuda_set_gemm_tile(0, 64, 0) == -1
-    with mk.use_options(cuda_gemm_tile="big"):
-        pass   # the setter raised if the extension rejected it
-    assert lib.moge_cuda_set_gemm_tile(*cuda_backend.gemm_tile_args(options.current.cuda_gemm_tile)) == 0
+    if torch.cuda.get_device_capability() != (9, 0) or not cuda_backend.wgmma_built():
+        pytest.skip("the wgmma / mma.sync switch needs an sm_90 device and a 9.0a build")
+    from moge_kernels.testing import make_expert_weights, random_offsets
+    x = torch.randn(2048, 512, device="cuda", dtype=torch.bfloat16)
+    offsets = random_offsets(2048, 4, seed=3, device="cuda")
+    w_gate_up, w_down = make_expert_weights(4, 512, 192, torch.bfloat16, "cuda", seed=3)
+
+    def kernel_names(tile):
+        with mk.use_backend("cuda"), mk.use_options(cuda_gemm_tile=tile):
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                mk.grouped_mlp(x, w_gate_up, w_down, offsets)
+                torch.cuda.synchronize()
+        return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+    assert sum("wgmma_kernel" in n for n in kernel_names("auto")) == 2
+    big = kernel_names("big")
+    assert big and not any("wgmma_kernel" in n for n in big), big
+    assert sum("wgmma_kernel" in n for n in kernel_names("wgmma_cl")) == 2
 
 
 # ----------------------------------------------------------------------------- the environment, at import
