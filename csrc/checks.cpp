@@ -36,6 +36,16 @@ void check_dispatch_args(const at::Tensor& hidden, const at::Tensor& router_logi
                     "grouped_dispatch T*K overflows the int32 row indices");
 }
 
+void check_permute_args(const at::Tensor& hidden, const at::Tensor& topk_ids, int64_t num_experts) {
+  TORCH_CHECK_VALUE(hidden.dim() == 2 && is_float(hidden), "hidden must be a 2-D float tensor [T, H]");
+  TORCH_CHECK_VALUE(topk_ids.dim() == 2 && (topk_ids.scalar_type() == at::kInt || topk_ids.scalar_type() == at::kLong),
+                    "topk_ids must be an int32 or int64 tensor [T, K]");
+  TORCH_CHECK_VALUE(topk_ids.size(0) == hidden.size(0), "hidden and topk_ids must have the same number of tokens");
+  TORCH_CHECK_VALUE(topk_ids.device() == hidden.device(), "topk_ids must be on hidden's device");
+  TORCH_CHECK_VALUE(num_experts >= 1, "num_experts must be >= 1");
+  TORCH_CHECK_VALUE(topk_ids.numel() <= INT32_MAX, "grouped_permute T*K overflows the int32 row indices");
+}
+
 void check_combine_args(const at::Tensor& expert_out, const at::Tensor& topk_weights,
                         const at::Tensor& row_index, const std::optional<at::Tensor>& shared_out) {
   TORCH_CHECK_VALUE(expert_out.dim() == 2 && is_float(expert_out), "expert_out must be a 2-D float tensor");

@@ -5,7 +5,8 @@ import importlib
 
 from . import expert_subsets, options, reference, registry
 from .expert_subsets import compact_experts, voted_expert_mask
-from .ops import grouped_combine, grouped_dispatch, grouped_gemm, grouped_mlp, moge_forward
+from .ops import (grouped_combine, grouped_dispatch, grouped_gemm, grouped_mlp, grouped_permute,
+                  moge_forward)
 from .fp8 import QuantizedExpertWeights, quantize_expert_weights
 from .packing import pack_expert_weights
 from .options import get_options, set_options, use_options
@@ -33,7 +34,7 @@ from . import autograd, layer, metrics, parallel  # noqa: E402
 from .layer import MoGELayer  # noqa: E402
 
 __all__ = [
-    "grouped_dispatch", "grouped_gemm", "grouped_mlp", "grouped_combine", "moge_forward",
+    "grouped_dispatch", "grouped_permute", "grouped_gemm", "grouped_mlp", "grouped_combine", "moge_forward",
     "backends", "set_backend", "get_backend", "use_backend", "resolve", "reference", "registry",
     "options", "set_options", "use_options", "get_options",
     "MoGELayer", "autograd", "layer", "metrics", "parallel",

@@ -30,6 +30,8 @@ The backward of each public op:
                       grad_w_down = wgrad(grad_y, h*s); grad_x = dgrad(d_gate_up, w_gate_up);
                       grad_w_gate_up = wgrad(d_gate_up, x)
     grouped_combine   grouped_combine_backward; grad_shared_out = grad_out
+    grouped_permute   grad_hidden[t] = sum over the kept slots (id >= 0) of grad_permuted[row_index[t,k]]
+                      = grouped_combine(grad_permuted, (topk_ids >= 0) as fp32, row_index)
     grouped_dispatch  grad_hidden[t] = sum_k grad_permuted[row_index[t,k]] = grouped_combine(grad_permuted,
                       ones, row_index) (a gather, fp32 accumulation, no atomics); grad_router_logits
                       through the selected weights (expert_scale, renormalize, softmax/sigmoid backward,
@@ -308,6 +310,7 @@ def _register_triton() -> None:
     try:
         from .triton import DEVICES
         from .triton import backward as tb
+        from .triton.grouped_gemm import zero_rows_past_experts
     except Exception:   # noqa: BLE001  no Triton: the reference serves every device
         return
     lowp = (torch.float16, torch.bfloat16, torch.float32)
@@ -326,7 +329,11 @@ def _register_triton() -> None:
             return triton_fn(grad_y, other, expert_offsets)
         return fn
 
-    dgrad = backward_gemm(grouped_mm_dgrad, tb.grouped_gemm_dgrad, ref_grouped_gemm_dgrad)
+    dgrad_rows = backward_gemm(grouped_mm_dgrad, tb.grouped_gemm_dgrad, ref_grouped_gemm_dgrad)
+
+    def dgrad(grad_y, w, expert_offsets):   # rows of no expert (past offsets[E]) get zero gradient
+        return zero_rows_past_experts(dgrad_rows(grad_y, w, expert_offsets), expert_offsets)
+
     wgrad = backward_gemm(grouped_mm_wgrad, tb.grouped_gemm_wgrad, ref_grouped_gemm_wgrad)
 
     def only_lowp(triton_fn, ref_fn):
@@ -425,6 +432,24 @@ def _dispatch_backward(ctx, grad_permuted, grad_weights, *_):
     return grad_hidden, grad_logits, None, None, grad_scale, None, None
 
 
+# ----------------------------------------------------------------------------- autograd: permute
+def _permute_setup_context(ctx, inputs, output):
+    hidden, topk_ids, num_experts = inputs
+    _, expert_offsets, row_index = output
+    ctx.mark_non_differentiable(expert_offsets, row_index)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(topk_ids, row_index)
+
+
+def _permute_backward(ctx, grad_permuted, *_):
+    topk_ids, row_index = ctx.saved_tensors
+    if grad_permuted is None or not _needs(ctx, 3)[0]:
+        return None, None, None
+    # Dropped slots hold zeros, not copies of hidden: weight 0 keeps their rows out of the sum.
+    kept = (topk_ids >= 0).to(torch.float32)
+    return torch.ops.moge.grouped_combine(grad_permuted, kept, row_index, None), None, None
+
+
 # ----------------------------------------------------------------------------- autograd: grouped_gemm
 def _as_weight(grad_w, shape):
     """A weight gradient [E, N, K] in the weight's own shape ([E, N, K/B, B] when packed)."""
@@ -514,6 +539,8 @@ def _swiglu_backward(ctx, grad_h):
 
 torch.library.register_autograd("moge::grouped_dispatch", _dispatch_backward,
                                 setup_context=_dispatch_setup_context, lib=_lib)
+torch.library.register_autograd("moge::grouped_permute", _permute_backward,
+                                setup_context=_permute_setup_context, lib=_lib)
 torch.library.register_autograd("moge::grouped_gemm", _gemm_backward,
                                 setup_context=_gemm_setup_context, lib=_lib)
 torch.library.register_autograd("moge::grouped_mlp", _mlp_backward,

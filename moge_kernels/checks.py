@@ -71,13 +71,30 @@ def check_dispatch(hidden, router_logits, num_groups, topk_per_group, expert_sca
     check_rows_fit_int32("grouped_dispatch T*K", T * num_groups * topk_per_group)
 
 
+def check_permute(hidden, topk_ids, num_experts):
+    check_tensor("hidden", hidden, 2)
+    check_tensor("topk_ids", topk_ids, 2, dtypes=(torch.int32, torch.int64), device=hidden.device)
+    T, K = topk_ids.shape
+    if hidden.shape[0] != T:
+        _fail(f"hidden has {hidden.shape[0]} tokens but topk_ids has {T}")
+    if num_experts < 1:
+        _fail(f"num_experts must be an int >= 1, got {num_experts!r}")
+    check_rows_fit_int32("grouped_permute T*K", T * K)
+    if _should_check_values(topk_ids) and topk_ids.numel() > 0:
+        lo, hi = topk_ids.min().item(), topk_ids.max().item()
+        if lo < -1 or hi >= num_experts:
+            _fail(f"topk_ids values must lie in [-1, num_experts={num_experts}) (-1: a dropped slot), "
+                  f"got [{lo}, {hi}]")
+
+
 def check_offsets(expert_offsets, num_experts, num_rows, device):
     check_tensor("expert_offsets", expert_offsets, 1, dtypes=(torch.int32,), device=device)
     check_shape("expert_offsets", expert_offsets, (num_experts + 1,))
     if _should_check_values(expert_offsets):
         offsets = expert_offsets.cpu()
-        if offsets[0].item() != 0 or offsets[-1].item() != num_rows:
-            _fail(f"expert_offsets must start at 0 and end at the row count {num_rows}, "
+        # Rows past offsets[E] belong to no expert (grouped_permute's dropped slots): outputs are zero there.
+        if offsets[0].item() != 0 or not 0 <= offsets[-1].item() <= num_rows:
+            _fail(f"expert_offsets must start at 0 and end at most at the row count {num_rows}, "
                   f"got {offsets[0].item()} ... {offsets[-1].item()}")
         if bool((offsets[1:] < offsets[:-1]).any()):
             _fail("expert_offsets must be non-decreasing")

@@ -24,6 +24,8 @@ SCHEMAS = {
         "Tensor? expert_scale=None, bool renormalize=False, str score_func='softmax') -> "
         "(Tensor permuted_hidden, Tensor topk_weights, Tensor topk_ids, Tensor expert_offsets, "
         "Tensor row_index)"),
+    "grouped_permute": ("(Tensor hidden, Tensor topk_ids, int num_experts) -> "
+                        "(Tensor permuted_hidden, Tensor expert_offsets, Tensor row_index)"),
     "grouped_gemm": "(Tensor x, Tensor w, Tensor expert_offsets) -> Tensor",
     "grouped_mlp": ("(Tensor x, Tensor w_gate_up, Tensor w_down, Tensor expert_offsets, "
                     "Tensor? row_scale=None) -> Tensor"),
@@ -39,6 +41,7 @@ SCHEMAS = {
 }
 ARG_CHECKS = {   # every op defined through define_op, the backward primitives of autograd.py included
     "grouped_dispatch": checks.check_dispatch,
+    "grouped_permute": checks.check_permute,
     "grouped_gemm": checks.check_gemm,
     "grouped_mlp": checks.check_mlp,
     "grouped_combine": checks.check_combine,
@@ -118,6 +121,15 @@ def _(hidden, router_logits, num_groups, topk_per_group=1, expert_scale=None, re
             hidden.new_empty(T, K, dtype=torch.int32))
 
 
+@torch.library.register_fake("moge::grouped_permute")
+def _(hidden, topk_ids, num_experts):
+    checks.check_permute(hidden, topk_ids, num_experts)
+    T, K = topk_ids.shape
+    return (hidden.new_empty(T * K, hidden.shape[1]),
+            hidden.new_empty(num_experts + 1, dtype=torch.int32),
+            hidden.new_empty(T, K, dtype=torch.int32))
+
+
 @torch.library.register_fake("moge::grouped_gemm")
 def _(x, w, expert_offsets):
     checks.check_gemm(x, w, expert_offsets)
@@ -157,6 +169,15 @@ def grouped_dispatch(hidden: Tensor, router_logits: Tensor, num_groups: int, top
     """Grouped top-k routing + stable permute: (permuted_hidden, topk_weights, topk_ids, expert_offsets, row_index)."""
     return torch.ops.moge.grouped_dispatch(hidden, router_logits, num_groups, topk_per_group,
                                            expert_scale, renormalize, score_func)
+
+
+def grouped_permute(hidden: Tensor, topk_ids: Tensor, num_experts: int):
+    """Stable permute by given expert ids: (permuted_hidden [T*K,H], expert_offsets [E+1] i32, row_index [T,K] i32).
+
+    topk_ids [T,K] int32/int64 from any router; -1 drops a slot: dropped slots take the zero rows
+    [expert_offsets[E], T*K), which every grouped op treats as rows of no expert (zero output), so they
+    contribute 0 in grouped_combine. Same order as grouped_dispatch: by expert, then token, then slot."""
+    return torch.ops.moge.grouped_permute(hidden, topk_ids, num_experts)
 
 
 def grouped_gemm(x: Tensor, w: Tensor, expert_offsets: Tensor) -> Tensor:

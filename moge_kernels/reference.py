@@ -9,6 +9,10 @@ Small and obviously correct on purpose; speed is not a goal here. The contract i
                                    [expert_offsets[e], expert_offsets[e+1]) of the permuted tensor
     row_index       [T, K] int32   permuted row that (token t, slot k) was copied to
 
+Rows of no expert: grouped_permute's topk_ids may hold -1 (a dropped slot); those slots get the rows
+[expert_offsets[E], T*K). Every op that takes expert_offsets accepts expert_offsets[E] <= M and writes
+zeros to the rows past it (its gradients too), which is how a dropped slot contributes 0 in combine.
+
 NaN policy: a NaN score ranks below every number when experts are selected (ties, NaN ties included, go
 to the lower expert index), so every id is a valid expert of its group whatever the logits hold. The
 weight of a selected NaN score stays NaN, so the token's output is NaN: a broken router is visible in
@@ -45,19 +49,32 @@ def route(router_logits, num_groups, topk_per_group=1, expert_scale=None, renorm
 
 
 def permute(hidden, topk_ids, num_experts):
-    """Stable sort of the T*K (token, slot) pairs by expert.
+    """Stable sort of the T*K (token, slot) pairs by expert; the op `moge::grouped_permute`.
 
-    Returns (permuted_hidden [T*K,H], expert_offsets [E+1] int32, row_index [T,K] int32)."""
+    topk_ids [T, K] int32 or int64, any strides; -1 marks a dropped slot (no expert, or an expert that
+    lives on another rank). Returns (permuted_hidden [T*K,H], expert_offsets [E+1] int32,
+    row_index [T,K] int32). Dropped slots sort after every expert, in (token, slot) order, so they own
+    rows [expert_offsets[E], T*K); those rows of permuted_hidden are zero, and row_index stays a
+    permutation of [0, T*K). "Rows of no expert" (past expert_offsets[E]) are zero in every grouped op's
+    output too (grouped_gemm, grouped_mlp and their gradients), so a dropped slot contributes
+    weight * 0 = 0 in grouped_combine whatever its weight. Ids outside [-1, E) are the caller's error
+    (checks.check_permute)."""
     T, K = topk_ids.shape
     flat_ids = topk_ids.reshape(-1).long()
-    order = torch.argsort(flat_ids, stable=True)                    # order[r] = t*K + k
-    permuted_hidden = hidden[order // K]
-    counts = torch.bincount(flat_ids, minlength=num_experts)
+    valid = flat_ids >= 0
+    keys = torch.where(valid, flat_ids, num_experts)                # dropped slots -> bucket E, last
+    order = torch.argsort(keys, stable=True)                        # order[r] = t*K + k
+    permuted_hidden = torch.where(valid[order, None], hidden[order // K], 0).to(hidden.dtype)
+    counts = torch.bincount(keys, minlength=num_experts + 1)[:num_experts]
     expert_offsets = torch.zeros(num_experts + 1, dtype=torch.int32, device=hidden.device)
     expert_offsets[1:] = torch.cumsum(counts, 0).to(torch.int32)
     row_index = torch.empty(T * K, dtype=torch.int32, device=hidden.device)
     row_index[order] = torch.arange(T * K, dtype=torch.int32, device=hidden.device)
     return permuted_hidden, expert_offsets, row_index.view(T, K)
+
+
+def grouped_permute(hidden, topk_ids, num_experts):
+    return permute(hidden, topk_ids, num_experts)
 
 
 def grouped_dispatch(hidden, router_logits, num_groups, topk_per_group=1, expert_scale=None,
@@ -96,6 +113,7 @@ def grouped_mlp(x, w_gate_up, w_down, expert_offsets, row_scale=None):
     y = grouped_gemm(h, w_down, expert_offsets)
     if row_scale is not None:
         y = (y.float() * row_scale.float()[:, None]).to(y.dtype)
+        y[int(expert_offsets[-1]):] = 0     # rows of no expert stay zero whatever their scale
     return y
 
 

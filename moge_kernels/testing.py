@@ -30,6 +30,18 @@ def make_routing_inputs(T, E, H, dtype=torch.float32, device="cpu", seed=0, logi
     return hidden.to(device), logits.to(logits_dtype).to(device)
 
 
+def make_topk_ids(T, K, E, seed=0, dtype=torch.int32, device="cpu", drop=0.25, empty_every=3):
+    """topk_ids [T, K] as a router outside this package gives them: distinct experts per token, every
+    `empty_every`-th expert never picked (when K allows), a `drop` fraction of slots -1 (dropped)."""
+    g = generator(seed)
+    pool = [e for e in range(E) if not empty_every or e % empty_every]
+    pool = pool if len(pool) >= K else list(range(E))
+    picks = torch.rand(T, len(pool), generator=g).argsort(dim=1)[:, :K]
+    ids = torch.tensor(pool, dtype=torch.long)[picks] if T else torch.zeros(0, K, dtype=torch.long)
+    ids[torch.rand(T, K, generator=g) < drop] = -1
+    return ids.to(dtype).to(device)
+
+
 def make_expert_weights(E, H, I, dtype=torch.float32, device="cpu", seed=1):
     """w_gate_up [E,2I,H], w_down [E,H,I], scaled so activations stay O(1)."""
     g = generator(seed)
@@ -109,7 +121,8 @@ def check_gemm_and_mlp(grouped_gemm, grouped_mlp, dtype, M, E, H=40, I=24):
 def sample_inputs(device="cpu", dtype=torch.float32):
     """{op: [(args, kwargs), ...]}: small ragged cases of every op, shared by correctness tests, opcheck
     and gradient tests. Covers T=0, T=1, empty experts, odd H, k_g=2, sigmoid, expert_scale, row_scale."""
-    samples = {"grouped_dispatch": [], "grouped_gemm": [], "grouped_mlp": [], "grouped_combine": []}
+    samples = {"grouped_dispatch": [], "grouped_permute": [], "grouped_gemm": [], "grouped_mlp": [],
+               "grouped_combine": []}
     for T, E, G, k_g, H, extra in [(0, 8, 2, 1, 12, {}),
                                    (1, 8, 4, 1, 12, {}),
                                    (7, 16, 4, 2, 20, dict(score_func="sigmoid", renormalize=True)),
@@ -118,6 +131,11 @@ def sample_inputs(device="cpu", dtype=torch.float32):
         if extra.get("expert_scale"):
             extra = dict(extra, expert_scale=torch.rand(E, generator=generator(T)).add(0.5).to(device))
         samples["grouped_dispatch"].append(((hidden, logits, G, k_g), extra))
+    for T, K, E, H, id_dtype in [(0, 2, 4, 8, torch.int32), (1, 1, 3, 12, torch.int32),
+                                 (9, 4, 6, 20, torch.int64)]:
+        hidden = torch.randn(T, H, generator=generator(T)).to(dtype).to(device)
+        samples["grouped_permute"].append(((hidden, make_topk_ids(T, K, E, seed=T, dtype=id_dtype,
+                                                                  device=device), E), {}))
     for M, E, N, Kd in [(0, 4, 8, 12), (1, 4, 8, 12), (37, 8, 24, 20)]:
         g = generator(M)
         x = torch.randn(M, Kd, generator=g).to(dtype).to(device)

@@ -8,17 +8,23 @@ namespace moge {
 
 namespace {
 
-// Host copy of expert_offsets, checked: starts at 0, non-decreasing, ends at num_rows.
+// Host copy of expert_offsets, checked: starts at 0, non-decreasing, ends at most at num_rows (rows past
+// offsets[E] belong to no expert: grouped_permute's dropped slots).
 std::vector<int64_t> read_offsets(const at::Tensor& expert_offsets, int64_t num_rows) {
   auto offsets = expert_offsets.to(at::kLong).contiguous();
   const int64_t* p = offsets.data_ptr<int64_t>();
   std::vector<int64_t> bounds(p, p + offsets.numel());
-  TORCH_CHECK_VALUE(bounds.front() == 0 && bounds.back() == num_rows,
-                    "expert_offsets must start at 0 and end at the row count ", num_rows);
+  TORCH_CHECK_VALUE(bounds.front() == 0 && bounds.back() >= 0 && bounds.back() <= num_rows,
+                    "expert_offsets must start at 0 and end at most at the row count ", num_rows);
   for (size_t e = 1; e < bounds.size(); ++e) {
     TORCH_CHECK_VALUE(bounds[e] >= bounds[e - 1], "expert_offsets must be non-decreasing");
   }
   return bounds;
+}
+
+// Rows of no expert, [offsets[E], M), are zero in every output.
+void zero_rows_past_experts(at::Tensor& y, const std::vector<int64_t>& bounds) {
+  if (bounds.back() < y.size(0)) y.narrow(0, bounds.back(), y.size(0) - bounds.back()).zero_();
 }
 
 }  // namespace
@@ -33,6 +39,7 @@ at::Tensor grouped_gemm_cpu(const at::Tensor& x, const at::Tensor& w, const at::
     auto y_e = y.narrow(0, bounds[e], rows);
     at::mm_out(y_e, x.narrow(0, bounds[e], rows), w[e].t());
   }
+  zero_rows_past_experts(y, bounds);
   return y;
 }
 
@@ -62,6 +69,7 @@ at::Tensor grouped_mlp_cpu(const at::Tensor& x, const at::Tensor& w_gate_up, con
       y_e.copy_(y_e.to(at::kFloat) * scale);
     }
   }
+  zero_rows_past_experts(y, bounds);
   return y;
 }
 

@@ -3,7 +3,8 @@
 Index arrays (all on the device, none read by the host):
     x               [M, Kd]     rows sorted by expert; rows of expert e are [offsets[e], offsets[e+1])
     w               [E, N, Kd]  nn.Linear layout: y[rows of e] = x[rows of e] @ w[e]^T
-    expert_offsets  [E+1] int32 exclusive cumsum of rows per expert; offsets[0] = 0, offsets[E] = M
+    expert_offsets  [E+1] int32 exclusive cumsum of rows per expert; offsets[0] = 0, offsets[E] <= M;
+                                rows [offsets[E], M) belong to no expert and get zeros (zero_rows_past_experts)
     w_gate_up       [E, 2I, H]  rows [0, I) gate, rows [I, 2I) up
     w_down          [E, H, I]
     row_scale       [M] fp32    optional factor per output row (routing weights folded into the down GEMM)
@@ -466,6 +467,36 @@ def choose_config(x, w, expert_offsets, out, swiglu) -> gemm_configs.GemmConfig:
     return _tuned[key]
 
 
+# ----------------------------------------------------------------------------- rows of no expert
+@triton.jit(do_not_specialize=["M", "N"])
+def _zero_tail_kernel(y_ptr, offsets_ptr, M, N, stride_ym, E: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Grid (P, cdiv(N, BLOCK_N)): rows [offsets[E], M) of y get zeros, P programs striding over them."""
+    start = tl.load(offsets_ptr + E)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    zeros = tl.zeros([BLOCK_M, BLOCK_N], dtype=y_ptr.dtype.element_ty)
+    for r0 in range(start + tl.program_id(0) * BLOCK_M, M, tl.num_programs(0) * BLOCK_M):
+        rows = r0 + tl.arange(0, BLOCK_M)
+        tl.store(y_ptr + rows.to(tl.int64)[:, None] * stride_ym + cols[None, :], zeros,
+                 mask=(rows < M)[:, None] & (cols < N)[None, :])
+
+
+def zero_rows_past_experts(y: torch.Tensor, expert_offsets: torch.Tensor) -> torch.Tensor:
+    """Zeros in rows [expert_offsets[E], M) of y [M, N] (unit column stride), the rows of no expert
+    (grouped_permute's dropped slots). The bound is device data: no host sync, one small launch that
+    returns at once when every row belongs to an expert."""
+    M, N = y.shape
+    if M == 0 or N == 0:
+        return y
+    block_n = min(triton.next_power_of_2(N), 1024)
+    block_m = max(1, 4096 // block_n)
+    programs = min(_cdiv(M, block_m), 4 if y.device.type != "cuda" else 2 * _num_sms(y.device))
+    _zero_tail_kernel[(programs, _cdiv(N, block_n))](
+        y, expert_offsets, M, N, y.stride(0), E=expert_offsets.shape[0] - 1,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
+    return y
+
+
 # ----------------------------------------------------------------------------- op implementations
 def _unit_inner(t: torch.Tensor) -> torch.Tensor:
     """The kernels need unit stride along the reduction dimension only."""
@@ -478,7 +509,7 @@ def grouped_gemm(x, w, expert_offsets):
     y = x.new_empty(x.shape[0], w.shape[1])
     if x.shape[1] == 0:
         return y.zero_()
-    return launch_grouped_gemm(x, w, offsets, y, swiglu=False)
+    return zero_rows_past_experts(launch_grouped_gemm(x, w, offsets, y, swiglu=False), offsets)
 
 
 _side_streams: dict[int, torch.cuda.Stream] = {}
@@ -519,7 +550,8 @@ def grouped_mlp(x, w_gate_up, w_down, expert_offsets, row_scale=None):
         row_scale = row_scale.to(torch.float32).contiguous()
     if not _two_streams(x, E):
         launch_grouped_gemm(x, w_gate_up, offsets, h, swiglu=True)
-        return launch_grouped_gemm(h, w_down, offsets, y, swiglu=False, row_scale=row_scale)
+        launch_grouped_gemm(h, w_down, offsets, y, swiglu=False, row_scale=row_scale)
+        return zero_rows_past_experts(y, offsets)
     # Experts [0, E/2) on this stream, [E/2, E) on a side stream; offsets hold absolute rows, so a slice
     # of them with the matching weight slice is the same problem on fewer experts. Configs come from the
     # whole problem's key (a half has twice the rows per expert on paper, not in its tiles). No host
@@ -536,7 +568,7 @@ def grouped_mlp(x, w_gate_up, w_down, expert_offsets, row_scale=None):
             launch_grouped_gemm(h, w_down[lo:hi], offsets[lo:hi + 1], y, swiglu=False, row_scale=row_scale,
                                 config=cfg_down)
     main.wait_stream(side)
-    return y
+    return zero_rows_past_experts(y, offsets)
 
 
 register_kernel("triton", "grouped_gemm", grouped_gemm, devices=DEVICES, packed_weights=True)

@@ -1,0 +1,231 @@
+"""Triton `moge::grouped_permute`: stable permutation of the hidden rows by expert ids a router gave.
+
+Index tensors passed between the kernels (T tokens, K slots per token, E experts, NB = cdiv(T, COUNT_BLOCK_T)
+count blocks; bucket E holds the dropped slots, id -1):
+
+    topk_ids        [T, K]     int32/int64, any strides (input)
+    slot_rank       [T, K]     int32 scratch: rank of (t, k) among the slots of its count block that go to
+                               the same bucket, in (token, slot) order
+    block_base      [NB, E+1]  int32 scratch: first, per-bucket counts of each count block; after the scan
+                               kernel (when it runs), the permuted row of the first slot that block b sends
+                               to bucket e
+    expert_offsets  [E+1]      int32 exclusive cumsum of rows per expert (output); offsets[E] = kept slots
+    row_index       [T, K]     int32 block_base[t // COUNT_BLOCK_T, bucket(t, k)] + slot_rank[t, k] (output)
+
+Launches (current stream, no host synchronisation):
+
+    1. _count_kernel, one program per count block: per-bucket counts and slot ranks.
+    2. _scan_kernel, one program: counts -> expert_offsets and block_base (skipped for NB <= FUSED_SCAN_MAX
+       blocks, where every copy program redoes this scan from the NB x (E+1) counts, as dispatch.py does).
+    3. _copy_kernel, one program per (token block, H block): row_index and the K copies of each hidden row
+       (read once); a dropped slot's row is written with zeros.
+
+Same order as the reference (moge_kernels.reference.permute): bucket, then token, then slot, so a token
+may send two slots to one expert. Ids outside [-1, E) (only possible without MOGE_VALIDATE on a GPU, since
+the checks reject them on CPU) are treated as dropped, so no write ever leaves the output.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import options
+from ..registry import register_kernel
+from . import DEVICES
+
+_INTERPRET = options.TRITON_INTERPRET
+
+# Count tiles are [COUNT_BLOCK_T, pow2(E+1)] int32, at most this many elements.
+COUNT_TILE_ELEMS = 4096
+# Up to this many count blocks the copy programs scan the counts themselves (no scan launch).
+FUSED_SCAN_MAX_BLOCKS = 16
+# Scan tile [CHUNK_B blocks, pow2(E+1) buckets].
+SCAN_TILE_ELEMS = 8192
+
+
+@triton.jit
+def _bucket(ids_ptr, t, k, t_ok, stride_it, stride_ik, E: tl.constexpr):
+    """Bucket of slot (t, k): its expert, or E for -1 (and any id outside [0, E))."""
+    ids = tl.load(ids_ptr + t.to(tl.int64) * stride_it + k * stride_ik, mask=t_ok, other=-1)
+    return tl.where((ids >= 0) & (ids < E), ids, E).to(tl.int32)
+
+
+# ----------------------------------------------------------------------------------------- launch 1
+@triton.jit(do_not_specialize=["T"])
+def _count_kernel(
+    ids_ptr,             # [T, K] int32/int64, strides (stride_it, stride_ik)
+    slot_rank_ptr,       # [T, K] int32 out
+    block_base_ptr,      # [NB, E+1] int32 out: per-block bucket counts
+    T, stride_it, stride_ik,
+    E: tl.constexpr, K: tl.constexpr, E1_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """Grid (NB,): program b counts the slots of tokens [b*BLOCK_T, (b+1)*BLOCK_T)."""
+    pid = tl.program_id(0)
+    t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_ok = t < T
+    e = tl.arange(0, E1_PAD)[None, :]
+    per_token = tl.zeros([BLOCK_T, E1_PAD], dtype=tl.int32)        # slots of token t in bucket e
+    for k in tl.static_range(K):
+        b = _bucket(ids_ptr, t, k, t_ok, stride_it, stride_ik, E)
+        per_token += ((b[:, None] == e) & t_ok[:, None]).to(tl.int32)
+    earlier = tl.cumsum(per_token, axis=0) - per_token             # slots of earlier tokens of the block
+    for k in tl.static_range(K):
+        b = _bucket(ids_ptr, t, k, t_ok, stride_it, stride_ik, E)
+        rank = tl.sum(tl.where(b[:, None] == e, earlier, 0), axis=1)
+        for j in tl.static_range(k):   # earlier slots of the same token in the same bucket
+            rank += (_bucket(ids_ptr, t, j, t_ok, stride_it, stride_ik, E) == b).to(tl.int32)
+        tl.store(slot_rank_ptr + t * K + k, rank, mask=t_ok)
+    counts = tl.sum(per_token, axis=0)
+    tl.store(block_base_ptr + pid * (E + 1) + tl.arange(0, E1_PAD), counts, mask=tl.arange(0, E1_PAD) < E + 1)
+
+
+# ----------------------------------------------------------------------------------------- launch 2
+@triton.jit(do_not_specialize=["num_blocks"])
+def _scan_kernel(
+    block_base_ptr,      # [NB, E+1] int32 in: per-block counts; out (in place): per-block base rows
+    expert_offsets_ptr,  # [E+1] int32 out
+    num_blocks,
+    E: tl.constexpr, E1_PAD: tl.constexpr, CHUNK_B: tl.constexpr,
+):
+    """Grid (1,): column sums, their exclusive cumsum over buckets, then a running sum over blocks."""
+    e = tl.arange(0, E1_PAD)
+    e_ok = e < E + 1
+    total = tl.zeros([E1_PAD], dtype=tl.int32)
+    for b0 in range(0, num_blocks, CHUNK_B):
+        b = b0 + tl.arange(0, CHUNK_B)
+        mask = (b < num_blocks)[:, None] & e_ok[None, :]
+        total += tl.sum(tl.load(block_base_ptr + b[:, None] * (E + 1) + e[None, :], mask=mask, other=0), axis=0)
+    base = tl.cumsum(total, axis=0) - total
+    tl.store(expert_offsets_ptr + e, base, mask=e_ok)
+    for b0 in range(0, num_blocks, CHUNK_B):
+        b = b0 + tl.arange(0, CHUNK_B)
+        mask = (b < num_blocks)[:, None] & e_ok[None, :]
+        ptrs = block_base_ptr + b[:, None] * (E + 1) + e[None, :]
+        counts = tl.load(ptrs, mask=mask, other=0)
+        # Read before write, same program, same addresses: in place is safe.
+        tl.store(ptrs, base[None, :] + tl.cumsum(counts, axis=0) - counts, mask=mask)
+        base += tl.sum(counts, axis=0)
+
+
+# ----------------------------------------------------------------------------------------- launch 3
+@triton.jit(do_not_specialize=["T", "num_blocks"])
+def _copy_kernel(
+    hidden_ptr,          # [T, H] row stride stride_ht, unit column stride
+    ids_ptr,             # [T, K] int32/int64, strides (stride_it, stride_ik)
+    slot_rank_ptr,       # [T, K] int32
+    block_base_ptr,      # [NB, E+1] int32: base rows after the scan kernel; FUSED_SCAN: the counts
+    expert_offsets_ptr,  # [E+1] int32 out, written only if FUSED_SCAN (by program (0, 0))
+    row_index_ptr,       # [T, K] int32 out
+    permuted_ptr,        # [T*K, H] out, contiguous
+    T, H, stride_ht, stride_it, stride_ik, num_blocks,
+    E: tl.constexpr, K: tl.constexpr, E1_PAD: tl.constexpr, NB_PAD: tl.constexpr,
+    FUSED_SCAN: tl.constexpr, COUNT_BLOCK_T: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """Grid (cdiv(T, BLOCK_T), cdiv(H, BLOCK_H)). FUSED_SCAN needs BLOCK_T <= COUNT_BLOCK_T (powers of two)."""
+    pid_t = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_ok = t < T
+    h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    mask = t_ok[:, None] & (h < H)[None, :]
+    # int64 addresses: T*K*H passes 2^31 elements at prefill sizes.
+    rows = tl.load(hidden_ptr + t.to(tl.int64)[:, None] * stride_ht + h[None, :], mask=mask,
+                   eviction_policy="evict_first")   # read once: keep L2 for the K writes
+    if FUSED_SCAN:
+        b2 = tl.arange(0, NB_PAD)[:, None]
+        e2 = tl.arange(0, E1_PAD)[None, :]
+        counts = tl.load(block_base_ptr + b2 * (E + 1) + e2, mask=(b2 < num_blocks) & (e2 < E + 1), other=0)
+        totals = tl.sum(counts, axis=0)                                  # [E1_PAD]
+        offsets = tl.cumsum(totals, axis=0) - totals
+        if pid_t == 0:
+            if pid_h == 0:
+                tl.store(expert_offsets_ptr + tl.arange(0, E1_PAD), offsets, mask=tl.arange(0, E1_PAD) < E + 1)
+        my_block = (pid_t * BLOCK_T) // COUNT_BLOCK_T
+        base = offsets + tl.sum(tl.where(b2 < my_block, counts, 0), axis=0)   # [E1_PAD]
+        e_of = tl.arange(0, E1_PAD)[None, :]
+    else:
+        block = t // COUNT_BLOCK_T
+    for k in tl.static_range(K):
+        b = _bucket(ids_ptr, t, k, t_ok, stride_it, stride_ik, E)
+        if FUSED_SCAN:
+            row = tl.sum(tl.where(e_of == b[:, None], base[None, :], 0), axis=1)
+        else:
+            row = tl.load(block_base_ptr + block * (E + 1) + b, mask=t_ok, other=0)
+        row += tl.load(slot_rank_ptr + t * K + k, mask=t_ok, other=0)
+        if pid_h == 0:
+            tl.store(row_index_ptr + t * K + k, row, mask=t_ok)
+        vals = tl.where((b < E)[:, None], rows, tl.zeros_like(rows))
+        tl.store(permuted_ptr + row.to(tl.int64)[:, None] * H + h[None, :], vals, mask=mask)
+
+
+# ----------------------------------------------------------------------------------------- launcher
+def _pow2(n: int) -> int:
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+def _copy_config(T: int, H: int):
+    """(BLOCK_T, BLOCK_H, num_warps) of the copy."""
+    block_h = min(_pow2(H), 1024)   # one 16-byte vector a thread per token at 4 warps (16-bit)
+    block_t = 1 if T < 1024 else 4
+    if _INTERPRET:   # the interpreter pays per program and per op, not per element: few, big programs
+        block_t = 16
+    num_warps = max(1, min(4, block_t * block_h // 256))
+    return block_t, block_h, num_warps
+
+
+def grouped_permute(hidden, topk_ids, num_experts, *, count_block_t=None, copy_config=None):
+    """Triton kernel of `moge::grouped_permute` (arguments already checked by moge_kernels.checks).
+
+    count_block_t / copy_config=(BLOCK_T, BLOCK_H, num_warps) override the tile choice (tests, tuning)."""
+    T, K = topk_ids.shape
+    H = hidden.shape[1]
+    E = num_experts
+    device = hidden.device
+    permuted = torch.empty(T * K, H, dtype=hidden.dtype, device=device)     # [T*K, H]
+    row_index = torch.empty(T, K, dtype=torch.int32, device=device)         # [T, K] int32
+    if T == 0 or K == 0:   # a shape (not data) branch: nothing to permute
+        return permuted, torch.zeros(E + 1, dtype=torch.int32, device=device), row_index
+    expert_offsets = torch.empty(E + 1, dtype=torch.int32, device=device)  # [E+1] int32
+    if hidden.stride(1) != 1:
+        hidden = hidden.contiguous()
+
+    e1_pad = _pow2(E + 1)
+    if count_block_t is None:
+        count_block_t = max(1, COUNT_TILE_ELEMS // e1_pad)
+        if not _INTERPRET:   # spread small T over several count programs
+            count_block_t = min(count_block_t, _pow2(triton.cdiv(T, FUSED_SCAN_MAX_BLOCKS)))
+    num_blocks = triton.cdiv(T, count_block_t)
+    fused_scan = num_blocks <= FUSED_SCAN_MAX_BLOCKS
+
+    scratch = torch.empty(T * K + num_blocks * (E + 1), dtype=torch.int32, device=device)
+    slot_rank = scratch[:T * K]                                              # [T, K] int32
+    block_base = scratch[T * K:]                                             # [NB, E+1] int32
+    sit, sik = topk_ids.stride()
+    _count_kernel[(num_blocks,)](
+        topk_ids, slot_rank, block_base, T, sit, sik,
+        E=E, K=K, E1_PAD=e1_pad, BLOCK_T=count_block_t,
+        num_warps=8 if count_block_t * e1_pad >= 8192 else 4)
+    if not fused_scan:
+        _scan_kernel[(1,)](
+            block_base, expert_offsets, num_blocks,
+            E=E, E1_PAD=e1_pad, CHUNK_B=min(_pow2(num_blocks), max(1, SCAN_TILE_ELEMS // e1_pad)),
+            num_warps=8)
+
+    block_t, block_h, num_warps = copy_config or _copy_config(T, H)
+    if fused_scan:
+        block_t = min(block_t, count_block_t)
+    grid = (triton.cdiv(T, block_t), max(1, triton.cdiv(H, block_h)))   # >= 1 H block: row_index
+    _copy_kernel[grid](
+        hidden, topk_ids, slot_rank, block_base, expert_offsets, row_index, permuted,
+        T, H, hidden.stride(0), sit, sik, num_blocks,
+        E=E, K=K, E1_PAD=e1_pad, NB_PAD=_pow2(num_blocks), FUSED_SCAN=fused_scan,
+        COUNT_BLOCK_T=count_block_t, BLOCK_T=block_t, BLOCK_H=block_h, num_warps=num_warps)
+    return permuted, expert_offsets, row_index
+
+
+def _registered(hidden, topk_ids, num_experts):
+    return grouped_permute(hidden, topk_ids, num_experts)
+
+
+register_kernel("triton", "grouped_permute", _registered, devices=DEVICES)

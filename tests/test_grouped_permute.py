@@ -1,0 +1,310 @@
+"""`moge::grouped_permute` (given expert ids, -1 = dropped slot) on every backend against the reference,
+and the composition permute -> grouped_mlp -> grouped_combine against plain torch, forward and backward.
+
+On CPU the triton backend runs through Triton's interpreter (tests/conftest.py): small fp32/fp16 shapes.
+On a GPU the same tests run on CUDA tensors for the triton and cuda backends (bf16 too)."""
+import pytest
+import torch
+
+import moge_kernels as mk
+from moge_kernels import reference as R
+from moge_kernels.testing import TOLERANCES, generator, make_expert_weights, make_topk_ids, sample_inputs
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+AVAILABLE = mk.backends()
+
+
+def _runs_on(backend, device):
+    info = AVAILABLE[backend]
+    return info["available"] and "grouped_permute" in info["ops"] and \
+        ("*" in info["devices"] or device in info["devices"])
+
+
+# (backend, device) pairs that can run here; the reference on both
+CASES = [(b, d) for d in (["cpu"] + (["cuda"] if HAS_CUDA else []))
+         for b in ("reference", "cpu", "triton", "cuda") if _runs_on(b, d)]
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if HAS_CUDA else [])
+
+
+def run(backend, *args):
+    with mk.use_backend(backend):
+        assert mk.resolve("grouped_permute", args[0].device.type)[0] == backend
+        return mk.grouped_permute(*args)
+
+
+def assert_permute_equal(out, ref):
+    """Every output bit for bit (a permutation copies rows), with its shape, dtype and device."""
+    for name, a, b in zip(("permuted_hidden", "expert_offsets", "row_index"), out, ref, strict=True):
+        assert a.shape == b.shape and a.dtype == b.dtype and a.device == b.device, \
+            f"{name}: {tuple(a.shape)} {a.dtype} {a.device} != {tuple(b.shape)} {b.dtype} {b.device}"
+        assert torch.equal(a, b), f"{name} differs from the reference"
+
+
+# ------------------------------------------------------------------------------------ the reference
+def test_reference_hand_computed():
+    """5 tokens, K=2, E=3. Flat ids [0,2, 1,-1, 2,2, -1,-1, 0,1]: expert 0 gets slots (0,0), (4,0);
+    expert 1: (1,0), (4,1); expert 2: (0,1), (2,0), (2,1) (a token may repeat an expert); dropped:
+    (1,1), (3,0), (3,1) after every expert, zero rows."""
+    hidden = torch.arange(5.0)[:, None].repeat(1, 2) + 1          # row t holds t + 1
+    ids = torch.tensor([[0, 2], [1, -1], [2, 2], [-1, -1], [0, 1]])
+    permuted, offsets, row_index = R.permute(hidden, ids, 3)
+    assert offsets.tolist() == [0, 2, 4, 7]
+    assert row_index.tolist() == [[0, 4], [2, 7], [5, 6], [8, 9], [1, 3]]
+    assert permuted[:, 0].tolist() == [1, 5, 2, 5, 1, 3, 3, 0, 0, 0]
+    assert offsets.dtype == row_index.dtype == torch.int32
+
+
+def test_reference_equals_dispatch_order():
+    """On ids from grouped_dispatch (no -1), grouped_permute reproduces dispatch's permutation exactly."""
+    g = generator(3)
+    hidden, logits = torch.randn(37, 12, generator=g), torch.randn(37, 16, generator=g)
+    permuted, _, ids, offsets, row_index = R.grouped_dispatch(hidden, logits, 4, 2)
+    assert_permute_equal(R.permute(hidden, ids, 16), (permuted, offsets, row_index))
+    assert_permute_equal(R.permute(hidden, ids.long(), 16), (permuted, offsets, row_index))
+
+
+# ------------------------------------------------------------------------------------ every backend
+SHAPES = [   # (T, K, E, H, drop)
+    (0, 2, 4, 8, 0.25),       # no tokens
+    (1, 1, 1, 5, 0.0),        # one token, one expert
+    (1, 4, 8, 12, 0.5),       # decode, some dropped
+    (7, 2, 3, 1, 0.25),       # H = 1
+    (33, 8, 64, 20, 0.25),    # E = 64 top-8, T not a power of two
+    (50, 3, 5, 10, 1.0),      # every slot dropped: expert_offsets all zero
+    (70, 4, 16, 6, 0.0),      # nothing dropped
+    (131, 2, 10, 9, 0.3),     # several count blocks at the triton default tiling on a GPU
+]
+
+
+@pytest.mark.parametrize("backend,device", CASES)
+@pytest.mark.parametrize("T,K,E,H,drop", SHAPES)
+@pytest.mark.parametrize("id_dtype", [torch.int32, torch.int64])
+def test_matches_reference(backend, device, T, K, E, H, drop, id_dtype):
+    g = generator(T * 7 + E)
+    hidden = torch.randn(T, H, generator=g).to(device)
+    ids = make_topk_ids(T, K, E, seed=T + K, dtype=id_dtype, device=device, drop=drop)
+    out = run(backend, hidden, ids, E)
+    assert_permute_equal(out, R.permute(hidden, ids, E))
+    # the contract every consumer relies on
+    permuted, offsets, row_index = out
+    kept = int((ids >= 0).sum())
+    assert int(offsets[-1]) == kept and int(offsets[0]) == 0
+    assert sorted(row_index.flatten().tolist()) == list(range(T * K))
+    assert not permuted[kept:].any()
+
+
+@pytest.mark.parametrize("backend,device", CASES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dtypes_and_noncontiguous(backend, device, dtype):
+    """fp16 (bf16 on a GPU) rows copied bit for bit; ids as a transposed view and hidden with a row stride
+    (columns of a wider tensor); repeated experts in one token; every expert but one empty."""
+    T, K, E, H = 19, 3, 6, 10
+    g = generator(11)
+    wide = torch.randn(T, 2 * H + 3, generator=g).to(dtype).to(device)
+    hidden = wide[:, 3:3 + H]                                        # row stride 2H+3
+    ids_t = make_topk_ids(T, K, E, seed=2, device=device).t().contiguous().t()   # strides (1, T)
+    assert not ids_t.is_contiguous()
+    assert_permute_equal(run(backend, hidden, ids_t, E), R.permute(hidden.contiguous(), ids_t.contiguous(), E))
+    repeated = torch.tensor([[4, 4, -1]] * T, dtype=torch.int64, device=device)
+    assert_permute_equal(run(backend, hidden, repeated, E), R.permute(hidden, repeated, E))
+
+
+@pytest.mark.parametrize("backend,device", [c for c in CASES if c[0] == "triton"])
+@pytest.mark.parametrize("count_block_t,copy_config", [
+    (1, (16, 16, 1)),     # 45 count blocks: the scan launch
+    (4, (2, 4, 1)),       # 12 blocks: the scan fused into the copy programs, H split in 3
+    (8, (16, 32, 2)),     # fused; copy tile clamped to the count block
+    (64, (2, 128, 4)),    # one block
+])
+def test_triton_tilings(backend, device, count_block_t, copy_config):
+    from moge_kernels.triton import permute as tp
+    T, K, E, H = 45, 3, 12, 10
+    hidden = torch.randn(T, H, generator=generator(4)).to(device)
+    ids = make_topk_ids(T, K, E, seed=4, device=device)
+    out = tp.grouped_permute(hidden, ids, E, count_block_t=count_block_t, copy_config=copy_config)
+    assert_permute_equal(out, R.permute(hidden, ids, E))
+
+
+@pytest.mark.parametrize("backend,device", CASES)
+def test_same_rows_as_dispatch(backend, device):
+    """Fed grouped_dispatch's ids, every backend's grouped_permute gives dispatch's outputs."""
+    g = generator(9)
+    hidden, logits = torch.randn(40, 8, generator=g).to(device), torch.randn(40, 32, generator=g).to(device)
+    permuted, _, ids, offsets, row_index = R.grouped_dispatch(hidden, logits, 8, 1)
+    assert_permute_equal(run(backend, hidden, ids, 32), (permuted, offsets, row_index))
+
+
+# ------------------------------------------------------------------------------------ bad input
+@pytest.mark.parametrize("backend", [b for b, d in CASES if d == "cpu"])
+@pytest.mark.parametrize("bad", [4, -2, 1000, -(2**40)])
+def test_bad_ids_raise_on_cpu(backend, bad):
+    hidden = torch.randn(3, 4)
+    ids = torch.tensor([[0, 1], [2, 3], [-1, 0]], dtype=torch.int64)
+    ids[1, 1] = bad
+    with mk.use_backend(backend), pytest.raises(ValueError, match=r"topk_ids values must lie in \[-1, num_experts=4\)"):
+        mk.grouped_permute(hidden, ids, 4)
+
+
+@pytest.mark.parametrize("backend", [b for b, d in CASES if d == "cpu"])
+@pytest.mark.parametrize("args,exc,match", [
+    ((torch.randn(3, 4, 1), torch.zeros(3, 2, dtype=torch.int32), 4), ValueError, "hidden must have 2 dimensions"),
+    ((torch.randn(3, 4).int(), torch.zeros(3, 2, dtype=torch.int32), 4), TypeError, "hidden must have dtype"),
+    ((torch.randn(3, 4), torch.zeros(3, 2), 4), TypeError, "topk_ids must have dtype"),
+    ((torch.randn(3, 4), torch.zeros(6, dtype=torch.int32), 4), ValueError, "topk_ids must have 2 dimensions"),
+    ((torch.randn(3, 4), torch.zeros(2, 2, dtype=torch.int32), 4), ValueError, "hidden has 3 tokens but topk_ids has 2"),
+    ((torch.randn(3, 4), torch.zeros(3, 2, dtype=torch.int32), 0), ValueError, "num_experts must be"),
+    ((torch.randn(3, 4), torch.zeros(3, 2, dtype=torch.int32, device="meta"), 4), ValueError, "topk_ids is on meta"),
+])
+def test_bad_arguments(backend, args, exc, match):
+    with mk.use_backend(backend), pytest.raises(exc, match=match):
+        mk.grouped_permute(*args)
+
+
+def test_int32_overflow_is_caught_before_allocation():
+    hidden = torch.empty(2**28, 8, device="meta")
+    ids = torch.empty(2**28, 8, dtype=torch.int32, device="meta")
+    with pytest.raises(ValueError, match="overflow the int32 row indices"):
+        mk.grouped_permute(hidden, ids, 64)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_bad_ids_raise_on_gpu_with_validation(monkeypatch):
+    monkeypatch.setenv("MOGE_VALIDATE", "1")
+    ids = torch.tensor([[0, 7]], device="cuda")
+    with pytest.raises(ValueError, match="topk_ids values must lie"):
+        mk.grouped_permute(torch.randn(1, 4, device="cuda"), ids, 4)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", [b for b, d in CASES if d == "cuda" and b != "reference"])
+def test_gpu_out_of_range_ids_without_validation_are_dropped(backend):
+    """Without MOGE_VALIDATE nothing reads the ids on the host: an id >= E or < -1 must still never write
+    outside the output; the kernels treat it as dropped."""
+    hidden = torch.randn(4, 8, device="cuda")
+    ids = torch.tensor([[0, 9], [-5, 1], [1, 2], [3, -1]], device="cuda")
+    out = run(backend, hidden, ids, 4)
+    assert_permute_equal(out, R.permute(hidden, torch.where((ids >= 0) & (ids < 4), ids, -1), 4))
+
+
+# ------------------------------------------------------------------------------------ surface
+@pytest.mark.parametrize("backend", [b for b, d in CASES if d == "cpu"])
+def test_opcheck(backend):
+    with mk.use_backend(backend):
+        for args, kwargs in sample_inputs("cpu")["grouped_permute"]:
+            torch.library.opcheck(torch.ops.moge.grouped_permute.default, args, kwargs)
+
+
+def _torch_experts(hidden, ids, weights, w_gate_up, w_down):
+    """Plain torch: out[t] = sum over kept slots k of weights[t,k] * SwiGLU_{ids[t,k]}(hidden[t])."""
+    # zeros that depend on every input, so that each gets a (zero) gradient even when T = 0
+    out = 0 * (hidden.float() + weights.sum() + w_gate_up.sum() + w_down.sum())
+    I = w_down.shape[2]
+    for t in range(hidden.shape[0]):
+        for k in range(ids.shape[1]):
+            e = int(ids[t, k])
+            if e < 0:
+                continue
+            gate_up = hidden[t].float() @ w_gate_up[e].float().t()
+            h = torch.nn.functional.silu(gate_up[:I]) * gate_up[I:]
+            out[t] = out[t] + weights[t, k].float() * (h @ w_down[e].float().t())
+    return out
+
+
+def _moge_experts(hidden, ids, weights, w_gate_up, w_down):
+    E = w_gate_up.shape[0]
+    permuted, offsets, row_index = mk.grouped_permute(hidden, ids, E)
+    return mk.grouped_combine(mk.grouped_mlp(permuted, w_gate_up, w_down, offsets), weights, row_index)
+
+
+@pytest.mark.parametrize("backend", [b for b, d in CASES if d == "cpu"])
+@pytest.mark.parametrize("T,K,E", [(1, 2, 4), (13, 4, 8), (0, 2, 3)])
+def test_experts_composition_forward_backward(backend, T, K, E):
+    """permute -> grouped_mlp -> grouped_combine with -1 ids equals the plain torch loop, and so do the
+    gradients of hidden, the routing weights and both expert weights (fp32). The dropped slots carry
+    large weights: they must contribute exactly 0."""
+    H, I = 12, 6
+    g = generator(T + 100)
+    hidden = torch.randn(T, H, generator=g)
+    ids = make_topk_ids(T, K, E, seed=T, dtype=torch.int64, drop=0.3)
+    weights = torch.rand(T, K, generator=g)
+    weights = torch.where(ids < 0, 1e4, weights)
+    w_gate_up, w_down = make_expert_weights(E, H, I, seed=T)
+    leaves = [t.clone().requires_grad_() for t in (hidden, weights, w_gate_up, w_down)]
+    ref_leaves = [t.clone().requires_grad_() for t in (hidden, weights, w_gate_up, w_down)]
+    with mk.use_backend(backend):
+        out = _moge_experts(leaves[0], ids, *leaves[1:])
+        grad_out = torch.randn(out.shape, generator=g)
+        out.backward(grad_out)
+    ref = _torch_experts(ref_leaves[0], ids, *ref_leaves[1:])
+    ref.backward(grad_out)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    for name, a, b in zip(("hidden", "topk_weights", "w_gate_up", "w_down"), leaves, ref_leaves):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-4, rtol=1e-4, msg=lambda m: f"grad {name}: {m}")
+
+
+@pytest.mark.parametrize("backend", [b for b, d in CASES if d == "cpu"])
+def test_permute_backward_against_torch(backend):
+    """grad_hidden[t] = sum over kept slots of grad_permuted[row_index[t, k]]; dropped rows (zeros, not
+    copies of hidden) give no gradient whatever gradient they receive."""
+    T, K, E, H = 11, 3, 5, 7
+    g = generator(5)
+    hidden = torch.randn(T, H, generator=g).requires_grad_()
+    ids = make_topk_ids(T, K, E, seed=5, drop=0.3)
+    with mk.use_backend(backend):
+        permuted, _, row_index = mk.grouped_permute(hidden, ids, E)
+    grad = torch.randn(T * K, H, generator=g)
+    (grad_hidden,) = torch.autograd.grad(permuted, hidden, grad)
+    # the same gradient through torch autograd of the reference's gather formula
+    hidden_ref = hidden.detach().clone().requires_grad_()
+    slot_of_row = torch.empty(T * K, dtype=torch.long)
+    slot_of_row[row_index.flatten().long()] = torch.arange(T * K)
+    gathered = hidden_ref[slot_of_row // K] * (ids.flatten() >= 0)[slot_of_row, None]
+    (expected,) = torch.autograd.grad(gathered, hidden_ref, grad)
+    torch.testing.assert_close(grad_hidden, expected, atol=1e-6, rtol=1e-6)
+
+
+def test_compile_fullgraph_cpu():
+    """torch.compile(fullgraph=True) of the experts composition, forward and backward."""
+    T, K, E, H, I = 9, 2, 4, 8, 4
+    g = generator(2)
+    hidden = torch.randn(T, H, generator=g, requires_grad=True)
+    ids = make_topk_ids(T, K, E, seed=2, drop=0.3)
+    weights = torch.rand(T, K, generator=g)
+    w_gate_up, w_down = make_expert_weights(E, H, I)
+    compiled = torch.compile(_moge_experts, fullgraph=True, backend="aot_eager")
+    out = compiled(hidden, ids, weights, w_gate_up, w_down)
+    (grad,) = torch.autograd.grad(out.sum(), hidden)
+    hidden_ref = hidden.detach().clone().requires_grad_()
+    ref = _torch_experts(hidden_ref, ids, weights, w_gate_up, w_down)
+    (grad_ref,) = torch.autograd.grad(ref.sum(), hidden_ref)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grad, grad_ref, atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------ rows of no expert
+@pytest.mark.parametrize("backend", [b for b in ("reference", "cpu", "triton") if AVAILABLE[b]["available"]])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gemm_and_mlp_zero_rows_past_offsets(backend, dtype):
+    """expert_offsets[E] < M: the rows past it belong to no expert and are zero in grouped_gemm's and
+    grouped_mlp's outputs (NaN inputs there included), and in their input gradients."""
+    M, E, H, I = 23, 3, 8, 4
+    g = generator(8)
+    x = torch.randn(M, H, generator=g).to(dtype)
+    x[15:] = float("nan")                                           # rows of no expert are never read
+    offsets = torch.tensor([0, 4, 4, 15], dtype=torch.int32)
+    w_gate_up, w_down = make_expert_weights(E, H, I, dtype)
+    row_scale = torch.rand(M, generator=g)
+    tol = TOLERANCES[dtype]
+    with mk.use_backend(backend):
+        y = mk.grouped_gemm(x, w_gate_up, offsets)
+        z = mk.grouped_mlp(x, w_gate_up, w_down, offsets, row_scale)
+    assert not y[15:].any() and not z[15:].any()
+    torch.testing.assert_close(y[:15], R.grouped_gemm(x[:15], w_gate_up, offsets), **tol)
+    torch.testing.assert_close(z[:15], R.grouped_mlp(x[:15], w_gate_up, w_down, offsets, row_scale[:15]), **tol)
+    if dtype == torch.float32:
+        xs = x.nan_to_num().requires_grad_()
+        with mk.use_backend(backend):
+            out = mk.grouped_mlp(xs, w_gate_up, w_down, offsets)
+        (grad,) = torch.autograd.grad(out, xs, torch.randn(out.shape, generator=g))
+        assert not grad[15:].any()
