@@ -169,10 +169,9 @@ def test_int32_overflow_is_caught_before_allocation():
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
-def test_bad_ids_raise_on_gpu_with_validation(monkeypatch):
-    monkeypatch.setenv("MOGE_VALIDATE", "1")
+def test_bad_ids_raise_on_gpu_with_validation():
     ids = torch.tensor([[0, 7]], device="cuda")
-    with pytest.raises(ValueError, match="topk_ids values must lie"):
+    with mk.use_options(validate=True), pytest.raises(ValueError, match="topk_ids values must lie"):
         mk.grouped_permute(torch.randn(1, 4, device="cuda"), ids, 4)
 
 
