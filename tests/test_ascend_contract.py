@@ -22,7 +22,7 @@ import torch
 import moge_kernels as mk
 from moge_kernels import reference as R
 from moge_kernels.testing import (TOLERANCES, assert_dispatch_equal, check_gemm_and_mlp, make_expert_weights,
-                                  make_routing_inputs, sample_inputs)
+                                  make_routing_inputs, make_topk_ids, sample_inputs)
 
 import npu_contract_ops as npu
 
@@ -169,6 +169,44 @@ def test_gemm_contract_non_contiguous_and_empty_experts():
         torch.testing.assert_close(A.grouped_gemm(x, w, offsets), R.grouped_gemm(x, w, offsets))
 
 
+# ----------------------------------------------------------------------------- grouped_permute
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,K,E,H,drop", [(0, 2, 4, 8, 0.3), (1, 1, 1, 4, 0.0), (37, 8, 64, 20, 0.3),
+                                          (50, 2, 3, 6, 1.0), (64, 8, 128, 2048, 0.2)])   # last: the V2 path?
+@pytest.mark.parametrize("id_dtype", [torch.int32, torch.int64])
+def test_permute_contract(dtype, T, K, E, H, drop, id_dtype):
+    hidden = torch.randn(T, H).to(dtype)
+    ids = make_topk_ids(T, K, E, seed=T, dtype=id_dtype, drop=drop)
+    for a, b in zip(A.grouped_permute(hidden, ids, E), R.permute(hidden, ids, E), strict=True):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+def test_permute_contract_non_contiguous_ids_and_out_of_range():
+    """Transposed ids; ids outside [-1, E) (only reachable on the NPU without validation) act as dropped."""
+    hidden = torch.randn(9, 5)
+    ids = make_topk_ids(9, 3, 6, seed=1).t().contiguous().t()
+    for a, b in zip(A.grouped_permute(hidden, ids, 6), R.permute(hidden, ids.contiguous(), 6)):
+        assert torch.equal(a, b)
+    wild = ids.clone()
+    wild[0, 0], wild[3, 2] = 17, -4
+    dropped = torch.where((wild >= 0) & (wild < 6), wild, -1)
+    for a, b in zip(A.grouped_permute(hidden, wild, 6), R.permute(hidden, dropped, 6)):
+        assert torch.equal(a, b)
+
+
+def test_gemm_and_mlp_contract_rows_past_offsets():
+    """Rows past expert_offsets[E] (dropped slots): zeros in both outputs, whatever the GMM left there."""
+    M, E, H, I = 23, 3, 8, 4
+    x = torch.randn(M, H)
+    offsets = torch.tensor([0, 4, 4, 15], dtype=torch.int32)
+    w_gate_up, w_down = make_expert_weights(E, H, I)
+    row_scale = torch.rand(M)
+    y, z = A.grouped_gemm(x, w_gate_up, offsets), A.grouped_mlp(x, w_gate_up, w_down, offsets, row_scale)
+    torch.testing.assert_close(y, R.grouped_gemm(x, w_gate_up, offsets))
+    torch.testing.assert_close(z, R.grouped_mlp(x, w_gate_up, w_down, offsets, row_scale))
+    assert not y[15:].any() and not z[15:].any()
+
+
 def test_gemm_rejects_more_groups_than_the_npu_takes():
     with pytest.raises(ValueError, match="1024"):
         A.grouped_gemm(torch.randn(3, 4), torch.randn(1025, 2, 4), torch.zeros(1026, dtype=torch.int32))
@@ -227,7 +265,8 @@ def test_moge_layer_contract(dtype):
     torch.testing.assert_close(out, ref, **TOLERANCES[dtype])
 
 
-@pytest.mark.parametrize("op", ["grouped_dispatch", "grouped_gemm", "grouped_mlp", "grouped_combine"])
+@pytest.mark.parametrize("op", ["grouped_dispatch", "grouped_permute", "grouped_gemm", "grouped_mlp",
+                                "grouped_combine"])
 def test_sample_inputs_contract(op):
     """The suite's shared ragged samples, with every argument passed positionally as the registry does."""
     schema_args = getattr(torch.ops.moge, op).default._schema.arguments

@@ -27,7 +27,7 @@ pytestmark = [
 ]
 DEV = "cuda"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-OPS = ["grouped_dispatch", "grouped_gemm", "grouped_mlp", "grouped_combine"]
+OPS = ["grouped_dispatch", "grouped_permute", "grouped_gemm", "grouped_mlp", "grouped_combine"]
 # (E, G, k_g): G divides E, k_g <= E/G
 ROUTINGS = [(4, 2, 1), (4, 1, 2), (8, 4, 2), (8, 8, 1), (64, 8, 1), (64, 8, 2), (128, 8, 1), (128, 16, 2),
             (40, 5, 3)]

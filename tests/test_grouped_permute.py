@@ -282,9 +282,18 @@ def test_compile_fullgraph_cpu():
 
 
 # ------------------------------------------------------------------------------------ rows of no expert
-@pytest.mark.parametrize("backend", [b for b in ("reference", "cpu", "triton") if AVAILABLE[b]["available"]])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_gemm_and_mlp_zero_rows_past_offsets(backend, dtype):
+def _serves(backend, op, device):
+    info = AVAILABLE[backend]
+    return info["available"] and op in info["ops"] and ("*" in info["devices"] or device in info["devices"])
+
+
+GEMM_CASES = [(b, d) for d in (["cpu"] + (["cuda"] if HAS_CUDA else []))
+              for b in ("reference", "cpu", "triton", "cuda") if _serves(b, "grouped_mlp", d)]
+
+
+@pytest.mark.parametrize("backend,device", GEMM_CASES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gemm_and_mlp_zero_rows_past_offsets(backend, device, dtype):
     """expert_offsets[E] < M: the rows past it belong to no expert and are zero in grouped_gemm's and
     grouped_mlp's outputs (NaN inputs there included), and in their input gradients."""
     M, E, H, I = 23, 3, 8, 4
@@ -294,6 +303,9 @@ def test_gemm_and_mlp_zero_rows_past_offsets(backend, dtype):
     offsets = torch.tensor([0, 4, 4, 15], dtype=torch.int32)
     w_gate_up, w_down = make_expert_weights(E, H, I, dtype)
     row_scale = torch.rand(M, generator=g)
+    if device == "cuda":
+        torch.empty(1 << 24, device="cuda").fill_(float("nan"))     # freed blocks poisoned: unwritten rows show
+        x, offsets, w_gate_up, w_down, row_scale = (t.cuda() for t in (x, offsets, w_gate_up, w_down, row_scale))
     tol = TOLERANCES[dtype]
     with mk.use_backend(backend):
         y = mk.grouped_gemm(x, w_gate_up, offsets)
@@ -301,9 +313,67 @@ def test_gemm_and_mlp_zero_rows_past_offsets(backend, dtype):
     assert not y[15:].any() and not z[15:].any()
     torch.testing.assert_close(y[:15], R.grouped_gemm(x[:15], w_gate_up, offsets), **tol)
     torch.testing.assert_close(z[:15], R.grouped_mlp(x[:15], w_gate_up, w_down, offsets, row_scale[:15]), **tol)
-    if dtype == torch.float32:
+    if dtype != torch.float16:
         xs = x.nan_to_num().requires_grad_()
         with mk.use_backend(backend):
             out = mk.grouped_mlp(xs, w_gate_up, w_down, offsets)
-        (grad,) = torch.autograd.grad(out, xs, torch.randn(out.shape, generator=g))
+        (grad,) = torch.autograd.grad(out, xs, torch.randn(out.shape, generator=g).to(out))
         assert not grad[15:].any()
+
+
+# ------------------------------------------------------------------------------------ GPU only
+GPU_BACKENDS = [b for b, d in CASES if d == "cuda" and b != "reference"]
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("T,K,E,H", [(1, 8, 128, 2048), (4096, 8, 128, 2048), (4096, 2, 8, 4096),
+                                     (20000, 4, 32, 72), (3000, 8, 384, 64)])
+def test_gpu_large_shapes(backend, T, K, E, H):
+    """Model widths (Qwen3-30B-A3B, Mixtral, gpt-oss-like, Kimi-like E=384) with dropped slots, bf16."""
+    hidden = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
+    ids = make_topk_ids(T, K, E, seed=T, device="cuda", drop=0.1)
+    torch.empty(1 << 26, device="cuda").fill_(float("nan"))
+    assert_permute_equal(run(backend, hidden, ids, E), R.permute(hidden, ids, E))
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_cuda_graph_capture(backend):
+    """permute -> mlp -> combine captured once and replayed on new ids (other -1 pattern): no host sync."""
+    T, K, E, H, I = 96, 4, 16, 64, 32
+    w_gate_up, w_down = make_expert_weights(E, H, I, torch.bfloat16, "cuda")
+    hidden = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
+    weights = torch.rand(T, K, device="cuda")
+    ids = make_topk_ids(T, K, E, seed=1, dtype=torch.int64, device="cuda")
+    with mk.use_backend(backend):
+        _moge_experts(hidden, ids, weights, w_gate_up, w_down)            # compile / warm up
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = _moge_experts(hidden, ids, weights, w_gate_up, w_down)
+        ids.copy_(make_topk_ids(T, K, E, seed=2, dtype=torch.int64, device="cuda", drop=0.5))
+        graph.replay()
+        with mk.use_backend("reference"):
+            ref = _moge_experts(hidden, ids, weights, w_gate_up, w_down)
+    torch.testing.assert_close(out, ref, **TOLERANCES[torch.bfloat16])
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_compile_fullgraph_backward(backend):
+    """torch.compile(fullgraph=True) (inductor) of the experts composition on CUDA, forward and backward,
+    against the reference ops (fp32)."""
+    T, K, E, H, I = 50, 4, 8, 32, 16
+    hidden = torch.randn(T, H, device="cuda", requires_grad=True)
+    ids = make_topk_ids(T, K, E, seed=3, device="cuda")
+    weights = torch.rand(T, K, device="cuda")
+    w_gate_up, w_down = make_expert_weights(E, H, I, torch.float32, "cuda")
+    with mk.use_backend(backend):
+        out = torch.compile(_moge_experts, fullgraph=True)(hidden, ids, weights, w_gate_up, w_down)
+        (grad,) = torch.autograd.grad(out.sum(), hidden)
+    with mk.use_backend("reference"):
+        ref = _moge_experts(hidden, ids, weights, w_gate_up, w_down)
+        (grad_ref,) = torch.autograd.grad(ref.sum(), hidden)
+    torch.testing.assert_close(out, ref, atol=2e-4, rtol=2e-4)
+    torch.testing.assert_close(grad, grad_ref, atol=2e-4, rtol=2e-4)

@@ -35,6 +35,15 @@ void run_grouped_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor
   C10_CUDA_CHECK(err);
 }
 
+// Rows [expert_offsets[E], M) belong to no expert (grouped_permute's dropped slots): zeros.
+void zero_rows_past_experts(const at::Tensor& y, const at::Tensor& expert_offsets) {
+  if (y.numel() == 0) return;
+  C10_CUDA_CHECK(cuda::launch_zero_rows_past_experts(
+      y.data_ptr(), y.size(1) * static_cast<int64_t>(y.element_size()),
+      expert_offsets.data_ptr<int32_t>() + (expert_offsets.size(0) - 1), y.size(0),
+      c10::cuda::getCurrentCUDAStream()));
+}
+
 }  // namespace
 
 at::Tensor grouped_gemm_cuda(const at::Tensor& x, const at::Tensor& w, const at::Tensor& expert_offsets) {
@@ -47,6 +56,7 @@ at::Tensor grouped_gemm_cuda(const at::Tensor& x, const at::Tensor& w, const at:
   auto offsets = expert_offsets.contiguous();                    // [E+1] int32
   auto y = at::empty({x.size(0), w.size(1)}, x.options());       // [M, N]
   run_grouped_gemm(xc, wc, offsets, at::Tensor(), y, /*swiglu=*/false);
+  zero_rows_past_experts(y, offsets);
   return y;
 }
 
@@ -73,6 +83,7 @@ at::Tensor grouped_mlp_cuda(const at::Tensor& x, const at::Tensor& w_gate_up, co
   if (row_scale.has_value()) scale = row_scale->to(at::kFloat).contiguous();
   auto y = at::empty({M, H}, x.options());                       // [M, H]
   run_grouped_gemm(h, w_down.contiguous(), offsets, scale, y, /*swiglu=*/false);
+  zero_rows_past_experts(y, offsets);
   return y;
 }
 

@@ -38,6 +38,29 @@ int64_t dispatch_workspace_ints(int64_t T, int K, int E);
 int64_t dispatch_route_smem_bytes(int E, int K);
 cudaError_t launch_grouped_dispatch(const DispatchArgs& args, cudaStream_t stream);
 
+// ----------------------------------------------------------------------------- grouped_permute
+struct PermuteArgs {
+  const void* hidden;            // [T, H] rows of row_bytes contiguous bytes, hidden_stride_bytes apart
+  int64_t hidden_stride_bytes;
+  int64_t row_bytes;             // H * element size
+  const void* topk_ids;          // [T, K] int32 or int64, strides in elements
+  bool ids_are_int64;
+  int64_t ids_stride_t, ids_stride_k;
+  void* permuted_hidden;         // [T*K, H] out, contiguous
+  int32_t* expert_offsets;       // [E+1] int32 out
+  int32_t* row_index;            // [T, K] int32 out, contiguous
+  int32_t* workspace;            // permute_workspace_ints(T, K, E) int32 scratch
+  int64_t T;                     // >= 1; T * K <= INT32_MAX (checked by the caller)
+  int K, E;                      // K >= 1; permute_smem_bytes(E) <= 48 KB (checked by the caller)
+};
+int64_t permute_workspace_ints(int64_t T, int K, int E);
+int64_t permute_smem_bytes(int E);
+cudaError_t launch_grouped_permute(const PermuteArgs& args, cudaStream_t stream);
+// Zeros in rows [*rows_end, M) of y [M, row_bytes] (contiguous): the rows of no expert, past
+// expert_offsets[E], of a grouped GEMM's output. rows_end is device memory (no host read).
+cudaError_t launch_zero_rows_past_experts(void* y, int64_t row_bytes, const int32_t* rows_end, int64_t M,
+                                          cudaStream_t stream);
+
 // ----------------------------------------------------------------------------- grouped_combine
 struct CombineArgs {
   const void* expert_out;        // [T*K, H] contiguous, dtype

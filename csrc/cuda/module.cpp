@@ -17,6 +17,7 @@ PyObject* PyInit__cuda_C(void) {
 
 TORCH_LIBRARY_IMPL(moge_C, CUDA, m) {
   m.impl("grouped_dispatch", &moge::grouped_dispatch_cuda);
+  m.impl("grouped_permute", &moge::grouped_permute_cuda);
   m.impl("grouped_gemm", &moge::grouped_gemm_cuda);
   m.impl("grouped_mlp", &moge::grouped_mlp_cuda);
   m.impl("grouped_combine", &moge::grouped_combine_cuda);

@@ -1,6 +1,8 @@
 """The moge ops mapped onto torch_npu's fused MoE operators (Ascend NPUs, CANN).
 
     grouped_dispatch  MoGE routing in torch ops, then torch_npu.npu_moe_init_routing_v2 (permutation)
+    grouped_permute   torch_npu.npu_moe_init_routing_v2 over E+1 experts (the dropped slots, id -1, as
+                      expert E), then zeros in the dropped rows
     grouped_gemm      torch_npu.npu_grouped_matmul, rows grouped by expert_offsets
     grouped_mlp       npu_grouped_matmul -> torch_npu.npu_swiglu -> npu_grouped_matmul
     grouped_combine   torch_npu.npu_moe_token_unpermute (weighted un-permute)
@@ -40,6 +42,7 @@ torch_npu = None   # the module providing the npu_* operators; set by bind()
 # C++ extension (csrc/ascend/) if built, else by the reference (see plan()).
 REQUIRED_OPERATORS = {
     "grouped_dispatch": ("npu_moe_init_routing_v2",),
+    "grouped_permute": ("npu_moe_init_routing_v2",),
     "grouped_gemm": ("npu_grouped_matmul",),
     "grouped_mlp": ("npu_grouped_matmul", "npu_swiglu"),
     "grouped_combine": ("npu_moe_token_unpermute",),
@@ -122,6 +125,35 @@ def grouped_dispatch(hidden, router_logits, num_groups, topk_per_group=1, expert
     return permuted_hidden, topk_weights, topk_ids, expert_offsets, row_index
 
 
+# ----------------------------------------------------------------------------- permute by given ids
+def _zero_rows_past_experts(y, expert_offsets):
+    """Zeros in rows [expert_offsets[E], M) of y, the rows of no expert, without reading the bound on the
+    host: an elementwise pass over y, since whether the caller's offsets end before M is device data."""
+    rows = torch.arange(y.shape[0], device=y.device)[:, None]
+    return torch.where(rows < expert_offsets[-1], y, torch.zeros((), dtype=y.dtype, device=y.device))
+
+
+def grouped_permute(hidden, topk_ids, num_experts):
+    T, K = topk_ids.shape
+    H, E = hidden.shape[1], num_experts
+    if T * K == 0:
+        return (hidden.new_empty(0, H), torch.zeros(E + 1, dtype=torch.int32, device=hidden.device),
+                torch.empty(T, K, dtype=torch.int32, device=hidden.device))
+    # The dropped slots as an extra expert E sort after every expert, in (token, slot) order: exactly the
+    # contract's rows [expert_offsets[E], T*K). Ids outside [-1, E) (unchecked on the NPU without
+    # validation) join them, so the kernel never sees an id out of its range.
+    ids = topk_ids.to(torch.int32)
+    buckets = torch.where((ids >= 0) & (ids < E), ids, E).contiguous()
+    permuted_hidden, expanded_row_idx, bucket_counts, _ = torch_npu.npu_moe_init_routing_v2(
+        hidden.contiguous(), buckets, active_num=T * K, expert_num=E + 1, drop_pad_mode=0,
+        expert_tokens_num_type=1, expert_tokens_num_flag=True, quant_mode=-1,
+        active_expert_range=[0, E + 1], row_idx_type=0)
+    expert_offsets = torch.cat([torch.zeros(1, dtype=torch.int32, device=hidden.device),
+                                torch.cumsum(bucket_counts[:E], 0).to(torch.int32)])     # [E+1] int32
+    permuted_hidden = _zero_rows_past_experts(permuted_hidden, expert_offsets)          # dropped rows: 0
+    return permuted_hidden, expert_offsets, expanded_row_idx.to(torch.int32).view(T, K)
+
+
 # ----------------------------------------------------------------------------- grouped GEMM / MLP
 def _weight_kn(w):
     """w [E, N, Kd] (nn.Linear layout) as the [E, Kd, N] operand npu_grouped_matmul multiplies by.
@@ -142,10 +174,15 @@ def grouped_gemm(x, w, expert_offsets):
         raise ValueError(f"ascend grouped_gemm: npu_grouped_matmul takes at most {MAX_GMM_GROUPS} experts, "
                          f"got w with E={E}")
     group_list = expert_offsets[1:].to(torch.int64)    # [E] int64, cumulative row ends (group_list_type=0)
+    # The GMM wants the groups to cover all M rows: rows of no expert (past offsets[E], grouped_permute's
+    # dropped slots) ride along with the last expert and are zeroed below. Wasted rows, but no host read
+    # of offsets[E]; whether there are any is device data.
+    group_list = torch.cat([group_list[:-1], group_list.new_full((1,), M)])
     # x must be row-major (the GMM takes no transposed x); split_item=2: one output tensor [M, N];
     # group_type=0: groups along M (the default, -1, would mean no grouping).
-    return torch_npu.npu_grouped_matmul([x.contiguous()], [_weight_kn(w)], group_list=group_list,
-                                        split_item=2, group_type=0, group_list_type=0)[0]
+    y = torch_npu.npu_grouped_matmul([x.contiguous()], [_weight_kn(w)], group_list=group_list,
+                                     split_item=2, group_type=0, group_list_type=0)[0]
+    return _zero_rows_past_experts(y, expert_offsets)
 
 
 def grouped_mlp(x, w_gate_up, w_down, expert_offsets, row_scale=None):
@@ -157,7 +194,7 @@ def grouped_mlp(x, w_gate_up, w_down, expert_offsets, row_scale=None):
     activated = torch_npu.npu_swiglu(gate_up, dim=-1)                  # [M, I]
     y = grouped_gemm(activated, w_down, expert_offsets)              # [M, H]
     if row_scale is not None:
-        y = (y.float() * row_scale.float()[:, None]).to(y.dtype)
+        y = _zero_rows_past_experts((y.float() * row_scale.float()[:, None]).to(y.dtype), expert_offsets)
     return y
 
 
@@ -182,6 +219,7 @@ def grouped_combine(expert_out, topk_weights, row_index, shared_out=None):
 
 OPS = {
     "grouped_dispatch": grouped_dispatch,
+    "grouped_permute": grouped_permute,
     "grouped_gemm": grouped_gemm,
     "grouped_mlp": grouped_mlp,
     "grouped_combine": grouped_combine,
