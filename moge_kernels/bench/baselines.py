@@ -42,6 +42,20 @@ def torch_dispatch(hidden, router_logits, num_groups, topk_per_group=1):
             row_index.view(T, K).to(torch.int32))
 
 
+def torch_permute(hidden, topk_ids, num_experts):
+    """grouped_permute in vectorised PyTorch (a stable sort, a gather, a scatter; -1 ids last, zero rows):
+    how a transformers experts module permutes today. No host sync."""
+    T, K = topk_ids.shape
+    flat = topk_ids.reshape(-1)
+    keys = torch.where(flat < 0, num_experts, flat)
+    sorted_keys, order = torch.sort(keys, stable=True)                  # order[r] = t*K + k
+    permuted = hidden.index_select(0, order // K) * (sorted_keys < num_experts).unsqueeze(1).to(hidden.dtype)
+    bounds = torch.arange(num_experts + 1, device=hidden.device)
+    expert_offsets = torch.searchsorted(sorted_keys, bounds.to(sorted_keys.dtype), out_int32=True)
+    row_index = torch.empty_like(order).scatter_(0, order, torch.arange(T * K, device=hidden.device))
+    return permuted, expert_offsets, row_index.view(T, K).to(torch.int32)
+
+
 def grouped_mm_mlp(x, w_gate_up, w_down, expert_offsets):
     """SwiGLU expert MLP on torch._grouped_mm: gate_up GEMM, eager silu(gate) * up, down GEMM."""
     ends = expert_offsets[1:]                                           # [E] int32 cumulative row ends

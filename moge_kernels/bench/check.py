@@ -53,6 +53,9 @@ def compare(op: str, out, ref, exact, dtype) -> None:
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"{name} differs")
             else:
                 assert a.dtype == b.dtype and torch.equal(a, b), f"{name} differs from the reference"
+    elif op == "permute":
+        for name, a, b in zip(("permuted_hidden", "expert_offsets", "row_index"), out, ref):
+            assert a.dtype == b.dtype and torch.equal(a, b), f"{name} differs from the reference"
     elif op == "combine":
         torch.testing.assert_close(out, ref, **TOLERANCES.get(dtype, TOLERANCES[torch.bfloat16]))
     else:

@@ -83,14 +83,15 @@ def _selected(backend: str, call: Callable) -> Callable:
 
 
 def _api(module) -> dict:
-    return dict(dispatch=module.grouped_dispatch, gemm=module.grouped_gemm, mlp=module.grouped_mlp,
+    return dict(dispatch=module.grouped_dispatch, permute=module.grouped_permute, gemm=module.grouped_gemm,
+                mlp=module.grouped_mlp,
                 combine=module.grouped_combine, layer=module.moge_forward)
 
 
 # method -> ({op: function with the op's signature}, capturable)
 _BASELINE_FNS = {
     "eager": (_api(R), False),
-    "grouped_mm": (dict(dispatch=B.torch_dispatch, gemm=B.grouped_mm_gemm, mlp=B.grouped_mm_mlp,
+    "grouped_mm": (dict(dispatch=B.torch_dispatch, permute=B.torch_permute, gemm=B.grouped_mm_gemm, mlp=B.grouped_mm_mlp,
                         combine=B.torch_combine, layer=B.torch_layer), True),
     "loop": (dict(mlp=B.loop_mlp), False),
 }
@@ -103,6 +104,7 @@ def _bind(p: Problem, op: str, fn: Callable, weights=None) -> Callable:
     w_gate_up, w_down = weights or (t["w_gate_up"], t["w_down"])
     args = {
         "dispatch": (t["hidden"], t["logits"], G, k_g),
+        "permute": (t["hidden"], t["topk_ids"], p.shape["E"]),
         "gemm": (t["permuted"], w_gate_up, t["offsets"]),
         "mlp": (t["permuted"], w_gate_up, w_down, t["offsets"]),
         "combine": (t["expert_out"], t["weights"], t["row_index"]),

@@ -5,6 +5,7 @@ Index tensors of a problem are those of the op contract (moge_kernels/reference.
     hidden          [T, H]    activation dtype   layer input
     router_logits   [T, E]    fp32
     w_gate_up       [E, 2I, H], w_down [E, H, I]  expert weights (nn.Linear layout), shared by every T
+    topk_ids        [T, K]    int32 expert of (token t, slot k) (the reference routing; input of permute)
     permuted        [T*K, H]  rows sorted by expert (the reference dispatch of hidden)
     topk_weights    [T, K]    fp32
     expert_offsets  [E+1]     int32 exclusive cumsum of rows per expert
@@ -29,11 +30,12 @@ SHAPES = {
 }
 GPU_TOKENS = (1, 16, 128, 1024, 4096, 16384)
 CPU_TOKENS = (1, 16, 128, 1024)
-OPS = ("dispatch", "gemm", "mlp", "combine", "layer")
-DEFAULT_OPS = ("dispatch", "mlp", "combine", "layer")
+OPS = ("dispatch", "permute", "gemm", "mlp", "combine", "layer")
+DEFAULT_OPS = ("dispatch", "permute", "mlp", "combine", "layer")
 # op of the table -> the torch.ops.moge op(s) it runs
 OP_NAMES = {
     "dispatch": ("grouped_dispatch",),
+    "permute": ("grouped_permute",),
     "gemm": ("grouped_gemm",),
     "mlp": ("grouped_mlp",),
     "combine": ("grouped_combine",),
@@ -109,10 +111,10 @@ def make_problem(shape: dict, T: int, dtype, device, weights=None, seed: int = 0
     gen = torch.Generator(device=device).manual_seed(seed)
     hidden = torch.empty(T, H, dtype=dtype, device=device).normal_(generator=gen)
     logits = torch.empty(T, E, dtype=torch.float32, device=device).normal_(0, 2, generator=gen)
-    permuted, topk_weights, _, offsets, row_index = R.grouped_dispatch(hidden, logits, shape["G"],
+    permuted, topk_weights, topk_ids, offsets, row_index = R.grouped_dispatch(hidden, logits, shape["G"],
                                                                         shape["k_g"])
     p = Problem(shape, T, dtype, device)
-    p.tensors = dict(hidden=hidden, logits=logits, w_gate_up=weights[0], w_down=weights[1],
+    p.tensors = dict(hidden=hidden, logits=logits, w_gate_up=weights[0], w_down=weights[1], topk_ids=topk_ids,
                      permuted=permuted, weights=topk_weights, offsets=offsets, row_index=row_index,
                      expert_out=torch.empty_like(permuted).normal_(generator=gen))
     p.active_experts = int((offsets.diff() > 0).sum())      # set-up only: a host sync is fine here
@@ -130,6 +132,8 @@ def work(p: Problem, op: str) -> tuple[float, float]:
     idx = 4                                                     # int32 / fp32 index and weight entries
     if op == "dispatch":
         return 0.0, T * H * es + M * H * es + logit_bytes + 3 * T * K * idx + (E + 1) * idx
+    if op == "permute":   # read hidden and the ids, write the K copies, row_index and expert_offsets
+        return 0.0, T * H * es + M * H * es + 2 * T * K * idx + (E + 1) * idx
     if op == "combine":
         return 2.0 * M * H, M * H * es + T * H * es + 2 * T * K * idx
     if op == "gemm":                                            # the gate_up projection alone
