@@ -147,6 +147,28 @@ def test_transposed_weights_relaid_out_once_and_trained_in_place():
     assert moge_tf.relayout_experts_(model) == model.config.num_hidden_layers
 
 
+@requires_triton
+@pytest.mark.parametrize("name", ["qwen3_moe", "gpt_oss"])
+def test_no_per_call_copy_of_the_expert_weights(name):
+    """After the first call, a forward copies no tensor of an expert weight's size (the profiler's record
+    of every aten op's input shapes): nn.Linear-layout weights run as they are, transposed ones were
+    re-laid out once. On the Triton kernels, which need unit stride along K (the CPU backend's ATen
+    matmuls take any strides)."""
+    model, _ = _model(name, layers=1)
+    model.set_experts_implementation("moge")
+    experts = _experts_modules(model)[0]
+    weight_numels = {experts.gate_up_proj.numel(), experts.down_proj.numel()}
+    input_ids = torch.randint(0, VOCAB, (2, 5), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad(), mk.use_backend("triton"):
+        model(input_ids)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+            model(input_ids)
+    copies = [(e.name, e.input_shapes) for e in prof.events()
+              if e.name in ("aten::copy_", "aten::clone", "aten::contiguous", "aten::_to_copy")
+              and any(shape and torch.Size(shape).numel() in weight_numels for shape in e.input_shapes)]
+    assert not copies, copies
+
+
 def _experts_module(cls_path, config):
     module_name, cls_name = cls_path.rsplit(".", 1)
     import importlib

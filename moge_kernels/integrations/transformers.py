@@ -117,7 +117,8 @@ def experts_path(module) -> str:
 
 def _relayout_transposed_(p: Tensor) -> None:
     """Store p [E, K, N] so that p.transpose(1, 2) is contiguous; same tensor, shape and values."""
-    with torch.no_grad():
+    # inference_mode(False): a re-layout first run under inference_mode must still be trainable later
+    with torch.inference_mode(False), torch.no_grad():
         p.data = p.data.transpose(1, 2).contiguous().transpose(1, 2)
 
 
