@@ -219,6 +219,30 @@ def test_experts_module_layouts_match_eager(cls_path, config_fn, path):
         torch.testing.assert_close(got[3][n], want[3][n], rtol=1e-4, atol=1e-5, msg=n)
 
 
+@pytest.mark.parametrize("cls_path,config_fn", [
+    ("transformers.models.qwen3_moe.modeling_qwen3_moe.Qwen3MoeExperts",
+     lambda t: t.Qwen3MoeConfig(hidden_size=16, moe_intermediate_size=8, num_experts=4)),
+    ("transformers.models.gpt_oss.modeling_gpt_oss.GptOssExperts",
+     lambda t: t.GptOssConfig(hidden_size=16, intermediate_size=8, num_local_experts=4)),
+])
+def test_expert_parallel_sentinel_ids_contribute_nothing(cls_path, config_fn, monkeypatch):
+    """Under expert parallelism transformers marks slots of other ranks' experts with id E (and weight 0):
+    they become -1 for grouped_permute and add nothing, biases included; same result as grouped_mm."""
+    monkeypatch.setattr(moge_tf, "_ep_sentinels_possible", lambda: True)
+    module = _experts_module(cls_path, config_fn(transformers))
+    E = module.down_proj.shape[0]
+    g = torch.Generator().manual_seed(10)
+    x = torch.randn(6, 16, generator=g)
+    ids = torch.tensor([[0, E], [E, E], [2, 1], [E, 3], [1, 0], [E, 2]])
+    w = torch.rand(6, 2, generator=g).masked_fill(ids == E, 0)
+    module.config._experts_implementation = "moge"
+    got = module(x, ids, w)
+    module.config._experts_implementation = "grouped_mm"
+    want = module(x, ids, w)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert got[1].abs().max() == 0          # both slots dropped
+
+
 def test_unsupported_weights_fall_back_to_grouped_mm_with_one_warning():
     """Experts whose two weights disagree in dtype are not a moge layout: transformers' grouped_mm runs them,
     with one warning naming the weight and its dtype however many calls."""
