@@ -111,18 +111,19 @@ def test_dtypes_and_noncontiguous(backend, device, dtype):
 
 
 @pytest.mark.parametrize("backend,device", [c for c in CASES if c[0] == "triton"])
-@pytest.mark.parametrize("count_block_t,copy_config", [
-    (1, (16, 16, 1)),     # 45 count blocks: the scan launch
-    (4, (2, 4, 1)),       # 12 blocks: the scan fused into the copy programs, H split in 3
-    (8, (16, 32, 2)),     # fused; copy tile clamped to the count block
-    (64, (2, 128, 4)),    # one block
+@pytest.mark.parametrize("count_config,copy_config", [
+    ((1, 1), (16, 16, 1)),     # 45 count blocks: the scan launch
+    ((2, 1), (1, 16, 1)),      # 23 blocks of two one-token tiles: scan launch
+    ((4, 4), (2, 4, 1)),       # 12 blocks: the scan fused into the copy programs, H split in 3
+    ((8, 2), (16, 32, 2)),     # fused, four tiles a block; copy tile clamped to the count block
+    ((64, 16), (2, 128, 4)),   # one block of four tiles (the last two past T)
 ])
-def test_triton_tilings(backend, device, count_block_t, copy_config):
+def test_triton_tilings(backend, device, count_config, copy_config):
     from moge_kernels.triton import permute as tp
     T, K, E, H = 45, 3, 12, 10
     hidden = torch.randn(T, H, generator=generator(4)).to(device)
     ids = make_topk_ids(T, K, E, seed=4, device=device)
-    out = tp.grouped_permute(hidden, ids, E, count_block_t=count_block_t, copy_config=copy_config)
+    out = tp.grouped_permute(hidden, ids, E, count_config=count_config, copy_config=copy_config)
     assert_permute_equal(out, R.permute(hidden, ids, E))
 
 
@@ -377,3 +378,20 @@ def test_gpu_compile_fullgraph_backward(backend):
         (grad_ref,) = torch.autograd.grad(ref.sum(), hidden)
     torch.testing.assert_close(out, ref, atol=2e-4, rtol=2e-4)
     torch.testing.assert_close(grad, grad_ref, atol=2e-4, rtol=2e-4)
+
+
+@pytest.mark.skipif(not AVAILABLE["triton"]["available"], reason="needs triton")
+def test_triton_count_config_on_gpu(monkeypatch):
+    """The GPU tiling rule (the interpreter uses one tile a program): decode spreads over <= 16 blocks
+    (scan fused into the copy), larger T over at most MAX_COUNT_BLOCKS blocks of whole tiles."""
+    from moge_kernels.triton import permute as tp
+    monkeypatch.setattr(tp, "_INTERPRET", False)
+    for T in (1, 7, 100, 256, 257, 4096, 16384, 65536):
+        for E in (8, 64, 128, 384):
+            e1_pad = tp._pow2(E + 1)
+            block_t, sub_t = tp._count_config(T, e1_pad)
+            num_blocks = -(-T // block_t)
+            assert block_t % sub_t == 0 and sub_t * e1_pad <= tp.COUNT_TILE_ELEMS
+            assert num_blocks <= max(tp.FUSED_SCAN_MAX_BLOCKS, tp.MAX_COUNT_BLOCKS)
+            if T <= tp.FUSED_SCAN_MAX_BLOCKS * (tp.COUNT_TILE_ELEMS // e1_pad):
+                assert num_blocks <= tp.FUSED_SCAN_MAX_BLOCKS

@@ -14,7 +14,8 @@ count blocks; bucket E holds the dropped slots, id -1):
 
 Launches (current stream, no host synchronisation):
 
-    1. _count_kernel, one program per count block: per-bucket counts and slot ranks.
+    1. _count_kernel, one program per count block (at most MAX_COUNT_BLOCKS): per-bucket counts and slot
+       ranks, the block's tokens in [SUB_T, E+1] tiles with a running per-bucket carry.
     2. _scan_kernel, one program: counts -> expert_offsets and block_base (skipped for NB <= FUSED_SCAN_MAX
        blocks, where every copy program redoes this scan from the NB x (E+1) counts, as dispatch.py does).
     3. _copy_kernel, one program per (token block, H block): row_index and the K copies of each hidden row
@@ -36,10 +37,14 @@ from . import DEVICES
 
 _INTERPRET = options.TRITON_INTERPRET
 
-# Count tiles are [COUNT_BLOCK_T, pow2(E+1)] int32, at most this many elements.
+# Count tiles are [SUB_T tokens, pow2(E+1)] int32, at most this many elements; a count program walks
+# COUNT_BLOCK_T tokens in such tiles.
 COUNT_TILE_ELEMS = 4096
 # Up to this many count blocks the copy programs scan the counts themselves (no scan launch).
 FUSED_SCAN_MAX_BLOCKS = 16
+# Past that, at most this many count blocks: the scan is one program reading NB x (E+1) counts twice, so
+# more tokens a count program (a loop over its sub-tiles) keeps it a few microseconds at any T.
+MAX_COUNT_BLOCKS = 64
 # Scan tile [CHUNK_B blocks, pow2(E+1) buckets].
 SCAN_TILE_ELEMS = 8192
 
@@ -58,26 +63,28 @@ def _count_kernel(
     slot_rank_ptr,       # [T, K] int32 out
     block_base_ptr,      # [NB, E+1] int32 out: per-block bucket counts
     T, stride_it, stride_ik,
-    E: tl.constexpr, K: tl.constexpr, E1_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
+    E: tl.constexpr, K: tl.constexpr, E1_PAD: tl.constexpr, BLOCK_T: tl.constexpr, SUB_T: tl.constexpr,
 ):
-    """Grid (NB,): program b counts the slots of tokens [b*BLOCK_T, (b+1)*BLOCK_T)."""
+    """Grid (NB,): program b counts the slots of tokens [b*BLOCK_T, (b+1)*BLOCK_T), SUB_T at a time."""
     pid = tl.program_id(0)
-    t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
-    t_ok = t < T
     e = tl.arange(0, E1_PAD)[None, :]
-    per_token = tl.zeros([BLOCK_T, E1_PAD], dtype=tl.int32)        # slots of token t in bucket e
-    for k in tl.static_range(K):
-        b = _bucket(ids_ptr, t, k, t_ok, stride_it, stride_ik, E)
-        per_token += ((b[:, None] == e) & t_ok[:, None]).to(tl.int32)
-    earlier = tl.cumsum(per_token, axis=0) - per_token             # slots of earlier tokens of the block
-    for k in tl.static_range(K):
-        b = _bucket(ids_ptr, t, k, t_ok, stride_it, stride_ik, E)
-        rank = tl.sum(tl.where(b[:, None] == e, earlier, 0), axis=1)
-        for j in tl.static_range(k):   # earlier slots of the same token in the same bucket
-            rank += (_bucket(ids_ptr, t, j, t_ok, stride_it, stride_ik, E) == b).to(tl.int32)
-        tl.store(slot_rank_ptr + t * K + k, rank, mask=t_ok)
-    counts = tl.sum(per_token, axis=0)
-    tl.store(block_base_ptr + pid * (E + 1) + tl.arange(0, E1_PAD), counts, mask=tl.arange(0, E1_PAD) < E + 1)
+    carry = tl.zeros([E1_PAD], dtype=tl.int32)                     # slots of the block's earlier sub-tiles
+    for t0 in range(pid * BLOCK_T, (pid + 1) * BLOCK_T, SUB_T):
+        t = t0 + tl.arange(0, SUB_T)
+        t_ok = t < T
+        per_token = tl.zeros([SUB_T, E1_PAD], dtype=tl.int32)      # slots of token t in bucket e
+        for k in tl.static_range(K):
+            b = _bucket(ids_ptr, t, k, t_ok, stride_it, stride_ik, E)
+            per_token += ((b[:, None] == e) & t_ok[:, None]).to(tl.int32)
+        earlier = carry[None, :] + tl.cumsum(per_token, axis=0) - per_token   # earlier tokens of the block
+        for k in tl.static_range(K):
+            b = _bucket(ids_ptr, t, k, t_ok, stride_it, stride_ik, E)
+            rank = tl.sum(tl.where(b[:, None] == e, earlier, 0), axis=1)
+            for j in tl.static_range(k):   # earlier slots of the same token in the same bucket
+                rank += (_bucket(ids_ptr, t, j, t_ok, stride_it, stride_ik, E) == b).to(tl.int32)
+            tl.store(slot_rank_ptr + t * K + k, rank, mask=t_ok)
+        carry += tl.sum(per_token, axis=0)
+    tl.store(block_base_ptr + pid * (E + 1) + tl.arange(0, E1_PAD), carry, mask=tl.arange(0, E1_PAD) < E + 1)
 
 
 # ----------------------------------------------------------------------------------------- launch 2
@@ -174,10 +181,23 @@ def _copy_config(T: int, H: int):
     return block_t, block_h, num_warps
 
 
-def grouped_permute(hidden, topk_ids, num_experts, *, count_block_t=None, copy_config=None):
+def _count_config(T: int, e1_pad: int):
+    """(COUNT_BLOCK_T, SUB_T): tokens per count program and per count tile (powers of two)."""
+    sub_t = max(1, COUNT_TILE_ELEMS // e1_pad)
+    if _INTERPRET:   # the interpreter pays per program and per op: few programs, one tile each
+        return sub_t, sub_t
+    if T <= FUSED_SCAN_MAX_BLOCKS * sub_t:   # decode: up to 16 blocks, scanned by the copy programs
+        block_t = _pow2(triton.cdiv(T, FUSED_SCAN_MAX_BLOCKS))
+    else:
+        block_t = max(sub_t, _pow2(triton.cdiv(T, MAX_COUNT_BLOCKS)))
+    return block_t, min(sub_t, block_t)
+
+
+def grouped_permute(hidden, topk_ids, num_experts, *, count_config=None, copy_config=None):
     """Triton kernel of `moge::grouped_permute` (arguments already checked by moge_kernels.checks).
 
-    count_block_t / copy_config=(BLOCK_T, BLOCK_H, num_warps) override the tile choice (tests, tuning)."""
+    count_config=(COUNT_BLOCK_T, SUB_T) / copy_config=(BLOCK_T, BLOCK_H, num_warps) override the tile
+    choice (tests, tuning)."""
     T, K = topk_ids.shape
     H = hidden.shape[1]
     E = num_experts
@@ -191,10 +211,7 @@ def grouped_permute(hidden, topk_ids, num_experts, *, count_block_t=None, copy_c
         hidden = hidden.contiguous()
 
     e1_pad = _pow2(E + 1)
-    if count_block_t is None:
-        count_block_t = max(1, COUNT_TILE_ELEMS // e1_pad)
-        if not _INTERPRET:   # spread small T over several count programs
-            count_block_t = min(count_block_t, _pow2(triton.cdiv(T, FUSED_SCAN_MAX_BLOCKS)))
+    count_block_t, sub_t = count_config or _count_config(T, e1_pad)
     num_blocks = triton.cdiv(T, count_block_t)
     fused_scan = num_blocks <= FUSED_SCAN_MAX_BLOCKS
 
@@ -204,8 +221,8 @@ def grouped_permute(hidden, topk_ids, num_experts, *, count_block_t=None, copy_c
     sit, sik = topk_ids.stride()
     _count_kernel[(num_blocks,)](
         topk_ids, slot_rank, block_base, T, sit, sik,
-        E=E, K=K, E1_PAD=e1_pad, BLOCK_T=count_block_t,
-        num_warps=8 if count_block_t * e1_pad >= 8192 else 4)
+        E=E, K=K, E1_PAD=e1_pad, BLOCK_T=count_block_t, SUB_T=sub_t,
+        num_warps=8 if sub_t * e1_pad >= 4096 else 4)
     if not fused_scan:
         _scan_kernel[(1,)](
             block_base, expert_offsets, num_blocks,
