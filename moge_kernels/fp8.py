@@ -23,7 +23,7 @@ whole row),
     scale = amax / 448                      # fp32 [M, ceil(K/group)]: x ~= q * scale
     q     = e4m3(clamp(x * (448 / amax), -448, 448))   # round to nearest even
 
-e4m3 overflow saturates: values are clamped to +-448 (the largest finite e4m3) before the cast, never
+with both divisions correctly rounded in fp32 (IEEE), not multiplications by a reciprocal. e4m3 overflow saturates: values are clamped to +-448 (the largest finite e4m3) before the cast, never
 NaN. A NaN (or inf, which gives inf * 0) in a group makes that token's outputs NaN, as NaN propagates
 through the bf16 path. The SwiGLU output h = silu(gate) * up of the gate_up GEMM (fp32 accumulators) is
 rounded to the activation dtype, as the bf16 path stores it, then quantized the same way (groups along
@@ -224,9 +224,13 @@ def quantize_activations(x: Tensor, group: int = BLOCK) -> tuple[Tensor, Tensor]
     M, K = x.shape
     blocks, _, kb = _blocks(x.float().reshape(1, M, K), 1, group)               # [1, M, 1, KB, g]
     amax = blocks.abs().amax(dim=(2, 4)).clamp_min(AMAX_FLOOR).reshape(M, kb)
-    inv = E4M3_MAX / amax
+    # Two IEEE divisions by a full tensor, as the kernels compute them (div_rn): a Python-scalar operand
+    # would not do, since CUDA turns `t / 448` into `t * (1/448)` and `448 / t` is `t.reciprocal() * 448`
+    # (each an ulp off now and then).
+    e4m3_max = torch.full_like(amax, E4M3_MAX)
+    inv = torch.div(e4m3_max, amax)
     q = (x.float() * _expand(inv.reshape(1, M, kb), M, K, 1, group)[0]).clamp(-E4M3_MAX, E4M3_MAX)
-    return _to_e4m3("x", q), amax / E4M3_MAX
+    return _to_e4m3("x", q), torch.div(amax, e4m3_max)
 
 
 def dequantize_activations(q: Tensor, scale: Tensor, group: int = BLOCK) -> Tensor:

@@ -208,13 +208,13 @@ class Fp8Config:
 
 
 def choose_config(M: int, E: int, swiglu: bool) -> Fp8Config:
-    """By rows per expert. Not tuned on a device yet: bench/bench_fp8.py --sweep times alternatives."""
+    """By rows per expert. From an H200 sweep (bench/bench_fp8.py --sweep, Pangu shape, the same config
+    for both GEMMs): 16x64 (the decode path) is best up to ~2 rows per expert (T = 16), 64x128 with 4
+    warps and 4 stages from ~16 rows on (T = 128 ... 16384); 128x128 tiles were 4x slower."""
     rows = M / max(E, 1)
-    if rows <= 16:
+    if rows <= 8:
         return Fp8Config(16, 64, 4, 4)
-    if rows <= 64:
-        return Fp8Config(64, 128, 4, 4)
-    return Fp8Config(128, 128, 8, 3 if swiglu else 4)
+    return Fp8Config(64, 128, 4, 4)
 
 
 _forced: dict[str, Fp8Config] = {}   # bench/bench_fp8.py --sweep: "gate_up" / "down" -> config
