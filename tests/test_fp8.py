@@ -388,6 +388,39 @@ def test_triton_quantize_rows_against_reference():
 
 
 @requires_triton_fp8
+@pytest.mark.parametrize("fmt", ["fp8_block", "fp8_channel"])
+@pytest.mark.parametrize("cfg", [(64, 128, 4, 3), (32, 64, 4, 3)], ids=lambda c: "x".join(map(str, c)))
+def test_triton_fp8_tma_path_against_reference(cfg, fmt, monkeypatch):
+    """The TMA variant (e4m3 operands through descriptors; rows of the next expert and columns past K
+    loaded, never stored): I = 144 (a partial k-block in down, a partial column tile in gate_up, rows
+    16-byte aligned), an empty expert, M not a multiple of BM; and that it really takes descriptors."""
+    from moge_kernels.triton import fp8_gemm
+    if fp8_gemm.TensorDescriptor is None:
+        pytest.skip("this triton has no host TensorDescriptor")
+    boxes = []
+    real = fp8_gemm.TensorDescriptor
+
+    class Spy:
+        @staticmethod
+        def from_tensor(t, box):
+            boxes.append((t.dtype, tuple(box)))
+            return real.from_tensor(t, box)
+    monkeypatch.setattr(fp8_gemm, "TensorDescriptor", Spy)
+    c = fp8_gemm.Fp8Config(*cfg, tma=True)
+    monkeypatch.setitem(fp8_gemm._forced, "gate_up", c)
+    monkeypatch.setitem(fp8_gemm._forced, "down", c)
+    x, gu, dn, offsets, _, _ = _problem(150, 4, 256, 144, torch.float32, fmt, seed=31,
+                                        device="cuda" if HAS_CUDA else "cpu")
+    assert (offsets.diff() == 0).any()
+    row_scale = torch.rand(150, generator=torch.Generator().manual_seed(4)).to(x.device)
+    y, want, yg, want_g = _triton_vs_reference(x, gu, dn, offsets, row_scale)
+    assert rel_err(y, want) <= REF_TOL and rel_err(yg, want_g) <= REF_TOL, (rel_err(y, want), rel_err(yg, want_g))
+    assert boxes and all(dtype == E4M3 for dtype, _ in boxes), boxes
+    bm = cfg[0]
+    assert (E4M3, (bm, 128)) in boxes
+
+
+@requires_triton_fp8
 def test_triton_fp8_rejects_blocks_it_has_no_kernel_for():
     x, gu, dn, offsets, wgu, wd = _problem(8, 2, 256, 128, torch.float32, seed=21)
     w = torch.randn(2, 96, 96)

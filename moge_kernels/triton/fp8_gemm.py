@@ -13,6 +13,12 @@ accumulator (block format); the per-channel format accumulates plain dots and sc
 epilogue. Partial blocks are masked loads (zeros): Pangu's I = 1344 is 10 full k-slices and a half one in
 the down GEMM, and a half column tile of gate and of up in gate_up; nothing is padded.
 
+Operands come through pointer loads (masked), or with the config's `tma` (Hopper; e4m3 x, rows of 16-byte
+multiples) through TMA descriptors built on the host as in grouped_gemm.py: x [M, K] in [BM, 128] boxes,
+w viewed [E*W_ROWS, K] in [BN, 128] boxes, zero-filled past the tensor; rows of the next expert and weight
+rows past a projection are loaded but never stored (their scales load as 0). Both keep the weight tile
+K-major ([BN, BK], fed as tl.dot(a, tl.trans(b))), the layout FP8 wgmma needs for both operands.
+
 Where x is quantized (fp8.py's rule; both paths give the same values):
   QUANT_X    in the GEMM's load: a bf16 x tile is quantized in registers per 1x128 group (block format).
              Every column tile of a row recomputes it, so it pays where weights dominate (decode sizes).
@@ -38,7 +44,7 @@ import triton.language as tl
 from .. import fp8
 from ..registry import register_kernel
 from . import DEVICES
-from .grouped_gemm import _locate, _schedule
+from .grouped_gemm import TensorDescriptor, _locate, _schedule, _tma_ok
 
 ROUND_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
@@ -118,14 +124,15 @@ def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, strid
 def _fp8_gemm_kernel(
         x_ptr, x_scale_ptr,      # x [M, K] e4m3 + [M, KB] fp32 scales, or float x with QUANT_X
         w_ptr, w_scale_ptr,      # w [E, W_ROWS, K] e4m3; w_scale [E, P, NB, KB] fp32, contiguous
+        x_desc, w_desc,          # USE_TMA: descriptors of x [M, K] (box [BM, BK]), w as [E*W_ROWS, K] ([BN, BK])
         y_ptr, y_scale_ptr,      # out [M, N_OUT] (e4m3 + [M, N_OUT/BN] scales with QUANT_OUT)
         offsets_ptr, row_scale_ptr,
-        N_OUT, K, KB, NB, PART_ROWS, num_n_tiles, up_scale_shift,
+        N_OUT, K, KB, NB, PART_ROWS, W_ROWS, num_n_tiles, up_scale_shift,
         stride_xm, stride_xsm, stride_we, stride_wn, stride_wse, stride_ym, stride_ysm,
         E: tl.constexpr, E_POW2: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PER_K: tl.constexpr, SWIGLU: tl.constexpr,
         QUANT_X: tl.constexpr, QUANT_OUT: tl.constexpr, HAS_ROW_SCALE: tl.constexpr,
-        ROUND: tl.constexpr, EXPLICIT_ROUND: tl.constexpr):
+        ROUND: tl.constexpr, EXPLICIT_ROUND: tl.constexpr, USE_TMA: tl.constexpr):
     """Grid: (max_row_tiles * num_n_tiles,); see the module docstring."""
     pid = tl.program_id(0)
     experts, starts, ends, m_tiles, work_begin, work_end = _schedule(offsets_ptr, num_n_tiles, E,
@@ -153,24 +160,37 @@ def _fp8_gemm_kernel(
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     acc_up = tl.zeros((BM, BN), dtype=tl.float32)
     num_k = tl.cdiv(K, BK)
+    w_row0 = e * W_ROWS + col0          # TMA: this tile's first weight row in the [E*W_ROWS, K] view
     for kk in range(num_k):
         k_ok = offs_k < K - kk * BK
         kb = (kk * BK) // BLOCK_K
-        if QUANT_X:
-            xf = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-            a, sa = _quantize_tile(xf, BM, EXPLICIT_ROUND)
-        else:
-            a = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        if USE_TMA:
+            # Rows past M and columns past K are zero-filled; rows of the next expert (x) and weight
+            # rows past this projection's N_OUT are loaded but their outputs are never stored, and
+            # their scales load as 0. No pointer tensors: what frees registers for 128-row tiles.
+            a = x_desc.load([row0, kk * BK])
             if PER_K:
                 sa = tl.load(xs_ptrs + kb, mask=row_ok, other=0.0)
-        b = tl.load(w_ptrs, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+            b = w_desc.load([w_row0, kk * BK])
+        else:
+            if QUANT_X:
+                xf = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+                a, sa = _quantize_tile(xf, BM, EXPLICIT_ROUND)
+            else:
+                a = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                if PER_K:
+                    sa = tl.load(xs_ptrs + kb, mask=row_ok, other=0.0)
+            b = tl.load(w_ptrs, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
         if PER_K:
             sb = tl.load(ws_ptrs + kb, mask=col_ok, other=0.0)
             acc += tl.dot(a, tl.trans(b)) * (sa[:, None] * sb[None, :])
         else:
             acc = tl.dot(a, tl.trans(b), acc)
         if SWIGLU:
-            b_up = tl.load(w_ptrs + up_shift, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+            if USE_TMA:
+                b_up = w_desc.load([w_row0 + N_OUT, kk * BK])
+            else:
+                b_up = tl.load(w_ptrs + up_shift, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
             if PER_K:
                 sb_up = tl.load(ws_ptrs + up_scale_shift + kb, mask=col_ok, other=0.0)
                 acc_up += tl.dot(a, tl.trans(b_up)) * (sa[:, None] * sb_up[None, :])
@@ -205,16 +225,20 @@ class Fp8Config:
     block_n: int
     num_warps: int
     num_stages: int
+    tma: bool = False      # e4m3 operands through TMA descriptors (Hopper; falls back to pointer loads)
 
 
 def choose_config(M: int, E: int, swiglu: bool) -> Fp8Config:
-    """By rows per expert. From an H200 sweep (bench/bench_fp8.py --sweep, Pangu shape, the same config
-    for both GEMMs): 16x64 (the decode path) is best up to ~2 rows per expert (T = 16), 64x128 with 4
-    warps and 4 stages from ~16 rows on (T = 128 ... 16384); 128x128 tiles were 4x slower."""
+    """By rows per expert. From an H200 sweep of the pointer-load kernel (Pangu shape, one config for both
+    GEMMs): 16x64 (the decode path) is best up to ~2 rows per expert (T = 16), 64x128 with 4 warps and
+    4 stages from ~16 rows on (T = 128 ... 16384); 128x128 pointer tiles were 4x slower (their [BM, BK]
+    and [BN, BK] pointer tensors take the registers the scaled accumulators need). Past the decode
+    sizes the same 64x128 tile goes through TMA (no pointer tensors, no masks): not yet timed on a
+    device; bench/bench_fp8.py --sweep times it against the pointer tile and 128-row TMA tiles."""
     rows = M / max(E, 1)
     if rows <= 8:
         return Fp8Config(16, 64, 4, 4)
-    return Fp8Config(64, 128, 4, 4)
+    return Fp8Config(64, 128, 4, 4, tma=True)
 
 
 _forced: dict[str, Fp8Config] = {}   # bench/bench_fp8.py --sweep: "gate_up" / "down" -> config
@@ -242,7 +266,7 @@ def quantize_rows(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tens
 
 def launch_fp8_gemm(x, x_scale, w, w_scale, expert_offsets, out, out_scale, block_n, block_k, *,
                     swiglu, quant_x, quant_out, round_dtype, row_scale=None, block_m=None, bn=None,
-                    num_warps=None, num_stages=None):
+                    num_warps=None, num_stages=None, tma=False):
     """out[rows of e] = x[rows of e] @ dequant(w[e])^T (SwiGLU of it with swiglu). No host sync."""
     M, K = x.shape
     E, w_rows = w.shape[:2]
@@ -262,17 +286,25 @@ def launch_fp8_gemm(x, x_scale, w, w_scale, expert_offsets, out, out_scale, bloc
     num_n_tiles = triton.cdiv(n_out, BN)
     max_row_tiles = min(M, triton.cdiv(M, BM) + min(E, M))
     has_row_scale = row_scale is not None
+    # TMA: e4m3 x (not quantized in the load), 16-byte aligned rows (K % 16 == 0), Hopper or the
+    # interpreter; a box row is BK = 128 bytes, one 128-byte swizzle line
+    use_tma = tma and not quant_x and x.dtype == fp8.E4M3 and w.is_contiguous() and _tma_ok(x, w)
+    if use_tma:
+        x_desc = TensorDescriptor.from_tensor(x, [BM, BK])
+        w_desc = TensorDescriptor.from_tensor(w.view(E * w_rows, K), [BN, BK])
+    else:
+        x_desc, w_desc = x, w          # placeholders, never read
     _fp8_gemm_kernel[(max_row_tiles * num_n_tiles,)](
-        x, x_scale if x_scale is not None else x, w, w_scale, out,
+        x, x_scale if x_scale is not None else x, w, w_scale, x_desc, w_desc, out,
         out_scale if out_scale is not None else out, expert_offsets,
         row_scale if has_row_scale else out,
-        n_out, K, KB, NB, w_rows // w_scale.shape[1], num_n_tiles, up_shift,
+        n_out, K, KB, NB, w_rows // w_scale.shape[1], w_rows, num_n_tiles, up_shift,
         x.stride(0), x_scale.stride(0) if x_scale is not None else 0, w.stride(0), w.stride(1),
         w_scale.stride(0), out.stride(0), out_scale.stride(0) if out_scale is not None else 0,
         E=E, E_POW2=max(2, triton.next_power_of_2(E)), BM=BM, BN=BN, BK=BK,
         BLOCK_N=block_n, BLOCK_K=max(block_k, 1), PER_K=per_k, SWIGLU=swiglu, QUANT_X=quant_x,
         QUANT_OUT=quant_out, HAS_ROW_SCALE=has_row_scale, ROUND=ROUND_CODES[round_dtype],
-        EXPLICIT_ROUND=_interpreted(x), num_warps=num_warps, num_stages=num_stages)
+        EXPLICIT_ROUND=_interpreted(x), USE_TMA=use_tma, num_warps=num_warps, num_stages=num_stages)
     return out
 
 
@@ -285,6 +317,12 @@ def _prepare(x, w, w_scale, name, block_k):
     if x.stride(-1) != 1:
         x = x.contiguous()
     return x, w.contiguous(), w_scale.contiguous()
+
+
+def _tile(cfg: Fp8Config, **override) -> dict:
+    """launch_fp8_gemm's tile arguments from a config."""
+    return {**dict(block_m=cfg.block_m, bn=cfg.block_n, num_warps=cfg.num_warps,
+                   num_stages=cfg.num_stages, tma=cfg.tma), **override}
 
 
 def _block_path_fuses_x(M: int, E: int, block_k: int) -> bool:
@@ -304,8 +342,7 @@ def grouped_gemm_fp8(x, w, w_scale, expert_offsets, block_n=128, block_k=128):
     fuse = _block_path_fuses_x(M, E, block_k)
     xq, xs = (x, None) if fuse else quantize_rows(x, block_k)
     return launch_fp8_gemm(xq, xs, w, w_scale, offsets, y, None, block_n, block_k, swiglu=False,
-                           quant_x=fuse, quant_out=False, round_dtype=x.dtype, block_m=cfg.block_m,
-                           bn=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                           quant_x=fuse, quant_out=False, round_dtype=x.dtype, **_tile(cfg))
 
 
 def grouped_mlp_fp8(x, w_gate_up, w_gate_up_scale, w_down, w_down_scale, expert_offsets, row_scale=None,
@@ -328,33 +365,26 @@ def grouped_mlp_fp8(x, w_gate_up, w_gate_up_scale, w_down, w_down_scale, expert_
         # decode: x and h quantized in the GEMMs' loads, h in x's dtype between them
         h = x.new_empty(M, I)
         launch_fp8_gemm(x, None, w_gate_up, w_gate_up_scale, offsets, h, None, block_n, block_k,
-                        swiglu=True, quant_x=True, quant_out=False, block_m=cfg_gu.block_m,
-                        bn=cfg_gu.block_n, num_warps=cfg_gu.num_warps, num_stages=cfg_gu.num_stages,
-                        **common)
+                        swiglu=True, quant_x=True, quant_out=False, **_tile(cfg_gu), **common)
         return launch_fp8_gemm(h, None, w_down, w_down_scale, offsets, y, None, block_n, block_k,
                                swiglu=False, quant_x=True, quant_out=False, row_scale=row_scale,
-                               block_m=cfg_dn.block_m, bn=cfg_dn.block_n, num_warps=cfg_dn.num_warps,
-                               num_stages=cfg_dn.num_stages, **common)
+                               **_tile(cfg_dn), **common)
     xq, xs = quantize_rows(x, block_k)
     if block_k == 128:
         # h quantized in the gate_up epilogue: one column tile of 128 = one scale group
         hq = torch.empty(M, I, dtype=fp8.E4M3, device=x.device)
         hs = torch.empty(M, triton.cdiv(I, 128), dtype=torch.float32, device=x.device)
         launch_fp8_gemm(xq, xs, w_gate_up, w_gate_up_scale, offsets, hq, hs, block_n, block_k,
-                        swiglu=True, quant_x=False, quant_out=True, block_m=cfg_gu.block_m, bn=128,
-                        num_warps=cfg_gu.num_warps, num_stages=cfg_gu.num_stages, **common)
+                        swiglu=True, quant_x=False, quant_out=True, **_tile(cfg_gu, bn=128), **common)
     else:
         # per-token scales (block_k = 0) or other groups: h in x's dtype, then the row kernel
         h = x.new_empty(M, I)
         launch_fp8_gemm(xq, xs, w_gate_up, w_gate_up_scale, offsets, h, None, block_n, block_k,
-                        swiglu=True, quant_x=False, quant_out=False, block_m=cfg_gu.block_m,
-                        bn=cfg_gu.block_n, num_warps=cfg_gu.num_warps, num_stages=cfg_gu.num_stages,
-                        **common)
+                        swiglu=True, quant_x=False, quant_out=False, **_tile(cfg_gu), **common)
         hq, hs = quantize_rows(h, block_k)
     return launch_fp8_gemm(hq, hs, w_down, w_down_scale, offsets, y, None, block_n, block_k,
                            swiglu=False, quant_x=False, quant_out=False, row_scale=row_scale,
-                           block_m=cfg_dn.block_m, bn=cfg_dn.block_n, num_warps=cfg_dn.num_warps,
-                           num_stages=cfg_dn.num_stages, **common)
+                           **_tile(cfg_dn), **common)
 
 
 register_kernel("triton", "grouped_gemm_fp8", grouped_gemm_fp8, devices=DEVICES)
