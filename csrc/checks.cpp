@@ -12,8 +12,7 @@ bool is_float(const at::Tensor& t) {
 }  // namespace
 
 void check_dispatch_args(const at::Tensor& hidden, const at::Tensor& router_logits, int64_t num_groups,
-                         int64_t topk_per_group, const std::optional<at::Tensor>& expert_scale,
-                         c10::string_view score_func) {
+                         int64_t topk_per_group, const std::optional<at::Tensor>& expert_scale) {
   TORCH_CHECK_VALUE(hidden.dim() == 2 && is_float(hidden), "hidden must be a 2-D float tensor [T, H]");
   TORCH_CHECK_VALUE(router_logits.dim() == 2 && is_float(router_logits),
                     "router_logits must be a 2-D float tensor [T, E]");
@@ -25,8 +24,6 @@ void check_dispatch_args(const at::Tensor& hidden, const at::Tensor& router_logi
                     " must be >= 1 and divide the number of experts E=", E);
   TORCH_CHECK_VALUE(topk_per_group >= 1 && topk_per_group <= E / num_groups, "topk_per_group=",
                     topk_per_group, " must be in [1, E/num_groups=", E / num_groups, "]");
-  TORCH_CHECK_VALUE(score_func == "softmax" || score_func == "sigmoid",
-                    "score_func must be 'softmax' or 'sigmoid'");
   if (expert_scale.has_value()) {
     TORCH_CHECK_VALUE(expert_scale->dim() == 1 && expert_scale->size(0) == E && is_float(*expert_scale),
                       "expert_scale must be a float tensor of shape [E]");

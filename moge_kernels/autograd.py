@@ -61,7 +61,7 @@ import warnings
 import torch
 
 from . import checks, ops, options, packing, registry
-from .reference import expert_slices
+from .reference import expert_slices, router_scores, router_scores_backward
 
 _lib = ops._lib   # the backward primitives live in the `moge` namespace beside the forward ops
 
@@ -371,7 +371,7 @@ def route_backward(grad_weights, router_logits, topk_ids, expert_scale, renormal
     ids = topk_ids.long()
     logits = router_logits.to(_acc_dtype(router_logits))
     acc = logits.dtype
-    scores = torch.softmax(logits, dim=-1) if score_func == "softmax" else torch.sigmoid(logits)
+    scores = router_scores(logits, score_func)
     picked = scores.gather(1, ids)                                          # [T, K] selected scores
     g = grad_weights.to(acc)
     if renormalize:
@@ -392,11 +392,7 @@ def route_backward(grad_weights, router_logits, topk_ids, expert_scale, renormal
         if renormalize:
             g = (g - (g * unscaled).sum(-1, keepdim=True)) / denom
         grad_scores = torch.zeros_like(scores).scatter_(1, ids, g)
-        if score_func == "softmax":
-            grad_logits = scores * (grad_scores - (grad_scores * scores).sum(-1, keepdim=True))
-        else:
-            grad_logits = grad_scores * scores * (1 - scores)
-        grad_logits = grad_logits.to(router_logits.dtype)
+        grad_logits = router_scores_backward(grad_scores, scores, score_func).to(router_logits.dtype)
     return grad_logits, grad_scale
 
 

@@ -10,10 +10,11 @@ from __future__ import annotations
 import torch
 
 from . import fp8, options
+from .reference import SCORE_FUNC_NAMES, score_func_code
 
 INT32_MAX = 2**31 - 1
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-SCORE_FUNCS = ("softmax", "sigmoid")
+SCORE_FUNCS = tuple(SCORE_FUNC_NAMES)
 
 
 def _fail(msg: str, exc=ValueError):
@@ -53,6 +54,7 @@ def _should_check_values(t) -> bool:
 
 def check_dispatch(hidden, router_logits, num_groups, topk_per_group, expert_scale, renormalize,
                    score_func):
+    """Returns the arguments as the kernels take them: score_func as its reference.ScoreFunc int."""
     check_tensor("hidden", hidden, 2)
     check_tensor("router_logits", router_logits, 2, device=hidden.device)
     T, E = router_logits.shape
@@ -63,12 +65,12 @@ def check_dispatch(hidden, router_logits, num_groups, topk_per_group, expert_sca
     group_size = E // num_groups
     if not 1 <= topk_per_group <= group_size:
         _fail(f"topk_per_group={topk_per_group} must be in [1, E/num_groups={group_size}]")
-    if score_func not in SCORE_FUNCS:
-        _fail(f"score_func must be one of {SCORE_FUNCS}, got {score_func!r}")
+    score_code = score_func_code(score_func)
     if expert_scale is not None:
         check_tensor("expert_scale", expert_scale, 1, device=hidden.device)
         check_shape("expert_scale", expert_scale, (E,))
     check_rows_fit_int32("grouped_dispatch T*K", T * num_groups * topk_per_group)
+    return hidden, router_logits, num_groups, topk_per_group, expert_scale, renormalize, score_code
 
 
 def check_permute(hidden, topk_ids, num_experts):

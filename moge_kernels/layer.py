@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import autograd  # noqa: F401  registers the backward of every moge op
-from . import expert_subsets, fp8, ops, packing
+from . import expert_subsets, fp8, ops, packing, reference
 
 _EXPERT_KEY = re.compile(r"experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 
@@ -83,8 +83,7 @@ class MoGELayer(nn.Module):
             raise ValueError(f"num_groups={num_groups} must divide num_experts={num_experts}")
         if not 1 <= topk_per_group <= num_experts // num_groups:
             raise ValueError(f"topk_per_group={topk_per_group} must be in [1, {num_experts // num_groups}]")
-        if score_func not in ("softmax", "sigmoid"):
-            raise ValueError(f"score_func must be 'softmax' or 'sigmoid', got {score_func!r}")
+        reference.score_func_code(score_func)   # raises ValueError naming score_func
         self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
         self.num_experts, self.num_groups, self.topk_per_group = num_experts, num_groups, topk_per_group
         self.top_k = num_groups * topk_per_group
@@ -203,12 +202,9 @@ class MoGELayer(nn.Module):
     def load_balancing_loss(self, router_logits: Tensor, expert_offsets: Tensor) -> Tensor:
         """aux_loss_coef * sum_i f_i * P_i over the batch (module docstring), fp32 scalar."""
         T, E = router_logits.shape
-        logits = router_logits.float()
-        if self.score_func == "softmax":
-            scores = torch.softmax(logits, dim=-1)
-        else:   # sigmoid scores, normalised per token so that P is a distribution like softmax's
-            scores = torch.sigmoid(logits)
-            scores = scores / scores.sum(-1, keepdim=True)
+        scores = reference.router_scores(router_logits.float(), self.score_func)
+        if reference.score_func_code(self.score_func) != reference.ScoreFunc.SOFTMAX:
+            scores = scores / scores.sum(-1, keepdim=True)   # per token, so that P is a distribution
         tokens = max(T, 1)
         counts = (expert_offsets[1:] - expert_offsets[:-1]).float()                   # [E] rows
         f = counts * (E / (self.top_k * tokens))

@@ -70,7 +70,9 @@ def _make_device_kernel(op_name):
             args = list(args)
             for name, default in schema_args[len(args):]:
                 args.append(kwargs.get(name, default))
-        arg_check(*args)
+        checked = arg_check(*args)   # a check may return the arguments converted for the kernels
+        if checked is not None:
+            args = checked
         backend, fn = registry.resolve(op_name, args[0].device.type)
         if weight_args and not registry.takes_packed(backend, op_name):
             args = list(args)

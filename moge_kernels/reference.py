@@ -20,10 +20,54 @@ the loss, never hidden by a silently substituted weight.
 """
 from __future__ import annotations
 
+import enum
+
 import torch
 import torch.nn.functional as F
 
 from . import fp8
+
+
+class ScoreFunc(enum.IntEnum):
+    """Router score functions. The public ops take the name (`score_func="softmax"`); every kernel gets
+    the value as an int (`checks.check_dispatch` converts it once) and fails on a value it has no branch
+    for. A new one: a member here, its formula in `router_scores`, a branch in the kernels."""
+    SOFTMAX = 0   # softmax over all E experts
+    SIGMOID = 1   # sigmoid of each logit
+
+
+SCORE_FUNC_NAMES = {f.name.lower(): int(f) for f in ScoreFunc}   # "softmax" -> 0, the schema's spelling
+
+
+def score_func_code(score_func) -> int:
+    """The ScoreFunc value of a name ("softmax") or of a value; ValueError naming score_func otherwise."""
+    code = SCORE_FUNC_NAMES.get(score_func) if isinstance(score_func, str) else score_func
+    if isinstance(code, int) and not isinstance(code, bool) and code in ScoreFunc._value2member_map_:
+        return int(code)
+    raise ValueError(f"score_func must be one of {tuple(SCORE_FUNC_NAMES)}, got {score_func!r}")
+
+
+def router_scores(logits, score_func):
+    """Scores [T, E] of router logits [T, E], in the logits' dtype (callers pass fp32, or fp64 for
+    exact gradients): the one eager formula of every score function, used by the reference routing,
+    its backward, the load-balancing loss and the eager adapters."""
+    code = score_func_code(score_func)
+    if code == ScoreFunc.SOFTMAX:
+        return torch.softmax(logits, dim=-1)
+    if code == ScoreFunc.SIGMOID:
+        return torch.sigmoid(logits)
+    raise AssertionError(f"router_scores has no formula for {ScoreFunc(code)!r}")
+
+
+def router_scores_backward(grad_scores, scores, score_func):
+    """Gradient w.r.t. the logits of `scores = router_scores(logits, score_func)`, given grad_scores
+    [T, E] (same dtype): the derivative of each formula above."""
+    code = score_func_code(score_func)
+    if code == ScoreFunc.SOFTMAX:
+        return scores * (grad_scores - (grad_scores * scores).sum(-1, keepdim=True))
+    if code == ScoreFunc.SIGMOID:
+        return grad_scores * scores * (1 - scores)
+    raise AssertionError(f"router_scores_backward has no formula for {ScoreFunc(code)!r}")
 
 
 def route(router_logits, num_groups, topk_per_group=1, expert_scale=None, renormalize=False,
@@ -32,8 +76,7 @@ def route(router_logits, num_groups, topk_per_group=1, expert_scale=None, renorm
     T, E = router_logits.shape
     G, k_g = num_groups, topk_per_group
     S = E // G
-    logits = router_logits.float()
-    scores = torch.softmax(logits, dim=-1) if score_func == "softmax" else torch.sigmoid(logits)
+    scores = router_scores(router_logits.float(), score_func)
     # A stable descending sort gives "ties -> lower index first"; NaN keys sort as -inf.
     keys = scores.nan_to_num(nan=float("-inf")).view(T, G, S)
     idx = torch.sort(keys, dim=-1, descending=True, stable=True).indices[..., :k_g]   # [T, G, k_g]

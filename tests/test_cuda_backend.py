@@ -119,6 +119,16 @@ def test_dispatch_ties_and_nan_policy():
         assert ((ids // (E // G)) == torch.arange(G, device=DEV).repeat_interleave(k_g)).all()
 
 
+def test_dispatch_kernel_rejects_unknown_score_func_value():
+    hidden = torch.randn(4, 8, device=DEV)
+    logits = torch.randn(4, 8, device=DEV)
+    kernel = torch.ops.moge_C.grouped_dispatch
+    out = kernel(hidden, logits, 2, 1, None, False, int(R.ScoreFunc.SIGMOID))
+    assert_dispatch_equal(out, R.grouped_dispatch(hidden, logits, 2, score_func="sigmoid"))
+    with pytest.raises(ValueError, match="cuda backend.*score_func 2"):
+        kernel(hidden, logits, 2, 1, None, False, 2)
+
+
 def test_dispatch_moge_group_blocks():
     """Group g owns exactly the rows [g*T*k_g, (g+1)*T*k_g), whatever the logits."""
     T, E, G, k_g = 300, 64, 8, 2

@@ -53,6 +53,40 @@ def test_dispatch_bad_options():
         mk.grouped_dispatch(hidden, logits, 2, expert_scale=torch.ones(7))
 
 
+def test_score_func_reaches_kernels_as_its_int():
+    """The check converts the name once; every backend's kernel gets the reference.ScoreFunc value."""
+    from moge_kernels import checks
+    hidden, logits = _dispatch_args()
+    checked = checks.check_dispatch(hidden, logits, 2, 1, None, False, "sigmoid")
+    assert checked[-1] == int(R.ScoreFunc.SIGMOID) and type(checked[-1]) is int
+    assert checked[:-1] == (hidden, logits, 2, 1, None, False)
+
+
+@pytest.mark.skipif(not mk.backends()["cpu"]["available"], reason="C++ CPU extension not built")
+def test_cpu_kernel_rejects_unknown_score_func_value():
+    hidden, logits = _dispatch_args()
+    kernel = torch.ops.moge_C.grouped_dispatch
+    for code in (int(R.ScoreFunc.SOFTMAX), int(R.ScoreFunc.SIGMOID)):
+        name = R.ScoreFunc(code).name.lower()
+        for a, b in zip(kernel(hidden, logits, 2, 1, None, False, code),
+                        R.grouped_dispatch(hidden, logits, 2, 1, None, False, name)):
+            torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="cpu backend.*score_func 2"):
+        kernel(hidden, logits, 2, 1, None, False, 2)
+
+
+@pytest.mark.skipif(not mk.backends()["triton"]["available"], reason="no triton")
+def test_triton_kernel_rejects_unknown_score_func_value():
+    from moge_kernels.triton import dispatch as triton_dispatch
+    hidden, logits = _dispatch_args()
+    if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
+        pytest.skip("triton needs CUDA or the interpreter")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    hidden, logits = hidden.to(device), logits.to(device)
+    with pytest.raises(Exception, match="no branch for this score_func"):
+        triton_dispatch.grouped_dispatch(hidden, logits, 2, 1, None, False, 2)
+
+
 def test_dispatch_int32_overflow_is_caught_before_allocation():
     # 2^28 tokens x K=8 = 2^31 rows: checked on meta tensors, nothing is allocated
     hidden = torch.empty(2**28, 8, device="meta")

@@ -1,6 +1,7 @@
 """The reference against cases computed by hand: it is the specification every backend is held to."""
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -48,6 +49,31 @@ def test_route_sigmoid():
     weights, ids = R.route(logits, 2, score_func="sigmoid")
     assert ids.tolist() == [[1, 3]]
     torch.testing.assert_close(weights, torch.sigmoid(torch.tensor([[1.0, 2.0]])))
+
+
+def test_score_func_names_and_values():
+    assert [f.name for f in R.ScoreFunc] == ["SOFTMAX", "SIGMOID"]
+    assert [int(f) for f in R.ScoreFunc] == [0, 1]      # the values every kernel switches on
+    assert R.score_func_code("softmax") == R.ScoreFunc.SOFTMAX and R.score_func_code("sigmoid") == 1
+    assert R.score_func_code(1) == 1 and type(R.score_func_code(R.ScoreFunc.SIGMOID)) is int
+    for bad in ("relu", "Softmax", "SOFTMAX", 2, -1, True, None, 0.0):
+        with pytest.raises(ValueError, match="score_func must be one of"):
+            R.score_func_code(bad)
+
+
+def test_router_scores_and_their_backward():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(5, 8, generator=g, dtype=torch.float64)
+    for name, fn in (("softmax", lambda x: torch.softmax(x, -1)), ("sigmoid", torch.sigmoid)):
+        scores = R.router_scores(logits, name)
+        assert scores.dtype == torch.float64            # computed in the dtype it is given
+        torch.testing.assert_close(scores, fn(logits), atol=0, rtol=0)
+        (expected,) = torch.autograd.grad(fn(logits), logits, grad)
+        got = R.router_scores_backward(grad, scores.detach(), R.score_func_code(name))
+        torch.testing.assert_close(got, expected, atol=1e-14, rtol=1e-12)
+    with pytest.raises(ValueError, match="score_func must be one of"):
+        R.router_scores(logits, "tanh")
 
 
 def test_permute_hand_computed():

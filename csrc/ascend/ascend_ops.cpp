@@ -33,10 +33,18 @@ namespace {
 // expert_scale. Returns (topk_weights [T, K] fp32, topk_ids [T, K] int32), ids group-major.
 std::tuple<at::Tensor, at::Tensor> route(const at::Tensor& router_logits, int64_t G, int64_t k_g,
                                          const std::optional<at::Tensor>& expert_scale, bool renormalize,
-                                         bool softmax) {
+                                         int64_t score_func) {
   const int64_t T = router_logits.size(0), E = router_logits.size(1), S = E / G;
   auto logits = router_logits.to(at::kFloat);
-  auto scores = (softmax ? at::softmax(logits, -1) : at::sigmoid(logits)).view({T, G, S});
+  at::Tensor scores;                                                            // [T, E] fp32
+  switch (score_func) {
+    case kScoreSoftmax: scores = at::softmax(logits, -1); break;
+    case kScoreSigmoid: scores = at::sigmoid(logits); break;
+    default:
+      TORCH_CHECK_VALUE(false, "grouped_dispatch (ascend backend): no kernel for score_func ", score_func,
+                        " (a moge_kernels.reference.ScoreFunc value)");
+  }
+  scores = scores.view({T, G, S});
   auto keys = scores.masked_fill(at::isnan(scores), -std::numeric_limits<float>::infinity());
   auto picks = std::get<1>(at::sort(keys, /*stable=*/true, /*dim=*/-1, /*descending=*/true))
                    .slice(/*dim=*/-1, 0, k_g);                                  // [T, G, k_g] int64
@@ -66,13 +74,13 @@ constexpr int64_t kMaxGmmGroups = 1024;   // npu_grouped_matmul's single-tensor 
 DispatchOutputs grouped_dispatch_npu(const at::Tensor& hidden, const at::Tensor& router_logits,
                                      int64_t num_groups, int64_t topk_per_group,
                                      const std::optional<at::Tensor>& expert_scale, bool renormalize,
-                                     c10::string_view score_func) {
-  check_dispatch_args(hidden, router_logits, num_groups, topk_per_group, expert_scale, score_func);
+                                     int64_t score_func) {
+  check_dispatch_args(hidden, router_logits, num_groups, topk_per_group, expert_scale);
   const c10::OptionalDeviceGuard device_guard(device_of(hidden));
   const int64_t T = router_logits.size(0), E = router_logits.size(1), H = hidden.size(1);
   const int64_t K = num_groups * topk_per_group;
   auto [topk_weights, topk_ids] =
-      route(router_logits, num_groups, topk_per_group, expert_scale, renormalize, score_func == "softmax");
+      route(router_logits, num_groups, topk_per_group, expert_scale, renormalize, score_func);
   auto int_options = topk_ids.options();
   if (T == 0) {
     return {hidden.new_empty({0, H}), topk_weights, topk_ids, at::zeros({E + 1}, int_options),

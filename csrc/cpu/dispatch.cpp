@@ -15,11 +15,7 @@ namespace {
 
 // Scores of one token in fp32. A NaN anywhere in a softmax row makes the whole row NaN, as
 // torch.softmax does; sigmoid keeps NaN per expert.
-void token_scores(const float* logits, int64_t E, bool softmax, float* scores) {
-  if (!softmax) {
-    for (int64_t e = 0; e < E; ++e) scores[e] = 1.0f / (1.0f + std::exp(-logits[e]));
-    return;
-  }
+void softmax_scores(const float* logits, int64_t E, float* scores) {
   float row_max = -std::numeric_limits<float>::infinity();
   for (int64_t e = 0; e < E; ++e) {
     row_max = std::isnan(logits[e]) || std::isnan(row_max) ? NAN : std::max(row_max, logits[e]);
@@ -32,6 +28,23 @@ void token_scores(const float* logits, int64_t E, bool softmax, float* scores) {
   for (int64_t e = 0; e < E; ++e) scores[e] /= total;
 }
 
+void sigmoid_scores(const float* logits, int64_t E, float* scores) {
+  for (int64_t e = 0; e < E; ++e) scores[e] = 1.0f / (1.0f + std::exp(-logits[e]));
+}
+
+using ScoresFn = void (*)(const float* logits, int64_t E, float* scores);
+
+ScoresFn scores_fn(int64_t score_func) {
+  switch (score_func) {
+    case kScoreSoftmax: return softmax_scores;
+    case kScoreSigmoid: return sigmoid_scores;
+    default:
+      TORCH_CHECK_VALUE(false, "grouped_dispatch (cpu backend): no kernel for score_func ", score_func,
+                        " (a moge_kernels.reference.ScoreFunc value)");
+  }
+  return nullptr;
+}
+
 // Selection key: NaN ranks below every number (the NaN policy in moge_kernels/reference.py).
 inline float selection_key(float score) {
   return std::isnan(score) ? -std::numeric_limits<float>::infinity() : score;
@@ -42,11 +55,11 @@ inline float selection_key(float score) {
 DispatchOutputs grouped_dispatch_cpu(const at::Tensor& hidden, const at::Tensor& router_logits,
                                      int64_t num_groups, int64_t topk_per_group,
                                      const std::optional<at::Tensor>& expert_scale, bool renormalize,
-                                     c10::string_view score_func) {
-  check_dispatch_args(hidden, router_logits, num_groups, topk_per_group, expert_scale, score_func);
+                                     int64_t score_func) {
+  check_dispatch_args(hidden, router_logits, num_groups, topk_per_group, expert_scale);
   const int64_t T = router_logits.size(0), E = router_logits.size(1), H = hidden.size(1);
   const int64_t G = num_groups, k_g = topk_per_group, S = E / G, K = G * k_g;
-  const bool softmax = score_func == "softmax";
+  const ScoresFn token_scores = scores_fn(score_func);
 
   auto logits = router_logits.to(at::kFloat).contiguous();           // [T, E] fp32
   at::Tensor scale;                                                   // [E] fp32
@@ -62,7 +75,7 @@ DispatchOutputs grouped_dispatch_cpu(const at::Tensor& hidden, const at::Tensor&
     std::vector<float> scores(E);
     std::vector<char> taken(S);
     for (int64_t t = begin; t < end; ++t) {
-      token_scores(logits_ptr + t * E, E, softmax, scores.data());
+      token_scores(logits_ptr + t * E, E, scores.data());
       float* w = weights_ptr + t * K;
       int32_t* ids = ids_ptr + t * K;
       for (int64_t g = 0; g < G; ++g) {

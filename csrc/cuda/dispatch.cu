@@ -72,7 +72,7 @@ __global__ void __launch_bounds__(kRouteWarps * 32)
       scores[e] = v;
       row_max = fmaxf(row_max, v);
     }
-    if (p.softmax) {
+    if (p.score_func == kScoreSoftmax) {
       // A NaN logit makes its exp NaN, the sum NaN, hence the whole row NaN, as torch.softmax does.
       row_max = warp_max(row_max);
       float total = 0.f;
@@ -83,9 +83,9 @@ __global__ void __launch_bounds__(kRouteWarps * 32)
       }
       total = warp_sum(total);
       for (int e = lane; e < E; e += 32) scores[e] = scores[e] / total;
-    } else {
+    } else if (p.score_func == kScoreSigmoid) {
       for (int e = lane; e < E; e += 32) scores[e] = 1.f / (1.f + expf(-scores[e]));
-    }
+    }   // no other value reaches the kernel: launch_grouped_dispatch checks dispatch_has_score_func
     __syncwarp();
     // One lane per group: k_g passes, each taking the best pair (key desc, index asc) strictly after the
     // previous pick in that order, so no "taken" marks are needed.
@@ -250,7 +250,18 @@ int64_t dispatch_route_smem_bytes(int E, int K) {
          static_cast<int64_t>(sizeof(int)) * (kChunkTokens * K + E);
 }
 
+bool dispatch_has_score_func(int score_func) {
+  switch (score_func) {
+    case kScoreSoftmax:
+    case kScoreSigmoid:
+      return true;
+    default:
+      return false;
+  }
+}
+
 cudaError_t launch_grouped_dispatch(const DispatchArgs& p, cudaStream_t stream) {
+  if (!dispatch_has_score_func(p.score_func)) return cudaErrorInvalidValue;
   const int K = p.G * p.k_g;
   const int64_t num_chunks = ceil_div(p.T, kChunkTokens);
   int32_t* local_rank = p.workspace;                 // [T*K]

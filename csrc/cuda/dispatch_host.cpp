@@ -13,9 +13,12 @@ namespace moge {
 DispatchOutputs grouped_dispatch_cuda(const at::Tensor& hidden, const at::Tensor& router_logits,
                                       int64_t num_groups, int64_t topk_per_group,
                                       const std::optional<at::Tensor>& expert_scale, bool renormalize,
-                                      c10::string_view score_func) {
-  check_dispatch_args(hidden, router_logits, num_groups, topk_per_group, expert_scale, score_func);
+                                      int64_t score_func) {
+  check_dispatch_args(hidden, router_logits, num_groups, topk_per_group, expert_scale);
   TORCH_CHECK_VALUE(hidden.is_cuda(), "hidden must be a CUDA tensor");
+  TORCH_CHECK_VALUE(cuda::dispatch_has_score_func(static_cast<int>(score_func)),
+                    "grouped_dispatch (cuda backend): no kernel for score_func ", score_func,
+                    " (a moge_kernels.reference.ScoreFunc value)");
   const c10::cuda::CUDAGuard device_guard(hidden.device());
   const int64_t T = router_logits.size(0), E = router_logits.size(1), H = hidden.size(1);
   const int64_t G = num_groups, k_g = topk_per_group, K = G * k_g;
@@ -58,7 +61,7 @@ DispatchOutputs grouped_dispatch_cuda(const at::Tensor& hidden, const at::Tensor
   args.E = static_cast<int>(E);
   args.G = static_cast<int>(G);
   args.k_g = static_cast<int>(k_g);
-  args.softmax = score_func == "softmax";
+  args.score_func = static_cast<int>(score_func);
   args.renormalize = renormalize;
   C10_CUDA_CHECK(cuda::launch_grouped_dispatch(args, c10::cuda::getCurrentCUDAStream()));
   return {permuted_hidden, topk_weights, topk_ids, expert_offsets, row_index};

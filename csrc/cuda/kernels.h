@@ -9,6 +9,8 @@
 
 #include <cstdint>
 
+#include "../score_func.h"
+
 namespace moge {
 namespace cuda {
 
@@ -31,8 +33,11 @@ struct DispatchArgs {
   int32_t* workspace;            // dispatch_workspace_ints(T, K, E) int32 scratch
   int64_t T;                     // >= 1; T * K <= INT32_MAX (checked by the caller)
   int E, G, k_g;
-  bool softmax, renormalize;
+  int score_func;                // a ScoreFunc value (csrc/score_func.h): dispatch_has_score_func
+  bool renormalize;
 };
+// Whether the routing kernel has a branch for score_func; launch_grouped_dispatch refuses the others.
+bool dispatch_has_score_func(int score_func);
 int64_t dispatch_workspace_ints(int64_t T, int K, int E);
 // Dynamic shared memory the routing kernel needs; the caller rejects E too large for the device.
 int64_t dispatch_route_smem_bytes(int E, int K);

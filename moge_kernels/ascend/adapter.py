@@ -36,6 +36,8 @@ from __future__ import annotations
 
 import torch
 
+from moge_kernels.reference import router_scores   # absolute: tests load this file on its own
+
 torch_npu = None   # the module providing the npu_* operators; set by bind()
 
 # torch_npu operators each op needs. An op whose operators the installed torch_npu lacks is served by the
@@ -87,8 +89,7 @@ def route(router_logits, num_groups, topk_per_group, expert_scale, renormalize, 
     T, E = router_logits.shape
     G, k_g = num_groups, topk_per_group
     S = E // G
-    logits = router_logits.float()
-    scores = torch.softmax(logits, dim=-1) if score_func == "softmax" else torch.sigmoid(logits)
+    scores = router_scores(router_logits.float(), score_func)
     scores_by_group = scores.view(T, G, S)
     keys = torch.where(torch.isnan(scores_by_group), float("-inf"), scores_by_group)
     picks = torch.sort(keys, dim=-1, descending=True, stable=True).indices[..., :k_g]   # [T, G, k_g] int64

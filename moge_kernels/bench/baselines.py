@@ -19,6 +19,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from ..reference import router_scores
+
 _grouped_mm = getattr(torch, "_grouped_mm", None)
 
 
@@ -28,7 +30,7 @@ def torch_dispatch(hidden, router_logits, num_groups, topk_per_group=1):
     T, E = router_logits.shape
     G, k_g = num_groups, topk_per_group
     S, K = E // G, G * k_g
-    scores = torch.softmax(router_logits.float(), dim=-1)
+    scores = router_scores(router_logits.float(), "softmax")
     topk_weights, idx = scores.view(T, G, S).topk(k_g, dim=-1)          # [T, G, k_g]
     group_base = torch.arange(0, E, S, device=hidden.device).view(1, G, 1)
     topk_ids = (idx + group_base).view(T, K)

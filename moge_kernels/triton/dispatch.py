@@ -46,6 +46,7 @@ import triton
 import triton.language as tl
 
 from .. import options
+from ..reference import ScoreFunc
 from ..registry import register_kernel
 from . import DEVICES
 
@@ -65,6 +66,9 @@ ROUTE_BLOCK_ELEMS = 2048
 FUSED_SCAN_MAX_BLOCKS = 16
 # Scan tile [SCAN_CHUNK_B blocks, S_PAD experts].
 SCAN_TILE_ELEMS = 4096
+# reference.ScoreFunc values, as constants the kernel can compare its SCORE_FUNC argument with
+_SOFTMAX = tl.constexpr(int(ScoreFunc.SOFTMAX))
+_SIGMOID = tl.constexpr(int(ScoreFunc.SIGMOID))
 
 
 # ----------------------------------------------------------------------------------------- launch 1
@@ -79,7 +83,7 @@ def _route_kernel(
     T, stride_lt, stride_le,
     E: tl.constexpr, S: tl.constexpr, G: tl.constexpr, K_G: tl.constexpr, K: tl.constexpr,
     G_PAD: tl.constexpr, S_PAD: tl.constexpr, KG_PAD: tl.constexpr,
-    BLOCK_T: tl.constexpr, SOFTMAX: tl.constexpr, RENORMALIZE: tl.constexpr, HAS_SCALE: tl.constexpr,
+    BLOCK_T: tl.constexpr, SCORE_FUNC: tl.constexpr, RENORMALIZE: tl.constexpr, HAS_SCALE: tl.constexpr,
     PRECISE: tl.constexpr,
 ):
     """Grid (NB,): program b routes tokens [b*BLOCK_T, (b+1)*BLOCK_T)."""
@@ -96,7 +100,7 @@ def _route_kernel(
     x = tl.where(expert_ok, x, float("-inf"))   # padding experts score 0; padding tokens stay finite
     # Same formula as PyTorch's softmax (exp(x - max) / sum); with PRECISE also the same exp and an
     # IEEE division, so scores (and thus near-tie rankings) match the eager reference on CUDA.
-    if SOFTMAX:
+    if SCORE_FUNC == _SOFTMAX:
         row_max = tl.max(tl.max(x, axis=2), axis=1)[:, None, None]
         if PRECISE:
             p = libdevice.exp(x - row_max)
@@ -105,12 +109,15 @@ def _route_kernel(
         p = tl.where(expert_ok, p, 0.0)
         denom = tl.sum(tl.sum(p, axis=2), axis=1)[:, None, None]
         scores = tl.math.div_rn(p, denom)
-    else:
+    elif SCORE_FUNC == _SIGMOID:
         if PRECISE:
             e_neg = libdevice.exp(-x)
         else:
             e_neg = tl.exp(-x)
         scores = tl.math.div_rn(tl.full(x.shape, 1.0, tl.float32), 1.0 + e_neg)
+    else:
+        tl.static_assert(False, "grouped_dispatch (triton backend): no branch for this score_func "
+                                "(a reference.ScoreFunc value)")
     # NaN ranks below every number (reference.route); the pick still carries its NaN weight.
     key = tl.where(scores == scores, scores, float("-inf"))
 
@@ -270,8 +277,10 @@ def _copy_config(T: int, H: int):
 
 
 def grouped_dispatch(hidden, router_logits, num_groups, topk_per_group=1, expert_scale=None,
-                     renormalize=False, score_func="softmax", *, route_block_t=None, copy_config=None):
-    """Triton kernel of `moge::grouped_dispatch` (arguments already checked by moge_kernels.checks).
+                     renormalize=False, score_func=ScoreFunc.SOFTMAX, *, route_block_t=None,
+                     copy_config=None):
+    """Triton kernel of `moge::grouped_dispatch` (arguments already checked by moge_kernels.checks;
+    score_func is a reference.ScoreFunc value).
 
     route_block_t / copy_config=(BLOCK_T, BLOCK_H, num_warps) override the tile choice (tests, tuning)."""
     T, E = router_logits.shape
@@ -310,7 +319,7 @@ def grouped_dispatch(hidden, router_logits, num_groups, topk_per_group=1, expert
         topk_ids, topk_weights, slot_rank, block_base,
         T, router_logits.stride(0), router_logits.stride(1),
         E=E, S=S, G=G, K_G=k_g, K=K, G_PAD=g_pad, S_PAD=s_pad, KG_PAD=kg_pad,
-        BLOCK_T=route_block_t, SOFTMAX=score_func == "softmax", RENORMALIZE=bool(renormalize),
+        BLOCK_T=route_block_t, SCORE_FUNC=int(score_func), RENORMALIZE=bool(renormalize),
         HAS_SCALE=expert_scale is not None, PRECISE=not _INTERPRET and libdevice is not None,
         num_warps=8 if route_block_t * g_pad * s_pad >= 8192 else 4)
     if not fused_scan:
