@@ -23,13 +23,12 @@ from typing import NamedTuple, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from . import checks
+from . import checks, reference
 
 
 def _vote_scores(router_logits: Tensor, score_func: str) -> Tensor:
     """fp32 scores with NaN ranked below every number, as the routing ranks them (reference.route)."""
-    logits = router_logits.float()
-    scores = torch.softmax(logits, dim=-1) if score_func == "softmax" else torch.sigmoid(logits)
+    scores = reference.router_scores(router_logits.float(), score_func)
     return scores.nan_to_num(nan=float("-inf"))
 
 
