@@ -329,11 +329,11 @@ def _register_triton() -> None:
             return triton_fn(grad_y, other, expert_offsets)
         return fn
 
-    dgrad_rows = backward_gemm(grouped_mm_dgrad, tb.grouped_gemm_dgrad, ref_grouped_gemm_dgrad)
+    def grouped_mm_dgrad_zeroed(grad_y, w, expert_offsets):   # rows of no expert: zero gradient
+        return zero_rows_past_experts(grouped_mm_dgrad(grad_y, w, expert_offsets), expert_offsets)
 
-    def dgrad(grad_y, w, expert_offsets):   # rows of no expert (past offsets[E]) get zero gradient
-        return zero_rows_past_experts(dgrad_rows(grad_y, w, expert_offsets), expert_offsets)
-
+    # (the Triton dgrad kernel and the reference zero those rows themselves)
+    dgrad = backward_gemm(grouped_mm_dgrad_zeroed, tb.grouped_gemm_dgrad, ref_grouped_gemm_dgrad)
     wgrad = backward_gemm(grouped_mm_wgrad, tb.grouped_gemm_wgrad, ref_grouped_gemm_wgrad)
 
     def only_lowp(triton_fn, ref_fn):

@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .grouped_gemm import zero_tail_tile
+
 from .. import options
 
 _INTERPRET = options.TRITON_INTERPRET
@@ -64,21 +66,23 @@ def _row_tile_of(pid, offsets_ptr, num_col_tiles, E: tl.constexpr, E_POW2: tl.co
     return total, e, row0, row_end, local // tiles_e
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _dgrad_kernel(
         dy_ptr,             # [M, N] grad_y, row stride stride_dym, unit column stride
         w_ptr,              # [E, N, Kd] weights (nn.Linear layout), strides (stride_we, stride_wn, 1)
         dx_ptr,             # [M, Kd] grad_x, contiguous
         offsets_ptr,        # [E+1] int32 expert_offsets
-        N, KD, num_col_tiles, stride_dym, stride_we, stride_wn,
+        M, N, KD, num_col_tiles, stride_dym, stride_we, stride_wn,
         E: tl.constexpr, E_POW2: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
         DOT_PRECISION: tl.constexpr):
-    """Grid: (max_row_tiles * num_col_tiles,); programs past the real tiles return at once."""
+    """Grid: (max_row_tiles * num_col_tiles,); programs past the real tiles write zeros to the rows of
+    no expert, past offsets[E] (zero_tail_tile), and return."""
     pid = tl.program_id(0)
     total, e, row0, row_end, col_tile = _row_tile_of(pid, offsets_ptr, num_col_tiles, E, E_POW2,
                                                      BLOCK_M)
     if pid >= total:
+        zero_tail_tile(dx_ptr, offsets_ptr, pid - total, M, KD, num_col_tiles, KD, E, BLOCK_M, BLOCK_K)
         return
     rows = tl.arange(0, BLOCK_M)
     cols = col_tile * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -126,7 +130,7 @@ def grouped_gemm_dgrad(grad_y: torch.Tensor, w: torch.Tensor, expert_offsets: to
     num_col_tiles = _cdiv(KD, BK)
     max_row_tiles = min(M, _cdiv(M, BM) + min(E, M))    # sum_e cdiv(rows_e, BM) <= M/BM + #non-empty
     _dgrad_kernel[(max_row_tiles * num_col_tiles,)](
-        grad_y, w, grad_x, offsets, N, KD, num_col_tiles, grad_y.stride(0), w.stride(0), w.stride(1),
+        grad_y, w, grad_x, offsets, M, N, KD, num_col_tiles, grad_y.stride(0), w.stride(0), w.stride(1),
         E=E, E_POW2=max(2, triton.next_power_of_2(E)), BLOCK_M=BM, BLOCK_K=BK, BLOCK_N=BN,
         DOT_PRECISION=_dot_precision(grad_y.dtype), num_warps=warps, num_stages=stages)
     return grad_x

@@ -207,6 +207,20 @@ def _epilogue(acc, acc_up, y_ptr, row_scale_ptr, row0, row_end, col0, N_OUT, str
 
 
 @triton.jit
+def zero_tail_tile(y_ptr, offsets_ptr, tile, M, N_OUT, num_n_tiles, stride_ym, E: tl.constexpr,
+                   BM: tl.constexpr, BN: tl.constexpr):
+    """Zeros in tile `tile` of the rows of no expert, [offsets[E], M) of y: row tile tile // num_n_tiles,
+    column tile tile % num_n_tiles. A grid sized min(M, cdiv(M, BM) + E) row tiles has a spare program
+    for every such tile (the tail is one more segment of <= M rows), so the programs past the real work
+    run them and no separate launch is needed."""
+    rows = tl.load(offsets_ptr + E) + (tile // num_n_tiles) * BM + tl.arange(0, BM)
+    cols = (tile % num_n_tiles) * BN + tl.arange(0, BN)
+    tl.store(y_ptr + rows.to(tl.int64)[:, None] * stride_ym + cols[None, :],
+             tl.zeros([BM, BN], dtype=y_ptr.dtype.element_ty),
+             mask=(rows < M)[:, None] & (cols < N_OUT)[None, :])
+
+
+@triton.jit(do_not_specialize=["M"])
 def _grouped_gemm_kernel(
         x_ptr,              # [M, Kd] expert-sorted rows, row stride stride_xm, unit column stride
         w_ptr,              # [E, W_ROWS, Kd] weights, unit stride along Kd
@@ -215,18 +229,22 @@ def _grouped_gemm_kernel(
         y_ptr,              # [M, N_OUT] output (h for SwiGLU)
         offsets_ptr,        # [E+1] int32 expert_offsets
         row_scale_ptr,      # [M] fp32 (HAS_ROW_SCALE only)
-        N_OUT, K, W_ROWS, num_n_tiles,
+        M, N_OUT, K, W_ROWS, num_n_tiles,
         stride_xm, stride_we, stride_wn, stride_wkb, stride_ym,
         E: tl.constexpr, E_POW2: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
         SWIGLU: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, EVEN_K: tl.constexpr,
         USE_TMA: tl.constexpr, TAIL_BM: tl.constexpr, SPLIT_N_TAIL: tl.constexpr,
-        WIDE: tl.constexpr, PACK: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Grid: (max_row_tiles * num_n_tiles,); see the module docstring for the schedule."""
+        WIDE: tl.constexpr, PACK: tl.constexpr, DOT_PRECISION: tl.constexpr, ZERO_TAIL: tl.constexpr):
+    """Grid: (max_row_tiles * num_n_tiles,); see the module docstring for the schedule. ZERO_TAIL: the
+    programs past the real work write zeros to the rows past offsets[E] (zero_tail_tile)."""
     pid = tl.program_id(0)
     experts, starts, ends, m_tiles, work_begin, work_end = _schedule(offsets_ptr, num_n_tiles, E,
                                                                      E_POW2, BM)
-    if pid >= tl.max(work_end, 0):
+    total = tl.max(work_end, 0)
+    if pid >= total:
+        if ZERO_TAIL:
+            zero_tail_tile(y_ptr, offsets_ptr, pid - total, M, N_OUT, num_n_tiles, stride_ym, E, BM, BN)
         return
     e, row0, row_end, pid_n = _locate(pid, experts, starts, ends, m_tiles, work_begin, work_end, BM)
     col0 = pid_n * BN
@@ -340,8 +358,9 @@ def _tma_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 def launch_grouped_gemm(x: torch.Tensor, w: torch.Tensor, expert_offsets: torch.Tensor,
                         out: torch.Tensor, swiglu: bool, row_scale=None,
-                        config: gemm_configs.GemmConfig | None = None) -> torch.Tensor:
+                        config: gemm_configs.GemmConfig | None = None, zero_tail: bool = False) -> torch.Tensor:
     """out[rows of e] = x[rows of e] @ w[e]^T (or silu(gate) * up of it when swiglu). No host sync.
+    zero_tail: also zeros in out's rows past expert_offsets[E] (rows of no expert).
 
     x [M, Kd] (unit column stride), w [E, W_ROWS, Kd] (unit stride along Kd) or packed
     [E, W_ROWS, Kd/B, B] (packing.pack_expert_weights), out [M, N_OUT] contiguous, expert_offsets [E+1]
@@ -409,16 +428,16 @@ def launch_grouped_gemm(x: torch.Tensor, w: torch.Tensor, expert_offsets: torch.
             E=E, E_POW2=max(2, triton.next_power_of_2(E)), BM=BM, BN=BN, BK=BK,
             SWIGLU=swiglu, HAS_ROW_SCALE=has_row_scale, WIDE=wide, PACKED=pack > 0,
             DOT_PRECISION=dot_precision, num_warps=config.num_warps, num_stages=config.num_stages)
-        return out
+        return zero_rows_past_experts(out, expert_offsets) if zero_tail else out
     _grouped_gemm_kernel[grid](
         x, w, x_desc, x_desc_tail, w_desc, w_desc_half, out, expert_offsets,
         row_scale if has_row_scale else out,
-        n_out, K, w_rows, num_n_tiles,
+        M, n_out, K, w_rows, num_n_tiles,
         x.stride(0), w.stride(0), w.stride(1), w.stride(2) if pack else 0, out.stride(0),
         E=E, E_POW2=max(2, triton.next_power_of_2(E)),
         BM=BM, BN=BN, BK=BK, SWIGLU=swiglu, HAS_ROW_SCALE=has_row_scale, EVEN_K=K % BK == 0,
         USE_TMA=use_tma, TAIL_BM=tail_bm, SPLIT_N_TAIL=split_n, WIDE=wide, PACK=pack,
-        DOT_PRECISION=dot_precision,
+        DOT_PRECISION=dot_precision, ZERO_TAIL=zero_tail,
         num_warps=config.num_warps, num_stages=config.num_stages)
     return out
 
@@ -483,8 +502,9 @@ def _zero_tail_kernel(y_ptr, offsets_ptr, M, N, stride_ym, E: tl.constexpr,
 
 def zero_rows_past_experts(y: torch.Tensor, expert_offsets: torch.Tensor) -> torch.Tensor:
     """Zeros in rows [expert_offsets[E], M) of y [M, N] (unit column stride), the rows of no expert
-    (grouped_permute's dropped slots). The bound is device data: no host sync, one small launch that
-    returns at once when every row belongs to an expert."""
+    (grouped_permute's dropped slots), for outputs whose kernel cannot do it in its spare programs
+    (zero_tail_tile): the persistent GEMM, torch._grouped_mm. The bound is device data: no host sync,
+    one small launch that returns at once when every row belongs to an expert."""
     M, N = y.shape
     if M == 0 or N == 0:
         return y
@@ -509,7 +529,7 @@ def grouped_gemm(x, w, expert_offsets):
     y = x.new_empty(x.shape[0], w.shape[1])
     if x.shape[1] == 0:
         return y.zero_()
-    return zero_rows_past_experts(launch_grouped_gemm(x, w, offsets, y, swiglu=False), offsets)
+    return launch_grouped_gemm(x, w, offsets, y, swiglu=False, zero_tail=True)
 
 
 _side_streams: dict[int, torch.cuda.Stream] = {}
@@ -550,8 +570,7 @@ def grouped_mlp(x, w_gate_up, w_down, expert_offsets, row_scale=None):
         row_scale = row_scale.to(torch.float32).contiguous()
     if not _two_streams(x, E):
         launch_grouped_gemm(x, w_gate_up, offsets, h, swiglu=True)
-        launch_grouped_gemm(h, w_down, offsets, y, swiglu=False, row_scale=row_scale)
-        return zero_rows_past_experts(y, offsets)
+        return launch_grouped_gemm(h, w_down, offsets, y, swiglu=False, row_scale=row_scale, zero_tail=True)
     # Experts [0, E/2) on this stream, [E/2, E) on a side stream; offsets hold absolute rows, so a slice
     # of them with the matching weight slice is the same problem on fewer experts. Configs come from the
     # whole problem's key (a half has twice the rows per expert on paper, not in its tiles). No host
@@ -565,10 +584,11 @@ def grouped_mlp(x, w_gate_up, w_down, expert_offsets, row_scale=None):
     for lo, hi, stream in ((0, half, main), (half, E, side)):
         with torch.cuda.stream(stream):
             launch_grouped_gemm(x, w_gate_up[lo:hi], offsets[lo:hi + 1], h, swiglu=True, config=cfg_gate_up)
+            # the half ending at expert E also zeros the rows past offsets[E]
             launch_grouped_gemm(h, w_down[lo:hi], offsets[lo:hi + 1], y, swiglu=False, row_scale=row_scale,
-                                config=cfg_down)
+                                config=cfg_down, zero_tail=hi == E)
     main.wait_stream(side)
-    return zero_rows_past_experts(y, offsets)
+    return y
 
 
 register_kernel("triton", "grouped_gemm", grouped_gemm, devices=DEVICES, packed_weights=True)
