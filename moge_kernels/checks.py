@@ -196,3 +196,86 @@ def check_mlp_fp8(x, w_gate_up, w_gate_up_scale, w_down, w_down_scale, expert_of
         check_tensor("row_scale", row_scale, 1, device=x.device)
         check_shape("row_scale", row_scale, (x.shape[0],))
     check_offsets(expert_offsets, E, x.shape[0], x.device)
+
+
+# ----------------------------------------------------------------------------- the layer's own arguments
+# moge_forward, MoGELayer and parallel check what their caller passed, under the caller's names, before
+# any op runs: otherwise a wrong E shows as "expert_offsets must have shape ...", an argument the user
+# never passed.
+def check_size(name, value, minimum=1):
+    if isinstance(value, bool) or not isinstance(value, int):
+        _fail(f"{name} must be an int, got {type(value).__name__}", TypeError)
+    if value < minimum:
+        _fail(f"{name} must be >= {minimum}, got {value}")
+
+
+def check_layer_config(hidden_size, intermediate_size, num_experts, num_groups, topk_per_group,
+                       shared_intermediate_size, score_func):
+    """MoGELayer's constructor arguments."""
+    for name, value in (("hidden_size", hidden_size), ("intermediate_size", intermediate_size),
+                        ("num_experts", num_experts), ("num_groups", num_groups),
+                        ("topk_per_group", topk_per_group)):
+        check_size(name, value)
+    check_size("shared_intermediate_size", shared_intermediate_size, minimum=0)
+    if num_experts % num_groups != 0:
+        _fail(f"num_groups={num_groups} must divide num_experts={num_experts}")
+    if topk_per_group > num_experts // num_groups:
+        _fail(f"topk_per_group={topk_per_group} must be in [1, num_experts/num_groups="
+              f"{num_experts // num_groups}]")
+    score_func_code(score_func)            # raises naming score_func
+
+
+def check_layer_input(hidden_states, hidden_size, param):
+    """MoGELayer.forward's input: [..., hidden_size], the dtype and device of the layer's parameters."""
+    if not isinstance(hidden_states, torch.Tensor):
+        _fail(f"hidden_states must be a Tensor, got {type(hidden_states).__name__}", TypeError)
+    if hidden_states.dim() == 0 or hidden_states.shape[-1] != hidden_size:
+        _fail(f"hidden_states must have shape [..., hidden_size={hidden_size}], got "
+              f"{tuple(hidden_states.shape)}")
+    if hidden_states.dtype != param.dtype:
+        _fail(f"hidden_states has dtype {hidden_states.dtype} but the layer's parameters are {param.dtype} "
+              f"(convert one of them, e.g. layer.to({param.dtype}))", TypeError)
+    if hidden_states.device != param.device:
+        _fail(f"hidden_states is on {hidden_states.device} but the layer's parameters are on {param.device}")
+
+
+def _layer_weight_shape(name, w, hidden):
+    """(E, N, K) of expert weights in hidden's dtype (plain or packed) or FP8 (their own checks)."""
+    if isinstance(w, fp8.QuantizedExpertWeights):
+        if w.device != hidden.device:
+            _fail(f"{name} is on {w.device} but hidden is on {hidden.device}")
+        return tuple(w.shape)
+    return expert_weight_shape(name, w, hidden.dtype, hidden.device)
+
+
+def check_layer_weights(hidden, router_logits, w_gate_up, w_down, shared_w_gate_up, shared_w_down,
+                        num_experts=None):
+    """moge_forward's tensors: hidden [T, H], router_logits [T, E], w_gate_up [E, 2I, H] and w_down
+    [E, H, I] (or packed) in hidden's dtype, the optional shared expert [2Is, H] and [H, Is]. Expert
+    parallelism passes num_experts = the experts this rank holds (E/D)."""
+    check_tensor("hidden", hidden, 2)
+    check_tensor("router_logits", router_logits, 2, device=hidden.device)
+    H, E = hidden.shape[1], router_logits.shape[1] if num_experts is None else num_experts
+    E_w, two_i, H_w = _layer_weight_shape("w_gate_up", w_gate_up, hidden)
+    if E_w != E:
+        _fail(f"w_gate_up holds {E_w} experts but router_logits scores {E} "
+              f"(router_logits is {tuple(router_logits.shape)}, w_gate_up {tuple(w_gate_up.shape)})"
+              if num_experts is None else f"w_gate_up holds {E_w} experts, expected {E}")
+    if H_w != H or two_i % 2 != 0:
+        _fail(f"w_gate_up must be [E, 2I, H] with H = hidden.shape[1] = {H}, got shape "
+              f"{tuple(w_gate_up.shape)}")
+    down_shape = _layer_weight_shape("w_down", w_down, hidden)
+    if down_shape != (E, H, two_i // 2):
+        _fail(f"w_down must have shape {(E, H, two_i // 2)} (the [E, 2I, H] of w_gate_up), got "
+              f"{tuple(w_down.shape)}")
+    if (shared_w_gate_up is None) != (shared_w_down is None):
+        _fail("shared_w_gate_up and shared_w_down must be given together")
+    if shared_w_gate_up is None:
+        return
+    check_tensor("shared_w_gate_up", shared_w_gate_up, 2, dtypes=(hidden.dtype,), device=hidden.device)
+    check_tensor("shared_w_down", shared_w_down, 2, dtypes=(hidden.dtype,), device=hidden.device)
+    two_is = shared_w_gate_up.shape[0]
+    if shared_w_gate_up.shape[1] != H or two_is % 2 != 0:
+        _fail(f"shared_w_gate_up must be [2*Is, H] with H = hidden.shape[1] = {H}, got shape "
+              f"{tuple(shared_w_gate_up.shape)}")
+    check_shape("shared_w_down", shared_w_down, (H, two_is // 2))

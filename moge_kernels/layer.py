@@ -8,10 +8,14 @@ the layer's prefix such as `model.layers.3.mlp.`):
     w_gate_up                           [E, 2I, H]   stacked experts.{e}.gate_proj.weight [I, H] (rows
                                                      [0, I)) and experts.{e}.up_proj.weight (rows [I, 2I))
     w_down                              [E, H, I]    stacked experts.{e}.down_proj.weight
-    shared_expert.{gate,up,down}_proj.weight          optional dense SwiGLU MLP (Pangu: intermediate 5376)
+    shared_w_gate_up                    [2Is, H]     optional dense shared SwiGLU expert (Pangu: Is=5376):
+                                                     shared_expert.gate_proj.weight [Is, H] (rows [0, Is))
+                                                     and shared_expert.up_proj.weight (rows [Is, 2Is))
+    shared_w_down                       [H, Is]      shared_expert.down_proj.weight
 
-`load_state_dict` accepts either layout: a pre-hook stacks the per-expert keys (and flattens a [1, E]
-router_scale). `from_pretrained_state_dict` builds a layer from such a dict, inferring every size;
+The stacked layout is the one `moge_kernels.moge_forward` takes, so the layer and the functional API share
+weights. `load_state_dict` accepts either layout: a pre-hook stacks the per-expert and per-projection
+keys (and flattens a [1, E] router_scale). `from_pretrained_state_dict` builds a layer from such a dict, inferring every size;
 `per_expert_state_dict` writes the checkpoint layout back.
 
 Load-balancing loss. Pangu Pro MoE (arXiv 2505.21411) adds a batch-level auxiliary loss computed on the
@@ -31,29 +35,13 @@ import re
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import autograd  # noqa: F401  registers the backward of every moge op
-from . import expert_subsets, fp8, ops, packing, reference
+from . import checks, expert_subsets, fp8, ops, packing, reference
 
 _EXPERT_KEY = re.compile(r"experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
-
-
-class SharedExpert(nn.Module):
-    """Dense SwiGLU MLP with checkpoint-compatible names; silu(gate) * up in fp32 like the reference."""
-
-    def __init__(self, hidden_size: int, intermediate_size: int, device=None, dtype=None):
-        super().__init__()
-        kw = dict(bias=False, device=device, dtype=dtype)
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, **kw)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, **kw)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, **kw)
-
-    def forward(self, x: Tensor) -> Tensor:
-        gate, up = self.gate_proj(x), self.up_proj(x)
-        h = (F.silu(gate.float()) * up.float()).to(x.dtype)
-        return self.down_proj(h)
+_SHARED_KEYS = tuple(f"shared_expert.{p}.weight" for p in ("gate_proj", "up_proj", "down_proj"))
 
 
 class MoGELayer(nn.Module):
@@ -79,12 +67,10 @@ class MoGELayer(nn.Module):
                  renormalize: bool = False, score_func: str = "softmax", aux_loss_coef: float = 1e-3,
                  recompute: bool = False, device=None, dtype=None):
         super().__init__()
-        if num_experts % num_groups != 0:
-            raise ValueError(f"num_groups={num_groups} must divide num_experts={num_experts}")
-        if not 1 <= topk_per_group <= num_experts // num_groups:
-            raise ValueError(f"topk_per_group={topk_per_group} must be in [1, {num_experts // num_groups}]")
-        reference.score_func_code(score_func)   # raises ValueError naming score_func
+        checks.check_layer_config(hidden_size, intermediate_size, num_experts, num_groups, topk_per_group,
+                                  shared_intermediate_size, score_func)
         self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
+        self.shared_intermediate_size = shared_intermediate_size
         self.num_experts, self.num_groups, self.topk_per_group = num_experts, num_groups, topk_per_group
         self.top_k = num_groups * topk_per_group
         self.renormalize, self.score_func = renormalize, score_func
@@ -94,11 +80,13 @@ class MoGELayer(nn.Module):
         self.router_scale = nn.Parameter(torch.empty(num_experts, **kw))
         self.w_gate_up = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size, **kw))
         self.w_down = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size, **kw))
-        self.shared_expert = (SharedExpert(hidden_size, shared_intermediate_size, **kw)
-                              if shared_intermediate_size > 0 else None)
+        Is = shared_intermediate_size
+        self.register_parameter("shared_w_gate_up",            # None: no shared expert
+                                nn.Parameter(torch.empty(2 * Is, hidden_size, **kw)) if Is else None)
+        self.register_parameter("shared_w_down", nn.Parameter(torch.empty(hidden_size, Is, **kw)) if Is else None)
         self.aux_loss: Optional[Tensor] = None
         self.register_load_state_dict_pre_hook(fp8.take_fp8_checkpoint_keys)   # before the bf16 keys
-        self.register_load_state_dict_pre_hook(_stack_per_expert_keys)
+        self.register_load_state_dict_pre_hook(_stack_checkpoint_keys)
         self.register_load_state_dict_pre_hook(_take_kept_expert_ids)
         self.reset_parameters()
 
@@ -107,11 +95,13 @@ class MoGELayer(nn.Module):
             return
         with torch.no_grad():
             self.router_scale.fill_(1.0)
-            # nn.Linear's default init, per expert: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
-            bound_up = 1.0 / math.sqrt(self.hidden_size)
-            bound_down = 1.0 / math.sqrt(max(self.intermediate_size, 1))
-            self.w_gate_up.uniform_(-bound_up, bound_up)
-            self.w_down.uniform_(-bound_down, bound_down)
+            # nn.Linear's default init, per matrix: U(-1/sqrt(fan_in), 1/sqrt(fan_in)); the shared
+            # expert's gate, up and down first, as when they were three nn.Linear (same seed, same layer)
+            H, I, Is = self.hidden_size, self.intermediate_size, self.shared_intermediate_size
+            shared = () if self.shared_w_gate_up is None else (
+                (self.shared_w_gate_up[:Is], H), (self.shared_w_gate_up[Is:], H), (self.shared_w_down, Is))
+            for w, fan_in in shared + ((self.w_gate_up, H), (self.w_down, I)):
+                w.uniform_(-1.0 / math.sqrt(fan_in), 1.0 / math.sqrt(fan_in))
 
     def pack_weights_(self, block: int = packing.BLOCK) -> "MoGELayer":
         """Store w_gate_up and w_down packed (moge_kernels.packing), in place; gradients still flow."""
@@ -163,6 +153,7 @@ class MoGELayer(nn.Module):
     def extra_repr(self) -> str:
         return (f"hidden_size={self.hidden_size}, intermediate_size={self.intermediate_size}, "
                 f"num_experts={self.num_experts}, num_groups={self.num_groups}, "
+                f"shared_intermediate_size={self.shared_intermediate_size}, "
                 f"topk_per_group={self.topk_per_group}, score_func={self.score_func!r}, "
                 f"renormalize={self.renormalize}, aux_loss_coef={self.aux_loss_coef}, "
                 f"recompute={self.recompute}")
@@ -170,28 +161,34 @@ class MoGELayer(nn.Module):
     # ------------------------------------------------------------------------- forward
     def experts(self, permuted: Tensor, expert_offsets: Tensor) -> Tensor:
         """Expert SwiGLU MLPs over expert-sorted rows: [T*K, H] -> [T*K, H]."""
+        return self._run_experts(permuted, *self._expert_weights(), expert_offsets)
+
+    def _expert_weights(self):
+        """(w_gate_up, w_down) as the ops take them: the parameters, or the FP8 weights after quantize_."""
+        return fp8.layer_weights(self) or (self.w_gate_up, self.w_down)
+
+    def _run_experts(self, permuted: Tensor, w_gate_up, w_down, expert_offsets: Tensor) -> Tensor:
+        # grouped_mlp's signature: ops.compose_layer calls it in place of grouped_mlp
         moge = torch.ops.moge
-        quantized = fp8.layer_weights(self)
-        if quantized is not None:
-            return ops.grouped_mlp(permuted, *quantized, expert_offsets)
+        if isinstance(w_gate_up, fp8.QuantizedExpertWeights):        # inference only
+            return ops.grouped_mlp(permuted, w_gate_up, w_down, expert_offsets)
         records_grad = torch.is_grad_enabled() and (
-            permuted.requires_grad or self.w_gate_up.requires_grad or self.w_down.requires_grad)
+            permuted.requires_grad or w_gate_up.requires_grad or w_down.requires_grad)
         if self.recompute or not records_grad:
-            return moge.grouped_mlp(permuted, self.w_gate_up, self.w_down, expert_offsets, None)
-        gate_up = moge.grouped_gemm(permuted, self.w_gate_up, expert_offsets)     # [T*K, 2I]
-        return moge.grouped_gemm(moge.swiglu(gate_up), self.w_down, expert_offsets)
+            return moge.grouped_mlp(permuted, w_gate_up, w_down, expert_offsets, None)
+        gate_up = moge.grouped_gemm(permuted, w_gate_up, expert_offsets)               # [T*K, 2I]
+        return moge.grouped_gemm(moge.swiglu(gate_up), w_down, expert_offsets)
 
     def forward(self, hidden_states: Tensor, return_aux_loss: bool = False):
         """hidden_states [..., H] -> [..., H] (and the auxiliary loss with return_aux_loss=True)."""
+        checks.check_layer_input(hidden_states, self.hidden_size, self.gate.weight)
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, self.hidden_size)
         router_logits = self.gate(x)                                                    # [T, E]
-        permuted, topk_weights, _, expert_offsets, row_index = torch.ops.moge.grouped_dispatch(
-            x, router_logits, self.num_groups, self.topk_per_group, self.router_scale,
-            self.renormalize, self.score_func)
-        expert_out = self.experts(permuted, expert_offsets)
-        shared_out = self.shared_expert(x) if self.shared_expert is not None else None
-        out = torch.ops.moge.grouped_combine(expert_out, topk_weights, row_index, shared_out)
+        out, expert_offsets = ops.compose_layer(
+            x, router_logits, *self._expert_weights(), self.num_groups, self.topk_per_group,
+            self.router_scale, self.renormalize, self.score_func, self.shared_w_gate_up,
+            self.shared_w_down, experts=self._run_experts)
         aux = None
         if self.training or return_aux_loss:
             aux = self.load_balancing_loss(router_logits, expert_offsets)
@@ -227,8 +224,11 @@ class MoGELayer(nn.Module):
             I = sd["experts.0.down_proj.weight"].shape[1]
         else:
             raise KeyError(f"neither {prefix}w_down nor {prefix}experts.0.down_proj.weight found")
-        shared = sd.get("shared_expert.gate_proj.weight")
-        kwargs.setdefault("shared_intermediate_size", 0 if shared is None else shared.shape[0])
+        if "shared_expert.gate_proj.weight" in sd:
+            shared_size = sd["shared_expert.gate_proj.weight"].shape[0]
+        else:
+            shared_size = sd["shared_w_gate_up"].shape[0] // 2 if "shared_w_gate_up" in sd else 0
+        kwargs.setdefault("shared_intermediate_size", shared_size)
         ref = sd["gate.weight"]
         kwargs.setdefault("dtype", ref.dtype)
         with torch.device("meta"):
@@ -242,8 +242,9 @@ class MoGELayer(nn.Module):
 
     def per_expert_state_dict(self, prefix: str = "") -> dict:
         """The checkpoint layout: experts.{e}.{gate,up,down}_proj.weight, gate.weight, router_scale
-        ([1, E], as Pangu stores it), shared_expert.*; tensors are views of (or copies of) the layer's."""
-        I = self.intermediate_size
+        ([1, E], as Pangu stores it), shared_expert.{gate,up,down}_proj.weight; tensors are views of
+        (or copies of) the layer's."""
+        I, Is = self.intermediate_size, self.shared_intermediate_size
         out = {}
         for name, t in self.state_dict().items():
             if name == "w_gate_up":
@@ -253,6 +254,11 @@ class MoGELayer(nn.Module):
             elif name == "w_down":
                 for e in range(self.num_experts):
                     out[f"{prefix}experts.{e}.down_proj.weight"] = t[e]
+            elif name == "shared_w_gate_up":
+                out[f"{prefix}shared_expert.gate_proj.weight"] = t[:Is]
+                out[f"{prefix}shared_expert.up_proj.weight"] = t[Is:]
+            elif name == "shared_w_down":
+                out[f"{prefix}shared_expert.down_proj.weight"] = t
             elif name == "router_scale":
                 out[f"{prefix}router_scale"] = t.reshape(1, -1)
             else:
@@ -269,12 +275,32 @@ def _take_kept_expert_ids(module, state_dict, prefix, local_metadata, strict, mi
         module.register_buffer("kept_expert_ids", torch.empty_like(ids, device=module.router_scale.device))
 
 
-def _stack_per_expert_keys(module, state_dict, prefix, local_metadata, strict, missing_keys,
+def _stack_checkpoint_keys(module, state_dict, prefix, local_metadata, strict, missing_keys,
                            unexpected_keys, error_msgs):
-    """load_state_dict pre-hook: per-expert checkpoint keys -> the stacked w_gate_up / w_down."""
+    """load_state_dict pre-hook: checkpoint keys -> the stacked parameters (per-expert keys ->
+    w_gate_up / w_down, shared_expert.{gate,up,down}_proj.weight -> shared_w_gate_up / shared_w_down)."""
     scale_key = prefix + "router_scale"
     if scale_key in state_dict and state_dict[scale_key].dim() == 2:
         state_dict[scale_key] = state_dict[scale_key].reshape(-1)      # checkpoints store [1, E]
+    _stack_shared_keys(state_dict, prefix, error_msgs)
+    _stack_expert_keys(module, state_dict, prefix, unexpected_keys, error_msgs)
+
+
+def _stack_shared_keys(state_dict, prefix, error_msgs):
+    keys = [prefix + k for k in _SHARED_KEYS]
+    present = [k for k in keys if k in state_dict]
+    if not present:
+        return
+    if len(present) < len(keys):   # leave the keys in place: strict loading then names the rest
+        error_msgs.append(f"shared expert checkpoint keys incomplete, missing "
+                          f"{[k for k in keys if k not in state_dict]}")
+        return
+    gate, up, down = (state_dict.pop(k) for k in keys)
+    state_dict[prefix + "shared_w_gate_up"] = torch.cat([gate, up], dim=0)
+    state_dict[prefix + "shared_w_down"] = down
+
+
+def _stack_expert_keys(module, state_dict, prefix, unexpected_keys, error_msgs):
     per_expert = {}
     for key in list(state_dict):
         if not key.startswith(prefix):

@@ -9,9 +9,10 @@ namespace `moge_C` (csrc/) and are reached through the backend registry.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from . import checks, fp8, packing, reference, registry
@@ -165,10 +166,30 @@ def _(x, w_gate_up, w_gate_up_scale, w_down, w_down_scale, expert_offsets, row_s
 
 
 # ----------------------------------------------------------------------------- Python API
+# Index tensors as in docs/contract.md: T tokens, H hidden, E experts in G groups, k_g experts per group
+# and token, K = G * k_g slots per token, M = T * K expert-sorted rows, I the expert intermediate size.
 def grouped_dispatch(hidden: Tensor, router_logits: Tensor, num_groups: int, topk_per_group: int = 1,
                      expert_scale: Optional[Tensor] = None, renormalize: bool = False,
                      score_func: str = "softmax"):
-    """Grouped top-k routing + stable permute: (permuted_hidden, topk_weights, topk_ids, expert_offsets, row_index)."""
+    """Route every token to its top-k_g experts inside each group and sort the copies by expert.
+
+    Args:
+        hidden: [T, H] float32/float16/bfloat16, the tokens.
+        router_logits: [T, E] float (any of the three), same device; E must be a multiple of num_groups.
+        num_groups: G, the number of equal expert groups (experts [g*E/G, (g+1)*E/G) form group g).
+        topk_per_group: k_g in [1, E/G], experts chosen per group and token.
+        expert_scale: optional [E] float, multiplies each chosen weight by the scale of its expert.
+        renormalize: divide each token's K chosen scores by their sum (before expert_scale).
+        score_func: "softmax" (over all E experts) or "sigmoid" (per expert), computed in float32.
+
+    Returns (permuted_hidden, topk_weights, topk_ids, expert_offsets, row_index):
+        permuted_hidden: [M, H] hidden's dtype, token copies sorted stably by expert (token, then slot).
+        topk_weights: [T, K] float32, the routing weight of each slot.
+        topk_ids: [T, K] int32, the global expert id of each slot, group-major (slot j in group j // k_g).
+        expert_offsets: [E+1] int32, rows of expert e are [expert_offsets[e], expert_offsets[e+1]).
+        row_index: [T, K] int32, the row of permuted_hidden that slot (t, k) was copied to.
+
+    Ties go to the lower expert index; a NaN score ranks below every number (docs/contract.md)."""
     return torch.ops.moge.grouped_dispatch(hidden, router_logits, num_groups, topk_per_group,
                                            expert_scale, renormalize, score_func)
 
@@ -183,8 +204,16 @@ def grouped_permute(hidden: Tensor, topk_ids: Tensor, num_experts: int):
 
 
 def grouped_gemm(x: Tensor, w: Tensor, expert_offsets: Tensor) -> Tensor:
-    """Rows [offsets[e], offsets[e+1]) of x times w[e]^T, for every expert e: [M, N].
-    w may be FP8 (fp8.QuantizedExpertWeights): moge::grouped_gemm_fp8, x quantized per token."""
+    """Grouped GEMM: rows [expert_offsets[e], expert_offsets[e+1]) of x times w[e]^T, for every expert.
+
+    Args:
+        x: [M, K] float32/float16/bfloat16, rows sorted by expert (as grouped_dispatch leaves them).
+        w: [E, N, K] in x's dtype (nn.Linear layout, one [N, K] matrix per expert), or packed
+            [E, N, K/B, B] (moge_kernels.pack_expert_weights), or FP8 (fp8.QuantizedExpertWeights:
+            moge::grouped_gemm_fp8 runs, x quantized per token).
+        expert_offsets: [E+1] int32, non-decreasing from 0 to M (experts may have no rows).
+
+    Returns [M, N] in x's dtype, accumulated in float32."""
     if isinstance(w, fp8.QuantizedExpertWeights):
         return torch.ops.moge.grouped_gemm_fp8(x, w.weight, w.scale, expert_offsets, w.block_n, w.block_k)
     return torch.ops.moge.grouped_gemm(x, w, expert_offsets)
@@ -192,8 +221,18 @@ def grouped_gemm(x: Tensor, w: Tensor, expert_offsets: Tensor) -> Tensor:
 
 def grouped_mlp(x: Tensor, w_gate_up: Tensor, w_down: Tensor, expert_offsets: Tensor,
                 row_scale: Optional[Tensor] = None) -> Tensor:
-    """Per-expert SwiGLU MLP over expert-sorted rows: [M, H]; row_scale [M] scales output rows.
-    FP8 weights (fp8.QuantizedExpertWeights, both in one format) run moge::grouped_mlp_fp8."""
+    """Per-expert SwiGLU MLP over expert-sorted rows: y = (silu(x Wg^T) * (x Wu^T)) Wd^T.
+
+    Args:
+        x: [M, H] float32/float16/bfloat16, rows sorted by expert.
+        w_gate_up: [E, 2I, H] in x's dtype, gate rows [0, I) then up rows [I, 2I) (or packed).
+        w_down: [E, H, I] in x's dtype (or packed). FP8 weights (fp8.QuantizedExpertWeights, both in
+            one format) run moge::grouped_mlp_fp8.
+        expert_offsets: [E+1] int32, non-decreasing from 0 to M.
+        row_scale: optional [M] float, multiplies each output row (in float32).
+
+    Returns [M, H] in x's dtype; GEMMs accumulate in float32 and the SwiGLU product is rounded to x's
+    dtype before the down projection, as the reference does."""
     w_gate_up_q = isinstance(w_gate_up, fp8.QuantizedExpertWeights)
     if w_gate_up_q or isinstance(w_down, fp8.QuantizedExpertWeights):
         blocks = fp8.same_blocks(w_gate_up, w_down)
@@ -204,8 +243,64 @@ def grouped_mlp(x: Tensor, w_gate_up: Tensor, w_down: Tensor, expert_offsets: Te
 
 def grouped_combine(expert_out: Tensor, topk_weights: Tensor, row_index: Tensor,
                     shared_out: Optional[Tensor] = None) -> Tensor:
-    """Weighted un-permute: out[t] = sum_k w[t,k] * expert_out[row_index[t,k]] (+ shared_out[t])."""
+    """Weighted un-permute: out[t] = sum_k topk_weights[t, k] * expert_out[row_index[t, k]] (+ shared_out[t]).
+
+    Args:
+        expert_out: [M, H] float32/float16/bfloat16, one row per (token, slot), M = T * K.
+        topk_weights: [T, K] float (grouped_dispatch gives float32).
+        row_index: [T, K] int32, values in [0, M).
+        shared_out: optional [T, H], added to every token's sum (a shared expert's output).
+
+    Returns [T, H] in expert_out's dtype: summed in float32 in slot order, no atomics (deterministic)."""
     return torch.ops.moge.grouped_combine(expert_out, topk_weights, row_index, shared_out)
+
+
+def shared_expert_mlp(hidden: Tensor, shared_w_gate_up: Tensor, shared_w_down: Tensor) -> Tensor:
+    """Dense SwiGLU MLP of a shared expert: hidden [T, H], shared_w_gate_up [2Is, H] (gate rows first),
+    shared_w_down [H, Is] -> [T, H] in hidden's dtype.
+
+    Two dense GEMMs (cuBLAS on CUDA) around the `moge.swiglu` kernel: the shared expert is one dense
+    matrix for every token, where cuBLAS is the reference rate that the grouped kernels reach 80-94% of
+    at prefill sizes (bench/README.md); at decode sizes both stream the weights once."""
+    return F.linear(torch.ops.moge.swiglu(F.linear(hidden, shared_w_gate_up)), shared_w_down)
+
+
+class LayerOps(NamedTuple):
+    """The ops one layer is composed of (parallel.py swaps in the eager reference for comparisons)."""
+    dispatch: Callable      # grouped_dispatch's signature
+    mlp: Callable           # grouped_mlp's signature
+    combine: Callable       # grouped_combine's signature
+    shared_mlp: Callable    # shared_expert_mlp's signature
+
+
+MOGE_OPS = LayerOps(grouped_dispatch, grouped_mlp, grouped_combine, shared_expert_mlp)
+
+
+def compose_layer(hidden: Tensor, router_logits: Tensor, w_gate_up: Tensor, w_down: Tensor,
+                  num_groups: int, topk_per_group: int, expert_scale: Optional[Tensor], renormalize: bool,
+                  score_func: str, shared_w_gate_up: Optional[Tensor], shared_w_down: Optional[Tensor], *,
+                  layer_ops: LayerOps = MOGE_OPS, experts: Optional[Callable] = None,
+                  phase_hook: Optional[Callable[[str], None]] = None) -> tuple[Tensor, Tensor]:
+    """The MoGE layer, written once: dispatch -> experts -> shared expert -> combine.
+
+    moge_forward, MoGELayer and moge_kernels.parallel all run it; they check their own arguments first.
+    `experts(permuted, w_gate_up, w_down, expert_offsets) -> [M, H]` replaces layer_ops.mlp (MoGELayer:
+    the activation-saving training path; parallel: the row exchange around the local experts).
+    `phase_hook(name)` is called before "route", "combine" and at "end". Returns (out [T, H],
+    expert_offsets [E+1] int32 of the local routing)."""
+    if phase_hook is not None:
+        phase_hook("route")
+    permuted, topk_weights, _, expert_offsets, row_index = layer_ops.dispatch(
+        hidden, router_logits, num_groups, topk_per_group, expert_scale, renormalize, score_func)
+    expert_out = (experts or layer_ops.mlp)(permuted, w_gate_up, w_down, expert_offsets)
+    if phase_hook is not None:
+        phase_hook("combine")
+    shared_out = None if shared_w_gate_up is None else layer_ops.shared_mlp(hidden, shared_w_gate_up,
+                                                                           shared_w_down)
+    out = layer_ops.combine(expert_out, topk_weights, row_index, shared_out)
+    if phase_hook is not None:
+        phase_hook("end")
+    return out, expert_offsets
 
 
 def moge_forward(hidden: Tensor, router_logits: Tensor, w_gate_up: Tensor, w_down: Tensor,
@@ -213,16 +308,20 @@ def moge_forward(hidden: Tensor, router_logits: Tensor, w_gate_up: Tensor, w_dow
                  renormalize: bool = False, score_func: str = "softmax",
                  shared_w_gate_up: Optional[Tensor] = None,
                  shared_w_down: Optional[Tensor] = None) -> Tensor:
-    """One MoGE layer: route + permute, expert SwiGLU MLPs, combine (+ optional shared SwiGLU expert).
+    """One MoGE layer: grouped_dispatch, the experts' grouped_mlp, an optional shared expert, grouped_combine.
 
-    hidden [T,H], router_logits [T,E], w_gate_up [E,2I,H], w_down [E,H,I]; shared_w_gate_up [2Is,H] and
-    shared_w_down [H,Is] add a dense shared expert. Returns [T,H] in hidden's dtype."""
-    if (shared_w_gate_up is None) != (shared_w_down is None):
-        raise ValueError("shared_w_gate_up and shared_w_down must be given together")
-    permuted, topk_weights, _, expert_offsets, row_index = grouped_dispatch(
-        hidden, router_logits, num_groups, topk_per_group, expert_scale, renormalize, score_func)
-    expert_out = grouped_mlp(permuted, w_gate_up, w_down, expert_offsets)
-    shared_out = None
-    if shared_w_gate_up is not None:
-        shared_out = reference.swiglu_mlp(hidden, shared_w_gate_up, shared_w_down)
-    return grouped_combine(expert_out, topk_weights, row_index, shared_out)
+    Args:
+        hidden: [T, H] float32/float16/bfloat16.
+        router_logits: [T, E] float, same device (E experts in num_groups groups).
+        w_gate_up: [E, 2I, H] in hidden's dtype (gate rows first; or packed, pack_expert_weights).
+        w_down: [E, H, I] in hidden's dtype (or packed).
+        num_groups, topk_per_group, expert_scale, renormalize, score_func: the routing, as in
+            grouped_dispatch.
+        shared_w_gate_up, shared_w_down: optional dense shared expert [2Is, H] and [H, Is] in hidden's
+            dtype (given together), run on every token and added to the routed experts' sum.
+
+    Returns [T, H] in hidden's dtype. The arguments are checked here, under these names, before any
+    op runs. Differentiable in every tensor argument; works under torch.compile(fullgraph=True)."""
+    checks.check_layer_weights(hidden, router_logits, w_gate_up, w_down, shared_w_gate_up, shared_w_down)
+    return compose_layer(hidden, router_logits, w_gate_up, w_down, num_groups, topk_per_group,
+                         expert_scale, renormalize, score_func, shared_w_gate_up, shared_w_down)[0]

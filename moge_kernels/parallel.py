@@ -54,14 +54,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import checks, reference
-from .ops import grouped_combine, grouped_dispatch, grouped_mlp
+from . import checks, ops, reference
 
-# The local op implementations EP composes: the public torch.ops.moge surface, or the eager reference
-# (differentiable everywhere; used for EP training until the moge ops carry autograd).
+# The local ops EP composes (through ops.compose_layer, the one composition of the layer): the public
+# torch.ops.moge surface, or the eager reference (differentiable by plain autograd: a cross-check).
 IMPLS = {
-    "moge": (grouped_dispatch, grouped_mlp, grouped_combine),
-    "reference": (reference.grouped_dispatch, reference.grouped_mlp, reference.grouped_combine),
+    "moge": ops.MOGE_OPS,
+    "reference": ops.LayerOps(reference.grouped_dispatch, reference.grouped_mlp, reference.grouped_combine,
+                              reference.swiglu_mlp),
 }
 PHASES = ("route", "a2a_dispatch", "experts", "a2a_combine", "combine", "end")
 
@@ -215,41 +215,34 @@ def _run_local_experts(recv_rows, recv_counts, w_gate_up, w_down, mlp_fn):
 
 
 # ----------------------------------------------------------------------------- EP layers
-def _experts_then_combine(recv_rows, recv_counts, recv_splits, send_splits, group, w_gate_up, w_down,
-                          mlp_fn, combine_fn, topk_weights, row_index, hidden, shared_w_gate_up,
-                          shared_w_down, phase_hook):
-    """Second half of both EP paths: local experts, rows back to their source rank, combine there."""
-    _hook(phase_hook, "experts")
-    expert_out = _run_local_experts(recv_rows, recv_counts, w_gate_up, w_down, mlp_fn)
+def _exchanged_experts(group, D, mlp_fn, splits_fn, info, phase_hook):
+    """The expert step of ops.compose_layer under EP (grouped_mlp's signature): this rank's permuted rows
+    go to the ranks owning their experts, run there, and come back in the same order.
+    splits_fn(send_counts, recv_counts) -> (send_splits, recv_splits), None for equal splits."""
+    def experts(permuted, w_gate_up, w_down, expert_offsets):
+        send_counts = (expert_offsets[1:] - expert_offsets[:-1]).view(D, -1)      # [D, El] int32
+        _hook(phase_hook, "a2a_dispatch")
+        recv_counts = _all_to_all(send_counts, None, None, group)                 # [D, El] int32
+        send_splits, recv_splits = splits_fn(send_counts, recv_counts)
+        recv_rows = all_to_all_rows(permuted, send_splits, recv_splits, group)     # [sum recv, H]
+        _hook(phase_hook, "experts")
+        expert_out = _run_local_experts(recv_rows, recv_counts, w_gate_up, w_down, mlp_fn)
+        _hook(phase_hook, "a2a_combine")
+        info.update(recv_expert_counts=recv_counts, send_splits=send_splits, recv_splits=recv_splits)
+        return all_to_all_rows(expert_out, recv_splits, send_splits, group)      # [T*K, H]
+    return experts
 
-    _hook(phase_hook, "a2a_combine")
-    returned = all_to_all_rows(expert_out, recv_splits, send_splits, group)      # [T*K, H]
 
-    _hook(phase_hook, "combine")
-    out = combine_fn(returned, topk_weights, row_index,
-                     _shared_out(hidden, shared_w_gate_up, shared_w_down))
-    _hook(phase_hook, "end")
-    return out
-
-
-def _check_local_weights(router_logits, w_gate_up, w_down, num_groups, D):
-    E = router_logits.shape[1]
-    check_ep_config(num_groups, D, E, w_gate_up.shape[0])
-    if w_down.shape[0] != w_gate_up.shape[0]:
-        raise ValueError(f"w_gate_up holds {w_gate_up.shape[0]} experts but w_down holds {w_down.shape[0]}")
+def _check_local_weights(hidden, router_logits, w_gate_up, w_down, num_groups, D, shared_w_gate_up,
+                         shared_w_down):
+    checks.check_tensor("router_logits", router_logits, 2)
+    check_ep_config(num_groups, D, router_logits.shape[1], w_gate_up.shape[0])
+    checks.check_layer_weights(hidden, router_logits, w_gate_up, w_down, shared_w_gate_up, shared_w_down,
+                               num_experts=w_gate_up.shape[0])
 
 
 def _default_validate(t: Tensor) -> bool:
     return t.device.type == "cpu" or checks.validate_values()
-
-
-def _shared_out(hidden, shared_w_gate_up, shared_w_down):
-    if (shared_w_gate_up is None) != (shared_w_down is None):
-        raise ValueError("shared_w_gate_up and shared_w_down must be given together")
-    if shared_w_gate_up is None:
-        return None
-    # Shared experts are dense and replicated on every rank: they run on the token's own rank.
-    return reference.swiglu_mlp(hidden, shared_w_gate_up, shared_w_down)
 
 
 def _hook(phase_hook, name):
@@ -276,10 +269,11 @@ def ep_moge_forward(hidden: Tensor, router_logits: Tensor, w_gate_up: Tensor, w_
     at the phase boundaries in PHASES (for timing with device events)."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {tuple(IMPLS)}, got {impl!r}")
-    dispatch_fn, mlp_fn, combine_fn = IMPLS[impl]
+    layer_ops = IMPLS[impl]
     D, rank = dist.get_world_size(group), dist.get_rank(group)
-    _check_local_weights(router_logits, w_gate_up, w_down, num_groups, D)
-    T, E = router_logits.shape
+    _check_local_weights(hidden, router_logits, w_gate_up, w_down, num_groups, D, shared_w_gate_up,
+                         shared_w_down)
+    T = router_logits.shape[0]
     if hidden.shape[0] != T:
         raise ValueError(f"hidden has {hidden.shape[0]} tokens but router_logits has {T}")
     validate = validate if validate is not None else _default_validate(hidden)
@@ -306,25 +300,17 @@ def ep_moge_forward(hidden: Tensor, router_logits: Tensor, w_gate_up: Tensor, w_
         tokens_per_rank = [T] * D
     plan = plan_moge_exchange(tokens_per_rank, rank, topk_per_group, num_groups)
     # Equal splits pass no sizes at all; ragged tokens only change what is received.
-    send_splits = None if plan.equal else plan.send_splits
-    recv_splits = None if plan.equal else plan.recv_splits
+    splits = (None, None) if plan.equal else (plan.send_splits, plan.recv_splits)
 
-    _hook(phase_hook, "route")
-    permuted, topk_weights, _, expert_offsets, row_index = dispatch_fn(
-        hidden, router_logits, num_groups, topk_per_group, expert_scale, renormalize, score_func)
-    send_counts = (expert_offsets[1:] - expert_offsets[:-1]).view(D, E // D)   # [D, El] int32
-
-    _hook(phase_hook, "a2a_dispatch")
-    recv_counts = _all_to_all(send_counts, None, None, group)                   # [D, El] int32
-    recv_rows = all_to_all_rows(permuted, send_splits, recv_splits, group)       # [sum recv, H]
-
-    out = _experts_then_combine(recv_rows, recv_counts, recv_splits, send_splits, group, w_gate_up, w_down,
-                                mlp_fn, combine_fn, topk_weights, row_index, hidden, shared_w_gate_up,
-                                shared_w_down, phase_hook)
+    info = {}
+    experts = _exchanged_experts(group, D, layer_ops.mlp, lambda send, recv: splits, info, phase_hook)
+    out, _ = ops.compose_layer(hidden, router_logits, w_gate_up, w_down, num_groups, topk_per_group,
+                               expert_scale, renormalize, score_func, shared_w_gate_up, shared_w_down,
+                               layer_ops=layer_ops, experts=experts, phase_hook=phase_hook)
     if not return_info:
         return out
     return out, dict(send_splits=plan.send_splits, recv_splits=plan.recv_splits, static=True,
-                     recv_expert_counts=recv_counts, host_sync=host_sync)
+                     recv_expert_counts=info["recv_expert_counts"], host_sync=host_sync)
 
 
 def ep_topk_forward(hidden: Tensor, router_logits: Tensor, w_gate_up: Tensor, w_down: Tensor, top_k: int,
@@ -339,34 +325,32 @@ def ep_topk_forward(hidden: Tensor, router_logits: Tensor, w_gate_up: Tensor, w_
     Token counts may differ per rank. Equals `moge_forward(..., num_groups=1, topk_per_group=top_k)`."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {tuple(IMPLS)}, got {impl!r}")
-    dispatch_fn, mlp_fn, combine_fn = IMPLS[impl]
+    layer_ops = IMPLS[impl]
     D = dist.get_world_size(group)
-    T, E = router_logits.shape
+    checks.check_tensor("router_logits", router_logits, 2)
+    E = router_logits.shape[1]
     if E % D != 0:
         raise ValueError(f"the number of experts E={E} must be divisible by the world size D={D}")
     if w_gate_up.shape[0] * D != E or w_down.shape[0] * D != E:
         raise ValueError(f"each rank must hold E/D = {E}/{D} experts' weights, got "
                          f"{w_gate_up.shape[0]} (w_gate_up) and {w_down.shape[0]} (w_down)")
+    checks.check_layer_weights(hidden, router_logits, w_gate_up, w_down, shared_w_gate_up, shared_w_down,
+                               num_experts=w_gate_up.shape[0])
 
-    _hook(phase_hook, "route")
-    permuted, topk_weights, _, expert_offsets, row_index = dispatch_fn(
-        hidden, router_logits, 1, top_k, expert_scale, renormalize, score_func)
-    send_counts = (expert_offsets[1:] - expert_offsets[:-1]).view(D, E // D)
+    def dynamic_splits(send_counts, recv_counts):
+        # The host sync MoGE avoids: split sizes are data-dependent.
+        splits = torch.stack([send_counts.sum(1), recv_counts.sum(1)]).tolist()
+        return tuple(splits[0]), tuple(splits[1])
 
-    _hook(phase_hook, "a2a_dispatch")
-    recv_counts = _all_to_all(send_counts, None, None, group)
-    # The host sync MoGE avoids: split sizes are data-dependent.
-    splits = torch.stack([send_counts.sum(1), recv_counts.sum(1)]).tolist()
-    send_splits, recv_splits = tuple(splits[0]), tuple(splits[1])
-    recv_rows = all_to_all_rows(permuted, send_splits, recv_splits, group)
-
-    out = _experts_then_combine(recv_rows, recv_counts, recv_splits, send_splits, group, w_gate_up, w_down,
-                                mlp_fn, combine_fn, topk_weights, row_index, hidden, shared_w_gate_up,
-                                shared_w_down, phase_hook)
+    info = {}
+    experts = _exchanged_experts(group, D, layer_ops.mlp, dynamic_splits, info, phase_hook)
+    out, _ = ops.compose_layer(hidden, router_logits, w_gate_up, w_down, 1, top_k, expert_scale,
+                               renormalize, score_func, shared_w_gate_up, shared_w_down,
+                               layer_ops=layer_ops, experts=experts, phase_hook=phase_hook)
     if not return_info:
         return out
-    return out, dict(send_splits=send_splits, recv_splits=recv_splits, static=False,
-                     recv_expert_counts=recv_counts, host_sync=True)
+    return out, dict(send_splits=info["send_splits"], recv_splits=info["recv_splits"], static=False,
+                     recv_expert_counts=info["recv_expert_counts"], host_sync=True)
 
 
 def shard_experts(w_gate_up: Tensor, w_down: Tensor, rank: int, world_size: int):

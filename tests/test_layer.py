@@ -26,15 +26,10 @@ def _layer(seed=0, **kw):
 
 def _reference_forward(layer, x):
     """reference.moge_forward on the layer's tensors (shared expert as a stacked [2Is, H] weight)."""
-    shared_gate_up = shared_down = None
-    if layer.shared_expert is not None:
-        se = layer.shared_expert
-        shared_gate_up = torch.cat([se.gate_proj.weight, se.up_proj.weight])
-        shared_down = se.down_proj.weight
     logits = x @ layer.gate.weight.t()
     return R.moge_forward(x, logits, layer.w_gate_up, layer.w_down, layer.num_groups, layer.topk_per_group,
-                          layer.router_scale, layer.renormalize, layer.score_func, shared_gate_up,
-                          shared_down)
+                          layer.router_scale, layer.renormalize, layer.score_func, layer.shared_w_gate_up,
+                          layer.shared_w_down)
 
 
 @pytest.mark.parametrize("recompute", [False, True])
@@ -82,7 +77,8 @@ def test_checkpoint_round_trip():
     sd["model.layers.3.self_attn.o_proj.weight"] = torch.randn(4, 4)    # other keys are ignored
     layer = MoGELayer.from_pretrained_state_dict(sd, num_groups=G, prefix=prefix)
     assert (layer.hidden_size, layer.intermediate_size, layer.num_experts) == (H, I, E)
-    assert layer.shared_expert is not None and layer.shared_expert.gate_proj.out_features == IS
+    assert layer.shared_intermediate_size == IS and layer.shared_w_gate_up.shape == (2 * IS, H)
+    assert layer.shared_w_down.shape == (H, IS)
     assert all(p.requires_grad and p.device.type == "cpu" for p in layer.parameters())
     x = torch.randn(13, H)
     with torch.no_grad():
@@ -106,7 +102,7 @@ def test_checkpoint_bf16_and_errors():
     sd = _per_expert_checkpoint("", shared=False)
     sd = {k: v.bfloat16() for k, v in sd.items()}
     layer = MoGELayer.from_pretrained_state_dict(sd, num_groups=G)
-    assert layer.w_gate_up.dtype == torch.bfloat16 and layer.shared_expert is None
+    assert layer.w_gate_up.dtype == torch.bfloat16 and layer.shared_w_gate_up is None
     assert layer.w_gate_up.shape == (E, 2 * I, H) and layer.router_scale.shape == (E,)
     incomplete = dict(sd)
     del incomplete["experts.5.up_proj.weight"]
@@ -259,3 +255,94 @@ def test_packed_weights_forward_backward_and_back():
     packed.unpack_weights_()
     assert packed.w_gate_up.shape == layer.w_gate_up.shape and packed.w_gate_up.is_contiguous()
     assert torch.equal(packed.w_gate_up, layer.w_gate_up) and torch.equal(packed.w_down, layer.w_down)
+
+
+# ------------------------------------------------------------------------------------ one composition
+def test_layer_and_moge_forward_share_weights_and_composition():
+    """The layer's stacked shared expert is what moge_forward takes: same tensors, same result."""
+    layer = _layer()
+    x = torch.randn(10, H)
+    with torch.no_grad():
+        out = layer(x)
+        functional = mk.moge_forward(x, layer.gate(x), layer.w_gate_up, layer.w_down, G, 1, layer.router_scale,
+                                     False, "softmax", layer.shared_w_gate_up, layer.shared_w_down)
+    assert torch.equal(out, functional)
+
+
+def test_shared_expert_runs_on_kernels_not_the_reference(monkeypatch):
+    """Forward and backward of the layer and of moge_forward never call reference.swiglu_mlp; the shared
+    expert's SwiGLU is the moge.swiglu op, and its gradients equal the reference's (eager autograd)."""
+    layer = _layer()
+    x = torch.randn(12, H, requires_grad=True)
+    params = [layer.shared_w_gate_up, layer.shared_w_down]
+    ref_out = _reference_forward(layer, x)
+    ref_grads = torch.autograd.grad(ref_out.square().sum(), [x] + params)
+
+    def forbidden(*args):
+        raise AssertionError("reference.swiglu_mlp called in the production path")
+    monkeypatch.setattr(R, "swiglu_mlp", forbidden)
+    swiglu_calls = []
+    swiglu = torch.ops.moge.swiglu
+    monkeypatch.setattr(torch.ops.moge, "swiglu", lambda t: swiglu_calls.append(t.shape) or swiglu(t))
+    out = layer(x)
+    assert (12, 2 * IS) in swiglu_calls
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+    grads = torch.autograd.grad(out.square().sum(), [x] + params)
+    for name, g, r in zip(("hidden_states", "shared_w_gate_up", "shared_w_down"), grads, ref_grads):
+        torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5, msg=lambda m, n=name: f"grad of {n}: {m}")
+    with torch.no_grad():
+        torch.testing.assert_close(
+            mk.moge_forward(x, layer.gate(x), layer.w_gate_up, layer.w_down, G, 1, layer.router_scale,
+                            shared_w_gate_up=layer.shared_w_gate_up, shared_w_down=layer.shared_w_down),
+            ref_out, atol=1e-5, rtol=1e-5)
+
+
+def test_state_dict_stacked_and_checkpoint_shared_keys():
+    layer = _layer()
+    sd = layer.state_dict()
+    assert "shared_w_gate_up" in sd and "shared_w_down" in sd and not any("shared_expert" in k for k in sd)
+    ckpt = layer.per_expert_state_dict()
+    assert torch.equal(ckpt["shared_expert.gate_proj.weight"], layer.shared_w_gate_up[:IS])
+    assert torch.equal(ckpt["shared_expert.up_proj.weight"], layer.shared_w_gate_up[IS:])
+    assert torch.equal(ckpt["shared_expert.down_proj.weight"], layer.shared_w_down)
+    # the stacked keys build a layer too, sizes inferred
+    again = MoGELayer.from_pretrained_state_dict(sd, num_groups=G)
+    assert again.shared_intermediate_size == IS and torch.equal(again.shared_w_gate_up, layer.shared_w_gate_up)
+    incomplete = dict(ckpt)
+    del incomplete["shared_expert.up_proj.weight"]
+    with pytest.raises(RuntimeError, match="shared expert checkpoint keys incomplete"):
+        _layer(seed=1).load_state_dict(incomplete)
+
+
+# ------------------------------------------------------------------------------------ bad input
+@pytest.mark.parametrize("kwargs,exc,match", [
+    (dict(num_groups=0), ValueError, "num_groups must be >= 1, got 0"),
+    (dict(num_groups=3), ValueError, "num_groups=3 must divide num_experts=8"),
+    (dict(hidden_size=-4), ValueError, "hidden_size must be >= 1, got -4"),
+    (dict(intermediate_size=0), ValueError, "intermediate_size must be >= 1"),
+    (dict(num_experts=-8), ValueError, "num_experts must be >= 1"),
+    (dict(shared_intermediate_size=-1), ValueError, "shared_intermediate_size must be >= 0"),
+    (dict(topk_per_group=3), ValueError, r"topk_per_group=3 must be in \[1, num_experts/num_groups=2\]"),
+    (dict(topk_per_group=0), ValueError, "topk_per_group must be >= 1"),
+    (dict(hidden_size=24.0), TypeError, "hidden_size must be an int"),
+    (dict(score_func="relu"), ValueError, "score_func must be one of"),
+])
+def test_layer_bad_config(kwargs, exc, match):
+    args = dict(hidden_size=H, intermediate_size=I, num_experts=E, num_groups=G)
+    args.update(kwargs)
+    with pytest.raises(exc, match=match):
+        MoGELayer(**args)
+
+
+def test_layer_bad_input_names_the_layers_arguments():
+    layer = MoGELayer(hidden_size=64, intermediate_size=8, num_experts=8, num_groups=4)
+    with pytest.raises(ValueError, match=r"hidden_states must have shape \[\.\.\., hidden_size=64\], got \(3, 128\)"):
+        layer(torch.randn(3, 128))          # 3 x 128 = 6 tokens of 64 if it were reshaped
+    with pytest.raises(ValueError, match="hidden_size=64"):
+        layer(torch.randn(()))
+    with pytest.raises(TypeError, match="hidden_states has dtype torch.float16 but the layer's parameters"):
+        layer(torch.randn(3, 64).half())
+    with pytest.raises(TypeError, match="hidden_states must be a Tensor"):
+        layer([[0.0] * 64])
+    assert layer(torch.randn(2, 5, 64)).shape == (2, 5, 64)
+    assert layer(torch.randn(64)).shape == (64,)

@@ -150,6 +150,39 @@ def test_moge_forward_shared_weights_together():
         mk.moge_forward(hidden, logits, w_gate_up, w_down, 2, shared_w_gate_up=torch.randn(8, 6))
 
 
+def test_moge_forward_errors_name_its_own_arguments():
+    """moge_forward checks what its caller passed, under those names, before any op runs."""
+    hidden, logits = _dispatch_args()                        # T=4, E=8, H=6
+    w_gate_up, w_down = make_expert_weights(8, 6, 4)
+    cases = [
+        (dict(w_gate_up=make_expert_weights(16, 6, 4)[0], w_down=make_expert_weights(16, 6, 4)[1]),
+         ValueError, r"w_gate_up holds 16 experts but router_logits scores 8"),
+        (dict(w_gate_up=torch.randn(8, 8, 5)), ValueError, r"w_gate_up must be \[E, 2I, H\] with H = hidden.shape\[1\] = 6"),
+        (dict(w_down=torch.randn(8, 6, 3)), ValueError, r"w_down must have shape \(8, 6, 4\)"),
+        (dict(w_gate_up=w_gate_up.half()), TypeError, "w_gate_up must have dtype"),
+        (dict(shared_w_gate_up=torch.randn(10, 6), shared_w_down=torch.randn(6, 4)), ValueError,
+         r"shared_w_down must have shape \(6, 5\)"),
+        (dict(shared_w_gate_up=torch.randn(10, 7), shared_w_down=torch.randn(6, 5)), ValueError,
+         r"shared_w_gate_up must be \[2\*Is, H\] with H = hidden.shape\[1\] = 6"),
+        (dict(shared_w_gate_up=torch.randn(9, 6), shared_w_down=torch.randn(6, 4)), ValueError,
+         r"shared_w_gate_up must be \[2\*Is, H\]"),
+        (dict(shared_w_gate_up=torch.randn(10, 6)[None], shared_w_down=torch.randn(6, 5)), ValueError,
+         "shared_w_gate_up must have 2 dimensions"),
+        (dict(shared_w_gate_up=torch.randn(10, 6).double(), shared_w_down=torch.randn(6, 5)), TypeError,
+         "shared_w_gate_up must have dtype"),
+        (dict(hidden=hidden[None]), ValueError, "hidden must have 2 dimensions"),
+        (dict(router_logits=logits[:, :4]), ValueError, "w_gate_up holds 8 experts but router_logits scores 4"),
+    ]
+    for change, exc, match in cases:
+        args = dict(hidden=hidden, router_logits=logits, w_gate_up=w_gate_up, w_down=w_down, num_groups=2)
+        args.update(change)
+        with pytest.raises(exc, match=match):
+            mk.moge_forward(**args)
+    ok = mk.moge_forward(hidden, logits, w_gate_up, w_down, 2, shared_w_gate_up=torch.randn(10, 6),
+                         shared_w_down=torch.randn(6, 5))
+    assert ok.shape == (4, 6)
+
+
 # ------------------------------------------------------------------------------------ NaN policy
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])

@@ -272,6 +272,29 @@ def case_topk_dynamic(rank, D):
     assert info["recv_expert_counts"].sum(1).tolist() == list(info["recv_splits"])
 
 
+def case_phase_hooks_in_order(rank, D):
+    """ep_moge_forward and ep_topk_forward run ops.compose_layer: every phase once, in PHASES order."""
+    hidden, logits, wg_full, wd_full = _global_inputs([4] * D, 8, 8, 8)
+    wg, wd = parallel.shard_experts(wg_full, wd_full, rank, D)
+    mine = _token_slice([4] * D, rank)
+    for forward, k in ((parallel.ep_moge_forward, 4), (parallel.ep_topk_forward, 2)):
+        seen = []
+        forward(hidden[mine], logits[mine], wg, wd, k, phase_hook=seen.append)
+        assert tuple(seen) == parallel.PHASES, (forward.__name__, seen)
+
+
+def case_error_shared_expert_shapes(rank, D):
+    hidden, logits, wg_full, wd_full = _global_inputs([4] * D, 8, 8, 8)
+    wg, wd = parallel.shard_experts(wg_full, wd_full, rank, D)
+    _expect_error(lambda: parallel.ep_moge_forward(hidden[:4], logits[:4], wg, wd, 4,
+                                                   shared_w_gate_up=torch.randn(6, 8),
+                                                   shared_w_down=torch.randn(8, 4)),
+                  ValueError, "shared_w_down must have shape (8, 3)")
+    _expect_error(lambda: parallel.ep_topk_forward(hidden[:4], logits[:4], wg, wd, 2,
+                                                   shared_w_gate_up=torch.randn(6, 8)),
+                  ValueError, "given together")
+
+
 def _check_backward(rank, D, tokens, impl, topk=False):
     E, G, k_g, H, I, Is = 8, 4, 1, 16, 12, 10
     hidden, logits, w_gate_up, w_down = _global_inputs(tokens, E, H, I, seed=11)
