@@ -129,11 +129,9 @@ def _full_layer_dropped_at_minus_inf(layer, x, kept_ids):
     dropped = torch.ones(layer.num_experts, dtype=torch.bool)
     dropped[kept_ids] = False
     logits = logits.masked_fill(dropped, float("-inf"))
-    se = layer.shared_expert
-    shared = (None, None) if se is None else (torch.cat([se.gate_proj.weight, se.up_proj.weight]),
-                                              se.down_proj.weight)
     return R.moge_forward(x, logits, layer.w_gate_up, layer.w_down, layer.num_groups, layer.topk_per_group,
-                          layer.router_scale, layer.renormalize, layer.score_func, *shared)
+                          layer.router_scale, layer.renormalize, layer.score_func, layer.shared_w_gate_up,
+                          layer.shared_w_down)
 
 
 KEEPS = {   # (topk_per_group, keep as given by the user)
