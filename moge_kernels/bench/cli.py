@@ -35,13 +35,18 @@ def _csv(text, cast=str):
     return [cast(x.strip()) for x in text.split(",") if x.strip()] if text else None
 
 
-def parse_args(argv=None):
+DTYPES = ("bfloat16", "float16", "float32")
+
+
+def build_parser() -> argparse.ArgumentParser:
     doc = (sys.modules[__package__].__doc__ or "").strip()
     parser = argparse.ArgumentParser(prog="moge-bench", description=doc.splitlines()[0] if doc else None,
                                      epilog="\n".join(doc.splitlines()[1:]),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default=None, help="bfloat16 (GPU default), float16, float32 (CPU)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cuda, cuda:N or cpu (default: cuda when this torch has a GPU)")
+    parser.add_argument("--dtype", default=None, choices=DTYPES,
+                        help="bfloat16 (GPU default), float16, float32 (CPU default)")
     parser.add_argument("--quick", action="store_true", help="a short run: one shape, three T, three rounds")
     parser.add_argument("--shapes", default=None, help="comma list of " + ",".join(SHAPES))
     parser.add_argument("--tokens", default=None, help="comma list of T")
@@ -53,7 +58,8 @@ def parse_args(argv=None):
     parser.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds per (shape, T)")
     parser.add_argument("--no-graphs", action="store_true",
                         help="time every method as called, never as a CUDA-graph replay")
-    parser.add_argument("--skip-self-check", action="store_true")
+    parser.add_argument("--skip-self-check", action="store_true",
+                        help="time without checking the methods against the reference first")
     parser.add_argument("--check-shape", default="pangu", help="shape of the self-check (default pangu)")
     parser.add_argument("--check-tokens", default=None, help="T values of the self-check")
     parser.add_argument("--time-limit", type=float, default=None,
@@ -63,7 +69,71 @@ def parse_args(argv=None):
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--plot-only", default=None, metavar="JSON",
                         help="redraw the plots of an earlier run's JSON into --out, time nothing")
-    return parser.parse_args(argv)
+    return parser
+
+
+def _names(parser, option, text, allowed) -> list | None:
+    """The comma list of `option`, each name one of `allowed` (else an argparse error)."""
+    names = _csv(text)
+    if names is None:
+        return None
+    unknown = [n for n in names if n not in allowed]
+    if unknown:
+        parser.error(f"{option}: unknown {', '.join(unknown)} (choose from {', '.join(allowed)})")
+    return names
+
+
+def _tokens(parser, option, text) -> list | None:
+    try:
+        tokens = _csv(text, int)
+    except ValueError:
+        parser.error(f"{option} {text!r}: expected a comma list of integers, e.g. 1,128,4096")
+    if tokens is not None and (not tokens or min(tokens) < 1):
+        parser.error(f"{option} {text!r}: every T must be >= 1")
+    return tokens
+
+
+def _device(parser, text) -> torch.device:
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        parser.error(f"--device {text!r}: not a device (cuda, cuda:N or cpu)")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+            parser.error(f"--device {text}: no CUDA device here (torch {torch.__version__} is {build}); "
+                         f"use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            parser.error(f"--device {text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def parse_args(argv=None):
+    """Parsed and checked arguments: a bad value is an argparse error (usage, one line, exit 2)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.plot_only:
+        return args
+    args.device = _device(parser, args.device)
+    args.shapes = _names(parser, "--shapes", args.shapes, tuple(SHAPES))
+    args.ops = _names(parser, "--ops", args.ops, OPS)
+    args.baselines = _names(parser, "--baselines", args.baselines, BASELINES)
+    _names(parser, "--check-shape", args.check_shape, tuple(SHAPES))
+    args.tokens = _tokens(parser, "--tokens", args.tokens)
+    args.check_tokens = _tokens(parser, "--check-tokens", args.check_tokens)
+    if args.rounds is not None and args.rounds < 1:
+        parser.error(f"--rounds {args.rounds}: must be >= 1")
+    if args.backends is not None:
+        import moge_kernels as mk
+        report = mk.backends()
+        requested = _names(parser, "--backends", args.backends, tuple(b for b in report if b != "reference"))
+        for b in requested:
+            runs_here = args.device.type in report[b]["devices"] or "*" in report[b]["devices"]
+            if not report[b]["available"] or not runs_here:
+                why = report[b]["reason"] or f"it has no kernels for {args.device.type} tensors"
+                parser.error(f"--backends {b}: not available on {args.device.type} here ({why})")
+        args.backends = requested
+    return args
 
 
 def time_sweep(device, dtype, shapes, tokens, ops, backends, baselines, ceil: Ceilings, settings: dict,
@@ -141,7 +211,7 @@ def main(argv=None) -> int:
     if args.plot_only:
         return _plot_only(args)
     started = time.time()
-    device = torch.device(args.device)
+    device = args.device
     gpu = device.type == "cuda"
     if gpu and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
@@ -149,14 +219,11 @@ def main(argv=None) -> int:
     if args.rounds:
         settings["rounds"] = args.rounds
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if gpu else torch.float32)
-    shapes = [SHAPES[s] for s in (_csv(args.shapes) or settings["shapes"])]
-    tokens = _csv(args.tokens, int) or list(settings["tokens"])
-    ops = _csv(args.ops) or list(DEFAULT_OPS)
-    unknown = [op for op in ops if op not in OPS]
-    if unknown:
-        raise SystemExit(f"unknown op(s) {unknown}; expected {OPS}")
-    backends = available_backends(device, _csv(args.backends))
-    baselines, no_baseline = available_baselines(device, dtype, _csv(args.baselines))
+    shapes = [SHAPES[s] for s in (args.shapes or settings["shapes"])]
+    tokens = args.tokens or list(settings["tokens"])
+    ops = args.ops or list(DEFAULT_OPS)
+    backends = available_backends(device, args.backends)
+    baselines, no_baseline = available_baselines(device, dtype, args.baselines)
 
     env = report.environment(device)
     print(f"moge_kernels bench on {env['device']} | torch {env['torch']} | triton {env['triton']} | "
@@ -171,7 +238,7 @@ def main(argv=None) -> int:
     checks = []
     if not args.skip_self_check:
         check_shape = SHAPES[args.check_shape]
-        check_tokens = _csv(args.check_tokens, int) or (CHECK_TOKENS_QUICK if args.quick else CHECK_TOKENS)
+        check_tokens = args.check_tokens or (CHECK_TOKENS_QUICK if args.quick else CHECK_TOKENS)
         log(f"self-check: every timed method vs the eager reference, shape {check_shape['name']} "
             f"(H={check_shape['H']}, I={check_shape['I']}, E={check_shape['E']}, G={check_shape['G']}), "
             f"T in {tuple(check_tokens)}")
@@ -184,6 +251,8 @@ def main(argv=None) -> int:
             print(f"  FAIL T={c['T']} {c['op']} {c['method']}: {c['detail']}")
         if baseline_failed:
             print("  (a failing baseline is reported, not fatal: the exit status counts the backends)")
+    else:
+        print("\nself-check: skipped (--skip-self-check); the rows say so")
 
     log("measuring the device's copy bandwidth and matmul rate")
     ceil = Ceilings(device, dtype)
@@ -192,16 +261,14 @@ def main(argv=None) -> int:
     rows, skipped = time_sweep(device, dtype, shapes, tokens, ops, backends, baselines, ceil, settings,
                                graphs=not args.no_graphs, time_limit=args.time_limit, start=started)
     ceil.sample(3)
-    report.finalize(rows, ceil.bandwidth_gbs, ceil.matmul_tflops)
-    failed_pairs = {(c["op"], c["method"]) for c in checks if not c["ok"]}
-    for r in rows:
-        r["check"] = "FAIL" if (r["op"], r["method"]) in failed_pairs else ("PASS" if checks else "")
+    report.finalize(rows, ceil.bandwidth_gbs, ceil.matmul_tflops, floors=gpu)
+    report.mark_checks(rows, checks, skipped=args.skip_self_check)
 
     print(f"\nceilings measured in this run (medians): copy {ceil.bandwidth_gbs:.0f} GB/s (read + write), "
           f"dense matmul {ceil.matmul_tflops:.4g} TFLOP/s ({dtype})")
     print("median ms per call; mode graph = CUDA-graph replay, eager = as called; GB/s = the op's fewest "
           "bytes / time;\nx eager, x gmm = speed-up over the eager reference and the torch._grouped_mm "
-          "pipeline; %floor = floor / time\n")
+          "pipeline; " + (report.FLOOR_NOTE if gpu else report.NO_FLOOR_NOTE) + "\n")
     print(report.format_table(rows))
     print(report.format_summary(rows))
     total = time.time() - started

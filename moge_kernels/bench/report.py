@@ -4,7 +4,13 @@ Per row: `ms` median time of one call; `tflops` useful FLOPs / time (gemm, mlp, 
 op's fewest bytes (moge_kernels.bench.problems.work) / time; `x_eager` = eager reference time / time and
 `x_gmm` = torch._grouped_mm pipeline time / time (speed-ups: above 1 is faster than the baseline);
 `floor_fraction` = floor / time (1.0 = at the physical floor), the floor being max(FLOPs / measured
-matmul rate, bytes / measured copy bandwidth)."""
+matmul rate, bytes / measured copy bandwidth); `check` PASS / FAIL / skipped / unchecked (the self-check).
+
+The floor assumes that the op's fewest bytes stream once from device memory at the copy bandwidth and
+its FLOPs run at the dense matmul rate, both measured in the same run on a GPU-sized problem (1 GiB
+copy, 8192^3 GEMM). That holds on a GPU, whose L2 the timing evicts before every call. On a CPU the
+bench's small problems stay in the caches, faster than a 64 MiB copy, so the "floor" is no bound there
+(rows came out above 100% of it): CPU rows carry no floor."""
 from __future__ import annotations
 
 import datetime
@@ -23,15 +29,24 @@ from .problems import floor_ms
 COMPUTE_OPS = ("gemm", "mlp", "layer")
 
 
-def finalize(rows: list[dict], bandwidth_gbs: float, matmul_tflops: float) -> list[dict]:
-    """Adds floor, rates and ratios to timed rows (in place; also returned)."""
+FLOOR_NOTE = "%floor = floor / time"
+NO_FLOOR_NOTE = ("no floor on CPU: its caches beat the measured copy bandwidth "
+                 "(moge_kernels/bench/report.py)")
+
+
+def finalize(rows: list[dict], bandwidth_gbs: float, matmul_tflops: float, floors: bool = True) -> list[dict]:
+    """Adds floor (where `floors`: on a GPU, see the module docstring), rates and ratios to timed rows
+    (in place; also returned)."""
     by_case = {}
     for r in rows:
         by_case.setdefault((r["shape"], r["T"], r["op"]), {})[r["method"]] = r
     for r in rows:
         ms = r["ms"]
-        r["floor_ms"], r["floor_bound"] = floor_ms(r["flops"], r["bytes"], bandwidth_gbs, matmul_tflops)
-        r["floor_fraction"] = r["floor_ms"] / ms
+        if floors:
+            r["floor_ms"], r["floor_bound"] = floor_ms(r["flops"], r["bytes"], bandwidth_gbs, matmul_tflops)
+            r["floor_fraction"] = r["floor_ms"] / ms
+        else:
+            r["floor_ms"] = r["floor_bound"] = r["floor_fraction"] = None
         r["tflops"] = r["flops"] / ms / 1e9 if r["op"] in COMPUTE_OPS else None
         r["gbs"] = r["bytes"] / ms / 1e6
         case = by_case[(r["shape"], r["T"], r["op"])]
@@ -40,6 +55,27 @@ def finalize(rows: list[dict], bandwidth_gbs: float, matmul_tflops: float) -> li
             r[f"{key}_ms"] = other["ms"] if other else None
             r[f"x_{key}"] = other["ms"] / ms if other else None
     return rows
+
+
+def mark_checks(rows: list[dict], checks: list[dict], skipped: bool = False) -> list[dict]:
+    """Sets each row's `check`: PASS or FAIL from the self-check (the eager reference is the reference),
+    "skipped" when the self-check was skipped, "unchecked" for a method it did not run."""
+    outcome = {}
+    for c in checks:
+        key = (c["op"], c["method"])
+        outcome[key] = "FAIL" if not c["ok"] or outcome.get(key) == "FAIL" else "PASS"
+    for r in rows:
+        if skipped:
+            r["check"] = "skipped"
+        elif r["method"] == "eager":
+            r["check"] = "PASS"
+        else:
+            r["check"] = outcome.get((r["op"], r["method"]), "unchecked")
+    return rows
+
+
+_CHECK_NOTES = {"PASS": "", "FAIL": "SELF-CHECK FAILED", "skipped": "self-check skipped",
+                "unchecked": "not self-checked"}
 
 
 # ------------------------------------------------------------------------------------ printing
@@ -58,8 +94,10 @@ def _rate(value, width):
 
 
 def format_table(rows: list[dict]) -> str:
+    floors = any(r.get("floor_ms") is not None for r in rows)   # none on CPU
     header = (f"{'shape':<10} {'T':>6} {'op':<8} {'method':<13} {'mode':<5} {'ms':>9} {'TFLOP/s':>8} "
-              f"{'GB/s':>7} {'x eager':>8} {'x gmm':>7} {'floor ms':>9} {'%floor':>7}  note")
+              f"{'GB/s':>7} {'x eager':>8} {'x gmm':>7} " + (f"{'floor ms':>9} {'%floor':>7} " if floors else "")
+              + " note")
     lines = [header, "-" * len(header)]
     previous = None
     for r in rows:
@@ -68,13 +106,15 @@ def format_table(rows: list[dict]) -> str:
             lines.append("")
         previous = case
         note = " ".join(x for x in (r.get("served_by", ""), r.get("note", ""),
-                                    "" if r.get("check", "PASS") == "PASS" else "SELF-CHECK FAILED") if x)
+                                    _CHECK_NOTES.get(r.get("check", "PASS"), r.get("check", ""))) if x)
+        floor = (f"{_fmt(r['floor_ms'], '.4f', 9)} {_fmt(100 * r['floor_fraction'], '.1f', 6)}% "
+                 if floors else "")
         lines.append(
             f"{r['shape']:<10} {r['T']:>6} {r['op']:<8} {r['method']:<13} {r['mode']:<5} "
             f"{_fmt(r['ms'], '.4f', 9)} {_rate(r['tflops'], 8)} {_rate(r['gbs'], 7)} "
             f"{_fmt(r['x_eager'], '.2f', 7)}{'x' if r['x_eager'] else ' '} "
             f"{_fmt(r['x_gmm'], '.2f', 6)}{'x' if r['x_gmm'] else ' '} "
-            f"{_fmt(r['floor_ms'], '.4f', 9)} {_fmt(100 * r['floor_fraction'], '.1f', 6)}%  {note}".rstrip())
+            f"{floor} {note}".rstrip())
     return "\n".join(lines)
 
 
