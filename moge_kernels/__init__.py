@@ -34,7 +34,8 @@ from . import autograd, layer, metrics, parallel  # noqa: E402
 from .layer import MoGELayer  # noqa: E402
 
 __all__ = [
-    "grouped_dispatch", "grouped_permute", "grouped_gemm", "grouped_mlp", "grouped_combine", "moge_forward",
+    "__version__", "grouped_dispatch", "grouped_permute", "grouped_gemm", "grouped_mlp", "grouped_combine",
+    "moge_forward", "pack_expert_weights",
     "backends", "set_backend", "get_backend", "use_backend", "resolve", "reference", "registry",
     "options", "set_options", "use_options", "get_options",
     "MoGELayer", "autograd", "layer", "metrics", "parallel",

@@ -1,7 +1,7 @@
 """Eager PyTorch reference of every `moge` op: the specification all backends are tested against.
 
-Small and obviously correct on purpose; speed is not a goal here. The contract is
-`../shared/design/SEMANTICS.md`. Index tensors passed between the ops:
+Small and obviously correct on purpose; speed is not a goal here. The contract in words is
+docs/contract.md. Index tensors passed between the ops:
 
     topk_ids        [T, K] int32   global expert id of slot k of token t, group-major (K = G * k_g)
     topk_weights    [T, K] fp32    routing weight of that slot
