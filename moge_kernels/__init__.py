@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib
 
 from . import expert_subsets, options, reference, registry
+from ._version import __version__
 from .expert_subsets import compact_experts, voted_expert_mask
 from .ops import (grouped_combine, grouped_dispatch, grouped_gemm, grouped_mlp, grouped_permute,
                   moge_forward)
