@@ -195,11 +195,17 @@ def grouped_dispatch(hidden: Tensor, router_logits: Tensor, num_groups: int, top
 
 
 def grouped_permute(hidden: Tensor, topk_ids: Tensor, num_experts: int):
-    """Stable permute by given expert ids: (permuted_hidden [T*K,H], expert_offsets [E+1] i32, row_index [T,K] i32).
+    """Stable permute by given expert ids, for any router (grouped_dispatch without the routing).
 
-    topk_ids [T,K] int32/int64 from any router; -1 drops a slot: dropped slots take the zero rows
-    [expert_offsets[E], T*K), which every grouped op treats as rows of no expert (zero output), so they
-    contribute 0 in grouped_combine. Same order as grouped_dispatch: by expert, then token, then slot."""
+    Args:
+        hidden: [T, H] float32/float16/bfloat16, the tokens.
+        topk_ids: [T, K] int32/int64, the expert of each slot in [0, num_experts), or -1 to drop the slot.
+        num_experts: E.
+
+    Returns (permuted_hidden [M, H] hidden's dtype, expert_offsets [E+1] int32, row_index [T, K] int32),
+    M = T * K, in grouped_dispatch's order (by expert, then token, then slot). Dropped slots take the zero
+    rows [expert_offsets[E], M), which every grouped op treats as rows of no expert (zero output), so they
+    contribute 0 in grouped_combine."""
     return torch.ops.moge.grouped_permute(hidden, topk_ids, num_experts)
 
 
@@ -211,9 +217,10 @@ def grouped_gemm(x: Tensor, w: Tensor, expert_offsets: Tensor) -> Tensor:
         w: [E, N, K] in x's dtype (nn.Linear layout, one [N, K] matrix per expert), or packed
             [E, N, K/B, B] (moge_kernels.pack_expert_weights), or FP8 (fp8.QuantizedExpertWeights:
             moge::grouped_gemm_fp8 runs, x quantized per token).
-        expert_offsets: [E+1] int32, non-decreasing from 0 to M (experts may have no rows).
+        expert_offsets: [E+1] int32, non-decreasing from 0 to at most M (experts may have no rows; rows
+            past expert_offsets[E] belong to no expert).
 
-    Returns [M, N] in x's dtype, accumulated in float32."""
+    Returns [M, N] in x's dtype, accumulated in float32; rows of no expert are zero."""
     if isinstance(w, fp8.QuantizedExpertWeights):
         return torch.ops.moge.grouped_gemm_fp8(x, w.weight, w.scale, expert_offsets, w.block_n, w.block_k)
     return torch.ops.moge.grouped_gemm(x, w, expert_offsets)
@@ -228,10 +235,11 @@ def grouped_mlp(x: Tensor, w_gate_up: Tensor, w_down: Tensor, expert_offsets: Te
         w_gate_up: [E, 2I, H] in x's dtype, gate rows [0, I) then up rows [I, 2I) (or packed).
         w_down: [E, H, I] in x's dtype (or packed). FP8 weights (fp8.QuantizedExpertWeights, both in
             one format) run moge::grouped_mlp_fp8.
-        expert_offsets: [E+1] int32, non-decreasing from 0 to M.
+        expert_offsets: [E+1] int32, non-decreasing from 0 to at most M (rows past expert_offsets[E]
+            belong to no expert).
         row_scale: optional [M] float, multiplies each output row (in float32).
 
-    Returns [M, H] in x's dtype; GEMMs accumulate in float32 and the SwiGLU product is rounded to x's
+    Returns [M, H] in x's dtype (zero rows for rows of no expert); GEMMs accumulate in float32 and the SwiGLU product is rounded to x's
     dtype before the down projection, as the reference does."""
     w_gate_up_q = isinstance(w_gate_up, fp8.QuantizedExpertWeights)
     if w_gate_up_q or isinstance(w_down, fp8.QuantizedExpertWeights):

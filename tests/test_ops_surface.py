@@ -262,8 +262,8 @@ def test_version_single_source_and_all():
     assert "pack_expert_weights" in mk.__all__ and "__version__" in mk.__all__
 
 
-@pytest.mark.parametrize("fn", [mk.grouped_dispatch, mk.grouped_gemm, mk.grouped_mlp, mk.grouped_combine,
-                                mk.moge_forward], ids=lambda f: f.__name__)
+@pytest.mark.parametrize("fn", [mk.grouped_dispatch, mk.grouped_permute, mk.grouped_gemm, mk.grouped_mlp,
+                                mk.grouped_combine, mk.moge_forward], ids=lambda f: f.__name__)
 def test_api_docstrings_document_every_argument(fn):
     """help() shows each argument with its shape and dtype, and what comes back."""
     import inspect
