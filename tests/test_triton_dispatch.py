@@ -60,6 +60,26 @@ def test_tilings(route_block_t, copy_config):
     assert_dispatch_equal(out, R.grouped_dispatch(hidden, logits, G, k_g))
 
 
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("T,E,G,k_g,H,options", [
+    (1, 64, 8, 1, 40, dict()),                                   # decode at Pangu routing
+    (3, 16, 4, 2, 20, dict(renormalize=True)),
+    (8, 64, 8, 1, 24, dict(score_func="sigmoid")),               # the largest default one-launch tile
+    (6, 20, 4, 2, 5, dict(expert_scale=True)),                   # S = 5, H = 5: nothing a power of two
+    (21, 32, 4, 2, 16, dict(score_func="sigmoid", renormalize=True)),   # forced past the default bound
+    (2, 128, 1, 8, 12, dict()),                                  # plain top-8 of 128 (Qwen3: G=1)
+])
+def test_one_launch_and_two_launch_paths(fused, T, E, G, k_g, H, options):
+    """Small T routes and permutes in one launch (every copy program routes all tokens); the same
+    inputs through the route + permute launches give the same bits."""
+    hidden, logits = make_routing_inputs(T, E, H, device=DEVICE, seed=T + E, dead_experts=2)
+    if options.get("expert_scale"):
+        options = dict(options, expert_scale=(torch.rand(E, generator=generator(2)) + 0.5).to(DEVICE))
+    kernel_options = dict(options, score_func=R.score_func_code(options.get("score_func", "softmax")))
+    out = triton_dispatch.grouped_dispatch(hidden, logits, G, k_g, fused=fused, **kernel_options)
+    assert_dispatch_equal(out, R.grouped_dispatch(hidden, logits, G, k_g, **options))
+
+
 @pytest.mark.parametrize("options", [
     dict(renormalize=True),
     dict(score_func="sigmoid"),

@@ -12,6 +12,8 @@ deterministic (and independent of the tiling).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -19,6 +21,7 @@ import triton.language as tl
 from .. import options
 from ..registry import register_kernel
 from . import DEVICES
+from .launch import Kernel
 
 _INTERPRET = options.TRITON_INTERPRET
 
@@ -53,6 +56,10 @@ def _combine_kernel(
     tl.store(out_ptr + t.to(tl.int64)[:, None] * H + h[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+_combine = Kernel(_combine_kernel, ("K", "HAS_SHARED", "BLOCK_T", "BLOCK_H", "num_warps"))
+
+
+@functools.lru_cache(maxsize=4096)
 def _combine_config(T: int, H: int):
     """(BLOCK_T, BLOCK_H, num_warps)."""
     # 1024 columns x 4 warps: one 16-byte vector a thread per gathered row (bf16/fp16), K of them in flight.
@@ -78,15 +85,14 @@ def grouped_combine(expert_out, topk_weights, row_index, shared_out=None, *, con
         expert_out = expert_out.contiguous()
     if shared_out is not None and shared_out.stride(1) != 1:
         shared_out = shared_out.contiguous()
+    has_shared = shared_out is not None
     block_t, block_h, num_warps = config or _combine_config(T, H)
-    grid = (triton.cdiv(T, block_t), triton.cdiv(H, block_h))
-    _combine_kernel[grid](
-        expert_out, topk_weights, row_index, shared_out if shared_out is not None else expert_out, out,
-        T, H, expert_out.stride(0), topk_weights.stride(0), topk_weights.stride(1),
-        row_index.stride(0), row_index.stride(1),
-        shared_out.stride(0) if shared_out is not None else 0,
-        K=K, HAS_SHARED=shared_out is not None, BLOCK_T=block_t, BLOCK_H=block_h,
-        num_warps=num_warps)
+    _combine.launch(
+        (triton.cdiv(T, block_t), triton.cdiv(H, block_h)),
+        (expert_out, topk_weights, row_index, shared_out if has_shared else expert_out, out,
+         T, H, expert_out.stride(0), topk_weights.stride(0), topk_weights.stride(1),
+         row_index.stride(0), row_index.stride(1), shared_out.stride(0) if has_shared else 0),
+        (K, has_shared, block_t, block_h, num_warps))
     return out
 
 

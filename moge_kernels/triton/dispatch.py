@@ -22,6 +22,10 @@ Launches (all on the current stream, only allocation between them, no host synch
     3. _permute_kernel, one program per (token block, H block): row_index, and the copy of each hidden row
        to its K permuted rows (each hidden row is read once and written K times).
 
+Decode (all T tokens in one routing tile of at most FUSED_ROUTE_MAX_ELEMS scores, T <= 8 at E = 64) is
+one launch instead: _route_permute_kernel, whose every copy program routes all T tokens itself (the
+tile is a few hundred scores) and so knows every row's place.
+
 Why three: a row's position depends on the routing of every earlier token, so some grid-wide step must
 follow all the routing (a dependency between programs of one launch needs a grid-wide barrier or
 spin-waiting on other programs, and Triton promises neither co-residency nor scheduling order). With few
@@ -41,6 +45,8 @@ topk_weights, which can differ from PyTorch's softmax by rounding (reduction ord
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -49,6 +55,7 @@ from .. import options
 from ..reference import ScoreFunc
 from ..registry import register_kernel
 from . import DEVICES
+from .launch import Kernel
 
 try:  # accurate expf (the one PyTorch's CUDA softmax uses); Triton's tl.exp is ex2.approx on fp32
     from triton.language.extra import libdevice
@@ -64,6 +71,10 @@ ROUTE_BLOCK_ELEMS = 2048
 # Up to this many routing blocks the permute programs scan the counts themselves (no scan launch). Small T
 # is split into this many blocks (of >= 1 token) so that routing is spread over as many programs.
 FUSED_SCAN_MAX_BLOCKS = 16
+# Up to this many elements in the routing tile of all T tokens, [pow2(T), G_PAD, S_PAD] (T <= 8 at
+# E = 64), one launch routes and permutes (_route_permute_kernel): every copy program routes all the
+# tokens itself. Decode pays per launch (a few us of GPU time, ~10 us of host time each).
+FUSED_ROUTE_MAX_ELEMS = 512
 # Scan tile [SCAN_CHUNK_B blocks, S_PAD experts].
 SCAN_TILE_ELEMS = 4096
 # reference.ScoreFunc values, as constants the kernel can compare its SCORE_FUNC argument with
@@ -71,24 +82,17 @@ _SOFTMAX = tl.constexpr(int(ScoreFunc.SOFTMAX))
 _SIGMOID = tl.constexpr(int(ScoreFunc.SIGMOID))
 
 
-# ----------------------------------------------------------------------------------------- launch 1
-@triton.jit(do_not_specialize=["T"])
-def _route_kernel(
-    logits_ptr,          # [T, E] fp32/bf16/fp16 router logits, strides (stride_lt, stride_le)
-    scale_ptr,           # [E] expert_scale, any float dtype; read only if HAS_SCALE
-    topk_ids_ptr,        # [T, K] int32 out
-    topk_weights_ptr,    # [T, K] fp32 out
-    slot_rank_ptr,       # [T, K] int32 out
-    block_base_ptr,      # [NB, E] int32 out: per-block expert counts
-    T, stride_lt, stride_le,
-    E: tl.constexpr, S: tl.constexpr, G: tl.constexpr, K_G: tl.constexpr, K: tl.constexpr,
-    G_PAD: tl.constexpr, S_PAD: tl.constexpr, KG_PAD: tl.constexpr,
-    BLOCK_T: tl.constexpr, SCORE_FUNC: tl.constexpr, RENORMALIZE: tl.constexpr, HAS_SCALE: tl.constexpr,
-    PRECISE: tl.constexpr,
-):
-    """Grid (NB,): program b routes tokens [b*BLOCK_T, (b+1)*BLOCK_T)."""
-    pid = tl.program_id(0)
-    t3 = (pid * BLOCK_T + tl.arange(0, BLOCK_T))[:, None, None]     # [BT, 1, 1] token
+# ----------------------------------------------------------------------------------------- routing
+@triton.jit
+def _route_tile(logits_ptr, scale_ptr, t3, T, stride_lt, stride_le,
+                E: tl.constexpr, S: tl.constexpr, G: tl.constexpr, K_G: tl.constexpr,
+                G_PAD: tl.constexpr, S_PAD: tl.constexpr, KG_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
+                SCORE_FUNC: tl.constexpr, RENORMALIZE: tl.constexpr, HAS_SCALE: tl.constexpr,
+                PRECISE: tl.constexpr):
+    """Routing of tokens t3 ([BLOCK_T, 1, 1]): softmax/sigmoid over E in fp32, top-k_g per group,
+    renormalise, expert_scale. Returns expert_id and pick_w ([BLOCK_T, G_PAD, KG_PAD]: global id and
+    weight of pick j of group g), pick_s (its expert within the group), taken ([BLOCK_T, G_PAD, S_PAD]:
+    1 where a real token picked expert s of group g) and slot_ok (the real picks)."""
     g3 = tl.arange(0, G_PAD)[None, :, None]                          # [1, G_PAD, 1] group
     s3 = tl.arange(0, S_PAD)[None, None, :]                          # [1, 1, S_PAD] expert within group
     j3 = tl.arange(0, KG_PAD)[None, None, :]                         # [1, 1, KG_PAD] pick within group
@@ -143,24 +147,109 @@ def _route_kernel(
         pick_w = tl.math.div_rn(pick_w, total)
     if HAS_SCALE:
         pick_w = pick_w * tl.load(scale_ptr + expert_id, mask=slot_ok, other=1.0).to(tl.float32)
+    return expert_id, pick_w, pick_s, tl.where(tok_ok, taken, 0), slot_ok
+
+
+@triton.jit
+def _at_picks(table, pick_s, BLOCK_T: tl.constexpr, G_PAD: tl.constexpr, S_PAD: tl.constexpr,
+              K_G: tl.constexpr, KG_PAD: tl.constexpr):
+    """table [BLOCK_T, G_PAD, S_PAD] read at each pick: [BLOCK_T, G_PAD, KG_PAD]."""
+    s3 = tl.arange(0, S_PAD)[None, None, :]
+    j3 = tl.arange(0, KG_PAD)[None, None, :]
+    out = tl.zeros([BLOCK_T, G_PAD, KG_PAD], dtype=tl.int32)
+    for j in tl.static_range(K_G):
+        s_j = tl.sum(tl.where(j3 == j, pick_s, 0), axis=2)[:, :, None]
+        out = tl.where(j3 == j, tl.sum(tl.where(s3 == s_j, table, 0), axis=2)[:, :, None], out)
+    return out
+
+
+# ----------------------------------------------------------------------------------------- launch 1
+@triton.jit(do_not_specialize=["T"])
+def _route_kernel(
+    logits_ptr,          # [T, E] fp32/bf16/fp16 router logits, strides (stride_lt, stride_le)
+    scale_ptr,           # [E] expert_scale, any float dtype; read only if HAS_SCALE
+    topk_ids_ptr,        # [T, K] int32 out
+    topk_weights_ptr,    # [T, K] fp32 out
+    slot_rank_ptr,       # [T, K] int32 out
+    block_base_ptr,      # [NB, E] int32 out: per-block expert counts
+    T, stride_lt, stride_le,
+    E: tl.constexpr, S: tl.constexpr, G: tl.constexpr, K_G: tl.constexpr, K: tl.constexpr,
+    G_PAD: tl.constexpr, S_PAD: tl.constexpr, KG_PAD: tl.constexpr,
+    BLOCK_T: tl.constexpr, SCORE_FUNC: tl.constexpr, RENORMALIZE: tl.constexpr, HAS_SCALE: tl.constexpr,
+    PRECISE: tl.constexpr,
+):
+    """Grid (NB,): program b routes tokens [b*BLOCK_T, (b+1)*BLOCK_T)."""
+    pid = tl.program_id(0)
+    t3 = (pid * BLOCK_T + tl.arange(0, BLOCK_T))[:, None, None]     # [BT, 1, 1] token
+    g3 = tl.arange(0, G_PAD)[None, :, None]
+    j3 = tl.arange(0, KG_PAD)[None, None, :]
+    expert_id, pick_w, pick_s, taken, slot_ok = _route_tile(
+        logits_ptr, scale_ptr, t3, T, stride_lt, stride_le, E, S, G, K_G, G_PAD, S_PAD, KG_PAD, BLOCK_T,
+        SCORE_FUNC, RENORMALIZE, HAS_SCALE, PRECISE)
     slot = t3 * K + g3 * K_G + j3                                    # column g*k_g + j: group-major
     tl.store(topk_ids_ptr + slot, expert_id, mask=slot_ok)
     tl.store(topk_weights_ptr + slot, pick_w, mask=slot_ok)
-
     # Rank of each pick among this block's picks of the same expert (earlier tokens first).
-    taken = tl.where(tok_ok, taken, 0)
     earlier = tl.cumsum(taken, axis=0) - taken                       # [BT, G_PAD, S_PAD]
-    rank = tl.zeros([BLOCK_T, G_PAD, KG_PAD], dtype=tl.int32)
-    for j in tl.static_range(K_G):
-        s_j = tl.sum(tl.where(j3 == j, pick_s, 0), axis=2)[:, :, None]
-        rank_j = tl.sum(tl.where(s3 == s_j, earlier, 0), axis=2)[:, :, None]
-        rank = tl.where(j3 == j, rank_j, rank)
+    rank = _at_picks(earlier, pick_s, BLOCK_T, G_PAD, S_PAD, K_G, KG_PAD)
     tl.store(slot_rank_ptr + slot, rank, mask=slot_ok)
 
     counts = tl.sum(taken, axis=0)                                   # [G_PAD, S_PAD] rows per expert
     g2 = tl.arange(0, G_PAD)[:, None]
     s2 = tl.arange(0, S_PAD)[None, :]
     tl.store(block_base_ptr + pid * E + g2 * S + s2, counts, mask=(g2 < G) & (s2 < S))
+
+
+# ------------------------------------------------------------------------------ launch 1 + 3, small T
+@triton.jit(do_not_specialize=["T"])
+def _route_permute_kernel(
+    logits_ptr,          # [T, E] router logits, strides (stride_lt, stride_le)
+    scale_ptr,           # [E] expert_scale; read only if HAS_SCALE
+    hidden_ptr,          # [T, H] row stride stride_ht, unit column stride
+    topk_ids_ptr,        # [T, K] int32 out
+    topk_weights_ptr,    # [T, K] fp32 out
+    expert_offsets_ptr,  # [E+1] int32 out
+    row_index_ptr,       # [T, K] int32 out
+    permuted_ptr,        # [T*K, H] out, contiguous
+    T, H, stride_lt, stride_le, stride_ht,
+    E: tl.constexpr, S: tl.constexpr, G: tl.constexpr, K_G: tl.constexpr, K: tl.constexpr,
+    G_PAD: tl.constexpr, S_PAD: tl.constexpr, KG_PAD: tl.constexpr,
+    BLOCK_T: tl.constexpr, SCORE_FUNC: tl.constexpr, RENORMALIZE: tl.constexpr, HAS_SCALE: tl.constexpr,
+    PRECISE: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """Grid (cdiv(H, BLOCK_H),), all T <= BLOCK_T tokens in one routing tile: every program routes them
+    all (a tile of a few hundred scores), so each knows every row's place, and copies its columns of
+    them; program 0 writes the index outputs. One launch instead of two for decode."""
+    pid_h = tl.program_id(0)
+    t3 = tl.arange(0, BLOCK_T)[:, None, None]
+    g3 = tl.arange(0, G_PAD)[None, :, None]
+    j3 = tl.arange(0, KG_PAD)[None, None, :]
+    expert_id, pick_w, pick_s, taken, slot_ok = _route_tile(
+        logits_ptr, scale_ptr, t3, T, stride_lt, stride_le, E, S, G, K_G, G_PAD, S_PAD, KG_PAD, BLOCK_T,
+        SCORE_FUNC, RENORMALIZE, HAS_SCALE, PRECISE)
+    counts = tl.sum(taken, axis=0)                                   # [G_PAD, S_PAD]
+    g2 = tl.arange(0, G_PAD)[:, None]
+    s2 = tl.arange(0, S_PAD)[None, :]
+    # Group g owns rows [g*T*k_g, (g+1)*T*k_g): only the split among its experts needs the counts.
+    offsets = g2 * (T * K_G) + tl.cumsum(counts, axis=1) - counts
+    earlier = tl.cumsum(taken, axis=0) - taken                       # [BT, G_PAD, S_PAD]
+    row = _at_picks(earlier + offsets[None, :, :], pick_s, BLOCK_T, G_PAD, S_PAD, K_G, KG_PAD)
+    if pid_h == 0:
+        slot = t3 * K + g3 * K_G + j3
+        tl.store(topk_ids_ptr + slot, expert_id, mask=slot_ok)
+        tl.store(topk_weights_ptr + slot, pick_w, mask=slot_ok)
+        tl.store(row_index_ptr + slot, row, mask=slot_ok)
+        tl.store(expert_offsets_ptr + g2 * S + s2, offsets, mask=(g2 < G) & (s2 < S))
+        tl.store(expert_offsets_ptr + E, T * K)
+
+    t = tl.arange(0, BLOCK_T)
+    h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    mask = (t < T)[:, None] & (h < H)[None, :]
+    rows = tl.load(hidden_ptr + t.to(tl.int64)[:, None] * stride_ht + h[None, :], mask=mask,
+                   eviction_policy="evict_first")
+    for k in tl.static_range(K):
+        row_k = tl.sum(tl.sum(tl.where((g3 == k // K_G) & (j3 == k % K_G), row, 0), axis=2), axis=1)
+        tl.store(permuted_ptr + row_k.to(tl.int64)[:, None] * H + h[None, :], rows, mask=mask)
 
 
 # ----------------------------------------------------------------------------------------- launch 2
@@ -276,17 +365,64 @@ def _copy_config(T: int, H: int):
     return block_t, block_h, num_warps
 
 
+_ROUTE_META = ("E", "S", "G", "K_G", "K", "G_PAD", "S_PAD", "KG_PAD", "BLOCK_T", "SCORE_FUNC", "RENORMALIZE",
+               "HAS_SCALE", "PRECISE", "num_warps")
+_route = Kernel(_route_kernel, _ROUTE_META)
+_route_permute = Kernel(_route_permute_kernel, _ROUTE_META + ("BLOCK_H",))
+_scan = Kernel(_scan_kernel, ("E", "S", "G", "K_G", "S_PAD", "CHUNK_B", "num_warps"))
+_permute = Kernel(_permute_kernel, ("E", "S", "G", "K_G", "K", "G_PAD", "S_PAD", "NB_PAD", "FUSED_SCAN",
+                                    "ROUTE_BLOCK_T", "BLOCK_T", "BLOCK_H", "num_warps"))
+
+
+@functools.lru_cache(maxsize=4096)
+def _plan(T, E, H, G, k_g, score_func, renormalize, has_scale, route_block_t, copy_config, fused):
+    """The launches of one call: (route_permute meta, grid) for the one-launch path, else (route meta,
+    num_blocks, scan meta or None, permute meta, permute grid). Pure function of the shapes and flags."""
+    S, K = E // G, G * k_g
+    g_pad, s_pad, kg_pad = _pow2(G), _pow2(S), _pow2(k_g)
+    precise = not _INTERPRET and libdevice is not None
+    if fused is None:
+        fused = route_block_t is None and copy_config is None and \
+            _pow2(T) * g_pad * s_pad <= FUSED_ROUTE_MAX_ELEMS
+    if fused:
+        block_t = _pow2(T)
+        # about 1024 elements a program (one 16-byte vector a thread at 4 warps), at least 128 columns
+        block_h = min(_pow2(H), 1024) if _INTERPRET else min(_pow2(H), max(128, 1024 // block_t))
+        num_warps = max(1, min(4, block_t * block_h // 256))
+        meta = (E, S, G, k_g, K, g_pad, s_pad, kg_pad, block_t, score_func, renormalize, has_scale, precise,
+                num_warps, block_h)
+        return meta, (max(1, triton.cdiv(H, block_h)),)
+    if route_block_t is None:
+        route_block_t = max(1, ROUTE_BLOCK_ELEMS // (g_pad * s_pad))
+        if not _INTERPRET:   # (the interpreter pays per program: there, few big blocks)
+            route_block_t = min(route_block_t, _pow2(triton.cdiv(T, FUSED_SCAN_MAX_BLOCKS)))
+    num_blocks = triton.cdiv(T, route_block_t)
+    fused_scan = num_blocks <= FUSED_SCAN_MAX_BLOCKS
+    route_meta = (E, S, G, k_g, K, g_pad, s_pad, kg_pad, route_block_t, score_func, renormalize, has_scale,
+                  precise, 8 if route_block_t * g_pad * s_pad >= 8192 else 4)
+    scan_meta = None if fused_scan else \
+        (E, S, G, k_g, s_pad, min(_pow2(num_blocks), max(1, SCAN_TILE_ELEMS // s_pad)), 4)
+    block_t, block_h, num_warps = copy_config or _copy_config(T, H)
+    if fused_scan:
+        block_t = min(block_t, route_block_t)
+    permute_meta = (E, S, G, k_g, K, g_pad, s_pad, _pow2(num_blocks), fused_scan, route_block_t, block_t,
+                    block_h, num_warps)
+    # At least one H block even when H == 0: the pid_h == 0 programs write row_index.
+    grid = (triton.cdiv(T, block_t), max(1, triton.cdiv(H, block_h)))
+    return route_meta, num_blocks, scan_meta, permute_meta, grid
+
+
 def grouped_dispatch(hidden, router_logits, num_groups, topk_per_group=1, expert_scale=None,
                      renormalize=False, score_func=ScoreFunc.SOFTMAX, *, route_block_t=None,
-                     copy_config=None):
+                     copy_config=None, fused=None):
     """Triton kernel of `moge::grouped_dispatch` (arguments already checked by moge_kernels.checks;
     score_func is a reference.ScoreFunc value).
 
-    route_block_t / copy_config=(BLOCK_T, BLOCK_H, num_warps) override the tile choice (tests, tuning)."""
+    route_block_t / copy_config=(BLOCK_T, BLOCK_H, num_warps) override the tile choice, fused=False /
+    True the one-launch path of small T (tests, tuning)."""
     T, E = router_logits.shape
     H = hidden.shape[1]
-    G, k_g = num_groups, topk_per_group
-    S, K = E // G, G * k_g
+    K = num_groups * topk_per_group
     device = hidden.device
     permuted = torch.empty(T * K, H, dtype=hidden.dtype, device=device)     # [T*K, H]
     topk_weights = torch.empty(T, K, dtype=torch.float32, device=device)    # [T, K] fp32
@@ -299,46 +435,29 @@ def grouped_dispatch(hidden, router_logits, num_groups, topk_per_group=1, expert
 
     if hidden.stride(1) != 1:
         hidden = hidden.contiguous()
-    if expert_scale is not None:
+    has_scale = expert_scale is not None
+    if has_scale and not expert_scale.is_contiguous():
         expert_scale = expert_scale.contiguous()
+    plan = _plan(T, E, H, num_groups, topk_per_group, int(score_func), bool(renormalize), has_scale,
+                 route_block_t, copy_config, fused)
+    scale = expert_scale if has_scale else router_logits
+    if len(plan) == 2:
+        meta, grid = plan
+        _route_permute.launch(grid, (
+            router_logits, scale, hidden, topk_ids, topk_weights, expert_offsets, row_index, permuted,
+            T, H, router_logits.stride(0), router_logits.stride(1), hidden.stride(0)), meta)
+        return permuted, topk_weights, topk_ids, expert_offsets, row_index
 
-    g_pad, s_pad, kg_pad = _pow2(G), _pow2(S), _pow2(k_g)
-    if route_block_t is None:
-        route_block_t = max(1, ROUTE_BLOCK_ELEMS // (g_pad * s_pad))
-        if not _INTERPRET:   # (the interpreter pays per program: there, few big blocks)
-            route_block_t = min(route_block_t, _pow2(triton.cdiv(T, FUSED_SCAN_MAX_BLOCKS)))
-    num_blocks = triton.cdiv(T, route_block_t)
-    fused_scan = num_blocks <= FUSED_SCAN_MAX_BLOCKS
-
+    route_meta, num_blocks, scan_meta, permute_meta, grid = plan
     scratch = torch.empty(T * K + num_blocks * E, dtype=torch.int32, device=device)
     slot_rank = scratch[:T * K]                                              # [T, K] int32
     block_base = scratch[T * K:]                                             # [NB, E] int32
-
-    _route_kernel[(num_blocks,)](
-        router_logits, expert_scale if expert_scale is not None else router_logits,
-        topk_ids, topk_weights, slot_rank, block_base,
-        T, router_logits.stride(0), router_logits.stride(1),
-        E=E, S=S, G=G, K_G=k_g, K=K, G_PAD=g_pad, S_PAD=s_pad, KG_PAD=kg_pad,
-        BLOCK_T=route_block_t, SCORE_FUNC=int(score_func), RENORMALIZE=bool(renormalize),
-        HAS_SCALE=expert_scale is not None, PRECISE=not _INTERPRET and libdevice is not None,
-        num_warps=8 if route_block_t * g_pad * s_pad >= 8192 else 4)
-    if not fused_scan:
-        _scan_kernel[(G,)](
-            block_base, expert_offsets, T, num_blocks,
-            E=E, S=S, G=G, K_G=k_g, S_PAD=s_pad,
-            CHUNK_B=min(_pow2(num_blocks), max(1, SCAN_TILE_ELEMS // s_pad)), num_warps=4)
-
-    block_t, block_h, num_warps = copy_config or _copy_config(T, H)
-    if fused_scan:
-        block_t = min(block_t, route_block_t)
-    # At least one H block even when H == 0: the pid_h == 0 programs write row_index.
-    grid = (triton.cdiv(T, block_t), max(1, triton.cdiv(H, block_h)))
-    _permute_kernel[grid](
-        hidden, topk_ids, slot_rank, block_base, expert_offsets, row_index, permuted,
-        T, H, hidden.stride(0), num_blocks,
-        E=E, S=S, G=G, K_G=k_g, K=K, G_PAD=g_pad, S_PAD=s_pad, NB_PAD=_pow2(num_blocks),
-        FUSED_SCAN=fused_scan, ROUTE_BLOCK_T=route_block_t, BLOCK_T=block_t, BLOCK_H=block_h,
-        num_warps=num_warps)
+    _route.launch((num_blocks,), (router_logits, scale, topk_ids, topk_weights, slot_rank, block_base,
+                                  T, router_logits.stride(0), router_logits.stride(1)), route_meta)
+    if scan_meta is not None:
+        _scan.launch((num_groups,), (block_base, expert_offsets, T, num_blocks), scan_meta)
+    _permute.launch(grid, (hidden, topk_ids, slot_rank, block_base, expert_offsets, row_index, permuted,
+                           T, H, hidden.stride(0), num_blocks), permute_meta)
     return permuted, topk_weights, topk_ids, expert_offsets, row_index
 
 

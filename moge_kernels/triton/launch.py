@@ -1,0 +1,101 @@
+"""Launching a @triton.jit kernel with Triton's per-call host work done once per specialisation.
+
+`kernel[grid](*args, **meta)` (Triton's JITFunction.run) binds the signature, specialises every argument
+(dtype, 16-byte alignment of pointers, ints equal to 1 or divisible by 16), builds a cache-key string
+and fills launch metadata for the hook chain on every call: about 10 us of Python per launch, more than
+the GPU time of a decode-size kernel. `Kernel.launch` keeps the CompiledKernel that the first call of a
+specialisation returned and then calls its launcher directly,
+
+    compiled.run(grid0, grid1, grid2, stream, compiled.function, compiled.packed_metadata,
+                 launch_metadata, enter_hook, exit_hook, *all_args)
+
+(what JITFunction.run itself does, in Triton 3.6 and 3.9 alike). The specialisation key is `meta`, the
+tuple of the constexprs and launch options (num_warps, num_stages) named when the Kernel is made (it
+must also determine which arguments are tensors), the dtype and 16-byte alignment of every tensor and the value of every int argument that Triton specialises (all ints but the
+kernel's `do_not_specialize` ones, whose values vary freely): the same classes Triton distinguishes, or
+finer, so a cached kernel is always the one Triton would pick.
+
+Every call goes through `kernel[grid](...)` instead under TRITON_INTERPRET=1 (the interpreter launches
+nothing compiled), while a launch hook is installed (a profiler such as proton), and for a handle without
+that interface (another Triton). The launch is on the current stream, as Triton's: CUDA-graph capture
+and torch.compile see the same kernels.
+"""
+from __future__ import annotations
+
+import torch
+
+from triton.runtime import driver
+
+from .. import options
+
+try:
+    from triton import knobs as _knobs
+except ImportError:  # pragma: no cover - Triton without knobs: always the plain launch
+    _knobs = None
+
+_INTERPRET = options.TRITON_INTERPRET
+MAX_ENTRIES = 4096      # per kernel; past it the cache starts over (bounds memory when shapes never repeat)
+
+
+def _hooks_idle() -> bool:
+    """No launch hook installed (Triton 3.6/3.9 keep them as HookChain objects with a `calls` list)."""
+    if _knobs is None:
+        return False
+    for hook in (_knobs.runtime.launch_enter_hook, _knobs.runtime.launch_exit_hook):
+        if hook is not None and getattr(hook, "calls", True):
+            return False
+    return True
+
+
+class Kernel:
+    """A @triton.jit function whose runtime parameters all come before its constexpr ones; `meta_names`
+    names the constexprs and launch options that `launch` takes as one tuple."""
+
+    def __init__(self, fn, meta_names: tuple):
+        self.fn = fn
+        self.meta_names = tuple(meta_names)
+        params = getattr(fn, "params", None)      # a JITFunction's (the interpreter's function has none)
+        self.fast = not _INTERPRET and params is not None
+        if params is not None:
+            flags = [p.is_constexpr for p in params]
+            if any(flags[i] and not flags[i + 1] for i in range(len(flags) - 1)):
+                raise TypeError(f"{fn.__name__}: runtime parameters must come before the constexprs")
+            self.constexpr_names = [p.name for p in params if p.is_constexpr]
+            self.dynamic = frozenset(i for i, p in enumerate(params) if p.do_not_specialize)
+            missing = set(self.constexpr_names) - set(self.meta_names)
+            if missing:
+                raise TypeError(f"{fn.__name__}: constexprs {sorted(missing)} missing from meta_names")
+        self._layouts = {}    # meta -> (tensor positions, specialised int positions)
+        self._compiled = {}   # full key -> (launcher, function, packed metadata, constexpr values)
+
+    def launch(self, grid, args: tuple, meta: tuple) -> None:
+        """self.fn[grid](*args, **dict(zip(meta_names, meta))); `args` are the runtime arguments in
+        signature order."""
+        if not self.fast:
+            self.fn[grid](*args, **dict(zip(self.meta_names, meta)))
+            return
+        layout = self._layouts.get(meta)
+        if layout is None:
+            layout = self._layouts[meta] = (
+                tuple(i for i, a in enumerate(args) if isinstance(a, torch.Tensor)),
+                tuple(i for i, a in enumerate(args) if type(a) is int and i not in self.dynamic))
+        tensors, ints = layout
+        key = (meta, tuple((args[i].dtype, args[i].data_ptr() % 16 == 0) for i in tensors),
+               tuple(args[i] for i in ints), driver.active.get_current_device())
+        entry = self._compiled.get(key)
+        if entry is None or not _hooks_idle():
+            named = dict(zip(self.meta_names, meta))
+            compiled = self.fn[grid](*args, **named)
+            if entry is None and getattr(compiled, "function", None) is not None \
+                    and hasattr(compiled, "packed_metadata"):
+                if len(self._compiled) >= MAX_ENTRIES:
+                    self._compiled.clear()
+                self._compiled[key] = (compiled.run, compiled.function, compiled.packed_metadata,
+                                       tuple(named[name] for name in self.constexpr_names))
+            return
+        run, function, packed_metadata, constexprs = entry
+        device = key[3]
+        stream = driver.active.get_current_stream(device)
+        n = len(grid)
+        run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, stream, function, packed_metadata,
+            None, None, None, *args, *constexprs)
