@@ -4,8 +4,8 @@ Each variant is the committed table with some entries replaced and some options 
 at capture time (the choice is frozen into the CUDA graph that is then replayed). All variants, the dense
 cuBLAS GEMMs of the same shapes and the 8192^3 ceiling are sampled in the same rounds; medians reported.
 
-    python bench/ab_experts.py --T 1024,4096,16384 --variants base,wide,packed,one_stream
-    python bench/ab_experts.py --T 1024 --variants "base;cfg:128,64,128,8,3,1,1,1,0,0,1/-"
+    python bench/ab_experts.py --T 1024,4096,16384 --variants base,s3,packed,one_stream
+    python bench/ab_experts.py --T 1024 --variants "base;cfg:128,64,128,8,3,1,1,1,0,0/-"
 """
 from __future__ import annotations
 
@@ -29,22 +29,12 @@ C = gemm_configs.GemmConfig
 BIG = ("medium", "prefill", "large")
 
 
-def _wide(table):
-    return {(r, True): dataclasses.replace(table[(r, True)], wide=True) for r in BIG}
-
-
-def _wide_persistent(table):
-    return {(r, True): dataclasses.replace(table[(r, True)], wide=True, persistent=1, split_m=False,
-                                           tail_m=0) for r in ("prefill", "large")}
-
-
 # name -> (options, function of the table giving the replaced entries)
 VARIANTS = {
     "base": ({}, lambda t: {}),
     "one_stream": ({"triton_mlp_streams": False}, lambda t: {}),
-    "wide": ({}, _wide),
-    "wide_pers": ({}, lambda t: {**_wide(t), **_wide_persistent(t)}),
-    "wide_s3": ({}, lambda t: {k: dataclasses.replace(v, num_stages=3) for k, v in _wide(t).items()}),
+    # gate_up of the big regimes with 3 stages (its TMA path is the wide box since that became the only one)
+    "s3": ({}, lambda t: {(r, True): dataclasses.replace(t[(r, True)], num_stages=3) for r in BIG}),
     # the table, with both weight tensors packed k-block-major (moge_kernels.packing)
     "packed": ({}, lambda t: {}),
 }
@@ -93,7 +83,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--T", default="1024,4096,16384")
     ap.add_argument("--rounds", type=int, default=9)
-    ap.add_argument("--variants", default="base,wide,packed,one_stream")
+    ap.add_argument("--variants", default="base,s3,packed,one_stream")
     args = ap.parse_args(argv)
     moge_kernels.set_backend("triton")
     names = args.variants.split(";") if ";" in args.variants else args.variants.split(",")

@@ -18,7 +18,7 @@ attribute of a plain object: no environment access and no parsing per call.
 |--------------------|--------------------------|-------------------------------------------------|---------|
 | backend            | MOGE_BACKEND             | "auto" or a name of registry.BACKENDS           | "auto"  |
 | validate           | MOGE_VALIDATE            | bool: also check values (offsets, row_index) of GPU tensors (synchronises) | False |
-| triton_gemm_config | MOGE_TRITON_GEMM_CONFIG  | None, or "BM,BN,BK,warps,stages[,tma[,split_m[,split_n[,persistent[,tail_m[,wide]]]]]]" (a string, a sequence of ints or a GemmConfig): one Triton grouped-GEMM config for every launch | None |
+| triton_gemm_config | MOGE_TRITON_GEMM_CONFIG  | None, or "BM,BN,BK,warps,stages[,tma[,split_m[,split_n[,persistent[,tail_m]]]]]" (a string, a sequence of ints or a GemmConfig): one Triton grouped-GEMM config for every launch | None |
 | triton_autotune    | MOGE_TRITON_AUTOTUNE     | bool: time the candidate configs of a key on its first call (never under graph capture) | False |
 | triton_mlp_streams | MOGE_TRITON_MLP_STREAMS  | "auto" (from 32 rows per expert) or bool: Triton grouped_mlp's expert halves on two streams | "auto" |
 | cuda_gemm_tile     | MOGE_CUDA_GEMM_TILE      | CUDA_GEMM_TILES: the cuda backend's many-rows GEMM tile | "auto" |
@@ -54,8 +54,8 @@ _FALSE = ("0", "false", "no", "off")
 # MOGE_TRITON_GEMM_CONFIG's fields, in the order of triton/gemm_configs.GemmConfig (tests check the two
 # agree); the first five are required.
 GEMM_CONFIG_FIELDS = ("block_m", "block_n", "block_k", "num_warps", "num_stages", "tma", "split_m",
-                      "split_n", "persistent", "tail_m", "wide")
-_GEMM_CONFIG_FLAGS = frozenset(("tma", "split_m", "split_n", "wide"))
+                      "split_n", "persistent", "tail_m")
+_GEMM_CONFIG_FLAGS = frozenset(("tma", "split_m", "split_n"))
 
 # MOGE_CUDA_GEMM_TILE: "auto" (the wgmma kernel where it runs: an sm_90 device and a 9.0a build, else
 # mma.sync "big"); "wgmma[96|128][_p|_cl]" the same with the SwiGLU tile width forced (96 or 128 output

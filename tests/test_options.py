@@ -74,7 +74,7 @@ def test_invalid_message_names_the_allowed_values():
 def test_gemm_config_fields_match_gemm_configs():
     gemm_configs = pytest.importorskip("moge_kernels.triton.gemm_configs")
     assert options.GEMM_CONFIG_FIELDS == tuple(f.name for f in dataclasses.fields(gemm_configs.GemmConfig))
-    cfg = gemm_configs.GemmConfig(64, 128, 64, 8, 4, tma=True, wide=True)
+    cfg = gemm_configs.GemmConfig(64, 128, 64, 8, 4, tma=True, split_n=True)
     assert options.parse("triton_gemm_config", cfg) == dataclasses.astuple(cfg)   # a GemmConfig in code
 
 

@@ -113,18 +113,40 @@ def test_grouped_mlp_small(shape, dtype):
     _check(out, *_ref_mlp(x, wgu, wd, offs, row_scale), what=f"grouped_mlp {shape} {dtype}")
 
 
-# Explicit configs, so that CI covers every code path of the kernel: TMA descriptors (the interpreter
-# runs them), split tails (half-size main loops for an expert's last row tile and the last column tile),
-# the persistent kernel,
-# K not a multiple of BK.
+# Explicit configs, so that CI covers every code path of the kernel: pointer loads and TMA descriptors
+# (the interpreter runs them; SwiGLU through TMA is the wide [2, BN, BK] box), split tails (half-size
+# main loops for an expert's last row tile and the last column tile), the persistent kernel (plain
+# GEMMs; a SwiGLU config asking for it runs tiled).
 PATH_CONFIGS = [C(16, 32, 32, 4, 1), C(32, 64, 32, 4, 1, split_m=True, split_n=True),
                 C(32, 64, 32, 4, 1, tma=True), C(32, 64, 32, 4, 1, tma=True, split_m=True, split_n=True),
                 C(32, 64, 32, 4, 1, tma=True, split_n=True), C(32, 64, 32, 4, 1, tma=True, persistent=True),
-                C(32, 64, 32, 4, 1, tma=True, persistent=2),
-                # gate and up as one [2, BN, BK] box and one dot (SwiGLU; plain GEMMs ignore the flag)
-                C(32, 64, 32, 4, 1, tma=True, wide=True),
-                C(32, 64, 32, 4, 1, tma=True, split_m=True, split_n=True, wide=True),
-                C(32, 64, 32, 4, 1, tma=True, persistent=True, wide=True)]
+                C(32, 64, 32, 4, 1, tma=True, persistent=2)]
+
+
+def test_launch_plans():
+    """Which kernel path a config gets: TMA SwiGLU always wide, persistent only for the plain GEMM,
+    gate and up halves that are not stacked through pointer loads; plans are cached by shape."""
+    offs = torch.tensor([0, 3, 8], dtype=torch.int32, device=DEVICE)
+    x = _randn(8, 64, dtype=torch.float16, seed=1)
+    w = _randn(2, 64, 64, dtype=torch.float16, seed=2)
+    out = torch.empty(8, 32, dtype=torch.float16, device=DEVICE)
+    pers = C(32, 32, 32, 4, 1, tma=True, persistent=1)
+    tma_ok = triton_gg._tma_device(x.device)
+    swiglu_plan = triton_gg._make_plan(x, w, offs, out, True, False, pers, 0, True)
+    assert swiglu_plan.kernel is triton_gg._tiled and swiglu_plan.wide == tma_ok
+    plain_plan = triton_gg._make_plan(x, w, offs, out, False, False, pers, 0, True)
+    assert plain_plan.kernel is (triton_gg._persistent if tma_ok else triton_gg._tiled)
+    halves = _randn(2, 96, 64, dtype=torch.float16, seed=3)[:, :64]      # [2, 64, 64], experts 96 rows apart
+    apart = triton_gg._make_plan(x, halves, offs, out, True, False, C(32, 32, 32, 4, 1, tma=True), 0, True)
+    assert not apart.use_tma and not apart.wide
+    y = torch.full((8, 32), float("nan"), dtype=torch.float16, device=DEVICE)
+    triton_gg.launch_grouped_gemm(x, halves, offs, y, True, config=C(32, 32, 32, 4, 1, tma=True))
+    lowp, exact = _ref_gemm(x, halves, offs)
+    _check(y, reference.swiglu(lowp), reference.swiglu(exact), what="gate/up halves not stacked")
+    n = len(triton_gg._plans)
+    for _ in range(3):
+        triton_gg.launch_grouped_gemm(x, halves, offs, y, True, config=C(32, 32, 32, 4, 1, tma=True))
+    assert len(triton_gg._plans) == n
 
 
 @pytest.mark.parametrize("cfg", PATH_CONFIGS, ids=str)
@@ -171,8 +193,7 @@ def test_kernel_paths_packed_weights(cfg, block):
 # Tail tiles of a chosen height (tail_m < BM/2): counts (70, 0, 5, 80, 16, 33) with BM = 64 give tails of
 # 6, 5, 16 (at the boundary: the tail loop) and 16 rows, and 33 rows in one full tile; M = 0 too.
 TAIL_CONFIGS = [C(64, 32, 32, 4, 1, tail_m=16), C(64, 64, 32, 4, 1, tail_m=16, split_n=True),
-                C(64, 32, 32, 4, 1, tma=True, tail_m=16), C(64, 64, 32, 4, 1, tma=True, tail_m=32, split_n=True),
-                C(64, 64, 32, 4, 1, tma=True, tail_m=16, split_n=True, wide=True)]
+                C(64, 32, 32, 4, 1, tma=True, tail_m=16), C(64, 64, 32, 4, 1, tma=True, tail_m=32, split_n=True)]
 
 
 @pytest.mark.parametrize("cfg", TAIL_CONFIGS, ids=str)

@@ -88,7 +88,7 @@ def grouped_combine(expert_out, topk_weights, row_index, shared_out=None, *, con
     has_shared = shared_out is not None
     block_t, block_h, num_warps = config or _combine_config(T, H)
     _combine.launch(
-        (triton.cdiv(T, block_t), triton.cdiv(H, block_h)),
+        ((T + block_t - 1) // block_t, (H + block_h - 1) // block_h),
         (expert_out, topk_weights, row_index, shared_out if has_shared else expert_out, out,
          T, H, expert_out.stride(0), topk_weights.stride(0), topk_weights.stride(1),
          row_index.stride(0), row_index.stride(1), shared_out.stride(0) if has_shared else 0),

@@ -8,8 +8,8 @@ changed (same SM count and shared memory, more bandwidth: the same tile shapes s
 
 Escape hatches (moge_kernels/options.py; in code `set_options(...)` / `use_options(...)`):
   triton_gemm_config, MOGE_TRITON_GEMM_CONFIG="BM,BN,BK,warps,stages[,tma[,split_m[,split_n[,persistent
-                           [,tail_m[,wide]]]]]]": force one config for every launch (flags 0/1;
-                           persistent: programs per SM, tail_m: rows of the split tail tile)
+                           [,tail_m]]]]]": force one config for every launch (flags 0/1; persistent:
+                           programs per SM, plain GEMMs only; tail_m: rows of the split tail tile)
   triton_autotune, MOGE_TRITON_AUTOTUNE=1: time the candidate list of a key on its first call (host sync:
                            never under CUDA-graph capture, where the table's choice is used); off: tables only.
 """
@@ -33,9 +33,8 @@ class GemmConfig:
     tma: bool = False       # load x and w through host-built TMA descriptors (Hopper+)
     split_m: bool = False   # an expert's last row tile with <= block_m/2 rows runs a half-height loop
     split_n: bool = False   # a last column tile with <= block_n/2 columns runs a half-width loop
-    persistent: int = 0     # programs per SM walking tiles (0: one program per tile); TMA only, no tails
+    persistent: int = 0     # programs per SM walking tiles (0: one per tile); TMA, plain GEMM, no tails
     tail_m: int = 0         # split_m with this height (a power of two >= 16, < block_m) instead of half
-    wide: bool = False      # SwiGLU through TMA: gate and up tiles as one box, one dot 2*block_n wide
 
     def tail_rows(self) -> int:
         """Height of the tail tile's main loop, 0 when tails are not split."""
@@ -48,7 +47,7 @@ class GemmConfig:
         tail = f" tailM{self.tail_m}" if self.tail_m else " tailM" if self.split_m else ""
         return (f"{self.block_m}x{self.block_n}x{self.block_k} w{self.num_warps} s{self.num_stages}"
                 f"{' tma' if self.tma else ''}{tail}"
-                f"{' tailN' if self.split_n else ''}{pers}{' wide' if self.wide else ''}")
+                f"{' tailN' if self.split_n else ''}{pers}")
 
 
 C = GemmConfig
@@ -77,21 +76,22 @@ REGIMES = ((2.0, "decode"), (32.0, "small"), (192.0, "medium"), (1024.0, "prefil
 #                      registers); Triton 3.6's warp specialization on Hopper compiles at 8 warps but
 #                      gains nothing (-2..0%) and fails to compile at 4. Down persistent (K = 1344 is
 #                      only 21 k-steps, so hiding the epilogue behind the next tile's loads gains 6-8%)
-#   gate_up "wide" (medium and up): gate and up rows as one [2, 128, 64] TMA box and one m64n256 wgmma
-#                      instead of two m64n128 (A read once from shared memory per k-step): whole MLP
-#                      -0.3..-0.7% at T=1024, -0.6% at 4096, -1.6% at 16384, bit-identical output
-#                      (bench/results/experts_h100_wide.txt); as a persistent kernel it now compiles
-#                      without spilling (one accumulator) but ties at T=1024 and 4096 and loses 1.6% at 16384
+#   gate_up through TMA is always "wide": gate and up rows as one [2, 128, 64] TMA box and one m64n256
+#                      wgmma instead of two m64n128 (A read once from shared memory per k-step): whole
+#                      MLP -0.3..-0.7% at T=1024, -0.6% at 4096, -1.6% at 16384 against two boxes,
+#                      bit-identical output (bench/results/experts_h100_wide.txt); as a persistent
+#                      kernel it tied at T=1024 and 4096 and lost 1.6% at 16384. Neither the two-box TMA
+#                      gate_up nor a persistent gate_up is kept (git history and bench/results have them)
 H100_TABLE = {
     ("decode", True): C(16, 32, 128, 4, 4),
     ("decode", False): C(16, 64, 128, 4, 4),
     ("small", True): C(32, 64, 128, 4, 4),
     ("small", False): C(32, 32, 128, 4, 4),
-    ("medium", True): C(128, 128, 64, 8, 4, tma=True, split_m=True, split_n=True, wide=True),
+    ("medium", True): C(128, 128, 64, 8, 4, tma=True, split_m=True, split_n=True),
     ("medium", False): C(128, 256, 64, 8, 4, tma=True, split_m=True),
-    ("prefill", True): C(128, 128, 64, 8, 4, tma=True, split_n=True, wide=True),
+    ("prefill", True): C(128, 128, 64, 8, 4, tma=True, split_n=True),
     ("prefill", False): C(128, 256, 64, 8, 4, tma=True, persistent=True),
-    ("large", True): C(128, 128, 64, 8, 4, tma=True, split_n=True, wide=True),
+    ("large", True): C(128, 128, 64, 8, 4, tma=True, split_n=True),
     ("large", False): C(128, 256, 64, 8, 4, tma=True, persistent=True),
 }
 # H200 (same SMs and shared memory, 1.4x the bandwidth): the H100 table but for the two entries that an
@@ -102,32 +102,33 @@ H200_TABLE = {**H100_TABLE,
               ("small", False): C(32, 128, 64, 4, 4)}
 TABLES = {"H100": H100_TABLE, "H200": H200_TABLE}
 
-# Candidates timed by MOGE_TRITON_AUTOTUNE=1 and by the benchmark's --sweep.
+# grouped_mlp splits the experts over two streams in these regimes (one half's down GEMM beside the
+# other half's gate_up): 2.5-3% faster at T = 1024 / 4096 / 16384 on an H100 (Pangu shapes), 0.5% at
+# T = 128, graph replays; the fork and join cost the host ~20 us a call, hidden behind >= 0.3 ms of GPU
+# work in these regimes. Not in decode and small, where host time is the whole cost of an eager call.
+TWO_STREAM_REGIMES = ("medium", "prefill", "large")
+
+# Candidates timed by MOGE_TRITON_AUTOTUNE=1 and by the benchmark's --sweep: tile shapes, depths and
+# tails of the kept kernel paths (the sweeps of bench/results/experts_h1*_sweep*.txt also timed the
+# paths since removed).
 P = dict(tma=True, persistent=1)
-P2 = dict(tma=True, persistent=2)
 T = dict(tma=True)
-W = dict(tma=True, wide=True)
-_big_gate_up = [C(128, 128, 64, 8, 4, **T), C(128, 128, 64, 8, 4, tma=True, split_n=True),
-                C(128, 128, 64, 8, 4, **W), C(128, 128, 64, 8, 4, split_n=True, **W),
-                C(128, 128, 64, 8, 3, split_n=True, **W), C(128, 128, 64, 8, 4, persistent=1, **W),
-                C(128, 128, 64, 8, 4, tail_m=64, split_n=True, **W)]
+_big_gate_up = [C(128, 128, 64, 8, 4, **T), C(128, 128, 64, 8, 4, split_n=True, **T),
+                C(128, 128, 64, 8, 3, split_n=True, **T), C(128, 128, 64, 8, 4, tail_m=64, split_n=True, **T)]
 _big_down = [C(128, 256, 64, 8, 4, **P), C(128, 256, 64, 8, 3, **P), C(128, 256, 64, 8, 4, **T),
              C(128, 256, 64, 8, 3, tma=True, split_m=True), C(128, 256, 64, 8, 4, tma=True, tail_m=32),
              C(256, 128, 64, 8, 4, **P)]
 CANDIDATES = {
-    ("decode", True): [C(16, 32, 128, 4, 4), C(16, 64, 128, 4, 3), C(16, 32, 64, 4, 8, **T),
-                       C(16, 64, 64, 4, 6, **P2), C(16, 16, 256, 4, 4)],
+    ("decode", True): [C(16, 32, 128, 4, 4), C(16, 64, 128, 4, 3), C(16, 16, 256, 4, 4)],
     ("decode", False): [C(16, 64, 128, 4, 4), C(16, 64, 64, 4, 8), C(16, 32, 256, 4, 3),
-                        C(16, 64, 64, 4, 6, **P2), C(16, 64, 64, 4, 8, **P)],
+                        C(16, 64, 64, 4, 8, **P)],
     ("small", True): [C(32, 64, 128, 4, 4), C(32, 32, 128, 4, 5), C(32, 64, 128, 4, 3),
                       C(32, 64, 64, 4, 6), C(32, 128, 64, 4, 4)],
     ("small", False): [C(32, 64, 128, 4, 4), C(32, 32, 128, 4, 4), C(32, 128, 64, 4, 4),
                        C(32, 64, 128, 4, 3)],
-    ("medium", True): [C(128, 128, 64, 8, 4, split_m=True, split_n=True, **W),
-                       C(128, 128, 64, 8, 4, split_m=True, persistent=1, **W),
-                       C(128, 64, 64, 8, 4, split_m=True, split_n=True, **W),
+    ("medium", True): [C(128, 128, 64, 8, 4, split_m=True, split_n=True, **T),
+                       C(128, 64, 64, 8, 4, split_m=True, split_n=True, **T),
                        C(128, 128, 64, 8, 4, split_m=True, split_n=True),
-                       C(128, 128, 64, 8, 4, tma=True, split_m=True, split_n=True),
                        C(128, 128, 64, 8, 4, tma=True, tail_m=32, split_n=True),
                        C(128, 128, 64, 8, 4, tma=True, tail_m=16, split_n=True),
                        C(128, 128, 64, 8, 4, tma=True, split_n=True)],
@@ -219,6 +220,11 @@ def forced_config() -> GemmConfig | None:
     """The triton_gemm_config option's config (options.py parsed and validated its fields), or None."""
     fields = options.current.triton_gemm_config
     return None if fields is None else _forced(fields)
+
+
+def options_key() -> tuple:
+    """What of the options changes a launch plan (grouped_gemm caches plans by it)."""
+    return (options.current.triton_gemm_config, options.current.triton_autotune)
 
 
 def autotune_enabled() -> bool:

@@ -18,22 +18,26 @@ ordered expert-major, then n-tile, then m-tile, so the m-tiles that share one we
 The grid is sized to a static worst case, min(M, cdiv(M, BM) + min(E, M)) row tiles times n_tiles, and
 programs past the real work return at once. Empty experts own no tile and cost nothing.
 
-Variants, chosen per launch by the config (gemm_configs.py): operands through cp.async pointer loads or
-through TMA descriptors (Hopper; rows and columns past a tile's expert are loaded but never stored, and
-loads past the tensor are zero-filled); "split tails", where an expert's last row tile holding at most
-TAIL_BM rows (BM/2, or a smaller power of two) runs a main loop of that height, and a last column tile at
-most BN/2 wide a half-width one; and a persistent TMA kernel (one or more
-programs per SM walking the same tile order, tile and k loops flattened into one software pipeline so
-the epilogue overlaps the next tile's loads). The tiled and the persistent kernels share one TMA k loop
-(_tma_k_loop; a @triton.jit helper is inlined, so both compile to what the hand-copied loops did).
+Kernel paths, chosen per launch by the config (gemm_configs.py) and the operands: the tiled kernel with
+operands through cp.async pointer loads (decode and small regimes, fp32, pre-Hopper GPUs, weights whose
+gate and up halves are not stacked) or through TMA descriptors (Hopper, medium regime and up; rows and
+columns past a tile's expert are loaded but never stored, loads past the tensor are zero-filled), each
+with "split tails": an expert's last row tile holding at most TAIL_BM rows (BM/2, or a smaller power of
+two) runs a main loop of that height, a last column tile at most BN/2 wide a half-width one (the tile
+shapes are chosen in one place, _grouped_gemm_kernel, and run by one _gemm_tile); and, for the plain
+(down) GEMM of prefill, a persistent TMA kernel (one or more programs per SM walking the same tile
+order, tile and k loops flattened into one software pipeline so the epilogue overlaps the next tile's
+loads). The tiled and the persistent kernels share one TMA k loop (_tma_k_loop). Each path also reads
+packed (k-block-major) weights. Launches go through launch.Kernel (Triton's per-call binding done once
+per specialisation), and each launch's plan (config, grid, constexprs) is cached by shape.
 
 grouped_mlp runs two launches of one kernel: gate_up with SwiGLU fused into the epilogue (a program holds
 gate columns [n, n+BN) and the matching up columns [I+n, I+n+BN) in fp32 accumulators and writes only
 h = silu(gate) * up, [M, I]; the [M, 2I] product never reaches memory), then down, optionally scaling
-each output row by row_scale in fp32 before the cast. The gate and up tiles are two dots into two
-accumulators, or with the "wide" config (TMA) one [2, BN, BK] box of the weights viewed [2E, I, K] and one
-dot 2*BN wide into one accumulator, split in the epilogue: one m64n256 wgmma per k-slice instead of two
-m64n128, so x's tile is read from shared memory once. From 32 rows per expert on (CUDA, 16-bit), the
+each output row by row_scale in fp32 before the cast. With pointer loads the gate and up tiles are two
+dots into two accumulators; through TMA ("wide") one [2, BN, BK] box of the weights viewed [2E, I, K] and
+one dot 2*BN wide into one accumulator, split in the epilogue: one m64n256 wgmma per k-slice instead of
+two m64n128, so x's tile is read from shared memory once. From 32 rows per expert on (CUDA, 16-bit), the
 experts are split in two halves on two streams, so one half's down GEMM fills the gap after the other
 half's gate_up (_two_streams; MOGE_TRITON_MLP_STREAMS=0/1 forces it off/on; more, smaller expert chunks
 alternating over the two streams measured slower, bench/results/experts_h100_wide.txt). Deterministic: no
@@ -52,6 +56,7 @@ from .. import options, packing
 from ..registry import register_kernel
 from . import DEVICES
 from . import gemm_configs
+from .launch import Kernel
 
 try:   # host-built TMA descriptors (Triton >= 3.4 on Hopper); absent -> pointer loads only
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -97,16 +102,14 @@ def _zero_accumulators(BM: tl.constexpr, BN: tl.constexpr, WIDE: tl.constexpr):
 
 
 @triton.jit
-def _tma_k_loop(x_desc, w_desc, row0, e, col0, W_ROWS, N_OUT, num_k, acc, acc_up, BN: tl.constexpr,
-                BK: tl.constexpr, SWIGLU: tl.constexpr, WIDE: tl.constexpr, PACKED: tl.constexpr,
-                DOT_PRECISION: tl.constexpr):
-    """acc += x[row0 : row0+BM] @ w[e][col0 : col0+BN]^T over all of K through TMA descriptors (and
-    acc_up with the up rows, N_OUT further down, when SWIGLU). WIDE (SwiGLU only): w_desc views the
-    weights as [2E, I, K], one [2, BN, BK] box holds the gate and the up rows of the tile, and one dot
-    2*BN wide fills acc [BM, 2*BN] (gate columns, then up columns). PACKED: the weights are stored
-    k-block-major (pack_expert_weights, block BK) and w_desc views them [E*K/BK*W_ROWS, BK] (with WIDE
-    [E*K/BK*2, I, BK]): each box is one contiguous run of memory. Shared by the tiled and persistent
-    kernels."""
+def _tma_k_loop(x_desc, w_desc, row0, e, col0, W_ROWS, num_k, acc, BN: tl.constexpr, BK: tl.constexpr,
+                WIDE: tl.constexpr, PACKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """acc += x[row0 : row0+BM] @ w[e][col0 : col0+BN]^T over all of K through TMA descriptors. WIDE
+    (SwiGLU, the only SwiGLU through TMA): w_desc views the weights as [2E, I, K], one [2, BN, BK] box
+    holds the gate and the up rows of the tile, and one dot 2*BN wide fills acc [BM, 2*BN] (gate
+    columns, then up columns). PACKED: the weights are stored k-block-major (pack_expert_weights, block
+    BK) and w_desc views them [E*K/BK*W_ROWS, BK] (with WIDE [E*K/BK*2, I, BK]): each box is one
+    contiguous run of memory. Shared by the tiled and persistent kernels."""
     for kk in range(num_k):
         k = kk * BK
         a = x_desc.load([row0, k])
@@ -119,14 +122,10 @@ def _tma_k_loop(x_desc, w_desc, row0, e, col0, W_ROWS, N_OUT, num_k, acc, acc_up
             w_k = k
         if WIDE:
             b = w_desc.load([2 * slab, col0, w_k]).reshape(2 * BN, BK)
-            acc = tl.dot(a, b.T, acc, input_precision=DOT_PRECISION)
         else:
             b = w_desc.load([slab * W_ROWS + col0, w_k])
-            acc = tl.dot(a, b.T, acc, input_precision=DOT_PRECISION)
-            if SWIGLU:
-                b_up = w_desc.load([slab * W_ROWS + col0 + N_OUT, w_k])
-                acc_up = tl.dot(a, b_up.T, acc_up, input_precision=DOT_PRECISION)
-    return acc, acc_up
+        acc = tl.dot(a, b.T, acc, input_precision=DOT_PRECISION)
+    return acc
 
 
 @triton.jit
@@ -146,8 +145,8 @@ def _gemm_tile(x_ptr, w_ptr, x_desc, w_desc, y_ptr, row_scale_ptr, e, row0, row_
         # Rows past the expert (the next expert's) and past M (zero-filled by TMA) land in discarded
         # output rows; columns past N_OUT likewise; K past the end is zero-filled.
         # TMA coordinates are int32; E * N < 2^31 for any real layer
-        acc, acc_up = _tma_k_loop(x_desc, w_desc, row0, e, col0, W_ROWS, N_OUT, num_k, acc, acc_up, BN,
-                                  BK, SWIGLU, WIDE, PACK > 0, DOT_PRECISION)
+        acc = _tma_k_loop(x_desc, w_desc, row0, e, col0, W_ROWS, num_k, acc, BN, BK, WIDE, PACK > 0,
+                          DOT_PRECISION)
     else:
         # int64 only in the per-program bases (M*Kd can pass 2^31); in-tile offsets stay int32.
         x_ptrs = x_ptr + row0.to(tl.int64) * stride_xm + (offs_m[:, None] * stride_xm + offs_k[None, :])
@@ -249,51 +248,22 @@ def _grouped_gemm_kernel(
     e, row0, row_end, pid_n = _locate(pid, experts, starts, ends, m_tiles, work_begin, work_end, BM)
     col0 = pid_n * BN
     # Split tails: an expert's last row tile holding at most TAIL_BM rows (or a last column tile at
-    # most half full) runs a main loop of that size, so its wasted MMA work shrinks (prefill: ~12% of
-    # the FLOPs at T=4096). The weight tile it streams stays full size, so a tail tile saves less than
-    # its row count suggests when loads, not MMAs, bound the tile.
-    # The branches test constexprs first: a Python value assigned in a kernel becomes a tensor, and
-    # every branch of a tensor `if` is compiled (with TMA, a smaller tile needs its own descriptor).
-    if TAIL_BM > 0:
-        if row_end - row0 <= TAIL_BM:
-            _gemm_tile_n_split(x_ptr, w_ptr, x_desc_tail, w_desc, w_desc_half, y_ptr, row_scale_ptr, e,
-                               row0, row_end, col0, N_OUT, K, W_ROWS, stride_xm, stride_we, stride_wn,
-                               stride_wkb, stride_ym, TAIL_BM, BN, BK, SWIGLU, HAS_ROW_SCALE, EVEN_K, USE_TMA,
-                               SPLIT_N_TAIL, WIDE, PACK, DOT_PRECISION)
-        else:
-            _gemm_tile_n_split(x_ptr, w_ptr, x_desc, w_desc, w_desc_half, y_ptr, row_scale_ptr, e,
-                               row0, row_end, col0, N_OUT, K, W_ROWS, stride_xm, stride_we, stride_wn,
-                               stride_wkb, stride_ym, BM, BN, BK, SWIGLU, HAS_ROW_SCALE, EVEN_K, USE_TMA,
-                               SPLIT_N_TAIL, WIDE, PACK, DOT_PRECISION)
-    else:
-        _gemm_tile_n_split(x_ptr, w_ptr, x_desc, w_desc, w_desc_half, y_ptr, row_scale_ptr, e,
-                           row0, row_end, col0, N_OUT, K, W_ROWS, stride_xm, stride_we, stride_wn,
-                           stride_wkb, stride_ym, BM, BN, BK, SWIGLU, HAS_ROW_SCALE, EVEN_K, USE_TMA,
-                           SPLIT_N_TAIL, WIDE, PACK, DOT_PRECISION)
-
-
-@triton.jit
-def _gemm_tile_n_split(x_ptr, w_ptr, x_desc, w_desc, w_desc_half, y_ptr, row_scale_ptr, e, row0,
-                       row_end, col0, N_OUT, K, W_ROWS, stride_xm, stride_we, stride_wn, stride_wkb,
-                       stride_ym,
-                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SWIGLU: tl.constexpr,
-                       HAS_ROW_SCALE: tl.constexpr, EVEN_K: tl.constexpr, USE_TMA: tl.constexpr,
-                       SPLIT_N_TAIL: tl.constexpr, WIDE: tl.constexpr, PACK: tl.constexpr,
-                       DOT_PRECISION: tl.constexpr):
-    """_gemm_tile, with a half-width main loop for a last column tile that is at most half full."""
-    if SPLIT_N_TAIL:
-        if N_OUT - col0 <= BN // 2:
-            _gemm_tile(x_ptr, w_ptr, x_desc, w_desc_half, y_ptr, row_scale_ptr, e, row0, row_end, col0,
-                       N_OUT, K, W_ROWS, stride_xm, stride_we, stride_wn, stride_wkb, stride_ym,
-                       BM, BN // 2, BK, SWIGLU, HAS_ROW_SCALE, EVEN_K, USE_TMA, WIDE, PACK, DOT_PRECISION)
-        else:
-            _gemm_tile(x_ptr, w_ptr, x_desc, w_desc, y_ptr, row_scale_ptr, e, row0, row_end, col0,
-                       N_OUT, K, W_ROWS, stride_xm, stride_we, stride_wn, stride_wkb, stride_ym,
-                       BM, BN, BK, SWIGLU, HAS_ROW_SCALE, EVEN_K, USE_TMA, WIDE, PACK, DOT_PRECISION)
-    else:
-        _gemm_tile(x_ptr, w_ptr, x_desc, w_desc, y_ptr, row_scale_ptr, e, row0, row_end, col0,
-                   N_OUT, K, W_ROWS, stride_xm, stride_we, stride_wn, stride_wkb, stride_ym,
-                   BM, BN, BK, SWIGLU, HAS_ROW_SCALE, EVEN_K, USE_TMA, WIDE, PACK, DOT_PRECISION)
+    # most half full, SPLIT_N_TAIL) runs a main loop of that size, so its wasted MMA work shrinks
+    # (prefill: ~12% of the FLOPs at T=4096). The weight tile it streams stays full size, so a tail tile
+    # saves less than its row count suggests when loads, not MMAs, bound the tile.
+    # Each enabled tile shape is one unrolled (constexpr) variant behind a runtime test: a tile
+    # shape is a constexpr, and with TMA a smaller tile needs its own descriptor.
+    fewer_rows = (row_end - row0 <= TAIL_BM) & (TAIL_BM > 0)
+    fewer_cols = (N_OUT - col0 <= BN // 2) & SPLIT_N_TAIL
+    shape = fewer_rows.to(tl.int32) + 2 * fewer_cols.to(tl.int32)
+    for v in tl.static_range(4):                             # bit 0: TAIL_BM rows, bit 1: BN/2 columns
+        if (v % 2 == 0 or TAIL_BM > 0) and (v < 2 or SPLIT_N_TAIL):
+            if (TAIL_BM == 0 and not SPLIT_N_TAIL) or shape == v:   # (one shape: no test)
+                _gemm_tile(x_ptr, w_ptr, x_desc_tail if v % 2 else x_desc,
+                           w_desc_half if v >= 2 else w_desc, y_ptr, row_scale_ptr, e, row0, row_end,
+                           col0, N_OUT, K, W_ROWS, stride_xm, stride_we, stride_wn, stride_wkb, stride_ym,
+                           TAIL_BM if v % 2 else BM, BN // 2 if v >= 2 else BN, BK, SWIGLU, HAS_ROW_SCALE,
+                           EVEN_K, USE_TMA, WIDE, PACK, DOT_PRECISION)
 
 
 @triton.jit
@@ -304,13 +274,13 @@ def _grouped_gemm_persistent_kernel(
         N_OUT, K, W_ROWS, num_n_tiles, num_programs, stride_ym,
         E: tl.constexpr, E_POW2: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-        SWIGLU: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, WIDE: tl.constexpr, PACKED: tl.constexpr,
-        DOT_PRECISION: tl.constexpr):
-    """Persistent variant: grid = (num_programs,), one or a few programs per SM, each walking tiles
-    pid, pid + num_programs, ... of the same schedule. The tile loop and the k loop are flattened into
-    one software pipeline, so the next tile's first TMA loads are in flight during this tile's epilogue
-    (what limits the down GEMM, whose K = I = 1344 is only 21 k-steps; in decode, where a tile streams
-    little, it also saves each tile's pipeline fill)."""
+        HAS_ROW_SCALE: tl.constexpr, PACKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Persistent variant of the plain GEMM (the down projection of prefill): grid = (num_programs,),
+    one or a few programs per SM, each walking tiles pid, pid + num_programs, ... of the same schedule.
+    The tile loop and the k loop are flattened into one software pipeline, so the next tile's first TMA
+    loads are in flight during this tile's epilogue (what limits the down GEMM, whose K = I = 1344 is
+    only 21 k-steps). Not for SwiGLU: its accumulators leave a persistent gate_up no registers (40%
+    slower on an H100, bench/results/experts_h100*.txt)."""
     pid = tl.program_id(0)
     experts, starts, ends, m_tiles, work_begin, work_end = _schedule(offsets_ptr, num_n_tiles, E,
                                                                      E_POW2, BM)
@@ -321,18 +291,23 @@ def _grouped_gemm_persistent_kernel(
     tile_c = pid - num_programs
     for tile in tl.range(pid, total, num_programs, flatten=True):
         e, row0, _, pid_n = _locate(tile, experts, starts, ends, m_tiles, work_begin, work_end, BM)
-        acc, acc_up = _zero_accumulators(BM, BN, WIDE)
-        acc, acc_up = _tma_k_loop(x_desc, w_desc, row0, e, pid_n * BN, W_ROWS, N_OUT, num_k, acc, acc_up,
-                                  BN, BK, SWIGLU, WIDE, PACKED, DOT_PRECISION)
+        acc, acc_up = _zero_accumulators(BM, BN, False)
+        acc = _tma_k_loop(x_desc, w_desc, row0, e, pid_n * BN, W_ROWS, num_k, acc, BN, BK, False, PACKED,
+                          DOT_PRECISION)
         tile_c += num_programs
         _, row0_c, row_end_c, pid_n_c = _locate(tile_c, experts, starts, ends, m_tiles, work_begin,
                                                 work_end, BM)
         _epilogue(acc, acc_up, y_ptr, row_scale_ptr, row0_c, row_end_c, pid_n_c * BN, N_OUT, stride_ym,
-                  BM, BN, SWIGLU, HAS_ROW_SCALE, WIDE)
+                  BM, BN, False, HAS_ROW_SCALE, False)
 
 
 def _cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
+
+
+def _pow2(n: int) -> int:
+    """triton.next_power_of_2 without its constexpr-function call overhead (host code)."""
+    return 1 << max(int(n) - 1, 0).bit_length()
 
 
 @functools.lru_cache(maxsize=None)
@@ -342,18 +317,110 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _tma_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """TMA needs Hopper+ (or the interpreter), 16-byte aligned bases and row strides."""
+@functools.lru_cache(maxsize=None)
+def _tma_device(device: torch.device) -> bool:
+    """Hopper+ (or the interpreter), with host-built TMA descriptors in this Triton."""
     if TensorDescriptor is None:
         return False
-    if x.device.type == "cuda":
-        if torch.cuda.get_device_capability(x.device)[0] < 9:
-            return False
-    elif not options.TRITON_INTERPRET:
-        return False
-    es = x.element_size()
-    return (x.stride(0) * es % 16 == 0 and w.stride(1) * es % 16 == 0
-            and x.data_ptr() % 16 == 0 and w.data_ptr() % 16 == 0)
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device)[0] >= 9
+    return options.TRITON_INTERPRET
+
+
+_TILED_META = ("E", "E_POW2", "BM", "BN", "BK", "SWIGLU", "HAS_ROW_SCALE", "EVEN_K", "USE_TMA", "TAIL_BM",
+               "SPLIT_N_TAIL", "WIDE", "PACK", "DOT_PRECISION", "num_warps", "num_stages", "ZERO_TAIL")
+_tiled = Kernel(_grouped_gemm_kernel, _TILED_META)
+_persistent = Kernel(_grouped_gemm_persistent_kernel, ("E", "E_POW2", "BM", "BN", "BK", "HAS_ROW_SCALE",
+                                                       "PACKED", "DOT_PRECISION", "num_warps", "num_stages"))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """Everything of one launch that the shapes, strides, dtype, device and config decide."""
+    kernel: Kernel
+    meta: tuple          # the Kernel's meta tuple
+    grid: tuple
+    use_tma: bool
+    wide: bool
+    pack: int
+    block_m: int
+    block_n: int
+    block_k: int
+    tail_bm: int
+    split_n: bool
+    n_out: int
+    num_n_tiles: int
+    num_programs: int    # persistent kernel only
+
+
+_plans: dict[tuple, _Plan] = {}
+MAX_PLANS = 4096
+
+
+def _make_plan(x, w, expert_offsets, out, swiglu, has_row_scale, config, pack, tma_aligned) -> _Plan:
+    M, K = x.shape
+    E, w_rows = w.shape[:2]
+    n_out = w_rows // 2 if swiglu else w_rows
+    if config is None:
+        config = choose_config(x, w, expert_offsets, out, swiglu)
+    if pack:
+        config = _fit_to_pack(config, pack, swiglu, x)
+    BM, BN, BK = config.block_m, config.block_n, config.block_k
+    use_tma = config.tma and tma_aligned and _tma_device(x.device)
+    # SwiGLU through TMA is the wide box of a [2E, I, K] view: the gate and up halves of each expert
+    # must be stacked (else the pointer loads)
+    wide = swiglu and use_tma
+    if wide and not (pack or w.stride(0) == w_rows * w.stride(1)):
+        use_tma = wide = False
+    tail_bm = config.tail_rows()
+    if not 16 <= tail_bm < BM:                          # tl.dot needs >= 16 rows
+        tail_bm = 0
+    # only worth a second main loop when the last column tile is at most half full
+    split_n = config.split_n and BN >= 32 and 0 < n_out % BN <= BN // 2
+    num_n_tiles = _cdiv(n_out, BN)
+    max_row_tiles = min(M, _cdiv(M, BM) + min(E, M))   # sum_e cdiv(rows_e, BM) <= M/BM + #non-empty
+    tiles = max_row_tiles * num_n_tiles
+    dot_precision = "ieee" if x.dtype == torch.float32 else "tf32"
+    e_pow2 = max(2, _pow2(E))
+    if use_tma and config.persistent and not swiglu:
+        # config.persistent programs per SM (2: a second program's loads cover one's epilogue)
+        num_programs = min(tiles, int(config.persistent) * _num_sms(x.device))
+        meta = (E, e_pow2, BM, BN, BK, has_row_scale, pack > 0, dot_precision, config.num_warps,
+                config.num_stages)
+        return _Plan(_persistent, meta, (num_programs,), True, False, pack, BM, BN, BK, 0, False, n_out,
+                     num_n_tiles, num_programs)
+    meta = (E, e_pow2, BM, BN, BK, swiglu, has_row_scale, K % BK == 0, use_tma, tail_bm, split_n, wide, pack,
+            dot_precision, config.num_warps, config.num_stages)     # + ZERO_TAIL, given per launch
+    return _Plan(_tiled, meta, (tiles,), use_tma, wide, pack, BM, BN, BK, tail_bm, split_n, n_out,
+                 num_n_tiles, 0)
+
+
+def _descriptors(plan: _Plan, x, w):
+    """(x_desc, x_desc_tail, w_desc, w_desc_half) of a TMA plan; they hold data pointers: made per call."""
+    E, w_rows = w.shape[:2]
+    K = x.shape[1]
+    BN, BK, pack = plan.block_n, plan.block_k, plan.pack
+    if pack:
+        # storage order [E, K/B, W_ROWS, B]: a box of BN rows x B is one contiguous run; rows past the
+        # last column tile are the next block's (discarded) or, with WIDE, zero-filled
+        blocks = E * (K // pack)
+        phys = w.permute(0, 2, 1, 3)
+        if plan.wide:
+            w_view, box = phys.view(2 * blocks, plan.n_out, pack), [2]
+        else:
+            w_view, box = phys.view(blocks * w_rows, pack), []
+    elif plan.wide:
+        # rows past I in the last column tile are zero-filled, not the next half's rows
+        w_view = w.as_strided((2 * E, plan.n_out, K), (plan.n_out * w.stride(1), w.stride(1), 1))
+        box = [2]
+    else:
+        w_view = w.view(E * w_rows, K) if w.is_contiguous() else w.reshape(E * w_rows, K)
+        box = []
+    w_desc = TensorDescriptor.from_tensor(w_view, box + [BN, BK])
+    w_desc_half = TensorDescriptor.from_tensor(w_view, box + [BN // 2, BK]) if plan.split_n else w_desc
+    x_desc = TensorDescriptor.from_tensor(x, [plan.block_m, BK])
+    x_desc_tail = TensorDescriptor.from_tensor(x, [plan.tail_bm, BK]) if plan.tail_bm else x_desc
+    return x_desc, x_desc_tail, w_desc, w_desc_half
 
 
 def launch_grouped_gemm(x: torch.Tensor, w: torch.Tensor, expert_offsets: torch.Tensor,
@@ -367,78 +434,42 @@ def launch_grouped_gemm(x: torch.Tensor, w: torch.Tensor, expert_offsets: torch.
     int32 contiguous, row_scale [M] fp32 contiguous or None."""
     M, K = x.shape
     E, w_rows = w.shape[:2]
-    n_out = w_rows // 2 if swiglu else w_rows
-    if M == 0 or n_out == 0:
+    if M == 0 or w_rows < (2 if swiglu else 1):
         return out
-    pack = packing.pack_block(w)
+    pack = packing.pack_block(w) if w.dim() == 4 else 0
     # a k-blocked view without k-block-major storage, or blocks no k-slice fits (tl.dot needs a power of
     # two >= 16): a copy in the [E, N, K] layout
     if w.dim() == 4 and (pack < 16 or pack & (pack - 1)):
         w, pack = packing.unpack(w), 0
-    if config is None:
-        config = choose_config(x, w, expert_offsets, out, swiglu)
-    if pack:
-        config = _fit_to_pack(config, pack, swiglu, x)
-    BM, BN, BK = config.block_m, config.block_n, config.block_k
-    use_tma = config.tma and _tma_ok(x, w)
-    # one [2, BN, BK] box of a [2E, I, K] view: needs the gate and up halves of each expert stacked
-    wide = swiglu and use_tma and config.wide and (pack or w.stride(0) == w_rows * w.stride(1))
-    tail_bm = config.tail_rows()
-    if not 16 <= tail_bm < BM:                          # tl.dot needs >= 16 rows
-        tail_bm = 0
-    # only worth a second main loop when the last column tile is at most half full
-    split_n = config.split_n and BN >= 32 and 0 < n_out % BN <= BN // 2
-    num_n_tiles = _cdiv(n_out, BN)
-    max_row_tiles = min(M, _cdiv(M, BM) + min(E, M))   # sum_e cdiv(rows_e, BM) <= M/BM + #non-empty
-    grid = (max_row_tiles * num_n_tiles,)
-    if pack and use_tma:
-        # storage order [E, K/B, W_ROWS, B]: a box of BN rows x B is one contiguous run; rows past the
-        # last column tile are the next block's (discarded) or, with WIDE, zero-filled
-        blocks = E * (K // pack)
-        phys = w.permute(0, 2, 1, 3)
-        if wide:
-            phys, box = phys.view(2 * blocks, n_out, pack), [2]
-        else:
-            phys, box = phys.view(blocks * w_rows, pack), []
-        w_desc = TensorDescriptor.from_tensor(phys, box + [BN, BK])
-        w_desc_half = TensorDescriptor.from_tensor(phys, box + [BN // 2, BK]) if split_n else w_desc
-    elif wide:
-        # rows past I in the last column tile are zero-filled, not the next half's rows
-        w3d = w.as_strided((2 * E, n_out, K), (n_out * w.stride(1), w.stride(1), 1))
-        w_desc = TensorDescriptor.from_tensor(w3d, [2, BN, BK])
-        w_desc_half = TensorDescriptor.from_tensor(w3d, [2, BN // 2, BK]) if split_n else w_desc
-    elif use_tma:
-        w2d = w.view(E * w_rows, K) if w.is_contiguous() else w.reshape(E * w_rows, K)
-        w_desc = TensorDescriptor.from_tensor(w2d, [BN, BK])
-        w_desc_half = TensorDescriptor.from_tensor(w2d, [BN // 2, BK]) if split_n else w_desc
-    if use_tma:
-        x_desc = TensorDescriptor.from_tensor(x, [BM, BK])
-        x_desc_tail = TensorDescriptor.from_tensor(x, [tail_bm, BK]) if tail_bm else x_desc
+    # TMA: 16-byte aligned bases and row strides
+    es = x.element_size()
+    tma_aligned = (x.stride(0) * es % 16 == 0 and w.stride(1) * es % 16 == 0
+                   and x.data_ptr() % 16 == 0 and w.data_ptr() % 16 == 0)
+    has_row_scale = row_scale is not None
+    key = (M, K, w.shape, w.stride(), x.stride(0), x.dtype, x.device, swiglu, has_row_scale, config,
+           tma_aligned, gemm_configs.options_key())
+    plan = _plans.get(key)
+    if plan is None:
+        plan = _make_plan(x, w, expert_offsets, out, swiglu, has_row_scale, config, pack, tma_aligned)
+        if not gemm_configs.autotune_enabled():    # a tuned choice may still change (capture, first call)
+            if len(_plans) >= MAX_PLANS:
+                _plans.clear()
+            _plans[key] = plan
+    scale = row_scale if has_row_scale else out
+    if plan.use_tma:
+        x_desc, x_desc_tail, w_desc, w_desc_half = _descriptors(plan, x, w)
     else:
         x_desc = x_desc_tail = x      # placeholders, never read when USE_TMA is off
         w_desc = w_desc_half = w
-    has_row_scale = row_scale is not None
-    dot_precision = "ieee" if x.dtype == torch.float32 else "tf32"
-    if use_tma and config.persistent:
-        # config.persistent programs per SM (2: a second program's loads cover one's epilogue)
-        num_programs = min(grid[0], int(config.persistent) * _num_sms(x.device))
-        _grouped_gemm_persistent_kernel[(num_programs,)](
-            x_desc, w_desc, out, expert_offsets, row_scale if has_row_scale else out,
-            n_out, K, w_rows, num_n_tiles, num_programs, out.stride(0),
-            E=E, E_POW2=max(2, triton.next_power_of_2(E)), BM=BM, BN=BN, BK=BK,
-            SWIGLU=swiglu, HAS_ROW_SCALE=has_row_scale, WIDE=wide, PACKED=pack > 0,
-            DOT_PRECISION=dot_precision, num_warps=config.num_warps, num_stages=config.num_stages)
+    if plan.kernel is _persistent:
+        _persistent.launch(plan.grid, (x_desc, w_desc, out, expert_offsets, scale, plan.n_out, K, w_rows,
+                                       plan.num_n_tiles, plan.num_programs, out.stride(0)), plan.meta)
         return zero_rows_past_experts(out, expert_offsets) if zero_tail else out
-    _grouped_gemm_kernel[grid](
-        x, w, x_desc, x_desc_tail, w_desc, w_desc_half, out, expert_offsets,
-        row_scale if has_row_scale else out,
-        M, n_out, K, w_rows, num_n_tiles,
-        x.stride(0), w.stride(0), w.stride(1), w.stride(2) if pack else 0, out.stride(0),
-        E=E, E_POW2=max(2, triton.next_power_of_2(E)),
-        BM=BM, BN=BN, BK=BK, SWIGLU=swiglu, HAS_ROW_SCALE=has_row_scale, EVEN_K=K % BK == 0,
-        USE_TMA=use_tma, TAIL_BM=tail_bm, SPLIT_N_TAIL=split_n, WIDE=wide, PACK=pack,
-        DOT_PRECISION=dot_precision, ZERO_TAIL=zero_tail,
-        num_warps=config.num_warps, num_stages=config.num_stages)
+    _tiled.launch(plan.grid, (
+        x, w, x_desc, x_desc_tail, w_desc, w_desc_half, out, expert_offsets, scale,
+        M, plan.n_out, K, w_rows, plan.num_n_tiles,
+        x.stride(0), w.stride(0), w.stride(1), w.stride(2) if pack else 0, out.stride(0)),
+        plan.meta + (zero_tail,))
     return out
 
 
@@ -460,12 +491,17 @@ def _fit_to_pack(config, pack, swiglu, x):
 _tuned: dict[tuple, gemm_configs.GemmConfig] = {}
 
 
+@functools.lru_cache(maxsize=4096)
+def _table_config(M, E, swiglu, dtype, device, options_key):
+    return gemm_configs.table_config(M, E, swiglu, dtype, device)
+
+
 def choose_config(x, w, expert_offsets, out, swiglu) -> gemm_configs.GemmConfig:
     """Committed table (gemm_configs); with MOGE_TRITON_AUTOTUNE=1, the fastest candidate of the key,
     timed once per key outside CUDA-graph capture and outside torch.compile tracing."""
     M = x.shape[0]
     E = w.shape[0]
-    cfg = gemm_configs.table_config(M, E, swiglu, x.dtype, x.device)
+    cfg = _table_config(M, E, swiglu, x.dtype, x.device, gemm_configs.options_key())
     if (x.device.type != "cuda" or not gemm_configs.autotune_enabled()
             or gemm_configs.forced_config() is not None
             or torch.cuda.is_current_stream_capturing()):
@@ -508,13 +544,15 @@ def zero_rows_past_experts(y: torch.Tensor, expert_offsets: torch.Tensor) -> tor
     M, N = y.shape
     if M == 0 or N == 0:
         return y
-    block_n = min(triton.next_power_of_2(N), 1024)
+    block_n = min(_pow2(N), 1024)
     block_m = max(1, 4096 // block_n)
     programs = min(_cdiv(M, block_m), 4 if y.device.type != "cuda" else 2 * _num_sms(y.device))
-    _zero_tail_kernel[(programs, _cdiv(N, block_n))](
-        y, expert_offsets, M, N, y.stride(0), E=expert_offsets.shape[0] - 1,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
+    _zero_tail.launch((programs, _cdiv(N, block_n)), (y, expert_offsets, M, N, y.stride(0)),
+                      (expert_offsets.shape[0] - 1, block_m, block_n, 4))
     return y
+
+
+_zero_tail = Kernel(_zero_tail_kernel, ("E", "BLOCK_M", "BLOCK_N", "num_warps"))
 
 
 # ----------------------------------------------------------------------------- op implementations
@@ -532,33 +570,33 @@ def grouped_gemm(x, w, expert_offsets):
     return launch_grouped_gemm(x, w, offsets, y, swiglu=False, zero_tail=True)
 
 
-_side_streams: dict[int, torch.cuda.Stream] = {}
+_side: dict[int, tuple] = {}     # device index -> (side stream, fork event, join event)
 
 
-def _side_stream(device: torch.device) -> torch.cuda.Stream:
+def _side_stream(device: torch.device) -> tuple:
     index = gemm_configs.device_index(device)
-    if index not in _side_streams:
-        _side_streams[index] = torch.cuda.Stream(device=index)
-    return _side_streams[index]
+    if index not in _side:
+        _side[index] = (torch.cuda.Stream(device=index), torch.cuda.Event(), torch.cuda.Event())
+    return _side[index]
 
 
 def _two_streams(x: torch.Tensor, E: int) -> bool:
     """Split the experts over two streams (CUDA 16-bit inputs, >= 2 experts): one half's down GEMM then
-    runs beside the other half's gate_up, filling the gap between the launches. By default from 32 rows
-    per expert on ("medium" and larger regimes): 2.5-3% faster at T = 1024 / 4096 / 16384 on an H100
-    (Pangu shapes), 0.5% at T = 128. MOGE_TRITON_MLP_STREAMS=0 / 1 turns it off / on for every size."""
+    runs beside the other half's gate_up, filling the gap between the launches. By default in the
+    regimes of gemm_configs.TWO_STREAM_REGIMES. MOGE_TRITON_MLP_STREAMS=0 / 1 turns it off / on for
+    every size."""
     if not x.is_cuda or E < 2 or x.dtype == torch.float32:
         return False
     flag = options.current.triton_mlp_streams
     if flag is not None:
         return flag
-    return gemm_configs.regime(x.shape[0], E) in ("medium", "prefill", "large")
+    return gemm_configs.regime(x.shape[0], E) in gemm_configs.TWO_STREAM_REGIMES
 
 
 def grouped_mlp(x, w_gate_up, w_down, expert_offsets, row_scale=None):
     """Registered as triton's moge::grouped_mlp: [M, H]. Only h = silu(gate) * up, [M, I], is stored."""
     x, w_gate_up, w_down = _unit_inner(x), _unit_inner(w_gate_up), _unit_inner(w_down)
-    offsets = expert_offsets.contiguous()
+    offsets = expert_offsets if expert_offsets.is_contiguous() else expert_offsets.contiguous()
     M, H = x.shape
     E = w_gate_up.shape[0]
     I = w_gate_up.shape[1] // 2
@@ -566,7 +604,7 @@ def grouped_mlp(x, w_gate_up, w_down, expert_offsets, row_scale=None):
     if I == 0 or H == 0:
         return y.zero_()
     h = x.new_empty(M, I)                                     # [M, I] SwiGLU output, x's dtype
-    if row_scale is not None:
+    if row_scale is not None and (row_scale.dtype != torch.float32 or not row_scale.is_contiguous()):
         row_scale = row_scale.to(torch.float32).contiguous()
     if not _two_streams(x, E):
         launch_grouped_gemm(x, w_gate_up, offsets, h, swiglu=True)
@@ -579,15 +617,18 @@ def grouped_mlp(x, w_gate_up, w_down, expert_offsets, row_scale=None):
     cfg_gate_up = choose_config(x, w_gate_up, offsets, h, True)
     cfg_down = choose_config(h, w_down, offsets, y, False)
     half = E // 2
-    main, side = torch.cuda.current_stream(x.device), _side_stream(x.device)
-    side.wait_stream(main)
+    main = torch.cuda.current_stream(x.device)
+    side, fork, join = _side_stream(x.device)
+    fork.record(main)
+    side.wait_event(fork)
     for lo, hi, stream in ((0, half, main), (half, E, side)):
         with torch.cuda.stream(stream):
             launch_grouped_gemm(x, w_gate_up[lo:hi], offsets[lo:hi + 1], h, swiglu=True, config=cfg_gate_up)
             # the half ending at expert E also zeros the rows past offsets[E]
             launch_grouped_gemm(h, w_down[lo:hi], offsets[lo:hi + 1], y, swiglu=False, row_scale=row_scale,
                                 config=cfg_down, zero_tail=hi == E)
-    main.wait_stream(side)
+    join.record(side)
+    main.wait_event(join)
     return y
 
 

@@ -1,0 +1,250 @@
+"""Host cost of the Triton ops: eager (as called, no CUDA graph) against CUDA-graph replay, and where the
+host time goes.
+
+On the GPU (the device run of issue "Fast without CUDA graphs"):
+
+    python bench/host_overhead.py                       # Pangu and Qwen3-30B, T = 1, 1024, 4096
+    python bench/host_overhead.py --shapes pangu,qwen3_30b,mixtral_8x7b --tokens 1,16,1024,4096
+
+prints, per (shape, T, op) with op in dispatch, mlp, combine, layer (moge_forward) and the
+`torch._grouped_mm` pipeline's mlp: the eager time (`triton.testing.do_bench` of plain calls), the
+graph-replay time (`do_bench_cudagraph`), their difference, and the host time of one call (perf_counter
+around the call, the GPU idle: what the host spends before the kernels can run); then, at T = 1, a
+torch.profiler table of CPU time per function and the top of a cProfile of 200 calls of each op.
+
+Without a GPU (`--simulate`, here or in CI): the Triton launchers on CPU tensors with Triton's launch
+path intact up to the compiled launcher, which is replaced by a no-op (a stand-in driver answers
+device, stream and target; the compile step returns a stand-in handle): the Python host time of each
+launcher per call, before any CUDA work. Run it on two checkouts to compare them.
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import os
+import pstats
+import statistics
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+SHAPES = {   # the expert shapes of the issue; routing with groups where the model has them
+    "pangu": dict(H=5120, I=1344, E=64, G=8, k_g=1),            # Pangu Pro MoE, 8 groups of 8
+    "qwen3_30b": dict(H=2048, I=768, E=128, G=1, k_g=8),        # Qwen3-30B-A3B, plain top-8
+    "mixtral_8x7b": dict(H=4096, I=14336, E=8, G=1, k_g=2),     # Mixtral-8x7B, plain top-2
+}
+
+
+# ------------------------------------------------------------------------------------ simulate (CPU)
+def _install_stand_ins():
+    """Triton's JITFunction.run as on a GPU, up to the compiled launcher, which does nothing."""
+    os.environ.pop("TRITON_INTERPRET", None)
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime import driver
+    from triton.runtime.jit import JITFunction
+
+    class _Driver:
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device=None):
+            return 0
+
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+
+    class _Compiled:
+        function, packed_metadata = 1, None
+
+        def launch_metadata(self, *args):
+            return None
+
+        def run(self, *args):
+            return None
+
+    def _do_compile(self, key, signature, device, constexprs, options, attrs, warmup):
+        kernel = _Compiled()
+        self.device_caches[device][0][key] = kernel
+        return kernel
+
+    driver.set_active(_Driver())
+    JITFunction._do_compile = _do_compile
+    return triton
+
+
+def simulate(args):
+    _install_stand_ins()
+    import torch
+    import moge_kernels  # noqa: F401
+    from moge_kernels import reference as R
+    from moge_kernels.triton import combine, dispatch, grouped_gemm
+
+    torch.manual_seed(0)
+    # Pangu's routing (E=64, G=8), small widths: the host path does not depend on H or I
+    T, H, I, E, G = 1, 256, 64, 64, 8
+    hidden = torch.randn(T, H)
+    logits = torch.randn(T, E)
+    w_gate_up = torch.randn(E, 2 * I, H) * H ** -0.5
+    w_down = torch.randn(E, H, I) * I ** -0.5
+    permuted, weights, _, offsets, row_index = R.grouped_dispatch(hidden, logits, G)
+    expert_out = torch.randn_like(permuted)
+    calls = {
+        "dispatch": lambda: dispatch.grouped_dispatch(hidden, logits, G),
+        "mlp": lambda: grouped_gemm.grouped_mlp(permuted, w_gate_up, w_down, offsets),
+        "gemm": lambda: grouped_gemm.grouped_gemm(permuted, w_gate_up, offsets),
+        "combine": lambda: combine.grouped_combine(expert_out, weights, row_index),
+    }
+    print(f"host time per call of each Triton launcher, T={T}, E={E}, G={G} (CPU tensors, launches "
+          f"replaced by no-ops), over {args.repeats} x {args.inner} calls (min: the least disturbed by other load):")
+    for name, fn in calls.items():
+        for _ in range(20):
+            fn()
+        samples = []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            for _ in range(args.inner):
+                fn()
+            samples.append((time.perf_counter() - start) / args.inner * 1e6)
+        print(f"  {name:<9} min {min(samples):7.1f} us   median {statistics.median(samples):7.1f} us")
+        if args.profile:
+            prof = cProfile.Profile()
+            prof.enable()
+            for _ in range(args.inner):
+                fn()
+            prof.disable()
+            out = io.StringIO()
+            pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(12)
+            print(out.getvalue())
+    return 0
+
+
+# ------------------------------------------------------------------------------------ GPU
+def _pipelines(shape, T, dtype):
+    import torch
+    import moge_kernels as mk
+    from moge_kernels import reference as R
+    from moge_kernels.bench import baselines as B
+
+    H, I, E, G, k_g = (shape[k] for k in ("H", "I", "E", "G", "k_g"))
+    gen = torch.Generator(device="cuda").manual_seed(T)
+    hidden = torch.randn(T, H, device="cuda", generator=gen).to(dtype)
+    logits = torch.randn(T, E, device="cuda", generator=gen) * 2
+    w_gate_up = (torch.randn(E, 2 * I, H, device="cuda", generator=gen) * H ** -0.5).to(dtype)
+    w_down = (torch.randn(E, H, I, device="cuda", generator=gen) * I ** -0.5).to(dtype)
+    permuted, weights, _, offsets, row_index = R.grouped_dispatch(hidden, logits, G, k_g)
+    expert_out = torch.randn_like(permuted)
+    return {
+        "dispatch": lambda: mk.grouped_dispatch(hidden, logits, G, k_g),
+        "mlp": lambda: mk.grouped_mlp(permuted, w_gate_up, w_down, offsets),
+        "combine": lambda: mk.grouped_combine(expert_out, weights, row_index),
+        "layer": lambda: mk.moge_forward(hidden, logits, w_gate_up, w_down, G, k_g),
+        "gmm mlp": lambda: B.grouped_mm_mlp(permuted, w_gate_up, w_down, offsets),
+    }
+
+
+def _host_us(fn, n=50):
+    """Host time of one call with the GPU idle (synchronised before and after each call)."""
+    import torch
+    samples = []
+    for _ in range(n):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1e6)
+    torch.cuda.synchronize()
+    return statistics.median(samples)
+
+
+def gpu(args):
+    import torch
+    import triton
+    import triton.testing as tt
+    import moge_kernels as mk
+
+    mk.set_backend(args.backend)
+    dtype = getattr(torch, args.dtype)
+    shapes = [s.strip() for s in args.shapes.split(",")]
+    tokens = [int(t) for t in args.tokens.split(",")]
+    print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} | "
+          f"backend {args.backend} | {dtype}; ms per call, medians of do_bench (eager) and "
+          f"do_bench_cudagraph (graph); host us = one call's host time, GPU idle")
+    print(f"{'shape':<13} {'T':>5} {'op':<9} {'eager ms':>9} {'graph ms':>9} {'eager-graph':>11} "
+          f"{'host us':>8}")
+    overhead = {}
+    for name in shapes:
+        shape = SHAPES[name]
+        for T in tokens:
+            calls = _pipelines(shape, T, dtype)
+            for op, fn in calls.items():
+                fn()
+                torch.cuda.synchronize()
+                eager = tt.do_bench(fn, warmup=25, rep=args.rep_ms, return_mode="median")
+                graph = None
+                if op != "gmm mlp" or True:
+                    try:
+                        with torch.cuda.stream(torch.cuda.Stream()):
+                            graph = tt.do_bench_cudagraph(fn, rep=args.rep_ms, return_mode="median")
+                    except Exception as err:  # noqa: BLE001
+                        print(f"    {op}: no graph ({type(err).__name__}: {str(err)[:80]})")
+                host = _host_us(fn)
+                diff = eager - graph if graph is not None else float("nan")
+                if T == 1:
+                    overhead[(name, op)] = diff
+                print(f"{name:<13} {T:>5} {op:<9} {eager:>9.4f} "
+                      f"{graph if graph is not None else float('nan'):>9.4f} {diff:>11.4f} {host:>8.1f}",
+                      flush=True)
+            del calls
+            torch.cuda.empty_cache()
+    if overhead:
+        print("\noverhead at T=1 (eager - graph, us): " +
+              "; ".join(f"{s} {op} {1e3 * v:.1f}" for (s, op), v in overhead.items()))
+
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+        for name in shapes:
+            calls = _pipelines(SHAPES[name], 1, dtype)
+            for op in ("dispatch", "mlp", "combine", "layer"):
+                fn = calls[op]
+                for _ in range(10):
+                    fn()
+                torch.cuda.synchronize()
+                with profile(activities=[ProfilerActivity.CPU]) as prof:
+                    for _ in range(50):
+                        fn()
+                    torch.cuda.synchronize()
+                print(f"\n=== torch.profiler, {name} T=1 {op}, 50 calls (CPU time) ===")
+                print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+                pr = cProfile.Profile()
+                pr.enable()
+                for _ in range(200):
+                    fn()
+                torch.cuda.synchronize()
+                pr.disable()
+                out = io.StringIO()
+                pstats.Stats(pr, stream=out).sort_stats("tottime").print_stats(15)
+                print(f"=== cProfile, {name} T=1 {op}, 200 calls ===")
+                print(out.getvalue())
+    return 0
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--simulate", action="store_true", help="no GPU: host time of the launchers, no-op launches")
+    ap.add_argument("--shapes", default="pangu,qwen3_30b")
+    ap.add_argument("--tokens", default="1,1024,4096")
+    ap.add_argument("--backend", default="triton")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--rep-ms", type=int, default=200, help="do_bench rep (ms) per measurement")
+    ap.add_argument("--no-profile", dest="profile", action="store_false")
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--inner", type=int, default=200)
+    args = ap.parse_args(argv)
+    return simulate(args) if args.simulate else gpu(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
