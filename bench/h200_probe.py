@@ -20,7 +20,7 @@ import moge_kernels as mk  # noqa: E402
 from moge_kernels.triton import gemm_configs  # noqa: E402
 from moge_kernels.triton.gemm_configs import GemmConfig as C  # noqa: E402
 
-W = dict(tma=True, wide=True)
+W = dict(tma=True)          # SwiGLU through TMA is the wide box (the only TMA gate_up)
 # Extra candidates: more programs per wave (narrower n, 64-row tiles), deeper pipelines, larger k slices.
 EXTRA = {
     ("medium", True): [C(128, 128, 64, 8, 4, tail_m=16, split_n=True, **W),
