@@ -185,3 +185,21 @@ def test_weight_bank_experts_differ(monkeypatch):
     flat = w_gate_up.flatten(1)
     assert torch.unique(flat[:, :64], dim=0).shape[0] == SHAPES["tiny"]["E"]
     assert torch.unique(w_down.flatten(1)[:, :64], dim=0).shape[0] == SHAPES["tiny"]["E"]
+
+
+def test_called_column_and_overhead_line():
+    """Graph-timed rows carry the as-called time beside the replay; the overhead line is their
+    difference at the smallest T; the top-k model shapes are selectable."""
+    from moge_kernels.bench import report
+    rows = [dict(shape="pangu", T=t, op=op, method="triton", mode="graph", ms=ms, called_ms=called, note="",
+                 served_by="", check="PASS", flops=1.0, bytes=1.0)
+            for t, op, ms, called in ((1, "dispatch", 0.005, 0.025), (1, "mlp", 0.087, 0.100),
+                                      (1024, "mlp", 0.9, 0.91))]
+    report.finalize(rows, 1000.0, 100.0)
+    table = report.format_table(rows)
+    assert "called ms" in table.splitlines()[0] and "0.0250" in table
+    line = report.format_overhead(rows)
+    assert "pangu T=1: dispatch triton 20; mlp triton 13" in line
+    assert "as called, no CUDA graph" in report.format_summary(rows)
+    assert SHAPES["qwen3_30b"] == dict(name="qwen3_30b", H=2048, I=768, E=128, G=1, k_g=8)
+    assert SHAPES["mixtral_8x7b"]["E"] == 8 and SHAPES["mixtral_8x7b"]["k_g"] == 2

@@ -25,6 +25,9 @@ SHAPES = {
     "pangu": PANGU,                                                     # Pangu Pro MoE
     "qwen_like": dict(name="qwen_like", H=2048, I=768, E=128, G=8, k_g=1),   # DeepSeek/Qwen-like width
     "pangu_tp8": dict(PANGU, name="pangu_tp8", I=336),                  # experts sharded 8 ways (TP)
+    # real top-k models' experts, routed as plain top-k (one group of all E experts, k_g = top-k)
+    "qwen3_30b": dict(name="qwen3_30b", H=2048, I=768, E=128, G=1, k_g=8),       # Qwen3-30B-A3B
+    "mixtral_8x7b": dict(name="mixtral_8x7b", H=4096, I=14336, E=8, G=1, k_g=2),  # Mixtral-8x7B
     "cpu_small": dict(name="cpu_small", H=512, I=128, E=64, G=8, k_g=1),   # CPU timing default
     "tiny": dict(name="tiny", H=64, I=32, E=16, G=4, k_g=1),           # tests of the CLI itself
 }

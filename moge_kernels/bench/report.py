@@ -1,6 +1,8 @@
 """Rows of results: derived figures (rates, ratios, floors), the printed tables, the JSON, the environment.
 
-Per row: `ms` median time of one call; `tflops` useful FLOPs / time (gemm, mlp, layer only); `gbs` the
+Per row: `ms` median time of one call (a CUDA-graph replay where the method is capturable); `called_ms`
+the median of the same method as called, without a graph (host launch cost included: what eager users
+get; equal to `ms` for methods timed as called); `tflops` useful FLOPs / time (gemm, mlp, layer only); `gbs` the
 op's fewest bytes (moge_kernels.bench.problems.work) / time; `x_eager` = eager reference time / time and
 `x_gmm` = torch._grouped_mm pipeline time / time (speed-ups: above 1 is faster than the baseline);
 `floor_fraction` = floor / time (1.0 = at the physical floor), the floor being max(FLOPs / measured
@@ -95,7 +97,8 @@ def _rate(value, width):
 
 def format_table(rows: list[dict]) -> str:
     floors = any(r.get("floor_ms") is not None for r in rows)   # none on CPU
-    header = (f"{'shape':<10} {'T':>6} {'op':<8} {'method':<13} {'mode':<5} {'ms':>9} {'TFLOP/s':>8} "
+    header = (f"{'shape':<12} {'T':>6} {'op':<8} {'method':<13} {'mode':<5} {'ms':>9} {'called ms':>9} "
+              f"{'TFLOP/s':>8} "
               f"{'GB/s':>7} {'x eager':>8} {'x gmm':>7} " + (f"{'floor ms':>9} {'%floor':>7} " if floors else "")
               + " note")
     lines = [header, "-" * len(header)]
@@ -110,16 +113,33 @@ def format_table(rows: list[dict]) -> str:
         floor = (f"{_fmt(r['floor_ms'], '.4f', 9)} {_fmt(100 * r['floor_fraction'], '.1f', 6)}% "
                  if floors else "")
         lines.append(
-            f"{r['shape']:<10} {r['T']:>6} {r['op']:<8} {r['method']:<13} {r['mode']:<5} "
-            f"{_fmt(r['ms'], '.4f', 9)} {_rate(r['tflops'], 8)} {_rate(r['gbs'], 7)} "
+            f"{r['shape']:<12} {r['T']:>6} {r['op']:<8} {r['method']:<13} {r['mode']:<5} "
+            f"{_fmt(r['ms'], '.4f', 9)} {_fmt(r.get('called_ms'), '.4f', 9)} {_rate(r['tflops'], 8)} {_rate(r['gbs'], 7)} "
             f"{_fmt(r['x_eager'], '.2f', 7)}{'x' if r['x_eager'] else ' '} "
             f"{_fmt(r['x_gmm'], '.2f', 6)}{'x' if r['x_gmm'] else ' '} "
             f"{floor} {note}".rstrip())
     return "\n".join(lines)
 
 
+def format_overhead(rows: list[dict]) -> str:
+    """Per op and method of the graph-timed rows at the smallest T of each shape: the host cost of a call,
+    as-called time minus graph-replay time."""
+    lines = []
+    for shape in dict.fromkeys(r["shape"] for r in rows):
+        graph = [r for r in rows if r["shape"] == shape and r["mode"] == "graph" and r.get("called_ms")]
+        if not graph:
+            continue
+        t_min = min(r["T"] for r in graph)
+        parts = [f"{r['op']} {r['method']} {1e3 * (r['called_ms'] - r['ms']):.0f}"
+                 for r in graph if r["T"] == t_min]
+        lines.append(f"{shape} T={t_min}: " + "; ".join(parts))
+    if not lines:
+        return ""
+    return "\nhost overhead per call (called ms - graph ms, us):\n" + "\n".join(lines)
+
+
 def format_summary(rows: list[dict]) -> str:
-    """Three pivots, one line per (shape, op, method), one column per T."""
+    """Four pivots, one line per (shape, op, method), one column per T."""
     tokens = sorted({r["T"] for r in rows})
     keys = []
     for r in rows:
@@ -131,22 +151,23 @@ def format_summary(rows: list[dict]) -> str:
     for title, field, skip, spec in (
             ("speed-up over the eager reference (x)", "x_eager", "eager", ".2f"),
             ("speed-up over the torch._grouped_mm pipeline (x)", "x_gmm", "grouped_mm", ".2f"),
-            ("fraction of the physical floor reached (%)", "floor_fraction", None, ".1f")):
-        if not any(r[field] for r in rows):
+            ("fraction of the physical floor reached (%)", "floor_fraction", None, ".1f"),
+            ("as called, no CUDA graph (ms)", "called_ms", None, ".4f")):
+        if not any(r.get(field) for r in rows):
             continue
         out.append(f"\n{title}")
         columns = " ".join(f"{'T=' + str(t):>8}" for t in tokens)
-        out.append(f"{'shape':<10} {'op':<8} {'method':<13} {columns}")
+        out.append(f"{'shape':<12} {'op':<8} {'method':<13} {columns}")
         for shape, op, method in keys:
             if method == skip:
                 continue
             values = []
             for t in tokens:
                 r = cell.get((shape, op, method, t))
-                v = r[field] if r else None
+                v = r.get(field) if r else None
                 values.append(_fmt(None if v is None else (100 * v if field == "floor_fraction" else v),
                                    spec, 8))
-            out.append(f"{shape:<10} {op:<8} {method:<13} " + " ".join(values))
+            out.append(f"{shape:<12} {op:<8} {method:<13} " + " ".join(values))
     return "\n".join(out)
 
 
