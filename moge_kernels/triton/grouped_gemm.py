@@ -327,6 +327,18 @@ def _tma_device(device: torch.device) -> bool:
     return options.TRITON_INTERPRET
 
 
+def _tma_aligned(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """TMA's 16-byte aligned bases and row strides (x [M, K], w [E, N, K] or packed)."""
+    es = x.element_size()
+    return (x.stride(0) * es % 16 == 0 and w.stride(1) * es % 16 == 0
+            and x.data_ptr() % 16 == 0 and w.data_ptr() % 16 == 0)
+
+
+def _tma_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """TMA needs Hopper+ (or the interpreter) and 16-byte aligned bases and row strides."""
+    return _tma_device(x.device) and _tma_aligned(x, w)
+
+
 _TILED_META = ("E", "E_POW2", "BM", "BN", "BK", "SWIGLU", "HAS_ROW_SCALE", "EVEN_K", "USE_TMA", "TAIL_BM",
                "SPLIT_N_TAIL", "WIDE", "PACK", "DOT_PRECISION", "num_warps", "num_stages", "ZERO_TAIL")
 _tiled = Kernel(_grouped_gemm_kernel, _TILED_META)
@@ -441,10 +453,7 @@ def launch_grouped_gemm(x: torch.Tensor, w: torch.Tensor, expert_offsets: torch.
     # two >= 16): a copy in the [E, N, K] layout
     if w.dim() == 4 and (pack < 16 or pack & (pack - 1)):
         w, pack = packing.unpack(w), 0
-    # TMA: 16-byte aligned bases and row strides
-    es = x.element_size()
-    tma_aligned = (x.stride(0) * es % 16 == 0 and w.stride(1) * es % 16 == 0
-                   and x.data_ptr() % 16 == 0 and w.data_ptr() % 16 == 0)
+    tma_aligned = _tma_aligned(x, w)
     has_row_scale = row_scale is not None
     key = (M, K, w.shape, w.stride(), x.stride(0), x.dtype, x.device, swiglu, has_row_scale, config,
            tma_aligned, gemm_configs.options_key())
