@@ -43,8 +43,9 @@ COUNT_TILE_ELEMS = 4096
 # Up to this many count blocks the copy programs scan the counts themselves (no scan launch).
 FUSED_SCAN_MAX_BLOCKS = 16
 # Past that, at most this many count blocks: the scan is one program reading NB x (E+1) counts twice, so
-# more tokens a count program (a loop over its sub-tiles) keeps it a few microseconds at any T.
-MAX_COUNT_BLOCKS = 64
+# more tokens a count program (a loop over its sub-tiles) keeps it a few microseconds at any T, while 128
+# count programs still spread the ranking over the SMs (estimates, to be timed by bench/bench_permute.py).
+MAX_COUNT_BLOCKS = 128
 # Scan tile [CHUNK_B blocks, pow2(E+1) buckets].
 SCAN_TILE_ELEMS = 8192
 
