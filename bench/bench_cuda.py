@@ -231,7 +231,7 @@ def main():
                         help="seconds after which only the cuda backend is still timed")
     parser.add_argument("--budget-ms", type=float, default=60.0, help="timing budget per measurement")
     parser.add_argument("--ops", default=",".join(OPS), help="ops to time")
-    parser.add_argument("--gemm-variants", default="wgmma96,wgmma128,big,sq",
+    parser.add_argument("--gemm-variants", default="wgmma96,wgmma128,big",
                         help="big-tile variants of the cuda grouped_mlp timed at T >= 1024 ('' for none)")
     parser.add_argument("--out", default=None, help="also write the table to this file")
     args = parser.parse_args()

@@ -7,10 +7,12 @@ On the GPU (the device run of issue "Fast without CUDA graphs"):
     python bench/host_overhead.py --shapes pangu,qwen3_30b,mixtral_8x7b --tokens 1,16,1024,4096
 
 prints, per (shape, T, op) with op in dispatch, mlp, combine, layer (moge_forward) and the
-`torch._grouped_mm` pipeline's mlp: the eager time (`triton.testing.do_bench` of plain calls), the
+`torch._grouped_mm` pipeline's mlp and layer (bench/baselines.py): the eager time
+(`triton.testing.do_bench` of plain calls, L2 flushed before each, as in the issue's table), the
 graph-replay time (`do_bench_cudagraph`), their difference, and the host time of one call (perf_counter
-around the call, the GPU idle: what the host spends before the kernels can run); then, at T = 1, a
-torch.profiler table of CPU time per function and the top of a cProfile of 200 calls of each op.
+around the call, the GPU idle before it: what the host spends before the kernels can run); then, at
+T = 1, a torch.profiler table of CPU time per function and the top of a cProfile of 200 calls of each op.
+Qwen3-30B routes as plain top-8 (G=1, k_g=8), Mixtral-8x7B as top-2 (G=1, k_g=2).
 
 Without a GPU (`--simulate`, here or in CI): the Triton launchers on CPU tensors with Triton's launch
 path intact up to the compiled launcher, which is replaced by a no-op (a stand-in driver answers
@@ -143,6 +145,7 @@ def _pipelines(shape, T, dtype):
         "combine": lambda: mk.grouped_combine(expert_out, weights, row_index),
         "layer": lambda: mk.moge_forward(hidden, logits, w_gate_up, w_down, G, k_g),
         "gmm mlp": lambda: B.grouped_mm_mlp(permuted, w_gate_up, w_down, offsets),
+        "gmm layer": lambda: B.torch_layer(hidden, logits, w_gate_up, w_down, G, k_g),
     }
 
 
@@ -184,12 +187,10 @@ def gpu(args):
                 torch.cuda.synchronize()
                 eager = tt.do_bench(fn, warmup=25, rep=args.rep_ms, return_mode="median")
                 graph = None
-                if op != "gmm mlp" or True:
-                    try:
-                        with torch.cuda.stream(torch.cuda.Stream()):
-                            graph = tt.do_bench_cudagraph(fn, rep=args.rep_ms, return_mode="median")
-                    except Exception as err:  # noqa: BLE001
-                        print(f"    {op}: no graph ({type(err).__name__}: {str(err)[:80]})")
+                try:
+                    graph = tt.do_bench_cudagraph(fn, rep=args.rep_ms, return_mode="median")
+                except Exception as err:  # noqa: BLE001  report it, keep the eager figure
+                    print(f"    {op}: no graph ({type(err).__name__}: {str(err)[:80]})")
                 host = _host_us(fn)
                 diff = eager - graph if graph is not None else float("nan")
                 if T == 1:

@@ -20,16 +20,13 @@ for _op in OPS:
         register_kernel("cuda", _op, getattr(torch.ops.moge_C, _op), devices=("cuda",))
 
 
-def gemm_tile_args(tile: str) -> tuple[int, int, int]:
-    """cuda_gemm_tile (options.CUDA_GEMM_TILES) as moge_cuda_set_gemm_tile's (variant, width, schedule):
-    variant 0 wgmma where it runs else "big", 1 "big", 2 "big4", 3 "big4d", 4 "sq" (csrc/cuda/kernels.h's
-    BigVariant); width 0 (by I), 96 or 128; schedule 0 one CTA per block, 1 persistent, 2 clusters."""
-    if tile in ("big", "big4", "big4d", "sq"):
-        return ("big", "big4", "big4d", "sq").index(tile) + 1, 0, 0
-    rest = tile.removeprefix("wgmma") if tile != "auto" else ""
-    schedule = 1 if rest.endswith("_p") else 2 if rest.endswith("_cl") else 0
-    width = rest.removesuffix("_p").removesuffix("_cl")
-    return 0, int(width) if width else 0, schedule
+def gemm_tile_args(tile: str) -> tuple[int, int]:
+    """cuda_gemm_tile (options.CUDA_GEMM_TILES) as moge_cuda_set_gemm_tile's (variant, width): variant 0
+    wgmma where it runs else "big", 1 "big" (csrc/cuda/kernels.h's BigVariant); width 0 (by I), 96 or 128."""
+    if tile == "big":
+        return 1, 0
+    width = tile.removeprefix("wgmma") if tile != "auto" else ""
+    return 0, int(width) if width else 0
 
 
 def _set_gemm_tile(tile: str) -> None:

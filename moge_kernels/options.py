@@ -57,12 +57,10 @@ GEMM_CONFIG_FIELDS = ("block_m", "block_n", "block_k", "num_warps", "num_stages"
                       "split_n", "persistent", "tail_m")
 _GEMM_CONFIG_FLAGS = frozenset(("tma", "split_m", "split_n"))
 
-# MOGE_CUDA_GEMM_TILE: "auto" (the wgmma kernel where it runs: an sm_90 device and a 9.0a build, else
-# mma.sync "big"); "wgmma[96|128][_p|_cl]" the same with the SwiGLU tile width forced (96 or 128 output
-# columns; default 96 when it divides I and 128 does not) and the persistent grid (_p) or clusters of two
-# (_cl) instead of one CTA per block; "big", "big4", "big4d", "sq": that mma.sync tile.
-CUDA_GEMM_TILES = ("auto",) + tuple(f"wgmma{width}{schedule}" for width in ("", "96", "128")
-                                    for schedule in ("", "_p", "_cl")) + ("big", "big4", "big4d", "sq")
+# MOGE_CUDA_GEMM_TILE: "auto" / "wgmma" (the wgmma kernel where it runs: an sm_90 device and a 9.0a
+# build, else mma.sync "big"); "wgmma96" / "wgmma128" the same with the SwiGLU tile width forced (96 or
+# 128 output columns; default 96 when it divides I and 128 does not); "big": the mma.sync tile.
+CUDA_GEMM_TILES = ("auto", "wgmma", "wgmma96", "wgmma128", "big")
 
 
 class _Invalid(ValueError):

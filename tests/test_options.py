@@ -23,8 +23,8 @@ CASES = {
     "triton_autotune": ([(True, True), ("yes", True), ("0", False)], ["", "enable", 0.5]),
     "triton_mlp_streams": ([(None, None), ("auto", None), (True, True), ("true", True), ("0", False)],
                            ["sometimes", 2]),
-    "cuda_gemm_tile": ([("auto", "auto"), ("wgmma", "wgmma"), ("WGMMA96_cl", "wgmma96_cl"), ("big", "big"),
-                        ("sq", "sq")], ["wgmma_pp", "wgmma64", "mma", "", None]),
+    "cuda_gemm_tile": ([("auto", "auto"), ("wgmma", "wgmma"), ("WGMMA96", "wgmma96"), ("big", "big")],
+                       ["wgmma_pp", "wgmma64", "mma", "", None, "wgmma_cl", "big4", "sq"]),
     "bwd_gemm": ([("auto", "auto"), ("Triton", "triton")], ["grouped_mm", "cuda"]),
     "ascend_impl": ([("python", "python"), ("cpp", "cpp")], ["c++", "npu"]),
     "triton_gemm_config": ([(None, None), ("64,128,64,8,4", (64, 128, 64, 8, 4)),
@@ -61,7 +61,7 @@ def test_parse_valid_and_invalid(name):
 
 
 def test_invalid_message_names_the_allowed_values():
-    with pytest.raises(ValueError, match=r"MOGE_CUDA_GEMM_TILE.*'wgmma96_cl'.*'big4d'"):
+    with pytest.raises(ValueError, match=r"MOGE_CUDA_GEMM_TILE.*'wgmma96'.*'big'"):
         mk.set_options(cuda_gemm_tile="wgmma_clx")
     with pytest.raises(ValueError, match=r"MOGE_TRITON_MLP_STREAMS.*'auto' or True/False.*0/false/no/off"):
         mk.set_options(triton_mlp_streams="2")
@@ -166,23 +166,21 @@ def test_bwd_gemm_choice():
 
 
 def test_cuda_gemm_tile_arguments_for_the_launcher():
-    """The C++ launcher gets (variant, width, schedule) from _cuda.gemm_tile_args: check the mapping
+    """The C++ launcher gets (variant, width) from _cuda.gemm_tile_args: check the mapping
     without the extension (moge_kernels/_cuda.py imports only where it was built)."""
     source = (ROOT / "moge_kernels" / "_cuda.py").read_text()
     start = source.index("def gemm_tile_args")
     namespace = {}
     exec(source[start:source.index("\ndef ", start + 1)], namespace)   # noqa: S102  the function alone
     tile_args = namespace["gemm_tile_args"]
-    expected = {"auto": (0, 0, 0), "wgmma": (0, 0, 0), "wgmma_p": (0, 0, 1), "wgmma_cl": (0, 0, 2),
-                "wgmma96": (0, 96, 0), "wgmma128_cl": (0, 128, 2), "wgmma96_p": (0, 96, 1),
-                "big": (1, 0, 0), "big4": (2, 0, 0), "big4d": (3, 0, 0), "sq": (4, 0, 0)}
+    expected = {"auto": (0, 0), "wgmma": (0, 0), "wgmma96": (0, 96), "wgmma128": (0, 128), "big": (1, 0)}
     for tile, args in expected.items():
         assert tile_args(tile) == args, tile
     for tile in options.CUDA_GEMM_TILES:   # every allowed value maps to what the C++ setter accepts
-        variant, width, schedule = tile_args(tile)
-        assert 0 <= variant <= 4 and width in (0, 96, 128) and schedule in (0, 1, 2)
+        variant, width = tile_args(tile)
+        assert 0 <= variant <= 1 and width in (0, 96, 128)
     header = (ROOT / "csrc" / "cuda" / "kernels.h").read_text()
-    assert "kAuto = 0, kBig = 1, kBig4 = 2, kBig4D = 3, kSquare = 4" in header
+    assert "kAuto = 0, kBig = 1 }" in header
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -192,7 +190,7 @@ def test_cuda_gemm_tile_reaches_the_extension():
     cuda_backend = pytest.importorskip("moge_kernels._cuda")
     import ctypes
     lib = ctypes.CDLL(cuda_backend._cuda_C.__file__)
-    assert lib.moge_cuda_set_gemm_tile(5, 0, 0) == -1 and lib.moge_cuda_set_gemm_tile(0, 64, 0) == -1
+    assert lib.moge_cuda_set_gemm_tile(2, 0) == -1 and lib.moge_cuda_set_gemm_tile(0, 64) == -1
     if torch.cuda.get_device_capability() != (9, 0) or not cuda_backend.wgmma_built():
         pytest.skip("the wgmma / mma.sync switch needs an sm_90 device and a 9.0a build")
     from moge_kernels.testing import make_expert_weights, random_offsets
@@ -210,7 +208,7 @@ def test_cuda_gemm_tile_reaches_the_extension():
     assert sum("wgmma_kernel" in n for n in kernel_names("auto")) == 2
     big = kernel_names("big")
     assert big and not any("wgmma_kernel" in n for n in big), big
-    assert sum("wgmma_kernel" in n for n in kernel_names("wgmma_cl")) == 2
+    assert sum("wgmma_kernel" in n for n in kernel_names("wgmma128")) == 2
 
 
 # ----------------------------------------------------------------------------- the environment, at import
@@ -219,11 +217,11 @@ def test_env_read_at_import():
             "os.environ['MOGE_VALIDATE'] = '0'; "           # read once: a later change does nothing
             "print(o['validate'], o['triton_mlp_streams'], o['cuda_gemm_tile'], o['triton_gemm_config'], "
             "o['bwd_gemm'], mk.options.current.validate, mk.options.BENCH_COMMIT)")
-    rc, out, err = _run(code, MOGE_VALIDATE="1", MOGE_TRITON_MLP_STREAMS="true", MOGE_CUDA_GEMM_TILE="big4",
+    rc, out, err = _run(code, MOGE_VALIDATE="1", MOGE_TRITON_MLP_STREAMS="true", MOGE_CUDA_GEMM_TILE="wgmma128",
                         MOGE_TRITON_GEMM_CONFIG="64,64,32,4,3", MOGE_BWD_GEMM="triton",
                         MOGE_BENCH_COMMIT="abc123")
     assert rc == 0, err
-    assert out.split() == ["True", "True", "big4", "(64,", "64,", "32,", "4,", "3)", "triton", "True", "abc123"]
+    assert out.split() == ["True", "True", "wgmma128", "(64,", "64,", "32,", "4,", "3)", "triton", "True", "abc123"]
 
 
 def test_env_empty_is_unset():

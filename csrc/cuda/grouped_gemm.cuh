@@ -27,9 +27,10 @@
 // the weights within 1.05-1.2x of the copy floor).
 // History of the mma.sync big tile (bench/results/cuda_h100*.txt): 300-340 TFLOP/s, 1.6-1.75x the
 // _grouped_mm pipeline. Tried, not kept: warp-uniform skip masks per m16 / n8 sub-tile inside the k loop
-// (branches between the HMMAs, 1.7x slower); 4 stages and register double-buffering (the opt-in
-// variants "big4", "big4d" and "sq" of MOGE_CUDA_GEMM_TILE below, within noise of "big"); cp.async
-// copies interleaved between the k-steps' MMAs (spilled at the 255-register cap).
+// (branches between the HMMAs, 1.7x slower); 4 stages, register double-buffering, whole-warp skipping
+// and a 128 x 128 tile of two blocks per SM (the variants "big4", "big4d" and "sq", within noise of
+// "big"; removed, git history and bench/results keep them); cp.async copies interleaved between the
+// k-steps' MMAs (spilled at the 255-register cap).
 #pragma once
 
 #include <cstdlib>
@@ -114,15 +115,10 @@ inline int64_t max_slots(int64_t M, int E, int BM) {
 }
 
 // ============================================================================ tensor-core kernel
-// SKIP_WARPS: a warp whose rows (or columns) of the tile are all past the expert's last row (or the
-// output's last column) skips its MMAs; the test is one warp-uniform branch per k-tile around the whole
-// branch-free MMA sequence. DBUF: the ldmatrix fragments of k-step ks+1 load while the MMAs of ks run.
-template <int BM_, int BN_, int WARPS_M_, int WARPS_N_, int STAGES_, int MIN_BLOCKS_, bool SKIP_WARPS_ = false,
-          bool DBUF_ = false>
+template <int BM_, int BN_, int WARPS_M_, int WARPS_N_, int STAGES_, int MIN_BLOCKS_>
 struct TcConfig {
   static constexpr int BM = BM_, BN = BN_, BK = 64;   // BK: one 128-byte swizzled row per k-tile
   static constexpr int WARPS_M = WARPS_M_, WARPS_N = WARPS_N_, STAGES = STAGES_, MIN_BLOCKS = MIN_BLOCKS_;
-  static constexpr bool SKIP_WARPS = SKIP_WARPS_, DBUF = DBUF_;
   static constexpr int THREADS = WARPS_M * WARPS_N * 32;
   static constexpr int WM = BM / WARPS_M, WN = BN / WARPS_N;
   static constexpr int MT = WM / 16, NT = WN / 8;      // m16 / n8 mma tiles per warp
@@ -143,15 +139,6 @@ using BigTile = TcConfig<128, 256, 2, 4, 3, 1>;
 // Few rows per expert (decode): the weights are streamed once, so a short BM wastes no bandwidth; 4
 // stages of 20 KB keep 48 KB of weights in flight per block and two blocks fit on an SM.
 using SkinnyTile = TcConfig<32, 128, 1, 4, 4, 2>;
-// Opt-in variants of the big tile (option cuda_gemm_tile, see gemm_tile_choice in kernels.h), with whole-warp skipping:
-//   "big4":  128 x 256, 4 stages (192 KB);
-//   "big4d": as "big4" with double-buffered fragments;
-//   "sq":    128 x 128, 4 warps of 64 x 64, 3 stages (96 KB), two blocks per SM: one block's barrier
-//            stalls are hidden by the other's MMAs, and for SwiGLU BN/2 = 64 divides I = 1344 (the 256
-//            tile's 128-column halves leave the last of 11 n-tiles half empty).
-using BigTile4 = TcConfig<128, 256, 2, 4, 4, 1, true, false>;
-using BigTile4D = TcConfig<128, 256, 2, 4, 4, 1, true, true>;
-using SquareTile = TcConfig<128, 128, 2, 2, 3, 2, true, false>;
 
 // First shared-memory row of n-tile j of warp column wn. SwiGLU: tiles [0, NT/2) are gate rows and
 // [NT/2, NT) the up rows of the same output columns (the up half starts at BN/2).
@@ -265,33 +252,14 @@ __global__ void __launch_bounds__(C::THREADS, C::MIN_BLOCKS) tc_kernel(const Par
   auto compute_stage = [&](int stage) {
     const uint32_t a_base = smem_base + stage * C::STAGE_BYTES;
     const uint32_t b_base = a_base + C::BM * C::ROW_BYTES;
-    if (C::DBUF) {
-      uint32_t a_frag[2][C::MT][4];
-      uint32_t b_frag[2][C::NT][2];
-      load_frags(a_base, b_base, 0, a_frag[0], b_frag[0]);
 #pragma unroll
-      for (int ks = 0; ks < C::BK / 16; ++ks) {
-        if (ks + 1 < C::BK / 16) load_frags(a_base, b_base, ks + 1, a_frag[(ks + 1) & 1], b_frag[(ks + 1) & 1]);
-        mma_all(a_frag[ks & 1], b_frag[ks & 1]);
-      }
-    } else {
-#pragma unroll
-      for (int ks = 0; ks < C::BK / 16; ++ks) {
-        uint32_t a_frag[C::MT][4];
-        uint32_t b_frag[C::NT][2];
-        load_frags(a_base, b_base, ks, a_frag, b_frag);
-        mma_all(a_frag, b_frag);
-      }
+    for (int ks = 0; ks < C::BK / 16; ++ks) {
+      uint32_t a_frag[C::MT][4];
+      uint32_t b_frag[C::NT][2];
+      load_frags(a_base, b_base, ks, a_frag, b_frag);
+      mma_all(a_frag, b_frag);
     }
   };
-
-  // Whole-warp skip (SKIP_WARPS): every row of this warp is past the tile's last row, or every output
-  // column is past the last one. Warp-uniform, tested once per k-tile outside the MMA sequence.
-  bool warp_active = true;
-  if (C::SKIP_WARPS) {
-    const int64_t first_col = n0 + (SWIGLU ? wn * (C::WN / 2) : wn * C::WN);
-    warp_active = wm * C::WM < rows && first_col < p.N_out;
-  }
 
   // ---- pipeline: k-tile kt lives in stage kt % STAGES; STAGES-1 tiles are in flight ahead of the math.
   const int k_tiles = static_cast<int>(ceil_div(Kd, C::BK));
@@ -306,7 +274,7 @@ __global__ void __launch_bounds__(C::THREADS, C::MIN_BLOCKS) tc_kernel(const Par
     const int next = kt + C::STAGES - 1;
     if (next < k_tiles) load_stage(next % C::STAGES, next);
     cp_async_commit();
-    if (warp_active) compute_stage(kt % C::STAGES);
+    compute_stage(kt % C::STAGES);
   }
   cp_async_wait<0>();
 
@@ -494,21 +462,12 @@ cudaError_t launch_tensor_core(const GemmArgs& a, cudaStream_t stream) {
   if (a.M < kSkinnyRows * a.E) {
     return a.swiglu ? launch_tc<T, SkinnyTile, true>(p, stream) : launch_tc<T, SkinnyTile, false>(p, stream);
   }
-  const BigVariant variant = gemm_tile_choice().variant;   // kernels.h
-  if (variant == BigVariant::kAuto) {
+  // kernels.h: the wgmma kernel where it runs unless the option asks for the mma.sync big tile
+  if (gemm_tile_choice().variant == BigVariant::kAuto) {
     const cudaError_t err = launch_grouped_gemm_sm90(a, stream);
     if (err != cudaErrorNotSupported) return err;
   }
-  switch (variant) {
-    case BigVariant::kBig4:
-      return a.swiglu ? launch_tc<T, BigTile4, true>(p, stream) : launch_tc<T, BigTile4, false>(p, stream);
-    case BigVariant::kSquare:
-      return a.swiglu ? launch_tc<T, SquareTile, true>(p, stream) : launch_tc<T, SquareTile, false>(p, stream);
-    case BigVariant::kBig4D:
-      return a.swiglu ? launch_tc<T, BigTile4D, true>(p, stream) : launch_tc<T, BigTile4D, false>(p, stream);
-    default:
-      return a.swiglu ? launch_tc<T, BigTile, true>(p, stream) : launch_tc<T, BigTile, false>(p, stream);
-  }
+  return a.swiglu ? launch_tc<T, BigTile, true>(p, stream) : launch_tc<T, BigTile, false>(p, stream);
 }
 
 }  // namespace gemm

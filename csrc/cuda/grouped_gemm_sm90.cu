@@ -10,17 +10,13 @@
 //     ring, completion tracked by mbarriers), warpgroups 1 and 2 are consumers of 64 rows each, issuing
 //     wgmma.m64nBNk16 straight from shared memory, fp32 accumulators in registers (setmaxnreg moves the
 //     register budget from the producer to the consumers);
-//   - the (row tile, n-tile) blocks in gemm::find_tile's order, one CTA each (default), or, opt-in ("_p"),
-//     a persistent grid of one CTA per SM walking them with the ring of stages running on across tiles
-//     (the next tile's loads overlap this tile's epilogue). The same kernel: a CTA walks blockIdx.x,
-//     + gridDim.x, ... until the schedule ends. Measured on an H100 (tests/gpu/profile_wgmma.py, down
-//     GEMM of T=4096): persistent 1.23 ms against 0.95 for one CTA per block, whose hardware dispatch
-//     keeps the resident blocks on neighbouring tiles that share x rows and weights in L2;
-//   - opt-in clusters of two CTAs ("_cl"): two row tiles of one expert share each weight tile, each CTA
-//     fetching one half and multicasting it to both (find_pair_work), a third less traffic from L2 into
-//     shared memory. On an H100 (bench/results/cuda_h100_wgmma.txt) it now ties one CTA per block on the
-//     T=4096 MLP, takes 4% less time at T=16384 and 4% more at T=1024 (the down GEMM alone of T=4096:
-//     1.05 against 0.98 ms), so it stays opt-in;
+//   - the (row tile, n-tile) blocks in gemm::find_tile's order, one CTA each; a CTA walks blockIdx.x,
+//     + gridDim.x, ... until the schedule ends, with the ring of stages running on across its tiles.
+//     Tried and removed (git history and bench/results keep them): a persistent grid of one CTA per SM
+//     (H100, down GEMM of T=4096: 1.23 ms against 0.95 for one CTA per block, whose hardware dispatch
+//     keeps the resident blocks on neighbouring tiles that share x rows and weights in L2), and clusters
+//     of two CTAs multicasting a shared weight tile (bench/results/cuda_h100_wgmma.txt: ties at T=4096,
+//     4% less time at T=16384, 4% more at T=1024);
 //   - a consumer whose 64 rows are all past the expert's last row skips its wgmmas;
 //   - SwiGLU: the B tile is BN/2 gate rows then the BN/2 up rows of the same output columns, so gate
 //     column c and up column c + BN/2 land in the same thread (accumulator j and j + BN/4) and only
@@ -102,46 +98,6 @@ __device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map
 #endif
 }
 
-// The same box multicast to the CTAs of `cta_mask` (same shared-memory offset and barrier in each).
-__device__ __forceinline__ void tma_load_2d_multicast(uint32_t dst, const CUtensorMap* map, uint32_t bar, int k,
-                                                      int row, uint16_t cta_mask) {
-#if MOGE_WGMMA_ENABLED
-  asm volatile(
-      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster"
-      " [%0], [%1, {%3, %4}], [%2], %5;\n"
-      ::"r"(dst), "l"(reinterpret_cast<uint64_t>(map)), "r"(bar), "r"(k), "r"(row), "h"(cta_mask)
-      : "memory");
-#endif
-}
-
-// Arrival on the barrier at the same shared-memory offset in CTA `cta_rank` of the cluster. CTA-scope
-// release (the default), not .cluster: the arrival only says "done reading this stage" (the reads were
-// the wgmmas', already waited for), and a cluster-scope release is a fence that stalls the warpgroup's
-// next wgmma on every k-step.
-__device__ __forceinline__ void mbar_arrive_remote(uint32_t bar, uint32_t cta_rank) {
-#if MOGE_WGMMA_ENABLED
-  asm volatile(
-      "{\n.reg .b32 remote;\nmapa.shared::cluster.u32 remote, %0, %1;\n"
-      "mbarrier.arrive.shared::cluster.b64 _, [remote];\n}\n" ::"r"(bar), "r"(cta_rank)
-      : "memory");
-#endif
-}
-
-// Every thread of both CTAs of the cluster (release / acquire: barrier inits and smem writes visible).
-__device__ __forceinline__ void cluster_sync() {
-#if MOGE_WGMMA_ENABLED
-  asm volatile("barrier.cluster.arrive.release;\nbarrier.cluster.wait.acquire;\n" ::: "memory");
-#endif
-}
-
-__device__ __forceinline__ uint32_t cluster_rank() {
-  uint32_t rank = 0;
-#if MOGE_WGMMA_ENABLED
-  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(rank));
-#endif
-  return rank;
-}
-
 __device__ __forceinline__ void wgmma_fence() {
 #if MOGE_WGMMA_ENABLED
   asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
@@ -176,47 +132,10 @@ __device__ __forceinline__ uint64_t smem_desc(uint32_t addr) {
 }
 
 // ----------------------------------------------------------------------------- tile schedule
-// What one block works on: rows [row0, row1) of `expert` (expert < 0: nothing), output n-tile `n_tile`;
-// with clusters, whether the cluster's other CTA holds a row tile too (`paired`).
+// What one block works on: rows [row0, row1) of `expert` (expert < 0: nothing), output n-tile `n_tile`.
 struct Work {
   int expert, row0, row1, n_tile;
-  bool paired;
 };
-
-// Clusters of two CTAs: unit u = (expert, pair of row tiles 2p and 2p+1, n-tile), expert-major then pair
-// then n-tile; CTA rank r takes row tile 2p + r. The pair shares one weight tile (each CTA multicasts half), so
-// an expert's tail tile of a few rows rides along a full tile for the price of its own x rows. Warp 0
-// scans the per-expert unit counts 32 experts at a time; all threads call it (it holds a barrier).
-__device__ __forceinline__ Work find_pair_work(const gemm::Params& p, int unit, uint32_t rank, int* smem) {
-  if (threadIdx.x < 32) {
-    const int lane = threadIdx.x;
-    if (lane == 0) smem[0] = -1;
-    __syncwarp();
-    int carry = 0;
-    for (int e0 = 0; e0 < p.E && carry <= unit; e0 += 32) {
-      const int e = e0 + lane;
-      int lo, hi;
-      gemm::expert_rows(p, e, lo, hi);
-      const int m_tiles = (hi - lo + BM - 1) / BM;
-      const int units = (m_tiles + 1) / 2 * p.n_tiles;
-      const int inclusive = warp_inclusive_scan(units);
-      const int first = carry + inclusive - units;
-      if (unit >= first && unit < first + units) {
-        const int local = unit - first;
-        const int tile = 2 * (local / p.n_tiles) + static_cast<int>(rank);
-        const int row0 = lo + tile * BM;
-        smem[0] = tile < m_tiles ? e : -2;          // -2: the pair's second tile does not exist
-        smem[1] = row0;
-        smem[2] = min(hi, row0 + BM);
-        smem[3] = local % p.n_tiles;
-        smem[4] = (2 * (local / p.n_tiles) + 1) < m_tiles;
-      }
-      carry += __shfl_sync(kFullMask, inclusive, 31);
-    }
-  }
-  __syncthreads();
-  return Work{smem[0], smem[1], smem[2], smem[3], smem[4] != 0};
-}
 
 // Stage and phase of the ring position `it` (k-steps counted over all the tiles of a CTA).
 template <class S>
@@ -231,12 +150,11 @@ struct Ring {
 };
 
 // Producer (one thread): the TMA loads of one tile's k-steps, ring positions [it0, it0 + k_tiles). The
-// weight tile is two boxes of BN/2 rows: gate and up rows (SwiGLU) or the two halves; with multicast each
-// CTA of the pair fetches one box for both.
+// weight tile is two boxes of BN/2 rows: gate and up rows (SwiGLU) or the two halves.
 template <class S, int BN, bool SWIGLU>
 __device__ __forceinline__ void produce_tile(const CUtensorMap* x_map, const CUtensorMap* w_map,
                                              const gemm::Params& p, const Ring<S>& ring, const Work& work,
-                                             int it0, int k_tiles, bool multicast, uint32_t rank) {
+                                             int it0, int k_tiles) {
   const int64_t n0 = static_cast<int64_t>(work.n_tile) * (SWIGLU ? BN / 2 : BN);
   // weight rows are < E * N_w <= INT32_MAX (checked by the launcher)
   const int w_row = static_cast<int>(work.expert * p.N_w + n0);
@@ -245,17 +163,11 @@ __device__ __forceinline__ void produce_tile(const CUtensorMap* x_map, const CUt
     const int it = it0 + kt;
     mbar_wait(smem_u32(&ring.empty[ring.stage(it)]), ring.parity(it) ^ 1);
     const uint32_t bar = smem_u32(&ring.full[ring.stage(it)]);
-    // out-of-bounds box parts count too (zero-filled); with multicast half the weight bytes come from
-    // the other CTA
+    // out-of-bounds box parts count too (zero-filled)
     mbar_expect_tx(bar, S::STAGE_BYTES);
     tma_load_2d(ring.a(it), x_map, bar, kt * BK, work.row0);
-    if (multicast) {
-      tma_load_2d_multicast(ring.b(it) + rank * (BN / 2) * BK * 2, w_map, bar, kt * BK, rank == 0 ? w_row : w_row2,
-                            0x3);
-    } else {
-      tma_load_2d(ring.b(it), w_map, bar, kt * BK, w_row);
-      tma_load_2d(ring.b(it) + (BN / 2) * BK * 2, w_map, bar, kt * BK, w_row2);
-    }
+    tma_load_2d(ring.b(it), w_map, bar, kt * BK, w_row);
+    tma_load_2d(ring.b(it) + (BN / 2) * BK * 2, w_map, bar, kt * BK, w_row2);
   }
 }
 
@@ -264,13 +176,11 @@ __device__ __forceinline__ void produce_tile(const CUtensorMap* x_map, const CUt
 // last one after the final wait), so the ring runs on into the CTA's next tile.
 template <class S, typename T, int BN>
 __device__ __forceinline__ void consume_tile(float (&acc)[S::ACC], const Ring<S>& ring, int it0, int k_tiles,
-                                             int consumer, bool active, bool multicast, uint32_t rank) {
+                                             int consumer, bool active) {
   const bool signals = (threadIdx.x % 128) == 0;     // one arrival per consumer warpgroup
   auto release = [&](int it) {
     if (!signals) return;
-    const uint32_t bar = smem_u32(&ring.empty[ring.stage(it)]);
-    mbar_arrive(bar);
-    if (multicast) mbar_arrive_remote(bar, rank ^ 1u);   // its multicast writes our stage too
+    mbar_arrive(smem_u32(&ring.empty[ring.stage(it)]));
   };
 #pragma unroll
   for (int i = 0; i < S::ACC; ++i) acc[i] = 0.f;
@@ -336,16 +246,10 @@ __device__ __forceinline__ void store_tile(const float (&acc)[S::ACC], const gem
 }
 
 // ----------------------------------------------------------------------------- kernel
-// CLUSTER = false: a CTA walks the (row tile, n-tile) blocks blockIdx.x, + gridDim.x, ... (gemm::find_tile's
-// order) until the schedule ends: one block per CTA when the grid holds every block (the default), a
-// persistent walk when it is one CTA per SM; the ring of stages runs on across a CTA's tiles, so the
-// producer loads the next tile while the consumers store the last one.
-// CLUSTER: one pair of row tiles per cluster of two CTAs (find_pair_work). When both hold a row tile,
-// each fetches one half of the weight tile and multicasts it to both, and loads its own x rows; each
-// `empty` barrier then counts the consumers of both CTAs, since either CTA's multicast refills the stage
-// of the other, and every thread of both meets at a cluster barrier after the barrier inits and before
-// exit (no CTA leaves while the other may still arrive on its barriers or write its shared memory).
-template <typename T, int BN, bool SWIGLU, bool CLUSTER>
+// A CTA walks the (row tile, n-tile) blocks blockIdx.x, + gridDim.x, ... (gemm::find_tile's order) until
+// the schedule ends (one block per CTA: the grid holds every block); the ring of stages runs on across a
+// CTA's tiles, so the producer loads the next tile while the consumers store the last one.
+template <typename T, int BN, bool SWIGLU>
 __global__ void __launch_bounds__(THREADS, 1)
     wgmma_kernel(const __grid_constant__ CUtensorMap x_map, const __grid_constant__ CUtensorMap w_map,
                  const gemm::Params p) {
@@ -354,37 +258,22 @@ __global__ void __launch_bounds__(THREADS, 1)
   extern __shared__ uint8_t smem_raw[];
   __shared__ __align__(8) uint64_t full_bar[S::STAGES];
   __shared__ __align__(8) uint64_t empty_bar[S::STAGES];
-  __shared__ int work_smem[5];
 
-  Work work{-1, 0, 0, 0, false};
-  uint32_t rank = 0;
-  if (CLUSTER) {
-    rank = cluster_rank();
-    work = find_pair_work(p, static_cast<int>(blockIdx.x / 2), rank, work_smem);
-    if (work.expert == -1) return;                 // past the last unit: both CTAs leave together
-  }
-  const bool multicast = CLUSTER && work.paired;
   const Ring<S> ring{(smem_u32(smem_raw) + 1023u) & ~1023u, full_bar, empty_bar};   // 1 KB: swizzle atoms
   if (threadIdx.x == 0) {
     for (int s = 0; s < S::STAGES; ++s) {
       mbar_init(smem_u32(&full_bar[s]), 1);
-      mbar_init(smem_u32(&empty_bar[s]), multicast ? 4 : 2);
+      mbar_init(smem_u32(&empty_bar[s]), 2);
     }
     asm volatile("fence.mbarrier_init.release.cluster;\nfence.proxy.async.shared::cta;\n" ::: "memory");
   }
-  if (multicast) {
-    cluster_sync();
-  } else {
-    __syncthreads();
-  }
-  if (CLUSTER && work.expert < 0) return;          // rank 1 of an unpaired cluster: nothing to do
+  __syncthreads();
 
   const int warpgroup = threadIdx.x / 128;
   const int k_tiles = static_cast<int>(ceil_div(p.Kd, BK));
-  // The CTA's next block of the persistent walk (CLUSTER: its one tile, then none).
   auto next_work = [&](int block) {
     const gemm::Tile tile = gemm::find_tile_warp<BM>(p, block / p.n_tiles);
-    return Work{tile.expert, tile.row0, tile.row1, block % p.n_tiles, false};
+    return Work{tile.expert, tile.row0, tile.row1, block % p.n_tiles};
   };
   if (warpgroup == 0) {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
@@ -395,11 +284,10 @@ __global__ void __launch_bounds__(THREADS, 1)
       }
       int it = 0;
       for (int block = blockIdx.x;; block += gridDim.x) {
-        const Work w = CLUSTER ? work : next_work(block);
+        const Work w = next_work(block);
         if (w.expert < 0) break;
-        if (threadIdx.x == 0) produce_tile<S, BN, SWIGLU>(&x_map, &w_map, p, ring, w, it, k_tiles, multicast, rank);
+        if (threadIdx.x == 0) produce_tile<S, BN, SWIGLU>(&x_map, &w_map, p, ring, w, it, k_tiles);
         it += k_tiles;
-        if (CLUSTER) break;
       }
     }
   } else {
@@ -407,19 +295,17 @@ __global__ void __launch_bounds__(THREADS, 1)
     const int consumer = warpgroup - 1;
     float acc[S::ACC];
     int it = 0;
+    // The loop ends on the work, not on a `break` after a fixed number of tiles: straight-line code there
+    // made ptxas serialize the wgmmas (C7515).
     for (int block = blockIdx.x;; block += gridDim.x) {
-      // CLUSTER: the one tile, then none. The loop must end on the work, not on a `break` after the first
-      // tile: straight-line code there made ptxas serialize the wgmmas (C7515).
-      const Work w = !CLUSTER ? next_work(block)
-                              : block == static_cast<int>(blockIdx.x) ? work : Work{-1, 0, 0, 0, false};
+      const Work w = next_work(block);
       if (w.expert < 0) break;
       const bool active = consumer * 64 < w.row1 - w.row0;   // a tail tile's empty half skips its wgmmas
-      consume_tile<S, T, BN>(acc, ring, it, k_tiles, consumer, active, multicast, rank);
+      consume_tile<S, T, BN>(acc, ring, it, k_tiles, consumer, active);
       if (active) store_tile<S, T, BN, SWIGLU>(acc, p, w, consumer);
       it += k_tiles;
     }
   }
-  if (multicast) cluster_sync();
 #endif
 }
 
@@ -457,19 +343,14 @@ inline bool make_map(CUtensorMap* map, const void* base, DType dtype, int64_t ro
                         CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-template <typename T, int BN, bool SWIGLU, bool CLUSTER>
-cudaError_t launch(const GemmArgs& a, bool persistent, cudaStream_t stream) {
+template <typename T, int BN, bool SWIGLU>
+cudaError_t launch(const GemmArgs& a, cudaStream_t stream) {
   using S = TileShape<BN>;
   static uint64_t configured_devices = 0;
   gemm::Params p = gemm::make_params(a);
   const int64_t n_tiles = ceil_div(p.N_out, SWIGLU ? BN / 2 : BN);
   const int64_t slots = gemm::max_slots(p.M, p.E, BM);
-  // clusters: sum_e ceil(m_tiles_e / 2) <= (slots + non-empty experts + 1) / 2 pairs, two CTAs each;
-  // clusters: one pair of row tiles each; tiled: one CTA per block; persistent: one CTA per SM
-  int64_t blocks = CLUSTER ? 2 * n_tiles * ((slots + std::min<int64_t>(p.E, p.M) + 1) / 2) : n_tiles * slots;
-  if (!CLUSTER && persistent) {
-    blocks = std::min<int64_t>(blocks, device_attribute<cudaDevAttrMultiProcessorCount>(132));
-  }
+  const int64_t blocks = n_tiles * slots;            // one CTA per block
   if (blocks == 0) return cudaSuccess;
   if (blocks > 2147483647) return cudaErrorInvalidConfiguration;
   p.n_tiles = static_cast<int>(n_tiles);
@@ -478,7 +359,7 @@ cudaError_t launch(const GemmArgs& a, bool persistent, cudaStream_t stream) {
       !make_map(&w_map, a.w, a.dtype, static_cast<int64_t>(a.E) * a.N_w, a.Kd, BN / 2)) {
     return cudaErrorNotSupported;
   }
-  auto kernel = wgmma_kernel<T, BN, SWIGLU, CLUSTER>;
+  auto kernel = wgmma_kernel<T, BN, SWIGLU>;
   cudaError_t err = allow_dynamic_smem(kernel, S::SMEM_BYTES, configured_devices);
   if (err != cudaSuccess) return err;
   cudaLaunchConfig_t config = {};
@@ -486,9 +367,9 @@ cudaError_t launch(const GemmArgs& a, bool persistent, cudaStream_t stream) {
   config.blockDim = dim3(THREADS);
   config.dynamicSmemBytes = S::SMEM_BYTES;
   config.stream = stream;
-  cudaLaunchAttribute cluster;
+  cudaLaunchAttribute cluster;                       // a cluster of one CTA
   cluster.id = cudaLaunchAttributeClusterDimension;
-  cluster.val.clusterDim.x = CLUSTER ? 2 : 1;
+  cluster.val.clusterDim.x = 1;
   cluster.val.clusterDim.y = 1;
   cluster.val.clusterDim.z = 1;
   config.attrs = &cluster;
@@ -502,27 +383,17 @@ inline bool device_is_sm90() {
          device_attribute<cudaDevAttrComputeCapabilityMinor>(-1) == 0;
 }
 
-// The clusters of two, the persistent grid or one CTA per block, for one tile shape.
-template <typename T, int BN, bool SWIGLU>
-cudaError_t launch_schedule(const GemmArgs& a, bool cluster, bool persistent, cudaStream_t stream) {
-  return cluster ? launch<T, BN, SWIGLU, true>(a, false, stream) : launch<T, BN, SWIGLU, false>(a, persistent, stream);
-}
-
-// cuda_gemm_tile "wgmma[96|128][_p|_cl]" (gemm_tile_choice): the SwiGLU tile width (96 or 128 output
-// columns; default 96 when it divides I and 128 does not, as for Pangu's I = 1344), and "_p" for the
-// persistent grid or "_cl" for the clusters of two instead of one CTA per block (benchmarks, tests).
+// cuda_gemm_tile "wgmma[96|128]" (gemm_tile_choice): the SwiGLU tile width (96 or 128 output columns;
+// default 96 when it divides I and 128 does not, as for Pangu's I = 1344).
 template <typename T>
 cudaError_t launch_typed(const GemmArgs& a, cudaStream_t stream) {
+  if (!a.swiglu) return launch<T, 256, false>(a, stream);
   const GemmTileChoice tile = gemm_tile_choice();
-  const bool cluster = tile.sm90_schedule == 2;
-  const bool persistent = tile.sm90_schedule == 1;
-  if (!a.swiglu) return launch_schedule<T, 256, false>(a, cluster, persistent, stream);
   const int64_t I = a.N_w / 2;
   bool narrow = I % 96 == 0 && I % 128 != 0;
   if (tile.sm90_width == 96) narrow = true;
   if (tile.sm90_width == 128) narrow = false;
-  return narrow ? launch_schedule<T, 192, true>(a, cluster, persistent, stream)
-                : launch_schedule<T, 256, true>(a, cluster, persistent, stream);
+  return narrow ? launch<T, 192, true>(a, stream) : launch<T, 256, true>(a, stream);
 }
 #endif  // MOGE_SM90A
 
@@ -530,13 +401,12 @@ cudaError_t launch_typed(const GemmArgs& a, cudaStream_t stream) {
 
 namespace {
 // Set by moge_cuda_set_gemm_tile below; relaxed atomics: a launch only needs some recent value.
-std::atomic<int> g_tile_variant{0}, g_tile_width{0}, g_tile_schedule{0};
+std::atomic<int> g_tile_variant{0}, g_tile_width{0};
 }  // namespace
 
 GemmTileChoice gemm_tile_choice() {
   return GemmTileChoice{static_cast<BigVariant>(g_tile_variant.load(std::memory_order_relaxed)),
-                        g_tile_width.load(std::memory_order_relaxed),
-                        g_tile_schedule.load(std::memory_order_relaxed)};
+                        g_tile_width.load(std::memory_order_relaxed)};
 }
 
 cudaError_t launch_grouped_gemm_sm90(const GemmArgs& a, cudaStream_t stream) {
@@ -558,17 +428,15 @@ cudaError_t launch_grouped_gemm_sm90(const GemmArgs& a, cudaStream_t stream) {
 }  // namespace cuda
 }  // namespace moge
 
-// The cuda_gemm_tile option (moge_kernels/_cuda.py, which validated it): BigVariant, width 0/96/128,
-// schedule 0/1/2. Returns 0, or -1 (and changes nothing) for a value outside those.
-extern "C" __attribute__((visibility("default"))) int moge_cuda_set_gemm_tile(int variant, int width,
-                                                                              int schedule) {
-  if (variant < 0 || variant > static_cast<int>(moge::cuda::BigVariant::kSquare) ||
-      (width != 0 && width != 96 && width != 128) || schedule < 0 || schedule > 2) {
+// The cuda_gemm_tile option (moge_kernels/_cuda.py, which validated it): BigVariant, width 0/96/128.
+// Returns 0, or -1 (and changes nothing) for a value outside those.
+extern "C" __attribute__((visibility("default"))) int moge_cuda_set_gemm_tile(int variant, int width) {
+  if (variant < 0 || variant > static_cast<int>(moge::cuda::BigVariant::kBig) ||
+      (width != 0 && width != 96 && width != 128)) {
     return -1;
   }
   moge::cuda::g_tile_variant.store(variant, std::memory_order_relaxed);
   moge::cuda::g_tile_width.store(width, std::memory_order_relaxed);
-  moge::cuda::g_tile_schedule.store(schedule, std::memory_order_relaxed);
   return 0;
 }
 

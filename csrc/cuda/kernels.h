@@ -100,12 +100,11 @@ cudaError_t launch_grouped_gemm(const GemmArgs& args, cudaStream_t stream);
 // which passes it here through moge_cuda_set_gemm_tile (grouped_gemm_sm90.cu) whenever it changes; read
 // at every launch, so a benchmark or a test can switch it between calls (a CUDA graph keeps the tile it
 // was captured with). kAuto: the Hopper wgmma kernel where it runs (an sm_90 device and a 9.0a build),
-// else the mma.sync BigTile; the others: that mma.sync tile.
-enum class BigVariant : int { kAuto = 0, kBig = 1, kBig4 = 2, kBig4D = 3, kSquare = 4 };
+// else the mma.sync BigTile; kBig: the mma.sync BigTile.
+enum class BigVariant : int { kAuto = 0, kBig = 1 };
 struct GemmTileChoice {
   BigVariant variant;
   int sm90_width;     // SwiGLU wgmma tile width: 96 or 128 columns; 0: 96 when it divides I and 128 does not
-  int sm90_schedule;  // wgmma grid: 0 one CTA per block, 1 persistent, 2 clusters of two
 };
 GemmTileChoice gemm_tile_choice();
 

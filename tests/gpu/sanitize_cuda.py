@@ -54,12 +54,12 @@ def main():
     for M, E, Kd, N, dtype, what in [(37, 8, 64, 72, torch.bfloat16, "skinny tile"),
                                      (300, 4, 136, 264, torch.bfloat16, "big tile"),
                                      (300, 4, 136, 264, torch.float16, "big tile mma.sync"),
-                                     (300, 4, 136, 264, torch.bfloat16, "big tile wgmma_cl"),
+                                     (300, 4, 136, 264, torch.bfloat16, "big tile wgmma128"),
                                      (50, 3, 20, 33, torch.bfloat16, "SIMT fallback"),
                                      (50, 3, 24, 33, torch.float32, "SIMT fp32")]:
-        # "big tile": the persistent wgmma kernel on an sm_90 device with a 9.0a build; "wgmma_cl": the
-        # clusters of two; "mma.sync": the Ampere-style kernel
-        mk.set_options(cuda_gemm_tile={"mma.sync": "big", "wgmma_cl": "wgmma_cl"}.get(what.split()[-1], "wgmma"))
+        # "big tile": the wgmma kernel on an sm_90 device with a 9.0a build; "wgmma128": its 128-column
+        # SwiGLU tile; "mma.sync": the Ampere-style kernel
+        mk.set_options(cuda_gemm_tile={"mma.sync": "big", "wgmma128": "wgmma128"}.get(what.split()[-1], "wgmma"))
         x = torch.randn(M, Kd, device=DEV).to(dtype)
         w = (torch.randn(E, N, Kd, device=DEV) / Kd ** 0.5).to(dtype)
         offsets = random_offsets(M, E, seed=M, device=DEV)
