@@ -14,7 +14,7 @@ TORCH_CUDA_ARCH_LIST=9.0a MAX_JOBS=16 timeout 240 python3 setup.py build_ext --i
 echo "build exit $?"; grep -E "error|moge_kernels build" "$OUT/build.log" | head -20
 python3 -c "import moge_kernels as mk; print({k: (v['available'], v['reason'][:80]) for k, v in mk.backends().items()})"
 stamp "suite"
-timeout $(( $(left) - ${RESERVE:-150} )) python3 -m pytest -q -p no:cacheprovider -n 8 tests -x --durations=8 2>&1 \
+timeout $(( $(left) - ${RESERVE:-150} )) python3 -m pytest -q -p no:cacheprovider -n 8 tests --durations=8 2>&1 \
     | grep -v Warn > "$OUT/suite.log"
 echo "suite exit ${PIPESTATUS[0]}"; grep -E "passed|failed|FAILED|Error" "$OUT/suite.log" | tail -30
 stamp "host overhead"
