@@ -34,6 +34,7 @@ import triton.language as tl
 from .. import options
 from ..registry import register_kernel
 from . import DEVICES
+from .launch import Kernel
 
 _INTERPRET = options.TRITON_INTERPRET
 
@@ -168,6 +169,13 @@ def _copy_kernel(
 
 
 # ----------------------------------------------------------------------------------------- launcher
+# Launched through cached compiled handles (launch.Kernel): the three launches cost little host time.
+_count = Kernel(_count_kernel, ("E", "K", "E1_PAD", "BLOCK_T", "SUB_T", "num_warps"))
+_scan = Kernel(_scan_kernel, ("E", "E1_PAD", "CHUNK_B", "num_warps"))
+_copy = Kernel(_copy_kernel, ("E", "K", "E1_PAD", "NB_PAD", "FUSED_SCAN", "COUNT_BLOCK_T", "BLOCK_T", "BLOCK_H",
+                              "num_warps"))
+
+
 def _pow2(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
 
@@ -220,25 +228,19 @@ def grouped_permute(hidden, topk_ids, num_experts, *, count_config=None, copy_co
     slot_rank = scratch[:T * K]                                              # [T, K] int32
     block_base = scratch[T * K:]                                             # [NB, E+1] int32
     sit, sik = topk_ids.stride()
-    _count_kernel[(num_blocks,)](
-        topk_ids, slot_rank, block_base, T, sit, sik,
-        E=E, K=K, E1_PAD=e1_pad, BLOCK_T=count_block_t, SUB_T=sub_t,
-        num_warps=8 if sub_t * e1_pad >= 4096 else 4)
+    _count.launch((num_blocks,), (topk_ids, slot_rank, block_base, T, sit, sik),
+                  (E, K, e1_pad, count_block_t, sub_t, 8 if sub_t * e1_pad >= 4096 else 4))
     if not fused_scan:
-        _scan_kernel[(1,)](
-            block_base, expert_offsets, num_blocks,
-            E=E, E1_PAD=e1_pad, CHUNK_B=min(_pow2(num_blocks), max(1, SCAN_TILE_ELEMS // e1_pad)),
-            num_warps=8)
+        _scan.launch((1,), (block_base, expert_offsets, num_blocks),
+                     (E, e1_pad, min(_pow2(num_blocks), max(1, SCAN_TILE_ELEMS // e1_pad)), 8))
 
     block_t, block_h, num_warps = copy_config or _copy_config(T, H)
     if fused_scan:
         block_t = min(block_t, count_block_t)
     grid = (triton.cdiv(T, block_t), max(1, triton.cdiv(H, block_h)))   # >= 1 H block: row_index
-    _copy_kernel[grid](
-        hidden, topk_ids, slot_rank, block_base, expert_offsets, row_index, permuted,
-        T, H, hidden.stride(0), sit, sik, num_blocks,
-        E=E, K=K, E1_PAD=e1_pad, NB_PAD=_pow2(num_blocks), FUSED_SCAN=fused_scan,
-        COUNT_BLOCK_T=count_block_t, BLOCK_T=block_t, BLOCK_H=block_h, num_warps=num_warps)
+    _copy.launch(grid, (hidden, topk_ids, slot_rank, block_base, expert_offsets, row_index, permuted,
+                        T, H, hidden.stride(0), sit, sik, num_blocks),
+                 (E, K, e1_pad, _pow2(num_blocks), fused_scan, count_block_t, block_t, block_h, num_warps))
     return permuted, expert_offsets, row_index
 
 
