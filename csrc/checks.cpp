@@ -12,7 +12,8 @@ bool is_float(const at::Tensor& t) {
 }  // namespace
 
 void check_dispatch_args(const at::Tensor& hidden, const at::Tensor& router_logits, int64_t num_groups,
-                         int64_t topk_per_group, const std::optional<at::Tensor>& expert_scale) {
+                         int64_t topk_per_group, const std::optional<at::Tensor>& expert_scale,
+                         const std::optional<at::Tensor>& expert_mask) {
   TORCH_CHECK_VALUE(hidden.dim() == 2 && is_float(hidden), "hidden must be a 2-D float tensor [T, H]");
   TORCH_CHECK_VALUE(router_logits.dim() == 2 && is_float(router_logits),
                     "router_logits must be a 2-D float tensor [T, E]");
@@ -28,6 +29,17 @@ void check_dispatch_args(const at::Tensor& hidden, const at::Tensor& router_logi
     TORCH_CHECK_VALUE(expert_scale->dim() == 1 && expert_scale->size(0) == E && is_float(*expert_scale),
                       "expert_scale must be a float tensor of shape [E]");
     TORCH_CHECK_VALUE(expert_scale->device() == hidden.device(), "expert_scale must be on hidden's device");
+  }
+  if (expert_mask.has_value()) {
+    TORCH_CHECK_VALUE(expert_mask->dim() == 1 && expert_mask->size(0) == E &&
+                          expert_mask->scalar_type() == at::kBool,
+                      "expert_mask must be a bool tensor of shape [E]");
+    TORCH_CHECK_VALUE(expert_mask->device() == hidden.device(), "expert_mask must be on hidden's device");
+    if (expert_mask->is_cpu()) {   // values: host memory only (reading device memory would synchronise)
+      const int64_t fewest = expert_mask->view({num_groups, E / num_groups}).sum(-1).min().item<int64_t>();
+      TORCH_CHECK_VALUE(fewest >= topk_per_group, "expert_mask must keep at least topk_per_group=",
+                        topk_per_group, " experts in every group, one group keeps ", fewest);
+    }
   }
   TORCH_CHECK_VALUE(router_logits.size(0) * num_groups * topk_per_group <= INT32_MAX,
                     "grouped_dispatch T*K overflows the int32 row indices");

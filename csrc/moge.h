@@ -18,7 +18,8 @@ using PermuteOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor>;   // perm
 DispatchOutputs grouped_dispatch_cpu(const at::Tensor& hidden, const at::Tensor& router_logits,
                                      int64_t num_groups, int64_t topk_per_group,
                                      const std::optional<at::Tensor>& expert_scale, bool renormalize,
-                                     int64_t score_func);
+                                     int64_t score_func,
+                                     const std::optional<at::Tensor>& expert_mask);
 PermuteOutputs grouped_permute_cpu(const at::Tensor& hidden, const at::Tensor& topk_ids, int64_t num_experts);
 at::Tensor grouped_gemm_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& expert_offsets);
 at::Tensor grouped_mlp_cpu(const at::Tensor& x, const at::Tensor& w_gate_up, const at::Tensor& w_down,
@@ -30,7 +31,8 @@ at::Tensor grouped_combine_cpu(const at::Tensor& expert_out, const at::Tensor& t
 DispatchOutputs grouped_dispatch_cuda(const at::Tensor& hidden, const at::Tensor& router_logits,
                                       int64_t num_groups, int64_t topk_per_group,
                                       const std::optional<at::Tensor>& expert_scale, bool renormalize,
-                                      int64_t score_func);
+                                      int64_t score_func,
+                                      const std::optional<at::Tensor>& expert_mask);
 PermuteOutputs grouped_permute_cuda(const at::Tensor& hidden, const at::Tensor& topk_ids, int64_t num_experts);
 at::Tensor grouped_gemm_cuda(const at::Tensor& x, const at::Tensor& w, const at::Tensor& expert_offsets);
 at::Tensor grouped_mlp_cuda(const at::Tensor& x, const at::Tensor& w_gate_up, const at::Tensor& w_down,
@@ -40,7 +42,8 @@ at::Tensor grouped_combine_cuda(const at::Tensor& expert_out, const at::Tensor& 
 
 // Shared argument checks (csrc/checks.cpp): same rules and messages as moge_kernels/checks.py.
 void check_dispatch_args(const at::Tensor& hidden, const at::Tensor& router_logits, int64_t num_groups,
-                         int64_t topk_per_group, const std::optional<at::Tensor>& expert_scale);
+                         int64_t topk_per_group, const std::optional<at::Tensor>& expert_scale,
+                         const std::optional<at::Tensor>& expert_mask);
 void check_permute_args(const at::Tensor& hidden, const at::Tensor& topk_ids, int64_t num_experts);
 void check_combine_args(const at::Tensor& expert_out, const at::Tensor& topk_weights,
                         const at::Tensor& row_index, const std::optional<at::Tensor>& shared_out);

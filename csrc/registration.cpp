@@ -17,7 +17,8 @@ PyObject* PyInit__C(void) {
 TORCH_LIBRARY(moge_C, m) {
   m.def(
       "grouped_dispatch(Tensor hidden, Tensor router_logits, int num_groups, int topk_per_group, "
-      "Tensor? expert_scale, bool renormalize, int score_func) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "Tensor? expert_scale, bool renormalize, int score_func, Tensor? expert_mask=None) -> "
+      "(Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("grouped_permute(Tensor hidden, Tensor topk_ids, int num_experts) -> (Tensor, Tensor, Tensor)");
   m.def("grouped_gemm(Tensor x, Tensor w, Tensor expert_offsets) -> Tensor");
   m.def("grouped_mlp(Tensor x, Tensor w_gate_up, Tensor w_down, Tensor expert_offsets, Tensor? row_scale) -> Tensor");

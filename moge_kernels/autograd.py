@@ -405,7 +405,7 @@ def _needs(ctx, n):
 
 
 def _dispatch_setup_context(ctx, inputs, output):
-    hidden, router_logits, num_groups, topk_per_group, expert_scale, renormalize, score_func = inputs
+    hidden, router_logits, num_groups, topk_per_group, expert_scale, renormalize, score_func = inputs[:7]
     _, _, topk_ids, expert_offsets, row_index = output
     ctx.mark_non_differentiable(topk_ids, expert_offsets, row_index)
     ctx.set_materialize_grads(False)   # an unused output (often permuted or weights) costs no kernel
@@ -416,7 +416,8 @@ def _dispatch_setup_context(ctx, inputs, output):
 
 def _dispatch_backward(ctx, grad_permuted, grad_weights, *_):
     router_logits, expert_scale, topk_ids, row_index = ctx.saved_tensors
-    need_hidden, need_logits, _, _, need_scale, _, _ = _needs(ctx, 7)
+    # expert_mask only restricts which experts are picked: the gradient through the scores is unchanged
+    need_hidden, need_logits, _, _, need_scale, _, _, _ = _needs(ctx, 8)
     grad_hidden = grad_logits = grad_scale = None
     if need_hidden and grad_permuted is not None:
         ones = torch.ones(row_index.shape, dtype=torch.float32, device=row_index.device)
@@ -425,7 +426,7 @@ def _dispatch_backward(ctx, grad_permuted, grad_weights, *_):
         grad_logits, grad_scale = route_backward(
             grad_weights, router_logits, topk_ids, expert_scale, ctx.renormalize, ctx.score_func,
             need_logits_grad=need_logits, need_scale_grad=need_scale and expert_scale is not None)
-    return grad_hidden, grad_logits, None, None, grad_scale, None, None
+    return grad_hidden, grad_logits, None, None, grad_scale, None, None, None
 
 
 # ----------------------------------------------------------------------------- autograd: permute

@@ -53,7 +53,7 @@ def _should_check_values(t) -> bool:
 
 
 def check_dispatch(hidden, router_logits, num_groups, topk_per_group, expert_scale, renormalize,
-                   score_func):
+                   score_func, expert_mask=None):
     """Returns the arguments as the kernels take them: score_func as its reference.ScoreFunc int."""
     check_tensor("hidden", hidden, 2)
     check_tensor("router_logits", router_logits, 2, device=hidden.device)
@@ -69,8 +69,11 @@ def check_dispatch(hidden, router_logits, num_groups, topk_per_group, expert_sca
     if expert_scale is not None:
         check_tensor("expert_scale", expert_scale, 1, device=hidden.device)
         check_shape("expert_scale", expert_scale, (E,))
+    if expert_mask is not None:
+        check_expert_mask(expert_mask, E, num_groups, topk_per_group, hidden.device)
     check_rows_fit_int32("grouped_dispatch T*K", T * num_groups * topk_per_group)
-    return hidden, router_logits, num_groups, topk_per_group, expert_scale, renormalize, score_code
+    return (hidden, router_logits, num_groups, topk_per_group, expert_scale, renormalize, score_code,
+            expert_mask)
 
 
 def check_permute(hidden, topk_ids, num_experts):
@@ -87,6 +90,18 @@ def check_permute(hidden, topk_ids, num_experts):
         if lo < -1 or hi >= num_experts:
             _fail(f"topk_ids values must lie in [-1, num_experts={num_experts}) (-1: a dropped slot), "
                   f"got [{lo}, {hi}]")
+
+
+def check_expert_mask(expert_mask, num_experts, num_groups, topk_per_group, device):
+    """expert_mask [E] bool on the inputs' device, and (values, where they are checked) at least
+    topk_per_group kept experts in every group."""
+    check_tensor("expert_mask", expert_mask, 1, dtypes=(torch.bool,), device=device)
+    check_shape("expert_mask", expert_mask, (num_experts,))
+    if _should_check_values(expert_mask):
+        kept = expert_mask.reshape(num_groups, -1).sum(-1).cpu()
+        if bool((kept < topk_per_group).any()):
+            _fail(f"expert_mask must keep at least topk_per_group={topk_per_group} experts in every group, "
+                  f"got {kept.tolist()} kept per group")
 
 
 def check_offsets(expert_offsets, num_experts, num_rows, device):

@@ -179,8 +179,12 @@ class MoGELayer(nn.Module):
         gate_up = moge.grouped_gemm(permuted, w_gate_up, expert_offsets)               # [T*K, 2I]
         return moge.grouped_gemm(moge.swiglu(gate_up), w_down, expert_offsets)
 
-    def forward(self, hidden_states: Tensor, return_aux_loss: bool = False):
-        """hidden_states [..., H] -> [..., H] (and the auxiliary loss with return_aux_loss=True)."""
+    def forward(self, hidden_states: Tensor, return_aux_loss: bool = False,
+                expert_mask: Optional[Tensor] = None):
+        """hidden_states [..., H] -> [..., H] (and the auxiliary loss with return_aux_loss=True).
+
+        expert_mask [E] bool (True = may be chosen, at least topk_per_group per group) restricts the
+        routing to those experts, e.g. `moge_kernels.voted_expert_mask` of this batch's logits."""
         checks.check_layer_input(hidden_states, self.hidden_size, self.gate.weight)
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, self.hidden_size)
@@ -188,7 +192,7 @@ class MoGELayer(nn.Module):
         out, expert_offsets = ops.compose_layer(
             x, router_logits, *self._expert_weights(), self.num_groups, self.topk_per_group,
             self.router_scale, self.renormalize, self.score_func, self.shared_w_gate_up,
-            self.shared_w_down, experts=self._run_experts)
+            self.shared_w_down, experts=self._run_experts, expert_mask=expert_mask)
         aux = None
         if self.training or return_aux_loss:
             aux = self.load_balancing_loss(router_logits, expert_offsets)

@@ -136,17 +136,17 @@ class ExpertImportance:
 
 def expert_importance(router_logits: Tensor, num_groups: int, topk_per_group: int = 1,
                       expert_scale: Optional[Tensor] = None, renormalize: bool = False,
-                      score_func: str = "softmax", *,
+                      score_func: str = "softmax", expert_mask: Optional[Tensor] = None, *,
                       state: Optional[ExpertImportance] = None) -> ExpertImportance:
     """Add one calibration batch's routing (router_logits [T, E], routed as the layer routes: grouped
-    top-k, renormalize, expert_scale) to `state` (None: start from zero) and return the sum.
+    top-k, renormalize, expert_scale, expert_mask) to `state` (None: start from zero) and return the sum.
 
     The returned accumulator's `score` [E] is PreMoe's expected selection score, `frequency` [E] how often
     each expert is chosen, `top_experts(n)` the per-group keep set. Torch ops on the logits' device, no
     host sync; deterministic (no float atomics)."""
     T, E = router_logits.shape
     topk_weights, topk_ids = reference.route(router_logits, num_groups, topk_per_group, expert_scale,
-                                             renormalize, score_func)
+                                             renormalize, score_func, expert_mask)
     ids = topk_ids.long()
     # a token's K slots name K distinct experts: scatter (not add) into a dense [T, E], then reduce
     dense = torch.zeros(T, E, dtype=torch.float64, device=router_logits.device)

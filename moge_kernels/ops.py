@@ -22,9 +22,9 @@ _lib = torch.library.Library("moge", "DEF")
 SCHEMAS = {
     "grouped_dispatch": (
         "(Tensor hidden, Tensor router_logits, int num_groups, int topk_per_group=1, "
-        "Tensor? expert_scale=None, bool renormalize=False, str score_func='softmax') -> "
-        "(Tensor permuted_hidden, Tensor topk_weights, Tensor topk_ids, Tensor expert_offsets, "
-        "Tensor row_index)"),
+        "Tensor? expert_scale=None, bool renormalize=False, str score_func='softmax', "
+        "Tensor? expert_mask=None) -> (Tensor permuted_hidden, Tensor topk_weights, Tensor topk_ids, "
+        "Tensor expert_offsets, Tensor row_index)"),
     "grouped_permute": ("(Tensor hidden, Tensor topk_ids, int num_experts) -> "
                         "(Tensor permuted_hidden, Tensor expert_offsets, Tensor row_index)"),
     "grouped_gemm": "(Tensor x, Tensor w, Tensor expert_offsets) -> Tensor",
@@ -112,9 +112,9 @@ for _name, _schema in SCHEMAS.items():
 # ----------------------------------------------------------------------------- fake (meta) kernels
 @torch.library.register_fake("moge::grouped_dispatch")
 def _(hidden, router_logits, num_groups, topk_per_group=1, expert_scale=None, renormalize=False,
-      score_func="softmax"):
+      score_func="softmax", expert_mask=None):
     checks.check_dispatch(hidden, router_logits, num_groups, topk_per_group, expert_scale,
-                          renormalize, score_func)
+                          renormalize, score_func, expert_mask)
     T, E = router_logits.shape
     K = num_groups * topk_per_group
     return (hidden.new_empty(T * K, hidden.shape[1]),
@@ -170,7 +170,7 @@ def _(x, w_gate_up, w_gate_up_scale, w_down, w_down_scale, expert_offsets, row_s
 # and token, K = G * k_g slots per token, M = T * K expert-sorted rows, I the expert intermediate size.
 def grouped_dispatch(hidden: Tensor, router_logits: Tensor, num_groups: int, topk_per_group: int = 1,
                      expert_scale: Optional[Tensor] = None, renormalize: bool = False,
-                     score_func: str = "softmax"):
+                     score_func: str = "softmax", expert_mask: Optional[Tensor] = None):
     """Route every token to its top-k_g experts inside each group and sort the copies by expert.
 
     Args:
@@ -181,6 +181,10 @@ def grouped_dispatch(hidden: Tensor, router_logits: Tensor, num_groups: int, top
         expert_scale: optional [E] float, multiplies each chosen weight by the scale of its expert.
         renormalize: divide each token's K chosen scores by their sum (before expert_scale).
         score_func: "softmax" (over all E experts) or "sigmoid" (per expert), computed in float32.
+        expert_mask: optional [E] bool on hidden's device, True = may be chosen: each group picks its
+            top-k_g among its kept experts (at least k_g per group: checked on CPU, on GPUs with
+            validation on); the weights stay the scores over all E. It is data: a new mask recompiles
+            and recaptures nothing (moge_kernels.voted_expert_mask gives Pangu's batch vote).
 
     Returns (permuted_hidden, topk_weights, topk_ids, expert_offsets, row_index):
         permuted_hidden: [M, H] hidden's dtype, token copies sorted stably by expert (token, then slot).
@@ -191,7 +195,7 @@ def grouped_dispatch(hidden: Tensor, router_logits: Tensor, num_groups: int, top
 
     Ties go to the lower expert index; a NaN score ranks below every number (docs/contract.md)."""
     return torch.ops.moge.grouped_dispatch(hidden, router_logits, num_groups, topk_per_group,
-                                           expert_scale, renormalize, score_func)
+                                           expert_scale, renormalize, score_func, expert_mask)
 
 
 def grouped_permute(hidden: Tensor, topk_ids: Tensor, num_experts: int):
@@ -288,7 +292,8 @@ def compose_layer(hidden: Tensor, router_logits: Tensor, w_gate_up: Tensor, w_do
                   num_groups: int, topk_per_group: int, expert_scale: Optional[Tensor], renormalize: bool,
                   score_func: str, shared_w_gate_up: Optional[Tensor], shared_w_down: Optional[Tensor], *,
                   layer_ops: LayerOps = MOGE_OPS, experts: Optional[Callable] = None,
-                  phase_hook: Optional[Callable[[str], None]] = None) -> tuple[Tensor, Tensor]:
+                  phase_hook: Optional[Callable[[str], None]] = None,
+                  expert_mask: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """The MoGE layer, written once: dispatch -> experts -> shared expert -> combine.
 
     moge_forward, MoGELayer and moge_kernels.parallel all run it; they check their own arguments first.
@@ -299,7 +304,8 @@ def compose_layer(hidden: Tensor, router_logits: Tensor, w_gate_up: Tensor, w_do
     if phase_hook is not None:
         phase_hook("route")
     permuted, topk_weights, _, expert_offsets, row_index = layer_ops.dispatch(
-        hidden, router_logits, num_groups, topk_per_group, expert_scale, renormalize, score_func)
+        hidden, router_logits, num_groups, topk_per_group, expert_scale, renormalize, score_func,
+        expert_mask)
     expert_out = (experts or layer_ops.mlp)(permuted, w_gate_up, w_down, expert_offsets)
     if phase_hook is not None:
         phase_hook("combine")
@@ -315,7 +321,8 @@ def moge_forward(hidden: Tensor, router_logits: Tensor, w_gate_up: Tensor, w_dow
                  num_groups: int, topk_per_group: int = 1, expert_scale: Optional[Tensor] = None,
                  renormalize: bool = False, score_func: str = "softmax",
                  shared_w_gate_up: Optional[Tensor] = None,
-                 shared_w_down: Optional[Tensor] = None) -> Tensor:
+                 shared_w_down: Optional[Tensor] = None,
+                 expert_mask: Optional[Tensor] = None) -> Tensor:
     """One MoGE layer: grouped_dispatch, the experts' grouped_mlp, an optional shared expert, grouped_combine.
 
     Args:
@@ -323,8 +330,8 @@ def moge_forward(hidden: Tensor, router_logits: Tensor, w_gate_up: Tensor, w_dow
         router_logits: [T, E] float, same device (E experts in num_groups groups).
         w_gate_up: [E, 2I, H] in hidden's dtype (gate rows first; or packed, pack_expert_weights).
         w_down: [E, H, I] in hidden's dtype (or packed).
-        num_groups, topk_per_group, expert_scale, renormalize, score_func: the routing, as in
-            grouped_dispatch.
+        num_groups, topk_per_group, expert_scale, renormalize, score_func, expert_mask: the routing,
+            as in grouped_dispatch.
         shared_w_gate_up, shared_w_down: optional dense shared expert [2Is, H] and [H, Is] in hidden's
             dtype (given together), run on every token and added to the routed experts' sum.
 
@@ -332,4 +339,5 @@ def moge_forward(hidden: Tensor, router_logits: Tensor, w_gate_up: Tensor, w_dow
     op runs. Differentiable in every tensor argument; works under torch.compile(fullgraph=True)."""
     checks.check_layer_weights(hidden, router_logits, w_gate_up, w_down, shared_w_gate_up, shared_w_down)
     return compose_layer(hidden, router_logits, w_gate_up, w_down, num_groups, topk_per_group,
-                         expert_scale, renormalize, score_func, shared_w_gate_up, shared_w_down)[0]
+                         expert_scale, renormalize, score_func, shared_w_gate_up, shared_w_down,
+                         expert_mask=expert_mask)[0]

@@ -253,7 +253,8 @@ def _hook(phase_hook, name):
 def ep_moge_forward(hidden: Tensor, router_logits: Tensor, w_gate_up: Tensor, w_down: Tensor,
                     num_groups: int, topk_per_group: int = 1, expert_scale: Optional[Tensor] = None,
                     renormalize: bool = False, score_func: str = "softmax",
-                    shared_w_gate_up: Optional[Tensor] = None, shared_w_down: Optional[Tensor] = None, *,
+                    shared_w_gate_up: Optional[Tensor] = None, shared_w_down: Optional[Tensor] = None,
+                    expert_mask: Optional[Tensor] = None, *,
                     group=None, tokens_per_rank: Optional[Sequence[int]] = None, ragged_tokens: bool = False,
                     impl: str = "moge", validate: Optional[bool] = None,
                     phase_hook: Optional[Callable[[str], None]] = None, return_info: bool = False):
@@ -261,7 +262,8 @@ def ep_moge_forward(hidden: Tensor, router_logits: Tensor, w_gate_up: Tensor, w_
 
     hidden [T,H] and router_logits [T,E] are this rank's tokens (logits over ALL E experts);
     w_gate_up [E/D,2I,H], w_down [E/D,H,I] are this rank's experts (global ids [r*E/D, (r+1)*E/D));
-    expert_scale [E] and the shared expert weights are replicated. Returns out [T,H] (and, with
+    expert_scale [E], expert_mask [E] bool (grouped_dispatch's; masked experts get no rows, the splits stay
+    static) and the shared expert weights are replicated. Returns out [T,H] (and, with
     return_info, a dict with the split sizes, received per-expert counts and whether the host synced).
 
     Every rank must pass the same T unless `tokens_per_rank` (all ranks' T, known to the caller: no sync)
@@ -306,7 +308,8 @@ def ep_moge_forward(hidden: Tensor, router_logits: Tensor, w_gate_up: Tensor, w_
     experts = _exchanged_experts(group, D, layer_ops.mlp, lambda send, recv: splits, info, phase_hook)
     out, _ = ops.compose_layer(hidden, router_logits, w_gate_up, w_down, num_groups, topk_per_group,
                                expert_scale, renormalize, score_func, shared_w_gate_up, shared_w_down,
-                               layer_ops=layer_ops, experts=experts, phase_hook=phase_hook)
+                               layer_ops=layer_ops, experts=experts, phase_hook=phase_hook,
+                               expert_mask=expert_mask)
     if not return_info:
         return out
     return out, dict(send_splits=plan.send_splits, recv_splits=plan.recv_splits, static=True,

@@ -71,15 +71,23 @@ def router_scores_backward(grad_scores, scores, score_func):
 
 
 def route(router_logits, num_groups, topk_per_group=1, expert_scale=None, renormalize=False,
-          score_func="softmax"):
-    """Grouped top-k: returns (topk_weights [T,K] fp32, topk_ids [T,K] int32)."""
+          score_func="softmax", expert_mask=None):
+    """Grouped top-k: returns (topk_weights [T,K] fp32, topk_ids [T,K] int32).
+
+    expert_mask [E] bool: each group picks among its kept (True) experts first; its masked experts come
+    after all kept ones (reached only when a group keeps fewer than k_g, which the checks reject). The
+    weights are the scores over all E either way."""
     T, E = router_logits.shape
     G, k_g = num_groups, topk_per_group
     S = E // G
     scores = router_scores(router_logits.float(), score_func)
     # A stable descending sort gives "ties -> lower index first"; NaN keys sort as -inf.
     keys = scores.nan_to_num(nan=float("-inf")).view(T, G, S)
-    idx = torch.sort(keys, dim=-1, descending=True, stable=True).indices[..., :k_g]   # [T, G, k_g]
+    order = torch.sort(keys, dim=-1, descending=True, stable=True).indices            # [T, G, S]
+    if expert_mask is not None:   # kept first, each part still in key order (a second stable sort)
+        kept = expert_mask.view(1, G, S).expand(T, G, S).gather(-1, order).to(torch.uint8)
+        order = order.gather(-1, torch.sort(kept, dim=-1, descending=True, stable=True).indices)
+    idx = order[..., :k_g]                                                             # [T, G, k_g]
     vals = scores.view(T, G, S).gather(-1, idx)
     group_base = torch.arange(G, device=router_logits.device).view(1, G, 1) * S
     topk_ids = (idx + group_base).reshape(T, G * k_g)
@@ -121,9 +129,9 @@ def grouped_permute(hidden, topk_ids, num_experts):
 
 
 def grouped_dispatch(hidden, router_logits, num_groups, topk_per_group=1, expert_scale=None,
-                     renormalize=False, score_func="softmax"):
+                     renormalize=False, score_func="softmax", expert_mask=None):
     topk_weights, topk_ids = route(router_logits, num_groups, topk_per_group, expert_scale,
-                                   renormalize, score_func)
+                                   renormalize, score_func, expert_mask)
     permuted_hidden, expert_offsets, row_index = permute(hidden, topk_ids, router_logits.shape[1])
     return permuted_hidden, topk_weights, topk_ids, expert_offsets, row_index
 
@@ -201,10 +209,11 @@ def swiglu_mlp(x, w_gate_up, w_down):
 
 def moge_forward(hidden, router_logits, w_gate_up, w_down, num_groups, topk_per_group=1,
                  expert_scale=None, renormalize=False, score_func="softmax",
-                 shared_w_gate_up=None, shared_w_down=None):
+                 shared_w_gate_up=None, shared_w_down=None, expert_mask=None):
     """The whole routed (+ shared) MoGE layer, composed from the reference ops."""
     permuted, weights, _, offsets, row_index = grouped_dispatch(
-        hidden, router_logits, num_groups, topk_per_group, expert_scale, renormalize, score_func)
+        hidden, router_logits, num_groups, topk_per_group, expert_scale, renormalize, score_func,
+        expert_mask)
     expert_out = grouped_mlp(permuted, w_gate_up, w_down, offsets)
     shared = None
     if shared_w_gate_up is not None:

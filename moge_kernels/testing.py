@@ -120,16 +120,21 @@ def check_gemm_and_mlp(grouped_gemm, grouped_mlp, dtype, M, E, H=40, I=24):
 
 def sample_inputs(device="cpu", dtype=torch.float32):
     """{op: [(args, kwargs), ...]}: small ragged cases of every op, shared by correctness tests, opcheck
-    and gradient tests. Covers T=0, T=1, empty experts, odd H, k_g=2, sigmoid, expert_scale, row_scale."""
+    and gradient tests. Covers T=0, T=1, empty experts, odd H, k_g=2, sigmoid, expert_scale, expert_mask,
+    row_scale."""
     samples = {"grouped_dispatch": [], "grouped_permute": [], "grouped_gemm": [], "grouped_mlp": [],
                "grouped_combine": []}
     for T, E, G, k_g, H, extra in [(0, 8, 2, 1, 12, {}),
                                    (1, 8, 4, 1, 12, {}),
+                                   (9, 16, 4, 2, 12, dict(expert_mask=True)),
                                    (7, 16, 4, 2, 20, dict(score_func="sigmoid", renormalize=True)),
                                    (33, 64, 8, 1, 36, dict(expert_scale=True))]:
         hidden, logits = make_routing_inputs(T, E, H, dtype, device, seed=T, dead_experts=3)
         if extra.get("expert_scale"):
             extra = dict(extra, expert_scale=torch.rand(E, generator=generator(T)).add(0.5).to(device))
+        if extra.get("expert_mask"):   # k_g + 1 kept experts per group, at varying positions
+            keep = torch.rand(G, E // G, generator=generator(T)).argsort(-1) <= k_g
+            extra = dict(extra, expert_mask=keep.reshape(E).to(device))
         samples["grouped_dispatch"].append(((hidden, logits, G, k_g), extra))
     for T, K, E, H, id_dtype in [(0, 2, 4, 8, torch.int32), (1, 1, 3, 12, torch.int32),
                                  (9, 4, 6, 20, torch.int64)]:

@@ -233,3 +233,270 @@ def test_unequal_or_bad_keep_sets_raise():
     assert layer.num_experts == E and layer.w_gate_up.shape[0] == E        # a failed prune changes nothing
     with pytest.raises(ValueError, match="w_down holds 3 experts"):
         mk.compact_experts([0], 1, torch.randn(4, H), torch.randn(4, 2, H), torch.randn(3, H, 1))
+
+
+# ----------------------------------------------------------------------------- expert_mask in routing
+from moge_kernels import testing                                         # noqa: E402
+from moge_kernels.testing import assert_dispatch_equal, make_routing_inputs   # noqa: E402
+
+from conftest import HAS_CUDA, requires_cuda                              # noqa: E402
+
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+BACKENDS = [b for b in ("reference", "cpu", "triton", "cuda")
+            if mk.backends()[b]["available"] and (b != "cuda" or HAS_CUDA)]
+DISPATCH_SHAPES = [   # T, E, G, k_g, H: no tokens, decode, k_g=2, Pangu routing, nothing a power of two,
+    (0, 8, 2, 1, 12), (1, 64, 8, 1, 40), (5, 16, 4, 2, 20), (33, 64, 8, 1, 36), (12, 20, 4, 2, 5),
+    (131, 64, 8, 1, 24)]                                                  # past one Triton routing block
+
+
+def _backend_device(backend):
+    return "cuda" if backend in ("cuda", "triton") and HAS_CUDA else "cpu"
+
+
+def _masks(E, G, k_g, seed):
+    """{name: [E] bool}: all kept, the fewest allowed (k_g per group, at the group's last positions),
+    and random masks keeping k_g .. S per group."""
+    S = E // G
+    g = torch.Generator().manual_seed(seed)
+    last = torch.zeros(G, S, dtype=torch.bool)
+    last[:, S - k_g:] = True
+    per_group = torch.randint(k_g, S + 1, (G, 1), generator=g)
+    random = torch.rand(G, S, generator=g).argsort(-1).argsort(-1) < per_group
+    return {"all_kept": torch.ones(E, dtype=torch.bool), "k_g_per_group": last.reshape(E),
+            "random": random.reshape(E)}
+
+
+def _dispatch(backend, *args, **kwargs):
+    with mk.use_backend(backend):
+        assert mk.resolve("grouped_dispatch", args[0].device.type)[0] == backend
+        return mk.grouped_dispatch(*args, **kwargs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("T,E,G,k_g,H", DISPATCH_SHAPES)
+def test_masked_dispatch_matches_reference(backend, T, E, G, k_g, H):
+    device = _backend_device(backend)
+    dtypes = [torch.float32] + ([torch.float16] if backend == "triton" else [])
+    for dtype in dtypes:
+        hidden, logits = make_routing_inputs(T, E, H, dtype, device, seed=T + E, dead_experts=3)
+        scale = (torch.rand(E, generator=torch.Generator().manual_seed(E)) + 0.5).to(device)
+        options = dict(expert_scale=scale, renormalize=k_g > 1)
+        unmasked = _dispatch(backend, hidden, logits, G, k_g, **options)
+        for name, mask in _masks(E, G, k_g, seed=T).items():
+            mask = mask.to(device)
+            out = _dispatch(backend, hidden, logits, G, k_g, **options, expert_mask=mask)
+            assert_dispatch_equal(out, R.grouped_dispatch(hidden, logits, G, k_g, **options, expert_mask=mask),
+                                  rtol=1e-6, atol=1e-12)
+            assert bool(mask[out[2].long()].all()), f"{name}: a masked expert was chosen"
+            if name == "all_kept":   # identical to no mask, bit for bit (weights included)
+                for a, b in zip(out, unmasked):
+                    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
+def test_masked_weights_are_the_full_scores(backend, score_func):
+    """The weights of a masked routing are the score function over all E (softmax over all of them, as
+    Pangu does), not over the kept experts."""
+    T, E, G = 9, 16, 4
+    device = _backend_device(backend)
+    hidden, logits = make_routing_inputs(T, E, 8, device=device, seed=1)
+    mask = _masks(E, G, 1, seed=2)["k_g_per_group"].to(device)
+    _, weights, ids, _, _ = _dispatch(backend, hidden, logits, G, 1, score_func=score_func, expert_mask=mask)
+    scores = torch.softmax(logits.float(), -1) if score_func == "softmax" else torch.sigmoid(logits.float())
+    torch.testing.assert_close(weights, scores.gather(1, ids.long()), rtol=1e-6, atol=1e-7)
+    assert torch.equal(ids.long() % (E // G), torch.full_like(ids.long(), E // G - 1))
+
+
+def test_masked_dispatch_nan_logits_stay_in_kept_experts():
+    T, E, G, k_g = 6, 16, 4, 2
+    hidden, logits = make_routing_inputs(T, E, 4, seed=3)
+    logits[1, :] = float("nan")
+    logits[2, 5] = float("nan")
+    mask = _masks(E, G, k_g, seed=4)["random"]
+    for backend in BACKENDS:
+        if _backend_device(backend) != "cpu":
+            continue
+        out = _dispatch(backend, hidden, logits, G, k_g, expert_mask=mask)
+        assert_dispatch_equal(out, R.grouped_dispatch(hidden, logits, G, k_g, expert_mask=mask))
+        assert bool(mask[out[2].long()].all())
+
+
+def test_pangu_300i_duo_routing_reproduced():
+    """vllm-ascend's pangu_moe.py routing with num_voted_experts=5, restated here in plain torch:
+    softmax over all 64, per-group vote of each token's best expert, the 5 most-voted positions kept
+    (equal counts: the lower position), the other scores zeroed, per-group max, times router_scale."""
+    T, E, G, n = 37, 64, 8, 5
+    S = E // G
+    hidden, logits = make_routing_inputs(T, E, 16, seed=9)
+    router_scale = torch.rand(E, generator=torch.Generator().manual_seed(1)) + 0.5
+    scores = torch.softmax(logits.float(), dim=1).view(T, G, S)
+    votes = torch.zeros(G, S, dtype=torch.long)
+    for t in range(T):
+        for g in range(G):
+            votes[g, int(scores[t, g].argmax())] += 1
+    keep = torch.zeros(G, S, dtype=torch.bool)
+    for g in range(G):
+        for s in sorted(range(S), key=lambda s: (-int(votes[g, s]), s))[:n]:
+            keep[g, s] = True
+    weights, pos = torch.where(keep, scores, torch.zeros(())).max(dim=2)
+    ids = pos + torch.arange(G) * S
+    weights = weights * router_scale[ids]
+
+    mask = mk.voted_expert_mask(logits, G, n)
+    assert torch.equal(mask, keep.reshape(E))
+    for backend in [b for b in BACKENDS if _backend_device(b) == "cpu"]:
+        _, w, i, _, _ = _dispatch(backend, hidden, logits, G, 1, router_scale, expert_mask=mask)
+        assert torch.equal(i.long(), ids), backend
+        torch.testing.assert_close(w, weights, rtol=1e-6, atol=1e-7)
+
+
+def test_masked_dispatch_backward():
+    """Masked experts are never selected; the gradient through the scores is the reference's."""
+    T, E, G, k_g, H = 11, 16, 4, 2, 8
+    hidden, logits = make_routing_inputs(T, E, H, seed=5)
+    scale = torch.rand(E, generator=torch.Generator().manual_seed(6)) + 0.5
+    mask = _masks(E, G, k_g, seed=7)["random"]
+    cot_rows = torch.randn(T * G * k_g, H)
+    cot_w = torch.randn(T, G * k_g)
+    grads = []
+    for fn in (torch.ops.moge.grouped_dispatch, R.grouped_dispatch):
+        leaves = [t.clone().requires_grad_() for t in (hidden, logits, scale)]
+        permuted, weights, ids, _, _ = fn(leaves[0], leaves[1], G, k_g, leaves[2], True, "softmax", mask)
+        assert bool(mask[ids.long()].all())
+        ((permuted * cot_rows).sum() + (weights * cot_w).sum()).backward()
+        grads.append([t.grad for t in leaves])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_mask_is_data_no_recompile():
+    """A mask change between calls recompiles nothing (fullgraph, dynamic shapes off)."""
+    from torch._dynamo.testing import CompileCounter
+    T, E, G, H = 7, 16, 4, 8
+    hidden, logits = make_routing_inputs(T, E, H, seed=8)
+    counter = CompileCounter()
+    fn = torch.compile(mk.grouped_dispatch, backend=counter, fullgraph=True)
+    for seed in range(3):
+        mask = _masks(E, G, 1, seed=seed)["random"]
+        assert_dispatch_equal(fn(hidden, logits, G, 1, expert_mask=mask),
+                              R.grouped_dispatch(hidden, logits, G, 1, expert_mask=mask))
+    assert counter.frame_count == 1
+    # and through Inductor: the whole op under fullgraph
+    compiled = torch.compile(mk.moge_forward, fullgraph=True)
+    w_gate_up, w_down = testing.make_expert_weights(E, H, 6)
+    mask = _masks(E, G, 1, seed=9)["random"]
+    torch.testing.assert_close(compiled(hidden, logits, w_gate_up, w_down, G, expert_mask=mask),
+                               R.moge_forward(hidden, logits, w_gate_up, w_down, G, expert_mask=mask),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_layer_forward_with_mask():
+    layer = _layer(topk_per_group=2, renormalize=True)
+    x = torch.randn(3, 5, H)
+    mask = _masks(E, G, 2, seed=3)["random"]
+    with torch.no_grad():
+        out = layer(x, expert_mask=mask)
+        assert torch.equal(layer(x, expert_mask=torch.ones(E, dtype=torch.bool)), layer(x))
+        xf = x.reshape(-1, H)
+        se = layer.shared_expert
+        exp = R.moge_forward(xf, xf @ layer.gate.weight.t(), layer.w_gate_up, layer.w_down, G, 2,
+                             layer.router_scale, True, "softmax",
+                             torch.cat([se.gate_proj.weight, se.up_proj.weight]), se.down_proj.weight,
+                             expert_mask=mask)
+    torch.testing.assert_close(out, exp.reshape(3, 5, H), atol=1e-5, rtol=1e-5)
+    # with the batch's vote (Pangu on 300I Duo), and trainable through the kept experts
+    out, aux = layer(x, return_aux_loss=True, expert_mask=mk.voted_expert_mask(layer.gate(xf), G, 3))
+    (out.pow(2).mean() + aux).backward()
+    assert layer.gate.weight.grad is not None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_masks_raise_naming_expert_mask(backend):
+    T, E, G, k_g = 4, 16, 4, 2
+    device = _backend_device(backend)
+    hidden, logits = make_routing_inputs(T, E, 8, device=device, seed=0)
+    ok = _masks(E, G, k_g, seed=0)["k_g_per_group"].to(device)
+    too_few = ok.clone()
+    too_few[E - 1] = False                        # the last group keeps k_g - 1
+    cases = [(ok[:-1], ValueError, r"expert_mask must have shape \(16,\)"),
+             (ok.view(G, -1), ValueError, "expert_mask must have 1 dimensions"),
+             (ok.to(torch.uint8), TypeError, "expert_mask must have dtype"),
+             (ok.float(), TypeError, "expert_mask must have dtype"),
+             (ok.to("meta"), ValueError, "expert_mask is on meta"),
+             ("not a tensor", RuntimeError, "for argument 'expert_mask'")]   # the schema's own check
+    if device == "cpu":   # values are checked on CPU always (on GPUs with MOGE_VALIDATE=1)
+        cases.append((too_few, ValueError, r"expert_mask must keep at least topk_per_group=2 experts in every "
+                                           r"group, got \[2, 2, 2, 1\]"))
+    for mask, exc, match in cases:
+        with pytest.raises(exc, match=match):
+            _dispatch(backend, hidden, logits, G, k_g, expert_mask=mask)
+    with pytest.raises(ValueError, match="expert_mask must keep at least"):
+        mk.moge_forward(hidden.cpu(), logits.cpu(), *testing.make_expert_weights(E, 8, 4), G, k_g,
+                        expert_mask=too_few.cpu())
+
+
+def test_cpp_entry_point_checks_the_mask():
+    """A direct call of the C++ op (past the Python checks) still rejects a bad mask."""
+    if not mk.backends()["cpu"]["available"]:
+        pytest.skip("cpu backend not built")
+    hidden, logits = make_routing_inputs(4, 16, 8, seed=0)
+    few = torch.zeros(16, dtype=torch.bool)
+    few[::4] = True
+    with pytest.raises(ValueError, match="expert_mask must keep at least topk_per_group=2"):
+        torch.ops.moge_C.grouped_dispatch(hidden, logits, 4, 2, None, False, "softmax", few)
+    with pytest.raises(ValueError, match="expert_mask must be a bool tensor"):
+        torch.ops.moge_C.grouped_dispatch(hidden, logits, 4, 1, None, False, "softmax", few[:8])
+
+
+def test_too_few_kept_without_validation_gives_valid_ids():
+    """Where values are not checked (GPU without MOGE_VALIDATE), a group with fewer than k_g kept experts
+    fills its picks from its masked experts, as the reference orders them: every id a distinct expert of
+    its group, never an out-of-range row."""
+    if "triton" not in BACKENDS:
+        pytest.skip("triton backend not available")
+    from moge_kernels.triton import dispatch as triton_dispatch
+    T, E, G, k_g = 9, 16, 4, 3
+    hidden, logits = make_routing_inputs(T, E, 8, device=_backend_device("triton"), seed=2)
+    mask = torch.zeros(E, dtype=torch.bool, device=hidden.device)
+    mask[[0, 5, 6, 9, 10, 11]] = True             # 1, 2, 3 and 0 kept per group
+    for fused in (True, False):   # the one-launch path of small T, and route + permute launches
+        out = triton_dispatch.grouped_dispatch(hidden, logits, G, k_g, expert_mask=mask, fused=fused)
+        assert_dispatch_equal(out, R.grouped_dispatch(hidden, logits, G, k_g, expert_mask=mask))
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_triton_masked_launch_paths(fused):
+    if "triton" not in BACKENDS:
+        pytest.skip("triton backend not available")
+    from moge_kernels.triton import dispatch as triton_dispatch
+    T, E, G, k_g, H = 13, 32, 4, 2, 20
+    hidden, logits = make_routing_inputs(T, E, H, device=_backend_device("triton"), seed=4, dead_experts=3)
+    for name, mask in _masks(E, G, k_g, seed=5).items():
+        mask = mask.to(hidden.device)
+        out = triton_dispatch.grouped_dispatch(hidden, logits, G, k_g, None, True, expert_mask=mask,
+                                               fused=fused)
+        assert_dispatch_equal(out, R.grouped_dispatch(hidden, logits, G, k_g, None, True, expert_mask=mask))
+
+
+# ----------------------------------------------------------------------------- GPU: capture
+@requires_cuda
+@pytest.mark.parametrize("backend", [b for b in ("triton", "cuda") if b in BACKENDS])
+def test_cuda_graph_replay_follows_the_mask(backend):
+    """Capture once, change the mask in place, replay: the routing follows the new mask (it is data)."""
+    T, E, G, k_g, H = 64, 64, 8, 1, 128
+    hidden, logits = make_routing_inputs(T, E, H, torch.bfloat16, "cuda", seed=0)
+    masks = [_masks(E, G, k_g, seed=s)["random"].cuda() for s in range(3)]
+    mask = masks[0].clone()
+    with mk.use_backend(backend):
+        mk.grouped_dispatch(hidden, logits, G, k_g, expert_mask=mask)          # warm-up, compiles
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = mk.grouped_dispatch(hidden, logits, G, k_g, expert_mask=mask)
+    for m in masks:
+        mask.copy_(m)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_dispatch_equal(out, R.grouped_dispatch(hidden, logits, G, k_g, expert_mask=m),
+                              rtol=1e-6, atol=1e-12)

@@ -108,9 +108,10 @@ def _token_slice(tokens_per_rank, rank):
 
 
 def _check_moge_forward(rank, D, tokens_per_rank, E, G, k_g, H=24, I=20, ragged=None, dead_experts=0,
-                        noncontig=False, options=None, shared=False):
+                        noncontig=False, options=None, shared=False, seed=0):
     options = options or {}
-    hidden, logits, w_gate_up, w_down = _global_inputs(tokens_per_rank, E, H, I, dead_experts=dead_experts)
+    hidden, logits, w_gate_up, w_down = _global_inputs(tokens_per_rank, E, H, I, seed=seed,
+                                                       dead_experts=dead_experts)
     shared_kw = {}
     if shared:
         g = testing.generator(7)
@@ -139,7 +140,7 @@ def _check_moge_forward(rank, D, tokens_per_rank, E, G, k_g, H=24, I=20, ragged=
     assert info["recv_expert_counts"].shape == (D, E // D)
     assert info["recv_expert_counts"].sum(1).tolist() == rows
     assert info["host_sync"] == (ragged == "flag"), info["host_sync"]
-    return out
+    return out, info
 
 
 # ----------------------------------------------------------------------------- cases
@@ -203,6 +204,19 @@ def case_forward_pruned_layer(rank, D):
     torch.testing.assert_close(out, expected[mine], **FP32_TOL)
     assert info["send_splits"] == (5 * G // D,) * D and info["recv_splits"] == (5 * G // D,) * D
     assert info["recv_expert_counts"].shape == (D, 8 // D) and not info["host_sync"]
+
+
+def case_forward_masked(rank, D):
+    """An expert_mask (Pangu's vote of the whole batch, replicated): masked experts get no rows, the
+    splits stay T*k_g*G/D, the result equals the single-process masked layer."""
+    tokens, E, G = [6] * D, 16, 4
+    hidden, logits, w_gate_up, w_down = _global_inputs(tokens, E, 24, 20, seed=23)
+    mask = moge_kernels.voted_expert_mask(logits, G, 2)
+    for k_g in (1, 2):
+        _, info = _check_moge_forward(rank, D, tokens, E=E, G=G, k_g=k_g, seed=23,
+                                      options=dict(expert_mask=mask))
+        masked_here = ~mask.view(D, E // D)[rank]                # this rank's experts that are masked
+        assert int(info["recv_expert_counts"][:, masked_here].sum()) == 0
 
 
 def case_default_validation(rank, D):

@@ -29,11 +29,13 @@ namespace moge {
 namespace {
 
 // MoGE routing in ATen ops: softmax (or sigmoid) over all E experts in fp32, a stable descending sort inside
-// each group (ties -> lower expert; NaN sorts as -inf, so every id stays inside its group), renormalise,
-// expert_scale. Returns (topk_weights [T, K] fp32, topk_ids [T, K] int32), ids group-major.
+// each group (ties -> lower expert; NaN sorts as -inf, so every id stays inside its group; with an
+// expert_mask a second stable sort puts the kept experts first), renormalise, expert_scale. Returns
+// (topk_weights [T, K] fp32, topk_ids [T, K] int32), ids group-major.
 std::tuple<at::Tensor, at::Tensor> route(const at::Tensor& router_logits, int64_t G, int64_t k_g,
                                          const std::optional<at::Tensor>& expert_scale, bool renormalize,
-                                         int64_t score_func) {
+                                         int64_t score_func,
+                                         const std::optional<at::Tensor>& expert_mask) {
   const int64_t T = router_logits.size(0), E = router_logits.size(1), S = E / G;
   auto logits = router_logits.to(at::kFloat);
   at::Tensor scores;                                                            // [T, E] fp32
@@ -46,8 +48,12 @@ std::tuple<at::Tensor, at::Tensor> route(const at::Tensor& router_logits, int64_
   }
   scores = scores.view({T, G, S});
   auto keys = scores.masked_fill(at::isnan(scores), -std::numeric_limits<float>::infinity());
-  auto picks = std::get<1>(at::sort(keys, /*stable=*/true, /*dim=*/-1, /*descending=*/true))
-                   .slice(/*dim=*/-1, 0, k_g);                                  // [T, G, k_g] int64
+  auto order = std::get<1>(at::sort(keys, /*stable=*/true, /*dim=*/-1, /*descending=*/true));  // [T, G, S]
+  if (expert_mask.has_value()) {
+    auto kept = expert_mask->view({1, G, S}).expand({T, G, S}).gather(-1, order).to(at::kByte);
+    order = order.gather(-1, std::get<1>(at::sort(kept, /*stable=*/true, /*dim=*/-1, /*descending=*/true)));
+  }
+  auto picks = order.slice(/*dim=*/-1, 0, k_g);                                 // [T, G, k_g] int64
   auto topk_weights = scores.gather(-1, picks).reshape({T, G * k_g});          // [T, K] fp32
   auto group_base = at::arange(G, picks.options()).view({1, G, 1}) * S;
   auto topk_ids = (picks + group_base).reshape({T, G * k_g});                  // [T, K] int64
@@ -74,13 +80,15 @@ constexpr int64_t kMaxGmmGroups = 1024;   // npu_grouped_matmul's single-tensor 
 DispatchOutputs grouped_dispatch_npu(const at::Tensor& hidden, const at::Tensor& router_logits,
                                      int64_t num_groups, int64_t topk_per_group,
                                      const std::optional<at::Tensor>& expert_scale, bool renormalize,
-                                     int64_t score_func) {
-  check_dispatch_args(hidden, router_logits, num_groups, topk_per_group, expert_scale);
+                                     int64_t score_func,
+                                     const std::optional<at::Tensor>& expert_mask) {
+  check_dispatch_args(hidden, router_logits, num_groups, topk_per_group, expert_scale, expert_mask);
   const c10::OptionalDeviceGuard device_guard(device_of(hidden));
   const int64_t T = router_logits.size(0), E = router_logits.size(1), H = hidden.size(1);
   const int64_t K = num_groups * topk_per_group;
   auto [topk_weights, topk_ids] =
-      route(router_logits, num_groups, topk_per_group, expert_scale, renormalize, score_func);
+      route(router_logits, num_groups, topk_per_group, expert_scale, renormalize, score_func,
+            expert_mask);
   auto int_options = topk_ids.options();
   if (T == 0) {
     return {hidden.new_empty({0, H}), topk_weights, topk_ids, at::zeros({E + 1}, int_options),

@@ -1,4 +1,5 @@
-// grouped_dispatch on CPU: grouped top-k routing per token (parallel over tokens), a stable counting
+// grouped_dispatch on CPU: grouped top-k routing per token (parallel over tokens; among the kept experts
+// when an expert_mask is given), a stable counting
 // sort of the T*K (token, slot) pairs by expert, then the copy of each hidden row to its K slots.
 #include <ATen/Parallel.h>
 
@@ -55,8 +56,9 @@ inline float selection_key(float score) {
 DispatchOutputs grouped_dispatch_cpu(const at::Tensor& hidden, const at::Tensor& router_logits,
                                      int64_t num_groups, int64_t topk_per_group,
                                      const std::optional<at::Tensor>& expert_scale, bool renormalize,
-                                     int64_t score_func) {
-  check_dispatch_args(hidden, router_logits, num_groups, topk_per_group, expert_scale);
+                                     int64_t score_func,
+                                     const std::optional<at::Tensor>& expert_mask) {
+  check_dispatch_args(hidden, router_logits, num_groups, topk_per_group, expert_scale, expert_mask);
   const int64_t T = router_logits.size(0), E = router_logits.size(1), H = hidden.size(1);
   const int64_t G = num_groups, k_g = topk_per_group, S = E / G, K = G * k_g;
   const ScoresFn token_scores = scores_fn(score_func);
@@ -64,10 +66,13 @@ DispatchOutputs grouped_dispatch_cpu(const at::Tensor& hidden, const at::Tensor&
   auto logits = router_logits.to(at::kFloat).contiguous();           // [T, E] fp32
   at::Tensor scale;                                                   // [E] fp32
   if (expert_scale.has_value()) scale = expert_scale->to(at::kFloat).contiguous();
+  at::Tensor mask;                                                    // [E] bool
+  if (expert_mask.has_value()) mask = expert_mask->contiguous();
   auto topk_weights = at::empty({T, K}, logits.options());           // [T, K] fp32
   auto topk_ids = at::empty({T, K}, logits.options().dtype(at::kInt));  // [T, K] int32
   const float* logits_ptr = logits.data_ptr<float>();
   const float* scale_ptr = scale.defined() ? scale.data_ptr<float>() : nullptr;
+  const bool* mask_ptr = mask.defined() ? mask.data_ptr<bool>() : nullptr;
   float* weights_ptr = topk_weights.data_ptr<float>();
   int32_t* ids_ptr = topk_ids.data_ptr<int32_t>();
 
@@ -81,12 +86,17 @@ DispatchOutputs grouped_dispatch_cpu(const at::Tensor& hidden, const at::Tensor&
       for (int64_t g = 0; g < G; ++g) {
         std::fill(taken.begin(), taken.end(), 0);
         for (int64_t j = 0; j < k_g; ++j) {   // k_g passes of an argmax: ties go to the lower index
+          // Kept experts rank above masked ones (reached only if a group keeps fewer than k_g).
           int64_t best = -1;
           float best_key = 0.f;
+          bool best_kept = false;
           for (int64_t s = 0; s < S; ++s) {
             if (taken[s]) continue;
-            float key = selection_key(scores[g * S + s]);
-            if (best < 0 || key > best_key) best = s, best_key = key;
+            const float key = selection_key(scores[g * S + s]);
+            const bool kept = mask_ptr == nullptr || mask_ptr[g * S + s];
+            if (best < 0 || (kept && !best_kept) || (kept == best_kept && key > best_key)) {
+              best = s, best_key = key, best_kept = kept;
+            }
           }
           taken[best] = 1;
           ids[g * k_g + j] = static_cast<int32_t>(g * S + best);

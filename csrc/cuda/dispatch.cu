@@ -2,8 +2,9 @@
 // host synchronisation (so it runs under CUDA graph capture and torch.compile):
 //
 //   1. route_kernel    one warp per token: fp32 scores (softmax over all E, or sigmoid), per group the
-//                      k_g best (ties -> lower index, NaN ranked below every number, as
-//                      moge_kernels/reference.py route()), renormalize, expert_scale. Each block owns a
+//                      k_g best (ties -> lower index, NaN ranked below every number, kept experts of an
+//                      expert_mask above masked ones, as moge_kernels/reference.py route()),
+//                      renormalize, expert_scale. Each block owns a
 //                      chunk of kChunkTokens tokens; it then ranks the chunk's (token, slot) pairs among
 //                      the pairs of the same expert and writes the chunk's per-expert counts.
 //   2. offsets_kernel  one block: per expert, the exclusive scan of the counts over chunks (in place),
@@ -87,20 +88,26 @@ __global__ void __launch_bounds__(kRouteWarps * 32)
       for (int e = lane; e < E; e += 32) scores[e] = 1.f / (1.f + expf(-scores[e]));
     }   // no other value reaches the kernel: launch_grouped_dispatch checks dispatch_has_score_func
     __syncwarp();
-    // One lane per group: k_g passes, each taking the best pair (key desc, index asc) strictly after the
-    // previous pick in that order, so no "taken" marks are needed.
+    // One lane per group: k_g passes, each taking the best expert in the order (kept desc, key desc,
+    // index asc) strictly after the previous pick, so no "taken" marks are needed. Without a mask every
+    // expert is kept; with one, masked experts come last (reached only if a group keeps fewer than k_g).
     for (int g = lane; g < G; g += 32) {
       float prev_key = 0.f;
       int prev = -1;
+      bool prev_kept = true;
       for (int pick = 0; pick < k_g; ++pick) {
         int best = -1;
         float best_key = 0.f;
+        bool best_kept = false;
         for (int s = 0; s < S; ++s) {
           const float key = selection_key(scores[g * S + s]);
-          const bool after_prev = prev < 0 || key < prev_key || (key == prev_key && s > prev);
-          if (after_prev && (best < 0 || key > best_key)) best = s, best_key = key;
+          const bool kept = p.expert_mask == nullptr || p.expert_mask[g * S + s];
+          const bool after_prev = prev < 0 || (prev_kept && !kept) ||
+                                  (kept == prev_kept && (key < prev_key || (key == prev_key && s > prev)));
+          const bool better = best < 0 || (kept && !best_kept) || (kept == best_kept && key > best_key);
+          if (after_prev && better) best = s, best_key = key, best_kept = kept;
         }
-        prev = best, prev_key = best_key;
+        prev = best, prev_key = best_key, prev_kept = best_kept;
         const int k = g * k_g + pick;
         slot_w[k] = scores[g * S + best];
         chunk_ids[j * K + k] = g * S + best;

@@ -13,8 +13,9 @@ namespace moge {
 DispatchOutputs grouped_dispatch_cuda(const at::Tensor& hidden, const at::Tensor& router_logits,
                                       int64_t num_groups, int64_t topk_per_group,
                                       const std::optional<at::Tensor>& expert_scale, bool renormalize,
-                                      int64_t score_func) {
-  check_dispatch_args(hidden, router_logits, num_groups, topk_per_group, expert_scale);
+                                      int64_t score_func,
+                                      const std::optional<at::Tensor>& expert_mask) {
+  check_dispatch_args(hidden, router_logits, num_groups, topk_per_group, expert_scale, expert_mask);
   TORCH_CHECK_VALUE(hidden.is_cuda(), "hidden must be a CUDA tensor");
   TORCH_CHECK_VALUE(cuda::dispatch_has_score_func(static_cast<int>(score_func)),
                     "grouped_dispatch (cuda backend): no kernel for score_func ", score_func,
@@ -39,6 +40,8 @@ DispatchOutputs grouped_dispatch_cuda(const at::Tensor& hidden, const at::Tensor
                     " slots need ", route_smem, " bytes of shared memory per block (at most 200 KB)");
   at::Tensor scale;                                                                           // [E] fp32
   if (expert_scale.has_value()) scale = expert_scale->to(at::kFloat).contiguous();
+  at::Tensor mask;                                                                            // [E] bool
+  if (expert_mask.has_value()) mask = expert_mask->contiguous();
   auto workspace = at::empty({cuda::dispatch_workspace_ints(T, static_cast<int>(K), static_cast<int>(E))},
                              hidden.options().dtype(at::kInt));
 
@@ -48,6 +51,7 @@ DispatchOutputs grouped_dispatch_cuda(const at::Tensor& hidden, const at::Tensor
   args.logits_stride_t = router_logits.stride(0);
   args.logits_stride_e = router_logits.stride(1);
   args.expert_scale = scale.defined() ? scale.data_ptr<float>() : nullptr;
+  args.expert_mask = mask.defined() ? mask.data_ptr<bool>() : nullptr;
   args.hidden = src.data_ptr();
   args.hidden_stride_bytes = src.stride(0) * static_cast<int64_t>(src.element_size());
   args.row_bytes = H * static_cast<int64_t>(src.element_size());

@@ -22,6 +22,7 @@ struct DispatchArgs {
   DType logits_dtype;
   int64_t logits_stride_t, logits_stride_e;  // in elements
   const float* expert_scale;     // [E] fp32, or nullptr
+  const bool* expert_mask;       // [E] bool (true = may be chosen), or nullptr
   const void* hidden;            // [T, H] rows of row_bytes contiguous bytes, hidden_stride_bytes apart
   int64_t hidden_stride_bytes;
   int64_t row_bytes;             // H * element size

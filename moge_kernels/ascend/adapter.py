@@ -81,18 +81,24 @@ def plan(module, cpp_ops, prefer: str = "python") -> dict[str, str | None]:
 
 
 # ----------------------------------------------------------------------------- dispatch
-def route(router_logits, num_groups, topk_per_group, expert_scale, renormalize, score_func):
+def route(router_logits, num_groups, topk_per_group, expert_scale, renormalize, score_func,
+          expert_mask=None):
     """MoGE routing: (topk_weights [T, K] fp32, topk_ids [T, K] int32), ids group-major.
 
     A stable descending sort inside each group gives "ties -> lower expert first"; NaN scores sort as
-    -inf, so every id is an expert of its group whatever the logits hold (reference.py's NaN policy)."""
+    -inf, so every id is an expert of its group whatever the logits hold (reference.py's NaN policy). With
+    expert_mask [E] bool a second stable sort puts each group's kept experts first."""
     T, E = router_logits.shape
     G, k_g = num_groups, topk_per_group
     S = E // G
     scores = router_scores(router_logits.float(), score_func)
     scores_by_group = scores.view(T, G, S)
     keys = torch.where(torch.isnan(scores_by_group), float("-inf"), scores_by_group)
-    picks = torch.sort(keys, dim=-1, descending=True, stable=True).indices[..., :k_g]   # [T, G, k_g] int64
+    order = torch.sort(keys, dim=-1, descending=True, stable=True).indices              # [T, G, S] int64
+    if expert_mask is not None:
+        kept = expert_mask.view(1, G, S).expand(T, G, S).gather(-1, order).to(torch.uint8)
+        order = order.gather(-1, torch.sort(kept, dim=-1, descending=True, stable=True).indices)
+    picks = order[..., :k_g]                                                            # [T, G, k_g] int64
     topk_weights = scores_by_group.gather(-1, picks).reshape(T, G * k_g)                # [T, K] fp32
     group_base = torch.arange(G, device=router_logits.device).view(1, G, 1) * S
     topk_ids = (picks + group_base).reshape(T, G * k_g)                                 # [T, K] int64
@@ -104,12 +110,12 @@ def route(router_logits, num_groups, topk_per_group, expert_scale, renormalize, 
 
 
 def grouped_dispatch(hidden, router_logits, num_groups, topk_per_group=1, expert_scale=None,
-                     renormalize=False, score_func="softmax"):
+                     renormalize=False, score_func="softmax", expert_mask=None):
     T, E = router_logits.shape
     H = hidden.shape[1]
     K = num_groups * topk_per_group
     topk_weights, topk_ids = route(router_logits, num_groups, topk_per_group, expert_scale, renormalize,
-                                   score_func)
+                                   score_func, expert_mask)
     if T == 0:   # a shape branch, not a data one: an empty batch never reaches the NPU kernel
         return (hidden.new_empty(0, H), topk_weights, topk_ids,
                 torch.zeros(E + 1, dtype=torch.int32, device=hidden.device), topk_ids.clone())
