@@ -47,8 +47,6 @@ def voted_expert_mask(router_logits: Tensor, num_groups: int, num_voted_experts:
     S = E // num_groups
     if not 1 <= num_voted_experts <= S:
         raise ValueError(f"num_voted_experts={num_voted_experts} must be in [1, E/num_groups={S}]")
-    if score_func not in checks.SCORE_FUNCS:
-        raise ValueError(f"score_func must be one of {checks.SCORE_FUNCS}, got {score_func!r}")
     scores = _vote_scores(router_logits, score_func).view(T, num_groups, S)
     best = scores.argmax(dim=-1)                                                # [T, G] first max
     votes = torch.nn.functional.one_hot(best, S).sum(0)                         # [G, S] int64

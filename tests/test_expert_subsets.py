@@ -64,6 +64,8 @@ def test_voted_expert_mask_errors():
         mk.voted_expert_mask(logits, 3, 1)
     with pytest.raises(ValueError, match="router_logits"):
         mk.voted_expert_mask(logits[0], G, 1)
+    with pytest.raises(ValueError, match="score_func"):
+        mk.voted_expert_mask(logits, G, 1, score_func="tanh")
 
 
 def test_voted_expert_mask_compiles():
@@ -444,9 +446,9 @@ def test_cpp_entry_point_checks_the_mask():
     few = torch.zeros(16, dtype=torch.bool)
     few[::4] = True
     with pytest.raises(ValueError, match="expert_mask must keep at least topk_per_group=2"):
-        torch.ops.moge_C.grouped_dispatch(hidden, logits, 4, 2, None, False, "softmax", few)
+        torch.ops.moge_C.grouped_dispatch(hidden, logits, 4, 2, None, False, int(R.ScoreFunc.SOFTMAX), few)
     with pytest.raises(ValueError, match="expert_mask must be a bool tensor"):
-        torch.ops.moge_C.grouped_dispatch(hidden, logits, 4, 1, None, False, "softmax", few[:8])
+        torch.ops.moge_C.grouped_dispatch(hidden, logits, 4, 1, None, False, int(R.ScoreFunc.SOFTMAX), few[:8])
 
 
 def test_too_few_kept_without_validation_gives_valid_ids():

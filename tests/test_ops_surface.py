@@ -58,8 +58,8 @@ def test_score_func_reaches_kernels_as_its_int():
     from moge_kernels import checks
     hidden, logits = _dispatch_args()
     checked = checks.check_dispatch(hidden, logits, 2, 1, None, False, "sigmoid")
-    assert checked[-1] == int(R.ScoreFunc.SIGMOID) and type(checked[-1]) is int
-    assert checked[:-1] == (hidden, logits, 2, 1, None, False)
+    assert checked[6] == int(R.ScoreFunc.SIGMOID) and type(checked[6]) is int
+    assert checked[:6] == (hidden, logits, 2, 1, None, False) and checked[7] is None   # 7: expert_mask
 
 
 @pytest.mark.skipif(not mk.backends()["cpu"]["available"], reason="C++ CPU extension not built")
