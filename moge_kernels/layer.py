@@ -137,6 +137,8 @@ class MoGELayer(nn.Module):
         `kept_expert_ids` [E'] int64 records each kept expert's id in the original layer (across repeated
         prunings); it is saved with the state dict, so the pruned layer's checkpoint loads back into
         `from_pretrained_state_dict` or a MoGELayer built with num_experts=E'."""
+        if fp8.layer_weights(self) is not None:
+            raise RuntimeError("prune_experts_ gathers the bf16/fp16/fp32 expert weights: prune before quantize_()")
         kept = expert_subsets.compact_experts(keep, self.num_groups, self.gate.weight, self.w_gate_up,
                                               self.w_down, self.router_scale, self.topk_per_group)
         for module, name, value in ((self.gate, "weight", kept.router_weight),

@@ -233,6 +233,10 @@ def test_unequal_or_bad_keep_sets_raise():
     with pytest.raises(TypeError, match="integer expert ids"):
         layer.prune_experts_(torch.ones(16))
     assert layer.num_experts == E and layer.w_gate_up.shape[0] == E        # a failed prune changes nothing
+    quantized = _layer(seed=1, shared_intermediate_size=0)
+    quantized.quantize_()
+    with pytest.raises(RuntimeError, match="prune before quantize_"):
+        quantized.prune_experts_([0, 4, 8, 12])
     with pytest.raises(ValueError, match="w_down holds 3 experts"):
         mk.compact_experts([0], 1, torch.randn(4, H), torch.randn(4, 2, H), torch.randn(3, H, 1))
 
@@ -401,11 +405,9 @@ def test_layer_forward_with_mask():
         out = layer(x, expert_mask=mask)
         assert torch.equal(layer(x, expert_mask=torch.ones(E, dtype=torch.bool)), layer(x))
         xf = x.reshape(-1, H)
-        se = layer.shared_expert
         exp = R.moge_forward(xf, xf @ layer.gate.weight.t(), layer.w_gate_up, layer.w_down, G, 2,
-                             layer.router_scale, True, "softmax",
-                             torch.cat([se.gate_proj.weight, se.up_proj.weight]), se.down_proj.weight,
-                             expert_mask=mask)
+                             layer.router_scale, True, "softmax", layer.shared_w_gate_up,
+                             layer.shared_w_down, expert_mask=mask)
     torch.testing.assert_close(out, exp.reshape(3, 5, H), atol=1e-5, rtol=1e-5)
     # with the batch's vote (Pangu on 300I Duo), and trainable through the kept experts
     out, aux = layer(x, return_aux_loss=True, expert_mask=mk.voted_expert_mask(layer.gate(xf), G, 3))
