@@ -6,8 +6,8 @@ I=336; small ones on CPU) and each T, every available backend (triton, cuda, cpu
 from public PyTorch: the eager reference (moge_kernels.reference), a torch._grouped_mm pipeline and a
 per-expert eager loop. First every timed method is checked against the reference (Pangu width, small T).
 The same run measures the device's copy bandwidth and dense matmul rate; each row gets ms, TFLOP/s,
-GB/s, speed-up over eager and over the _grouped_mm pipeline, and the fraction of the physical floor
-max(FLOPs / matmul rate, fewest bytes / bandwidth). --out DIR writes results.json (every row, the device,
+GB/s, speed-up over eager and over the _grouped_mm pipeline, and (on a GPU) the fraction of the physical
+floor max(FLOPs / matmul rate, fewest bytes / bandwidth). --out DIR writes results.json (every row, the device,
 torch/triton versions, git commit) and PNG plots. Without a GPU it times the C++ CPU backend against
 eager PyTorch on small shapes, after the self-check at the full Pangu width.
 
