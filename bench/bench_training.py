@@ -250,9 +250,9 @@ def main():
         all_ceil.append(ceil)
         torch.cuda.empty_cache()
     table = format_table(all_rows, all_ceil, torch.cuda.get_device_name())
-    from moge_kernels import autograd
-    table += ("\nbackward GEMMs: " + ("Triton (torch._grouped_mm failed: see the warnings above)"
-                                      if autograd._grouped_mm_failed else
+    from moge_kernels import _grouped_mm
+    table += ("\nbackward GEMMs: " + (f"torch._grouped_mm, except {_grouped_mm.refused} calls it refused "
+                                      "(run on Triton: see the warnings above)" if _grouped_mm.refused else
                                       "torch._grouped_mm (moge save/triton: Triton kernels)"))
     print(f"(bench took {time.time() - t0:.0f} s)")
     print_table(table, args.out)

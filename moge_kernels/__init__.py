@@ -6,8 +6,8 @@ import importlib
 from . import expert_subsets, options, reference, registry
 from ._version import __version__
 from .expert_subsets import compact_experts, voted_expert_mask
-from .ops import (grouped_combine, grouped_dispatch, grouped_gemm, grouped_mlp, grouped_permute,
-                  moge_forward)
+from .ops import (explain, grouped_combine, grouped_dispatch, grouped_gemm, grouped_mlp, grouped_permute,
+                  moge_forward, swiglu)
 from .fp8 import QuantizedExpertWeights, quantize_expert_weights
 from .packing import pack_expert_weights
 from .options import get_options, set_options, use_options
@@ -27,16 +27,16 @@ def _load_backend(backend: str, module: str) -> None:
 _load_backend("cpu", "._cpu")
 _load_backend("cuda", "._cuda")
 _load_backend("triton", ".triton")
+_load_backend("grouped_mm", "._grouped_mm")
 _load_backend("ascend", ".ascend")
 registry.select_from_env()
 
-# After the backends: autograd registers its backward primitives' Triton kernels when Triton loaded.
-from . import autograd, layer, metrics, parallel  # noqa: E402
+from . import autograd, layer, metrics, parallel  # noqa: E402  (autograd: every op's backward)
 from .layer import MoGELayer  # noqa: E402
 
 __all__ = [
     "__version__", "grouped_dispatch", "grouped_permute", "grouped_gemm", "grouped_mlp", "grouped_combine",
-    "moge_forward", "pack_expert_weights",
+    "moge_forward", "pack_expert_weights", "swiglu", "explain",
     "backends", "set_backend", "get_backend", "use_backend", "resolve", "reference", "registry",
     "options", "set_options", "use_options", "get_options",
     "MoGELayer", "autograd", "layer", "metrics", "parallel",

@@ -7,7 +7,12 @@ import torch
 
 from . import _C  # noqa: F401  defines the moge_C schemas the CUDA kernels register against
 from . import options
+from .ops import supports_score_funcs
+from .reference import ScoreFunc
 from .registry import OPS, register_kernel
+
+# The score functions csrc/cuda/dispatch.cu has a branch for; dispatch with another runs on the next backend.
+SCORE_FUNCS = (ScoreFunc.SOFTMAX, ScoreFunc.SIGMOID)
 
 if importlib.util.find_spec(f"{__package__}._cuda_C") is None:
     raise ImportError("moge_kernels._cuda_C was not built (no CUDA toolkit or a CPU-only torch at "
@@ -17,7 +22,8 @@ from . import _cuda_C  # noqa: E402,F401
 for _op in OPS:
     if hasattr(torch.ops.moge_C, _op) and \
             torch._C._dispatch_has_kernel_for_dispatch_key(f"moge_C::{_op}", "CUDA"):
-        register_kernel("cuda", _op, getattr(torch.ops.moge_C, _op), devices=("cuda",))
+        register_kernel("cuda", _op, getattr(torch.ops.moge_C, _op), devices=("cuda",),
+                        supports=supports_score_funcs(*SCORE_FUNCS) if _op == "grouped_dispatch" else None)
 
 
 def gemm_tile_args(tile: str) -> tuple[int, int]:

@@ -4,6 +4,10 @@ Shape, dtype and device checks only read metadata, so they run everywhere, under
 `torch.compile` included. Checks of values (expert_offsets monotone, row_index in range) need the data:
 they run on CPU tensors always, and on accelerators only with MOGE_VALIDATE=1, because reading device
 memory from the host would synchronise the hot path.
+
+Dtypes: every float argument is fp32, fp16, bf16 or float64. float64 (gradcheck, `MoGELayer.double()`)
+runs on the reference backend (the registry's dtype capabilities: no other backend registers it), so the
+first tensor argument of an op decides: another float argument may be float64 only when that one is.
 """
 from __future__ import annotations
 
@@ -13,7 +17,8 @@ from . import fp8, options
 from .reference import SCORE_FUNC_NAMES, score_func_code
 
 INT32_MAX = 2**31 - 1
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+LOWP_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+FLOAT_DTYPES = LOWP_DTYPES + (torch.float64,)
 SCORE_FUNCS = tuple(SCORE_FUNC_NAMES)
 
 
@@ -21,13 +26,17 @@ def _fail(msg: str, exc=ValueError):
     raise exc(msg)
 
 
-def check_tensor(name, t, ndim, dtypes=FLOAT_DTYPES, device=None):
+def check_tensor(name, t, ndim, dtypes=FLOAT_DTYPES, device=None, like=None):
+    """like=(name, tensor): the op's first argument; `t` may be float64 only when that one is."""
     if not isinstance(t, torch.Tensor):
         _fail(f"{name} must be a Tensor, got {type(t).__name__}", TypeError)
     if t.dim() != ndim:
         _fail(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
     if t.dtype not in dtypes:
         _fail(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {t.dtype}", TypeError)
+    if like is not None and t.dtype == torch.float64 and like[1].dtype != torch.float64:
+        _fail(f"{name} is float64 but {like[0]} is {like[1].dtype}: float64 arguments run on the "
+              f"reference backend, with a float64 {like[0]}", TypeError)
     if device is not None and t.device != device:
         _fail(f"{name} is on {t.device} but the other inputs are on {device}")
 
@@ -56,7 +65,7 @@ def check_dispatch(hidden, router_logits, num_groups, topk_per_group, expert_sca
                    score_func, expert_mask=None):
     """Returns the arguments as the kernels take them: score_func as its reference.ScoreFunc int."""
     check_tensor("hidden", hidden, 2)
-    check_tensor("router_logits", router_logits, 2, device=hidden.device)
+    check_tensor("router_logits", router_logits, 2, device=hidden.device, like=("hidden", hidden))
     T, E = router_logits.shape
     if hidden.shape[0] != T:
         _fail(f"hidden has {hidden.shape[0]} tokens but router_logits has {T}")
@@ -67,7 +76,7 @@ def check_dispatch(hidden, router_logits, num_groups, topk_per_group, expert_sca
         _fail(f"topk_per_group={topk_per_group} must be in [1, E/num_groups={group_size}]")
     score_code = score_func_code(score_func)
     if expert_scale is not None:
-        check_tensor("expert_scale", expert_scale, 1, device=hidden.device)
+        check_tensor("expert_scale", expert_scale, 1, device=hidden.device, like=("hidden", hidden))
         check_shape("expert_scale", expert_scale, (E,))
     if expert_mask is not None:
         check_expert_mask(expert_mask, E, num_groups, topk_per_group, hidden.device)
@@ -149,14 +158,14 @@ def check_mlp(x, w_gate_up, w_down, expert_offsets, row_scale):
               f"got {tuple(w_down.shape)}")
     check_rows_fit_int32("grouped_mlp x", x.shape[0])
     if row_scale is not None:
-        check_tensor("row_scale", row_scale, 1, device=x.device)
+        check_tensor("row_scale", row_scale, 1, device=x.device, like=("x", x))
         check_shape("row_scale", row_scale, (x.shape[0],))
     check_offsets(expert_offsets, E, x.shape[0], x.device)
 
 
 def check_combine(expert_out, topk_weights, row_index, shared_out):
     check_tensor("expert_out", expert_out, 2)
-    check_tensor("topk_weights", topk_weights, 2, device=expert_out.device)
+    check_tensor("topk_weights", topk_weights, 2, device=expert_out.device, like=("expert_out", expert_out))
     check_tensor("row_index", row_index, 2, dtypes=(torch.int32,), device=expert_out.device)
     T, K = row_index.shape
     check_shape("topk_weights", topk_weights, (T, K))
@@ -164,7 +173,7 @@ def check_combine(expert_out, topk_weights, row_index, shared_out):
         _fail(f"expert_out must have T*K = {T * K} rows (row_index is [{T}, {K}]), "
               f"got {expert_out.shape[0]}")
     if shared_out is not None:
-        check_tensor("shared_out", shared_out, 2, device=expert_out.device)
+        check_tensor("shared_out", shared_out, 2, device=expert_out.device, like=("expert_out", expert_out))
         check_shape("shared_out", shared_out, (T, expert_out.shape[1]))
     if _should_check_values(row_index) and row_index.numel() > 0:
         lo, hi = row_index.min().item(), row_index.max().item()
@@ -208,7 +217,7 @@ def check_mlp_fp8(x, w_gate_up, w_gate_up_scale, w_down, w_down_scale, expert_of
         _fail(f"w_down_scale must hold one projection (P = 1), got shape {tuple(w_down_scale.shape)}")
     check_rows_fit_int32("grouped_mlp x", x.shape[0])
     if row_scale is not None:
-        check_tensor("row_scale", row_scale, 1, device=x.device)
+        check_tensor("row_scale", row_scale, 1, device=x.device, like=("x", x))
         check_shape("row_scale", row_scale, (x.shape[0],))
     check_offsets(expert_offsets, E, x.shape[0], x.device)
 
@@ -294,3 +303,48 @@ def check_layer_weights(hidden, router_logits, w_gate_up, w_down, shared_w_gate_
         _fail(f"shared_w_gate_up must be [2*Is, H] with H = hidden.shape[1] = {H}, got shape "
               f"{tuple(shared_w_gate_up.shape)}")
     check_shape("shared_w_down", shared_w_down, (H, two_is // 2))
+
+
+# ----------------------------------------------------------------------------- backward primitives
+def check_dgrad(grad_y, w, expert_offsets):
+    check_tensor("grad_y", grad_y, 2)
+    check_tensor("w", w, 3, dtypes=(grad_y.dtype,), device=grad_y.device)
+    if w.shape[1] != grad_y.shape[1]:
+        _fail(f"w must be [E, N, Kd] with N = grad_y.shape[1] = {grad_y.shape[1]}, got shape {tuple(w.shape)}")
+    check_offsets(expert_offsets, w.shape[0], grad_y.shape[0], grad_y.device)
+
+
+def check_wgrad(grad_y, x, expert_offsets):
+    check_tensor("grad_y", grad_y, 2)
+    check_tensor("x", x, 2, dtypes=(grad_y.dtype,), device=grad_y.device)
+    if x.shape[0] != grad_y.shape[0]:
+        _fail(f"x has {x.shape[0]} rows but grad_y has {grad_y.shape[0]}")
+    check_tensor("expert_offsets", expert_offsets, 1, dtypes=(torch.int32,), device=grad_y.device)
+    check_offsets(expert_offsets, expert_offsets.shape[0] - 1, grad_y.shape[0], grad_y.device)
+
+
+def check_swiglu(gate_up):
+    check_tensor("gate_up", gate_up, 2)
+    if gate_up.shape[1] % 2 != 0:
+        _fail(f"gate_up must be [M, 2I], got shape {tuple(gate_up.shape)}")
+
+
+def check_swiglu_backward(grad_h, gate_up, row_scale, need_h):
+    check_swiglu(gate_up)
+    check_tensor("grad_h", grad_h, 2, dtypes=(gate_up.dtype,), device=gate_up.device)
+    check_shape("grad_h", grad_h, (gate_up.shape[0], gate_up.shape[1] // 2))
+    if row_scale is not None:
+        check_tensor("row_scale", row_scale, 1, device=gate_up.device, like=("grad_h", grad_h))
+        check_shape("row_scale", row_scale, (gate_up.shape[0],))
+
+
+def check_combine_backward(grad_out, expert_out, topk_weights, row_index, need_weights_grad):
+    check_tensor("grad_out", grad_out, 2)
+    check_tensor("topk_weights", topk_weights, 2, device=grad_out.device, like=("grad_out", grad_out))
+    check_tensor("row_index", row_index, 2, dtypes=(torch.int32,), device=grad_out.device)
+    T, K = row_index.shape
+    check_shape("grad_out", grad_out, (T, grad_out.shape[1]))
+    check_shape("topk_weights", topk_weights, (T, K))
+    if need_weights_grad:
+        check_tensor("expert_out", expert_out, 2, device=grad_out.device, like=("grad_out", grad_out))
+        check_shape("expert_out", expert_out, (T * K, grad_out.shape[1]))

@@ -37,7 +37,6 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from . import autograd  # noqa: F401  registers the backward of every moge op
 from . import checks, expert_subsets, fp8, ops, packing, reference
 
 _EXPERT_KEY = re.compile(r"experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")

@@ -1,5 +1,7 @@
 """The `torch.ops.moge` surface: one schema per op, its fake kernel, and the device kernels that route to
-the active backend (`moge_kernels/registry.py`).
+the active backend (`moge_kernels/registry.py`). Every op is here, the backward primitives included; its
+argument check is in checks.py, its reference in reference.py, its autograd rule in autograd.py, and
+each backend module registers its own kernels.
 
 The schemas are defined here, in Python, rather than in C++ `TORCH_LIBRARY`, because several backends
 plug into them and most are Python (Triton, reference, Ascend through torch_npu): defining the ops in
@@ -39,8 +41,25 @@ SCHEMAS = {
     "grouped_mlp_fp8": ("(Tensor x, Tensor w_gate_up, Tensor w_gate_up_scale, Tensor w_down, "
                         "Tensor w_down_scale, Tensor expert_offsets, Tensor? row_scale=None, "
                         "int block_n=128, int block_k=128) -> Tensor"),
+    # Backward primitives (autograd.py builds every backward from them):
+    #   dgrad: grad_x[rows of e] = grad_y[rows of e] @ w[e]; wgrad: grad_w[e] = grad_y_e^T @ x_e (fp32
+    #   accumulation, zeros for an empty expert); swiglu: silu(gate) * up; swiglu_backward: grad_gate_up,
+    #   h = rounded swiglu * row_scale (need_h, else [0, I]) and grad_row_scale ([0] without row_scale)
+    #   from grad_h (w.r.t. the unscaled output); combine_backward: grad_expert_out[row_index[t,k]] =
+    #   w[t,k] * grad_out[t] and grad_topk_weights[t,k] = <grad_out[t], expert_out[row]> (need_weights_grad,
+    #   else [0, K])
+    "grouped_gemm_dgrad": "(Tensor grad_y, Tensor w, Tensor expert_offsets) -> Tensor",
+    "grouped_gemm_wgrad": "(Tensor grad_y, Tensor x, Tensor expert_offsets) -> Tensor",
+    "swiglu": "(Tensor gate_up) -> Tensor",
+    "swiglu_backward": ("(Tensor grad_h, Tensor gate_up, Tensor? row_scale=None, bool need_h=False) -> "
+                        "(Tensor grad_gate_up, Tensor h, Tensor grad_row_scale)"),
+    "grouped_combine_backward": (
+        "(Tensor grad_out, Tensor expert_out, Tensor topk_weights, Tensor row_index, "
+        "bool need_weights_grad) -> (Tensor grad_expert_out, Tensor grad_topk_weights)"),
 }
-ARG_CHECKS = {   # every op defined through define_op, the backward primitives of autograd.py included
+BACKWARD_PRIMITIVES = ("grouped_gemm_dgrad", "grouped_gemm_wgrad", "swiglu", "swiglu_backward",
+                       "grouped_combine_backward")
+ARG_CHECKS = {   # every op defined through define_op
     "grouped_dispatch": checks.check_dispatch,
     "grouped_permute": checks.check_permute,
     "grouped_gemm": checks.check_gemm,
@@ -48,6 +67,11 @@ ARG_CHECKS = {   # every op defined through define_op, the backward primitives o
     "grouped_combine": checks.check_combine,
     "grouped_gemm_fp8": checks.check_gemm_fp8,
     "grouped_mlp_fp8": checks.check_mlp_fp8,
+    "grouped_gemm_dgrad": checks.check_dgrad,
+    "grouped_gemm_wgrad": checks.check_wgrad,
+    "swiglu": checks.check_swiglu,
+    "swiglu_backward": checks.check_swiglu_backward,
+    "grouped_combine_backward": checks.check_combine_backward,
 }
 # Devices with a routing kernel; the Ascend backend adds "npu" (PrivateUse1) when torch_npu imports.
 _device_types = ["cpu", "cuda"]
@@ -57,29 +81,36 @@ _device_types = ["cpu", "cuda"]
 WEIGHT_ARGS = {"grouped_gemm": (1,), "grouped_mlp": (1, 2)}
 
 
+def _schema_args(op_name):
+    """(name, default) of every schema argument, read once: the schema's pybind properties cost
+    microseconds per access, and the device kernel runs on every call."""
+    return [(arg.name, arg.default_value)
+            for arg in getattr(torch.ops.moge, op_name).default._schema.arguments]
+
+
+def _kernel_args(op_name, schema_args, args, kwargs):
+    """The arguments as every backend kernel takes them: all positional, checked, converted."""
+    if len(args) < len(schema_args):
+        args = list(args)
+        for name, default in schema_args[len(args):]:
+            args.append(kwargs.get(name, default))
+    checked = ARG_CHECKS[op_name](*args)   # a check may return the arguments converted for the kernels
+    return args if checked is None else checked
+
+
 def _make_device_kernel(op_name):
-    arg_check = ARG_CHECKS[op_name]
     weight_args = WEIGHT_ARGS.get(op_name, ())
-    # (name, default) of every schema argument, read once: the schema's pybind properties cost
-    # microseconds per access, and this runs on every call
-    schema_args = [(arg.name, arg.default_value)
-                   for arg in getattr(torch.ops.moge, op_name).default._schema.arguments]
+    schema_args = _schema_args(op_name)
 
     def device_kernel(*args, **kwargs):
         # The dispatcher hands over what the caller passed; backends get every argument positionally.
-        if len(args) < len(schema_args):
-            args = list(args)
-            for name, default in schema_args[len(args):]:
-                args.append(kwargs.get(name, default))
-        checked = arg_check(*args)   # a check may return the arguments converted for the kernels
-        if checked is not None:
-            args = checked
-        backend, fn = registry.resolve(op_name, args[0].device.type)
-        if weight_args and not registry.takes_packed(backend, op_name):
+        args = _kernel_args(op_name, schema_args, args, kwargs)
+        kernel = registry.select(op_name, args)
+        if weight_args and not kernel.packed_weights:
             args = list(args)
             for i in weight_args:
                 args[i] = packing.unpack(args[i])
-        return fn(*args)
+        return kernel.fn(*args)
 
     device_kernel.__name__ = f"{op_name}_device_kernel"
     return device_kernel
@@ -93,7 +124,7 @@ def define_op(name: str, schema: str, arg_check, reference_fn) -> None:
     ARG_CHECKS[name] = arg_check
     for device_type in _device_types:
         torch.library.impl(f"moge::{name}", device_type, _make_device_kernel(name), lib=_lib)
-    registry.register_kernel("reference", name, reference_fn, devices=("*",))
+    registry.register_kernel("reference", name, reference_fn, devices=("*",), dtypes=None)
 
 
 def register_device_type(device_type: str) -> None:
@@ -163,6 +194,67 @@ def _(x, w_gate_up, w_gate_up_scale, w_down, w_down_scale, expert_offsets, row_s
     checks.check_mlp_fp8(x, w_gate_up, w_gate_up_scale, w_down, w_down_scale, expert_offsets, row_scale,
                          block_n, block_k)
     return x.new_empty(x.shape[0], w_down.shape[1])
+
+
+@torch.library.register_fake("moge::grouped_gemm_dgrad")
+def _(grad_y, w, expert_offsets):
+    checks.check_dgrad(grad_y, w, expert_offsets)
+    return grad_y.new_empty(grad_y.shape[0], w.shape[2])
+
+
+@torch.library.register_fake("moge::grouped_gemm_wgrad")
+def _(grad_y, x, expert_offsets):
+    checks.check_wgrad(grad_y, x, expert_offsets)
+    return x.new_empty(expert_offsets.shape[0] - 1, grad_y.shape[1], x.shape[1])
+
+
+@torch.library.register_fake("moge::swiglu")
+def _(gate_up):
+    checks.check_swiglu(gate_up)
+    return gate_up.new_empty(gate_up.shape[0], gate_up.shape[1] // 2)
+
+
+@torch.library.register_fake("moge::swiglu_backward")
+def _(grad_h, gate_up, row_scale=None, need_h=False):
+    checks.check_swiglu_backward(grad_h, gate_up, row_scale, need_h)
+    M, two_i = gate_up.shape
+    return (gate_up.new_empty(M, two_i),
+            gate_up.new_empty(M if need_h else 0, two_i // 2),
+            gate_up.new_empty(M if row_scale is not None else 0, dtype=torch.float32))
+
+
+@torch.library.register_fake("moge::grouped_combine_backward")
+def _(grad_out, expert_out, topk_weights, row_index, need_weights_grad):
+    checks.check_combine_backward(grad_out, expert_out, topk_weights, row_index, need_weights_grad)
+    T, K = row_index.shape
+    return (grad_out.new_empty(T * K, grad_out.shape[1]),
+            topk_weights.new_empty(T if need_weights_grad else 0, K))
+
+
+# ----------------------------------------------------------------------------- backend capabilities
+def supports_score_funcs(*score_funcs):
+    """A grouped_dispatch kernel's `supports` predicate: it has branches for these reference.ScoreFunc
+    values; a call with another one runs on the next backend (the reference has every one)."""
+    codes = frozenset(int(f) for f in score_funcs)
+    return lambda args: args[6] in codes
+
+
+def explain(op: str, *args, **kwargs) -> dict:
+    """Which backend (and variant) `torch.ops.moge.<op>(*args, **kwargs)` runs, and why: the arguments are
+    checked as the op checks them. Returns {"op", "device", "dtype", "selected", "backend", "variant",
+    "candidates": [(backend, "runs" | "declines these arguments" | "not tried")]}."""
+    if op not in SCHEMAS:
+        raise ValueError(f"unknown op {op!r}; expected one of {tuple(SCHEMAS)}")
+    args = _kernel_args(op, _schema_args(op), args, kwargs)
+    kernel = registry.select(op, args)
+    first = args[0]
+    chain = registry.candidates(op, first.device.type, first.dtype)
+    runs = next(i for i, k in enumerate(chain) if k is kernel)
+    tried = [(k.backend, "declines these arguments" if i < runs else "runs" if i == runs else "not tried")
+             for i, k in enumerate(chain)]
+    return {"op": op, "device": first.device.type, "dtype": str(first.dtype).replace("torch.", ""),
+            "selected": registry.get_backend(), "backend": kernel.backend,
+            "variant": kernel.variant(args) if kernel.variant is not None else None, "candidates": tried}
 
 
 # ----------------------------------------------------------------------------- Python API
@@ -265,6 +357,11 @@ def grouped_combine(expert_out: Tensor, topk_weights: Tensor, row_index: Tensor,
 
     Returns [T, H] in expert_out's dtype: summed in float32 in slot order, no atomics (deterministic)."""
     return torch.ops.moge.grouped_combine(expert_out, topk_weights, row_index, shared_out)
+
+
+def swiglu(gate_up: Tensor) -> Tensor:
+    """silu(gate) * up over gate_up [M, 2I] (gate columns first), differentiable: [M, I]."""
+    return torch.ops.moge.swiglu(gate_up)
 
 
 def shared_expert_mlp(hidden: Tensor, shared_w_gate_up: Tensor, shared_w_down: Tensor) -> Tensor:

@@ -152,9 +152,14 @@ def grouped_gemm(x, w, expert_offsets):
     return y
 
 
+def acc_dtype(t):
+    """The accumulation dtype of the reference: fp32, or fp64 for fp64 inputs (gradcheck)."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
 def swiglu(gate_up):
-    """[M, 2I] (gate columns first) -> silu(gate) * up in fp32, rounded to gate_up's dtype."""
-    gate, up = gate_up.float().chunk(2, dim=-1)
+    """[M, 2I] (gate columns first) -> silu(gate) * up in fp32 (fp64 for fp64), rounded to gate_up's dtype."""
+    gate, up = gate_up.to(acc_dtype(gate_up)).chunk(2, dim=-1)
     return (F.silu(gate) * up).to(gate_up.dtype)
 
 
@@ -163,19 +168,22 @@ def grouped_mlp(x, w_gate_up, w_down, expert_offsets, row_scale=None):
     h = swiglu(grouped_gemm(x, w_gate_up, expert_offsets))
     y = grouped_gemm(h, w_down, expert_offsets)
     if row_scale is not None:
-        y = (y.float() * row_scale.float()[:, None]).to(y.dtype)
+        acc = acc_dtype(y)
+        y = (y.to(acc) * row_scale.to(acc)[:, None]).to(y.dtype)
         y[int(expert_offsets[-1]):] = 0     # rows of no expert stay zero whatever their scale
     return y
 
 
 def grouped_combine(expert_out, topk_weights, row_index, shared_out=None):
-    """out[t] = sum_k w[t,k] * expert_out[row_index[t,k]] (+ shared_out[t]); fp32, in slot order."""
+    """out[t] = sum_k w[t,k] * expert_out[row_index[t,k]] (+ shared_out[t]); fp32 (fp64 for fp64), in
+    slot order."""
     T, K = row_index.shape
-    acc = torch.zeros(T, expert_out.shape[1], dtype=torch.float32, device=expert_out.device)
+    dt = acc_dtype(expert_out)
+    acc = torch.zeros(T, expert_out.shape[1], dtype=dt, device=expert_out.device)
     for k in range(K):
-        acc = acc + topk_weights[:, k:k + 1].float() * expert_out[row_index[:, k].long()].float()
+        acc = acc + topk_weights[:, k:k + 1].to(dt) * expert_out[row_index[:, k].long()].to(dt)
     if shared_out is not None:
-        acc = acc + shared_out.float()
+        acc = acc + shared_out.to(dt)
     return acc.to(expert_out.dtype)
 
 
@@ -219,3 +227,67 @@ def moge_forward(hidden, router_logits, w_gate_up, w_down, num_groups, topk_per_
     if shared_w_gate_up is not None:
         shared = swiglu_mlp(hidden, shared_w_gate_up, shared_w_down)
     return grouped_combine(expert_out, weights, row_index, shared)
+
+
+# ----------------------------------------------------------------------------- backward primitives
+def grouped_gemm_dgrad(grad_y, w, expert_offsets):
+    """grad_x[rows of e] = grad_y[rows of e] @ w[e] (w [E, N, Kd], no transposed copy); zero rows past
+    offsets[E]."""
+    grad_x = grad_y.new_zeros(grad_y.shape[0], w.shape[2])
+    for e, lo, hi in expert_slices(expert_offsets):
+        grad_x[lo:hi] = grad_y[lo:hi] @ w[e]
+    return grad_x
+
+
+def grouped_gemm_wgrad(grad_y, x, expert_offsets):
+    """grad_w[e] = grad_y[rows of e]^T @ x[rows of e]: [E, N, Kd], fp32 (fp64) accumulation, zeros for an
+    empty expert."""
+    acc = acc_dtype(x)
+    grad_w = x.new_zeros(expert_offsets.shape[0] - 1, grad_y.shape[1], x.shape[1])
+    for e, lo, hi in expert_slices(expert_offsets):
+        grad_w[e] = (grad_y[lo:hi].to(acc).t() @ x[lo:hi].to(acc)).to(x.dtype)
+    return grad_w
+
+
+def swiglu_backward(grad_h, gate_up, row_scale=None, need_h=False):
+    """(grad_gate_up [M, 2I], h [M, I] or [0, I], grad_row_scale [M] fp32 or [0]) of
+    y = swiglu(gate_up) * row_scale, from grad_h, the gradient w.r.t. the unscaled SwiGLU output;
+    h = rounded swiglu * row_scale, the operand of the down projection's weight gradient."""
+    acc = acc_dtype(gate_up)
+    gate, up = gate_up.to(acc).chunk(2, dim=-1)
+    g = grad_h.to(acc)
+    sig = torch.sigmoid(gate)
+    silu = gate * sig
+    h = (silu * up).to(gate_up.dtype).to(acc)    # rounded, as the forward feeds it to the down GEMM
+    scale = None if row_scale is None else row_scale.to(acc)[:, None]
+    gs = g if scale is None else g * scale
+    grad_gate_up = torch.cat([gs * up * (sig + silu * (1 - sig)), gs * silu], dim=1).to(gate_up.dtype)
+    if need_h:
+        h_out = (h if scale is None else h * scale).to(gate_up.dtype)
+    else:
+        h_out = gate_up.new_empty(0, gate_up.shape[1] // 2)
+    if row_scale is not None:
+        grad_scale = (g * h).sum(-1).to(torch.float32)
+    else:
+        grad_scale = torch.zeros(0, dtype=torch.float32, device=gate_up.device)
+    return grad_gate_up, h_out, grad_scale
+
+
+def grouped_combine_backward(grad_out, expert_out, topk_weights, row_index, need_weights_grad):
+    """(grad_expert_out [T*K, H], grad_topk_weights [T, K] or [0, K]): grad_expert_out[row_index[t,k]] =
+    w[t,k] * grad_out[t]; grad_w[t,k] = <grad_out[t], expert_out[row_index[t,k]]>."""
+    T, K = row_index.shape
+    H = grad_out.shape[1]
+    acc = acc_dtype(grad_out)
+    g = grad_out.to(acc)
+    w = topk_weights.to(acc)
+    rows = row_index.reshape(-1).long()
+    # index_add_ sums duplicate rows too, so the reference stays right for any in-range row_index
+    grad_expert_out = torch.zeros(T * K, H, dtype=acc, device=grad_out.device).index_add_(
+        0, rows, (w[:, :, None] * g[:, None, :]).reshape(T * K, H)).to(grad_out.dtype)
+    if need_weights_grad:
+        gathered = expert_out.to(acc)[row_index.long()]                       # [T, K, H]
+        grad_w = (gathered * g[:, None, :]).sum(-1).to(topk_weights.dtype)
+    else:
+        grad_w = topk_weights.new_empty(0, K)
+    return grad_expert_out, grad_w

@@ -14,24 +14,16 @@ import torch
 
 import moge_kernels as mk
 from moge_kernels import autograd as AG
-from moge_kernels import checks
+from moge_kernels import ops
+from moge_kernels import reference as R
 from moge_kernels.testing import (make_expert_weights, make_routing_inputs, random_offsets,
                                   relative_error, sample_inputs)
 
 from conftest import HAS_CUDA, requires_cuda, requires_triton
 
 F64 = torch.float64
-PRIMITIVES = list(AG.SCHEMAS)
+PRIMITIVES = list(ops.BACKWARD_PRIMITIVES)
 PUBLIC = ["grouped_dispatch", "grouped_gemm", "grouped_mlp", "grouped_combine"]
-
-
-@pytest.fixture
-def allow_fp64(monkeypatch):
-    """The public ops' checks admit fp32/fp16/bf16 only; gradcheck wants fp64, which the reference
-    kernels compute fine. Widen the default dtype list of checks.check_tensor for the test."""
-    defaults = checks.check_tensor.__defaults__
-    if F64 not in defaults[0]:
-        monkeypatch.setattr(checks.check_tensor, "__defaults__", (defaults[0] + (F64,),) + defaults[1:])
 
 
 def _leaf(t, dtype=None):
@@ -126,7 +118,7 @@ def _bind(G, k_g, kw, fn, has_scale, **extra):
 # --------------------------------------------------------------------------------- fp64 oracles
 @pytest.mark.parametrize("recompute", [True, False])
 @pytest.mark.parametrize("case", ROUTING_CASES, ids=lambda c: f"T{c[0]}E{c[1]}G{c[2]}k{c[3]}")
-def test_layer_grads_match_torch_autograd_fp64(case, recompute, allow_fp64):
+def test_layer_grads_match_torch_autograd_fp64(case, recompute):
     T, E, G, k_g, H, I, opts = case
     tensors, kw = _routing_case(T, E, G, k_g, H, I, opts, dtype=F64)
     has_scale = len(tensors) == 5
@@ -139,7 +131,7 @@ def test_layer_grads_match_torch_autograd_fp64(case, recompute, allow_fp64):
         torch.testing.assert_close(g, e, atol=2e-5, rtol=1e-4, msg=lambda m: f"grad {name}: {m}")
 
 
-def test_gradcheck_grouped_gemm(allow_fp64):
+def test_gradcheck_grouped_gemm():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(9, 5, generator=g, dtype=F64, requires_grad=True)
     w = torch.randn(4, 3, 5, generator=g, dtype=F64, requires_grad=True)
@@ -148,7 +140,7 @@ def test_gradcheck_grouped_gemm(allow_fp64):
         assert torch.autograd.gradcheck(lambda a, b: torch.ops.moge.grouped_gemm(a, b, offsets), (x, w))
 
 
-def test_gradcheck_grouped_mlp(allow_fp64):
+def test_gradcheck_grouped_mlp():
     g = torch.Generator().manual_seed(1)
     x = torch.randn(8, 6, generator=g, dtype=F64, requires_grad=True)
     w_gate_up = (torch.randn(3, 8, 6, generator=g, dtype=F64) / 2).requires_grad_()
@@ -162,7 +154,7 @@ def test_gradcheck_grouped_mlp(allow_fp64):
             (x, w_gate_up, w_down, row_scale), eps=1e-3, atol=1e-3, rtol=1e-3)
 
 
-def test_gradcheck_grouped_combine(allow_fp64):
+def test_gradcheck_grouped_combine():
     g = torch.Generator().manual_seed(2)
     T, K, H = 5, 3, 7
     expert_out = torch.randn(T * K, H, generator=g, dtype=F64, requires_grad=True)
@@ -179,7 +171,7 @@ def test_gradcheck_grouped_combine(allow_fp64):
 @pytest.mark.parametrize("opts", [dict(), dict(renormalize=True), dict(score_func="sigmoid"),
                                   dict(score_func="sigmoid", renormalize=True)],
                          ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()) or "softmax")
-def test_gradcheck_grouped_dispatch(opts, allow_fp64):
+def test_gradcheck_grouped_dispatch(opts):
     g = torch.Generator().manual_seed(3)
     T, E, H, G = 4, 8, 5, 2
     hidden = torch.randn(T, H, generator=g, dtype=F64, requires_grad=True)
@@ -203,7 +195,7 @@ def test_gradcheck_primitives_fp64():
     assert torch.autograd.gradcheck(torch.ops.moge.swiglu, (gate_up,))
     # swiglu_backward is the exact derivative of swiglu
     grad_h = torch.randn(6, 4, generator=g, dtype=F64)
-    (expected,) = torch.autograd.grad(AG.ref_swiglu(gate_up), gate_up, grad_h)
+    (expected,) = torch.autograd.grad(R.swiglu(gate_up), gate_up, grad_h)
     got = torch.ops.moge.swiglu_backward(grad_h, gate_up.detach())[0]
     torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-12)
 
@@ -326,6 +318,7 @@ def test_grouped_mm_layouts_on_cpu():
     """The torch._grouped_mm calls used on Hopper, checked on the CPU build of the same op."""
     if not hasattr(torch, "_grouped_mm"):
         pytest.skip("torch._grouped_mm missing")
+    from moge_kernels import _grouped_mm as GM
     g = torch.Generator().manual_seed(7)
     M, E, N, Kd = 40, 5, 16, 24
     offsets = torch.tensor([0, 10, 10, 30, 30, 40], dtype=torch.int32)
@@ -334,13 +327,13 @@ def test_grouped_mm_layouts_on_cpu():
         x = torch.randn(M, Kd, generator=g).to(dtype)
         w = torch.randn(E, N, Kd, generator=g).to(dtype)
         try:
-            dx = AG.grouped_mm_dgrad(grad_y, w, offsets)
-            dw = AG.grouped_mm_wgrad(grad_y, x, offsets)
+            dx = GM.grouped_mm_dgrad(grad_y, w, offsets)
+            dw = GM.grouped_mm_wgrad(grad_y, x, offsets)
         except (RuntimeError, NotImplementedError) as err:
             pytest.skip(f"torch._grouped_mm on CPU: {err}")
-        _primitive_close(dx, AG.ref_grouped_gemm_dgrad(grad_y, w, offsets), dtype)
-        _primitive_close(dw, AG.ref_grouped_gemm_wgrad(grad_y, x, offsets), dtype)
-    empty = AG.grouped_mm_wgrad(grad_y[:0], x[:0], torch.zeros(E + 1, dtype=torch.int32))
+        _primitive_close(dx, R.grouped_gemm_dgrad(grad_y, w, offsets), dtype)
+        _primitive_close(dw, R.grouped_gemm_wgrad(grad_y, x, offsets), dtype)
+    empty = GM.grouped_mm_wgrad(grad_y[:0], x[:0], torch.zeros(E + 1, dtype=torch.int32))
     assert empty.shape == (E, N, Kd) and not empty.any()
 
 
@@ -407,7 +400,7 @@ def _oracle_f64(tensors, fn):
 @requires_cuda
 @pytest.mark.parametrize("gemm_mode", ["auto", "triton"])
 @pytest.mark.parametrize("recompute", [True, False])
-def test_cuda_bf16_backward_vs_reference(recompute, gemm_mode, allow_fp64):
+def test_cuda_bf16_backward_vs_reference(recompute, gemm_mode):
     mk.set_options(bwd_gemm=gemm_mode)
     T, E, G, k_g, H, I = 256, 64, 8, 1, 512, 192
     tensors, kw = _routing_case(T, E, G, k_g, H, I, dict(scale=True), device="cuda")

@@ -159,10 +159,15 @@ def test_mlp_streams_choice():
 
 
 def test_bwd_gemm_choice():
-    from moge_kernels import autograd
-    with mk.use_options(bwd_gemm="triton"):
-        assert autograd._bwd_gemm_mode() == "triton"
-        assert not autograd._grouped_mm_applies(torch.zeros(4, 4, dtype=torch.bfloat16))
+    """bwd_gemm="triton" takes the grouped_mm backend out of the backward GEMMs' order."""
+    if not mk.backends()["grouped_mm"]["available"]:
+        pytest.skip(mk.backends()["grouped_mm"]["reason"])
+    for op in ("grouped_gemm_dgrad", "grouped_gemm_wgrad"):
+        chain = [k.backend for k in mk.registry.candidates(op, "cuda", torch.bfloat16)]
+        assert chain[0] == "grouped_mm"
+        with mk.use_options(bwd_gemm="triton"):
+            assert "grouped_mm" not in [k.backend for k in mk.registry.candidates(op, "cuda", torch.bfloat16)]
+        assert [k.backend for k in mk.registry.candidates(op, "cuda", torch.bfloat16)] == chain
 
 
 def test_cuda_gemm_tile_arguments_for_the_launcher():

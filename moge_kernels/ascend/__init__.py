@@ -27,6 +27,7 @@ except Exception as err:   # installed but unusable, e.g. the CANN libraries are
 import torch  # noqa: E402
 
 from .. import ops, options, registry  # noqa: E402
+from ..reference import ScoreFunc  # noqa: E402
 from . import adapter  # noqa: E402
 
 DEVICES = ("npu",)
@@ -58,8 +59,11 @@ def _register(prefer: str) -> None:
     for op, impl in PLAN.items():
         if impl == "python":
             registry.register_kernel("ascend", op, adapter.OPS[op], devices=DEVICES)
-        elif impl == "cpp":
-            registry.register_kernel("ascend", op, getattr(torch.ops.moge_C, op), devices=DEVICES)
+        elif impl == "cpp":   # csrc/ascend/ascend_ops.cpp's route() has the softmax and sigmoid branches
+            supports = (ops.supports_score_funcs(ScoreFunc.SOFTMAX, ScoreFunc.SIGMOID)
+                        if op == "grouped_dispatch" else None)
+            registry.register_kernel("ascend", op, getattr(torch.ops.moge_C, op), devices=DEVICES,
+                                     supports=supports)
 
 
 _register(options.current.ascend_impl)

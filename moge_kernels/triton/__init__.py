@@ -8,7 +8,7 @@ import triton  # noqa: F401  missing Triton marks the backend unavailable (moge_
 from .. import options
 
 DEVICES = ("cuda", "cpu") if options.TRITON_INTERPRET else ("cuda",)
-KERNEL_MODULES = ("dispatch", "permute", "combine", "grouped_gemm", "fp8_gemm")
+KERNEL_MODULES = ("dispatch", "permute", "combine", "grouped_gemm", "backward", "fp8_gemm")
 
 for _name in KERNEL_MODULES:
     try:

@@ -1,4 +1,5 @@
-"""Triton kernels of the backward primitives (`moge_kernels/autograd.py` defines the ops and their math).
+"""Triton kernels of the backward primitives (ops.py defines the ops, reference.py their math, autograd.py
+uses them); this module registers them as the triton backend's.
 
 Index arrays (device tensors, never read by the host):
     expert_offsets  [E+1] int32  exclusive cumsum of rows per expert; rows of expert e are
@@ -15,8 +16,9 @@ Kernels, one launcher each:
 
 The two GEMMs take the place of `grouped_gemm` on a transposed weight (which would first copy the whole
 weight tensor: 1.7 GB for Pangu's w_gate_up) and of a per-expert loop (a host sync per expert). On Hopper,
-bf16, `torch._grouped_mm` (CUTLASS) serves both layouts directly and is used instead where its alignment
-rules hold (autograd.py chooses; MOGE_BWD_GEMM=triton forces these kernels). Everything is deterministic:
+bf16, `torch._grouped_mm` (CUTLASS) serves both layouts directly and runs instead where its alignment
+rules hold (the grouped_mm backend, moge_kernels/_grouped_mm.py; bwd_gemm="triton" in moge_kernels.options
+keeps these kernels). Everything is deterministic:
 each output element is written by one program with a fixed summation order, no atomics.
 """
 from __future__ import annotations
@@ -28,6 +30,8 @@ import triton.language as tl
 from .grouped_gemm import zero_tail_tile
 
 from .. import options
+from ..registry import register_kernel
+from . import DEVICES
 
 _INTERPRET = options.TRITON_INTERPRET
 
@@ -365,3 +369,11 @@ def grouped_combine_backward(grad_out, expert_out, topk_weights, row_index, need
         topk_weights.contiguous(), row_index.contiguous(), grad_expert_out, grad_w, H,
         K=K, K_POW2=k_pow2, NEED_W=need_weights_grad, BLOCK_H=block_h, num_warps=4)
     return grad_expert_out, grad_w.to(topk_weights.dtype)
+
+
+# ----------------------------------------------------------------------------- registration
+register_kernel("triton", "grouped_gemm_dgrad", grouped_gemm_dgrad, devices=DEVICES)
+register_kernel("triton", "grouped_gemm_wgrad", grouped_gemm_wgrad, devices=DEVICES)
+register_kernel("triton", "swiglu", swiglu, devices=DEVICES)
+register_kernel("triton", "swiglu_backward", swiglu_backward, devices=DEVICES)
+register_kernel("triton", "grouped_combine_backward", grouped_combine_backward, devices=DEVICES)

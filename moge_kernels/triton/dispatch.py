@@ -52,6 +52,7 @@ import triton
 import triton.language as tl
 
 from .. import options
+from ..ops import supports_score_funcs
 from ..reference import ScoreFunc
 from ..registry import register_kernel
 from . import DEVICES
@@ -480,4 +481,5 @@ def _registered(hidden, router_logits, num_groups, topk_per_group, expert_scale,
                             renormalize, score_func, expert_mask)
 
 
-register_kernel("triton", "grouped_dispatch", _registered, devices=DEVICES)
+register_kernel("triton", "grouped_dispatch", _registered, devices=DEVICES,
+                supports=supports_score_funcs(ScoreFunc.SOFTMAX, ScoreFunc.SIGMOID))   # _route_kernel's
