@@ -152,13 +152,11 @@ def fallback(op: str, args, failed: str) -> Kernel:
 def resolve(op: str, *args) -> tuple[str, Callable]:
     """(backend name, kernel) that `torch.ops.moge.<op>` runs for these arguments (positional, as the
     kernels get them: see ops.explain for the user-facing form). `resolve(op, device_type)` answers for
-    the device alone: the first backend serving every call there (conditional kernels, such as
-    grouped_mm's, need the arguments)."""
+    the device alone, any dtype, assuming every predicate holds (grouped_mm for the backward GEMMs on
+    CUDA, although a fp16 or misaligned call runs on triton): pass the arguments for the exact answer."""
     if len(args) == 1 and isinstance(args[0], str):
-        for k in candidates(op, args[0], None):
-            if k.supports is None:
-                return k.backend, k.fn
-        return "reference", _kernels[("reference", op)].fn
+        k = candidates(op, args[0], None)[0]
+        return k.backend, k.fn
     k = select(op, args)
     return k.backend, k.fn
 

@@ -209,7 +209,7 @@ def test_nan_logits_never_give_out_of_range_ids(backend, score_func):
 # ------------------------------------------------------------------------------------ registry
 def test_backend_selection_and_report():
     report = mk.backends()
-    assert set(report) == {"triton", "cuda", "cpu", "ascend", "reference"}
+    assert set(report) == {"triton", "grouped_mm", "cuda", "cpu", "ascend", "reference"}
     assert report["reference"]["available"] and set(OPS) <= set(report["reference"]["ops"])
     for name, row in report.items():
         assert row["available"] or row["reason"], f"{name} is off without a reason"

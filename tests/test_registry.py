@@ -71,9 +71,16 @@ def test_device_form_of_resolve():
     for op in ops.SCHEMAS:
         assert mk.resolve(op, "meta")[0] == "reference"          # no backend runs on meta tensors
     assert mk.resolve("grouped_gemm", "cpu")[0] == ("cpu" if HAS_CPU else "reference")
-    if HAS_TRITON:
-        # the device form skips conditional kernels (grouped_mm): it names what serves every call
-        assert mk.resolve("grouped_gemm_dgrad", "cuda")[0] == "triton"
+    assert mk.resolve("grouped_dispatch", "cpu")[0] == ("cpu" if HAS_CPU else "reference")
+    # the device form assumes the predicates hold: grouped_mm, though an fp16 call runs on triton
+    g = torch.randn(16, 8, dtype=torch.float16)
+    w = torch.randn(2, 8, 16, dtype=torch.float16)
+    offsets = torch.tensor([0, 9, 16], dtype=torch.int32)
+    if HAS_GROUPED_MM:
+        assert mk.resolve("grouped_gemm_dgrad", "cuda")[0] == "grouped_mm"
+    if HAS_TRITON and "cuda" in registry.kernel("triton", "grouped_gemm_dgrad").devices:
+        assert [k.backend for k in registry.candidates("grouped_gemm_dgrad", "cuda", g.dtype)][0] == "triton"
+    assert mk.resolve("grouped_gemm_dgrad", g, w, offsets)[0] == "reference"   # CPU: cpu has no dgrad
 
 
 def test_float64_secondary_argument_needs_float64_first_argument():

@@ -126,7 +126,8 @@ def parse_args(argv=None):
     if args.backends is not None:
         import moge_kernels as mk
         report = mk.backends()
-        requested = _names(parser, "--backends", args.backends, tuple(b for b in report if b != "reference"))
+        requested = _names(parser, "--backends", args.backends,
+                           tuple(b for b in report if b not in ("reference", "grouped_mm")))
         for b in requested:
             runs_here = args.device.type in report[b]["devices"] or "*" in report[b]["devices"]
             if not report[b]["available"] or not runs_here:

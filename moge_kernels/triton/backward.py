@@ -27,11 +27,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .grouped_gemm import zero_tail_tile
-
 from .. import options
 from ..registry import register_kernel
 from . import DEVICES
+from .grouped_gemm import zero_tail_tile
 
 _INTERPRET = options.TRITON_INTERPRET
 
