@@ -403,7 +403,9 @@ def compose_layer(hidden: Tensor, router_logits: Tensor, w_gate_up: Tensor, w_do
     permuted, topk_weights, _, expert_offsets, row_index = layer_ops.dispatch(
         hidden, router_logits, num_groups, topk_per_group, expert_scale, renormalize, score_func,
         expert_mask)
-    expert_out = (experts or layer_ops.mlp)(permuted, w_gate_up, w_down, expert_offsets)
+    # `is None`, not `or`: dynamo (torch 2.11) treats the truthiness of a bound method as data-dependent
+    run_experts = layer_ops.mlp if experts is None else experts
+    expert_out = run_experts(permuted, w_gate_up, w_down, expert_offsets)
     if phase_hook is not None:
         phase_hook("combine")
     shared_out = None if shared_w_gate_up is None else layer_ops.shared_mlp(hidden, shared_w_gate_up,
