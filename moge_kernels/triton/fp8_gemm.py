@@ -185,7 +185,7 @@ def _fp8_gemm_kernel(
             sb = tl.load(ws_ptrs + kb, mask=col_ok, other=0.0)
             acc += tl.dot(a, tl.trans(b)) * (sa[:, None] * sb[None, :])
         else:
-            acc = tl.dot(a, tl.trans(b), acc)
+            acc = tl.dot(a, tl.trans(b), acc, max_num_imprecise_acc=BK)
         if SWIGLU:
             if USE_TMA:
                 b_up = w_desc.load([w_row0 + N_OUT, kk * BK])
@@ -195,7 +195,7 @@ def _fp8_gemm_kernel(
                 sb_up = tl.load(ws_ptrs + up_scale_shift + kb, mask=col_ok, other=0.0)
                 acc_up += tl.dot(a, tl.trans(b_up)) * (sa[:, None] * sb_up[None, :])
             else:
-                acc_up = tl.dot(a, tl.trans(b_up), acc_up)
+                acc_up = tl.dot(a, tl.trans(b_up), acc_up, max_num_imprecise_acc=BK)
         x_ptrs += BK
         w_ptrs += BK
     if not PER_K:   # per-channel weights, per-token activations: one scale each, applied once
