@@ -97,9 +97,13 @@ H100_TABLE = {
 # H200 (same SMs and shared memory, 1.4x the bandwidth): the H100 table but for the two entries that an
 # H200 sweep (bench/results/experts_h200_sweep.txt) found > 2% faster at T=128: down 32x128x64 (-7%)
 # and gate_up with 3 stages (-2%); every other H100 entry was best or within 1% there.
+# A second H200 sweep (bench/results/experts_h200_sweep2.txt, extra candidates at T = 1024 and 4096)
+# found gate_up with 64-row split tails 2.1% faster at T = 4096 (prefill); at T = 1024 no candidate beat
+# the table by more than 0.8% (64-row tiles, narrower n, deeper or wider k slices: all slower).
 H200_TABLE = {**H100_TABLE,
               ("small", True): C(32, 64, 128, 4, 3),
-              ("small", False): C(32, 128, 64, 4, 4)}
+              ("small", False): C(32, 128, 64, 4, 4),
+              ("prefill", True): C(128, 128, 64, 8, 4, tma=True, tail_m=64, split_n=True)}
 TABLES = {"H100": H100_TABLE, "H200": H200_TABLE}
 
 # grouped_mlp splits the experts over two streams in these regimes (one half's down GEMM beside the
