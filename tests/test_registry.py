@@ -208,3 +208,51 @@ def test_gradcheck_grouped_permute_fp64():
     ids = torch.randint(0, E, (T, K), generator=g, dtype=torch.int32)
     ids[1, 0] = -1                                                      # a dropped slot
     assert torch.autograd.gradcheck(lambda h: torch.ops.moge.grouped_permute(h, ids, E)[0], (hidden,))
+
+
+def test_gradcheck_fp64_under_the_default_backend():
+    """float64 needs no backend choice and no widened checks: the registry runs it on the reference,
+    which accumulates float64 in float64, so gradcheck holds at its default tolerances."""
+    F64 = torch.float64
+    g = torch.Generator().manual_seed(9)
+    offsets = torch.tensor([0, 3, 3, 8], dtype=torch.int32)
+    x = torch.randn(8, 6, generator=g, dtype=F64, requires_grad=True)
+    w_gate_up = (torch.randn(3, 8, 6, generator=g, dtype=F64) / 2).requires_grad_()
+    w_down = (torch.randn(3, 6, 4, generator=g, dtype=F64) / 2).requires_grad_()
+    row_scale = torch.rand(8, generator=g, dtype=F64).add(0.5).requires_grad_()
+    assert mk.explain("grouped_mlp", x, w_gate_up, w_down, offsets)["backend"] == "reference"
+    assert torch.autograd.gradcheck(lambda a, b: mk.grouped_gemm(a, b, offsets), (x, w_gate_up))
+    assert torch.autograd.gradcheck(lambda *a: mk.grouped_mlp(*a[:3], offsets, a[3]),
+                                    (x, w_gate_up, w_down, row_scale))
+    assert torch.autograd.gradcheck(mk.swiglu, (torch.randn(5, 8, generator=g, dtype=F64, requires_grad=True),))
+    T, K, H = 4, 2, 3
+    row_index = torch.randperm(T * K, generator=g).to(torch.int32).view(T, K)
+    expert_out = torch.randn(T * K, H, generator=g, dtype=F64, requires_grad=True)
+    weights = torch.rand(T, K, generator=g, dtype=F64, requires_grad=True)
+    shared = torch.randn(T, H, generator=g, dtype=F64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b, c: mk.grouped_combine(a, b, row_index, c),
+                                    (expert_out, weights, shared))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_backward_gemm_backends_on_cuda():
+    """What runs each backward GEMM on this GPU, per dtype and layout, and that each computes the same."""
+    sm = torch.cuda.get_device_capability()[0]
+    offsets = torch.tensor([0, 40, 40, 128], dtype=torch.int32, device="cuda")
+    for op in ("grouped_gemm_dgrad", "grouped_gemm_wgrad"):
+        for dtype, n, expect in [(torch.bfloat16, 64, "grouped_mm" if sm in (9, 10) else "triton"),
+                                 (torch.bfloat16, 60, "triton"),           # N % 8: 16-byte rows fail
+                                 (torch.float16, 64, "triton"), (torch.float64, 64, "reference")]:
+            grad_y = torch.randn(128, n, device="cuda").to(dtype)
+            other = (torch.randn(3, n, 32, device="cuda") if op.endswith("dgrad")
+                     else torch.randn(128, 32, device="cuda")).to(dtype)
+            info = mk.explain(op, grad_y, other, offsets)
+            backend = info["backend"]
+            if backend != "reference" and not HAS_TRITON and expect == "triton":
+                expect = "cuda" if mk.backends()["cuda"]["available"] else "reference"
+            assert backend == expect, (op, dtype, n, info)
+            got = getattr(torch.ops.moge, op)(grad_y, other, offsets)
+            exp = getattr(R, op)(grad_y.double(), other.double(), offsets).to(dtype)
+            torch.testing.assert_close(got.float(), exp.float(), atol=5e-2, rtol=2e-2)
+            with mk.use_options(bwd_gemm="triton"):
+                assert mk.explain(op, grad_y, other, offsets)["backend"] != "grouped_mm"
