@@ -256,3 +256,21 @@ def test_backward_gemm_backends_on_cuda():
             torch.testing.assert_close(got.float(), exp.float(), atol=5e-2, rtol=2e-2)
             with mk.use_options(bwd_gemm="triton"):
                 assert mk.explain(op, grad_y, other, offsets)["backend"] != "grouped_mm"
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="no triton")
+def test_explain_names_the_triton_gemm_variant():
+    from moge_kernels.triton import gemm_configs
+    if "cpu" not in registry.kernel("triton", "grouped_mlp").devices and not torch.cuda.is_available():
+        pytest.skip("triton runs on neither CPU (interpreter) nor CUDA here")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x = torch.randn(6, 16, device=device)
+    w_gate_up, w_down = torch.randn(3, 16, 16, device=device), torch.randn(3, 16, 8, device=device)
+    offsets = torch.tensor([0, 2, 2, 6], dtype=torch.int32, device=device)
+    with mk.use_backend("triton"):
+        info = mk.explain("grouped_mlp", x, w_gate_up, w_down, offsets)
+        table = gemm_configs.table_config(6, 3, True, x.dtype, x.device)
+        assert info["backend"] == "triton" and info["variant"].startswith(f"gate_up {table}, down ")
+        assert info["variant"].endswith("one stream")         # fp32: never two streams
+        assert mk.explain("grouped_gemm", x, w_gate_up, offsets)["variant"] == \
+            f"config {gemm_configs.table_config(6, 3, False, x.dtype, x.device)}"

@@ -641,5 +641,19 @@ def grouped_mlp(x, w_gate_up, w_down, expert_offsets, row_scale=None):
     return y
 
 
-register_kernel("triton", "grouped_gemm", grouped_gemm, devices=DEVICES, packed_weights=True)
-register_kernel("triton", "grouped_mlp", grouped_mlp, devices=DEVICES, packed_weights=True)
+def _variant(args, mlp: bool) -> str:
+    """explain()'s variant: the committed-table (or forced) config of each GEMM, and the streams;
+    with triton_autotune the tuned config may differ."""
+    x, w = args[0], args[1]
+    M, E, key = x.shape[0], w.shape[0], gemm_configs.options_key()
+    if not mlp:
+        return f"config {_table_config(M, E, False, x.dtype, x.device, key)}"
+    return (f"gate_up {_table_config(M, E, True, x.dtype, x.device, key)}, "
+            f"down {_table_config(M, E, False, x.dtype, x.device, key)}, "
+            f"{'two streams' if _two_streams(x, E) else 'one stream'}")
+
+
+register_kernel("triton", "grouped_gemm", grouped_gemm, devices=DEVICES, packed_weights=True,
+                variant=lambda args: _variant(args, mlp=False))
+register_kernel("triton", "grouped_mlp", grouped_mlp, devices=DEVICES, packed_weights=True,
+                variant=lambda args: _variant(args, mlp=True))
