@@ -32,15 +32,20 @@ timeout 80 python3 bench/host_overhead.py --shapes pangu,qwen3_30b --tokens 1,16
 stamp "expert mlp vs floors"
 timeout 80 python3 bench/bench_experts.py --T 1,128,1024,4096,16384 --rounds 5 --no-eager 2>&1 | grep -v Warn \
     | tee "$OUT/experts.log" | tail -12
+stamp "expert mlp at the session's start (3b6eff9), same call"
+if git rev-parse -q --verify 3b6eff9^{commit} >/dev/null 2>&1 && git worktree add -q /tmp/moge_old 3b6eff9 2>/dev/null; then
+  (cd /tmp/moge_old && PYTHONPATH=/tmp/moge_old timeout 70 python3 bench/bench_experts.py --T 1,128,1024,4096,16384 \
+      --rounds 3 --no-eager 2>&1 | grep -v Warn | tee "$OUT/experts_3b6eff9.log" | tail -9)
+else echo "no git history here: no before run"; fi
 stamp "transformers experts"
-timeout 120 python3 bench/bench_transformers.py --models qwen3,mixtral --tokens 1,1024,4096 --modes fwd --impls moge,grouped_mm,batched_mm \
-    --budget-s 100 2>&1 | grep -v Warn > "$OUT/transformers.log"; tail -40 "$OUT/transformers.log"
+timeout 85 python3 bench/bench_transformers.py --models qwen3,mixtral --tokens 1,1024,4096 --modes fwd --impls moge,grouped_mm \
+    --budget-s 70 2>&1 | grep -v Warn > "$OUT/transformers.log"; tail -40 "$OUT/transformers.log"
 stamp "subsets"
-timeout 50 python3 bench/bench_subsets.py --T 1,1024,4096 --layer-T 1024 --rounds 4 2>&1 | grep -v Warn \
+timeout 45 python3 bench/bench_subsets.py --T 1,1024,4096 --layer-T 1024 --rounds 4 2>&1 | grep -v Warn \
     | tee "$OUT/subsets.log" | tail -14
 stamp "permute"
-timeout 35 python3 bench/bench_permute.py --tokens 1024,4096,16384 --drop 0.0 2>&1 | grep -v Warn \
+timeout 30 python3 bench/bench_permute.py --tokens 1024,4096,16384 --drop 0.0 2>&1 | grep -v Warn \
     | tee "$OUT/permute.log" | tail -14
 stamp "fp8"
-timeout 55 python3 bench/bench_fp8.py --T 1,1024,4096 --rounds 3 2>&1 | grep -v Warn | tee "$OUT/fp8.log" | tail -10
+timeout 45 python3 bench/bench_fp8.py --T 1,1024,4096 --rounds 3 2>&1 | grep -v Warn | tee "$OUT/fp8.log" | tail -10
 stamp done
