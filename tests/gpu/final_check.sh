@@ -14,7 +14,7 @@ echo "build exit $?"
 stamp tests
 timeout ${TEST_S:-100} python3 -m pytest -q -p no:cacheprovider -n 8 tests/test_layer.py tests/test_fp8.py \
     tests/test_expert_subsets.py tests/test_grouped_permute.py tests/test_integration_transformers.py \
-    tests/test_triton_launch.py tests/test_options.py tests/test_ops_surface.py tests/test_autograd.py \
+    tests/test_triton_launch.py tests/test_options.py tests/test_ops_surface.py tests/test_autograd.py tests/test_registry.py \
     -k "not rejects_unknown_score_func" 2>&1 | grep -v Warn > "$OUT/tests.log"
 echo "tests exit ${PIPESTATUS[0]}"; grep -E "passed|failed|FAILED" "$OUT/tests.log" | tail -12
 stamp "probe: a C++ TORCH_CHECK from the extensions, in a subprocess"
