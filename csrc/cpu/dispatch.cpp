@@ -4,7 +4,6 @@
 #include <ATen/Parallel.h>
 
 #include <cmath>
-#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -59,7 +58,7 @@ DispatchOutputs grouped_dispatch_cpu(const at::Tensor& hidden, const at::Tensor&
                                      int64_t score_func,
                                      const std::optional<at::Tensor>& expert_mask) {
   check_dispatch_args(hidden, router_logits, num_groups, topk_per_group, expert_scale, expert_mask);
-  const int64_t T = router_logits.size(0), E = router_logits.size(1), H = hidden.size(1);
+  const int64_t T = router_logits.size(0), E = router_logits.size(1);
   const int64_t G = num_groups, k_g = topk_per_group, S = E / G, K = G * k_g;
   const ScoresFn token_scores = scores_fn(score_func);
 
@@ -114,29 +113,8 @@ DispatchOutputs grouped_dispatch_cpu(const at::Tensor& hidden, const at::Tensor&
     }
   });
 
-  // Stable counting sort by expert. One sequential pass over T*K int32s costs far less than the row
-  // copies below, and keeps (token, slot) order inside each expert without any merge step.
-  auto expert_offsets = at::zeros({E + 1}, topk_ids.options());     // [E+1] int32
-  auto row_index = at::empty({T, K}, topk_ids.options());           // [T, K] int32
-  int32_t* offsets_ptr = expert_offsets.data_ptr<int32_t>();
-  int32_t* row_ptr = row_index.data_ptr<int32_t>();
-  for (int64_t i = 0; i < T * K; ++i) offsets_ptr[ids_ptr[i] + 1] += 1;
-  for (int64_t e = 0; e < E; ++e) offsets_ptr[e + 1] += offsets_ptr[e];
-  std::vector<int32_t> cursor(offsets_ptr, offsets_ptr + E);
-  for (int64_t i = 0; i < T * K; ++i) row_ptr[i] = cursor[ids_ptr[i]]++;
-
-  auto src = hidden.contiguous();
-  auto permuted_hidden = at::empty({T * K, H}, src.options());      // [T*K, H]
-  const int64_t row_bytes = H * static_cast<int64_t>(src.element_size());
-  const char* src_ptr = static_cast<const char*>(src.data_ptr());
-  char* dst_ptr = static_cast<char*>(permuted_hidden.data_ptr());
-  at::parallel_for(0, T, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      for (int64_t k = 0; k < K; ++k) {
-        std::memcpy(dst_ptr + row_ptr[t * K + k] * row_bytes, src_ptr + t * row_bytes, row_bytes);
-      }
-    }
-  });
+  // The permutation is grouped_permute's: a stable counting sort by expert, then the row copies.
+  auto [permuted_hidden, expert_offsets, row_index] = grouped_permute_cpu(hidden, topk_ids, E);
   return {permuted_hidden, topk_weights, topk_ids, expert_offsets, row_index};
 }
 
