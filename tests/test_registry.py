@@ -271,6 +271,21 @@ def test_explain_names_the_triton_gemm_variant():
         info = mk.explain("grouped_mlp", x, w_gate_up, w_down, offsets)
         table = gemm_configs.table_config(6, 3, True, x.dtype, x.device)
         assert info["backend"] == "triton" and info["variant"].startswith(f"gate_up {table}, down ")
-        assert info["variant"].endswith("one stream")         # fp32: never two streams
+        notice = gemm_configs.table_notice(x.device)
+        assert info["variant"].endswith(f"one stream ({notice})")   # fp32: never two streams
         assert mk.explain("grouped_gemm", x, w_gate_up, offsets)["variant"] == \
-            f"config {gemm_configs.table_config(6, 3, False, x.dtype, x.device)}"
+            f"config {gemm_configs.table_config(6, 3, False, x.dtype, x.device)} ({notice})"
+
+
+def test_table_notice_names_the_fallback_for_an_unknown_card(monkeypatch):
+    from moge_kernels.triton import gemm_configs
+    names = {0: "NVIDIA H200", 1: "NVIDIA B200"}
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: names[index])
+    gemm_configs.device_family.cache_clear()
+    try:
+        assert gemm_configs.table_notice(torch.device("cuda", 0)) == "H200 table"
+        assert gemm_configs.table_notice(torch.device("cuda", 1)) == \
+            "H100 table (no table for NVIDIA B200: nearest family)"
+        assert gemm_configs.table_notice(torch.device("cpu")) == "interpreter config"
+    finally:
+        gemm_configs.device_family.cache_clear()

@@ -160,6 +160,17 @@ def regime(num_rows: int, num_experts: int) -> str:
     return "prefill"
 
 
+def table_notice(device: torch.device) -> str:
+    """Which table serves `device`, for explain(): names the fallback when the card has no table."""
+    if device.type != "cuda":
+        return "interpreter config"
+    index = device_index(device)
+    family, name = device_family(index), torch.cuda.get_device_name(index)
+    if family in name:
+        return f"{family} table"
+    return f"{family} table (no table for {name}: nearest family)"
+
+
 @functools.lru_cache(maxsize=None)
 def device_family(device_index: int) -> str:
     name = torch.cuda.get_device_name(device_index)

@@ -646,11 +646,12 @@ def _variant(args, mlp: bool) -> str:
     with triton_autotune the tuned config may differ."""
     x, w = args[0], args[1]
     M, E, key = x.shape[0], w.shape[0], gemm_configs.options_key()
+    table = gemm_configs.table_notice(x.device)
     if not mlp:
-        return f"config {_table_config(M, E, False, x.dtype, x.device, key)}"
+        return f"config {_table_config(M, E, False, x.dtype, x.device, key)} ({table})"
     return (f"gate_up {_table_config(M, E, True, x.dtype, x.device, key)}, "
             f"down {_table_config(M, E, False, x.dtype, x.device, key)}, "
-            f"{'two streams' if _two_streams(x, E) else 'one stream'}")
+            f"{'two streams' if _two_streams(x, E) else 'one stream'} ({table})")
 
 
 register_kernel("triton", "grouped_gemm", grouped_gemm, devices=DEVICES, packed_weights=True,
