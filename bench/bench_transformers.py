@@ -129,16 +129,8 @@ def time_eager(call):
 
 
 def time_graph(call):
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            call()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        call()
-    return time_eager(graph.replay)
+    from moge_kernels.bench.timing import capture_graph   # warm-up off the default stream, then capture
+    return time_eager(capture_graph(call))
 
 
 def check_against(module, hidden, ids, weights, ref_impl="grouped_mm"):
