@@ -263,6 +263,35 @@ def _route_permute_kernel(
 
 
 # ----------------------------------------------------------------------------------------- launch 2
+# The two passes of a scan over routing blocks, shared with triton/permute.py: block_base is
+# [num_blocks, ROW] int32, per-block counts in, per-block first rows out (in place), for the columns
+# `cols` (int32 vector, `col_ok` its mask).
+@triton.jit
+def _column_totals(block_base_ptr, cols, col_ok, num_blocks, ROW: tl.constexpr, CHUNK_B: tl.constexpr):
+    """Sum of each column over all blocks."""
+    total = tl.zeros_like(cols)
+    for b0 in range(0, num_blocks, CHUNK_B):
+        b = b0 + tl.arange(0, CHUNK_B)
+        mask = (b < num_blocks)[:, None] & col_ok[None, :]
+        total += tl.sum(tl.load(block_base_ptr + b[:, None] * ROW + cols[None, :], mask=mask, other=0), axis=0)
+    return total
+
+
+@triton.jit
+def _store_block_bases(block_base_ptr, base, cols, col_ok, num_blocks, ROW: tl.constexpr,
+                       CHUNK_B: tl.constexpr):
+    """Replace each block's counts by its first row: base (each column's first row) plus the counts of
+    the blocks before it."""
+    for b0 in range(0, num_blocks, CHUNK_B):
+        b = b0 + tl.arange(0, CHUNK_B)
+        mask = (b < num_blocks)[:, None] & col_ok[None, :]
+        ptrs = block_base_ptr + b[:, None] * ROW + cols[None, :]
+        counts = tl.load(ptrs, mask=mask, other=0)
+        # Read before write, same program, same addresses: in place is safe.
+        tl.store(ptrs, base[None, :] + tl.cumsum(counts, axis=0) - counts, mask=mask)
+        base += tl.sum(counts, axis=0)
+
+
 @triton.jit(do_not_specialize=["T", "num_blocks"])
 def _scan_kernel(
     block_base_ptr,      # [NB, E] int32 in: per-block counts; out (in place): per-block base rows
@@ -276,24 +305,13 @@ def _scan_kernel(
     s = tl.arange(0, S_PAD)
     s_ok = s < S
     cols = g * S + s
-    total = tl.zeros([S_PAD], dtype=tl.int32)
-    for b0 in range(0, num_blocks, CHUNK_B):
-        b = b0 + tl.arange(0, CHUNK_B)
-        mask = (b < num_blocks)[:, None] & s_ok[None, :]
-        total += tl.sum(tl.load(block_base_ptr + b[:, None] * E + cols[None, :], mask=mask, other=0), axis=0)
+    total = _column_totals(block_base_ptr, cols, s_ok, num_blocks, E, CHUNK_B)
     # Group g owns rows [g*T*k_g, (g+1)*T*k_g): its base needs no cross-group scan.
     base = g * T * K_G + tl.cumsum(total, axis=0) - total
     tl.store(expert_offsets_ptr + cols, base, mask=s_ok)
     if g == G - 1:
         tl.store(expert_offsets_ptr + E, T * K_G * G)
-    for b0 in range(0, num_blocks, CHUNK_B):
-        b = b0 + tl.arange(0, CHUNK_B)
-        mask = (b < num_blocks)[:, None] & s_ok[None, :]
-        ptrs = block_base_ptr + b[:, None] * E + cols[None, :]
-        counts = tl.load(ptrs, mask=mask, other=0)
-        # Read before write, same program, same addresses: in place is safe.
-        tl.store(ptrs, base[None, :] + tl.cumsum(counts, axis=0) - counts, mask=mask)
-        base += tl.sum(counts, axis=0)
+    _store_block_bases(block_base_ptr, base, cols, s_ok, num_blocks, E, CHUNK_B)
 
 
 # ----------------------------------------------------------------------------------------- launch 3

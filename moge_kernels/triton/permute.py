@@ -34,6 +34,7 @@ import triton.language as tl
 from .. import options
 from ..registry import register_kernel
 from . import DEVICES
+from .dispatch import _column_totals, _store_block_bases
 from .launch import Kernel
 
 _INTERPRET = options.TRITON_INTERPRET
@@ -100,21 +101,10 @@ def _scan_kernel(
     """Grid (1,): column sums, their exclusive cumsum over buckets, then a running sum over blocks."""
     e = tl.arange(0, E1_PAD)
     e_ok = e < E + 1
-    total = tl.zeros([E1_PAD], dtype=tl.int32)
-    for b0 in range(0, num_blocks, CHUNK_B):
-        b = b0 + tl.arange(0, CHUNK_B)
-        mask = (b < num_blocks)[:, None] & e_ok[None, :]
-        total += tl.sum(tl.load(block_base_ptr + b[:, None] * (E + 1) + e[None, :], mask=mask, other=0), axis=0)
+    total = _column_totals(block_base_ptr, e, e_ok, num_blocks, E + 1, CHUNK_B)
     base = tl.cumsum(total, axis=0) - total
     tl.store(expert_offsets_ptr + e, base, mask=e_ok)
-    for b0 in range(0, num_blocks, CHUNK_B):
-        b = b0 + tl.arange(0, CHUNK_B)
-        mask = (b < num_blocks)[:, None] & e_ok[None, :]
-        ptrs = block_base_ptr + b[:, None] * (E + 1) + e[None, :]
-        counts = tl.load(ptrs, mask=mask, other=0)
-        # Read before write, same program, same addresses: in place is safe.
-        tl.store(ptrs, base[None, :] + tl.cumsum(counts, axis=0) - counts, mask=mask)
-        base += tl.sum(counts, axis=0)
+    _store_block_bases(block_base_ptr, base, e, e_ok, num_blocks, E + 1, CHUNK_B)
 
 
 # ----------------------------------------------------------------------------------------- launch 3
