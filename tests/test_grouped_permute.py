@@ -126,6 +126,10 @@ def test_triton_tilings(backend, device, count_config, copy_config):
     ids = make_topk_ids(T, K, E, seed=4, device=device)
     out = tp.grouped_permute(hidden, ids, E, count_config=count_config, copy_config=copy_config)
     assert_permute_equal(out, R.permute(hidden, ids, E))
+    # a token repeating an expert and dropped slots in every tile, ids as a transposed int64 view
+    repeated = torch.stack([ids[:, 0], ids[:, 0], torch.full_like(ids[:, 0], -1)], 1).long().t().contiguous().t()
+    out = tp.grouped_permute(hidden, repeated, E, count_config=count_config, copy_config=copy_config)
+    assert_permute_equal(out, R.permute(hidden, repeated, E))
 
 
 @pytest.mark.parametrize("backend,device", CASES)
@@ -388,13 +392,13 @@ def test_triton_count_config_on_gpu(monkeypatch):
     from moge_kernels.triton import permute as tp
     monkeypatch.setattr(tp, "_INTERPRET", False)
     for T in (1, 7, 100, 256, 257, 4096, 16384, 65536):
-        for E in (8, 64, 128, 384):
-            e1_pad = tp._pow2(E + 1)
-            block_t, sub_t = tp._count_config(T, e1_pad)
+        for K, E in ((1, 8), (2, 8), (8, 64), (8, 128), (6, 384)):
+            block_t, sub_t = tp._count_config(T, K, E)
             num_blocks = -(-T // block_t)
-            assert block_t % sub_t == 0 and sub_t * e1_pad <= tp.COUNT_TILE_ELEMS
+            assert block_t % sub_t == 0 and sub_t * tp._pow2(K) * tp._pow2(E) <= max(tp.RANK_TILE_ELEMS,
+                                                                                 tp._pow2(K) * tp._pow2(E))
             assert num_blocks <= max(tp.FUSED_SCAN_MAX_BLOCKS, tp.MAX_COUNT_BLOCKS)
-            if T <= tp.FUSED_SCAN_MAX_BLOCKS * (tp.COUNT_TILE_ELEMS // e1_pad):
+            if T <= tp.FUSED_SCAN_MAX_BLOCKS * sub_t:
                 assert num_blocks <= tp.FUSED_SCAN_MAX_BLOCKS
 
 

@@ -39,55 +39,58 @@ from .launch import Kernel
 
 _INTERPRET = options.TRITON_INTERPRET
 
-# Count tiles are [SUB_T tokens, pow2(E+1)] int32, at most this many elements; a count program walks
-# COUNT_BLOCK_T tokens in such tiles.
-COUNT_TILE_ELEMS = 4096
+# Rank tiles are [SUB_T * pow2(K) slots, pow2(E)] int32 one-hots, at most this many elements; a rank
+# program walks its COUNT_BLOCK_T tokens in such tiles with a running per-expert carry.
+RANK_TILE_ELEMS = 8192
 # Up to this many count blocks the copy programs scan the counts themselves (no scan launch).
 FUSED_SCAN_MAX_BLOCKS = 16
 # Past that, at most this many count blocks: the scan is one program reading NB x (E+1) counts twice, so
-# more tokens a count program (a loop over its sub-tiles) keeps it a few microseconds at any T, while 128
-# count programs still spread the ranking over the SMs (estimates, to be timed by bench/bench_permute.py).
-MAX_COUNT_BLOCKS = 128
+# more blocks shorten each rank program's serial walk over its tiles but lengthen the scan (estimates;
+# bench/bench_permute.py --variants times the alternatives).
+MAX_COUNT_BLOCKS = 256
 # Scan tile [CHUNK_B blocks, pow2(E+1) buckets].
 SCAN_TILE_ELEMS = 8192
 
 
-@triton.jit
-def _bucket(ids_ptr, t, k, t_ok, stride_it, stride_ik, E: tl.constexpr):
-    """Bucket of slot (t, k): its expert, or E for -1 (and any id outside [0, E))."""
-    ids = tl.load(ids_ptr + t.to(tl.int64) * stride_it + k * stride_ik, mask=t_ok, other=-1)
-    return tl.where((ids >= 0) & (ids < E), ids, E).to(tl.int32)
-
-
 # ----------------------------------------------------------------------------------------- launch 1
 @triton.jit(do_not_specialize=["T"])
-def _count_kernel(
+def _rank_kernel(
     ids_ptr,             # [T, K] int32/int64, strides (stride_it, stride_ik)
     slot_rank_ptr,       # [T, K] int32 out
-    block_base_ptr,      # [NB, E+1] int32 out: per-block bucket counts
+    block_base_ptr,      # [NB, E+1] int32 out: per-block bucket counts (column E: the dropped slots)
     T, stride_it, stride_ik,
-    E: tl.constexpr, K: tl.constexpr, E1_PAD: tl.constexpr, BLOCK_T: tl.constexpr, SUB_T: tl.constexpr,
+    E: tl.constexpr, K: tl.constexpr, E_PAD: tl.constexpr, K_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
+    SUB_T: tl.constexpr,
 ):
-    """Grid (NB,): program b counts the slots of tokens [b*BLOCK_T, (b+1)*BLOCK_T), SUB_T at a time."""
+    """Grid (NB,): program b ranks the slots of tokens [b*BLOCK_T, (b+1)*BLOCK_T), SUB_T tokens a tile.
+
+    A tile is its SUB_T*K_PAD slots flattened in (token, slot) order, so one id load, one one-hot
+    [slots, E_PAD] (experts only: a dropped slot's rank follows from the kept ones), one cumsum and one
+    reduction rank every slot; the work per slot is E_PAD, whatever K."""
     pid = tl.program_id(0)
-    e = tl.arange(0, E1_PAD)[None, :]
-    carry = tl.zeros([E1_PAD], dtype=tl.int32)                     # slots of the block's earlier sub-tiles
-    for t0 in range(pid * BLOCK_T, (pid + 1) * BLOCK_T, SUB_T):
-        t = t0 + tl.arange(0, SUB_T)
-        t_ok = t < T
-        per_token = tl.zeros([SUB_T, E1_PAD], dtype=tl.int32)      # slots of token t in bucket e
-        for k in tl.static_range(K):
-            b = _bucket(ids_ptr, t, k, t_ok, stride_it, stride_ik, E)
-            per_token += ((b[:, None] == e) & t_ok[:, None]).to(tl.int32)
-        earlier = carry[None, :] + tl.cumsum(per_token, axis=0) - per_token   # earlier tokens of the block
-        for k in tl.static_range(K):
-            b = _bucket(ids_ptr, t, k, t_ok, stride_it, stride_ik, E)
-            rank = tl.sum(tl.where(b[:, None] == e, earlier, 0), axis=1)
-            for j in tl.static_range(k):   # earlier slots of the same token in the same bucket
-                rank += (_bucket(ids_ptr, t, j, t_ok, stride_it, stride_ik, E) == b).to(tl.int32)
-            tl.store(slot_rank_ptr + t * K + k, rank, mask=t_ok)
-        carry += tl.sum(per_token, axis=0)
-    tl.store(block_base_ptr + pid * (E + 1) + tl.arange(0, E1_PAD), carry, mask=tl.arange(0, E1_PAD) < E + 1)
+    i = tl.arange(0, SUB_T * K_PAD)                   # flat slot of the tile
+    k = i % K_PAD
+    e = tl.arange(0, E_PAD)
+    t_first = pid * BLOCK_T
+    carry = tl.zeros([E_PAD], dtype=tl.int32)         # kept slots of the block's earlier tiles, per expert
+    for t0 in range(t_first, t_first + BLOCK_T, SUB_T):
+        t = t0 + i // K_PAD
+        ok = (k < K) & (t < T)
+        ids = tl.load(ids_ptr + t.to(tl.int64) * stride_it + k * stride_ik, mask=ok, other=-1)
+        kept = ok & (ids >= 0) & (ids < E)            # ids outside [-1, E) count as dropped
+        onehot = (tl.where(kept, ids, -1).to(tl.int32)[:, None] == e[None, :]).to(tl.int32)
+        earlier = carry[None, :] + tl.cumsum(onehot, axis=0) - onehot   # the block's earlier slots, per expert
+        rank_kept = tl.sum(onehot * earlier, axis=1)
+        kept_i = kept.to(tl.int32)
+        kept_before = tl.sum(carry, axis=0) + tl.cumsum(kept_i, axis=0) - kept_i
+        # a dropped slot: the block's earlier slots minus the kept ones among them
+        rank = tl.where(kept, rank_kept, (t - t_first) * K + k - kept_before)
+        tl.store(slot_rank_ptr + t * K + k, rank, mask=ok)
+        carry += tl.sum(onehot, axis=0)
+    base = block_base_ptr + pid * (E + 1)
+    tl.store(base + e, carry, mask=e < E)
+    num_slots = (tl.minimum(T, t_first + BLOCK_T) - t_first) * K
+    tl.store(base + E, num_slots - tl.sum(carry, axis=0))
 
 
 # ----------------------------------------------------------------------------------------- launch 2
@@ -118,10 +121,14 @@ def _copy_kernel(
     row_index_ptr,       # [T, K] int32 out
     permuted_ptr,        # [T*K, H] out, contiguous
     T, H, stride_ht, stride_it, stride_ik, num_blocks,
-    E: tl.constexpr, K: tl.constexpr, E1_PAD: tl.constexpr, NB_PAD: tl.constexpr,
+    E: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr, E1_PAD: tl.constexpr, NB_PAD: tl.constexpr,
     FUSED_SCAN: tl.constexpr, COUNT_BLOCK_T: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    """Grid (cdiv(T, BLOCK_T), cdiv(H, BLOCK_H)). FUSED_SCAN needs BLOCK_T <= COUNT_BLOCK_T (powers of two)."""
+    """Grid (cdiv(T, BLOCK_T), cdiv(H, BLOCK_H)). FUSED_SCAN needs BLOCK_T <= COUNT_BLOCK_T (powers of two).
+
+    Every index load of the program's BLOCK_T x K slots is issued with the hidden tile's, before the
+    first store: the K stores then run back to back from registers (a load after a store to another
+    pointer cannot be hoisted above it, so loading per slot would chain 2K round trips)."""
     pid_t = tl.program_id(0)
     pid_h = tl.program_id(1)
     t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -131,6 +138,13 @@ def _copy_kernel(
     # int64 addresses: T*K*H passes 2^31 elements at prefill sizes.
     rows = tl.load(hidden_ptr + t.to(tl.int64)[:, None] * stride_ht + h[None, :], mask=mask,
                    eviction_policy="evict_first")   # read once: keep L2 for the K writes
+    t2 = t[:, None]                                   # [BLOCK_T, 1]
+    k2 = tl.arange(0, K_PAD)[None, :]                 # [1, K_PAD]
+    ok2 = (t2 < T) & (k2 < K)
+    ids = tl.load(ids_ptr + t2.to(tl.int64) * stride_it + k2 * stride_ik, mask=ok2, other=-1)
+    kept = (ids >= 0) & (ids < E)                     # ids outside [-1, E) count as dropped
+    bucket = tl.where(kept, ids, E).to(tl.int32)      # [BLOCK_T, K_PAD]
+    row = tl.load(slot_rank_ptr + t2 * K + k2, mask=ok2, other=0)
     if FUSED_SCAN:
         b2 = tl.arange(0, NB_PAD)[:, None]
         e2 = tl.arange(0, E1_PAD)[None, :]
@@ -142,28 +156,26 @@ def _copy_kernel(
                 tl.store(expert_offsets_ptr + tl.arange(0, E1_PAD), offsets, mask=tl.arange(0, E1_PAD) < E + 1)
         my_block = (pid_t * BLOCK_T) // COUNT_BLOCK_T
         base = offsets + tl.sum(tl.where(b2 < my_block, counts, 0), axis=0)   # [E1_PAD]
-        e_of = tl.arange(0, E1_PAD)[None, :]
+        e3 = tl.arange(0, E1_PAD)[None, None, :]
+        row += tl.sum(tl.where(bucket[:, :, None] == e3, base[None, None, :], 0), axis=2)
     else:
-        block = t // COUNT_BLOCK_T
+        row += tl.load(block_base_ptr + (t2 // COUNT_BLOCK_T) * (E + 1) + bucket, mask=ok2, other=0)
+    if pid_h == 0:
+        tl.store(row_index_ptr + t2 * K + k2, row, mask=ok2)
+    code = tl.where(kept, row, -1 - row)              # a dropped slot's row as -1 - row: written with zeros
     for k in tl.static_range(K):
-        b = _bucket(ids_ptr, t, k, t_ok, stride_it, stride_ik, E)
-        if FUSED_SCAN:
-            row = tl.sum(tl.where(e_of == b[:, None], base[None, :], 0), axis=1)
-        else:
-            row = tl.load(block_base_ptr + block * (E + 1) + b, mask=t_ok, other=0)
-        row += tl.load(slot_rank_ptr + t * K + k, mask=t_ok, other=0)
-        if pid_h == 0:
-            tl.store(row_index_ptr + t * K + k, row, mask=t_ok)
-        vals = tl.where((b < E)[:, None], rows, tl.zeros_like(rows))
-        tl.store(permuted_ptr + row.to(tl.int64)[:, None] * H + h[None, :], vals, mask=mask)
+        code_k = tl.sum(tl.where(k2 == k, code, 0), axis=1)              # [BLOCK_T] column k, from registers
+        row_k = tl.where(code_k >= 0, code_k, -1 - code_k)
+        vals = tl.where((code_k >= 0)[:, None], rows, tl.zeros_like(rows))
+        tl.store(permuted_ptr + row_k.to(tl.int64)[:, None] * H + h[None, :], vals, mask=mask)
 
 
 # ----------------------------------------------------------------------------------------- launcher
 # Launched through cached compiled handles (launch.Kernel): the three launches cost little host time.
-_count = Kernel(_count_kernel, ("E", "K", "E1_PAD", "BLOCK_T", "SUB_T", "num_warps"))
+_rank = Kernel(_rank_kernel, ("E", "K", "E_PAD", "K_PAD", "BLOCK_T", "SUB_T", "num_warps"))
 _scan = Kernel(_scan_kernel, ("E", "E1_PAD", "CHUNK_B", "num_warps"))
-_copy = Kernel(_copy_kernel, ("E", "K", "E1_PAD", "NB_PAD", "FUSED_SCAN", "COUNT_BLOCK_T", "BLOCK_T", "BLOCK_H",
-                              "num_warps"))
+_copy = Kernel(_copy_kernel, ("E", "K", "K_PAD", "E1_PAD", "NB_PAD", "FUSED_SCAN", "COUNT_BLOCK_T", "BLOCK_T",
+                              "BLOCK_H", "num_warps"))
 
 
 def _pow2(n: int) -> int:
@@ -173,6 +185,8 @@ def _pow2(n: int) -> int:
 def _copy_config(T: int, H: int):
     """(BLOCK_T, BLOCK_H, num_warps) of the copy."""
     block_h = min(_pow2(H), 1024)   # one 16-byte vector a thread per token at 4 warps (16-bit)
+    # Decode: one token a program (T*H/BLOCK_H programs); prefill: 4 tokens a program put 4 loads and
+    # 4*K stores in flight per thread behind one round of index loads.
     block_t = 1 if T < 1024 else 4
     if _INTERPRET:   # the interpreter pays per program and per op, not per element: few, big programs
         block_t = 16
@@ -180,15 +194,15 @@ def _copy_config(T: int, H: int):
     return block_t, block_h, num_warps
 
 
-def _count_config(T: int, e1_pad: int):
-    """(COUNT_BLOCK_T, SUB_T): tokens per count program and per count tile (powers of two)."""
-    sub_t = max(1, COUNT_TILE_ELEMS // e1_pad)
+def _count_config(T: int, K: int, E: int, max_blocks: int = None):
+    """(COUNT_BLOCK_T, SUB_T): tokens per rank program and per rank tile (powers of two)."""
+    sub_t = max(1, RANK_TILE_ELEMS // (_pow2(K) * _pow2(E)))
     if _INTERPRET:   # the interpreter pays per program and per op: few programs, one tile each
         return sub_t, sub_t
     if T <= FUSED_SCAN_MAX_BLOCKS * sub_t:   # decode: up to 16 blocks, scanned by the copy programs
         block_t = _pow2(triton.cdiv(T, FUSED_SCAN_MAX_BLOCKS))
     else:
-        block_t = max(sub_t, _pow2(triton.cdiv(T, MAX_COUNT_BLOCKS)))
+        block_t = max(sub_t, _pow2(triton.cdiv(T, max_blocks or MAX_COUNT_BLOCKS)))
     return block_t, min(sub_t, block_t)
 
 
@@ -209,8 +223,8 @@ def grouped_permute(hidden, topk_ids, num_experts, *, count_config=None, copy_co
     if hidden.stride(1) != 1:
         hidden = hidden.contiguous()
 
-    e1_pad = _pow2(E + 1)
-    count_block_t, sub_t = count_config or _count_config(T, e1_pad)
+    e1_pad, k_pad = _pow2(E + 1), _pow2(K)
+    count_block_t, sub_t = count_config or _count_config(T, K, E)
     num_blocks = triton.cdiv(T, count_block_t)
     fused_scan = num_blocks <= FUSED_SCAN_MAX_BLOCKS
 
@@ -218,8 +232,9 @@ def grouped_permute(hidden, topk_ids, num_experts, *, count_config=None, copy_co
     slot_rank = scratch[:T * K]                                              # [T, K] int32
     block_base = scratch[T * K:]                                             # [NB, E+1] int32
     sit, sik = topk_ids.stride()
-    _count.launch((num_blocks,), (topk_ids, slot_rank, block_base, T, sit, sik),
-                  (E, K, e1_pad, count_block_t, sub_t, 8 if sub_t * e1_pad >= 4096 else 4))
+    rank_tile = sub_t * k_pad * _pow2(E)
+    _rank.launch((num_blocks,), (topk_ids, slot_rank, block_base, T, sit, sik),
+                 (E, K, _pow2(E), k_pad, count_block_t, sub_t, 8 if rank_tile >= 4096 else 4))
     if not fused_scan:
         _scan.launch((1,), (block_base, expert_offsets, num_blocks),
                      (E, e1_pad, min(_pow2(num_blocks), max(1, SCAN_TILE_ELEMS // e1_pad)), 8))
@@ -230,7 +245,8 @@ def grouped_permute(hidden, topk_ids, num_experts, *, count_config=None, copy_co
     grid = (triton.cdiv(T, block_t), max(1, triton.cdiv(H, block_h)))   # >= 1 H block: row_index
     _copy.launch(grid, (hidden, topk_ids, slot_rank, block_base, expert_offsets, row_index, permuted,
                         T, H, hidden.stride(0), sit, sik, num_blocks),
-                 (E, K, e1_pad, _pow2(num_blocks), fused_scan, count_block_t, block_t, block_h, num_warps))
+                 (E, K, k_pad, e1_pad, _pow2(num_blocks), fused_scan, count_block_t, block_t, block_h,
+                  num_warps))
     return permuted, expert_offsets, row_index
 
 
