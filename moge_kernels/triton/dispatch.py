@@ -281,7 +281,7 @@ def _column_totals(block_base_ptr, cols, col_ok, num_blocks, ROW: tl.constexpr, 
 def _store_block_bases(block_base_ptr, base, cols, col_ok, num_blocks, ROW: tl.constexpr,
                        CHUNK_B: tl.constexpr):
     """Replace each block's counts by its first row: base (each column's first row) plus the counts of
-    the blocks before it."""
+    the blocks before it. Returns base plus every block's counts (from base 0: the column totals)."""
     for b0 in range(0, num_blocks, CHUNK_B):
         b = b0 + tl.arange(0, CHUNK_B)
         mask = (b < num_blocks)[:, None] & col_ok[None, :]
@@ -290,6 +290,7 @@ def _store_block_bases(block_base_ptr, base, cols, col_ok, num_blocks, ROW: tl.c
         # Read before write, same program, same addresses: in place is safe.
         tl.store(ptrs, base[None, :] + tl.cumsum(counts, axis=0) - counts, mask=mask)
         base += tl.sum(counts, axis=0)
+    return base
 
 
 @triton.jit(do_not_specialize=["T", "num_blocks"])

@@ -7,19 +7,22 @@ count blocks; bucket E holds the dropped slots, id -1):
     slot_rank       [T, K]     int32 scratch: rank of (t, k) among the slots of its count block that go to
                                the same bucket, in (token, slot) order
     block_base      [NB, E+1]  int32 scratch: first, per-bucket counts of each count block; after the scan
-                               kernel (when it runs), the permuted row of the first slot that block b sends
-                               to bucket e
+                               kernel (when it runs), the rows of bucket e that blocks before b fill
     expert_offsets  [E+1]      int32 exclusive cumsum of rows per expert (output); offsets[E] = kept slots
-    row_index       [T, K]     int32 block_base[t // COUNT_BLOCK_T, bucket(t, k)] + slot_rank[t, k] (output)
+    row_index       [T, K]     int32 expert_offsets[bucket] + block_base[t // COUNT_BLOCK_T, bucket]
+                               + slot_rank[t, k] (output)
 
 Launches (current stream, no host synchronisation):
 
-    1. _count_kernel, one program per count block (at most MAX_COUNT_BLOCKS): per-bucket counts and slot
-       ranks, the block's tokens in [SUB_T, E+1] tiles with a running per-bucket carry.
-    2. _scan_kernel, one program: counts -> expert_offsets and block_base (skipped for NB <= FUSED_SCAN_MAX
-       blocks, where every copy program redoes this scan from the NB x (E+1) counts, as dispatch.py does).
-    3. _copy_kernel, one program per (token block, H block): row_index and the K copies of each hidden row
-       (read once); a dropped slot's row is written with zeros.
+    1. _rank_kernel, one program per count block: slot ranks and per-bucket counts, the block's slots in
+       tiles of SUB_T tokens x K slots flattened, one-hot against the E experts (not E+1: a dropped slot's
+       rank is its place in the block minus the kept slots before it), with a running per-expert carry.
+    2. _scan_kernel, one program, one pass over the NB x (E+1) counts: block_base and expert_offsets
+       (skipped for NB <= FUSED_SCAN_MAX_BLOCKS blocks, where every copy program redoes this scan from the
+       counts, as dispatch.py does).
+    3. _copy_kernel, one program per (token block, H block): every index of its BLOCK_T x K slots loaded
+       at once, then row_index and the K copies of each hidden row (read once, written from registers);
+       a dropped slot's row is written with zeros.
 
 Same order as the reference (moge_kernels.reference.permute): bucket, then token, then slot, so a token
 may send two slots to one expert. Ids outside [-1, E) (only possible without MOGE_VALIDATE on a GPU, since
@@ -34,7 +37,7 @@ import triton.language as tl
 from .. import options
 from ..registry import register_kernel
 from . import DEVICES
-from .dispatch import _column_totals, _store_block_bases
+from .dispatch import _store_block_bases
 from .launch import Kernel
 
 _INTERPRET = options.TRITON_INTERPRET
@@ -44,7 +47,7 @@ _INTERPRET = options.TRITON_INTERPRET
 RANK_TILE_ELEMS = 8192
 # Up to this many count blocks the copy programs scan the counts themselves (no scan launch).
 FUSED_SCAN_MAX_BLOCKS = 16
-# Past that, at most this many count blocks: the scan is one program reading NB x (E+1) counts twice, so
+# Past that, at most this many count blocks: the scan is one program reading NB x (E+1) counts once, so
 # more blocks shorten each rank program's serial walk over its tiles but lengthen the scan (estimates;
 # bench/bench_permute.py --variants times the alternatives).
 MAX_COUNT_BLOCKS = 256
@@ -96,18 +99,17 @@ def _rank_kernel(
 # ----------------------------------------------------------------------------------------- launch 2
 @triton.jit(do_not_specialize=["num_blocks"])
 def _scan_kernel(
-    block_base_ptr,      # [NB, E+1] int32 in: per-block counts; out (in place): per-block base rows
+    block_base_ptr,      # [NB, E+1] int32 in: per-block counts; out (in place): rows before each block
     expert_offsets_ptr,  # [E+1] int32 out
     num_blocks,
     E: tl.constexpr, E1_PAD: tl.constexpr, CHUNK_B: tl.constexpr,
 ):
-    """Grid (1,): column sums, their exclusive cumsum over buckets, then a running sum over blocks."""
+    """Grid (1,), one pass over the counts: each block's first row within its bucket (a running sum over
+    blocks, the copy adds expert_offsets[bucket]), then the exclusive cumsum of the totals over buckets."""
     e = tl.arange(0, E1_PAD)
     e_ok = e < E + 1
-    total = _column_totals(block_base_ptr, e, e_ok, num_blocks, E + 1, CHUNK_B)
-    base = tl.cumsum(total, axis=0) - total
-    tl.store(expert_offsets_ptr + e, base, mask=e_ok)
-    _store_block_bases(block_base_ptr, base, e, e_ok, num_blocks, E + 1, CHUNK_B)
+    total = _store_block_bases(block_base_ptr, tl.zeros_like(e), e, e_ok, num_blocks, E + 1, CHUNK_B)
+    tl.store(expert_offsets_ptr + e, tl.cumsum(total, axis=0) - total, mask=e_ok)
 
 
 # ----------------------------------------------------------------------------------------- launch 3
@@ -116,8 +118,8 @@ def _copy_kernel(
     hidden_ptr,          # [T, H] row stride stride_ht, unit column stride
     ids_ptr,             # [T, K] int32/int64, strides (stride_it, stride_ik)
     slot_rank_ptr,       # [T, K] int32
-    block_base_ptr,      # [NB, E+1] int32: base rows after the scan kernel; FUSED_SCAN: the counts
-    expert_offsets_ptr,  # [E+1] int32 out, written only if FUSED_SCAN (by program (0, 0))
+    block_base_ptr,      # [NB, E+1] int32: rows before each block after the scan kernel; FUSED_SCAN: counts
+    expert_offsets_ptr,  # [E+1] int32: in after the scan kernel; FUSED_SCAN: out (by program (0, 0))
     row_index_ptr,       # [T, K] int32 out
     permuted_ptr,        # [T*K, H] out, contiguous
     T, H, stride_ht, stride_it, stride_ik, num_blocks,
@@ -159,7 +161,9 @@ def _copy_kernel(
         e3 = tl.arange(0, E1_PAD)[None, None, :]
         row += tl.sum(tl.where(bucket[:, :, None] == e3, base[None, None, :], 0), axis=2)
     else:
-        row += tl.load(block_base_ptr + (t2 // COUNT_BLOCK_T) * (E + 1) + bucket, mask=ok2, other=0)
+        # two independent gathers (a few KB, from L2): the block's first row within the bucket, the bucket's
+        row += tl.load(block_base_ptr + (t2 // COUNT_BLOCK_T) * (E + 1) + bucket, mask=ok2, other=0) + \
+            tl.load(expert_offsets_ptr + bucket, mask=ok2, other=0)
     if pid_h == 0:
         tl.store(row_index_ptr + t2 * K + k2, row, mask=ok2)
     code = tl.where(kept, row, -1 - row)              # a dropped slot's row as -1 - row: written with zeros
