@@ -1,11 +1,16 @@
-"""grouped_permute at the routing widths of transformers MoE models (CUDA, bf16): each GPU backend and the
-torch sort/gather/scatter permute a transformers experts module runs today, as CUDA-graph replays with a
-cold L2, against the memory floor (read T*H, write T*K*H, plus the ids, row_index and offsets) at the copy
-bandwidth measured in the same run. Goal (issue 18): <= 1.3x the floor at T >= 4096.
+"""grouped_permute at the routing widths of MoE models (CUDA, bf16): each GPU backend and the torch
+sort/gather/scatter permute a transformers experts module runs today, as CUDA-graph replays with a cold L2,
+against the memory floor (read T*H, write T*K*H, plus the ids, row_index and offsets) at the copy bandwidth
+measured in the same run. Goal (issue 18): <= 1.3x the floor at T >= 4096.
 
-    python3 bench/bench_permute.py [--tokens 1,128,1024,4096,16384] [--drop 0.0,0.5]
+    python3 bench/bench_permute.py [--tokens 1024,4096,16384] [--drop 0.0] [--variants default,...]
+                                   [--profile]
 
---drop: fraction of slots given id -1 (expert parallelism: slots whose expert lives on another rank)."""
+--drop: fraction of slots given id -1 (expert parallelism: slots whose expert lives on another rank).
+--variants: extra tilings of the triton kernel, each a column (see VARIANTS), so that one run picks
+between them; 'none' for the backends only.
+--profile: per-launch device time of the triton kernel at each shape (torch.profiler, eager calls), to
+see whether ranking, scan or copy holds the time."""
 from __future__ import annotations
 
 import argparse
@@ -23,8 +28,18 @@ from moge_kernels.testing import make_topk_ids  # noqa: E402
 
 MODELS = {   # name: (H, E, K)
     "qwen3-30b-a3b": (2048, 128, 8),
-    "mixtral-8x7b": (4096, 8, 2),
     "gpt-oss-20b": (2880, 32, 4),
+    "mixtral-8x7b": (4096, 8, 2),
+    "pangu-pro-moe": (5120, 64, 8),
+}
+
+# Tilings of the triton kernel the --variants columns try (name: (max count blocks or None for the
+# default, copy (BLOCK_T, num_warps) or None)): the count-block cap trades each rank program's serial walk
+# against the one-program scan; the copy tile trades index round trips per byte against occupancy.
+VARIANTS = {
+    "blocks128": (128, None),
+    "blocks512": (512, None),
+    "copy8x8w": (None, (8, 8)),
 }
 
 
@@ -32,18 +47,58 @@ def graph_ms(fn, timer: Timer, reps: int = 20) -> float:
     return sorted(timer.samples(capture_graph(fn), reps))[reps // 2]
 
 
+def triton_variant(hidden, ids, E, max_blocks, copy):
+    """grouped_permute of the triton backend at a given count-block cap / copy tile."""
+    from moge_kernels.triton import permute as tp
+    T, K = ids.shape
+    count_config = tp._count_config(T, K, E, max_blocks) if max_blocks else None
+    copy_config = None
+    if copy:
+        _, block_h, _ = tp._copy_config(T, hidden.shape[1])
+        copy_config = (copy[0], block_h, copy[1])
+    return lambda: tp.grouped_permute(hidden, ids, E, count_config=count_config, copy_config=copy_config)
+
+
+def profile_us(fn, reps: int = 10) -> str:
+    """Device time per launch of each kernel fn runs (eager calls under torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    parts = []
+    for event in prof.key_averages():
+        if event.device_type == torch.autograd.DeviceType.CUDA and event.count >= reps:
+            us = getattr(event, "device_time_total", getattr(event, "cuda_time_total", 0.0)) / event.count
+            parts.append(f"{event.key.split('(')[0][:24]}={us:.1f}")
+    return " ".join(parts)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tokens", default="1,128,1024,4096,16384")
-    parser.add_argument("--drop", default="0.0,0.5")
+    parser.add_argument("--tokens", default="1024,4096,16384")
+    parser.add_argument("--drop", default="0.0")
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--variants", default="none",
+                        help=f"comma list of {', '.join(VARIANTS)}, or 'all', or 'none'")
+    parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
+    variants = list(VARIANTS) if args.variants == "all" else \
+        [] if args.variants == "none" else args.variants.split(",")
+    for v in variants:
+        if v not in VARIANTS:
+            parser.error(f"--variants: unknown variant {v!r} (known: {', '.join(VARIANTS)})")
     device = torch.device("cuda")
     bandwidth, _ = measure_ceilings(device)                  # bytes/s, read + write
     timer = Timer(device)
-    print(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s; ms are medians of CUDA-graph replays, cold L2")
-    print(f"{'model':15} {'T':>6} {'drop':>5} {'floor':>8} " + " ".join(f"{m:>16}" for m in
-                                                                    ("triton", "cuda", "torch")))
-    for name, (H, E, K) in MODELS.items():
+    methods = ["triton", "cuda", "torch"] + variants
+    print(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s; ms are medians of CUDA-graph replays, cold L2; "
+          f"(x) = ratio to the floor; torch = sort/gather/scatter peer")
+    print(f"{'model':15} {'T':>6} {'drop':>5} {'floor':>8} " + " ".join(f"{m:>16}" for m in methods))
+    for name in args.models.split(","):
+        H, E, K = MODELS[name]
         for T in (int(t) for t in args.tokens.split(",")):
             for drop in (float(d) for d in args.drop.split(",")):
                 hidden = torch.randn(T, H, device=device, dtype=torch.bfloat16)
@@ -51,9 +106,11 @@ def main():
                 floor_ms = (T * H * 2 + T * K * H * 2 + 2 * T * K * 4 + (E + 1) * 4) / bandwidth * 1e3
                 ref = R.permute(hidden, ids, E)
                 cells = []
-                for method in ("triton", "cuda", "torch"):
+                for method in methods:
                     if method == "torch":
                         fn = lambda: B.torch_permute(hidden, ids, E)   # noqa: E731
+                    elif method in VARIANTS:
+                        fn = triton_variant(hidden, ids, E, *VARIANTS[method])
                     elif mk.backends()[method]["available"]:
                         def fn(method=method):
                             with mk.use_backend(method):
@@ -65,6 +122,10 @@ def main():
                     ms = graph_ms(fn, timer)
                     cells.append(f"{ms:8.4f} ({ms / floor_ms:4.2f}x)")
                 print(f"{name:15} {T:6d} {drop:5.2f} {floor_ms:8.4f} " + " ".join(cells), flush=True)
+                if args.profile:
+                    with mk.use_backend("triton"):
+                        print(f"{'':15} triton us/launch: "
+                              f"{profile_us(lambda: mk.grouped_permute(hidden, ids, E))}", flush=True)
 
 
 if __name__ == "__main__":
