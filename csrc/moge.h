@@ -6,8 +6,34 @@
 #include <optional>
 #include <string>
 #include <tuple>
+#include <type_traits>
 
 #include "score_func.h"
+
+namespace moge {
+
+// Error messages are joined here, without iostreams, and handed to TORCH_CHECK as one std::string (which
+// c10 passes through unformatted). On the H200 machine (torch 2.11 wheel, extension built by gcc 13.3) a
+// TORCH_CHECK whose message c10::str formats through an ostringstream, i.e. any message with a number in
+// it, killed the process with SIGSEGV instead of raising; one string argument never reaches that stream.
+inline std::string error_part(const char* text) { return text; }
+inline std::string error_part(const std::string& text) { return text; }
+inline std::string error_part(c10::ScalarType dtype) { return c10::toString(dtype); }
+template <typename Int, std::enable_if_t<std::is_integral_v<Int>, int> = 0>
+std::string error_part(Int value) { return std::to_string(value); }
+template <typename... Parts>
+std::string error_text(const Parts&... parts) {
+  std::string text;
+  ((text += error_part(parts)), ...);
+  return text;
+}
+}  // namespace moge
+
+// TORCH_CHECK_VALUE / TORCH_CHECK / TORCH_CHECK_TYPE with the message joined by moge::error_text (evaluated
+// only when the check fails).
+#define MOGE_CHECK_VALUE(cond, ...) TORCH_CHECK_VALUE(cond, ::moge::error_text(__VA_ARGS__))
+#define MOGE_CHECK(cond, ...) TORCH_CHECK(cond, ::moge::error_text(__VA_ARGS__))
+#define MOGE_CHECK_TYPE(cond, ...) TORCH_CHECK_TYPE(cond, ::moge::error_text(__VA_ARGS__))
 
 namespace moge {
 

@@ -1,5 +1,7 @@
 """The `torch.ops.moge` surface: opcheck, argument errors, the NaN policy, backend selection, compile."""
 import os
+import pathlib
+import re
 import subprocess
 import sys
 
@@ -280,3 +282,20 @@ def test_api_docstrings_document_every_argument(fn):
     for name in inspect.signature(fn).parameters:
         assert name in args_section, f"{fn.__name__}: argument {name} is not documented"
     assert "[T, H]" in doc or "[M, " in doc                    # shapes, not just names
+
+
+def test_cpp_checks_join_their_messages_without_iostreams():
+    """csrc/moge.h says why: a TORCH_CHECK message that c10::str formats through an ostringstream (any
+    message with a number) crashed the process on the H200 machine; MOGE_CHECK* join it as one string."""
+    root = pathlib.Path(__file__).resolve().parents[1] / "csrc"
+    offenders = [str(p.relative_to(root)) for p in sorted(root.rglob("*"))
+                 if p.suffix in (".cpp", ".cu", ".cuh", ".h") and p.name != "moge.h"
+                 and re.search(r"\bTORCH_CHECK(_VALUE|_TYPE|_INDEX)?\(", p.read_text())]
+    assert not offenders, f"TORCH_CHECK outside csrc/moge.h (use MOGE_CHECK*): {offenders}"
+
+
+@pytest.mark.skipif(not mk.backends()["cpu"]["available"], reason="cpu backend not built")
+def test_cpp_check_messages_keep_their_numbers():
+    hidden, logits = _dispatch_args()
+    with pytest.raises(ValueError, match=r"num_groups=3 must be >= 1 and divide the number of experts E=\d+"):
+        torch.ops.moge_C.grouped_dispatch(hidden, logits, 3, 1, None, False, 0)

@@ -43,7 +43,7 @@ std::tuple<at::Tensor, at::Tensor> route(const at::Tensor& router_logits, int64_
     case kScoreSoftmax: scores = at::softmax(logits, -1); break;
     case kScoreSigmoid: scores = at::sigmoid(logits); break;
     default:
-      TORCH_CHECK_VALUE(false, "grouped_dispatch (ascend backend): no kernel for score_func ", score_func,
+      MOGE_CHECK_VALUE(false, "grouped_dispatch (ascend backend): no kernel for score_func ", score_func,
                         " (a moge_kernels.reference.ScoreFunc value)");
   }
   scores = scores.view({T, G, S});
@@ -115,7 +115,7 @@ at::Tensor grouped_gemm_npu(const at::Tensor& x, const at::Tensor& w, const at::
   const c10::OptionalDeviceGuard device_guard(device_of(x));
   const int64_t M = x.size(0), E = w.size(0), N = w.size(1);
   if (M == 0) return x.new_empty({0, N});
-  TORCH_CHECK_VALUE(E <= kMaxGmmGroups, "ascend grouped_gemm: npu_grouped_matmul takes at most ",
+  MOGE_CHECK_VALUE(E <= kMaxGmmGroups, "ascend grouped_gemm: npu_grouped_matmul takes at most ",
                     kMaxGmmGroups, " experts, got w with E=", E);
   std::vector<at::Tensor> xs{x.contiguous()}, weights{weight_kn(w)}, ys{at::empty({M, N}, x.options())};
   at::TensorList x_list(xs), weight_list(weights), y_list(ys), none;
@@ -130,7 +130,7 @@ at::Tensor grouped_gemm_npu(const at::Tensor& x, const at::Tensor& w, const at::
 at::Tensor grouped_mlp_npu(const at::Tensor& x, const at::Tensor& w_gate_up, const at::Tensor& w_down,
                            const at::Tensor& expert_offsets, const std::optional<at::Tensor>& row_scale) {
   check_gemm_args(x, w_gate_up, expert_offsets);
-  TORCH_CHECK_VALUE(w_down.dim() == 3 && w_down.size(0) == w_gate_up.size(0) &&
+  MOGE_CHECK_VALUE(w_down.dim() == 3 && w_down.size(0) == w_gate_up.size(0) &&
                         w_down.size(2) * 2 == w_gate_up.size(1) && w_down.scalar_type() == x.scalar_type(),
                     "w_down must be [E, H, I] with w_gate_up [E, 2I, H] and x's dtype");
   const c10::OptionalDeviceGuard device_guard(device_of(x));

@@ -32,7 +32,7 @@ at::Tensor grouped_combine_cpu(const at::Tensor& expert_out, const at::Tensor& t
         std::fill(acc.begin(), acc.end(), 0.f);
         for (int64_t k = 0; k < K; ++k) {
           const int64_t r = idx_ptr[t * K + k];
-          TORCH_CHECK_VALUE(r >= 0 && r < R, "row_index[", t, ", ", k, "]=", r, " is outside [0, ", R, ")");
+          MOGE_CHECK_VALUE(r >= 0 && r < R, "row_index[", t, ", ", k, "]=", r, " is outside [0, ", R, ")");
           const float w = w_ptr[t * K + k];
           const scalar_t* row = rows_ptr + r * H;
           for (int64_t h = 0; h < H; ++h) acc[h] += w * static_cast<float>(row[h]);

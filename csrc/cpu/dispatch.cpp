@@ -39,7 +39,7 @@ ScoresFn scores_fn(int64_t score_func) {
     case kScoreSoftmax: return softmax_scores;
     case kScoreSigmoid: return sigmoid_scores;
     default:
-      TORCH_CHECK_VALUE(false, "grouped_dispatch (cpu backend): no kernel for score_func ", score_func,
+      MOGE_CHECK_VALUE(false, "grouped_dispatch (cpu backend): no kernel for score_func ", score_func,
                         " (a moge_kernels.reference.ScoreFunc value)");
   }
   return nullptr;

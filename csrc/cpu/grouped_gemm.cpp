@@ -14,10 +14,10 @@ std::vector<int64_t> read_offsets(const at::Tensor& expert_offsets, int64_t num_
   auto offsets = expert_offsets.to(at::kLong).contiguous();
   const int64_t* p = offsets.data_ptr<int64_t>();
   std::vector<int64_t> bounds(p, p + offsets.numel());
-  TORCH_CHECK_VALUE(bounds.front() == 0 && bounds.back() >= 0 && bounds.back() <= num_rows,
+  MOGE_CHECK_VALUE(bounds.front() == 0 && bounds.back() >= 0 && bounds.back() <= num_rows,
                     "expert_offsets must start at 0 and end at most at the row count ", num_rows);
   for (size_t e = 1; e < bounds.size(); ++e) {
-    TORCH_CHECK_VALUE(bounds[e] >= bounds[e - 1], "expert_offsets must be non-decreasing");
+    MOGE_CHECK_VALUE(bounds[e] >= bounds[e - 1], "expert_offsets must be non-decreasing");
   }
   return bounds;
 }
@@ -46,12 +46,12 @@ at::Tensor grouped_gemm_cpu(const at::Tensor& x, const at::Tensor& w, const at::
 at::Tensor grouped_mlp_cpu(const at::Tensor& x, const at::Tensor& w_gate_up, const at::Tensor& w_down,
                            const at::Tensor& expert_offsets, const std::optional<at::Tensor>& row_scale) {
   check_gemm_args(x, w_gate_up, expert_offsets);
-  TORCH_CHECK_VALUE(w_down.dim() == 3 && w_down.size(0) == w_gate_up.size(0) &&
+  MOGE_CHECK_VALUE(w_down.dim() == 3 && w_down.size(0) == w_gate_up.size(0) &&
                         w_down.size(1) == x.size(1) && 2 * w_down.size(2) == w_gate_up.size(1) &&
                         w_down.scalar_type() == x.scalar_type() && w_down.device() == x.device(),
                     "w_down must be [E, H, I] with x's dtype, given w_gate_up [E, 2I, H]");
   if (row_scale.has_value()) {
-    TORCH_CHECK_VALUE(row_scale->dim() == 1 && row_scale->size(0) == x.size(0) && row_scale->device() == x.device(),
+    MOGE_CHECK_VALUE(row_scale->dim() == 1 && row_scale->size(0) == x.size(0) && row_scale->device() == x.device(),
                       "row_scale must be a tensor of shape [M] on x's device");
   }
   auto bounds = read_offsets(expert_offsets, x.size(0));

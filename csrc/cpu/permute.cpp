@@ -16,7 +16,7 @@ void bucket_ids(const at::Tensor& topk_ids, int64_t E, std::vector<int32_t>& buc
   auto ids = topk_ids.contiguous();
   const Id* p = ids.data_ptr<Id>();
   for (size_t i = 0; i < buckets.size(); ++i) {
-    TORCH_CHECK_VALUE(p[i] >= -1 && p[i] < E, "topk_ids values must lie in [-1, num_experts=", E,
+    MOGE_CHECK_VALUE(p[i] >= -1 && p[i] < E, "topk_ids values must lie in [-1, num_experts=", E,
                       ") (-1: a dropped slot), got ", static_cast<int64_t>(p[i]));
     buckets[i] = p[i] < 0 ? static_cast<int32_t>(E) : static_cast<int32_t>(p[i]);
   }

@@ -13,7 +13,7 @@ namespace moge {
 at::Tensor grouped_combine_cuda(const at::Tensor& expert_out, const at::Tensor& topk_weights,
                                 const at::Tensor& row_index, const std::optional<at::Tensor>& shared_out) {
   check_combine_args(expert_out, topk_weights, row_index, shared_out);
-  TORCH_CHECK_VALUE(expert_out.is_cuda(), "expert_out must be a CUDA tensor");
+  MOGE_CHECK_VALUE(expert_out.is_cuda(), "expert_out must be a CUDA tensor");
   const c10::cuda::CUDAGuard device_guard(expert_out.device());
   const int64_t T = row_index.size(0), K = row_index.size(1), H = expert_out.size(1);
   auto rows = expert_out.contiguous();                            // [T*K, H]

@@ -16,8 +16,8 @@ DispatchOutputs grouped_dispatch_cuda(const at::Tensor& hidden, const at::Tensor
                                       int64_t score_func,
                                       const std::optional<at::Tensor>& expert_mask) {
   check_dispatch_args(hidden, router_logits, num_groups, topk_per_group, expert_scale, expert_mask);
-  TORCH_CHECK_VALUE(hidden.is_cuda(), "hidden must be a CUDA tensor");
-  TORCH_CHECK_VALUE(cuda::dispatch_has_score_func(static_cast<int>(score_func)),
+  MOGE_CHECK_VALUE(hidden.is_cuda(), "hidden must be a CUDA tensor");
+  MOGE_CHECK_VALUE(cuda::dispatch_has_score_func(static_cast<int>(score_func)),
                     "grouped_dispatch (cuda backend): no kernel for score_func ", score_func,
                     " (a moge_kernels.reference.ScoreFunc value)");
   const c10::cuda::CUDAGuard device_guard(hidden.device());
@@ -36,7 +36,7 @@ DispatchOutputs grouped_dispatch_cuda(const at::Tensor& hidden, const at::Tensor
     return {permuted_hidden, topk_weights, topk_ids, expert_offsets, row_index};
   }
   const int64_t route_smem = cuda::dispatch_route_smem_bytes(static_cast<int>(E), static_cast<int>(K));
-  TORCH_CHECK_VALUE(route_smem <= 200 * 1024, "grouped_dispatch on CUDA: E=", E, " experts and K=", K,
+  MOGE_CHECK_VALUE(route_smem <= 200 * 1024, "grouped_dispatch on CUDA: E=", E, " experts and K=", K,
                     " slots need ", route_smem, " bytes of shared memory per block (at most 200 KB)");
   at::Tensor scale;                                                                           // [E] fp32
   if (expert_scale.has_value()) scale = expert_scale->to(at::kFloat).contiguous();

@@ -30,7 +30,7 @@ void run_grouped_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor
   args.E = static_cast<int>(w.size(0));
   args.swiglu = swiglu;
   const cudaError_t err = cuda::launch_grouped_gemm(args, c10::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(err != cudaErrorInvalidConfiguration, "grouped GEMM on CUDA: M=", args.M, " rows and N=",
+  MOGE_CHECK(err != cudaErrorInvalidConfiguration, "grouped GEMM on CUDA: M=", args.M, " rows and N=",
               args.N_w, " columns need more thread blocks than one launch allows");
   C10_CUDA_CHECK(err);
 }
@@ -48,8 +48,8 @@ void zero_rows_past_experts(const at::Tensor& y, const at::Tensor& expert_offset
 
 at::Tensor grouped_gemm_cuda(const at::Tensor& x, const at::Tensor& w, const at::Tensor& expert_offsets) {
   check_gemm_args(x, w, expert_offsets);
-  TORCH_CHECK_VALUE(x.is_cuda(), "x must be a CUDA tensor");
-  TORCH_CHECK_VALUE(x.size(0) <= INT32_MAX, "grouped_gemm: x has more rows than int32 row indices hold");
+  MOGE_CHECK_VALUE(x.is_cuda(), "x must be a CUDA tensor");
+  MOGE_CHECK_VALUE(x.size(0) <= INT32_MAX, "grouped_gemm: x has more rows than int32 row indices hold");
   const c10::cuda::CUDAGuard device_guard(x.device());
   auto xc = x.contiguous();                                      // [M, Kd]
   auto wc = w.contiguous();                                      // [E, N, Kd]
@@ -63,16 +63,16 @@ at::Tensor grouped_gemm_cuda(const at::Tensor& x, const at::Tensor& w, const at:
 at::Tensor grouped_mlp_cuda(const at::Tensor& x, const at::Tensor& w_gate_up, const at::Tensor& w_down,
                             const at::Tensor& expert_offsets, const std::optional<at::Tensor>& row_scale) {
   check_gemm_args(x, w_gate_up, expert_offsets);
-  TORCH_CHECK_VALUE(w_down.dim() == 3 && w_down.size(0) == w_gate_up.size(0) && w_down.size(1) == x.size(1) &&
+  MOGE_CHECK_VALUE(w_down.dim() == 3 && w_down.size(0) == w_gate_up.size(0) && w_down.size(1) == x.size(1) &&
                         2 * w_down.size(2) == w_gate_up.size(1) && w_down.scalar_type() == x.scalar_type() &&
                         w_down.device() == x.device(),
                     "w_down must be [E, H, I] with x's dtype, given w_gate_up [E, 2I, H]");
   if (row_scale.has_value()) {
-    TORCH_CHECK_VALUE(row_scale->dim() == 1 && row_scale->size(0) == x.size(0) && row_scale->device() == x.device(),
+    MOGE_CHECK_VALUE(row_scale->dim() == 1 && row_scale->size(0) == x.size(0) && row_scale->device() == x.device(),
                       "row_scale must be a tensor of shape [M] on x's device");
   }
-  TORCH_CHECK_VALUE(x.is_cuda(), "x must be a CUDA tensor");
-  TORCH_CHECK_VALUE(x.size(0) <= INT32_MAX, "grouped_mlp: x has more rows than int32 row indices hold");
+  MOGE_CHECK_VALUE(x.is_cuda(), "x must be a CUDA tensor");
+  MOGE_CHECK_VALUE(x.size(0) <= INT32_MAX, "grouped_mlp: x has more rows than int32 row indices hold");
   const c10::cuda::CUDAGuard device_guard(x.device());
   const int64_t M = x.size(0), H = w_down.size(1), I = w_down.size(2);
   auto xc = x.contiguous();                                      // [M, H]

@@ -3,6 +3,7 @@
 
 #include <ATen/ATen.h>
 
+#include "../moge.h"
 #include "kernels.h"
 
 namespace moge {
@@ -14,7 +15,7 @@ inline cuda::DType cuda_dtype(const at::Tensor& t) {
     case at::kBFloat16: return cuda::DType::kBFloat16;
     default: break;
   }
-  TORCH_CHECK_TYPE(false, "expected a float32, float16 or bfloat16 tensor, got ", t.scalar_type());
+  MOGE_CHECK_TYPE(false, "expected a float32, float16 or bfloat16 tensor, got ", t.scalar_type());
   return cuda::DType::kFloat32;
 }
 

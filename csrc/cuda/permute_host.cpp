@@ -11,8 +11,8 @@ namespace moge {
 
 PermuteOutputs grouped_permute_cuda(const at::Tensor& hidden, const at::Tensor& topk_ids, int64_t num_experts) {
   check_permute_args(hidden, topk_ids, num_experts);
-  TORCH_CHECK_VALUE(hidden.is_cuda(), "hidden must be a CUDA tensor");
-  TORCH_CHECK_VALUE(cuda::permute_smem_bytes(static_cast<int>(std::min<int64_t>(num_experts, INT32_MAX))) <= 48 * 1024,
+  MOGE_CHECK_VALUE(hidden.is_cuda(), "hidden must be a CUDA tensor");
+  MOGE_CHECK_VALUE(cuda::permute_smem_bytes(static_cast<int>(std::min<int64_t>(num_experts, INT32_MAX))) <= 48 * 1024,
                     "grouped_permute on CUDA: num_experts=", num_experts, " is more than its 48 KB of shared "
                     "memory per block holds");
   const c10::cuda::CUDAGuard device_guard(hidden.device());
