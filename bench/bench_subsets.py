@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import moge_kernels as mk  # noqa: E402
-from moge_kernels.bench.timing import Timer, capture_graph  # noqa: E402
+from moge_kernels.bench.timing import Timer, capture_graph, measure_ceilings  # noqa: E402
 from moge_kernels.metrics import expert_importance  # noqa: E402
 from moge_kernels.testing import make_routing_inputs  # noqa: E402
 
@@ -76,7 +76,15 @@ def bench_pruned_layer(timer, Ts, rounds, per_round, device):
     print(f"\n== MoGELayer pruned to 4 of 8 experts per group vs full (no shared expert, no_grad)")
     print(f"expert weights: full {gib(full):.2f} GiB, pruned {gib(pruned):.2f} GiB "
           f"({gib(pruned) / gib(full):.2f}x)")
-    print(f"{'T':>6s} {'full ms':>9s} {'pruned ms':>10s} {'pruned/full':>12s}")
+    # Floors: the expert weights once at the copy rate, or the expert FLOPs at the dense matmul rate,
+    # whichever is longer (both measured now). Pruning halves the weights but not the FLOPs: every token
+    # still runs K experts, so where FLOPs bound the layer the pruned floor is not half the full one.
+    copy_bps, mm_flops = measure_ceilings(device, torch.bfloat16)
+    weight_bytes = lambda layer: (layer.w_gate_up.numel() + layer.w_down.numel()) * 2     # noqa: E731
+    print(f"floors: max(expert weights / copy {copy_bps / 1e9:.0f} GB/s, expert FLOPs / bf16 mm "
+          f"{mm_flops / 1e12:.0f} TFLOP/s), measured in this run")
+    print(f"{'T':>6s} {'full ms':>9s} {'pruned ms':>10s} {'pruned/full':>12s} {'full floor':>11s} "
+          f"{'pruned floor':>13s} {'floor ratio':>12s} {'full/floor':>11s} {'pruned/floor':>13s}")
     for T in Ts:
         x = torch.randn(T, H, device=device, dtype=torch.bfloat16)
         with torch.no_grad():
@@ -84,8 +92,13 @@ def bench_pruned_layer(timer, Ts, rounds, per_round, device):
             run_pruned = capture_graph(lambda: pruned(x), device)
         t_full, t_pruned = paired_medians(timer, run_full, run_pruned, rounds, per_round)
         ratio = t_pruned / t_full
+        flops = 2 * T * K_G * G * 3 * H * I                      # gate_up (2I x H) + down (H x I) per row
+        floor_full, floor_pruned = (max(weight_bytes(layer) / copy_bps, flops / mm_flops) * 1e3
+                                    for layer in (full, pruned))
         goal = f"  goal <= 0.55: {'ok' if ratio <= 0.55 else 'MISSED'}" if T == 1024 else ""
-        print(f"{T:6d} {t_full:9.4f} {t_pruned:10.4f} {ratio:12.3f}{goal}")
+        print(f"{T:6d} {t_full:9.4f} {t_pruned:10.4f} {ratio:12.3f} {floor_full:11.4f} {floor_pruned:13.4f} "
+              f"{floor_pruned / floor_full:12.3f} {t_full / floor_full:10.2f}x {t_pruned / floor_pruned:12.2f}x"
+              f"{goal}")
 
 
 def main(argv=None):
