@@ -3,7 +3,10 @@
 (and "sonicmoe" / "deepgemm" where they load), bf16 on one GPU.
 
     python3 bench/bench_transformers.py                       # the whole sweep, < 5 minutes on an H200
+    python3 bench/bench_transformers.py --modes fwd --budget-s 150        # the sweep in two calls:
+    python3 bench/bench_transformers.py --modes fwd_bwd --budget-s 150    #   forward, then fwd+bwd
     python3 bench/bench_transformers.py --models qwen3 --tokens 1,4096 --modes fwd
+    python3 bench/bench_transformers.py --smoke               # CPU, tiny widths: the code path only (CI)
 
 Each experts module is built from the model's own transformers class (Qwen3MoeExperts, MixtralExperts,
 GptOssExperts) and a config with the real widths, random weights; it is called as the model's MoE block
@@ -23,16 +26,21 @@ over at least 5 calls / 0.15 s, after warm-up, L2 not flushed (back-to-back call
 implementation cannot run say why: batched_mm materialises one weight matrix per (token, slot) and is
 skipped where that passes MAX_BATCHED_GB; eager (a Python loop with a host sync per expert) runs to
 T=4096 and cannot be captured; an implementation that fails to load says so.
-Ratios: grouped_mm / moge (> 1: moge faster), for each mode and timing.
+Output: one markdown table per mode (rows: model, T, timing), ready to quote; ratio column
+grouped_mm / moge (> 1: moge faster). --smoke runs the same code on CPU at tiny widths (fp32, eager
+calls timed with the host clock): it checks the script, not the speed.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # run from a checkout
 
 MODELS = {
     #          H     I      E    K
@@ -40,20 +48,27 @@ MODELS = {
     "mixtral": (4096, 14336, 8, 2),
     "gpt-oss": (2880, 2880, 32, 4),
 }
+SMOKE_MODELS = {   # --smoke: the same modules at tiny widths
+    "qwen3": (32, 16, 8, 2),
+    "mixtral": (32, 48, 4, 2),
+    "gpt-oss": (32, 32, 4, 2),
+}
 TOKENS = (1, 128, 1024, 4096, 16384)
+SMOKE_TOKENS = (1, 7)
 IMPLS = ("moge", "grouped_mm", "batched_mm", "eager", "sonicmoe", "deepgemm")
 MODES = ("fwd", "fwd+bwd")
+MODE_ALIASES = {"fwd_bwd": "fwd+bwd", "fwdbwd": "fwd+bwd"}   # '+' is awkward in some shells and file names
 MAX_BATCHED_GB = 16.0       # batched_mm's gathered weights, [T*K, 2I, H] + [T*K, H, I] (x2 with grads)
 MAX_EAGER_T = 4096
 MIN_CALLS, MIN_SECONDS = 5, 0.15
 
 
-def build_experts(model: str, device, dtype):
+def build_experts(model: str, device, dtype, models=MODELS):
     import transformers as tf
     from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
     from transformers.models.mixtral.modeling_mixtral import MixtralExperts
     from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
-    H, I, E, K = MODELS[model]
+    H, I, E, K = models[model]
     if model == "qwen3":
         config = tf.Qwen3MoeConfig(hidden_size=H, moe_intermediate_size=I, num_experts=E, num_experts_per_tok=K)
         cls = Qwen3MoeExperts
@@ -81,8 +96,8 @@ def routing(T, H, E, K, device, dtype, seed=0):
     return hidden, ids, weights       # ids int64, as transformers' routers return them
 
 
-def skip_reason(impl, model, T, mode, capture):
-    H, I, E, K = MODELS[model]
+def skip_reason(impl, model, T, mode, capture, models=MODELS):
+    H, I, E, K = models[model]
     if impl == "batched_mm":
         gb = T * K * 3 * H * I * 2 / 1e9 * (2 if mode == "fwd+bwd" else 1)
         if gb > MAX_BATCHED_GB:
@@ -112,17 +127,24 @@ def make_call(module, impl, hidden, ids, weights, mode):
     return call
 
 
-def time_eager(call):
+def time_eager(call, min_calls=MIN_CALLS, min_seconds=MIN_SECONDS):
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
     call()
-    torch.cuda.synchronize()
+    if cuda:
+        torch.cuda.synchronize()
     times, start_all = [], time.perf_counter()
-    while len(times) < MIN_CALLS or time.perf_counter() - start_all < MIN_SECONDS:
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        call()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
+    while len(times) < min_calls or time.perf_counter() - start_all < min_seconds:
+        if cuda:
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            call()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b))
+        else:   # --smoke on CPU: the host clock
+            start = time.perf_counter()
+            call()
+            times.append((time.perf_counter() - start) * 1e3)
         if len(times) >= 200:
             break
     return statistics.median(times)
@@ -143,36 +165,80 @@ def check_against(module, hidden, ids, weights, ref_impl="grouped_mm"):
     return ((got - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
 
 
+def _names(parser, flag, value, known, aliases=None):
+    """The comma list of --flag, each name checked against `known` (one-line error naming the flag)."""
+    names = [(aliases or {}).get(n, n) for n in value.split(",") if n]
+    for n in names:
+        if n not in known:
+            parser.error(f"{flag}: unknown {n!r} (known: {', '.join(known)})")
+    return names
+
+
+def markdown_tables(results, models, tokens, modes, timings, impls):
+    """One markdown table per mode: a row per (model, T, timing), a column per implementation, and
+    grouped_mm / moge."""
+    out = []
+    for mode in modes:
+        out.append(f"\n{mode} (ms, median; eager = plain calls, graph = CUDA-graph replays)\n")
+        out.append("| model | T | timing | " + " | ".join(impls) + " | grouped_mm / moge |")
+        out.append("|---|---:|---|" + "---:|" * (len(impls) + 1))
+        for model in models:
+            for T in tokens:
+                for timing in timings:
+                    row = [results.get((model, T, mode, timing, i)) for i in impls]
+                    cells = [f"{v:.3f}" if v is not None else "-" for v in row]
+                    moge = results.get((model, T, mode, timing, "moge"))
+                    gmm = results.get((model, T, mode, timing, "grouped_mm"))
+                    ratio = f"{gmm / moge:.2f}x" if moge and gmm else "-"
+                    out.append(f"| {model} | {T} | {timing} | " + " | ".join(cells) + f" | {ratio} |")
+    return "\n".join(out)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default=",".join(MODELS))
-    p.add_argument("--tokens", default=",".join(map(str, TOKENS)))
+    p.add_argument("--tokens", default=None, help=f"default {','.join(map(str, TOKENS))} "
+                                                  f"(--smoke: {','.join(map(str, SMOKE_TOKENS))})")
     p.add_argument("--impls", default=",".join(IMPLS))
-    p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--modes", default=",".join(MODES), help="fwd, fwd+bwd (or fwd_bwd)")
     p.add_argument("--no-graph", action="store_true", help="eager calls only")
     p.add_argument("--budget-s", type=float, default=270.0,
                    help="skip what is left (and say so) once this many seconds have passed")
+    p.add_argument("--smoke", action="store_true",
+                   help="CPU, tiny widths, fp32, eager calls: checks the script, not the speed")
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench_transformers: needs a CUDA device", file=sys.stderr)
-        return 2
+    models = _names(p, "--models", args.models, list(MODELS))
+    impls = _names(p, "--impls", args.impls, list(IMPLS))
+    modes = _names(p, "--modes", args.modes, list(MODES) + list(MODE_ALIASES), MODE_ALIASES)
+    try:
+        tokens = [int(t) for t in (args.tokens or ",".join(map(str, SMOKE_TOKENS if args.smoke else TOKENS)))
+                  .split(",")]
+    except ValueError:
+        p.error(f"--tokens: a comma list of integers, got {args.tokens!r}")
+    if args.budget_s <= 0:
+        p.error(f"--budget-s: must be positive, got {args.budget_s}")
+    if args.smoke:
+        shapes, device, dtype, timings = SMOKE_MODELS, torch.device("cpu"), torch.float32, ["eager"]
+        min_calls, min_seconds = 2, 0.0
+    else:
+        if not torch.cuda.is_available():
+            print("bench_transformers: needs a CUDA device (--smoke runs the code path on CPU)", file=sys.stderr)
+            return 2
+        shapes, device, dtype = MODELS, torch.device("cuda"), torch.bfloat16
+        timings = ["eager"] if args.no_graph else ["eager", "graph"]
+        min_calls, min_seconds = MIN_CALLS, MIN_SECONDS
     import transformers
 
     import moge_kernels
     import moge_kernels.integrations.transformers  # noqa: F401  registers "moge"
-    device, dtype = torch.device("cuda"), torch.bfloat16
-    models = args.models.split(",")
-    tokens = [int(t) for t in args.tokens.split(",")]
-    impls = args.impls.split(",")
-    modes = args.modes.split(",")
-    timings = ["eager"] if args.no_graph else ["eager", "graph"]
     t_start = time.perf_counter()
-    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  transformers "
-          f"{transformers.__version__}  moge_kernels backend {moge_kernels.get_backend()}  bf16, ms (median)")
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu (--smoke: tiny widths)"
+    print(f"device: {name}  torch {torch.__version__}  transformers {transformers.__version__}  "
+          f"moge_kernels backend {moge_kernels.get_backend()}  {str(dtype).split('.')[-1]}, ms (median)")
     unavailable, skipped, results = {}, [], {}
     for model in models:
-        H, I, E, K = MODELS[model]
-        module = build_experts(model, device, dtype)
+        H, I, E, K = shapes[model]
+        module = build_experts(model, device, dtype, shapes)
         for T in tokens:
             hidden, ids, weights = routing(T, H, E, K, device, dtype)
             err = check_against(module, hidden, ids, weights)
@@ -182,7 +248,7 @@ def main(argv=None):
                     for impl in impls:
                         if impl in unavailable:
                             continue
-                        why = skip_reason(impl, model, T, mode, timing == "graph")
+                        why = skip_reason(impl, model, T, mode, timing == "graph", shapes)
                         if why is None and time.perf_counter() - t_start > args.budget_s:
                             why = f"time budget of {args.budget_s:.0f} s spent"
                         if why:
@@ -190,9 +256,11 @@ def main(argv=None):
                             continue
                         try:
                             call = make_call(module, impl, hidden, ids, weights, mode)
-                            ms = (time_graph if timing == "graph" else time_eager)(call)
+                            ms = time_graph(call) if timing == "graph" else \
+                                time_eager(call, min_calls, min_seconds)
                         except Exception as err:  # noqa: BLE001  report and go on
-                            torch.cuda.synchronize()
+                            if device.type == "cuda":
+                                torch.cuda.synchronize()
                             msg = f"{type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''}"
                             if impl in ("sonicmoe", "deepgemm"):
                                 unavailable[impl] = msg
@@ -204,23 +272,10 @@ def main(argv=None):
                         results[(model, T, mode, timing, impl)] = ms
             del hidden, ids, weights
         del module
-        torch.cuda.empty_cache()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
-    shown = [i for i in impls if i not in unavailable]
-    for mode in modes:
-        for timing in timings:
-            print(f"\n{mode}, {timing} {'calls' if timing == 'eager' else 'replays'}")
-            head = f"| model | T | " + " | ".join(shown) + " | grouped_mm / moge |"
-            print(head)
-            print("|" + "---|" * (len(shown) + 3))
-            for model in models:
-                for T in tokens:
-                    row = [results.get((model, T, mode, timing, i)) for i in shown]
-                    cells = [f"{v:.3f}" if v is not None else "-" for v in row]
-                    moge = results.get((model, T, mode, timing, "moge"))
-                    gmm = results.get((model, T, mode, timing, "grouped_mm"))
-                    ratio = f"{gmm / moge:.2f}x" if moge and gmm else "-"
-                    print(f"| {model} | {T} | " + " | ".join(cells) + f" | {ratio} |")
+    print(markdown_tables(results, models, tokens, modes, timings, [i for i in impls if i not in unavailable]))
     if unavailable:
         print("\nnot available: " + "; ".join(f"{k}: {v}" for k, v in unavailable.items()))
     if skipped:
