@@ -14,12 +14,14 @@ layer (goal <= 4e-2).
 
     python bench/bench_fp8.py                  # the table (about 3 minutes on an H200)
     python bench/bench_fp8.py --T 1,4096 --rounds 5
-    python bench/bench_fp8.py --sweep          # only the FP8 grouped_mlp, per GEMM per config (~3 min)
+    python bench/bench_fp8.py --sweep          # the config sweep at T = 1, 1024, 4096, then the table
+                                               # at those T (one device call, about 60-90 s)
 
---sweep times the FP8 grouped_mlp with one GEMM's config forced to each candidate (the other at
-choose_config's pick): pointer loads and TMA descriptors, 64- and 128-row tiles, 4 / 8 warps, 3 / 4
-stages, and the decode path's 16-row tiles; it ends with the best config per T and GEMM, in the form
-moge_kernels/triton/fp8_gemm.py's choose_config takes.
+--sweep times the FP8 grouped_mlp (graph replays, cold L2, medians) with one GEMM's config forced to
+each candidate of moge_kernels/triton/gemm_configs.FP8_CANDIDATES for the T's regime (the other GEMM at
+its table entry), prints the winner of each (regime, GEMM) as the FP8_H200_TABLE line to commit, and
+then the normal table. A time budget (--budget, seconds) skips the candidates it has no time left for
+and says so.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ import copy
 import os
 import statistics
 import sys
+import time
 
 import torch
 
@@ -74,47 +77,48 @@ def scaled_grouped_mm_pipeline(x, offsets, wgu_q, wgu_s, wd_q, wd_s):
                                     out_dtype=torch.bfloat16)
 
 
-# (block_m, block_n, num_warps, num_stages, tma); gate_up outside decode always writes 128 columns per
-# tile (one scale group of h), so its block_n only matters with 16-row (decode path) tiles
-DECODE = [(16, 32, 4, 4, False), (16, 64, 4, 4, False), (16, 64, 4, 6, False), (16, 128, 4, 4, False),
-          (16, 64, 2, 4, False)]
-ROWS = [(64, 128, 4, 4, False), (64, 128, 4, 3, False), (64, 128, 4, 4, True), (64, 128, 4, 3, True),
-        (64, 128, 8, 4, True), (128, 128, 8, 3, True), (128, 128, 8, 4, True), (32, 128, 4, 4, True)]
-DOWN_EXTRA = [(128, 64, 4, 4, True), (64, 64, 4, 4, True), (128, 256, 8, 3, True)]
-
-
-def sweep(Ts, dev, timer, layer, gu, dn):
-    """Per T: the mlp with gate_up, then down, forced to each candidate; the best of each."""
-    from moge_kernels.triton import fp8_gemm
-    best = {}
+def sweep(Ts, dev, timer, layer, gu, dn, deadline):
+    """Per T: the mlp with gate_up, then down, forced to each candidate of the T's regime (the table's
+    entry first); the winner of each as a table line."""
+    from moge_kernels.triton import fp8_gemm, gemm_configs
+    lines = []
     for T in Ts:
         hidden = torch.randn(T, H, device=dev, dtype=torch.bfloat16)
         x, _, _, offsets, _ = mk.grouped_dispatch(hidden, layer.gate(hidden), G, 1, layer.router_scale)
         M = x.shape[0]
-        decode = fp8_gemm.choose_config(M, E, True).block_m <= 16
+        reg = gemm_configs.regime(M, E)
         for gemm in ("gate_up", "down"):
-            cands = (DECODE if decode else []) + ROWS + (DOWN_EXTRA if gemm == "down" else [])
-            if gemm == "down" and decode:
-                cands = DECODE + [(64, 128, 4, 4, False)]          # h in bf16: quantized in the load
+            table = gemm_configs.fp8_table_config(M, E, gemm, dev)
+            cands = [table] + [c for c in gemm_configs.FP8_CANDIDATES[(reg, gemm)] if c != table]
             timings = []
-            for cfg in cands:
-                c = fp8_gemm.Fp8Config(*cfg)
+            for c in cands:
+                if time.monotonic() > deadline:
+                    print(f"  sweep T={T} {gemm} {c}: skipped (--budget spent)", flush=True)
+                    continue
                 fp8_gemm._forced[gemm] = c
                 try:
                     with torch.no_grad(), mk.use_backend("triton"):
-                        fn = lambda: mk.grouped_mlp(x, gu, dn, offsets)  # noqa: E731
-                        ms = statistics.median(timer.samples(capture_graph(fn, dev), 10))
+                        ms = statistics.median(timer.samples(
+                            capture_graph(lambda: mk.grouped_mlp(x, gu, dn, offsets), dev), 10))
                     timings.append((ms, c))
-                    print(f"  sweep T={T} {gemm} {c}: {ms:.3f} ms", flush=True)
-                except Exception as err:  # noqa: BLE001
+                    print(f"  sweep T={T} ({reg}) {gemm} {c}: {ms:.3f} ms{'  (table)' if c == table else ''}",
+                          flush=True)
+                except Exception as err:  # noqa: BLE001  a candidate that fails to compile or launch
                     print(f"  sweep T={T} {gemm} {c}: failed {type(err).__name__}: {str(err)[:100]}", flush=True)
                 finally:
                     fp8_gemm._forced.clear()
             if timings:
-                best[(T, gemm)] = min(timings, key=lambda t: t[0])
-    print("\nbest per T (mlp ms with that GEMM's config; rows per expert = 8T/64):")
-    for (T, gemm), (ms, c) in best.items():
-        print(f"  T={T:>6} rows/expert={8 * T / E:>7.1f} {gemm:>7}: {ms:.3f} ms  {c}")
+                ms, best = min(timings, key=lambda t: t[0])
+                table_ms = next((t for t, c in timings if c == table), float("nan"))
+                lines.append((T, reg, gemm, ms, table_ms, best))
+    print("\nsweep winners (mlp ms with that GEMM's config; table = the committed entry):")
+    for T, reg, gemm, ms, table_ms, best in lines:
+        print(f"  T={T:>5} {reg:>7} {gemm:>7}: {ms:.3f} ms (table {table_ms:.3f})  {best}")
+    print("FP8_H200_TABLE lines (moge_kernels/triton/gemm_configs.py):")
+    for T, reg, gemm, ms, table_ms, best in lines:
+        fields = [str(best.block_m), str(best.block_n), str(best.num_warps), str(best.num_stages)]
+        fields += ["tma=True"] * best.tma + ["rescale=False"] * (not best.rescale)
+        print(f"    ({reg!r}, {gemm!r}): F({', '.join(fields)}),   # T={T}: {ms:.3f} ms")
 
 
 def main():
@@ -122,8 +126,11 @@ def main():
     ap.add_argument("--T", default=",".join(map(str, TS)))
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--samples", type=int, default=3, help="samples per method per round")
-    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--sweep", action="store_true", help="config sweep first (default T: 1,1024,4096)")
+    ap.add_argument("--budget", type=float, default=45.0, help="seconds the sweep may take")
     args = ap.parse_args()
+    if args.sweep and args.T == ",".join(map(str, TS)):
+        args.T, args.rounds, args.samples = "1,1024,4096", min(args.rounds, 3), min(args.samples, 3)
     if not torch.cuda.is_available():
         sys.exit("bench_fp8.py needs a CUDA device")
     torch.manual_seed(0)
@@ -144,8 +151,8 @@ def main():
     has_peer = hasattr(torch, "_scaled_grouped_mm")
 
     if args.sweep:
-        sweep([int(t) for t in args.T.split(",")], dev, timer, layer, gu, dn)
-        return
+        sweep([int(t) for t in args.T.split(",")], dev, timer, layer, gu, dn,
+              time.monotonic() + args.budget)
 
     rows = []
     for T in [int(t) for t in args.T.split(",")]:

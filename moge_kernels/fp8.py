@@ -29,7 +29,9 @@ through the bf16 path. The SwiGLU output h = silu(gate) * up of the gate_up GEMM
 rounded to the activation dtype, as the bf16 path stores it, then quantized the same way (groups along
 I) for the down GEMM. Weights are quantized blockwise the same way, with w / scale (offline, so there
 is no kernel to match); scale_format="e8m0" rounds each weight scale up to a power of two (so the
-dequantization is exact scaling; also what UE8M0 checkpoints hold).
+dequantization is exact scaling; also what UE8M0 checkpoints hold). Scales are positive, at least
+MIN_SCALE = 1e-12 / 448 (the amax floor; the checkpoint loader raises a 0 scale to it), which the
+Triton GEMMs rely on (they rescale their accumulators by ratios of scales).
 """
 from __future__ import annotations
 
@@ -42,6 +44,7 @@ from torch import Tensor
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0           # largest finite float8_e4m3fn
 AMAX_FLOOR = 1e-12         # an all-zero group gets this amax (a finite scale, q = 0)
+MIN_SCALE = AMAX_FLOOR / E4M3_MAX   # every scale is at least this (the Triton GEMMs divide by scales)
 BLOCK = 128
 FORMATS = {"fp8_block": (BLOCK, BLOCK), "fp8_channel": (1, 0)}   # name -> (block_n, block_k)
 SCALE_FORMATS = ("fp32", "e8m0")
@@ -316,7 +319,8 @@ def take_fp8_checkpoint_keys(module, state_dict, prefix, local_metadata, strict,
             t = {}
             for p in _PROJ:
                 key = f"{prefix}experts.{e}.{p}."
-                t[p] = state_dict.pop(key + "weight"), state_dict.pop(key + kind).float()
+                # a checkpoint's 0 scale (an all-zero block) as the smallest scale quantization gives
+                t[p] = state_dict.pop(key + "weight"), state_dict.pop(key + kind).float().clamp_min(MIN_SCALE)
             (g, gs), (u, us), (d, ds) = t["gate_proj"], t["up_proj"], t["down_proj"]
             gate_up.append(torch.cat([g, u]))
             gate_up_scale.append(torch.stack([gs, us]))

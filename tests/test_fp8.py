@@ -433,6 +433,77 @@ def test_triton_fp8_rejects_blocks_it_has_no_kernel_for():
                                   q.block_n, q.block_k)
 
 
+def _device():
+    return "cuda" if HAS_CUDA else "cpu"
+
+
+BACKENDS = ["reference", pytest.param("triton", marks=requires_triton_fp8)]
+TMA_CFG = (64, 128, 4, 2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("M,cfg", [(12, None), (90, None), (90, TMA_CFG)],
+                         ids=["decode", "rows", "rows-tma"])
+def test_rows_past_the_experts_are_zero(M, cfg, backend, monkeypatch):
+    """Rows [expert_offsets[E], M) belong to no expert (grouped_permute's dropped slots): zeros out of
+    grouped_gemm_fp8 and grouped_mlp_fp8 (with row_scale), whatever those rows of x hold (NaN here),
+    on every kernel path; the kept rows still match the reference."""
+    from moge_kernels.triton import fp8_gemm
+    if cfg is not None:
+        if fp8_gemm.TensorDescriptor is None:
+            pytest.skip("this triton has no host TensorDescriptor")
+        c = fp8_gemm.Fp8Config(*cfg, tma=True)
+        monkeypatch.setitem(fp8_gemm._forced, "gate_up", c)
+        monkeypatch.setitem(fp8_gemm._forced, "down", c)
+    x, gu, dn, offsets, _, _ = _problem(M, 3, 256, 136, torch.float32, seed=40 + M, device=_device())
+    kept = M - 7
+    offsets = offsets.clamp(max=kept)
+    x[kept:] = float("nan")
+    row_scale = torch.rand(M, generator=torch.Generator().manual_seed(5)).to(x.device)
+    with mk.use_backend(backend):
+        y = mk.grouped_mlp(x, gu, dn, offsets, row_scale)
+        yg = mk.grouped_gemm(x, gu, offsets)
+    assert torch.equal(y[kept:], torch.zeros_like(y[kept:]))
+    assert torch.equal(yg[kept:], torch.zeros_like(yg[kept:]))
+    with mk.use_backend("reference"):
+        want = mk.grouped_mlp(x[:kept], gu, dn, offsets, row_scale[:kept])
+        want_g = mk.grouped_gemm(x[:kept], gu, offsets)
+    assert rel_err(y[:kept], want) <= REF_TOL and rel_err(yg[:kept], want_g) <= REF_TOL
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dropped_slots_add_nothing(backend):
+    """grouped_permute with ids of -1, the FP8 experts, grouped_combine: a dropped slot contributes 0,
+    so the layer equals the sum over the kept slots only (computed without the dropped ones)."""
+    T, H, I, E, K = 9, 256, 136, 4, 3
+    g = torch.Generator().manual_seed(6)
+    hidden = torch.randn(T, H, generator=g).to(_device())
+    ids = torch.randint(0, E, (T, K), generator=g, dtype=torch.int32)
+    ids[::2, 1] = -1
+    ids[3] = -1
+    weights = torch.rand(T, K, generator=g)
+    w_gate_up, w_down = make_expert_weights(E, H, I, torch.float32, "cpu", seed=7)
+    gu = mk.quantize_expert_weights(w_gate_up, "fp8_block", parts=2).to(_device())
+    dn = mk.quantize_expert_weights(w_down, "fp8_block").to(_device())
+    ids, weights = ids.to(_device()), weights.to(_device())
+    with mk.use_backend(backend):
+        perm, offsets, row_index = mk.grouped_permute(hidden, ids, E)
+        out = mk.grouped_combine(mk.grouped_mlp(perm, gu, dn, offsets), weights, row_index)
+    kept_weights = torch.where(ids >= 0, weights, torch.zeros_like(weights))
+    with mk.use_backend("reference"):
+        # the same token rows through each slot's expert, one slot at a time (no dropped rows at all)
+        want = torch.zeros(T, H, device=hidden.device)
+        for k in range(K):
+            rows = (ids[:, k] >= 0).nonzero().flatten()
+            if rows.numel() == 0:
+                continue
+            p, o, r = mk.grouped_permute(hidden[rows], ids[rows, k:k + 1], E)
+            y = mk.grouped_mlp(p, gu, dn, o)[r[:, 0].long()]
+            want[rows] += kept_weights[rows, k:k + 1] * y.float()
+    assert torch.equal(out[3], torch.zeros_like(out[3]))
+    assert rel_err(out, want) <= REF_TOL
+
+
 def _quantize_with_blocks(w, block_n, block_k):
     q, s = oracle_quantize_weight(w, block_n, block_k, 1)
     return q, s

@@ -6,18 +6,32 @@ Formats and the exact quantization rule: moge_kernels/fp8.py. Tensors:
     expert_offsets [E+1] int32; rows of expert e are [offsets[e], offsets[e+1])
 
 One kernel, tile schedule from grouped_gemm.py (_schedule / _locate: derived on the device from
-expert_offsets, no host sync, graph-capturable, empty experts cost nothing). Per k-slice of BK = 128
-(one scale block): a [BM, BK] x tile and a [BN, BK] weight tile in e4m3 go through tl.dot (wgmma FP8 on
-Hopper, fp32 result), which is scaled by x_scale[row, kb] * w_scale[col block, kb] and added to the fp32
-accumulator (block format); the per-channel format accumulates plain dots and scales once in the
-epilogue. Partial blocks are masked loads (zeros): Pangu's I = 1344 is 10 full k-slices and a half one in
-the down GEMM, and a half column tile of gate and of up in gate_up; nothing is padded.
+expert_offsets, no host sync, graph-capturable, empty experts cost nothing; spare programs of the plain
+GEMM zero the rows past expert_offsets[E], zero_tail_tile). A tile is one or two column sub-tiles of at
+most 128 columns, each with its own fp32 accumulator: gate_up always two (the gate rows and the up rows
+of the same output columns), the plain GEMM two when its config is 256 wide. Per k-slice of BK = 128
+(one scale block) a [BM, BK] x tile and a [BN, BK] weight tile per sub-tile in e4m3 go through tl.dot
+(wgmma FP8 on Hopper). Block scales, kept off the tensor cores' critical path:
+  - a sub-tile lies in one 128-row weight block, so its weight scale is one scalar per k-step; the x
+    scales of the tile's rows are one [BM] vector, contiguous because activation scales are stored
+    k-major (new_scales). Both are loaded a k-step ahead.
+  - rescale (the default): the accumulator holds sum_j dot_j * S_j / S_k in the current step's scale
+    S_k = x_scale[row] * w_scale, so each step multiplies it by S_{k-1} / S_k (one multiply per element,
+    the ratio is a [BM] vector) and the dot accumulates into it in place; the epilogue multiplies by the
+    last S. No second [BM, BN] tile for "dot * scale", so 128-row tiles with two 128-column accumulators
+    fit the registers without spills (sm_90 compile), and with two sub-tiles one sub-tile's wgmma runs
+    while the other's accumulator is rescaled. S is never 0: scales are >= 1e-12 / 448 (fp8.py).
+  - config rescale=False: acc += dot * S (a second tile; kept as a sweep candidate).
+The per-channel format accumulates plain dots (max_num_imprecise_acc = BK: fp32 promotion every 128 k,
+like the block path) and scales once in the epilogue. Partial blocks are masked loads (zeros): Pangu's
+I = 1344 is 10 full k-slices and a half one in the down GEMM, and a half column tile of gate and of up
+in gate_up; nothing is padded.
 
 Operands come through pointer loads (masked), or with the config's `tma` (Hopper; e4m3 x, rows of 16-byte
-multiples) through TMA descriptors built on the host as in grouped_gemm.py: x [M, K] in [BM, 128] boxes,
-w viewed [E*W_ROWS, K] in [BN, 128] boxes, zero-filled past the tensor; rows of the next expert and weight
-rows past a projection are loaded but never stored (their scales load as 0). Both keep the weight tile
-K-major ([BN, BK], fed as tl.dot(a, tl.trans(b))), the layout FP8 wgmma needs for both operands.
+multiples) through TMA descriptors built on the host: x [M, K] in [BM, 128] boxes, w viewed [E*W_ROWS, K]
+in [BN, 128] boxes, zero-filled past the tensor; rows of the next expert and weight rows past N_OUT are
+loaded but never stored. The weight tile stays K-major ([BN, BK], fed as tl.dot(a, tl.trans(b))), the
+layout FP8 wgmma needs for both operands.
 
 Where x is quantized (fp8.py's rule; both paths give the same values):
   QUANT_X    in the GEMM's load: a bf16 x tile is quantized in registers per 1x128 group (block format).
@@ -35,8 +49,6 @@ TRITON_INTERPRET the kernels round to e4m3 in fp32 first (_round_e4m3; exact val
 """
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 import triton
 import triton.language as tl
@@ -44,7 +56,8 @@ import triton.language as tl
 from .. import fp8
 from ..registry import register_kernel
 from . import DEVICES
-from .grouped_gemm import TensorDescriptor, _locate, _schedule, _tma_ok
+from . import gemm_configs
+from .grouped_gemm import TensorDescriptor, _locate, _schedule, _tma_ok, zero_tail_tile
 
 ROUND_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
@@ -84,7 +97,7 @@ def _round_to(v, ROUND: tl.constexpr):
 
 
 @triton.jit
-def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, stride_sm,
+def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, stride_sm, stride_sk,
                           BM: tl.constexpr, G: tl.constexpr, ONE_GROUP: tl.constexpr,
                           EXPLICIT_ROUND: tl.constexpr):
     """Grid (cdiv(M, BM), KB): rows [pid0*BM, +BM), group pid1 of G columns; ONE_GROUP: the whole row
@@ -117,157 +130,234 @@ def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, strid
         v = tl.load(x_ptr + rows64[:, None] * stride_xm + cols[None, :], mask=ok, other=0.0)
         q, scale = _quantize_tile(v.to(tl.float32), BM, EXPLICIT_ROUND)
         tl.store(q_ptr + rows64[:, None] * stride_qm + cols[None, :], q, mask=ok)
-        tl.store(s_ptr + rows64 * stride_sm + tl.program_id(1), scale, mask=row_ok)
+        tl.store(s_ptr + rows64 * stride_sm + tl.program_id(1) * stride_sk, scale, mask=row_ok)
+
+
+@triton.jit
+def _scale_row(r, PART_ROWS, NB, BLOCK_N: tl.constexpr):
+    """Row of w_scale[e] viewed [P*NB, KB] that holds weight row r: its projection, then its block."""
+    return (r // PART_ROWS) * NB + (r % PART_ROWS) // BLOCK_N
+
+
+@triton.jit
+def _col_scales(ws_ptr, kb, r0, W_ROWS, KB, PART_ROWS, NB, BN: tl.constexpr, BLOCK_N: tl.constexpr,
+                SCALAR_COLS: tl.constexpr):
+    """Weight scales of k-block kb for a sub-tile of weight rows [r0, r0 + BN): one scalar when the
+    sub-tile lies in one BLOCK_N block (SCALAR_COLS), else [BN] (rows past W_ROWS: 1, never stored)."""
+    if SCALAR_COLS:
+        return tl.load(ws_ptr + _scale_row(r0, PART_ROWS, NB, BLOCK_N) * KB + kb, mask=r0 < W_ROWS,
+                       other=1.0)
+    else:
+        r = r0 + tl.arange(0, BN)
+        return tl.load(ws_ptr + _scale_row(r, PART_ROWS, NB, BLOCK_N) * KB + kb, mask=r < W_ROWS,
+                       other=1.0)
+
+
+@triton.jit
+def _outer(sa, sc, SCALAR_COLS: tl.constexpr):
+    """Block scale of each accumulator element, sa [BM] x sc (scalar or [BN]): a row vector [BM, 1]
+    when sc is one scalar (one multiply per element where it is applied), else [BM, BN]."""
+    if SCALAR_COLS:
+        return (sa * sc)[:, None]
+    else:
+        return sa[:, None] * sc[None, :]
 
 
 @triton.jit
 def _fp8_gemm_kernel(
-        x_ptr, x_scale_ptr,      # x [M, K] e4m3 + [M, KB] fp32 scales, or float x with QUANT_X
+        x_ptr, x_scale_ptr,      # x [M, K] e4m3 + x_scale [M, KB] fp32 (any strides), or float x with QUANT_X
         w_ptr, w_scale_ptr,      # w [E, W_ROWS, K] e4m3; w_scale [E, P, NB, KB] fp32, contiguous
         x_desc, w_desc,          # USE_TMA: descriptors of x [M, K] (box [BM, BK]), w as [E*W_ROWS, K] ([BN, BK])
-        y_ptr, y_scale_ptr,      # out [M, N_OUT] (e4m3 + [M, N_OUT/BN] scales with QUANT_OUT)
+        y_ptr, y_scale_ptr,      # out [M, N_OUT] (e4m3 + [M, N_OUT/BN] scales, any strides, with QUANT_OUT)
         offsets_ptr, row_scale_ptr,
-        N_OUT, K, KB, NB, PART_ROWS, W_ROWS, num_n_tiles, up_scale_shift,
-        stride_xm, stride_xsm, stride_we, stride_wn, stride_wse, stride_ym, stride_ysm,
+        M, N_OUT, K, KB, NB, PART_ROWS, W_ROWS, num_n_tiles, sub_shift,
+        stride_xm, stride_xsm, stride_xsk, stride_we, stride_wn, stride_wse, stride_ym, stride_ysm,
+        stride_ysk,
         E: tl.constexpr, E_POW2: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PER_K: tl.constexpr, SWIGLU: tl.constexpr,
-        QUANT_X: tl.constexpr, QUANT_OUT: tl.constexpr, HAS_ROW_SCALE: tl.constexpr,
-        ROUND: tl.constexpr, EXPLICIT_ROUND: tl.constexpr, USE_TMA: tl.constexpr):
-    """Grid: (max_row_tiles * num_n_tiles,); see the module docstring."""
+        TWO: tl.constexpr, SCALAR_COLS: tl.constexpr, RESCALE: tl.constexpr, QUANT_X: tl.constexpr,
+        QUANT_OUT: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, ROUND: tl.constexpr,
+        EXPLICIT_ROUND: tl.constexpr, USE_TMA: tl.constexpr, ZERO_TAIL: tl.constexpr,
+        TILE_N: tl.constexpr):
+    """Grid: (max_row_tiles * num_n_tiles,); see the module docstring. A tile is sub-tile 0 (weight rows
+    [col0, col0+BN)) and, with TWO, sub-tile 1 (rows sub_shift further: SwiGLU's up rows, or the next BN
+    columns of a plain GEMM), each with its own accumulator. ZERO_TAIL: the programs past the real work
+    write zeros to the rows past offsets[E] (grouped_gemm.zero_tail_tile)."""
     pid = tl.program_id(0)
     experts, starts, ends, m_tiles, work_begin, work_end = _schedule(offsets_ptr, num_n_tiles, E,
                                                                      E_POW2, BM)
-    if pid >= tl.max(work_end, 0):
+    total = tl.max(work_end, 0)
+    if pid >= total:
+        if ZERO_TAIL:
+            zero_tail_tile(y_ptr, offsets_ptr, pid - total, M, N_OUT, num_n_tiles, stride_ym, E, BM, TILE_N)
         return
     e, row0, row_end, pid_n = _locate(pid, experts, starts, ends, m_tiles, work_begin, work_end, BM)
-    col0 = pid_n * BN
+    col0 = pid_n * TILE_N
+    r1 = col0 + sub_shift                      # first weight row of sub-tile 1
     offs_m = tl.arange(0, BM)
     offs_n = tl.arange(0, BN)
     offs_k = tl.arange(0, BK)
     rows = row0 + offs_m
     row_ok = rows < row_end
-    cols = col0 + offs_n
-    col_ok = cols < N_OUT
     rows64 = rows.to(tl.int64)
+    # weight rows of the pointer loads (the epilogue computes its column masks after the k loop: values
+    # live across the loop would take the accumulators' registers)
+    w_ok0 = (col0 + offs_n) < N_OUT
+    if SWIGLU:
+        w_ok1 = w_ok0
+    else:
+        w_ok1 = (r1 + offs_n) < N_OUT
     x_ptrs = x_ptr + rows64[:, None] * stride_xm + offs_k[None, :]
-    w_ptrs = w_ptr + e.to(tl.int64) * stride_we + (cols[:, None] * stride_wn + offs_k[None, :])
-    up_shift = N_OUT * stride_wn
-    # scale row of each output column: its projection (PART_ROWS rows each), then its block of BLOCK_N
-    # rows in it; SwiGLU's up columns are up_scale_shift further on
-    scale_rows = (cols // PART_ROWS) * NB + (cols % PART_ROWS) // BLOCK_N
-    ws_ptrs = w_scale_ptr + e.to(tl.int64) * stride_wse + scale_rows * KB
+    w_base = w_ptr + e.to(tl.int64) * stride_we
+    w_ptrs0 = w_base + ((col0 + offs_n)[:, None] * stride_wn + offs_k[None, :])
+    w_ptrs1 = w_base + ((r1 + offs_n)[:, None] * stride_wn + offs_k[None, :])
+    ws_ptr = w_scale_ptr + e.to(tl.int64) * stride_wse
     xs_ptrs = x_scale_ptr + rows64 * stride_xsm
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    acc_up = tl.zeros((BM, BN), dtype=tl.float32)
+    xs_ok = rows < M                           # rows of the next expert have real scales too
+    acc0 = tl.zeros((BM, BN), dtype=tl.float32)
+    acc1 = tl.zeros((BM, BN), dtype=tl.float32)
     num_k = tl.cdiv(K, BK)
-    w_row0 = e * W_ROWS + col0          # TMA: this tile's first weight row in the [E*W_ROWS, K] view
+    w_row0 = e * W_ROWS + col0                 # TMA: sub-tile 0's first row in the [E*W_ROWS, K] view
+    # The block scales of k-step 0, then each step prefetches the next step's: [BM] x scales (a
+    # coalesced vector with k-major scale storage) and one weight scale per sub-tile (SCALAR_COLS)
+    if PER_K and not QUANT_X:
+        sa = tl.load(xs_ptrs, mask=xs_ok, other=1.0)
+    else:
+        sa = tl.full([BM], 1.0, tl.float32)
+    sc0 = _col_scales(ws_ptr, 0, col0, W_ROWS, KB, PART_ROWS, NB, BN, BLOCK_N, SCALAR_COLS)
+    sc1 = _col_scales(ws_ptr, 0, r1, W_ROWS, KB, PART_ROWS, NB, BN, BLOCK_N, SCALAR_COLS)
+    prev0 = _outer(sa, sc0, SCALAR_COLS)       # RESCALE: the scale the accumulator is expressed in
+    prev1 = _outer(sa, sc1, SCALAR_COLS)
     for kk in range(num_k):
         k_ok = offs_k < K - kk * BK
-        kb = (kk * BK) // BLOCK_K
+        if PER_K:
+            # next step's scales (the last step reloads its own: always in bounds)
+            kb_next = (tl.minimum(kk + 1, num_k - 1) * BK) // BLOCK_K
+            if not QUANT_X:
+                sa_next = tl.load(xs_ptrs + kb_next * stride_xsk, mask=xs_ok, other=1.0)
+            sc0_next = _col_scales(ws_ptr, kb_next, col0, W_ROWS, KB, PART_ROWS, NB, BN, BLOCK_N,
+                                   SCALAR_COLS)
+            if TWO:
+                sc1_next = _col_scales(ws_ptr, kb_next, r1, W_ROWS, KB, PART_ROWS, NB, BN, BLOCK_N,
+                                       SCALAR_COLS)
         if USE_TMA:
             # Rows past M and columns past K are zero-filled; rows of the next expert (x) and weight
-            # rows past this projection's N_OUT are loaded but their outputs are never stored, and
-            # their scales load as 0. No pointer tensors: what frees registers for 128-row tiles.
+            # rows past N_OUT are loaded but their outputs are never stored. No pointer tensors.
             a = x_desc.load([row0, kk * BK])
-            if PER_K:
-                sa = tl.load(xs_ptrs + kb, mask=row_ok, other=0.0)
-            b = w_desc.load([w_row0, kk * BK])
+            b0 = w_desc.load([w_row0, kk * BK])
+            if TWO:
+                b1 = w_desc.load([w_row0 + sub_shift, kk * BK])
         else:
             if QUANT_X:
                 xf = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
                 a, sa = _quantize_tile(xf, BM, EXPLICIT_ROUND)
             else:
                 a = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-                if PER_K:
-                    sa = tl.load(xs_ptrs + kb, mask=row_ok, other=0.0)
-            b = tl.load(w_ptrs, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+            b0 = tl.load(w_ptrs0, mask=w_ok0[:, None] & k_ok[None, :], other=0.0)
+            if TWO:
+                b1 = tl.load(w_ptrs1, mask=w_ok1[:, None] & k_ok[None, :], other=0.0)
         if PER_K:
-            sb = tl.load(ws_ptrs + kb, mask=col_ok, other=0.0)
-            acc += tl.dot(a, tl.trans(b)) * (sa[:, None] * sb[None, :])
+            if RESCALE:
+                # acc holds sum_j dot_j * S_j / S_k for the current step's scale S_k: rescaling it by
+                # S_{k-1} / S_k and letting the dot accumulate in place keeps one accumulator tile per
+                # sub-tile (no second [BM, BN] fp32 tile for dot * scale) and a dot that chains into it
+                s0 = _outer(sa, sc0, SCALAR_COLS)
+                acc0 = tl.dot(a, tl.trans(b0), acc0 * (prev0 / s0))
+                prev0 = s0
+                if TWO:
+                    s1 = _outer(sa, sc1, SCALAR_COLS)
+                    acc1 = tl.dot(a, tl.trans(b1), acc1 * (prev1 / s1))
+                    prev1 = s1
+            else:
+                acc0 += tl.dot(a, tl.trans(b0)) * _outer(sa, sc0, SCALAR_COLS)
+                if TWO:
+                    acc1 += tl.dot(a, tl.trans(b1)) * _outer(sa, sc1, SCALAR_COLS)
+            if not QUANT_X:
+                sa = sa_next
+            sc0 = sc0_next
+            if TWO:
+                sc1 = sc1_next
         else:
-            acc = tl.dot(a, tl.trans(b), acc, max_num_imprecise_acc=BK)
-        if SWIGLU:
-            if USE_TMA:
-                b_up = w_desc.load([w_row0 + N_OUT, kk * BK])
-            else:
-                b_up = tl.load(w_ptrs + up_shift, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-            if PER_K:
-                sb_up = tl.load(ws_ptrs + up_scale_shift + kb, mask=col_ok, other=0.0)
-                acc_up += tl.dot(a, tl.trans(b_up)) * (sa[:, None] * sb_up[None, :])
-            else:
-                acc_up = tl.dot(a, tl.trans(b_up), acc_up, max_num_imprecise_acc=BK)
+            acc0 = tl.dot(a, tl.trans(b0), acc0, max_num_imprecise_acc=BK)
+            if TWO:
+                acc1 = tl.dot(a, tl.trans(b1), acc1, max_num_imprecise_acc=BK)
         x_ptrs += BK
-        w_ptrs += BK
-    if not PER_K:   # per-channel weights, per-token activations: one scale each, applied once
-        sa = tl.load(xs_ptrs, mask=row_ok, other=0.0)
-        acc = acc * (sa[:, None] * tl.load(ws_ptrs, mask=col_ok, other=0.0)[None, :])
-        if SWIGLU:
-            acc_up = acc_up * (sa[:, None] * tl.load(ws_ptrs + up_scale_shift, mask=col_ok, other=0.0)[None, :])
-
-    out = acc
+        w_ptrs0 += BK
+        w_ptrs1 += BK
+    if PER_K:
+        if RESCALE:      # back from the last step's scale
+            acc0 = acc0 * prev0
+            acc1 = acc1 * prev1
+    else:   # per-channel weights, per-token activations: one scale each, applied once
+        sa = tl.load(xs_ptrs, mask=xs_ok, other=0.0)
+        acc0 = acc0 * (sa[:, None] * _col_scales(ws_ptr, 0, col0, W_ROWS, KB, PART_ROWS, NB, BN, BLOCK_N,
+                                                 False)[None, :])
+        if TWO:
+            acc1 = acc1 * (sa[:, None] * _col_scales(ws_ptr, 0, r1, W_ROWS, KB, PART_ROWS, NB, BN,
+                                                     BLOCK_N, False)[None, :])
+    row_ok = (row0 + offs_m) < row_end
+    ok0 = (col0 + offs_n) < N_OUT
     if SWIGLU:
-        out = _round_to(acc * tl.sigmoid(acc) * acc_up, ROUND)    # h as the bf16 path stores it
-    y_ptrs = y_ptr + rows64[:, None] * stride_ym + cols[None, :]
-    mask = row_ok[:, None] & col_ok[None, :]
-    if QUANT_OUT:   # this tile's BN columns are one scale group of the down GEMM's activations
-        q, s = _quantize_tile(tl.where(col_ok[None, :], out, 0.0), BM, EXPLICIT_ROUND)
-        tl.store(y_ptrs, q, mask=mask)
-        tl.store(y_scale_ptr + rows64 * stride_ysm + pid_n, s, mask=row_ok)
+        out = _round_to(acc0 * tl.sigmoid(acc0) * acc1, ROUND)    # h as the bf16 path stores it
+        y_ptrs = y_ptr + rows64[:, None] * stride_ym + (col0 + offs_n)[None, :]
+        mask = row_ok[:, None] & ok0[None, :]
+        if QUANT_OUT:   # this tile's BN columns are one scale group of the down GEMM's activations
+            q, s = _quantize_tile(tl.where(ok0[None, :], out, 0.0), BM, EXPLICIT_ROUND)
+            tl.store(y_ptrs, q, mask=mask)
+            tl.store(y_scale_ptr + rows64 * stride_ysm + pid_n * stride_ysk, s, mask=row_ok)
+        else:
+            tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=mask)
     else:
         if HAS_ROW_SCALE:
-            out = out * tl.load(row_scale_ptr + rows, mask=row_ok, other=0.0)[:, None]
-        tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=mask)
+            rs = tl.load(row_scale_ptr + rows, mask=row_ok, other=0.0)[:, None]
+            acc0 = acc0 * rs
+            acc1 = acc1 * rs
+        y_ptrs = y_ptr + rows64[:, None] * stride_ym + (col0 + offs_n)[None, :]
+        tl.store(y_ptrs, acc0.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & ok0[None, :])
+        if TWO:
+            ok1 = (r1 + offs_n) < N_OUT
+            tl.store(y_ptrs + BN, acc1.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & ok1[None, :])
 
 
-@dataclasses.dataclass(frozen=True)
-class Fp8Config:
-    block_m: int
-    block_n: int
-    num_warps: int
-    num_stages: int
-    tma: bool = False      # e4m3 operands through TMA descriptors (Hopper; falls back to pointer loads)
+Fp8Config = gemm_configs.Fp8Config
+_forced: dict[str, Fp8Config] = {}   # bench/bench_fp8.py --sweep, tests: "gate_up" / "down" -> config
 
 
-def choose_config(M: int, E: int, swiglu: bool) -> Fp8Config:
-    """By rows per expert. From an H200 sweep of the pointer-load kernel (Pangu shape, one config for both
-    GEMMs): 16x64 (the decode path) is best up to ~2 rows per expert (T = 16), 64x128 with 4 warps and
-    4 stages from ~16 rows on (T = 128 ... 16384); 128x128 pointer tiles were 4x slower (their [BM, BK]
-    and [BN, BK] pointer tensors take the registers the scaled accumulators need). Past the decode
-    sizes the same 64x128 tile goes through TMA (no pointer tensors, no masks): not yet timed on a
-    device; bench/bench_fp8.py --sweep times it against the pointer tile and 128-row TMA tiles."""
-    rows = M / max(E, 1)
-    if rows <= 8:
-        return Fp8Config(16, 64, 4, 4)
-    return Fp8Config(64, 128, 4, 4, tma=True)
-
-
-_forced: dict[str, Fp8Config] = {}   # bench/bench_fp8.py --sweep: "gate_up" / "down" -> config
+def choose_config(M: int, E: int, gemm: str, device: torch.device) -> Fp8Config:
+    """A forced config (the sweep), else the committed table (gemm_configs.FP8_TABLES)."""
+    return _forced.get(gemm) or gemm_configs.fp8_table_config(M, E, gemm, device)
 
 
 def _interpreted(t: torch.Tensor) -> bool:
     return t.device.type != "cuda"     # the triton backend runs CPU tensors only under the interpreter
 
 
+def new_scales(M: int, kb: int, device) -> torch.Tensor:
+    """[M, kb] fp32 activation scales stored k-major (strides (1, M)): a GEMM's k-step reads the scales
+    of its BM rows as one contiguous vector."""
+    return torch.empty(kb, M, dtype=torch.float32, device=device).t()
+
+
 def quantize_rows(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] float -> (e4m3 [M, K], fp32 scales [M, ceil(K/group)] or [M, 1] for group 0)."""
+    """x [M, K] float -> (e4m3 [M, K], fp32 scales [M, ceil(K/group)] or [M, 1] for group 0, k-major)."""
     M, K = x.shape
     q = torch.empty(M, K, dtype=fp8.E4M3, device=x.device)
     kb = 1 if group == 0 else triton.cdiv(K, group)
-    s = torch.empty(M, kb, dtype=torch.float32, device=x.device)
+    s = new_scales(M, kb, x.device)
     if M == 0 or K == 0:
         return q, s.fill_(1e-12 / fp8.E4M3_MAX)
     G = 128 if group == 0 else group
     BM = 32
     _quantize_rows_kernel[(triton.cdiv(M, BM), kb)](
-        x, q, s, M, K, x.stride(0), q.stride(0), s.stride(0), BM=BM, G=G, ONE_GROUP=group == 0,
-        EXPLICIT_ROUND=_interpreted(x), num_warps=4)
+        x, q, s, M, K, x.stride(0), q.stride(0), s.stride(0), s.stride(1), BM=BM, G=G,
+        ONE_GROUP=group == 0, EXPLICIT_ROUND=_interpreted(x), num_warps=4)
     return q, s
 
 
-def launch_fp8_gemm(x, x_scale, w, w_scale, expert_offsets, out, out_scale, block_n, block_k, *,
-                    swiglu, quant_x, quant_out, round_dtype, row_scale=None, block_m=None, bn=None,
-                    num_warps=None, num_stages=None, tma=False):
-    """out[rows of e] = x[rows of e] @ dequant(w[e])^T (SwiGLU of it with swiglu). No host sync."""
+def launch_fp8_gemm(x, x_scale, w, w_scale, expert_offsets, out, out_scale, block_n, block_k, cfg, *,
+                    swiglu, quant_x, quant_out, round_dtype, row_scale=None, zero_tail=False):
+    """out[rows of e] = x[rows of e] @ dequant(w[e])^T (SwiGLU of it with swiglu); zero_tail: zeros in
+    out's rows past expert_offsets[E]. No host sync."""
     M, K = x.shape
     E, w_rows = w.shape[:2]
     n_out = w_rows // 2 if swiglu else w_rows
@@ -275,36 +365,46 @@ def launch_fp8_gemm(x, x_scale, w, w_scale, expert_offsets, out, out_scale, bloc
         return out
     BK = 128 if block_k == 0 else min(block_k, 128)
     per_k = block_k != 0
-    BM, BN = block_m, bn
+    BM = cfg.block_m
+    two = swiglu or cfg.block_n > 128
+    BN = cfg.block_n // 2 if two and not swiglu else cfg.block_n
+    sub_shift = n_out if swiglu else BN
+    tile_n = BN * 2 if two and not swiglu else BN
     if quant_x and not (per_k and BK == block_k):
         raise AssertionError("quantize-in-load needs one scale group per k-slice")
     if quant_out and not (per_k and BN == block_k):
         raise AssertionError("epilogue quantization needs one scale group per column tile")
     NB, KB = w_scale.shape[2], w_scale.shape[3]
-    # up rows' scales: the second projection (P = 2), or I / block_n block rows on (P = 1, aligned)
-    up_shift = (NB * KB if w_scale.shape[1] == 2 else (n_out // block_n) * KB) if swiglu else 0
-    num_n_tiles = triton.cdiv(n_out, BN)
+    part_rows = w_rows // w_scale.shape[1]
+    # one weight scale per sub-tile and k-step when a sub-tile lies in one block of one projection
+    # (SwiGLU's gate sub-tile may run past I into up rows: columns never stored)
+    scalar_cols = per_k and block_n % BN == 0 and (swiglu or part_rows % BN == 0)
+    num_n_tiles = triton.cdiv(n_out, tile_n)
     max_row_tiles = min(M, triton.cdiv(M, BM) + min(E, M))
     has_row_scale = row_scale is not None
     # TMA: e4m3 x (not quantized in the load), 16-byte aligned rows (K % 16 == 0), Hopper or the
     # interpreter; a box row is BK = 128 bytes, one 128-byte swizzle line
-    use_tma = tma and not quant_x and x.dtype == fp8.E4M3 and w.is_contiguous() and _tma_ok(x, w)
+    use_tma = cfg.tma and not quant_x and x.dtype == fp8.E4M3 and w.is_contiguous() and _tma_ok(x, w)
     if use_tma:
         x_desc = TensorDescriptor.from_tensor(x, [BM, BK])
         w_desc = TensorDescriptor.from_tensor(w.view(E * w_rows, K), [BN, BK])
     else:
         x_desc, w_desc = x, w          # placeholders, never read
+    xs = x_scale if x_scale is not None else x
+    os_ = out_scale if out_scale is not None else out
     _fp8_gemm_kernel[(max_row_tiles * num_n_tiles,)](
-        x, x_scale if x_scale is not None else x, w, w_scale, x_desc, w_desc, out,
-        out_scale if out_scale is not None else out, expert_offsets,
-        row_scale if has_row_scale else out,
-        n_out, K, KB, NB, w_rows // w_scale.shape[1], w_rows, num_n_tiles, up_shift,
-        x.stride(0), x_scale.stride(0) if x_scale is not None else 0, w.stride(0), w.stride(1),
-        w_scale.stride(0), out.stride(0), out_scale.stride(0) if out_scale is not None else 0,
+        x, xs, w, w_scale, x_desc, w_desc, out, os_, expert_offsets, row_scale if has_row_scale else out,
+        M, n_out, K, KB, NB, part_rows, w_rows, num_n_tiles, sub_shift,
+        x.stride(0), xs.stride(0) if x_scale is not None else 0,
+        xs.stride(1) if x_scale is not None else 0, w.stride(0), w.stride(1), w_scale.stride(0),
+        out.stride(0), os_.stride(0) if out_scale is not None else 0,
+        os_.stride(1) if out_scale is not None else 0,
         E=E, E_POW2=max(2, triton.next_power_of_2(E)), BM=BM, BN=BN, BK=BK,
-        BLOCK_N=block_n, BLOCK_K=max(block_k, 1), PER_K=per_k, SWIGLU=swiglu, QUANT_X=quant_x,
+        BLOCK_N=block_n, BLOCK_K=max(block_k, 1), PER_K=per_k, SWIGLU=swiglu, TWO=two,
+        SCALAR_COLS=scalar_cols, RESCALE=cfg.rescale and per_k, QUANT_X=quant_x,
         QUANT_OUT=quant_out, HAS_ROW_SCALE=has_row_scale, ROUND=ROUND_CODES[round_dtype],
-        EXPLICIT_ROUND=_interpreted(x), USE_TMA=use_tma, num_warps=num_warps, num_stages=num_stages)
+        EXPLICIT_ROUND=_interpreted(x), USE_TMA=use_tma, ZERO_TAIL=zero_tail and not swiglu, TILE_N=tile_n,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
 
 
@@ -319,15 +419,10 @@ def _prepare(x, w, w_scale, name, block_k):
     return x, w.contiguous(), w_scale.contiguous()
 
 
-def _tile(cfg: Fp8Config, **override) -> dict:
-    """launch_fp8_gemm's tile arguments from a config."""
-    return {**dict(block_m=cfg.block_m, bn=cfg.block_n, num_warps=cfg.num_warps,
-                   num_stages=cfg.num_stages, tma=cfg.tma), **override}
-
-
-def _block_path_fuses_x(M: int, E: int, block_k: int) -> bool:
-    """Quantize x in the GEMM's load (decode sizes) rather than in a row kernel first."""
-    return block_k == 128 and choose_config(M, E, True).block_m <= 16
+def _decode_path(M: int, E: int, block_k: int, device) -> bool:
+    """Quantize x (and h) in the GEMMs' loads (decode sizes: 16-row gate_up tiles) rather than in a
+    row kernel first and in the gate_up epilogue."""
+    return block_k == 128 and choose_config(M, E, "gate_up", device).block_m <= 16
 
 
 def grouped_gemm_fp8(x, w, w_scale, expert_offsets, block_n=128, block_k=128):
@@ -338,53 +433,55 @@ def grouped_gemm_fp8(x, w, w_scale, expert_offsets, block_n=128, block_k=128):
     y = x.new_empty(M, w.shape[1])
     if x.shape[1] == 0:
         return y.zero_()
-    cfg = _forced.get("down") or choose_config(M, E, False)
-    fuse = _block_path_fuses_x(M, E, block_k)
+    cfg = choose_config(M, E, "down", x.device)
+    fuse = block_k == 128 and cfg.block_m <= 16
     xq, xs = (x, None) if fuse else quantize_rows(x, block_k)
-    return launch_fp8_gemm(xq, xs, w, w_scale, offsets, y, None, block_n, block_k, swiglu=False,
-                           quant_x=fuse, quant_out=False, round_dtype=x.dtype, **_tile(cfg))
+    return launch_fp8_gemm(xq, xs, w, w_scale, offsets, y, None, block_n, block_k, cfg, swiglu=False,
+                           quant_x=fuse, quant_out=False, round_dtype=x.dtype, zero_tail=True)
 
 
 def grouped_mlp_fp8(x, w_gate_up, w_gate_up_scale, w_down, w_down_scale, expert_offsets, row_scale=None,
-                    block_n=128, block_k=128):
-    """Registered as triton's moge::grouped_mlp_fp8: [M, H] in x's dtype."""
+                    block_n=128, block_k=128, x_scale=None, out_dtype=None):
+    """Registered as triton's moge::grouped_mlp_fp8: [M, H] in x's dtype (out_dtype for e4m3 x with its
+    x_scale, quantized already: fp8.quantize_activations' rule, e.g. by permute_fp8)."""
     x, w_gate_up, w_gate_up_scale = _prepare(x, w_gate_up, w_gate_up_scale, "w_gate_up", block_k)
     w_down, w_down_scale = w_down.contiguous(), w_down_scale.contiguous()
     offsets = expert_offsets.contiguous()
     M, H = x.shape
     E, I = w_gate_up.shape[0], w_gate_up.shape[1] // 2
-    y = x.new_empty(M, H)
+    dtype = x.dtype if x_scale is None else out_dtype
+    y = torch.empty(M, H, dtype=dtype, device=x.device)
     if I == 0 or H == 0:
         return y.zero_()
     if row_scale is not None:
         row_scale = row_scale.to(torch.float32).contiguous()
-    cfg_gu = _forced.get("gate_up") or choose_config(M, E, True)
-    cfg_dn = _forced.get("down") or choose_config(M, E, False)
-    common = dict(round_dtype=x.dtype)
-    if block_k == 128 and cfg_gu.block_m <= 16:
+    cfg_gu = choose_config(M, E, "gate_up", x.device)
+    cfg_dn = choose_config(M, E, "down", x.device)
+    common = dict(round_dtype=dtype)
+    down = dict(swiglu=False, quant_out=False, row_scale=row_scale, zero_tail=True, **common)
+    if x_scale is None and _decode_path(M, E, block_k, x.device):
         # decode: x and h quantized in the GEMMs' loads, h in x's dtype between them
         h = x.new_empty(M, I)
-        launch_fp8_gemm(x, None, w_gate_up, w_gate_up_scale, offsets, h, None, block_n, block_k,
-                        swiglu=True, quant_x=True, quant_out=False, **_tile(cfg_gu), **common)
-        return launch_fp8_gemm(h, None, w_down, w_down_scale, offsets, y, None, block_n, block_k,
-                               swiglu=False, quant_x=True, quant_out=False, row_scale=row_scale,
-                               **_tile(cfg_dn), **common)
-    xq, xs = quantize_rows(x, block_k)
-    if block_k == 128:
+        launch_fp8_gemm(x, None, w_gate_up, w_gate_up_scale, offsets, h, None, block_n, block_k, cfg_gu,
+                        swiglu=True, quant_x=True, quant_out=False, **common)
+        return launch_fp8_gemm(h, None, w_down, w_down_scale, offsets, y, None, block_n, block_k, cfg_dn,
+                               quant_x=True, **down)
+    xq, xs = (x, x_scale) if x_scale is not None else quantize_rows(x, block_k)
+    if block_k == 128 and cfg_gu.block_n == 128:
         # h quantized in the gate_up epilogue: one column tile of 128 = one scale group
         hq = torch.empty(M, I, dtype=fp8.E4M3, device=x.device)
-        hs = torch.empty(M, triton.cdiv(I, 128), dtype=torch.float32, device=x.device)
-        launch_fp8_gemm(xq, xs, w_gate_up, w_gate_up_scale, offsets, hq, hs, block_n, block_k,
-                        swiglu=True, quant_x=False, quant_out=True, **_tile(cfg_gu, bn=128), **common)
+        hs = new_scales(M, triton.cdiv(I, 128), x.device)
+        launch_fp8_gemm(xq, xs, w_gate_up, w_gate_up_scale, offsets, hq, hs, block_n, block_k, cfg_gu,
+                        swiglu=True, quant_x=False, quant_out=True, **common)
     else:
-        # per-token scales (block_k = 0) or other groups: h in x's dtype, then the row kernel
-        h = x.new_empty(M, I)
-        launch_fp8_gemm(xq, xs, w_gate_up, w_gate_up_scale, offsets, h, None, block_n, block_k,
-                        swiglu=True, quant_x=False, quant_out=False, **_tile(cfg_gu), **common)
+        # per-token scales (block_k = 0), other groups or narrower tiles: h in the output dtype, then
+        # the row kernel
+        h = torch.empty(M, I, dtype=dtype, device=x.device)
+        launch_fp8_gemm(xq, xs, w_gate_up, w_gate_up_scale, offsets, h, None, block_n, block_k, cfg_gu,
+                        swiglu=True, quant_x=False, quant_out=False, **common)
         hq, hs = quantize_rows(h, block_k)
-    return launch_fp8_gemm(hq, hs, w_down, w_down_scale, offsets, y, None, block_n, block_k,
-                           swiglu=False, quant_x=False, quant_out=False, row_scale=row_scale,
-                           **_tile(cfg_dn), **common)
+    return launch_fp8_gemm(hq, hs, w_down, w_down_scale, offsets, y, None, block_n, block_k, cfg_dn,
+                           quant_x=False, **down)
 
 
 register_kernel("triton", "grouped_gemm_fp8", grouped_gemm_fp8, devices=DEVICES)

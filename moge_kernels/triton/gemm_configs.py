@@ -268,3 +268,72 @@ def candidates(num_rows: int, num_experts: int, swiglu: bool, dtype: torch.dtype
             seen.add(cfg)
             out.append(cfg)
     return out
+
+
+# ----------------------------------------------------------------------------- FP8 (triton/fp8_gemm.py)
+@dataclasses.dataclass(frozen=True)
+class Fp8Config:
+    """A launch of the FP8 grouped GEMM (k-slices are always 128 = one scale block). A tile is one or two
+    column sub-tiles of <= 128 columns, each its own accumulator with one weight-scale block per k-step:
+    gate_up always two (gate and up, block_n columns each); the plain GEMM one (block_n <= 128) or two
+    (block_n = 256: two sub-tiles of 128)."""
+    block_m: int
+    block_n: int           # gate_up: columns of gate and of up (128: one scale group of h); plain: tile width
+    num_warps: int
+    num_stages: int
+    tma: bool = False      # e4m3 operands through TMA descriptors (Hopper; falls back to pointer loads)
+    rescale: bool = True   # block scales by rescaling the accumulator before each dot (no second
+    #                        accumulator tile; fp8_gemm.py); False: acc += dot * scale
+
+    def __str__(self):
+        return (f"{self.block_m}x{self.block_n} w{self.num_warps} s{self.num_stages}"
+                f"{' tma' if self.tma else ''}{'' if self.rescale else ' temp'}")
+
+
+F = Fp8Config
+# (regime, gemm) -> config, "gate_up" / "down", Pangu shape on an H200. Decode keeps the sweep of
+# bench/results/fp8_sweep_h200_c961ad2.txt (pointer loads quantizing x in the load, 16-row tiles); from
+# "small" on the row-quantized path. The medium-and-up entries are the structural choice of this
+# kernel (128-row tiles, 8 warps, two 128-column accumulators rescaled in place: no spills, sm_90
+# compile) awaiting `python bench/bench_fp8.py --sweep`, which prints the line to put here.
+FP8_H200_TABLE = {
+    ("decode", "gate_up"): F(16, 64, 4, 4, rescale=False),
+    ("decode", "down"): F(16, 128, 4, 4, rescale=False),
+    ("small", "gate_up"): F(64, 128, 4, 4, tma=True),
+    ("small", "down"): F(64, 128, 4, 4, tma=True),
+    ("medium", "gate_up"): F(128, 128, 8, 4, tma=True),
+    ("medium", "down"): F(128, 256, 8, 3, tma=True),
+    ("prefill", "gate_up"): F(128, 128, 8, 4, tma=True),
+    ("prefill", "down"): F(128, 256, 8, 3, tma=True),
+    ("large", "gate_up"): F(128, 128, 8, 4, tma=True),
+    ("large", "down"): F(128, 256, 8, 3, tma=True),
+}
+FP8_TABLES = {"H100": FP8_H200_TABLE, "H200": FP8_H200_TABLE}
+# The interpreter (CPU, CI): the decode path up to 8 rows per expert, else the row-quantized path with
+# pointer loads, gate_up rescaled and down with a second accumulator (both modes run in the tests).
+FP8_INTERPRETER_DECODE = F(16, 64, 4, 1, rescale=False)
+FP8_INTERPRETER_ROWS = {"gate_up": F(32, 128, 4, 1), "down": F(32, 64, 4, 1, rescale=False)}
+
+# Candidates of bench/bench_fp8.py --sweep, per regime and GEMM. Decode: pointer loads (x quantized in
+# the load); the rest through TMA, 64- / 128-row tiles, rescaled or a second (temporary) accumulator.
+_FP8_DECODE = {"gate_up": [F(16, 64, 4, 4, rescale=False), F(16, 128, 4, 4, rescale=False),
+                           F(16, 64, 4, 4), F(16, 128, 4, 4)],
+               "down": [F(16, 128, 4, 4, rescale=False), F(16, 64, 4, 4, rescale=False),
+                        F(16, 128, 4, 4), F(16, 256, 4, 4)]}
+_FP8_ROWS = {"gate_up": [F(64, 128, 4, 4, tma=True), F(64, 128, 4, 3, tma=True),
+                         F(64, 128, 4, 4, tma=True, rescale=False), F(64, 128, 8, 4, tma=True),
+                         F(128, 128, 8, 4, tma=True), F(128, 128, 8, 3, tma=True),
+                         F(128, 128, 8, 4, tma=True, rescale=False)],
+             "down": [F(64, 128, 4, 4, tma=True), F(64, 128, 4, 4, tma=True, rescale=False),
+                      F(64, 256, 4, 3, tma=True), F(128, 128, 8, 4, tma=True),
+                      F(128, 128, 8, 4, tma=True, rescale=False), F(128, 256, 8, 3, tma=True),
+                      F(128, 256, 8, 4, tma=True)]}
+FP8_CANDIDATES = {(r, g): (_FP8_DECODE if r == "decode" else _FP8_ROWS)[g]
+                  for r, _ in REGIMES for g in ("gate_up", "down")}
+
+
+def fp8_table_config(num_rows: int, num_experts: int, gemm: str, device: torch.device) -> Fp8Config:
+    """The committed FP8 table: (M/E regime, gemm, device family) -> config."""
+    if device.type != "cuda":
+        return FP8_INTERPRETER_DECODE if num_rows <= 8 * num_experts else FP8_INTERPRETER_ROWS[gemm]
+    return FP8_TABLES[device_family(device_index(device))][(regime(num_rows, num_experts), gemm)]
