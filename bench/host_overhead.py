@@ -78,49 +78,114 @@ def _install_stand_ins():
     return triton
 
 
-def simulate(args):
+def _simulated_gpu_path():
+    """The GPU's Python path on CPU tensors: the stand-in driver (above), every triton kernel registered
+    for CPU tensors too and selected, the H200 config table and TMA descriptors as on the card, and no
+    value checks (on a GPU they run only with MOGE_VALIDATE=1). Two-stream grouped_mlp (CUDA streams)
+    is the one GPU branch this cannot run."""
     _install_stand_ins()
+    import functools
     import torch
-    import moge_kernels  # noqa: F401
+    import moge_kernels as mk
+    from moge_kernels import checks, registry
+    from moge_kernels.triton import gemm_configs, grouped_gemm
+
+    for (backend, op), kernel in list(registry._kernels.items()):
+        if backend == "triton":
+            registry._kernels[(backend, op)] = kernel._replace(devices=kernel.devices | {"cpu"})
+    registry._candidates.clear()
+    mk.set_backend("triton")
+    checks._should_check_values = lambda t: False
+
+    @functools.lru_cache(maxsize=None)
+    def table_config(M, E, swiglu, dtype, device, options_key):
+        cfg = gemm_configs.H200_TABLE[(gemm_configs.regime(M, E), swiglu)]
+        return gemm_configs.fit(cfg, swiglu, dtype)
+
+    grouped_gemm._table_config = table_config
+    grouped_gemm._tma_device = lambda device: True
+    grouped_gemm._num_sms = lambda device: 132
+    return torch, mk
+
+
+def _simulated_calls(torch, mk, T):
+    """{name: (fn, its triton launcher or None)} at T tokens: Pangu's routing (E=64, G=8, top-1 per
+    group), small widths (the host path depends on the shapes only through config choice)."""
     from moge_kernels import reference as R
     from moge_kernels.triton import combine, dispatch, grouped_gemm
 
     torch.manual_seed(0)
-    # Pangu's routing (E=64, G=8), small widths: the host path does not depend on H or I
-    T, H, I, E, G = 1, 256, 64, 64, 8
-    hidden = torch.randn(T, H)
+    H, I, E, G, dtype = 128, 64, 64, 8, torch.bfloat16
+    hidden = torch.randn(T, H).to(dtype)
     logits = torch.randn(T, E)
-    w_gate_up = torch.randn(E, 2 * I, H) * H ** -0.5
-    w_down = torch.randn(E, H, I) * I ** -0.5
+    w_gate_up = (torch.randn(E, 2 * I, H) * H ** -0.5).to(dtype)
+    w_down = (torch.randn(E, H, I) * I ** -0.5).to(dtype)
     permuted, weights, _, offsets, row_index = R.grouped_dispatch(hidden, logits, G)
     expert_out = torch.randn_like(permuted)
-    calls = {
-        "dispatch": lambda: dispatch.grouped_dispatch(hidden, logits, G),
-        "mlp": lambda: grouped_gemm.grouped_mlp(permuted, w_gate_up, w_down, offsets),
-        "gemm": lambda: grouped_gemm.grouped_gemm(permuted, w_gate_up, offsets),
-        "combine": lambda: combine.grouped_combine(expert_out, weights, row_index),
+    layer = mk.MoGELayer(H, I, E, G, 1, dtype=dtype).eval()
+    return {
+        "dispatch": (lambda: mk.grouped_dispatch(hidden, logits, G),
+                     lambda: dispatch.grouped_dispatch(hidden, logits, G)),
+        "mlp": (lambda: mk.grouped_mlp(permuted, w_gate_up, w_down, offsets),
+                lambda: grouped_gemm.grouped_mlp(permuted, w_gate_up, w_down, offsets)),
+        "combine": (lambda: mk.grouped_combine(expert_out, weights, row_index),
+                    lambda: combine.grouped_combine(expert_out, weights, row_index)),
+        "layer": (lambda: mk.moge_forward(hidden, logits, w_gate_up, w_down, G), None),
+        "MoGELayer": (lambda: layer(hidden), None),
     }
-    print(f"host time per call of each Triton launcher, T={T}, E={E}, G={G} (CPU tensors, launches "
-          f"replaced by no-ops), over {args.repeats} x {args.inner} calls (min: the least disturbed by other load):")
-    for name, fn in calls.items():
-        for _ in range(20):
+
+
+def _per_call_us(fn, repeats, inner):
+    for _ in range(20):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(inner):
             fn()
-        samples = []
-        for _ in range(args.repeats):
-            start = time.perf_counter()
-            for _ in range(args.inner):
-                fn()
-            samples.append((time.perf_counter() - start) / args.inner * 1e6)
-        print(f"  {name:<9} min {min(samples):7.1f} us   median {statistics.median(samples):7.1f} us")
-        if args.profile:
-            prof = cProfile.Profile()
-            prof.enable()
-            for _ in range(args.inner):
-                fn()
-            prof.disable()
-            out = io.StringIO()
-            pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(12)
-            print(out.getvalue())
+        samples.append((time.perf_counter() - start) / inner * 1e6)
+    return min(samples), statistics.median(samples)
+
+
+def _python_calls(fn, n=20):
+    """Python function calls (cProfile's count, C functions included) per call of fn."""
+    fn()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(n):
+        fn()
+    prof.disable()
+    return sum(s[1] for s in pstats.Stats(prof).stats.values()) / n
+
+
+def simulate(args):
+    torch, mk = _simulated_gpu_path()
+    tokens = [int(t) for t in args.tokens.split(",")]
+    print("CPU SIMULATION of the GPU host path (bench/host_overhead.py --simulate): CPU tensors, bf16, "
+          "triton backend with launches replaced by no-ops, H200 configs; us per call (min and median "
+          f"of {args.repeats} x {args.inner} calls) and Python calls per call (cProfile). "
+          "'launcher' is the triton function alone; 'public' the mk.* call under torch.no_grad().")
+    print(f"{'T':>5} {'op':<10} {'public min':>10} {'median':>8} {'calls':>6} {'launcher min':>12} "
+          f"{'calls':>6}")
+    for T in tokens:
+        for name, (public, launcher) in _simulated_calls(torch, mk, T).items():
+            with torch.no_grad():
+                lo, med = _per_call_us(public, args.repeats, args.inner)
+                calls = _python_calls(public)
+                row = f"{T:>5} {name:<10} {lo:>10.1f} {med:>8.1f} {calls:>6.0f}"
+                if launcher is not None:
+                    row += f" {_per_call_us(launcher, args.repeats, args.inner)[0]:>12.1f}" \
+                           f" {_python_calls(launcher):>6.0f}"
+                print(row, flush=True)
+                if args.profile and T == tokens[0]:
+                    prof = cProfile.Profile()
+                    prof.enable()
+                    for _ in range(args.inner):
+                        public()
+                    prof.disable()
+                    out = io.StringIO()
+                    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(14)
+                    print(out.getvalue())
     return 0
 
 
