@@ -136,14 +136,15 @@ def _simulated_calls(torch, mk, T):
 
 
 def _per_call_us(fn, repeats, inner):
+    """CPU time of this thread per call (time.thread_time: a shared machine's other load is not counted)."""
     for _ in range(20):
         fn()
     samples = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = time.thread_time()
         for _ in range(inner):
             fn()
-        samples.append((time.perf_counter() - start) / inner * 1e6)
+        samples.append((time.thread_time() - start) / inner * 1e6)
     return min(samples), statistics.median(samples)
 
 
@@ -161,18 +162,25 @@ def _python_calls(fn, n=20):
 def simulate(args):
     torch, mk = _simulated_gpu_path()
     tokens = [int(t) for t in args.tokens.split(",")]
+    direct = "eager_direct" in mk.get_options()
     print("CPU SIMULATION of the GPU host path (bench/host_overhead.py --simulate): CPU tensors, bf16, "
-          "triton backend with launches replaced by no-ops, H200 configs; us per call (min and median "
-          f"of {args.repeats} x {args.inner} calls) and Python calls per call (cProfile). "
-          "'launcher' is the triton function alone; 'public' the mk.* call under torch.no_grad().")
-    print(f"{'T':>5} {'op':<10} {'public min':>10} {'median':>8} {'calls':>6} {'launcher min':>12} "
-          f"{'calls':>6}")
+          "triton backend with launches replaced by no-ops, H200 configs; CPU us per call (min and median "
+          f"of {args.repeats} x {args.inner} calls) and Python calls per call (cProfile), under "
+          "torch.no_grad(). 'public': the mk.* call; 'torch.ops': the same with eager_direct=False (every "
+          "call through the dispatcher); 'launcher': the triton function alone.")
+    print(f"{'T':>5} {'op':<10} {'public min':>10} {'median':>8} {'calls':>6} {'torch.ops min':>13} "
+          f"{'calls':>6} {'launcher min':>12} {'calls':>6}")
     for T in tokens:
         for name, (public, launcher) in _simulated_calls(torch, mk, T).items():
             with torch.no_grad():
                 lo, med = _per_call_us(public, args.repeats, args.inner)
-                calls = _python_calls(public)
-                row = f"{T:>5} {name:<10} {lo:>10.1f} {med:>8.1f} {calls:>6.0f}"
+                row = f"{T:>5} {name:<10} {lo:>10.1f} {med:>8.1f} {_python_calls(public):>6.0f}"
+                if direct:
+                    with mk.use_options(eager_direct=False):
+                        row += f" {_per_call_us(public, args.repeats, args.inner)[0]:>13.1f}" \
+                               f" {_python_calls(public):>6.0f}"
+                else:
+                    row += f" {'':>13} {'':>6}"
                 if launcher is not None:
                     row += f" {_per_call_us(launcher, args.repeats, args.inner)[0]:>12.1f}" \
                            f" {_python_calls(launcher):>6.0f}"

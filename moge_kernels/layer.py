@@ -175,8 +175,8 @@ class MoGELayer(nn.Module):
             return ops.grouped_mlp(permuted, w_gate_up, w_down, expert_offsets)
         records_grad = torch.is_grad_enabled() and (
             permuted.requires_grad or w_gate_up.requires_grad or w_down.requires_grad)
-        if self.recompute or not records_grad:
-            return moge.grouped_mlp(permuted, w_gate_up, w_down, expert_offsets, None)
+        if self.recompute or not records_grad:     # (ops.grouped_mlp: the eager direct call when no grad)
+            return ops.grouped_mlp(permuted, w_gate_up, w_down, expert_offsets)
         gate_up = moge.grouped_gemm(permuted, w_gate_up, expert_offsets)               # [T*K, 2I]
         return moge.grouped_gemm(moge.swiglu(gate_up), w_down, expert_offsets)
 

@@ -14,10 +14,11 @@ from __future__ import annotations
 from typing import Callable, NamedTuple, Optional
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import checks, fp8, packing, reference, registry
+from . import checks, fp8, options, packing, reference, registry
 
 _lib = torch.library.Library("moge", "DEF")
 
@@ -88,13 +89,51 @@ def _schema_args(op_name):
             for arg in getattr(torch.ops.moge, op_name).default._schema.arguments]
 
 
-def _kernel_args(op_name, schema_args, args, kwargs):
-    """The arguments as every backend kernel takes them: all positional, checked, converted."""
+# Signatures whose check passed -> the conversions it made ((position, value) pairs: dispatch's
+# score_func name to its code). A signature is the op and, per argument, a tensor's shape, dtype and device
+# or another value's type and value: all that a check reads when it reads no values. So a repeated call
+# is checked with one dict lookup; a signature that fails is never stored (every call raises as before).
+# Only calls whose check reads no values are cached: on CPU and with MOGE_VALIDATE=1 the check runs
+# every call.
+_checked: dict[tuple, tuple] = {}
+MAX_CHECKED = 4096
+
+
+def _signature(op_name, args) -> tuple:
+    key = [op_name]
+    for a in args:
+        if isinstance(a, Tensor):
+            key += (a.shape, a.dtype, a.device)
+        else:
+            key += (type(a), a)
+    return tuple(key)
+
+
+def _kernel_args(op_name, schema_args, args, kwargs, cache=False):
+    """The arguments as every backend kernel takes them: all positional, checked, converted.
+    cache: use and fill the signature cache (the device kernels; their arguments passed the schema)."""
     if len(args) < len(schema_args):
         args = list(args)
         for name, default in schema_args[len(args):]:
             args.append(kwargs.get(name, default))
+    key = None
+    if cache and not checks._should_check_values(args[0]):
+        key = _signature(op_name, args)
+        conversions = _checked.get(key)
+        if conversions is not None:
+            if conversions:
+                args = list(args)
+                for i, value in conversions:
+                    args[i] = value
+            return args
     checked = ARG_CHECKS[op_name](*args)   # a check may return the arguments converted for the kernels
+    if key is not None:
+        conversions = () if checked is None else \
+            tuple((i, c) for i, (a, c) in enumerate(zip(args, checked)) if c is not a)
+        if not any(isinstance(c, Tensor) for _, c in conversions):   # (a converted tensor is per call)
+            if len(_checked) >= MAX_CHECKED:
+                _checked.clear()
+            _checked[key] = conversions
     return args if checked is None else checked
 
 
@@ -104,7 +143,7 @@ def _make_device_kernel(op_name):
 
     def device_kernel(*args, **kwargs):
         # The dispatcher hands over what the caller passed; backends get every argument positionally.
-        args = _kernel_args(op_name, schema_args, args, kwargs)
+        args = _kernel_args(op_name, schema_args, args, kwargs, cache=True)
         kernel = registry.select(op_name, args)
         if weight_args and not kernel.packed_weights:
             args = list(args)
@@ -116,14 +155,26 @@ def _make_device_kernel(op_name):
     return device_kernel
 
 
+# op -> its device kernel: what the dispatcher runs on every device type, and what a direct call runs
+DEVICE_KERNELS: dict[str, Callable] = {}
+# op -> the Python type each schema argument must have for a direct call: Tensor, _OPTIONAL_TENSOR, or
+# int / bool / str (exactly: the dispatcher's own conversions, and its errors, stay with torch.ops)
+_ARG_KINDS: dict[str, tuple] = {}
+_OPTIONAL_TENSOR = object()
+_SCHEMA_KINDS = {"Tensor": Tensor, "Optional[Tensor]": _OPTIONAL_TENSOR, "int": int, "bool": bool, "str": str}
+
+
 def define_op(name: str, schema: str, arg_check, reference_fn) -> None:
     """Define `moge::<name>` once: its schema, a routing kernel on every device type (argument check,
     then the active backend's implementation), and `reference_fn` as its reference backend."""
     _lib.define(name + schema)
     registry.declare_op(name)
     ARG_CHECKS[name] = arg_check
+    DEVICE_KERNELS[name] = _make_device_kernel(name)
+    _ARG_KINDS[name] = tuple(_SCHEMA_KINDS.get(str(arg.type))
+                             for arg in getattr(torch.ops.moge, name).default._schema.arguments)
     for device_type in _device_types:
-        torch.library.impl(f"moge::{name}", device_type, _make_device_kernel(name), lib=_lib)
+        torch.library.impl(f"moge::{name}", device_type, DEVICE_KERNELS[name], lib=_lib)
     registry.register_kernel("reference", name, reference_fn, devices=("*",), dtypes=None)
 
 
@@ -133,7 +184,64 @@ def register_device_type(device_type: str) -> None:
         return
     _device_types.append(device_type)
     for name in ARG_CHECKS:
-        torch.library.impl(f"moge::{name}", device_type, _make_device_kernel(name), lib=_lib)
+        torch.library.impl(f"moge::{name}", device_type, DEVICE_KERNELS[name], lib=_lib)
+
+
+# ----------------------------------------------------------------------------- eager direct calls
+# An eager call of torch.ops.moge.<op> passes the dispatcher and torch.library's Python autograd wrapper
+# before it reaches the device kernel above: tens of microseconds of host time a call, more than the GPU
+# time of a decode-size kernel, even when neither has anything to do. The public functions below call the
+# device kernel themselves when direct_call_allowed says that nothing between would act on the call: the
+# same checks, backend choice and kernel, so the same results, bit for bit. Any other call (autograd,
+# torch.compile, FakeTensor, a mode, vmap, tracing, a tensor subclass) goes through torch.ops.
+_PLAIN_TENSOR_TYPES = (Tensor, torch.nn.Parameter)   # Parameter disables __torch_function__: plain to ops
+_profiler_enabled = torch._C._autograd._profiler_enabled
+
+
+def direct_call_allowed(op_name: str, args) -> bool:
+    """Whether calling `op_name`'s device kernel with `args` (every schema argument, positionally) is the
+    same as calling torch.ops.moge.<op_name>: the one rule of the direct path. True when the option
+    eager_direct is on and
+      - no torch.compile / dynamo tracing, no torch.jit tracing, no forward-mode AD level;
+      - no TorchDispatchMode (FakeTensorMode, FunctionalTensorMode, proxy tracing included), no
+        TorchFunctionMode (torch.device(...) contexts included), no functorch transform (vmap, grad);
+      - every tensor argument is exactly a torch.Tensor or nn.Parameter (no FakeTensor, no subclass) and,
+        with grad mode on, none requires grad (inference_mode and no_grad are fine);
+      - every other argument has exactly its schema type (int, bool, str; None for an absent tensor);
+      - the first tensor is on a device type with a routing kernel (not meta)."""
+    if torch.compiler.is_compiling() or not options.current.eager_direct:
+        return False
+    C = torch._C
+    if (C._len_torch_dispatch_stack() or C._is_torch_function_mode_enabled()
+            or C._functorch.peek_interpreter_stack() is not None or C._get_tracing_state() is not None
+            or _forward_ad._current_level >= 0):
+        return False
+    kinds = _ARG_KINDS[op_name]
+    if len(args) != len(kinds):
+        return False
+    grad = torch.is_grad_enabled()
+    device_type = None
+    for arg, kind in zip(args, kinds):
+        if kind is Tensor or (kind is _OPTIONAL_TENSOR and arg is not None):
+            if type(arg) not in _PLAIN_TENSOR_TYPES or (grad and arg.requires_grad):
+                return False
+            if device_type is None:
+                device_type = arg.device.type
+        elif kind is not _OPTIONAL_TENSOR and type(arg) is not kind:
+            return False
+    return device_type in _device_types
+
+
+def _run(op_name: str, *args):
+    """torch.ops.moge.<op_name>(*args), through its device kernel directly where that is the same."""
+    if direct_call_allowed(op_name, args):
+        if _profiler_enabled():     # keep the op's name in torch.profiler traces
+            with torch.autograd.profiler.record_function(f"moge::{op_name}"):
+                out = DEVICE_KERNELS[op_name](*args)
+        else:
+            out = DEVICE_KERNELS[op_name](*args)
+        return tuple(out) if isinstance(out, list) else out
+    return getattr(torch.ops.moge, op_name)(*args)
 
 
 for _name, _schema in SCHEMAS.items():
@@ -286,8 +394,8 @@ def grouped_dispatch(hidden: Tensor, router_logits: Tensor, num_groups: int, top
         row_index: [T, K] int32, the row of permuted_hidden that slot (t, k) was copied to.
 
     Ties go to the lower expert index; a NaN score ranks below every number (docs/contract.md)."""
-    return torch.ops.moge.grouped_dispatch(hidden, router_logits, num_groups, topk_per_group,
-                                           expert_scale, renormalize, score_func, expert_mask)
+    return _run("grouped_dispatch", hidden, router_logits, num_groups, topk_per_group, expert_scale,
+                renormalize, score_func, expert_mask)
 
 
 def grouped_permute(hidden: Tensor, topk_ids: Tensor, num_experts: int):
@@ -302,7 +410,7 @@ def grouped_permute(hidden: Tensor, topk_ids: Tensor, num_experts: int):
     M = T * K, in grouped_dispatch's order (by expert, then token, then slot). Dropped slots take the zero
     rows [expert_offsets[E], M), which every grouped op treats as rows of no expert (zero output), so they
     contribute 0 in grouped_combine."""
-    return torch.ops.moge.grouped_permute(hidden, topk_ids, num_experts)
+    return _run("grouped_permute", hidden, topk_ids, num_experts)
 
 
 def grouped_gemm(x: Tensor, w: Tensor, expert_offsets: Tensor) -> Tensor:
@@ -318,8 +426,8 @@ def grouped_gemm(x: Tensor, w: Tensor, expert_offsets: Tensor) -> Tensor:
 
     Returns [M, N] in x's dtype, accumulated in float32; rows of no expert are zero."""
     if isinstance(w, fp8.QuantizedExpertWeights):
-        return torch.ops.moge.grouped_gemm_fp8(x, w.weight, w.scale, expert_offsets, w.block_n, w.block_k)
-    return torch.ops.moge.grouped_gemm(x, w, expert_offsets)
+        return _run("grouped_gemm_fp8", x, w.weight, w.scale, expert_offsets, w.block_n, w.block_k)
+    return _run("grouped_gemm", x, w, expert_offsets)
 
 
 def grouped_mlp(x: Tensor, w_gate_up: Tensor, w_down: Tensor, expert_offsets: Tensor,
@@ -340,9 +448,9 @@ def grouped_mlp(x: Tensor, w_gate_up: Tensor, w_down: Tensor, expert_offsets: Te
     w_gate_up_q = isinstance(w_gate_up, fp8.QuantizedExpertWeights)
     if w_gate_up_q or isinstance(w_down, fp8.QuantizedExpertWeights):
         blocks = fp8.same_blocks(w_gate_up, w_down)
-        return torch.ops.moge.grouped_mlp_fp8(x, w_gate_up.weight, w_gate_up.scale, w_down.weight,
-                                              w_down.scale, expert_offsets, row_scale, *blocks)
-    return torch.ops.moge.grouped_mlp(x, w_gate_up, w_down, expert_offsets, row_scale)
+        return _run("grouped_mlp_fp8", x, w_gate_up.weight, w_gate_up.scale, w_down.weight, w_down.scale,
+                    expert_offsets, row_scale, *blocks)
+    return _run("grouped_mlp", x, w_gate_up, w_down, expert_offsets, row_scale)
 
 
 def grouped_combine(expert_out: Tensor, topk_weights: Tensor, row_index: Tensor,
@@ -356,12 +464,12 @@ def grouped_combine(expert_out: Tensor, topk_weights: Tensor, row_index: Tensor,
         shared_out: optional [T, H], added to every token's sum (a shared expert's output).
 
     Returns [T, H] in expert_out's dtype: summed in float32 in slot order, no atomics (deterministic)."""
-    return torch.ops.moge.grouped_combine(expert_out, topk_weights, row_index, shared_out)
+    return _run("grouped_combine", expert_out, topk_weights, row_index, shared_out)
 
 
 def swiglu(gate_up: Tensor) -> Tensor:
     """silu(gate) * up over gate_up [M, 2I] (gate columns first), differentiable: [M, I]."""
-    return torch.ops.moge.swiglu(gate_up)
+    return _run("swiglu", gate_up)
 
 
 def shared_expert_mlp(hidden: Tensor, shared_w_gate_up: Tensor, shared_w_down: Tensor) -> Tensor:
@@ -371,7 +479,7 @@ def shared_expert_mlp(hidden: Tensor, shared_w_gate_up: Tensor, shared_w_down: T
     Two dense GEMMs (cuBLAS on CUDA) around the `moge.swiglu` kernel: the shared expert is one dense
     matrix for every token, where cuBLAS is the reference rate that the grouped kernels reach 80-94% of
     at prefill sizes (bench/README.md); at decode sizes both stream the weights once."""
-    return F.linear(torch.ops.moge.swiglu(F.linear(hidden, shared_w_gate_up)), shared_w_down)
+    return F.linear(swiglu(F.linear(hidden, shared_w_gate_up)), shared_w_down)
 
 
 class LayerOps(NamedTuple):

@@ -24,6 +24,7 @@ attribute of a plain object: no environment access and no parsing per call.
 | cuda_gemm_tile     | MOGE_CUDA_GEMM_TILE      | CUDA_GEMM_TILES: the cuda backend's many-rows GEMM tile | "auto" |
 | bwd_gemm           | MOGE_BWD_GEMM            | "auto" (torch._grouped_mm where it applies) or "triton" | "auto" |
 | ascend_impl        | MOGE_ASCEND_IMPL         | "python" (torch_npu operators) or "cpp" (the CANN extension) | "python" |
+| eager_direct       | MOGE_EAGER_DIRECT        | bool: a public op called eagerly with nothing to record calls its kernel without torch.ops' dispatcher (ops.direct_call_allowed) | True |
 
 Booleans: True/False in code; "1"/"true"/"yes"/"on" and "0"/"false"/"no"/"off" (any case) in the
 environment. An empty variable is the same as an unset one.
@@ -159,6 +160,7 @@ _OPTIONS = {opt.name: opt for opt in (
     _Option("cuda_gemm_tile", "MOGE_CUDA_GEMM_TILE", _choice(CUDA_GEMM_TILES), "auto"),
     _Option("bwd_gemm", "MOGE_BWD_GEMM", _choice(("auto", "triton")), "auto"),
     _Option("ascend_impl", "MOGE_ASCEND_IMPL", _choice(("python", "cpp")), "python"),
+    _Option("eager_direct", "MOGE_EAGER_DIRECT", _bool, True),
 )}
 BACKEND_ENV = "MOGE_BACKEND"
 NAMES = ("backend",) + tuple(_OPTIONS)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import moge_kernels as mk
-from moge_kernels import MoGELayer
+from moge_kernels import MoGELayer, ops
 from moge_kernels import reference as R
 from moge_kernels.testing import relative_error
 
@@ -224,12 +224,15 @@ def test_inference_runs_the_fused_mlp(monkeypatch):
     layer = _layer(recompute=False)
     x = torch.randn(11, H)
     calls = []
-    fused = torch.ops.moge.grouped_mlp
 
-    def counting(*args):
-        calls.append(1)
-        return fused(*args)
-    monkeypatch.setattr(torch.ops.moge, "grouped_mlp", counting)
+    def counting(fused):
+        def call(*args):
+            calls.append(1)
+            return fused(*args)
+        return call
+    # the op through torch.ops, or its device kernel directly (ops.direct_call_allowed: no grad here)
+    monkeypatch.setattr(torch.ops.moge, "grouped_mlp", counting(torch.ops.moge.grouped_mlp))
+    monkeypatch.setitem(ops.DEVICE_KERNELS, "grouped_mlp", counting(ops.DEVICE_KERNELS["grouped_mlp"]))
     with torch.no_grad():
         out = layer(x)
     assert len(calls) == 1

@@ -75,8 +75,10 @@ def test_first_call_binds_then_launches_the_cached_handle(fast):
     assert log == [("slow", (3, 2), (x, y, 5, 32, 16), dict(BLOCK=128, FLAG=True, num_warps=4))]
     log.clear()
     kernel.launch((7,), (x, y, 9, 32, 16), (128, True, 4))      # T is do_not_specialize: same kernel
+    # tensors reach the launcher as their data pointers (no data_ptr() / pointer query in the launcher)
     assert log == [("run", (7, 1, 1, 1234, "fn-handle", ("packed",), None, None, None,
-                            x, y, 9, 32, 16, 128, True))]
+                            x.data_ptr(), y.data_ptr(), 9, 32, 16, 128, True))]
+    assert kernel.slow_launches == 1
 
 
 @pytest.mark.parametrize("change", ["alignment", "dtype", "int", "meta"])

@@ -158,21 +158,20 @@ def _ep_sentinels_possible() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
+# The ops through moge_kernels.ops: an eager call with nothing to record skips torch.ops' dispatcher there.
 def _swiglu_experts(permuted: Tensor, w_gate_up: Tensor, w_down: Tensor, expert_offsets: Tensor) -> Tensor:
-    moge = torch.ops.moge
     records_grad = torch.is_grad_enabled() and (
         permuted.requires_grad or w_gate_up.requires_grad or w_down.requires_grad)
     if not records_grad:
-        return moge.grouped_mlp(permuted, w_gate_up, w_down, expert_offsets, None)
-    gate_up = moge.grouped_gemm(permuted, w_gate_up, expert_offsets)           # [M, 2I], saved
-    return moge.grouped_gemm(moge.swiglu(gate_up), w_down, expert_offsets)
+        return ops.grouped_mlp(permuted, w_gate_up, w_down, expert_offsets)
+    gate_up = ops.grouped_gemm(permuted, w_gate_up, expert_offsets)            # [M, 2I], saved
+    return ops.grouped_gemm(ops.swiglu(gate_up), w_down, expert_offsets)
 
 
 def _gemm_gate_experts(module, permuted: Tensor, w_up: Tensor, w_down: Tensor,
                        expert_offsets: Tensor, mask_tail: bool) -> Tensor:
-    moge = torch.ops.moge
     E = w_up.shape[0]
-    h = moge.grouped_gemm(permuted, w_up, expert_offsets)                     # [M, N1]
+    h = ops.grouped_gemm(permuted, w_up, expert_offsets)                      # [M, N1]
     if module.has_bias:
         rows = torch.arange(h.shape[0], device=h.device, dtype=torch.int32)
         expert_of_row = torch.searchsorted(expert_offsets[1:], rows, right=True)  # [M]; E past the end
@@ -180,7 +179,7 @@ def _gemm_gate_experts(module, permuted: Tensor, w_up: Tensor, w_down: Tensor,
         expert_of_row = expert_of_row.clamp_(max=E - 1)
         h = h + getattr(module, f"{_up_name(module)}_bias")[expert_of_row]
     h = module._apply_gate(h) if module.has_gate else module.act_fn(h)
-    y = moge.grouped_gemm(h.to(w_down.dtype), w_down, expert_offsets)          # [M, H]
+    y = ops.grouped_gemm(h.to(w_down.dtype), w_down, expert_offsets)           # [M, H]
     if module.has_bias:
         bias = module.down_proj_bias[expert_of_row]
         y = y + (bias if tail is None else bias.masked_fill(tail, 0))         # dropped rows stay 0
@@ -194,7 +193,6 @@ def moge_experts_forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k
     if reason is not None:
         _warn_fallback(self, reason)
         return hf_moe.grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
-    moge = torch.ops.moge
     w_up = _expert_weight(self, _up_name(self))                                 # [E, N1, H]
     w_down = _expert_weight(self, "down_proj")                                  # [E, H, I]
     E = w_up.shape[0]
@@ -203,12 +201,12 @@ def moge_experts_forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k
     mask_tail = _ep_sentinels_possible()
     if mask_tail:
         topk_ids = torch.where(topk_ids < E, topk_ids, -1)
-    permuted, expert_offsets, row_index = moge.grouped_permute(x, topk_ids, E)
+    permuted, expert_offsets, row_index = ops.grouped_permute(x, topk_ids, E)
     if _fused_swiglu(self):
         expert_out = _swiglu_experts(permuted, w_up, w_down, expert_offsets)
     else:
         expert_out = _gemm_gate_experts(self, permuted, w_up, w_down, expert_offsets, mask_tail)
-    out = moge.grouped_combine(expert_out, top_k_weights.reshape(topk_ids.shape), row_index, None)
+    out = ops.grouped_combine(expert_out, top_k_weights.reshape(topk_ids.shape), row_index)
     return out.to(hidden_states.dtype).reshape(hidden_states.shape)
 
 

@@ -24,7 +24,7 @@ from typing import Callable, Optional, Union
 import torch
 from torch import Tensor
 
-import moge_kernels  # noqa: F401  defines torch.ops.moge
+import moge_kernels
 
 __all__ = ["moge_routing_function"]
 
@@ -49,7 +49,7 @@ def moge_routing_function(num_groups: Optional[int] = None, topk_per_group: int 
         scale = expert_scale() if callable(expert_scale) else expert_scale
         if scale is not None:
             scale = scale.reshape(-1)
-        _, topk_weights, topk_ids, _, _ = torch.ops.moge.grouped_dispatch(
+        _, topk_weights, topk_ids, _, _ = moge_kernels.grouped_dispatch(
             hidden_states[:, :0], gating_output, groups, topk_per_group, scale, renormalize, score_func)
         return topk_weights, topk_ids
 

@@ -363,6 +363,8 @@ class _Plan:
     n_out: int
     num_n_tiles: int
     num_programs: int    # persistent kernel only
+    # TMA plans: the validated descriptors of the first call, base dropped (_descriptors copies them)
+    descriptor_templates: list = dataclasses.field(default_factory=list, compare=False)
 
 
 _plans: dict[tuple, _Plan] = {}
@@ -408,31 +410,51 @@ def _make_plan(x, w, expert_offsets, out, swiglu, has_row_scale, config, pack, t
 
 
 def _descriptors(plan: _Plan, x, w):
-    """(x_desc, x_desc_tail, w_desc, w_desc_half) of a TMA plan; they hold data pointers: made per call."""
+    """(x_desc, x_desc_tail, w_desc, w_desc_half) of a TMA plan. They hold data pointers, so they are
+    made per call; but the plan fixes every shape and stride in them, so the first call's
+    TensorDescriptor.from_tensor (validation included: ~3 us each) is kept as a template and later calls
+    copy it with this call's tensors as bases (16-byte aligned: the plan key's _tma_aligned)."""
+    w_view = _weight_view(plan, x, w)
+    bases = (x, x, w_view, w_view)
+    templates = plan.descriptor_templates
+    if not templates:
+        BN, BK = plan.block_n, plan.block_k
+        box = [2] if plan.wide else []
+        descriptors = (TensorDescriptor.from_tensor(x, [plan.block_m, BK]),
+                       TensorDescriptor.from_tensor(x, [plan.tail_bm, BK]) if plan.tail_bm else None,
+                       TensorDescriptor.from_tensor(w_view, box + [BN, BK]),
+                       TensorDescriptor.from_tensor(w_view, box + [BN // 2, BK]) if plan.split_n else None)
+        if all(d is None or hasattr(d, "__dict__") for d in descriptors):   # else: from_tensor every call
+            templates.extend(None if d is None else {**vars(d), "base": None} for d in descriptors)
+        x_desc, x_desc_tail, w_desc, w_desc_half = descriptors
+        return x_desc, x_desc_tail or x_desc, w_desc, w_desc_half or w_desc
+    x_desc, x_desc_tail, w_desc, w_desc_half = (
+        None if fields is None else _copy_descriptor(fields, base) for fields, base in zip(templates, bases))
+    return x_desc, x_desc_tail or x_desc, w_desc, w_desc_half or w_desc
+
+
+def _copy_descriptor(fields: dict, base) -> "TensorDescriptor":
+    desc = object.__new__(TensorDescriptor)
+    desc.__dict__.update(fields)
+    desc.base = base
+    return desc
+
+
+def _weight_view(plan: _Plan, x, w):
+    """The weights as the TMA descriptors view them (a view: no copy)."""
     E, w_rows = w.shape[:2]
     K = x.shape[1]
-    BN, BK, pack = plan.block_n, plan.block_k, plan.pack
+    pack = plan.pack
     if pack:
         # storage order [E, K/B, W_ROWS, B]: a box of BN rows x B is one contiguous run; rows past the
         # last column tile are the next block's (discarded) or, with WIDE, zero-filled
         blocks = E * (K // pack)
         phys = w.permute(0, 2, 1, 3)
-        if plan.wide:
-            w_view, box = phys.view(2 * blocks, plan.n_out, pack), [2]
-        else:
-            w_view, box = phys.view(blocks * w_rows, pack), []
-    elif plan.wide:
+        return phys.view(2 * blocks, plan.n_out, pack) if plan.wide else phys.view(blocks * w_rows, pack)
+    if plan.wide:
         # rows past I in the last column tile are zero-filled, not the next half's rows
-        w_view = w.as_strided((2 * E, plan.n_out, K), (plan.n_out * w.stride(1), w.stride(1), 1))
-        box = [2]
-    else:
-        w_view = w.view(E * w_rows, K) if w.is_contiguous() else w.reshape(E * w_rows, K)
-        box = []
-    w_desc = TensorDescriptor.from_tensor(w_view, box + [BN, BK])
-    w_desc_half = TensorDescriptor.from_tensor(w_view, box + [BN // 2, BK]) if plan.split_n else w_desc
-    x_desc = TensorDescriptor.from_tensor(x, [plan.block_m, BK])
-    x_desc_tail = TensorDescriptor.from_tensor(x, [plan.tail_bm, BK]) if plan.tail_bm else x_desc
-    return x_desc, x_desc_tail, w_desc, w_desc_half
+        return w.as_strided((2 * E, plan.n_out, K), (plan.n_out * w.stride(1), w.stride(1), 1))
+    return w.view(E * w_rows, K) if w.is_contiguous() else w.reshape(E * w_rows, K)
 
 
 def launch_grouped_gemm(x: torch.Tensor, w: torch.Tensor, expert_offsets: torch.Tensor,
@@ -630,12 +652,14 @@ def grouped_mlp(x, w_gate_up, w_down, expert_offsets, row_scale=None):
     side, fork, join = _side_stream(x.device)
     fork.record(main)
     side.wait_event(fork)
-    for lo, hi, stream in ((0, half, main), (half, E, side)):
-        with torch.cuda.stream(stream):
-            launch_grouped_gemm(x, w_gate_up[lo:hi], offsets[lo:hi + 1], h, swiglu=True, config=cfg_gate_up)
-            # the half ending at expert E also zeros the rows past offsets[E]
-            launch_grouped_gemm(h, w_down[lo:hi], offsets[lo:hi + 1], y, swiglu=False, row_scale=row_scale,
-                                config=cfg_down, zero_tail=hi == E)
+    launch_grouped_gemm(x, w_gate_up[:half], offsets[:half + 1], h, swiglu=True, config=cfg_gate_up)
+    launch_grouped_gemm(h, w_down[:half], offsets[:half + 1], y, swiglu=False, row_scale=row_scale,
+                        config=cfg_down)
+    with torch.cuda.stream(side):      # (one stream switch a call: the first half runs where we are)
+        launch_grouped_gemm(x, w_gate_up[half:], offsets[half:], h, swiglu=True, config=cfg_gate_up)
+        # the half ending at expert E also zeros the rows past offsets[E]
+        launch_grouped_gemm(h, w_down[half:], offsets[half:], y, swiglu=False, row_scale=row_scale,
+                            config=cfg_down, zero_tail=True)
     join.record(side)
     main.wait_event(join)
     return y

@@ -67,6 +67,7 @@ class Kernel:
                 raise TypeError(f"{fn.__name__}: constexprs {sorted(missing)} missing from meta_names")
         self._layouts = {}    # meta -> (tensor positions, specialised int positions)
         self._compiled = {}   # full key -> (launcher, function, packed metadata, constexpr values)
+        self.slow_launches = 0   # launches through kernel[grid](...) (first of a key, hooks installed)
 
     def launch(self, grid, args: tuple, meta: tuple) -> None:
         """self.fn[grid](*args, **dict(zip(meta_names, meta))); `args` are the runtime arguments in
@@ -80,10 +81,24 @@ class Kernel:
                 tuple(i for i, a in enumerate(args) if isinstance(a, torch.Tensor)),
                 tuple(i for i, a in enumerate(args) if type(a) is int and i not in self.dynamic))
         tensors, ints = layout
-        key = (meta, tuple((args[i].dtype, args[i].data_ptr() % 16 == 0) for i in tensors),
-               tuple(args[i] for i in ints), driver.active.get_current_device())
+        # One pass over the tensors: the key's dtype and 16-byte alignment of each, and its data pointer,
+        # which the launcher then takes as it is (an int skips its per-pointer data_ptr() call and
+        # cuPointerGetAttribute query; the pointer of a CUDA tensor is already a device pointer).
+        launch_args = list(args)
+        key = [meta]
+        for i in tensors:
+            t = args[i]
+            ptr = launch_args[i] = t.data_ptr()
+            key.append(t.dtype)
+            key.append(ptr & 15 == 0)
+        for i in ints:
+            key.append(args[i])
+        device = driver.active.get_current_device()
+        key.append(device)
+        key = tuple(key)
         entry = self._compiled.get(key)
         if entry is None or not _hooks_idle():
+            self.slow_launches += 1
             named = dict(zip(self.meta_names, meta))
             compiled = self.fn[grid](*args, **named)
             if entry is None and getattr(compiled, "function", None) is not None \
@@ -94,8 +109,7 @@ class Kernel:
                                        tuple(named[name] for name in self.constexpr_names))
             return
         run, function, packed_metadata, constexprs = entry
-        device = key[3]
         stream = driver.active.get_current_stream(device)
         n = len(grid)
         run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, stream, function, packed_metadata,
-            None, None, None, *args, *constexprs)
+            None, None, None, *launch_args, *constexprs)

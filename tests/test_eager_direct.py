@@ -1,0 +1,243 @@
+"""The eager direct path (moge_kernels.ops.direct_call_allowed): a public op called with nothing to record
+runs its device kernel without torch.ops' dispatcher; every other call goes through torch.ops. Observed by
+counting calls of the device kernels (ops.DEVICE_KERNELS) and of torch.ops.moge.<op>, with results
+compared bit for bit against the dispatcher path (eager_direct=False)."""
+import cProfile
+import pstats
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import moge_kernels as mk
+from moge_kernels import checks, ops
+from moge_kernels.testing import make_expert_weights, make_routing_inputs
+
+T, H, I, E, G = 5, 32, 16, 8, 2
+
+
+def _inputs(requires_grad=False):
+    hidden, logits = make_routing_inputs(T, E, H, seed=3)
+    w_gate_up, w_down = make_expert_weights(E, H, I)
+    if requires_grad:
+        hidden.requires_grad_(True)
+    return hidden, logits, w_gate_up, w_down
+
+
+class _Counts:
+    """Calls of each op through torch.ops ("ops"; not under a mode, which looks the op up there itself)
+    and of its device kernel directly ("direct")."""
+
+    def __init__(self, monkeypatch, through_ops=True):
+        self.ops, self.direct = [], []
+        for name in ("grouped_dispatch", "grouped_mlp", "grouped_combine", "grouped_permute", "swiglu"):
+            if through_ops:
+                monkeypatch.setattr(torch.ops.moge, name, self._counting(self.ops, name,
+                                                                         getattr(torch.ops.moge, name)))
+            monkeypatch.setitem(ops.DEVICE_KERNELS, name,
+                                self._counting(self.direct, name, ops.DEVICE_KERNELS[name]))
+
+    @staticmethod
+    def _counting(log, name, fn):
+        def call(*args, **kwargs):
+            log.append(name)
+            return fn(*args, **kwargs)
+        return call
+
+
+def _layer_ops(hidden, logits, w_gate_up, w_down):
+    permuted, weights, ids, offsets, row_index = mk.grouped_dispatch(hidden, logits, G)
+    y = mk.grouped_mlp(permuted, w_gate_up, w_down, offsets)
+    return permuted, weights, ids, offsets, row_index, y, mk.grouped_combine(y, weights, row_index)
+
+
+def _equal(got, want):
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        assert type(a) is type(b) and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+@pytest.mark.parametrize("context", ["no_grad", "inference_mode", "grad_mode_no_requires_grad"])
+def test_direct_when_nothing_to_record_and_bit_identical(monkeypatch, backend, context):
+    if not mk.backends()[backend if backend != "auto" else "reference"]["available"]:
+        pytest.skip(f"{backend} backend not available")
+    mk.set_backend(backend)
+    inputs = _inputs()
+    guard = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode,
+             "grad_mode_no_requires_grad": torch.enable_grad}[context]
+    with guard():
+        with mk.use_options(eager_direct=False):
+            want = _layer_ops(*inputs)
+        counts = _Counts(monkeypatch)
+        got = _layer_ops(*inputs)
+    assert counts.direct == ["grouped_dispatch", "grouped_mlp", "grouped_combine"] and counts.ops == []
+    _equal(got, want)
+    assert all(not t.requires_grad for t in got)
+
+
+def test_layer_and_moge_forward_never_enter_torch_ops(monkeypatch):
+    """moge_forward and MoGELayer under no_grad: every op direct (torch.ops.moge.* would raise)."""
+    hidden, logits, w_gate_up, w_down = _inputs()
+    layer = mk.MoGELayer(H, I, E, G, 1, shared_intermediate_size=8).eval()
+    with torch.no_grad():
+        want_fwd = mk.moge_forward(hidden, logits, w_gate_up, w_down, G)
+        want_layer = layer(hidden)
+
+        def entered(*args, **kwargs):
+            raise AssertionError("the op path was entered")
+        for name in ops.SCHEMAS:
+            monkeypatch.setattr(torch.ops.moge, name, entered)
+        assert torch.equal(mk.moge_forward(hidden, logits, w_gate_up, w_down, G), want_fwd)
+        assert torch.equal(layer(hidden), want_layer)    # Parameters (requires_grad) under no_grad
+
+
+def _python_calls(fn):
+    prof = cProfile.Profile()
+    prof.enable()
+    fn()
+    prof.disable()
+    return sum(stat[1] for stat in pstats.Stats(prof).stats.values())
+
+
+def test_direct_path_does_less_host_work_per_layer():
+    """The host work of one layer call, counted (not timed): Python and C function calls under cProfile.
+    The dispatcher path runs torch.library's autograd wrapper for each op; the direct path none of it."""
+    hidden, logits, w_gate_up, w_down = _inputs()
+    call = lambda: mk.moge_forward(hidden, logits, w_gate_up, w_down, G)   # noqa: E731
+    with torch.no_grad():
+        call()
+        direct = _python_calls(call)
+        with mk.use_options(eager_direct=False):
+            call()
+            dispatched = _python_calls(call)
+    assert direct < dispatched - 3 * 5, (direct, dispatched)     # >= 5 calls saved per op, 3 ops
+
+
+def test_grad_goes_through_torch_ops(monkeypatch):
+    hidden, logits, w_gate_up, w_down = _inputs(requires_grad=True)
+    counts = _Counts(monkeypatch)
+    out = _layer_ops(hidden, logits, w_gate_up, w_down)[-1]
+    assert counts.direct == [] and counts.ops == ["grouped_dispatch", "grouped_mlp", "grouped_combine"]
+    out.sum().backward()
+    assert hidden.grad is not None
+
+
+def test_off_switch(monkeypatch):
+    counts = _Counts(monkeypatch)
+    with torch.no_grad(), mk.use_options(eager_direct=False):
+        _layer_ops(*_inputs())
+    assert counts.direct == [] and len(counts.ops) == 3
+
+
+def test_fake_tensor_mode_goes_through_torch_ops(monkeypatch):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    counts = _Counts(monkeypatch, through_ops=False)
+    with FakeTensorMode() as mode, torch.no_grad():
+        hidden, logits, w_gate_up, w_down = (mode.from_tensor(t) for t in _inputs())
+        out = _layer_ops(hidden, logits, w_gate_up, w_down)[-1]
+    assert counts.direct == []
+    assert out.shape == (T, H) and type(out).__name__ == "FakeTensor"
+
+
+class _Recording(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.seen.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_dispatch_mode_sees_the_ops(monkeypatch):
+    inputs = _inputs()
+    with torch.no_grad():
+        want = _layer_ops(*inputs)
+        counts = _Counts(monkeypatch, through_ops=False)
+        with _Recording() as mode:
+            got = _layer_ops(*inputs)
+    assert counts.direct == []
+    assert any("moge.grouped_mlp" in name for name in mode.seen)
+    _equal(got, want)
+
+
+def test_compile_goes_through_torch_ops(monkeypatch):
+    inputs = _inputs()
+    with torch.no_grad():
+        want = _layer_ops(*inputs)
+    direct = []
+    monkeypatch.setitem(ops.DEVICE_KERNELS, "grouped_combine",
+                        _Counts._counting(direct, "grouped_combine", ops.DEVICE_KERNELS["grouped_combine"]))
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda y, w, r: mk.grouped_combine(y, w, r), fullgraph=True, backend="eager")
+    with torch.no_grad():
+        got = compiled(want[5], want[1], want[4])
+    torch._dynamo.reset()
+    assert direct == []
+    assert torch.equal(got, want[6])
+
+
+def test_schema_types_and_errors_are_the_dispatchers(monkeypatch):
+    """Arguments of another type than the schema's (a float num_groups) take the dispatcher path, so the
+    error is the dispatcher's; a check's error is the same either way."""
+    hidden, logits, _, _ = _inputs()
+    for direct in (True, False):
+        with torch.no_grad(), mk.use_options(eager_direct=direct):
+            with pytest.raises(Exception) as bad_type:
+                mk.grouped_dispatch(hidden, logits, 2.0)
+            with pytest.raises(ValueError, match="num_groups=3 must be >= 1 and divide"):
+                mk.grouped_dispatch(hidden, logits, 3)
+        if direct:
+            direct_error = (type(bad_type.value), str(bad_type.value))
+    assert direct_error == (type(bad_type.value), str(bad_type.value))
+
+
+def test_direct_call_allowed_rule():
+    x = torch.randn(4, 2)
+    w = torch.randn(4, 1)
+    r = torch.zeros(4, 1, dtype=torch.int32)
+    args = (x, w, r, None)
+    with torch.no_grad():
+        assert ops.direct_call_allowed("grouped_combine", args)
+        assert not ops.direct_call_allowed("grouped_combine", (x.to("meta"), w, r, None))   # fake kernel
+        assert not ops.direct_call_allowed("grouped_combine", args[:3])                     # not all given
+        with torch.device("cpu"):                                                           # a function mode
+            assert not ops.direct_call_allowed("grouped_combine", args)
+
+        class Sub(torch.Tensor):
+            pass
+        assert not ops.direct_call_allowed("grouped_combine", (x.as_subclass(Sub), w, r, None))
+        p = torch.nn.Parameter(x)
+        assert ops.direct_call_allowed("grouped_combine", (p, w, r, None))
+    assert not ops.direct_call_allowed("grouped_combine", (torch.nn.Parameter(x), w, r, None))  # grad on
+    assert torch.vmap(lambda xs: torch.tensor(ops.direct_call_allowed("grouped_combine", (xs, w, r, None)))
+                      )(x[None]).item() is False
+
+
+def test_argument_checks_cached_by_signature(monkeypatch):
+    """Where checks read no values (GPU tensors without MOGE_VALIDATE: here simulated), a repeated
+    signature is checked once; a failing one raises every call; validate=True checks every call."""
+    monkeypatch.setattr(checks, "_should_check_values", lambda t: checks.validate_values())   # as on GPUs
+    monkeypatch.setattr(ops, "_checked", {})
+    runs = []
+    check = ops.ARG_CHECKS["grouped_dispatch"]
+
+    def counting(*args):
+        runs.append(1)
+        return check(*args)
+    monkeypatch.setitem(ops.ARG_CHECKS, "grouped_dispatch", counting)
+    hidden, logits, _, _ = _inputs()
+    with torch.no_grad():
+        first = mk.grouped_dispatch(hidden, logits, G, score_func="sigmoid")
+        again = mk.grouped_dispatch(hidden, logits, G, score_func="sigmoid")   # converted name cached too
+        assert len(runs) == 1
+        _equal(again, first)
+        for _ in range(2):
+            with pytest.raises(ValueError, match="topk_per_group=9"):
+                mk.grouped_dispatch(hidden, logits, G, 9)
+        assert len(runs) == 3
+        with mk.use_options(validate=True):
+            mk.grouped_dispatch(hidden, logits, G, score_func="sigmoid")
+            mk.grouped_dispatch(hidden, logits, G, score_func="sigmoid")
+        assert len(runs) == 5
