@@ -6,18 +6,24 @@ On the GPU (the device run of issue "Fast without CUDA graphs"):
     python bench/host_overhead.py                       # Pangu and Qwen3-30B, T = 1, 1024, 4096
     python bench/host_overhead.py --shapes pangu,qwen3_30b,mixtral_8x7b --tokens 1,16,1024,4096
 
-prints, per (shape, T, op) with op in dispatch, mlp, combine, layer (moge_forward) and the
-`torch._grouped_mm` pipeline's mlp and layer (bench/baselines.py): the eager time
-(`triton.testing.do_bench` of plain calls, L2 flushed before each, as in the issue's table), the
-graph-replay time (`do_bench_cudagraph`), their difference, and the host time of one call (perf_counter
-around the call, the GPU idle before it: what the host spends before the kernels can run); then, at
-T = 1, a torch.profiler table of CPU time per function and the top of a cProfile of 200 calls of each op.
+prints, per (shape, T, op) with op in dispatch, mlp, "mlp 1str" (the mlp with triton_mlp_streams off,
+where the two-stream split applies), combine, layer (moge_forward), MoGELayer (its forward under
+inference_mode, router GEMM included) and the `torch._grouped_mm` pipeline's mlp and layer
+(bench/baselines.py): the eager time (`triton.testing.do_bench` of plain calls, L2 flushed before each,
+as in the issue's table), the graph-replay time (`do_bench_cudagraph`), their difference, the host time
+of one call (perf_counter around the call, the GPU idle before it: what the host spends before the
+kernels can run), the same with eager_direct=False (every op through torch.ops' dispatcher, the path
+before the eager direct calls), and the Triton launches per call that did not come from a cached handle
+(0 in a steady state); then, with --profile, a torch.profiler table of CPU time per function and the
+top of a cProfile of 200 calls of each op at T = 1 and of the mlp at the largest T.
 Qwen3-30B routes as plain top-8 (G=1, k_g=8), Mixtral-8x7B as top-2 (G=1, k_g=2).
 
-Without a GPU (`--simulate`, here or in CI): the Triton launchers on CPU tensors with Triton's launch
-path intact up to the compiled launcher, which is replaced by a no-op (a stand-in driver answers
-device, stream and target; the compile step returns a stand-in handle): the Python host time of each
-launcher per call, before any CUDA work. Run it on two checkouts to compare them.
+Without a GPU (`--simulate`, here or in CI): the public ops, the layer and the Triton launchers on CPU
+tensors, as on the GPU up to the compiled launcher, which is replaced by a no-op (a stand-in driver
+answers device, stream and target; the compile step returns a stand-in handle; the triton backend runs
+CPU tensors with the H200 config table and TMA descriptors): the Python host time per call (CPU time of
+the thread, min over repeats) and the function calls per call, before any CUDA work, direct and through
+torch.ops. Run it on two checkouts to compare them.
 """
 from __future__ import annotations
 
@@ -203,6 +209,7 @@ def _pipelines(shape, T, dtype):
     import moge_kernels as mk
     from moge_kernels import reference as R
     from moge_kernels.bench import baselines as B
+    from moge_kernels.triton import grouped_gemm
 
     H, I, E, G, k_g = (shape[k] for k in ("H", "I", "E", "G", "k_g"))
     gen = torch.Generator(device="cuda").manual_seed(T)
@@ -212,14 +219,40 @@ def _pipelines(shape, T, dtype):
     w_down = (torch.randn(E, H, I, device="cuda", generator=gen) * I ** -0.5).to(dtype)
     permuted, weights, _, offsets, row_index = R.grouped_dispatch(hidden, logits, G, k_g)
     expert_out = torch.randn_like(permuted)
-    return {
+    module = mk.MoGELayer(H, I, E, G, k_g, device="cuda", dtype=dtype).eval()
+    with torch.no_grad():
+        module.w_gate_up.copy_(w_gate_up)
+        module.w_down.copy_(w_down)
+
+    def one_stream_mlp():
+        with mk.use_options(triton_mlp_streams=False):
+            return mk.grouped_mlp(permuted, w_gate_up, w_down, offsets)
+
+    def layer_module():
+        with torch.inference_mode():
+            return module(hidden)
+
+    calls = {
         "dispatch": lambda: mk.grouped_dispatch(hidden, logits, G, k_g),
         "mlp": lambda: mk.grouped_mlp(permuted, w_gate_up, w_down, offsets),
+        "mlp 1str": one_stream_mlp,          # the mlp without its two-stream split, where it has one
         "combine": lambda: mk.grouped_combine(expert_out, weights, row_index),
         "layer": lambda: mk.moge_forward(hidden, logits, w_gate_up, w_down, G, k_g),
+        "MoGELayer": layer_module,           # router GEMM included, inference_mode
         "gmm mlp": lambda: B.grouped_mm_mlp(permuted, w_gate_up, w_down, offsets),
         "gmm layer": lambda: B.torch_layer(hidden, logits, w_gate_up, w_down, G, k_g),
     }
+    if not grouped_gemm._two_streams(permuted, E):
+        del calls["mlp 1str"]
+    return calls
+
+
+def _slow_launches() -> int:
+    """Launches of the package's Triton kernels through kernel[grid](...) so far (launch.Kernel): in a
+    steady state none, every launch from the cached handle."""
+    from moge_kernels.triton import combine, dispatch, grouped_gemm, launch
+    return sum(k.slow_launches for m in (combine, dispatch, grouped_gemm) for k in vars(m).values()
+               if isinstance(k, launch.Kernel))
 
 
 def _host_us(fn, n=50):
@@ -248,8 +281,10 @@ def gpu(args):
     print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} | "
           f"backend {args.backend} | {dtype}; ms per call, medians of do_bench (eager) and "
           f"do_bench_cudagraph (graph); host us = one call's host time, GPU idle")
+    print("'host us ops': the same with eager_direct=False (every op through torch.ops' dispatcher, as "
+          "before the direct path); 'slow/call': Triton launches not from a cached handle per call")
     print(f"{'shape':<13} {'T':>5} {'op':<9} {'eager ms':>9} {'graph ms':>9} {'eager-graph':>11} "
-          f"{'host us':>8}")
+          f"{'host us':>8} {'host us ops':>11} {'slow/call':>9}")
     overhead = {}
     for name in shapes:
         shape = SHAPES[name]
@@ -264,13 +299,18 @@ def gpu(args):
                     graph = tt.do_bench_cudagraph(fn, rep=args.rep_ms, return_mode="median")
                 except Exception as err:  # noqa: BLE001  report it, keep the eager figure
                     print(f"    {op}: no graph ({type(err).__name__}: {str(err)[:80]})")
+                slow = _slow_launches()
                 host = _host_us(fn)
+                slow = (_slow_launches() - slow) / 50
+                with mk.use_options(eager_direct=False):
+                    fn()
+                    host_ops = _host_us(fn)
                 diff = eager - graph if graph is not None else float("nan")
                 if T == 1:
                     overhead[(name, op)] = diff
                 print(f"{name:<13} {T:>5} {op:<9} {eager:>9.4f} "
-                      f"{graph if graph is not None else float('nan'):>9.4f} {diff:>11.4f} {host:>8.1f}",
-                      flush=True)
+                      f"{graph if graph is not None else float('nan'):>9.4f} {diff:>11.4f} {host:>8.1f} "
+                      f"{host_ops:>11.1f} {slow:>9.2f}", flush=True)
             del calls
             torch.cuda.empty_cache()
     if overhead:
@@ -279,29 +319,30 @@ def gpu(args):
 
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
-        for name in shapes:
-            calls = _pipelines(SHAPES[name], 1, dtype)
-            for op in ("dispatch", "mlp", "combine", "layer"):
-                fn = calls[op]
-                for _ in range(10):
+        # T = 1 for each op, and the mlp at the largest T (its host time grew with T at e85f27b)
+        cases = [(name, 1, op) for name in shapes for op in ("dispatch", "mlp", "combine", "layer")]
+        cases += [(name, max(tokens), "mlp") for name in shapes if max(tokens) > 1]
+        for name, T, op in cases:
+            fn = _pipelines(SHAPES[name], T, dtype)[op]
+            for _ in range(10):
+                fn()
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(50):
                     fn()
                 torch.cuda.synchronize()
-                with profile(activities=[ProfilerActivity.CPU]) as prof:
-                    for _ in range(50):
-                        fn()
-                    torch.cuda.synchronize()
-                print(f"\n=== torch.profiler, {name} T=1 {op}, 50 calls (CPU time) ===")
-                print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
-                pr = cProfile.Profile()
-                pr.enable()
-                for _ in range(200):
-                    fn()
-                torch.cuda.synchronize()
-                pr.disable()
-                out = io.StringIO()
-                pstats.Stats(pr, stream=out).sort_stats("tottime").print_stats(15)
-                print(f"=== cProfile, {name} T=1 {op}, 200 calls ===")
-                print(out.getvalue())
+            print(f"\n=== torch.profiler, {name} T={T} {op}, 50 calls (CPU time) ===")
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+            pr = cProfile.Profile()
+            pr.enable()
+            for _ in range(200):
+                fn()
+            torch.cuda.synchronize()
+            pr.disable()
+            out = io.StringIO()
+            pstats.Stats(pr, stream=out).sort_stats("tottime").print_stats(15)
+            print(f"=== cProfile, {name} T={T} {op}, 200 calls ===")
+            print(out.getvalue())
     return 0
 
 

@@ -97,36 +97,41 @@ def _schema_args(op_name):
 # every call.
 _checked: dict[tuple, tuple] = {}
 MAX_CHECKED = 4096
+_PLAIN_TENSOR_TYPES = (Tensor, torch.nn.Parameter)   # Parameter disables __torch_function__: plain to ops
+_SCALARS = (type(None), int, float, bool, str)
 
 
-def _signature(op_name, args) -> tuple:
-    key = [op_name]
+def _signature(name, args) -> Optional[tuple]:
+    """The signature of a call for the check cache, or None when an argument has no hashable form."""
+    key = [name]
     for a in args:
         if isinstance(a, Tensor):
             key += (a.shape, a.dtype, a.device)
-        else:
+        elif type(a) in _SCALARS:
             key += (type(a), a)
+        else:
+            return None
     return tuple(key)
 
 
-def _kernel_args(op_name, schema_args, args, kwargs, cache=False):
-    """The arguments as every backend kernel takes them: all positional, checked, converted.
-    cache: use and fill the signature cache (the device kernels; their arguments passed the schema)."""
-    if len(args) < len(schema_args):
-        args = list(args)
-        for name, default in schema_args[len(args):]:
-            args.append(kwargs.get(name, default))
-    key = None
-    if cache and not checks._should_check_values(args[0]):
-        key = _signature(op_name, args)
+def cached_check(name: str, check: Callable, args):
+    """check(*args), which raises on bad arguments or returns them converted (or None): once per signature
+    where the check reads no values (see _checked), every call elsewhere. Returns check's result."""
+    first = args[0]
+    # plain tensors only (a FakeTensor's values are never checked, a real one's on CPU are), and never
+    # while dynamo traces the caller (moge_forward): its guards would follow the dict
+    plain = type(first) in _PLAIN_TENSOR_TYPES and not torch.compiler.is_compiling()
+    key = _signature(name, args) if plain and not checks._should_check_values(first) else None
+    if key is not None:
         conversions = _checked.get(key)
         if conversions is not None:
-            if conversions:
-                args = list(args)
-                for i, value in conversions:
-                    args[i] = value
-            return args
-    checked = ARG_CHECKS[op_name](*args)   # a check may return the arguments converted for the kernels
+            if not conversions:
+                return None
+            converted = list(args)
+            for i, value in conversions:
+                converted[i] = value
+            return converted
+    checked = check(*args)
     if key is not None:
         conversions = () if checked is None else \
             tuple((i, c) for i, (a, c) in enumerate(zip(args, checked)) if c is not a)
@@ -134,6 +139,19 @@ def _kernel_args(op_name, schema_args, args, kwargs, cache=False):
             if len(_checked) >= MAX_CHECKED:
                 _checked.clear()
             _checked[key] = conversions
+    return checked
+
+
+def _kernel_args(op_name, schema_args, args, kwargs, cache=False):
+    """The arguments as every backend kernel takes them: all positional, checked, converted.
+    cache: through the signature cache (the device kernels: their arguments passed the schema)."""
+    if len(args) < len(schema_args):
+        args = list(args)
+        for name, default in schema_args[len(args):]:
+            args.append(kwargs.get(name, default))
+    check = ARG_CHECKS[op_name]
+    # a check may return the arguments converted for the kernels
+    checked = cached_check(op_name, check, args) if cache else check(*args)
     return args if checked is None else checked
 
 
@@ -194,7 +212,6 @@ def register_device_type(device_type: str) -> None:
 # device kernel themselves when direct_call_allowed says that nothing between would act on the call: the
 # same checks, backend choice and kernel, so the same results, bit for bit. Any other call (autograd,
 # torch.compile, FakeTensor, a mode, vmap, tracing, a tensor subclass) goes through torch.ops.
-_PLAIN_TENSOR_TYPES = (Tensor, torch.nn.Parameter)   # Parameter disables __torch_function__: plain to ops
 _profiler_enabled = torch._C._autograd._profiler_enabled
 
 
@@ -544,7 +561,8 @@ def moge_forward(hidden: Tensor, router_logits: Tensor, w_gate_up: Tensor, w_dow
 
     Returns [T, H] in hidden's dtype. The arguments are checked here, under these names, before any
     op runs. Differentiable in every tensor argument; works under torch.compile(fullgraph=True)."""
-    checks.check_layer_weights(hidden, router_logits, w_gate_up, w_down, shared_w_gate_up, shared_w_down)
+    cached_check("moge_forward", checks.check_layer_weights,
+                 (hidden, router_logits, w_gate_up, w_down, shared_w_gate_up, shared_w_down))
     return compose_layer(hidden, router_logits, w_gate_up, w_down, num_groups, topk_per_group,
                          expert_scale, renormalize, score_func, shared_w_gate_up, shared_w_down,
                          expert_mask=expert_mask)[0]

@@ -241,3 +241,26 @@ def test_argument_checks_cached_by_signature(monkeypatch):
             mk.grouped_dispatch(hidden, logits, G, score_func="sigmoid")
             mk.grouped_dispatch(hidden, logits, G, score_func="sigmoid")
         assert len(runs) == 5
+
+
+def test_layer_check_cached_and_its_errors_kept(monkeypatch):
+    """moge_forward's own check (checks.check_layer_weights) goes through the same cache: once per
+    signature where values are not read, and a bad call raises the same error every time."""
+    monkeypatch.setattr(checks, "_should_check_values", lambda t: checks.validate_values())   # as on GPUs
+    monkeypatch.setattr(ops, "_checked", {})
+    runs = []
+    check = checks.check_layer_weights
+
+    def counting(*args, **kwargs):
+        runs.append(1)
+        return check(*args, **kwargs)
+    monkeypatch.setattr(checks, "check_layer_weights", counting)
+    hidden, logits, w_gate_up, w_down = _inputs()
+    with torch.no_grad():
+        want = mk.moge_forward(hidden, logits, w_gate_up, w_down, G)
+        assert torch.equal(mk.moge_forward(hidden, logits, w_gate_up, w_down, G), want)
+        assert len(runs) == 1
+        for _ in range(2):
+            with pytest.raises(ValueError, match="w_gate_up holds 8 experts but router_logits scores 4"):
+                mk.moge_forward(hidden, logits[:, :4], w_gate_up, w_down, G)
+        assert len(runs) == 3

@@ -149,6 +149,35 @@ def test_launch_plans():
     assert len(triton_gg._plans) == n
 
 
+@pytest.mark.skipif(triton_gg.TensorDescriptor is None, reason="Triton without host TMA descriptors")
+@pytest.mark.parametrize("swiglu,pack", [(True, 0), (False, 0), (True, 16), (False, 16)])
+def test_tma_descriptors_from_the_plan_templates(swiglu, pack):
+    """A plan's first call validates its descriptors (TensorDescriptor.from_tensor); later calls copy
+    them with the call's tensors as bases: the same fields as from_tensor would give, no view retained."""
+    from moge_kernels import packing
+    E, K, n_out = 3, 64, 48                       # 48 % 32 = 16: the half-width column tile too
+    x = _randn(40, K, dtype=torch.float16, seed=1)
+    w = _randn(E, 2 * n_out if swiglu else n_out, K, dtype=torch.float16, seed=2)
+    if pack:
+        w = packing.pack_expert_weights(w, pack)
+    offs = torch.tensor([0, 10, 30, 40], dtype=torch.int32, device=DEVICE)
+    out = torch.empty(40, n_out, dtype=torch.float16, device=DEVICE)
+    cfg = C(32, 32, 16, 4, 1, tma=True, split_m=True, split_n=True)
+    plan = triton_gg._make_plan(x, w, offs, out, swiglu, False, cfg, pack, True)
+    if not plan.use_tma:
+        pytest.skip("no TMA plan here")
+    first = triton_gg._descriptors(plan, x, w)
+    assert len(plan.descriptor_templates) == 4 and all(t is None or t["base"] is None
+                                                       for t in plan.descriptor_templates)
+    x2 = x.clone()                                # another call's tensors, same shapes
+    again = triton_gg._descriptors(plan, x2, w)
+    for d1, d2 in zip(first, again):
+        f1, f2 = dict(vars(d1)), dict(vars(d2))
+        b1, b2 = f1.pop("base"), f2.pop("base")
+        assert f1 == f2 and b2.data_ptr() == (x2 if b1 is x else b1).data_ptr()
+        assert b2.shape == b1.shape and b2.stride() == b1.stride()
+
+
 @pytest.mark.parametrize("cfg", PATH_CONFIGS, ids=str)
 @pytest.mark.parametrize("swiglu", [False, True], ids=["plain", "swiglu"])
 def test_kernel_paths(cfg, swiglu):
