@@ -1,51 +1,53 @@
 #!/bin/bash
-# The session's last device call: build, the GPU tests of what changed, a probe of C++ error paths, then
-# the figures the issues ask for (host overhead, expert MLP vs floors, transformers experts, expert
-# subsets, permute, FP8), each step bounded so the call ends within TOTAL seconds. Logs under $OUT.
+# One device call: build, then the steps named in STEPS (space-separated, in order), each bounded by its
+# own timeout; logs under $OUT (one file per step). Steps:
+#   probe       which C++ checks raise and which crash (tests/gpu/probe_cpp_errors.sh)
+#   suite       the whole test suite on the GPU (-n 12, verbose log: FAILED lines even if cut short)
+#   permute     bench_permute at T 4096/16384 with the candidate tilings and a per-launch profile
+#   host        host cost per call, eager vs graph (issue 17's table), pangu and qwen3_30b
+#   subsets     masked vs unmasked dispatch, pruned vs full layer (issue 20)
+#   before      op times against 3b6eff9 in interleaved rounds (issue 16's no-regression check)
+#   transformers  transformers experts, moge vs grouped_mm/batched_mm/eager, forward (issue 18)
+#   fp8         the fp8 sweep and table (issue 21)
+#   bench       python -m moge_kernels.bench, the package's main job (issue 19's ratios)
+#   tests:<k>   pytest -q of the files matching tests/test_<k>*.py
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:${PYTHONPATH:-}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 T0=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - T0 ))s] $*"; }
-nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-stamp build
-TORCH_CUDA_ARCH_LIST=9.0a MAX_JOBS=16 timeout 200 python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1
-echo "build exit $?"
-stamp tests
-timeout ${TEST_S:-100} python3 -m pytest -q -p no:cacheprovider -n 8 tests/test_layer.py tests/test_fp8.py \
-    tests/test_expert_subsets.py tests/test_grouped_permute.py tests/test_integration_transformers.py \
-    tests/test_triton_launch.py tests/test_options.py tests/test_ops_surface.py tests/test_autograd.py tests/test_registry.py \
-    -k "not rejects_unknown_score_func" 2>&1 | grep -v Warn > "$OUT/tests.log"
-echo "tests exit ${PIPESTATUS[0]}"; grep -E "passed|failed|FAILED" "$OUT/tests.log" | tail -12
-stamp "probe: a C++ TORCH_CHECK from the extensions, in a subprocess"
-for code in "torch.ops.moge_C.grouped_dispatch(torch.randn(4,8), torch.randn(4,8), 2, 1, None, False, 2)" \
-            "torch.ops.moge_C.grouped_combine(torch.randn(4,8), torch.randn(3,2), torch.zeros(3,2,dtype=torch.int32), None)"; do
-  timeout 60 python3 -X faulthandler -c "import torch, moge_kernels
-try:
-    $code
-except Exception as e: print('raised', type(e).__name__, str(e)[:120])" 2>&1 | tail -3; echo "probe exit $?"
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader; git log -1 --format="commit %h %s" | cut -c1-90
+if [ -z "${NO_BUILD:-}" ]; then
+  stamp build
+  TORCH_CUDA_ARCH_LIST=9.0a MAX_JOBS=16 timeout 240 python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1
+  echo "build exit $?"; grep -E " error|moge_kernels build: building" "$OUT/build.log" | head
+fi
+quiet() { grep -v -E "Warn|warn\(|^\s*$" ; }
+for step in ${STEPS:-probe suite}; do
+  stamp "$step"
+  case $step in
+    probe) timeout 100 bash tests/gpu/probe_cpp_errors.sh 2>&1 | tee "$OUT/probe.log" | grep -E "^\[|^#" ;;
+    suite) timeout ${SUITE_S:-300} python3 -m pytest -v -p no:cacheprovider -n 12 tests 2>&1 | quiet > "$OUT/suite.log"
+           echo "suite exit ${PIPESTATUS[0]}"; grep -E "FAILED|ERROR|node down| passed| failed" "$OUT/suite.log" | tail -25 ;;
+    permute) timeout 90 python3 bench/bench_permute.py --tokens 4096,16384 --variants all --profile 2>&1 | quiet \
+           | tee "$OUT/permute.log" | tail -40 ;;
+    host) timeout 100 python3 bench/host_overhead.py --shapes pangu,qwen3_30b --tokens 1,16,1024,4096 --no-profile \
+           --rep-ms 100 2>&1 | quiet | tee "$OUT/host.log" | tail -60
+          timeout 50 python3 bench/host_overhead.py --shapes pangu --tokens 4096 --rep-ms 50 2>&1 | quiet \
+           > "$OUT/host_profile.log"; tail -40 "$OUT/host_profile.log" ;;
+    subsets) timeout 70 python3 bench/bench_subsets.py --T 1,1024,4096 --layer-T 1,128,1024,4096 --rounds 4 2>&1 \
+           | quiet | tee "$OUT/subsets.log" | tail -24 ;;
+    before) timeout 220 python3 bench/before_after.py --base 3b6eff9 --T 1,16,128,1024,4096,16384 --rounds 3 2>&1 \
+           | quiet | tee "$OUT/before_after.log" | tail -28 ;;
+    transformers) timeout ${TF_S:-160} python3 bench/bench_transformers.py --models qwen3,mixtral,gpt-oss \
+           --tokens 1,128,1024,4096,16384 --modes ${TF_MODES:-fwd} --budget-s $(( ${TF_S:-160} - 15 )) 2>&1 | quiet \
+           > "$OUT/transformers.log"; tail -50 "$OUT/transformers.log" ;;
+    fp8) timeout ${FP8_S:-100} python3 bench/bench_fp8.py ${FP8_ARGS:---sweep --T 1,1024,4096} 2>&1 | quiet \
+           | tee "$OUT/fp8.log" | tail -40 ;;
+    bench) timeout ${BENCH_S:-120} python3 -m moge_kernels.bench 2>&1 | quiet | tee "$OUT/bench.log" | tail -60 ;;
+    tests:*) k=${step#tests:}; timeout 120 python3 -m pytest -q -p no:cacheprovider -n 8 tests/test_${k}*.py 2>&1 \
+           | quiet | tee "$OUT/tests_$k.log" | tail -15 ;;
+    *) echo "unknown step $step" ;;
+  esac
 done
-gcc --version | head -1
-stamp "host overhead"
-timeout 80 python3 bench/host_overhead.py --shapes pangu,qwen3_30b --tokens 1,16,1024,4096 --no-profile 2>&1 \
-    | grep -v Warn | tee "$OUT/host.log" | tail -40
-stamp "expert mlp vs floors"
-timeout 80 python3 bench/bench_experts.py --T 1,128,1024,4096,16384 --rounds 5 --no-eager 2>&1 | grep -v Warn \
-    | tee "$OUT/experts.log" | tail -12
-stamp "expert mlp at the session's start (3b6eff9), same call"
-if git rev-parse -q --verify 3b6eff9^{commit} >/dev/null 2>&1 && git worktree add -q /tmp/moge_old 3b6eff9 2>/dev/null; then
-  (cd /tmp/moge_old && PYTHONPATH=/tmp/moge_old timeout 70 python3 bench/bench_experts.py --T 1,128,1024,4096,16384 \
-      --rounds 3 --no-eager 2>&1 | grep -v Warn | tee "$OUT/experts_3b6eff9.log" | tail -9)
-else echo "no git history here: no before run"; fi
-stamp "transformers experts"
-timeout 85 python3 bench/bench_transformers.py --models qwen3,mixtral --tokens 1,1024,4096 --modes fwd --impls moge,grouped_mm \
-    --budget-s 70 2>&1 | grep -v Warn > "$OUT/transformers.log"; tail -40 "$OUT/transformers.log"
-stamp "subsets"
-timeout 45 python3 bench/bench_subsets.py --T 1,1024,4096 --layer-T 1024 --rounds 4 2>&1 | grep -v Warn \
-    | tee "$OUT/subsets.log" | tail -14
-stamp "permute"
-timeout 30 python3 bench/bench_permute.py --tokens 1024,4096,16384 --drop 0.0 2>&1 | grep -v Warn \
-    | tee "$OUT/permute.log" | tail -14
-stamp "fp8"
-timeout 45 python3 bench/bench_fp8.py --T 1,1024,4096 --rounds 3 2>&1 | grep -v Warn | tee "$OUT/fp8.log" | tail -10
 stamp done
