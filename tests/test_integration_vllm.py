@@ -45,3 +45,27 @@ def test_group_count_from_topk_callable_scale_and_extra_arguments():
     torch.testing.assert_close(weights, want_w)
     with pytest.raises(ValueError, match="topk=5"):
         moge_routing_function(num_groups=4)(torch.randn(6, 4), logits, 5, False)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_expert_mask_and_pangu_vote(backend):
+    """A fixed mask, a mask computed from the batch, and num_voted_experts (Pangu's 300I Duo routing) each
+    route exactly as grouped_dispatch with that mask."""
+    g = torch.Generator().manual_seed(3)
+    T, E, G = 9, 16, 4
+    hidden, logits = torch.randn(T, 8, generator=g), torch.randn(T, E, generator=g)
+    fixed = torch.tensor([True, False, True, True] * 4)
+    voted = mk.voted_expert_mask(logits, G, 2)
+    cases = [(moge_routing_function(num_groups=G, expert_mask=fixed), fixed),
+             (moge_routing_function(num_groups=G, expert_mask=lambda lg: mk.voted_expert_mask(lg, G, 2)), voted),
+             (moge_routing_function(num_groups=G, num_voted_experts=2), voted)]
+    for fn, mask in cases:
+        with mk.use_backend(backend):
+            weights, ids = fn(hidden_states=hidden, gating_output=logits, topk=G, renormalize=False)
+        _, want_w, want_ids, _, _ = reference.grouped_dispatch(hidden, logits, G, 1, None, False, "softmax",
+                                                               mask)
+        torch.testing.assert_close(ids, want_ids, rtol=0, atol=0)
+        torch.testing.assert_close(weights, want_w, rtol=1e-6, atol=1e-7)
+        assert bool(mask[ids.long()].all()), "a masked expert was chosen"
+    with pytest.raises(ValueError, match="not both"):
+        moge_routing_function(num_groups=G, expert_mask=fixed, num_voted_experts=2)
