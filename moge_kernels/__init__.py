@@ -8,7 +8,8 @@ from ._version import __version__
 from .expert_subsets import compact_experts, voted_expert_mask
 from .ops import (explain, grouped_combine, grouped_dispatch, grouped_gemm, grouped_mlp, grouped_permute,
                   moge_forward, swiglu)
-from .fp8 import QuantizedExpertWeights, quantize_expert_weights
+from .fp8 import (QuantizedActivations, QuantizedExpertWeights, grouped_dispatch_fp8, grouped_permute_fp8,
+                  quantize_expert_weights)
 from .packing import pack_expert_weights
 from .options import get_options, set_options, use_options
 from .registry import backends, get_backend, resolve, set_backend, use_backend
@@ -41,5 +42,6 @@ __all__ = [
     "options", "set_options", "use_options", "get_options",
     "MoGELayer", "autograd", "layer", "metrics", "parallel",
     "expert_subsets", "voted_expert_mask", "compact_experts",
-    "quantize_expert_weights", "QuantizedExpertWeights",
+    "quantize_expert_weights", "QuantizedExpertWeights", "QuantizedActivations", "grouped_permute_fp8",
+    "grouped_dispatch_fp8",
 ]

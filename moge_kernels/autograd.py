@@ -242,6 +242,6 @@ def _fp8_no_backward(op_name):
     return backward
 
 
-for _fp8_op in ("grouped_gemm_fp8", "grouped_mlp_fp8"):
+for _fp8_op in ("grouped_gemm_fp8", "grouped_mlp_fp8", "permute_fp8"):
     torch.library.register_autograd(f"moge::{_fp8_op}", _fp8_no_backward(_fp8_op),
                                     setup_context=lambda ctx, inputs, output: None, lib=_lib)

@@ -197,9 +197,40 @@ def check_gemm_fp8(x, w, w_scale, expert_offsets, block_n, block_k):
     check_offsets(expert_offsets, E, x.shape[0], x.device)
 
 
+def check_activation_scale(x, x_scale, group, out_dtype):
+    """x [M, K] float (x_scale None), or e4m3 with x_scale [M, ceil(K/group)] (group 0: [M, 1]) fp32
+    and out_dtype, the dtype of the activations it was quantized from (the op's output dtype)."""
+    if x_scale is None:
+        check_tensor("x", x, 2)
+        return
+    check_tensor("x", x, 2, dtypes=(fp8.E4M3,))
+    check_tensor("x_scale", x_scale, 2, dtypes=(torch.float32,), device=x.device)
+    M, K = x.shape
+    check_shape("x_scale", x_scale, (M, 1 if group == 0 else -(-K // group)))
+    if out_dtype not in FLOAT_DTYPES:
+        _fail(f"out_dtype must be one of {[str(d) for d in FLOAT_DTYPES]} with e4m3 x (the dtype the "
+              f"activations were quantized from), got {out_dtype}", TypeError)
+
+
+def check_permute_fp8(hidden, row_index, expert_offsets, group):
+    check_tensor("hidden", hidden, 2)
+    check_tensor("row_index", row_index, 2, dtypes=(torch.int32,), device=hidden.device)
+    T, K = row_index.shape
+    if hidden.shape[0] != T:
+        _fail(f"hidden has {hidden.shape[0]} tokens but row_index has {T}")
+    if group < 0 or (group and (group < 16 or group & (group - 1))):
+        _fail(f"group must be 0 (one scale per row) or a power of two >= 16, got {group}")
+    check_rows_fit_int32("permute_fp8 T*K", T * K)
+    check_tensor("expert_offsets", expert_offsets, 1, dtypes=(torch.int32,), device=hidden.device)
+    if _should_check_values(row_index) and row_index.numel() > 0:
+        lo, hi = row_index.min().item(), row_index.max().item()
+        if lo < 0 or hi >= T * K:
+            _fail(f"row_index values must lie in [0, {T * K}), got [{lo}, {hi}]")
+
+
 def check_mlp_fp8(x, w_gate_up, w_gate_up_scale, w_down, w_down_scale, expert_offsets, row_scale,
-                  block_n, block_k):
-    check_tensor("x", x, 2)
+                  block_n, block_k, x_scale=None, out_dtype=None):
+    check_activation_scale(x, x_scale, block_k, out_dtype)
     E, two_i, H = _check_fp8_weight("w_gate_up", w_gate_up, w_gate_up_scale, block_n, block_k, x.device)
     down_shape = _check_fp8_weight("w_down", w_down, w_down_scale, block_n, block_k, x.device)
     if H != x.shape[1] or two_i % 2 != 0:

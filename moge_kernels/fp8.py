@@ -36,6 +36,7 @@ Triton GEMMs rely on (they rescale their accumulators by ratios of scales).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import torch
@@ -234,6 +235,81 @@ def quantize_activations(x: Tensor, group: int = BLOCK) -> tuple[Tensor, Tensor]
     inv = torch.div(e4m3_max, amax)
     q = (x.float() * _expand(inv.reshape(1, M, kb), M, K, 1, group)[0]).clamp(-E4M3_MAX, E4M3_MAX)
     return _to_e4m3("x", q), torch.div(amax, e4m3_max)
+
+
+def new_scales(like: Tensor, M: int, K: int, group: int = BLOCK) -> Tensor:
+    """An empty [M, ceil(K/group)] ([M, 1] for group 0) fp32 activation-scale tensor on like's device,
+    stored k-major (strides (1, M)): a GEMM's k-step reads its rows' scales as one contiguous vector."""
+    kb = 1 if group == 0 else math.ceil(K / group)
+    return like.new_empty(kb, M, dtype=torch.float32).t()
+
+
+@dataclasses.dataclass
+class QuantizedActivations:
+    """Expert-sorted activations already in e4m3 (grouped_permute_fp8 / grouped_dispatch_fp8): what
+    grouped_mlp takes in place of x with FP8 weights, skipping its own quantization.
+
+    data [M, K] float8_e4m3fn, scale [M, ceil(K/group)] fp32 (quantize_activations' rule; stored
+    k-major), group (the weights' block_k; 0: one scale per row), dtype: the activations' dtype before
+    quantization, in which the MLP returns its output."""
+    data: Tensor
+    scale: Tensor
+    group: int
+    dtype: torch.dtype
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.data.shape
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    def dequantize(self) -> Tensor:
+        return dequantize_activations(self.data, self.scale, self.group).to(self.dtype)
+
+
+def grouped_permute_fp8(hidden: Tensor, topk_ids: Tensor, num_experts: int, group: int = BLOCK):
+    """grouped_permute with the permuted rows written in e4m3 (per-row scales in groups of `group`
+    columns, the FP8 weights' block_k): (QuantizedActivations [M, H], expert_offsets, row_index). The
+    permutation runs on a zero-width view of hidden (no bf16 rows are written), then moge::permute_fp8
+    reads each hidden row once, quantizes it and writes its K copies."""
+    from . import ops
+    _, expert_offsets, row_index = ops.grouped_permute(hidden[:, :0], topk_ids, num_experts)
+    q, s = torch.ops.moge.permute_fp8(hidden, row_index, expert_offsets, group)
+    return QuantizedActivations(q, s, group, hidden.dtype), expert_offsets, row_index
+
+
+def grouped_dispatch_fp8(hidden: Tensor, router_logits: Tensor, num_groups: int, topk_per_group: int = 1,
+                         expert_scale=None, renormalize: bool = False, score_func: str = "softmax",
+                         expert_mask=None, group: int = BLOCK):
+    """grouped_dispatch with the permuted rows in e4m3 (as grouped_permute_fp8): (QuantizedActivations,
+    topk_weights, topk_ids, expert_offsets, row_index)."""
+    from . import ops
+    _, topk_weights, topk_ids, expert_offsets, row_index = ops.grouped_dispatch(
+        hidden[:, :0], router_logits, num_groups, topk_per_group, expert_scale, renormalize, score_func,
+        expert_mask)
+    q, s = torch.ops.moge.permute_fp8(hidden, row_index, expert_offsets, group)
+    return QuantizedActivations(q, s, group, hidden.dtype), topk_weights, topk_ids, expert_offsets, row_index
+
+
+@functools.lru_cache(maxsize=None)
+def layer_ops(group: int):
+    """The ops of an FP8 MoGELayer (ops.compose_layer's LayerOps): grouped_dispatch_fp8 writes the
+    permuted rows in e4m3 (groups of the weights' block_k), which grouped_mlp takes as they are."""
+    from . import ops
+    return ops.MOGE_OPS._replace(dispatch=functools.partial(grouped_dispatch_fp8, group=group))
+
+
+def activation_args(x, block_k: int) -> tuple:
+    """(x, x_scale, out_dtype) as moge::grouped_mlp_fp8 takes them, from a float tensor or from
+    QuantizedActivations (whose group must be the weights' block_k)."""
+    if not isinstance(x, QuantizedActivations):
+        return x, None, None
+    if x.group != block_k:
+        raise ValueError(f"x is quantized in groups of {x.group} columns but the weights' k-blocks are "
+                         f"{block_k}: quantize the activations with group={block_k}")
+    return x.data, x.scale, x.dtype
 
 
 def dequantize_activations(q: Tensor, scale: Tensor, group: int = BLOCK) -> Tensor:

@@ -190,10 +190,13 @@ class MoGELayer(nn.Module):
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, self.hidden_size)
         router_logits = self.gate(x)                                                    # [T, E]
+        blocks = getattr(self, "_fp8_blocks", None)
+        # FP8 experts: the dispatch writes the permuted rows in e4m3 already (no bf16 round trip)
+        layer_ops = ops.MOGE_OPS if blocks is None else fp8.layer_ops(blocks[1])
         out, expert_offsets = ops.compose_layer(
             x, router_logits, *self._expert_weights(), self.num_groups, self.topk_per_group,
             self.router_scale, self.renormalize, self.score_func, self.shared_w_gate_up,
-            self.shared_w_down, experts=self._run_experts, expert_mask=expert_mask)
+            self.shared_w_down, layer_ops=layer_ops, experts=self._run_experts, expert_mask=expert_mask)
         aux = None
         if self.training or return_aux_loss:
             aux = self.load_balancing_loss(router_logits, expert_offsets)

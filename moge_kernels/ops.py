@@ -39,9 +39,16 @@ SCHEMAS = {
     # [E, P, NB, KB] scale tensors; block_n = 1, block_k = 0 is the per-channel format
     "grouped_gemm_fp8": ("(Tensor x, Tensor w, Tensor w_scale, Tensor expert_offsets, int block_n=128, "
                          "int block_k=128) -> Tensor"),
+    # x_scale: x is e4m3 already (permute_fp8's rows), out_dtype the dtype it was quantized from
     "grouped_mlp_fp8": ("(Tensor x, Tensor w_gate_up, Tensor w_gate_up_scale, Tensor w_down, "
                         "Tensor w_down_scale, Tensor expert_offsets, Tensor? row_scale=None, "
-                        "int block_n=128, int block_k=128) -> Tensor"),
+                        "int block_n=128, int block_k=128, Tensor? x_scale=None, "
+                        "ScalarType? out_dtype=None) -> Tensor"),
+    # the permuted rows in e4m3 with per-row scales in groups of `group` columns (0: one per row):
+    # x_q[row_index[t, k]] = quantized hidden[t], zeros for rows >= expert_offsets[E] (dropped slots);
+    # x_scale [M, KB] stored k-major (strides (1, M))
+    "permute_fp8": ("(Tensor hidden, Tensor row_index, Tensor expert_offsets, int group=128) -> "
+                    "(Tensor x_q, Tensor x_scale)"),
     # Backward primitives (autograd.py builds every backward from them):
     #   dgrad: grad_x[rows of e] = grad_y[rows of e] @ w[e]; wgrad: grad_w[e] = grad_y_e^T @ x_e (fp32
     #   accumulation, zeros for an empty expert); swiglu: silu(gate) * up; swiglu_backward: grad_gate_up,
@@ -68,6 +75,7 @@ ARG_CHECKS = {   # every op defined through define_op
     "grouped_combine": checks.check_combine,
     "grouped_gemm_fp8": checks.check_gemm_fp8,
     "grouped_mlp_fp8": checks.check_mlp_fp8,
+    "permute_fp8": checks.check_permute_fp8,
     "grouped_gemm_dgrad": checks.check_dgrad,
     "grouped_gemm_wgrad": checks.check_wgrad,
     "swiglu": checks.check_swiglu,
@@ -315,10 +323,17 @@ def _(x, w, w_scale, expert_offsets, block_n=128, block_k=128):
 
 @torch.library.register_fake("moge::grouped_mlp_fp8")
 def _(x, w_gate_up, w_gate_up_scale, w_down, w_down_scale, expert_offsets, row_scale=None,
-      block_n=128, block_k=128):
+      block_n=128, block_k=128, x_scale=None, out_dtype=None):
     checks.check_mlp_fp8(x, w_gate_up, w_gate_up_scale, w_down, w_down_scale, expert_offsets, row_scale,
-                         block_n, block_k)
-    return x.new_empty(x.shape[0], w_down.shape[1])
+                         block_n, block_k, x_scale, out_dtype)
+    return x.new_empty(x.shape[0], w_down.shape[1], dtype=x.dtype if x_scale is None else out_dtype)
+
+
+@torch.library.register_fake("moge::permute_fp8")
+def _(hidden, row_index, expert_offsets, group=128):
+    checks.check_permute_fp8(hidden, row_index, expert_offsets, group)
+    M, H = row_index.numel(), hidden.shape[1]
+    return hidden.new_empty(M, H, dtype=fp8.E4M3), fp8.new_scales(hidden, M, H, group)
 
 
 @torch.library.register_fake("moge::grouped_gemm_dgrad")
@@ -452,7 +467,8 @@ def grouped_mlp(x: Tensor, w_gate_up: Tensor, w_down: Tensor, expert_offsets: Te
     """Per-expert SwiGLU MLP over expert-sorted rows: y = (silu(x Wg^T) * (x Wu^T)) Wd^T.
 
     Args:
-        x: [M, H] float32/float16/bfloat16, rows sorted by expert.
+        x: [M, H] float32/float16/bfloat16, rows sorted by expert; with FP8 weights also
+            fp8.QuantizedActivations (grouped_permute_fp8 / grouped_dispatch_fp8: already in e4m3).
         w_gate_up: [E, 2I, H] in x's dtype, gate rows [0, I) then up rows [I, 2I) (or packed).
         w_down: [E, H, I] in x's dtype (or packed). FP8 weights (fp8.QuantizedExpertWeights, both in
             one format) run moge::grouped_mlp_fp8.
@@ -463,10 +479,12 @@ def grouped_mlp(x: Tensor, w_gate_up: Tensor, w_down: Tensor, expert_offsets: Te
     Returns [M, H] in x's dtype (zero rows for rows of no expert); GEMMs accumulate in float32 and the SwiGLU product is rounded to x's
     dtype before the down projection, as the reference does."""
     w_gate_up_q = isinstance(w_gate_up, fp8.QuantizedExpertWeights)
-    if w_gate_up_q or isinstance(w_down, fp8.QuantizedExpertWeights):
+    if w_gate_up_q or isinstance(w_down, fp8.QuantizedExpertWeights) or \
+            isinstance(x, fp8.QuantizedActivations):
         blocks = fp8.same_blocks(w_gate_up, w_down)
+        x, x_scale, out_dtype = fp8.activation_args(x, blocks[1])
         return _run("grouped_mlp_fp8", x, w_gate_up.weight, w_gate_up.scale, w_down.weight, w_down.scale,
-                    expert_offsets, row_scale, *blocks)
+                    expert_offsets, row_scale, *blocks, x_scale, out_dtype)
     return _run("grouped_mlp", x, w_gate_up, w_down, expert_offsets, row_scale)
 
 

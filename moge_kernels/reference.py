@@ -193,21 +193,45 @@ def grouped_gemm_fp8(x, w, w_scale, expert_offsets, block_n=fp8.BLOCK, block_k=f
     return _grouped_gemm_fp8_f32(x, w, w_scale, expert_offsets, block_n, block_k).to(x.dtype)
 
 
-def _grouped_gemm_fp8_f32(x, w, w_scale, expert_offsets, block_n, block_k):
-    x_deq = fp8.dequantize_activations(*fp8.quantize_activations(x, block_k), block_k)
+def _grouped_gemm_fp8_f32(x, w, w_scale, expert_offsets, block_n, block_k, x_deq=None):
+    if x_deq is None:
+        x_deq = fp8.dequantize_activations(*fp8.quantize_activations(x, block_k), block_k)
     return grouped_gemm(x_deq, fp8.dequantize_weight(w, w_scale, block_n, block_k), expert_offsets)
 
 
 def grouped_mlp_fp8(x, w_gate_up, w_gate_up_scale, w_down, w_down_scale, expert_offsets, row_scale=None,
-                    block_n=fp8.BLOCK, block_k=fp8.BLOCK):
+                    block_n=fp8.BLOCK, block_k=fp8.BLOCK, x_scale=None, out_dtype=None):
     """grouped_mlp with FP8 weights: the gate_up GEMM on quantized x in fp32, h = silu(gate) * up rounded
-    to x's dtype, h quantized (groups of block_k along I), the down GEMM in fp32, row_scale, x's dtype."""
-    gate_up = _grouped_gemm_fp8_f32(x, w_gate_up, w_gate_up_scale, expert_offsets, block_n, block_k)
-    h = swiglu(gate_up).to(x.dtype)
+    to x's dtype, h quantized (groups of block_k along I), the down GEMM in fp32, row_scale, x's dtype.
+    With x_scale, x is e4m3 already (quantized from out_dtype) and is only dequantized."""
+    dtype = x.dtype if x_scale is None else out_dtype
+    x_deq = fp8.dequantize_activations(x, x_scale, block_k) if x_scale is not None else None
+    gate_up = _grouped_gemm_fp8_f32(x, w_gate_up, w_gate_up_scale, expert_offsets, block_n, block_k, x_deq)
+    h = swiglu(gate_up).to(dtype)
     y = _grouped_gemm_fp8_f32(h, w_down, w_down_scale, expert_offsets, block_n, block_k)
     if row_scale is not None:
         y = y * row_scale.float()[:, None]
-    return y.to(x.dtype)
+    return y.to(dtype)
+
+
+def permute_fp8(hidden, row_index, expert_offsets, group=fp8.BLOCK):
+    """x_q[row_index[t, k]] = hidden[t] quantized (fp8.quantize_activations), rows >= expert_offsets[E]
+    (dropped slots) a quantized zero row; x_scale stored k-major."""
+    T, K = row_index.shape
+    M, H = T * K, hidden.shape[1]
+    q, s = fp8.quantize_activations(hidden.float(), group)                      # [T, H], [T, KB]
+    zq, zs = fp8.quantize_activations(hidden.new_zeros(1, H, dtype=torch.float32), group)
+    rows = row_index.reshape(-1).long()
+    src = torch.arange(T, device=hidden.device).repeat_interleave(K)
+    dropped = rows >= expert_offsets[-1].long()
+    # e4m3 through its bytes: index_put has no float8 kernels everywhere
+    x_q = q.view(torch.uint8)[src].where(~dropped[:, None], zq.view(torch.uint8))
+    x_s = s[src].where(~dropped[:, None], zs)
+    out_q = torch.empty(M, H, dtype=torch.uint8, device=hidden.device)
+    out_q[rows] = x_q
+    out_s = fp8.new_scales(hidden, M, H, group)
+    out_s[rows] = x_s
+    return out_q.view(fp8.E4M3), out_s
 
 
 def swiglu_mlp(x, w_gate_up, w_down):

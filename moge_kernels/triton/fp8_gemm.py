@@ -134,6 +134,67 @@ def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, strid
 
 
 @triton.jit
+def _scatter_rows(q_ptr, s_ptr, q, scale, row_index_ptr, tok, t_ok, cols, col_ok, kept_end, group,
+                  stride_qm, stride_sm, stride_sk, K: tl.constexpr, BT: tl.constexpr):
+    """Writes the quantized rows q [BT, G] (columns cols) and their scales [BT] (column group `group`)
+    to the K rows row_index[tok, k] of each token; rows >= kept_end (dropped slots) get a quantized zero
+    row: q = 0 and the scale of an all-zero group."""
+    zero_scale = tl.math.div_rn(tl.full([BT], 1e-12, tl.float32), tl.full([BT], 448.0, tl.float32))
+    for k in tl.static_range(K):
+        dest = tl.load(row_index_ptr + tok.to(tl.int64) * K + k, mask=t_ok, other=0)
+        kept = dest < kept_end
+        dest64 = dest.to(tl.int64)
+        if q is not None:
+            tl.store(q_ptr + dest64[:, None] * stride_qm + cols[None, :],
+                     tl.where(kept[:, None], q, tl.zeros_like(q)), mask=t_ok[:, None] & col_ok[None, :])
+        if scale is not None:
+            tl.store(s_ptr + dest64 * stride_sm + group * stride_sk, tl.where(kept, scale, zero_scale),
+                     mask=t_ok)
+
+
+@triton.jit
+def _permute_fp8_kernel(x_ptr, row_index_ptr, offsets_ptr, q_ptr, s_ptr, T, H, E, stride_xt, stride_qm,
+                        stride_sm, stride_sk, K: tl.constexpr, BT: tl.constexpr, G: tl.constexpr,
+                        ONE_GROUP: tl.constexpr, EXPLICIT_ROUND: tl.constexpr):
+    """moge::permute_fp8. Grid (cdiv(T, BT), KB): tokens [pid0*BT, +BT), column group pid1 of G columns
+    (ONE_GROUP: the whole row, walked twice: amax, then quantize and write). Each hidden row is read once
+    (twice with ONE_GROUP) and quantized once for its K copies (quantization is per row: every copy of a
+    token is the same e4m3 row)."""
+    tok = tl.program_id(0) * BT + tl.arange(0, BT)
+    t_ok = tok < T
+    tok64 = tok.to(tl.int64)
+    offs = tl.arange(0, G)
+    kept_end = tl.load(offsets_ptr + E)          # rows >= expert_offsets[E]: dropped slots
+    if ONE_GROUP:
+        amax = tl.zeros([BT], dtype=tl.float32)
+        for k0 in range(0, H, G):
+            ok = t_ok[:, None] & (k0 + offs < H)[None, :]
+            v = tl.load(x_ptr + tok64[:, None] * stride_xt + (k0 + offs)[None, :], mask=ok, other=0.0)
+            amax = tl.maximum(amax, tl.max(tl.abs(v.to(tl.float32)), 1))
+        amax = tl.maximum(amax, 1e-12)
+        scale = tl.math.div_rn(amax, tl.full([BT], 448.0, tl.float32))
+        inv = tl.math.div_rn(tl.full([BT], 448.0, tl.float32), amax)
+        for k0 in range(0, H, G):
+            cols = k0 + offs
+            ok = t_ok[:, None] & (cols < H)[None, :]
+            v = tl.load(x_ptr + tok64[:, None] * stride_xt + cols[None, :], mask=ok, other=0.0)
+            q = tl.clamp(v.to(tl.float32) * inv[:, None], -448.0, 448.0, propagate_nan=tl.PropagateNan.ALL)
+            if EXPLICIT_ROUND:
+                q = _round_e4m3(q)
+            _scatter_rows(q_ptr, s_ptr, q.to(tl.float8e4nv), None, row_index_ptr, tok, t_ok, cols,
+                          cols < H, kept_end, 0, stride_qm, stride_sm, stride_sk, K, BT)
+        _scatter_rows(q_ptr, s_ptr, None, scale, row_index_ptr, tok, t_ok, offs, offs < 0, kept_end, 0,
+                      stride_qm, stride_sm, stride_sk, K, BT)
+    else:
+        cols = tl.program_id(1) * G + offs
+        ok = t_ok[:, None] & (cols < H)[None, :]
+        v = tl.load(x_ptr + tok64[:, None] * stride_xt + cols[None, :], mask=ok, other=0.0)
+        q, scale = _quantize_tile(v.to(tl.float32), BT, EXPLICIT_ROUND)
+        _scatter_rows(q_ptr, s_ptr, q, scale, row_index_ptr, tok, t_ok, cols, cols < H, kept_end,
+                      tl.program_id(1), stride_qm, stride_sm, stride_sk, K, BT)
+
+
+@triton.jit
 def _scale_row(r, PART_ROWS, NB, BLOCK_N: tl.constexpr):
     """Row of w_scale[e] viewed [P*NB, KB] that holds weight row r: its projection, then its block."""
     return (r // PART_ROWS) * NB + (r % PART_ROWS) // BLOCK_N
@@ -332,25 +393,40 @@ def _interpreted(t: torch.Tensor) -> bool:
     return t.device.type != "cuda"     # the triton backend runs CPU tensors only under the interpreter
 
 
-def new_scales(M: int, kb: int, device) -> torch.Tensor:
-    """[M, kb] fp32 activation scales stored k-major (strides (1, M)): a GEMM's k-step reads the scales
-    of its BM rows as one contiguous vector."""
-    return torch.empty(kb, M, dtype=torch.float32, device=device).t()
-
-
 def quantize_rows(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] float -> (e4m3 [M, K], fp32 scales [M, ceil(K/group)] or [M, 1] for group 0, k-major)."""
     M, K = x.shape
     q = torch.empty(M, K, dtype=fp8.E4M3, device=x.device)
-    kb = 1 if group == 0 else triton.cdiv(K, group)
-    s = new_scales(M, kb, x.device)
+    s = fp8.new_scales(x, M, K, group)
+    kb = s.shape[1]
     if M == 0 or K == 0:
-        return q, s.fill_(1e-12 / fp8.E4M3_MAX)
+        return q, s.fill_(fp8.MIN_SCALE)
     G = 128 if group == 0 else group
     BM = 32
     _quantize_rows_kernel[(triton.cdiv(M, BM), kb)](
         x, q, s, M, K, x.stride(0), q.stride(0), s.stride(0), s.stride(1), BM=BM, G=G,
         ONE_GROUP=group == 0, EXPLICIT_ROUND=_interpreted(x), num_warps=4)
+    return q, s
+
+
+def permute_fp8(hidden, row_index, expert_offsets, group=128):
+    """Registered as triton's moge::permute_fp8: (x_q [M, H] e4m3, x_scale [M, KB] fp32, k-major)."""
+    T, K = row_index.shape
+    M, H = T * K, hidden.shape[1]
+    q = torch.empty(M, H, dtype=fp8.E4M3, device=hidden.device)
+    s = fp8.new_scales(hidden, M, H, group)
+    if M == 0 or H == 0:
+        return q, s.fill_(fp8.MIN_SCALE)
+    if hidden.stride(1) != 1:
+        hidden = hidden.contiguous()
+    row_index = row_index.contiguous()
+    kb = s.shape[1]
+    G = 128 if group == 0 else group
+    BT = max(1, 4096 // G)        # 4096 elements a program: 32 tokens of a 128-column group
+    _permute_fp8_kernel[(triton.cdiv(T, BT), 1 if group == 0 else kb)](
+        hidden, row_index, expert_offsets, q, s, T, H, expert_offsets.shape[0] - 1, hidden.stride(0),
+        q.stride(0), s.stride(0), s.stride(1), K=K, BT=BT, G=G, ONE_GROUP=group == 0,
+        EXPLICIT_ROUND=_interpreted(hidden), num_warps=4)
     return q, s
 
 
@@ -470,7 +546,7 @@ def grouped_mlp_fp8(x, w_gate_up, w_gate_up_scale, w_down, w_down_scale, expert_
     if block_k == 128 and cfg_gu.block_n == 128:
         # h quantized in the gate_up epilogue: one column tile of 128 = one scale group
         hq = torch.empty(M, I, dtype=fp8.E4M3, device=x.device)
-        hs = new_scales(M, triton.cdiv(I, 128), x.device)
+        hs = fp8.new_scales(x, M, I, 128)
         launch_fp8_gemm(xq, xs, w_gate_up, w_gate_up_scale, offsets, hq, hs, block_n, block_k, cfg_gu,
                         swiglu=True, quant_x=False, quant_out=True, **common)
     else:
@@ -485,4 +561,7 @@ def grouped_mlp_fp8(x, w_gate_up, w_gate_up_scale, w_down, w_down_scale, expert_
 
 
 register_kernel("triton", "grouped_gemm_fp8", grouped_gemm_fp8, devices=DEVICES)
-register_kernel("triton", "grouped_mlp_fp8", grouped_mlp_fp8, devices=DEVICES)
+# grouped_mlp_fp8 also takes e4m3 x (with x_scale: permute_fp8's rows)
+register_kernel("triton", "grouped_mlp_fp8", grouped_mlp_fp8, devices=DEVICES,
+                dtypes=(torch.float32, torch.float16, torch.bfloat16, fp8.E4M3))
+register_kernel("triton", "permute_fp8", permute_fp8, devices=DEVICES)
