@@ -535,11 +535,12 @@ def grouped_mlp_fp8(x, w_gate_up, w_gate_up_scale, w_down, w_down_scale, expert_
     cfg_dn = choose_config(M, E, "down", x.device)
     common = dict(round_dtype=dtype)
     down = dict(swiglu=False, quant_out=False, row_scale=row_scale, zero_tail=True, **common)
-    if x_scale is None and _decode_path(M, E, block_k, x.device):
-        # decode: x and h quantized in the GEMMs' loads, h in x's dtype between them
-        h = x.new_empty(M, I)
-        launch_fp8_gemm(x, None, w_gate_up, w_gate_up_scale, offsets, h, None, block_n, block_k, cfg_gu,
-                        swiglu=True, quant_x=True, quant_out=False, **common)
+    if _decode_path(M, E, block_k, x.device):
+        # decode: x (unless quantized already) and h quantized in the GEMMs' loads, h in the output
+        # dtype between them
+        h = torch.empty(M, I, dtype=dtype, device=x.device)
+        launch_fp8_gemm(x, x_scale, w_gate_up, w_gate_up_scale, offsets, h, None, block_n, block_k, cfg_gu,
+                        swiglu=True, quant_x=x_scale is None, quant_out=False, **common)
         return launch_fp8_gemm(h, None, w_down, w_down_scale, offsets, y, None, block_n, block_k, cfg_dn,
                                quant_x=True, **down)
     xq, xs = (x, x_scale) if x_scale is not None else quantize_rows(x, block_k)

@@ -316,8 +316,10 @@ FP8_INTERPRETER_ROWS = {"gate_up": F(32, 128, 4, 1), "down": F(32, 64, 4, 1, res
 
 # Candidates of bench/bench_fp8.py --sweep, per regime and GEMM. Decode: pointer loads (x quantized in
 # the load); the rest through TMA, 64- / 128-row tiles, rescaled or a second (temporary) accumulator.
-_FP8_DECODE = {"gate_up": [F(16, 64, 4, 4, rescale=False), F(16, 128, 4, 4, rescale=False), F(16, 64, 4, 4)],
-               "down": [F(16, 128, 4, 4, rescale=False), F(16, 64, 4, 4, rescale=False), F(16, 256, 4, 4)]}
+_FP8_DECODE = {"gate_up": [F(16, 64, 4, 4, rescale=False), F(16, 32, 4, 4, rescale=False),
+                           F(16, 128, 4, 4, rescale=False), F(16, 64, 4, 4)],
+               "down": [F(16, 128, 4, 4, rescale=False), F(16, 64, 4, 4, rescale=False),
+                        F(16, 64, 4, 6, rescale=False), F(16, 256, 4, 4)]}
 _FP8_ROWS = {"gate_up": [F(64, 128, 4, 4, tma=True), F(64, 128, 4, 4, tma=True, rescale=False),
                          F(128, 128, 8, 4, tma=True), F(128, 128, 8, 3, tma=True),
                          F(128, 128, 8, 4, tma=True, rescale=False)],
