@@ -187,7 +187,9 @@ DEVICE_KERNELS: dict[str, Callable] = {}
 # int / bool / str (exactly: the dispatcher's own conversions, and its errors, stay with torch.ops)
 _ARG_KINDS: dict[str, tuple] = {}
 _OPTIONAL_TENSOR = object()
-_SCHEMA_KINDS = {"Tensor": Tensor, "Optional[Tensor]": _OPTIONAL_TENSOR, "int": int, "bool": bool, "str": str}
+_OPTIONAL_DTYPE = object()   # a schema's ScalarType? (shown as Optional[int]): a torch.dtype or None
+_SCHEMA_KINDS = {"Tensor": Tensor, "Optional[Tensor]": _OPTIONAL_TENSOR, "int": int, "bool": bool, "str": str,
+                 "Optional[int]": _OPTIONAL_DTYPE}
 
 
 def define_op(name: str, schema: str, arg_check, reference_fn) -> None:
@@ -252,6 +254,9 @@ def direct_call_allowed(op_name: str, args) -> bool:
                 return False
             if device_type is None:
                 device_type = arg.device.type
+        elif kind is _OPTIONAL_DTYPE:
+            if arg is not None and type(arg) is not torch.dtype:
+                return False
         elif kind is not _OPTIONAL_TENSOR and type(arg) is not kind:
             return False
     return device_type in _device_types

@@ -264,3 +264,14 @@ def test_layer_check_cached_and_its_errors_kept(monkeypatch):
             with pytest.raises(ValueError, match="w_gate_up holds 8 experts but router_logits scores 4"):
                 mk.moge_forward(hidden, logits[:, :4], w_gate_up, w_down, G)
         assert len(runs) == 3
+
+
+def test_fp8_mlp_dtype_argument_takes_the_direct_path():
+    """grouped_mlp_fp8's `ScalarType? out_dtype` (Optional[int] in the schema) accepts a torch.dtype or None
+    on the direct path; anything else goes through torch.ops, whose schema parsing decides."""
+    x = torch.zeros(4, 8)
+    tensors = (x, torch.zeros(2, 8, 8), torch.ones(1, 1), torch.zeros(2, 8, 4), torch.ones(1, 1),
+               torch.zeros(3, dtype=torch.int32), None, 128, 128)
+    for out_dtype in (None, torch.bfloat16):
+        assert ops.direct_call_allowed("grouped_mlp_fp8", tensors + (torch.ones(4, 1), out_dtype))
+    assert not ops.direct_call_allowed("grouped_mlp_fp8", tensors + (torch.ones(4, 1), 15))
