@@ -26,6 +26,7 @@ and says so.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import copy
 import os
 import statistics
@@ -87,9 +88,14 @@ def sweep(Ts, dev, timer, layer, gu, dn, deadline):
         x, _, _, offsets, _ = mk.grouped_dispatch(hidden, layer.gate(hidden), G, 1, layer.router_scale)
         M = x.shape[0]
         reg = gemm_configs.regime(M, E)
+        with torch.no_grad(), mk.use_backend("reference"):
+            want = mk.grouped_mlp(x, gu, dn, offsets)
         for gemm in ("gate_up", "down"):
             table = gemm_configs.fp8_table_config(M, E, gemm, dev)
             cands = [table] + [c for c in gemm_configs.FP8_CANDIDATES[(reg, gemm)] if c != table]
+            # each TMA candidate also with pointer loads: tells a TMA fault from a tile fault
+            cands += [dataclasses.replace(c, tma=False) for c in cands
+                      if c.tma and dataclasses.replace(c, tma=False) not in cands]
             timings = []
             for c in cands:
                 if time.monotonic() > deadline:
@@ -98,11 +104,14 @@ def sweep(Ts, dev, timer, layer, gu, dn, deadline):
                 fp8_gemm._forced[gemm] = c
                 try:
                     with torch.no_grad(), mk.use_backend("triton"):
+                        err = rel_err(mk.grouped_mlp(x, gu, dn, offsets), want)
                         ms = statistics.median(timer.samples(
                             capture_graph(lambda: mk.grouped_mlp(x, gu, dn, offsets), dev), 10))
-                    timings.append((ms, c))
-                    print(f"  sweep T={T} ({reg}) {gemm} {c}: {ms:.3f} ms{'  (table)' if c == table else ''}",
-                          flush=True)
+                    ok = err <= 1e-2           # the accuracy bound against the reference
+                    if ok:
+                        timings.append((ms, c))
+                    print(f"  sweep T={T} ({reg}) {gemm} {c}: {ms:.3f} ms, vs reference {err:.1e}"
+                          f"{'' if ok else ' WRONG'}{'  (table)' if c == table else ''}", flush=True)
                 except Exception as err:  # noqa: BLE001  a candidate that fails to compile or launch
                     print(f"  sweep T={T} {gemm} {c}: failed {type(err).__name__}: {str(err)[:100]}", flush=True)
                 finally:

@@ -326,7 +326,7 @@ _FP8_ROWS = {"gate_up": [F(64, 128, 4, 4, tma=True), F(64, 128, 4, 4, tma=True, 
              "down": [F(64, 128, 4, 4, tma=True), F(128, 128, 8, 4, tma=True), F(128, 256, 8, 3, tma=True),
                       F(128, 256, 8, 4, tma=True), F(128, 256, 8, 3, tma=True, rescale=False)]}
 FP8_CANDIDATES = {(r, g): (_FP8_DECODE if r == "decode" else _FP8_ROWS)[g]
-                  for r, _ in REGIMES for g in ("gate_up", "down")}
+                  for _, r in REGIMES for g in ("gate_up", "down")}
 
 
 def fp8_table_config(num_rows: int, num_experts: int, gemm: str, device: torch.device) -> Fp8Config:

@@ -11,6 +11,7 @@
 #   fp8         the fp8 sweep and table (issue 21)
 #   bench       python -m moge_kernels.bench, the package's main job (issue 19's ratios)
 #   tests:<k>   pytest -q of the files matching tests/test_<k>*.py
+#   pytest      pytest -q $PYTEST_ARGS (full failure reports in pytest.log)
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:${PYTHONPATH:-}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -37,16 +38,18 @@ for step in ${STEPS:-probe suite}; do
            > "$OUT/host_profile.log"; tail -40 "$OUT/host_profile.log" ;;
     subsets) timeout 70 python3 bench/bench_subsets.py --T 1,1024,4096 --layer-T 1,128,1024,4096 --rounds 4 2>&1 \
            | quiet | tee "$OUT/subsets.log" | tail -24 ;;
-    before) timeout 220 python3 bench/before_after.py --base 3b6eff9 --T 1,16,128,1024,4096,16384 --rounds 3 2>&1 \
+    before) timeout 220 python3 bench/before_after.py --base 3b6eff9 --T 1,16,128,1024,4096,16384 --rounds ${ROUNDS:-3} 2>&1 \
            | quiet | tee "$OUT/before_after.log" | tail -28 ;;
-    transformers) timeout ${TF_S:-160} python3 bench/bench_transformers.py --models qwen3,mixtral,gpt-oss \
-           --tokens 1,128,1024,4096,16384 --modes ${TF_MODES:-fwd} --budget-s $(( ${TF_S:-160} - 15 )) 2>&1 | quiet \
+    transformers) timeout ${TF_S:-160} python3 bench/bench_transformers.py --models ${TF_MODELS:-qwen3,mixtral,gpt-oss} \
+           --tokens ${TF_TOKENS:-1,128,1024,4096,16384} ${TF_ARGS:-} --modes ${TF_MODES:-fwd} --budget-s $(( ${TF_S:-160} - 15 )) 2>&1 | quiet \
            > "$OUT/transformers.log"; tail -50 "$OUT/transformers.log" ;;
     fp8) timeout ${FP8_S:-100} python3 bench/bench_fp8.py ${FP8_ARGS:---sweep --T 1,1024,4096} 2>&1 | quiet \
            | tee "$OUT/fp8.log" | tail -40 ;;
     bench) timeout ${BENCH_S:-120} python3 -m moge_kernels.bench 2>&1 | quiet | tee "$OUT/bench.log" | tail -60 ;;
     tests:*) k=${step#tests:}; timeout 120 python3 -m pytest -q -p no:cacheprovider -n 8 tests/test_${k}*.py 2>&1 \
            | quiet | tee "$OUT/tests_$k.log" | tail -15 ;;
+    pytest) timeout ${PYTEST_S:-120} python3 -m pytest -q -p no:cacheprovider -n 8 $PYTEST_ARGS 2>&1 | quiet \
+           > "$OUT/pytest.log"; grep -E "^(FAILED|ERROR)|passed|failed|^E " "$OUT/pytest.log" | head -40 ;;
     *) echo "unknown step $step" ;;
   esac
 done
