@@ -102,12 +102,6 @@ def _route_tile(logits_ptr, scale_ptr, mask_ptr, t3, T, stride_lt, stride_le,
 
     x = tl.load(logits_ptr + t3.to(tl.int64) * stride_lt + (g3 * S + s3) * stride_le,
                 mask=tok_ok & expert_ok, other=0.0).to(tl.float32)
-    if HAS_MASK:   # the mask's values are data (a pointer), never a specialisation; loaded beside the
-        # logits so the two loads' latencies overlap (at T=1 routing is a few hundred ns of latency)
-        kept = tl.load(mask_ptr + g3 * S + s3, mask=expert_ok, other=0) != 0        # [1, G_PAD, S_PAD]
-        # Every pick while a group has kept experts left is a kept one, so after j picks it has
-        # max(kept_count - j, 0) left: one reduction instead of one per pick.
-        kept_count = tl.sum(tl.where(kept, 1, 0), axis=2)[:, :, None]               # [1, G_PAD, 1]
     x = tl.where(expert_ok, x, float("-inf"))   # padding experts score 0; padding tokens stay finite
     # Same formula as PyTorch's softmax (exp(x - max) / sum); with PRECISE also the same exp and an
     # IEEE division, so scores (and thus near-tie rankings) match the eager reference on CUDA.
@@ -131,6 +125,8 @@ def _route_tile(logits_ptr, scale_ptr, mask_ptr, t3, T, stride_lt, stride_le,
                                 "(a reference.ScoreFunc value)")
     # NaN ranks below every number (reference.route); the pick still carries its NaN weight.
     key = tl.where(scores == scores, scores, float("-inf"))
+    if HAS_MASK:   # the mask's values are data (a pointer), never a specialisation
+        kept = tl.load(mask_ptr + g3 * S + s3, mask=expert_ok, other=0) != 0        # [1, G_PAD, S_PAD]
 
     # Top-k_g per group by k_g rounds of arg-max; ties (NaN ties too) go to the lower expert index.
     taken = tl.zeros([BLOCK_T, G_PAD, S_PAD], dtype=tl.int32)
@@ -141,7 +137,8 @@ def _route_tile(logits_ptr, scale_ptr, mask_ptr, t3, T, stride_lt, stride_le,
         if HAS_MASK:
             # Kept experts first; a group's masked ones only once it has no kept one left (fewer than k_g
             # kept, which the checks reject): every id stays a distinct expert of its group.
-            cand = cand & (kept | (kept_count <= j))
+            kept_left = tl.sum(tl.where(cand & kept, 1, 0), axis=2)[:, :, None]
+            cand = cand & (kept | (kept_left == 0))
         cand_key = tl.where(cand, key, float("-inf"))
         best = tl.max(cand_key, axis=2)[:, :, None]
         best_s = tl.min(tl.where(cand & (cand_key == best), s3, S_PAD), axis=2)[:, :, None]
