@@ -327,8 +327,8 @@ def _permute_kernel(
     permuted_ptr,        # [T*K, H] out, contiguous
     T, H, stride_ht, num_blocks,
     E: tl.constexpr, S: tl.constexpr, G: tl.constexpr, K_G: tl.constexpr, K: tl.constexpr,
-    G_PAD: tl.constexpr, S_PAD: tl.constexpr, K_PAD: tl.constexpr, NB_PAD: tl.constexpr,
-    FUSED_SCAN: tl.constexpr, ROUTE_BLOCK_T: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+    G_PAD: tl.constexpr, S_PAD: tl.constexpr, NB_PAD: tl.constexpr, FUSED_SCAN: tl.constexpr,
+    ROUTE_BLOCK_T: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     """Grid (cdiv(T, BLOCK_T), cdiv(H, BLOCK_H)): tokens [pid_t*BLOCK_T, +BLOCK_T), columns of block pid_h.
 
@@ -362,21 +362,15 @@ def _permute_kernel(
         base = offsets + tl.sum(tl.where(b3 < my_block, counts, 0), axis=0)    # [G_PAD, S_PAD]
         # global id of each tile entry; padding entries (s >= S) would alias the next group's ids
         expert_of = tl.where((g2 < G) & (s2 < S), g2 * S + s2, -1)[None, :, :]   # [1, G_PAD, S_PAD]
-    # Every index of the program's BLOCK_T x K slots loaded at once, before the first store: the K stores
-    # then run back to back from registers (a load after a store to another pointer cannot be hoisted
-    # above it, so loading per slot would chain K round trips).
-    t2 = t[:, None]
-    k2 = tl.arange(0, K_PAD)[None, :]
-    ok2 = (t2 < T) & (k2 < K)
-    experts = tl.load(topk_ids_ptr + t2 * K + k2, mask=ok2, other=0)            # [BLOCK_T, K_PAD]
-    rows2 = tl.load(slot_rank_ptr + t2 * K + k2, mask=ok2, other=0)
-    if not FUSED_SCAN:
-        rows2 += tl.load(block_base_ptr + (t2 // ROUTE_BLOCK_T) * E + experts, mask=ok2, other=0)
+    else:
+        block = t // ROUTE_BLOCK_T
     for k in tl.static_range(K):
-        row = tl.sum(tl.where(k2 == k, rows2, 0), axis=1)                          # [BLOCK_T] column k
+        expert = tl.load(topk_ids_ptr + t * K + k, mask=t_ok, other=0)
         if FUSED_SCAN:
-            expert = tl.sum(tl.where(k2 == k, experts, 0), axis=1)
-            row += tl.sum(tl.sum(tl.where(expert_of == expert[:, None, None], base[None, :, :], 0), axis=2), axis=1)
+            row = tl.sum(tl.sum(tl.where(expert_of == expert[:, None, None], base[None, :, :], 0), axis=2), axis=1)
+        else:
+            row = tl.load(block_base_ptr + block * E + expert, mask=t_ok, other=0)
+        row += tl.load(slot_rank_ptr + t * K + k, mask=t_ok, other=0)
         if pid_h == 0:
             tl.store(row_index_ptr + t * K + k, row, mask=t_ok)
         tl.store(permuted_ptr + row.to(tl.int64)[:, None] * H + h[None, :], rows, mask=mask)
@@ -405,7 +399,7 @@ _ROUTE_META = ("E", "S", "G", "K_G", "K", "G_PAD", "S_PAD", "KG_PAD", "BLOCK_T",
 _route = Kernel(_route_kernel, _ROUTE_META)
 _route_permute = Kernel(_route_permute_kernel, _ROUTE_META + ("BLOCK_H",))
 _scan = Kernel(_scan_kernel, ("E", "S", "G", "K_G", "S_PAD", "CHUNK_B", "num_warps"))
-_permute = Kernel(_permute_kernel, ("E", "S", "G", "K_G", "K", "G_PAD", "S_PAD", "K_PAD", "NB_PAD", "FUSED_SCAN",
+_permute = Kernel(_permute_kernel, ("E", "S", "G", "K_G", "K", "G_PAD", "S_PAD", "NB_PAD", "FUSED_SCAN",
                                     "ROUTE_BLOCK_T", "BLOCK_T", "BLOCK_H", "num_warps"))
 
 
@@ -440,8 +434,8 @@ def _plan(T, E, H, G, k_g, score_func, renormalize, has_scale, has_mask, route_b
     block_t, block_h, num_warps = copy_config or _copy_config(T, H)
     if fused_scan:
         block_t = min(block_t, route_block_t)
-    permute_meta = (E, S, G, k_g, K, g_pad, s_pad, _pow2(K), _pow2(num_blocks), fused_scan, route_block_t,
-                    block_t, block_h, num_warps)
+    permute_meta = (E, S, G, k_g, K, g_pad, s_pad, _pow2(num_blocks), fused_scan, route_block_t, block_t,
+                    block_h, num_warps)
     # At least one H block even when H == 0: the pid_h == 0 programs write row_index.
     grid = (triton.cdiv(T, block_t), max(1, triton.cdiv(H, block_h)))
     return route_meta, num_blocks, scan_meta, permute_meta, grid
