@@ -209,7 +209,7 @@ def _pipelines(shape, T, dtype):
     import moge_kernels as mk
     from moge_kernels import reference as R
     from moge_kernels.bench import baselines as B
-    from moge_kernels.triton import grouped_gemm
+    from moge_kernels.triton import gemm_configs, grouped_gemm
 
     H, I, E, G, k_g = (shape[k] for k in ("H", "I", "E", "G", "k_g"))
     gen = torch.Generator(device="cuda").manual_seed(T)
@@ -242,8 +242,8 @@ def _pipelines(shape, T, dtype):
         "gmm mlp": lambda: B.grouped_mm_mlp(permuted, w_gate_up, w_down, offsets),
         "gmm layer": lambda: B.torch_layer(hidden, logits, w_gate_up, w_down, G, k_g),
     }
-    if not grouped_gemm._two_streams(permuted, E):
-        del calls["mlp 1str"]
+    if gemm_configs.regime(permuted.shape[0], E) not in gemm_configs.TWO_STREAM_REGIMES:
+        del calls["mlp 1str"]                # no regime with a two-stream split
     return calls
 
 

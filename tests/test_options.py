@@ -144,19 +144,30 @@ def test_triton_options_change_the_kernel_choice():
     assert not gemm_configs.autotune_enabled()
 
 
-def test_mlp_streams_choice():
+def test_mlp_streams_choice(monkeypatch):
     grouped_gemm = pytest.importorskip("moge_kernels.triton.grouped_gemm")
+    capturing = [False]
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
 
-    class FakeCuda:   # _two_streams looks at is_cuda, dtype and the row count only
-        is_cuda, dtype, shape = True, torch.bfloat16, (64 * 64, 128)
+    class FakeCuda:   # _two_streams looks at is_cuda, dtype, the shape and the element size only
+        is_cuda, dtype, shape = True, torch.bfloat16, (64 * 64, 5120)
+
+        def element_size(self):
+            return 2
 
     x = FakeCuda()
-    assert grouped_gemm._two_streams(x, 64)            # auto: on from 32 rows per expert
+    assert grouped_gemm._two_streams(x, 64, 1344)      # auto: on from 32 rows per expert (Pangu weights)
+    x.shape = (64 * 128, 2048)                          # Qwen3-30B experts: 1.2 GB of weights
+    assert not grouped_gemm._two_streams(x, 128, 768)   # eager: the fork/join would cost more than it gains
+    capturing[0] = True
+    assert grouped_gemm._two_streams(x, 128, 768)       # under CUDA-graph capture it is free
+    capturing[0] = False
     with mk.use_options(triton_mlp_streams=False):
-        assert not grouped_gemm._two_streams(x, 64)
+        x.shape = (64 * 64, 5120)
+        assert not grouped_gemm._two_streams(x, 64, 1344)
     with mk.use_options(triton_mlp_streams=True):
         x.shape = (64, 128)                             # 1 row per expert: auto would say off
-        assert grouped_gemm._two_streams(x, 64)
+        assert grouped_gemm._two_streams(x, 64, 16)
 
 
 def test_bwd_gemm_choice():

@@ -111,6 +111,12 @@ TABLES = {"H100": H100_TABLE, "H200": H200_TABLE}
 # T = 128, graph replays; the fork and join cost the host ~20 us a call, hidden behind >= 0.3 ms of GPU
 # work in these regimes. Not in decode and small, where host time is the whole cost of an eager call.
 TWO_STREAM_REGIMES = ("medium", "prefill", "large")
+# Eager calls (no CUDA-graph capture) pay the fork and join on the host, and on the H200 machine they cost
+# more than the overlap gains unless the GPU work is long (bench/results/host_overhead_h200_b79113c.txt,
+# eager ms with two streams / one): Qwen3-30B experts T=1024 0.459 / 0.349, T=4096 0.683 / 0.686; Pangu
+# T=1024 0.843 / 0.860, T=4096 2.387 / 2.401. So an eager call splits only where streaming the expert
+# weights alone takes ~0.5 ms (Pangu 2.6 GB: yes; Qwen3-30B 1.2 GB: no); a captured one always does.
+EAGER_TWO_STREAM_MIN_WEIGHT_BYTES = 2e9
 
 # Candidates timed by MOGE_TRITON_AUTOTUNE=1 and by the benchmark's --sweep: tile shapes, depths and
 # tails of the kept kernel paths (the sweeps of bench/results/experts_h1*_sweep*.txt also timed the

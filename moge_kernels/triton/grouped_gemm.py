@@ -611,17 +611,22 @@ def _side_stream(device: torch.device) -> tuple:
     return _side[index]
 
 
-def _two_streams(x: torch.Tensor, E: int) -> bool:
+def _two_streams(x: torch.Tensor, E: int, I: int) -> bool:
     """Split the experts over two streams (CUDA 16-bit inputs, >= 2 experts): one half's down GEMM then
     runs beside the other half's gate_up, filling the gap between the launches. By default in the
-    regimes of gemm_configs.TWO_STREAM_REGIMES. MOGE_TRITON_MLP_STREAMS=0 / 1 turns it off / on for
+    regimes of gemm_configs.TWO_STREAM_REGIMES, and outside CUDA-graph capture only for expert weights of
+    at least EAGER_TWO_STREAM_MIN_WEIGHT_BYTES. MOGE_TRITON_MLP_STREAMS=0 / 1 turns it off / on for
     every size."""
     if not x.is_cuda or E < 2 or x.dtype == torch.float32:
         return False
     flag = options.current.triton_mlp_streams
     if flag is not None:
         return flag
-    return gemm_configs.regime(x.shape[0], E) in gemm_configs.TWO_STREAM_REGIMES
+    if gemm_configs.regime(x.shape[0], E) not in gemm_configs.TWO_STREAM_REGIMES:
+        return False
+    weight_bytes = 3 * E * x.shape[1] * I * x.element_size()          # gate, up and down
+    return (weight_bytes >= gemm_configs.EAGER_TWO_STREAM_MIN_WEIGHT_BYTES
+            or torch.cuda.is_current_stream_capturing())
 
 
 def grouped_mlp(x, w_gate_up, w_down, expert_offsets, row_scale=None):
@@ -637,7 +642,7 @@ def grouped_mlp(x, w_gate_up, w_down, expert_offsets, row_scale=None):
     h = x.new_empty(M, I)                                     # [M, I] SwiGLU output, x's dtype
     if row_scale is not None and (row_scale.dtype != torch.float32 or not row_scale.is_contiguous()):
         row_scale = row_scale.to(torch.float32).contiguous()
-    if not _two_streams(x, E):
+    if not _two_streams(x, E, I):
         launch_grouped_gemm(x, w_gate_up, offsets, h, swiglu=True)
         return launch_grouped_gemm(h, w_down, offsets, y, swiglu=False, row_scale=row_scale, zero_tail=True)
     # Experts [0, E/2) on this stream, [E/2, E) on a side stream; offsets hold absolute rows, so a slice
@@ -675,7 +680,7 @@ def _variant(args, mlp: bool) -> str:
         return f"config {_table_config(M, E, False, x.dtype, x.device, key)} ({table})"
     return (f"gate_up {_table_config(M, E, True, x.dtype, x.device, key)}, "
             f"down {_table_config(M, E, False, x.dtype, x.device, key)}, "
-            f"{'two streams' if _two_streams(x, E) else 'one stream'} ({table})")
+            f"{'two streams' if _two_streams(x, E, w.shape[1] // 2) else 'one stream'} ({table})")
 
 
 register_kernel("triton", "grouped_gemm", grouped_gemm, devices=DEVICES, packed_weights=True,
