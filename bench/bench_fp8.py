@@ -126,7 +126,7 @@ def sweep(Ts, dev, timer, layer, gu, dn, deadline):
     print("FP8_H200_TABLE lines (moge_kernels/triton/gemm_configs.py):")
     for T, reg, gemm, ms, table_ms, best in lines:
         fields = [str(best.block_m), str(best.block_n), str(best.num_warps), str(best.num_stages)]
-        fields += ["tma=True"] * best.tma + ["rescale=False"] * (not best.rescale)
+        fields += ["tma=True"] * best.tma
         print(f"    ({reg!r}, {gemm!r}): F({', '.join(fields)}),   # T={T}: {ms:.3f} ms")
 
 

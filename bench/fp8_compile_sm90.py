@@ -42,7 +42,7 @@ def compile_config(gemm: str, cfg, E: int = 64):
                row_scale_ptr="*fp32", x_desc=f"tensordesc<fp8e4nv[{cfg.block_m}, 128]>",
                w_desc=f"tensordesc<fp8e4nv[{bn}, 128]>")
     consts = dict(E=E, E_POW2=triton.next_power_of_2(E), BM=cfg.block_m, BN=bn, BK=128, BLOCK_N=128,
-                  BLOCK_K=128, PER_K=True, SWIGLU=swiglu, TWO=two, SCALAR_COLS=True, RESCALE=cfg.rescale,
+                  BLOCK_K=128, PER_K=True, SWIGLU=swiglu, TWO=two, SCALAR_COLS=True,
                   QUANT_X=False, QUANT_OUT=swiglu, HAS_ROW_SCALE=False, ROUND=2, EXPLICIT_ROUND=False,
                   USE_TMA=True, ZERO_TAIL=not swiglu, TILE_N=bn * 2 if two and not swiglu else bn)
     sig.update({name: "constexpr" for name in consts})

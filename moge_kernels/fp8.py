@@ -30,8 +30,7 @@ rounded to the activation dtype, as the bf16 path stores it, then quantized the 
 I) for the down GEMM. Weights are quantized blockwise the same way, with w / scale (offline, so there
 is no kernel to match); scale_format="e8m0" rounds each weight scale up to a power of two (so the
 dequantization is exact scaling; also what UE8M0 checkpoints hold). Scales are positive, at least
-MIN_SCALE = 1e-12 / 448 (the amax floor; the checkpoint loader raises a 0 scale to it), which the
-Triton GEMMs rely on (they rescale their accumulators by ratios of scales).
+MIN_SCALE = 1e-12 / 448 (the amax floor; the checkpoint loader raises a 0 scale to it).
 """
 from __future__ import annotations
 

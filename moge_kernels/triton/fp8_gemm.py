@@ -15,13 +15,11 @@ of the same output columns), the plain GEMM two when its config is 256 wide. Per
   - a sub-tile lies in one 128-row weight block, so its weight scale is one scalar per k-step; the x
     scales of the tile's rows are one [BM] vector, contiguous because activation scales are stored
     k-major (new_scales). Both are loaded a k-step ahead.
-  - rescale (the default): the accumulator holds sum_j dot_j * S_j / S_k in the current step's scale
-    S_k = x_scale[row] * w_scale, so each step multiplies it by S_{k-1} / S_k (one multiply per element,
-    the ratio is a [BM] vector) and the dot accumulates into it in place; the epilogue multiplies by the
-    last S. No second [BM, BN] tile for "dot * scale", so 128-row tiles with two 128-column accumulators
-    fit the registers without spills (sm_90 compile), and with two sub-tiles one sub-tile's wgmma runs
-    while the other's accumulator is rescaled. S is never 0: scales are >= 1e-12 / 448 (fp8.py).
-  - config rescale=False: acc += dot * S (a second tile; kept as a sweep candidate).
+  - each k-step's dot starts from zero and is added to the fp32 accumulator times its scales
+    (acc += dot * x_scale[row] * w_scale): the tensor cores' FP8 accumulation, less precise than fp32,
+    then spans one 128-k block only. Chaining the dots through one rescaled accumulator would save the
+    second tile, but measured 1.5e-2 from the reference on the H200 (4.7e-3 this way;
+    bench/results/fp8_sweep_h200_fb3354e.txt), above the 1e-2 bound.
 The per-channel format accumulates plain dots (max_num_imprecise_acc = BK: fp32 promotion every 128 k,
 like the block path) and scales once in the epilogue. Partial blocks are masked loads (zeros): Pangu's
 I = 1344 is 10 full k-slices and a half one in the down GEMM, and a half column tile of gate and of up
@@ -236,7 +234,7 @@ def _fp8_gemm_kernel(
         stride_ysk,
         E: tl.constexpr, E_POW2: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PER_K: tl.constexpr, SWIGLU: tl.constexpr,
-        TWO: tl.constexpr, SCALAR_COLS: tl.constexpr, RESCALE: tl.constexpr, QUANT_X: tl.constexpr,
+        TWO: tl.constexpr, SCALAR_COLS: tl.constexpr, QUANT_X: tl.constexpr,
         QUANT_OUT: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, ROUND: tl.constexpr,
         EXPLICIT_ROUND: tl.constexpr, USE_TMA: tl.constexpr, ZERO_TAIL: tl.constexpr,
         TILE_N: tl.constexpr):
@@ -287,8 +285,6 @@ def _fp8_gemm_kernel(
         sa = tl.full([BM], 1.0, tl.float32)
     sc0 = _col_scales(ws_ptr, 0, col0, W_ROWS, KB, PART_ROWS, NB, BN, BLOCK_N, SCALAR_COLS)
     sc1 = _col_scales(ws_ptr, 0, r1, W_ROWS, KB, PART_ROWS, NB, BN, BLOCK_N, SCALAR_COLS)
-    prev0 = _outer(sa, sc0, SCALAR_COLS)       # RESCALE: the scale the accumulator is expressed in
-    prev1 = _outer(sa, sc1, SCALAR_COLS)
     for kk in range(num_k):
         k_ok = offs_k < K - kk * BK
         if PER_K:
@@ -318,21 +314,9 @@ def _fp8_gemm_kernel(
             if TWO:
                 b1 = tl.load(w_ptrs1, mask=w_ok1[:, None] & k_ok[None, :], other=0.0)
         if PER_K:
-            if RESCALE:
-                # acc holds sum_j dot_j * S_j / S_k for the current step's scale S_k: rescaling it by
-                # S_{k-1} / S_k and letting the dot accumulate in place keeps one accumulator tile per
-                # sub-tile (no second [BM, BN] fp32 tile for dot * scale) and a dot that chains into it
-                s0 = _outer(sa, sc0, SCALAR_COLS)
-                acc0 = tl.dot(a, tl.trans(b0), acc0 * (prev0 / s0))
-                prev0 = s0
-                if TWO:
-                    s1 = _outer(sa, sc1, SCALAR_COLS)
-                    acc1 = tl.dot(a, tl.trans(b1), acc1 * (prev1 / s1))
-                    prev1 = s1
-            else:
-                acc0 += tl.dot(a, tl.trans(b0)) * _outer(sa, sc0, SCALAR_COLS)
-                if TWO:
-                    acc1 += tl.dot(a, tl.trans(b1)) * _outer(sa, sc1, SCALAR_COLS)
+            acc0 += tl.dot(a, tl.trans(b0)) * _outer(sa, sc0, SCALAR_COLS)
+            if TWO:
+                acc1 += tl.dot(a, tl.trans(b1)) * _outer(sa, sc1, SCALAR_COLS)
             if not QUANT_X:
                 sa = sa_next
             sc0 = sc0_next
@@ -345,11 +329,7 @@ def _fp8_gemm_kernel(
         x_ptrs += BK
         w_ptrs0 += BK
         w_ptrs1 += BK
-    if PER_K:
-        if RESCALE:      # back from the last step's scale
-            acc0 = acc0 * prev0
-            acc1 = acc1 * prev1
-    else:   # per-channel weights, per-token activations: one scale each, applied once
+    if not PER_K:   # per-channel weights, per-token activations: one scale each, applied once
         sa = tl.load(xs_ptrs, mask=xs_ok, other=0.0)
         acc0 = acc0 * (sa[:, None] * _col_scales(ws_ptr, 0, col0, W_ROWS, KB, PART_ROWS, NB, BN, BLOCK_N,
                                                  False)[None, :])
@@ -477,7 +457,7 @@ def launch_fp8_gemm(x, x_scale, w, w_scale, expert_offsets, out, out_scale, bloc
         os_.stride(1) if out_scale is not None else 0,
         E=E, E_POW2=max(2, triton.next_power_of_2(E)), BM=BM, BN=BN, BK=BK,
         BLOCK_N=block_n, BLOCK_K=max(block_k, 1), PER_K=per_k, SWIGLU=swiglu, TWO=two,
-        SCALAR_COLS=scalar_cols, RESCALE=cfg.rescale and per_k, QUANT_X=quant_x,
+        SCALAR_COLS=scalar_cols, QUANT_X=quant_x,
         QUANT_OUT=quant_out, HAS_ROW_SCALE=has_row_scale, ROUND=ROUND_CODES[round_dtype],
         EXPLICIT_ROUND=_interpreted(x), USE_TMA=use_tma, ZERO_TAIL=zero_tail and not swiglu, TILE_N=tile_n,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
