@@ -187,9 +187,11 @@ DEVICE_KERNELS: dict[str, Callable] = {}
 # int / bool / str (exactly: the dispatcher's own conversions, and its errors, stay with torch.ops)
 _ARG_KINDS: dict[str, tuple] = {}
 _OPTIONAL_TENSOR = object()
-_OPTIONAL_DTYPE = object()   # a schema's ScalarType? (shown as Optional[int]): a torch.dtype or None
+_OPTIONAL_DTYPE = object()   # a schema's ScalarType?: a torch.dtype or None
+# keyed by the schema's real_type: its `type` shows ScalarType? as Optional[int], which an int? would share
 _SCHEMA_KINDS = {"Tensor": Tensor, "Optional[Tensor]": _OPTIONAL_TENSOR, "int": int, "bool": bool, "str": str,
-                 "Optional[int]": _OPTIONAL_DTYPE}
+                 "Optional[ScalarType]": _OPTIONAL_DTYPE}
+_INT64_MIN, _INT64_MAX = -2**63, 2**63 - 1   # a schema int is int64: a larger one is the dispatcher's error
 
 
 def define_op(name: str, schema: str, arg_check, reference_fn) -> None:
@@ -199,7 +201,7 @@ def define_op(name: str, schema: str, arg_check, reference_fn) -> None:
     registry.declare_op(name)
     ARG_CHECKS[name] = arg_check
     DEVICE_KERNELS[name] = _make_device_kernel(name)
-    _ARG_KINDS[name] = tuple(_SCHEMA_KINDS.get(str(arg.type))
+    _ARG_KINDS[name] = tuple(_SCHEMA_KINDS.get(str(arg.real_type))
                              for arg in getattr(torch.ops.moge, name).default._schema.arguments)
     for device_type in _device_types:
         torch.library.impl(f"moge::{name}", device_type, DEVICE_KERNELS[name], lib=_lib)
@@ -234,7 +236,8 @@ def direct_call_allowed(op_name: str, args) -> bool:
         TorchFunctionMode (torch.device(...) contexts included), no functorch transform (vmap, grad);
       - every tensor argument is exactly a torch.Tensor or nn.Parameter (no FakeTensor, no subclass) and,
         with grad mode on, none requires grad (inference_mode and no_grad are fine);
-      - every other argument has exactly its schema type (int, bool, str; None for an absent tensor);
+      - every other argument has exactly its schema type (int within int64, bool, str, torch.dtype; None
+        for an absent tensor or dtype);
       - the first tensor is on a device type with a routing kernel (not meta)."""
     if torch.compiler.is_compiling() or not options.current.eager_direct:
         return False
@@ -256,6 +259,9 @@ def direct_call_allowed(op_name: str, args) -> bool:
                 device_type = arg.device.type
         elif kind is _OPTIONAL_DTYPE:
             if arg is not None and type(arg) is not torch.dtype:
+                return False
+        elif kind is int:
+            if type(arg) is not int or not _INT64_MIN <= arg <= _INT64_MAX:
                 return False
         elif kind is not _OPTIONAL_TENSOR and type(arg) is not kind:
             return False

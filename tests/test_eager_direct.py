@@ -276,3 +276,97 @@ def test_fp8_mlp_dtype_argument_takes_the_direct_path():
     for out_dtype in (None, torch.bfloat16):
         assert ops.direct_call_allowed("grouped_mlp_fp8", tensors + (torch.ones(4, 1), out_dtype))
     assert not ops.direct_call_allowed("grouped_mlp_fp8", tensors + (torch.ones(4, 1), 15))
+
+
+@pytest.mark.parametrize("bad", [2**63, -2**63 - 1, 2**64])
+def test_ints_past_int64_raise_the_dispatchers_error(bad):
+    """A schema int is an int64: torch.ops rejects a larger Python int while parsing the schema, so the
+    direct path must leave it to torch.ops (it went to the check, or to the C++ kernel's own parsing)."""
+    hidden, logits, _, _ = _inputs()
+    ids = torch.zeros(T, 1, dtype=torch.int32)
+    errors = []
+    for direct in (False, True):
+        with torch.no_grad(), mk.use_options(eager_direct=direct):
+            for call in (lambda: mk.grouped_permute(hidden, ids, bad),
+                         lambda: mk.grouped_dispatch(hidden, logits, bad)):
+                with pytest.raises(Exception) as error:
+                    call()
+                errors.append((type(error.value), str(error.value)))
+    assert errors[:2] == errors[2:] and "moge::grouped_permute()" in errors[0][1]
+
+
+@pytest.mark.parametrize("context", ["autocast", "inference_tensors"])
+def test_autocast_and_inference_tensors_same_as_torch_ops(monkeypatch, context):
+    """torch.autocast (no autocast kernel: the dispatcher falls through to the same kernel, which runs
+    under autocast either way) and inference tensors used outside inference_mode with grad on: direct,
+    and the same outputs (values, dtypes, inference-ness) as through torch.ops."""
+    if context == "inference_tensors":
+        with torch.inference_mode():
+            inputs = tuple(t.clone() for t in _inputs())
+        guard = torch.enable_grad
+    else:
+        inputs = _inputs()
+        guard = lambda: torch.autocast("cpu", dtype=torch.bfloat16)   # noqa: E731
+    with guard():
+        with mk.use_options(eager_direct=False):
+            want = _layer_ops(*inputs)
+        counts = _Counts(monkeypatch)
+        got = _layer_ops(*inputs)
+    assert counts.ops == [] and len(counts.direct) == 3
+    _equal(got, want)
+    assert [t.is_inference() for t in got] == [t.is_inference() for t in want]
+
+
+def test_cached_check_never_passes_what_the_full_check_rejects(monkeypatch):
+    """Random calls (views with other strides and storage offsets, None or a tensor, bools for ints, bad
+    score_func names, wrong dtypes and shapes) through the signature cache as on GPUs: each call's
+    outcome (error, or the converted arguments) is the full check's."""
+    import random
+    monkeypatch.setattr(checks, "_should_check_values", lambda t: checks.validate_values())   # as on GPUs
+    monkeypatch.setattr(ops, "_checked", {})
+    rng = random.Random(0)
+    pick = rng.choice
+
+    def tensor(shape, dtype=torch.float32):
+        base = torch.zeros([s + pick((0, 2)) for s in shape], dtype=dtype)
+        view = base[tuple(slice(o, o + s) for s, o in zip(shape, (pick((0, 1)) for _ in shape)))]
+        return view.t() if view.dim() == 2 and pick((False, True)) and shape[0] == shape[1] else view
+
+    def outcome(fn):
+        try:
+            result = fn()
+        except (TypeError, ValueError) as error:
+            return type(error), str(error)
+        return None if result is None else tuple(id(a) if isinstance(a, torch.Tensor) else a for a in result)
+    for _ in range(1500):
+        e, t, h, i, k = pick((4, 8)), pick((0, 1, 3)), pick((8, 16)), pick((4, 8)), pick((1, 2))
+        dt = pick((torch.float32, torch.float16, torch.float64))
+        op = pick(("grouped_dispatch", "grouped_permute", "grouped_mlp", "grouped_combine", "moge_forward"))
+        x = tensor((t, h), dt)
+        if op == "grouped_dispatch":
+            logits = tensor((t, pick((e, e + 1))), pick((dt, torch.float32)))
+            scale = pick((None, tensor((e,)), tensor((e + 1,))))
+            mask = pick((None, tensor((e,), torch.bool), tensor((e,))))
+            args = (x, logits, pick((1, 2, 3, True)), pick((1, 2, 5, True)), scale, pick((False, True)),
+                    pick(("softmax", "sigmoid", "tanh")), mask)
+        elif op == "grouped_permute":
+            ids = tensor((pick((t, t + 1)), k), pick((torch.int32, torch.int64, torch.float32)))
+            args = (x, ids, pick((e, 0, True)))
+        elif op == "grouped_mlp":
+            w_gate_up = tensor((e, pick((2 * i, 2 * i + 1)), h), dt)
+            offsets = tensor((pick((e + 1, e)),), pick((torch.int32, torch.int64)))
+            args = (x, w_gate_up, tensor((e, h, pick((i, i + 1))), dt), offsets,
+                    pick((None, tensor((t,)), tensor((t + 1,)))))
+        elif op == "grouped_combine":
+            expert_out = tensor((pick((t * k, t * k + 1)), h), dt)
+            shared_out = pick((None, tensor((t, h), dt), tensor((t, h + 1), dt)))
+            args = (expert_out, tensor((t, k), pick((torch.float32, dt))),
+                    tensor((t, k), pick((torch.int32, torch.int64))), shared_out)
+        else:
+            shared = pick((None, tensor((2 * i, h), dt)))
+            args = (x, tensor((t, pick((e, e + 1)))), tensor((e, 2 * i, h), dt),
+                    tensor((e, h, i), pick((dt, torch.float32))), shared,
+                    pick((None, shared, tensor((h, i), dt))))
+        check = checks.check_layer_weights if op == "moge_forward" else ops.ARG_CHECKS[op]
+        assert outcome(lambda: ops.cached_check(op, check, args)) == outcome(lambda: check(*args)), (op, args)
+    assert 0 < len(ops._checked) <= ops.MAX_CHECKED
