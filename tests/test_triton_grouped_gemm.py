@@ -178,6 +178,22 @@ def test_tma_descriptors_from_the_plan_templates(swiglu, pack):
         assert b2.shape == b1.shape and b2.stride() == b1.stride()
 
 
+@pytest.mark.skipif(triton_gg.TensorDescriptor is None, reason="Triton without host TMA descriptors")
+def test_tma_weight_view_copied_to_unaligned_rows():
+    """w = W[:, :N, :K] of a wider W: its row stride is aligned but its experts do not merge into one
+    [E*N, K] view, so the descriptor is made over a copy whose rows are K wide (40 bytes here): that
+    copy's stride decides TMA (pointer loads here), not w.stride(1) (was an AssertionError in
+    TensorDescriptor)."""
+    M, K, E, N = 32, 20, 2, 16
+    x = _randn(M, 32, dtype=torch.float16, seed=1)[:, :K]          # row stride 64 bytes: aligned
+    w = _randn(E, 2 * N, 32, dtype=torch.float16, seed=2)[:, :N, :K]
+    offs = torch.tensor([0, 10, M], dtype=torch.int32, device=DEVICE)
+    out = torch.empty(M, N, dtype=torch.float16, device=DEVICE)
+    triton_gg.launch_grouped_gemm(x, w, offs, out, swiglu=False, config=C(16, 16, 16, 4, 1, tma=True))
+    _check(out, reference.grouped_gemm(x, w, offs), reference.grouped_gemm(x.double(), w.double(), offs),
+           "unaligned weight copy")
+
+
 @pytest.mark.parametrize("cfg", PATH_CONFIGS, ids=str)
 @pytest.mark.parametrize("swiglu", [False, True], ids=["plain", "swiglu"])
 def test_kernel_paths(cfg, swiglu):

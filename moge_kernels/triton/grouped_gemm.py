@@ -330,7 +330,15 @@ def _tma_device(device: torch.device) -> bool:
 def _tma_aligned(x: torch.Tensor, w: torch.Tensor) -> bool:
     """TMA's 16-byte aligned bases and row strides (x [M, K], w [E, N, K] or packed)."""
     es = x.element_size()
-    return (x.stride(0) * es % 16 == 0 and w.stride(1) * es % 16 == 0
+    w_row_stride = w.stride(1)
+    if w.dim() == 3 and not w.is_contiguous():
+        # the descriptor's rows are _weight_view's [E*N, K]: a view where the experts merge, else a copy
+        # of K-wide rows (w[:, :N, :K] of a wider tensor), whose stride is K, not w.stride(1)
+        try:
+            w_row_stride = w.view(-1, w.shape[2]).stride(0)
+        except RuntimeError:
+            w_row_stride = w.shape[2]
+    return (x.stride(0) * es % 16 == 0 and w_row_stride * es % 16 == 0
             and x.data_ptr() % 16 == 0 and w.data_ptr() % 16 == 0)
 
 
