@@ -80,8 +80,14 @@ def bench_pruned_layer(timer, Ts, rounds, per_round, device):
     # whichever is longer (both measured now). Pruning halves the weights but not the FLOPs: every token
     # still runs K experts, so where FLOPs bound the layer the pruned floor is not half the full one.
     copy_bps, mm_flops = measure_ceilings(device, torch.bfloat16)
-    weight_bytes = lambda layer: (layer.w_gate_up.numel() + layer.w_down.numel()) * 2     # noqa: E731
-    print(f"floors: max(expert weights / copy {copy_bps / 1e9:.0f} GB/s, expert FLOPs / bf16 mm "
+    def weight_bytes(layer, x):
+        """Bytes of the experts this batch routes to (an expert no token picks is never read)."""
+        with torch.no_grad():
+            offsets = mk.grouped_dispatch(x[:, :0], layer.gate(x), G, K_G, layer.router_scale)[3]
+        active = int((offsets[1:] > offsets[:-1]).sum())
+        per_expert = (layer.w_gate_up[0].numel() + layer.w_down[0].numel()) * 2
+        return active * per_expert
+    print(f"floors: max(routed experts' weights / copy {copy_bps / 1e9:.0f} GB/s, expert FLOPs / bf16 mm "
           f"{mm_flops / 1e12:.0f} TFLOP/s), measured in this run")
     print(f"{'T':>6s} {'full ms':>9s} {'pruned ms':>10s} {'pruned/full':>12s} {'full floor':>11s} "
           f"{'pruned floor':>13s} {'floor ratio':>12s} {'full/floor':>11s} {'pruned/floor':>13s}")
@@ -93,7 +99,7 @@ def bench_pruned_layer(timer, Ts, rounds, per_round, device):
         t_full, t_pruned = paired_medians(timer, run_full, run_pruned, rounds, per_round)
         ratio = t_pruned / t_full
         flops = 2 * T * K_G * G * 3 * H * I                      # gate_up (2I x H) + down (H x I) per row
-        floor_full, floor_pruned = (max(weight_bytes(layer) / copy_bps, flops / mm_flops) * 1e3
+        floor_full, floor_pruned = (max(weight_bytes(layer, x) / copy_bps, flops / mm_flops) * 1e3
                                     for layer in (full, pruned))
         goal = f"  goal <= 0.55: {'ok' if ratio <= 0.55 else 'MISSED'}" if T == 1024 else ""
         print(f"{T:6d} {t_full:9.4f} {t_pruned:10.4f} {ratio:12.3f} {floor_full:11.4f} {floor_pruned:13.4f} "
