@@ -175,6 +175,12 @@ def _make_device_kernel(op_name):
             args = list(args)
             for i in weight_args:
                 args[i] = packing.unpack(args[i])
+        first = args[0]                                  # every op's first argument is a tensor
+        if first.is_cuda and first.get_device() != torch.cuda.current_device():
+            # Triton launches on the current device's stream: a layer placed on another GPU (e.g.
+            # transformers' device_map="auto") runs there only with that GPU made current
+            with torch.cuda.device(first.device):
+                return kernel.fn(*args)
         return kernel.fn(*args)
 
     device_kernel.__name__ = f"{op_name}_device_kernel"

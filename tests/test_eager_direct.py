@@ -370,3 +370,16 @@ def test_cached_check_never_passes_what_the_full_check_rejects(monkeypatch):
         check = checks.check_layer_weights if op == "moge_forward" else ops.ARG_CHECKS[op]
         assert outcome(lambda: ops.cached_check(op, check, args)) == outcome(lambda: check(*args)), (op, args)
     assert 0 < len(ops._checked) <= ops.MAX_CHECKED
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_ops_on_a_gpu_that_is_not_current():
+    """A layer on cuda:1 while cuda:0 is current (device_map="auto"): same results as with cuda:1 current."""
+    hidden, logits, w_gate_up, w_down = (t.to("cuda:1", torch.bfloat16) for t in _inputs())
+    logits = logits.float()
+    with torch.cuda.device(1):
+        want = mk.moge_forward(hidden, logits, w_gate_up, w_down, G)
+    with torch.cuda.device(0):
+        got = mk.moge_forward(hidden, logits, w_gate_up, w_down, G)
+    assert got.device == hidden.device
+    assert torch.equal(got, want)
