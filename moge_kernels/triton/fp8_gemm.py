@@ -73,15 +73,39 @@ def _round_e4m3(v):
 
 
 @triton.jit
-def _quantize_tile(v, BM: tl.constexpr, EXPLICIT_ROUND: tl.constexpr):
-    """v [BM, G] fp32 (zeros outside the tensor) -> (e4m3 [BM, G], scale [BM]): fp8.py's rule."""
-    amax = tl.maximum(tl.max(tl.abs(v), 1), 1e-12)
-    scale = tl.math.div_rn(amax, tl.full([BM], 448.0, tl.float32))
-    inv = tl.math.div_rn(tl.full([BM], 448.0, tl.float32), amax)
+def _scales(amax, BM: tl.constexpr):
+    """(scale, 1 / scale) [BM] of rows whose largest |value| is amax [BM]: fp8.py's rule."""
+    amax = tl.maximum(amax, 1e-12)
+    return (tl.math.div_rn(amax, tl.full([BM], 448.0, tl.float32)),
+            tl.math.div_rn(tl.full([BM], 448.0, tl.float32), amax))
+
+
+@triton.jit
+def _to_e4m3(v, inv, EXPLICIT_ROUND: tl.constexpr):
+    """v [BM, G] fp32 times its rows' 1 / scale, saturated and rounded to e4m3."""
     q = tl.clamp(v * inv[:, None], -448.0, 448.0, propagate_nan=tl.PropagateNan.ALL)
     if EXPLICIT_ROUND:
         q = _round_e4m3(q)
-    return q.to(tl.float8e4nv), scale
+    return q.to(tl.float8e4nv)
+
+
+@triton.jit
+def _row_amax(x_ptr, rows64, row_ok, stride, K, BM: tl.constexpr, G: tl.constexpr):
+    """Largest |value| [BM] of whole rows of x [*, K] (ONE_GROUP: one scale per row), in chunks of G."""
+    offs = tl.arange(0, G)
+    amax = tl.zeros([BM], dtype=tl.float32)
+    for k0 in range(0, K, G):
+        ok = row_ok[:, None] & (k0 + offs < K)[None, :]
+        v = tl.load(x_ptr + rows64[:, None] * stride + (k0 + offs)[None, :], mask=ok, other=0.0)
+        amax = tl.maximum(amax, tl.max(tl.abs(v.to(tl.float32)), 1))
+    return amax
+
+
+@triton.jit
+def _quantize_tile(v, BM: tl.constexpr, EXPLICIT_ROUND: tl.constexpr):
+    """v [BM, G] fp32 (zeros outside the tensor) -> (e4m3 [BM, G], scale [BM]): fp8.py's rule."""
+    scale, inv = _scales(tl.max(tl.abs(v), 1), BM)
+    return _to_e4m3(v, inv, EXPLICIT_ROUND), scale
 
 
 @triton.jit
@@ -105,22 +129,12 @@ def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, strid
     rows64 = rows.to(tl.int64)
     offs = tl.arange(0, G)
     if ONE_GROUP:
-        amax = tl.zeros([BM], dtype=tl.float32)
+        scale, inv = _scales(_row_amax(x_ptr, rows64, row_ok, stride_xm, K, BM, G), BM)
         for k0 in range(0, K, G):
             ok = row_ok[:, None] & (k0 + offs < K)[None, :]
             v = tl.load(x_ptr + rows64[:, None] * stride_xm + (k0 + offs)[None, :], mask=ok, other=0.0)
-            amax = tl.maximum(amax, tl.max(tl.abs(v.to(tl.float32)), 1))
-        amax = tl.maximum(amax, 1e-12)
-        scale = tl.math.div_rn(amax, tl.full([BM], 448.0, tl.float32))
-        inv = tl.math.div_rn(tl.full([BM], 448.0, tl.float32), amax)
-        for k0 in range(0, K, G):
-            ok = row_ok[:, None] & (k0 + offs < K)[None, :]
-            v = tl.load(x_ptr + rows64[:, None] * stride_xm + (k0 + offs)[None, :], mask=ok, other=0.0)
-            q = tl.clamp(v.to(tl.float32) * inv[:, None], -448.0, 448.0, propagate_nan=tl.PropagateNan.ALL)
-            if EXPLICIT_ROUND:
-                q = _round_e4m3(q)
-            tl.store(q_ptr + rows64[:, None] * stride_qm + (k0 + offs)[None, :], q.to(tl.float8e4nv),
-                     mask=ok)
+            tl.store(q_ptr + rows64[:, None] * stride_qm + (k0 + offs)[None, :],
+                     _to_e4m3(v.to(tl.float32), inv, EXPLICIT_ROUND), mask=ok)
         tl.store(s_ptr + rows64 * stride_sm, scale, mask=row_ok)
     else:
         cols = tl.program_id(1) * G + offs
@@ -164,22 +178,13 @@ def _permute_fp8_kernel(x_ptr, row_index_ptr, offsets_ptr, q_ptr, s_ptr, T, H, E
     offs = tl.arange(0, G)
     kept_end = tl.load(offsets_ptr + E)          # rows >= expert_offsets[E]: dropped slots
     if ONE_GROUP:
-        amax = tl.zeros([BT], dtype=tl.float32)
-        for k0 in range(0, H, G):
-            ok = t_ok[:, None] & (k0 + offs < H)[None, :]
-            v = tl.load(x_ptr + tok64[:, None] * stride_xt + (k0 + offs)[None, :], mask=ok, other=0.0)
-            amax = tl.maximum(amax, tl.max(tl.abs(v.to(tl.float32)), 1))
-        amax = tl.maximum(amax, 1e-12)
-        scale = tl.math.div_rn(amax, tl.full([BT], 448.0, tl.float32))
-        inv = tl.math.div_rn(tl.full([BT], 448.0, tl.float32), amax)
+        scale, inv = _scales(_row_amax(x_ptr, tok64, t_ok, stride_xt, H, BT, G), BT)
         for k0 in range(0, H, G):
             cols = k0 + offs
             ok = t_ok[:, None] & (cols < H)[None, :]
             v = tl.load(x_ptr + tok64[:, None] * stride_xt + cols[None, :], mask=ok, other=0.0)
-            q = tl.clamp(v.to(tl.float32) * inv[:, None], -448.0, 448.0, propagate_nan=tl.PropagateNan.ALL)
-            if EXPLICIT_ROUND:
-                q = _round_e4m3(q)
-            _scatter_rows(q_ptr, s_ptr, q.to(tl.float8e4nv), None, row_index_ptr, tok, t_ok, cols,
+            q = _to_e4m3(v.to(tl.float32), inv, EXPLICIT_ROUND)
+            _scatter_rows(q_ptr, s_ptr, q, None, row_index_ptr, tok, t_ok, cols,
                           cols < H, kept_end, 0, stride_qm, stride_sm, stride_sk, K, BT)
         _scatter_rows(q_ptr, s_ptr, None, scale, row_index_ptr, tok, t_ok, offs, offs < 0, kept_end, 0,
                       stride_qm, stride_sm, stride_sk, K, BT)
