@@ -346,6 +346,59 @@ def gpu(args):
     return 0
 
 
+def gaps(args):
+    """Where eager time goes at small T: for each op, do_bench with the L2 flush (the issue's figure),
+    back-to-back calls without a flush (events around 200 calls: what a decode loop sees), the host time
+    per call in that loop, the graph replay, and the GPU kernels of flushed eager calls (torch.profiler,
+    CUDA activity: how long each kernel runs cold)."""
+    import torch
+    import triton.testing as tt
+    import moge_kernels as mk
+    from torch.profiler import ProfilerActivity, profile
+
+    mk.set_backend(args.backend)
+    dtype = getattr(torch, args.dtype)
+    flush = torch.empty(64 * 2 ** 20, dtype=torch.int32, device="cuda")
+    print(f"{torch.cuda.get_device_name()} | {dtype}; ms: do_bench (L2 flushed), loop (200 calls back to "
+          "back, no flush), host (perf_counter per call in that loop), graph (do_bench_cudagraph)")
+    for name in [s.strip() for s in args.shapes.split(",")]:
+        for T in [int(t) for t in args.tokens.split(",")]:
+            calls = _pipelines(SHAPES[name], T, dtype)
+            for op in ("dispatch", "mlp", "combine", "layer"):
+                fn = calls[op]
+                for _ in range(20):
+                    fn()
+                torch.cuda.synchronize()
+                eager = tt.do_bench(fn, warmup=25, rep=args.rep_ms, return_mode="median")
+                graph = tt.do_bench_cudagraph(fn, rep=args.rep_ms, return_mode="median")
+                loops, hosts = [], []
+                for _ in range(5):
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    torch.cuda.synchronize()
+                    start.record()
+                    t0 = time.perf_counter()
+                    for _ in range(200):
+                        fn()
+                    hosts.append((time.perf_counter() - t0) / 200 * 1e3)
+                    end.record()
+                    torch.cuda.synchronize()
+                    loops.append(start.elapsed_time(end) / 200)
+                print(f"{name:<10} T={T:<5} {op:<9} do_bench {eager:.4f}  loop {statistics.median(loops):.4f}"
+                      f"  host {statistics.median(hosts):.4f}  graph {graph:.4f}", flush=True)
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    for _ in range(20):
+                        flush.zero_()
+                        fn()
+                    torch.cuda.synchronize()
+                rows = [(e.key, e.device_time_total / e.count, e.count) for e in prof.key_averages()
+                        if e.device_time_total > 0 and "fill" not in e.key.lower()]
+                for key, us, count in sorted(rows, key=lambda r: -r[1])[:6]:
+                    print(f"      cold kernel {us:8.1f} us x{count / 20:.0f}  {key[:90]}")
+            del calls
+            torch.cuda.empty_cache()
+    return 0
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--simulate", action="store_true", help="no GPU: host time of the launchers, no-op launches")
@@ -355,10 +408,11 @@ def main(argv=None):
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--rep-ms", type=int, default=200, help="do_bench rep (ms) per measurement")
     ap.add_argument("--no-profile", dest="profile", action="store_false")
+    ap.add_argument("--gaps", action="store_true", help="GPU: eager time split into host, loop, cold kernels")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--inner", type=int, default=200)
     args = ap.parse_args(argv)
-    return simulate(args) if args.simulate else gpu(args)
+    return simulate(args) if args.simulate else gaps(args) if args.gaps else gpu(args)
 
 
 if __name__ == "__main__":

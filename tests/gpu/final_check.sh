@@ -5,6 +5,7 @@
 #   suite       the whole test suite on the GPU (-n 12, verbose log: FAILED lines even if cut short)
 #   permute     bench_permute at T 4096/16384 with the candidate tilings and a per-launch profile
 #   host        host cost per call, eager vs graph (issue 17's table), pangu and qwen3_30b
+#   gaps        eager time at T=1/16 split into host, back-to-back loop and cold kernels (issue 17)
 #   subsets     masked vs unmasked dispatch, pruned vs full layer (issue 20)
 #   before      op times against 3b6eff9 in interleaved rounds (issue 16's no-regression check)
 #   transformers  transformers experts, moge vs grouped_mm/batched_mm/eager, forward (issue 18)
@@ -28,7 +29,7 @@ for step in ${STEPS:-probe suite}; do
   stamp "$step"
   case $step in
     probe) timeout 100 bash tests/gpu/probe_cpp_errors.sh 2>&1 | tee "$OUT/probe.log" | grep -E "^\[|^#" ;;
-    suite) timeout ${SUITE_S:-300} python3 -m pytest -v -p no:cacheprovider -n 12 tests 2>&1 | quiet > "$OUT/suite.log"
+    suite) timeout ${SUITE_S:-300} python3 -m pytest -v -p no:cacheprovider -n ${SUITE_N:-12} tests 2>&1 | quiet > "$OUT/suite.log"
            echo "suite exit ${PIPESTATUS[0]}"; grep -E "FAILED|ERROR|node down| passed| failed" "$OUT/suite.log" | tail -25 ;;
     permute) timeout 90 python3 bench/bench_permute.py --tokens 4096,16384 --variants all --profile 2>&1 | quiet \
            | tee "$OUT/permute.log" | tail -40 ;;
@@ -36,6 +37,8 @@ for step in ${STEPS:-probe suite}; do
            --rep-ms 100 2>&1 | quiet | tee "$OUT/host.log" | tail -60
           timeout 50 python3 bench/host_overhead.py --shapes pangu --tokens 4096 --rep-ms 50 2>&1 | quiet \
            > "$OUT/host_profile.log"; tail -40 "$OUT/host_profile.log" ;;
+    gaps) timeout 120 python3 bench/host_overhead.py --gaps --shapes pangu,qwen3_30b --tokens 1,16 --rep-ms 50 2>&1 \
+           | quiet | tee "$OUT/gaps.log" | tail -80 ;;
     subsets) timeout 70 python3 bench/bench_subsets.py --T 1,1024,4096 --layer-T 1,128,1024,4096 --rounds 4 2>&1 \
            | quiet | tee "$OUT/subsets.log" | tail -24 ;;
     before) timeout 220 python3 bench/before_after.py --base 3b6eff9 --T 1,16,128,1024,4096,16384 --rounds ${ROUNDS:-3} 2>&1 \
