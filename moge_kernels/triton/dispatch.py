@@ -85,13 +85,14 @@ _SIGMOID = tl.constexpr(int(ScoreFunc.SIGMOID))
 
 # ----------------------------------------------------------------------------------------- routing
 @triton.jit
-def _route_tile(logits_ptr, scale_ptr, mask_ptr, t3, T, stride_lt, stride_le,
+def _route_tile(logits_ptr, scale_ptr, mask_ptr, use_mask, t3, T, stride_lt, stride_le,
                 E: tl.constexpr, S: tl.constexpr, G: tl.constexpr, K_G: tl.constexpr,
                 G_PAD: tl.constexpr, S_PAD: tl.constexpr, KG_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
                 SCORE_FUNC: tl.constexpr, RENORMALIZE: tl.constexpr, HAS_SCALE: tl.constexpr,
-                HAS_MASK: tl.constexpr, PRECISE: tl.constexpr):
+                PRECISE: tl.constexpr):
     """Routing of tokens t3 ([BLOCK_T, 1, 1]): softmax/sigmoid over E in fp32, top-k_g per group
-    (among the kept experts of the expert_mask at mask_ptr when HAS_MASK), renormalise, expert_scale. Returns expert_id and pick_w ([BLOCK_T, G_PAD, KG_PAD]: global id and
+    (among the kept experts of the expert_mask at mask_ptr when use_mask != 0), renormalise, expert_scale.
+    Returns expert_id and pick_w ([BLOCK_T, G_PAD, KG_PAD]: global id and
     weight of pick j of group g), pick_s (its expert within the group), taken ([BLOCK_T, G_PAD, S_PAD]:
     1 where a real token picked expert s of group g) and slot_ok (the real picks)."""
     g3 = tl.arange(0, G_PAD)[None, :, None]                          # [1, G_PAD, 1] group
@@ -125,20 +126,22 @@ def _route_tile(logits_ptr, scale_ptr, mask_ptr, t3, T, stride_lt, stride_le,
                                 "(a reference.ScoreFunc value)")
     # NaN ranks below every number (reference.route); the pick still carries its NaN weight.
     key = tl.where(scores == scores, scores, float("-inf"))
-    if HAS_MASK:   # the mask's values are data (a pointer), never a specialisation
-        kept = tl.load(mask_ptr + g3 * S + s3, mask=expert_ok, other=0) != 0        # [1, G_PAD, S_PAD]
+    # The mask is data and its use a runtime flag, never a specialisation: a call without a mask runs the
+    # same binary as one with every expert kept (its load predicated off), so the two agree bit for bit
+    # (two compilations may order the float sums above differently).
+    mask_on = (s3 * 0 + use_mask) != 0                                                       # [1, 1, S_PAD]
+    kept = tl.load(mask_ptr + g3 * S + s3, mask=expert_ok & mask_on, other=1) != 0       # [1, G_PAD, S_PAD]
+    kept_count = tl.sum(tl.where(expert_ok & kept, 1, 0), axis=2)[:, :, None]             # [1, G_PAD, 1]
 
     # Top-k_g per group by k_g rounds of arg-max; ties (NaN ties too) go to the lower expert index.
     taken = tl.zeros([BLOCK_T, G_PAD, S_PAD], dtype=tl.int32)
     pick_s = tl.zeros([BLOCK_T, G_PAD, KG_PAD], dtype=tl.int32)      # expert within group of pick j
     pick_w = tl.zeros([BLOCK_T, G_PAD, KG_PAD], dtype=tl.float32)
     for j in tl.static_range(K_G):
-        cand = expert_ok & (taken == 0)
-        if HAS_MASK:
-            # Kept experts first; a group's masked ones only once it has no kept one left (fewer than k_g
-            # kept, which the checks reject): every id stays a distinct expert of its group.
-            kept_left = tl.sum(tl.where(cand & kept, 1, 0), axis=2)[:, :, None]
-            cand = cand & (kept | (kept_left == 0))
+        # Kept experts first (the j picks so far are kept while kept_count > j); a group's masked ones
+        # only once it has no kept one left (fewer than k_g kept, which the checks reject): every id
+        # stays a distinct expert of its group.
+        cand = expert_ok & (taken == 0) & (kept | (kept_count <= j))
         cand_key = tl.where(cand, key, float("-inf"))
         best = tl.max(cand_key, axis=2)[:, :, None]
         best_s = tl.min(tl.where(cand & (cand_key == best), s3, S_PAD), axis=2)[:, :, None]
@@ -172,20 +175,20 @@ def _at_picks(table, pick_s, BLOCK_T: tl.constexpr, G_PAD: tl.constexpr, S_PAD: 
 
 
 # ----------------------------------------------------------------------------------------- launch 1
-@triton.jit(do_not_specialize=["T"])
+@triton.jit(do_not_specialize=["T", "use_mask"])
 def _route_kernel(
     logits_ptr,          # [T, E] fp32/bf16/fp16 router logits, strides (stride_lt, stride_le)
     scale_ptr,           # [E] expert_scale, any float dtype; read only if HAS_SCALE
-    mask_ptr,            # [E] uint8 expert_mask (1 = may be chosen); read only if HAS_MASK
+    mask_ptr,            # [E] uint8 expert_mask (1 = may be chosen); read only if use_mask != 0
     topk_ids_ptr,        # [T, K] int32 out
     topk_weights_ptr,    # [T, K] fp32 out
     slot_rank_ptr,       # [T, K] int32 out
     block_base_ptr,      # [NB, E] int32 out: per-block expert counts
-    T, stride_lt, stride_le,
+    T, stride_lt, stride_le, use_mask,
     E: tl.constexpr, S: tl.constexpr, G: tl.constexpr, K_G: tl.constexpr, K: tl.constexpr,
     G_PAD: tl.constexpr, S_PAD: tl.constexpr, KG_PAD: tl.constexpr,
     BLOCK_T: tl.constexpr, SCORE_FUNC: tl.constexpr, RENORMALIZE: tl.constexpr, HAS_SCALE: tl.constexpr,
-    HAS_MASK: tl.constexpr, PRECISE: tl.constexpr,
+    PRECISE: tl.constexpr,
 ):
     """Grid (NB,): program b routes tokens [b*BLOCK_T, (b+1)*BLOCK_T)."""
     pid = tl.program_id(0)
@@ -193,8 +196,8 @@ def _route_kernel(
     g3 = tl.arange(0, G_PAD)[None, :, None]
     j3 = tl.arange(0, KG_PAD)[None, None, :]
     expert_id, pick_w, pick_s, taken, slot_ok = _route_tile(
-        logits_ptr, scale_ptr, mask_ptr, t3, T, stride_lt, stride_le, E, S, G, K_G, G_PAD, S_PAD, KG_PAD,
-        BLOCK_T, SCORE_FUNC, RENORMALIZE, HAS_SCALE, HAS_MASK, PRECISE)
+        logits_ptr, scale_ptr, mask_ptr, use_mask, t3, T, stride_lt, stride_le, E, S, G, K_G, G_PAD, S_PAD,
+        KG_PAD, BLOCK_T, SCORE_FUNC, RENORMALIZE, HAS_SCALE, PRECISE)
     slot = t3 * K + g3 * K_G + j3                                    # column g*k_g + j: group-major
     tl.store(topk_ids_ptr + slot, expert_id, mask=slot_ok)
     tl.store(topk_weights_ptr + slot, pick_w, mask=slot_ok)
@@ -210,22 +213,22 @@ def _route_kernel(
 
 
 # ------------------------------------------------------------------------------ launch 1 + 3, small T
-@triton.jit(do_not_specialize=["T"])
+@triton.jit(do_not_specialize=["T", "use_mask"])
 def _route_permute_kernel(
     logits_ptr,          # [T, E] router logits, strides (stride_lt, stride_le)
     scale_ptr,           # [E] expert_scale; read only if HAS_SCALE
-    mask_ptr,            # [E] uint8 expert_mask; read only if HAS_MASK
+    mask_ptr,            # [E] uint8 expert_mask; read only if use_mask != 0
     hidden_ptr,          # [T, H] row stride stride_ht, unit column stride
     topk_ids_ptr,        # [T, K] int32 out
     topk_weights_ptr,    # [T, K] fp32 out
     expert_offsets_ptr,  # [E+1] int32 out
     row_index_ptr,       # [T, K] int32 out
     permuted_ptr,        # [T*K, H] out, contiguous
-    T, H, stride_lt, stride_le, stride_ht,
+    T, H, stride_lt, stride_le, stride_ht, use_mask,
     E: tl.constexpr, S: tl.constexpr, G: tl.constexpr, K_G: tl.constexpr, K: tl.constexpr,
     G_PAD: tl.constexpr, S_PAD: tl.constexpr, KG_PAD: tl.constexpr,
     BLOCK_T: tl.constexpr, SCORE_FUNC: tl.constexpr, RENORMALIZE: tl.constexpr, HAS_SCALE: tl.constexpr,
-    HAS_MASK: tl.constexpr, PRECISE: tl.constexpr, BLOCK_H: tl.constexpr,
+    PRECISE: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     """Grid (cdiv(H, BLOCK_H),), all T <= BLOCK_T tokens in one routing tile: every program routes them
     all (a tile of a few hundred scores), so each knows every row's place, and copies its columns of
@@ -235,8 +238,8 @@ def _route_permute_kernel(
     g3 = tl.arange(0, G_PAD)[None, :, None]
     j3 = tl.arange(0, KG_PAD)[None, None, :]
     expert_id, pick_w, pick_s, taken, slot_ok = _route_tile(
-        logits_ptr, scale_ptr, mask_ptr, t3, T, stride_lt, stride_le, E, S, G, K_G, G_PAD, S_PAD, KG_PAD,
-        BLOCK_T, SCORE_FUNC, RENORMALIZE, HAS_SCALE, HAS_MASK, PRECISE)
+        logits_ptr, scale_ptr, mask_ptr, use_mask, t3, T, stride_lt, stride_le, E, S, G, K_G, G_PAD, S_PAD,
+        KG_PAD, BLOCK_T, SCORE_FUNC, RENORMALIZE, HAS_SCALE, PRECISE)
     counts = tl.sum(taken, axis=0)                                   # [G_PAD, S_PAD]
     g2 = tl.arange(0, G_PAD)[:, None]
     s2 = tl.arange(0, S_PAD)[None, :]
@@ -395,7 +398,7 @@ def _copy_config(T: int, H: int):
 
 
 _ROUTE_META = ("E", "S", "G", "K_G", "K", "G_PAD", "S_PAD", "KG_PAD", "BLOCK_T", "SCORE_FUNC", "RENORMALIZE",
-               "HAS_SCALE", "HAS_MASK", "PRECISE", "num_warps")
+               "HAS_SCALE", "PRECISE", "num_warps")
 _route = Kernel(_route_kernel, _ROUTE_META)
 _route_permute = Kernel(_route_permute_kernel, _ROUTE_META + ("BLOCK_H",))
 _scan = Kernel(_scan_kernel, ("E", "S", "G", "K_G", "S_PAD", "CHUNK_B", "num_warps"))
@@ -404,7 +407,7 @@ _permute = Kernel(_permute_kernel, ("E", "S", "G", "K_G", "K", "G_PAD", "S_PAD",
 
 
 @functools.lru_cache(maxsize=4096)
-def _plan(T, E, H, G, k_g, score_func, renormalize, has_scale, has_mask, route_block_t, copy_config, fused):
+def _plan(T, E, H, G, k_g, score_func, renormalize, has_scale, route_block_t, copy_config, fused):
     """The launches of one call: (route_permute meta, grid) for the one-launch path, else (route meta,
     num_blocks, scan meta or None, permute meta, permute grid). Pure function of the shapes and flags."""
     S, K = E // G, G * k_g
@@ -418,8 +421,8 @@ def _plan(T, E, H, G, k_g, score_func, renormalize, has_scale, has_mask, route_b
         # about 1024 elements a program (one 16-byte vector a thread at 4 warps), at least 128 columns
         block_h = min(_pow2(H), 1024) if _INTERPRET else min(_pow2(H), max(128, 1024 // block_t))
         num_warps = max(1, min(4, block_t * block_h // 256))
-        meta = (E, S, G, k_g, K, g_pad, s_pad, kg_pad, block_t, score_func, renormalize, has_scale, has_mask,
-                precise, num_warps, block_h)
+        meta = (E, S, G, k_g, K, g_pad, s_pad, kg_pad, block_t, score_func, renormalize, has_scale, precise,
+                num_warps, block_h)
         return meta, (max(1, triton.cdiv(H, block_h)),)
     if route_block_t is None:
         route_block_t = max(1, ROUTE_BLOCK_ELEMS // (g_pad * s_pad))
@@ -428,7 +431,7 @@ def _plan(T, E, H, G, k_g, score_func, renormalize, has_scale, has_mask, route_b
     num_blocks = triton.cdiv(T, route_block_t)
     fused_scan = num_blocks <= FUSED_SCAN_MAX_BLOCKS
     route_meta = (E, S, G, k_g, K, g_pad, s_pad, kg_pad, route_block_t, score_func, renormalize, has_scale,
-                  has_mask, precise, 8 if route_block_t * g_pad * s_pad >= 8192 else 4)
+                  precise, 8 if route_block_t * g_pad * s_pad >= 8192 else 4)
     scan_meta = None if fused_scan else \
         (E, S, G, k_g, s_pad, min(_pow2(num_blocks), max(1, SCAN_TILE_ELEMS // s_pad)), 4)
     block_t, block_h, num_warps = copy_config or _copy_config(T, H)
@@ -467,17 +470,23 @@ def grouped_dispatch(hidden, router_logits, num_groups, topk_per_group=1, expert
     has_scale = expert_scale is not None
     if has_scale and not expert_scale.is_contiguous():
         expert_scale = expert_scale.contiguous()
-    has_mask = expert_mask is not None
     plan = _plan(T, E, H, num_groups, topk_per_group, int(score_func), bool(renormalize), has_scale,
-                 has_mask, route_block_t, copy_config, fused)
+                 route_block_t, copy_config, fused)
     scale = expert_scale if has_scale else router_logits
-    # the mask's bytes as uint8 (a view, no copy), which Triton loads; absent, any pointer (never read)
-    mask = expert_mask.contiguous().view(torch.uint8) if has_mask else router_logits
+    # The mask's bytes as uint8 (a view, no copy). Absent, any aligned uint8 tensor: the kernel never reads
+    # it, and a uint8 pointer aligned like a mask's picks the same compiled kernel as a mask does.
+    use_mask = int(expert_mask is not None)
+    if use_mask:
+        mask = expert_mask.contiguous().view(torch.uint8)
+        if mask.data_ptr() % 16:
+            mask = mask.clone()
+    else:
+        mask = topk_ids.view(torch.uint8)
     if len(plan) == 2:
         meta, grid = plan
         _route_permute.launch(grid, (
             router_logits, scale, mask, hidden, topk_ids, topk_weights, expert_offsets, row_index, permuted,
-            T, H, router_logits.stride(0), router_logits.stride(1), hidden.stride(0)), meta)
+            T, H, router_logits.stride(0), router_logits.stride(1), hidden.stride(0), use_mask), meta)
         return permuted, topk_weights, topk_ids, expert_offsets, row_index
 
     route_meta, num_blocks, scan_meta, permute_meta, grid = plan
@@ -485,7 +494,7 @@ def grouped_dispatch(hidden, router_logits, num_groups, topk_per_group=1, expert
     slot_rank = scratch[:T * K]                                              # [T, K] int32
     block_base = scratch[T * K:]                                             # [NB, E] int32
     _route.launch((num_blocks,), (router_logits, scale, mask, topk_ids, topk_weights, slot_rank,
-                                  block_base, T, router_logits.stride(0), router_logits.stride(1)),
+                                  block_base, T, router_logits.stride(0), router_logits.stride(1), use_mask),
                   route_meta)
     if scan_meta is not None:
         _scan.launch((num_groups,), (block_base, expert_offsets, T, num_blocks), scan_meta)
