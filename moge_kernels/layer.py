@@ -61,6 +61,10 @@ class MoGELayer(nn.Module):
     faster at decode sizes; unpack_weights_() switches back (checkpoints load into the unpacked layout).
     """
 
+    # (block_n, block_k) of the FP8 expert weights after quantize_ (fp8.py sets it), None before: a class
+    # default, so that reading it is an attribute lookup, not nn.Module.__getattr__'s AttributeError
+    _fp8_blocks: Optional[tuple] = None
+
     def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, num_groups: int,
                  topk_per_group: int = 1, shared_intermediate_size: int = 0,
                  renormalize: bool = False, score_func: str = "softmax", aux_loss_coef: float = 1e-3,
@@ -162,21 +166,22 @@ class MoGELayer(nn.Module):
     # ------------------------------------------------------------------------- forward
     def experts(self, permuted: Tensor, expert_offsets: Tensor) -> Tensor:
         """Expert SwiGLU MLPs over expert-sorted rows: [T*K, H] -> [T*K, H]."""
-        return self._run_experts(permuted, *self._expert_weights(), expert_offsets)
+        return ops.run_experts(ops.grouped_mlp, self._grad_experts(), permuted, *self._expert_weights(),
+                               expert_offsets)
 
     def _expert_weights(self):
         """(w_gate_up, w_down) as the ops take them: the parameters, or the FP8 weights after quantize_."""
         return fp8.layer_weights(self) or (self.w_gate_up, self.w_down)
 
-    def _run_experts(self, permuted: Tensor, w_gate_up, w_down, expert_offsets: Tensor) -> Tensor:
-        # grouped_mlp's signature: ops.compose_layer calls it in place of grouped_mlp
+    def _grad_experts(self):
+        """The experts where autograd records them (ops.run_experts), or None: the fused grouped_mlp then
+        (recompute=True, and FP8 weights, which are inference only)."""
+        return None if self.recompute or self._fp8_blocks is not None else self._saving_experts
+
+    @staticmethod
+    def _saving_experts(permuted: Tensor, w_gate_up, w_down, expert_offsets: Tensor) -> Tensor:
+        # grouped_mlp's signature; keeps gate_up and h for the backward (moge_kernels/autograd.py)
         moge = torch.ops.moge
-        if isinstance(w_gate_up, fp8.QuantizedExpertWeights):        # inference only
-            return ops.grouped_mlp(permuted, w_gate_up, w_down, expert_offsets)
-        records_grad = torch.is_grad_enabled() and (
-            permuted.requires_grad or w_gate_up.requires_grad or w_down.requires_grad)
-        if self.recompute or not records_grad:     # (ops.grouped_mlp: the eager direct call when no grad)
-            return ops.grouped_mlp(permuted, w_gate_up, w_down, expert_offsets)
         gate_up = moge.grouped_gemm(permuted, w_gate_up, expert_offsets)               # [T*K, 2I]
         return moge.grouped_gemm(moge.swiglu(gate_up), w_down, expert_offsets)
 
@@ -190,13 +195,14 @@ class MoGELayer(nn.Module):
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, self.hidden_size)
         router_logits = self.gate(x)                                                    # [T, E]
-        blocks = getattr(self, "_fp8_blocks", None)
+        blocks = self._fp8_blocks
         # FP8 experts: the dispatch writes the permuted rows in e4m3 already (no bf16 round trip)
         layer_ops = ops.MOGE_OPS if blocks is None else fp8.layer_ops(blocks[1])
         out, expert_offsets = ops.compose_layer(
             x, router_logits, *self._expert_weights(), self.num_groups, self.topk_per_group,
             self.router_scale, self.renormalize, self.score_func, self.shared_w_gate_up,
-            self.shared_w_down, layer_ops=layer_ops, experts=self._run_experts, expert_mask=expert_mask)
+            self.shared_w_down, layer_ops=layer_ops, grad_experts=self._grad_experts(),
+            expert_mask=expert_mask)
         aux = None
         if self.training or return_aux_loss:
             aux = self.load_balancing_loss(router_logits, expert_offsets)

@@ -141,13 +141,24 @@ def cached_check(name: str, check: Callable, args):
             return converted
     checked = check(*args)
     if key is not None:
-        conversions = () if checked is None else \
-            tuple((i, c) for i, (a, c) in enumerate(zip(args, checked)) if c is not a)
-        if not any(isinstance(c, Tensor) for _, c in conversions):   # (a converted tensor is per call)
-            if len(_checked) >= MAX_CHECKED:
-                _checked.clear()
-            _checked[key] = conversions
+        conversions = _conversions(args, checked)
+        if conversions is not None:
+            _store(_checked, key, conversions)
     return checked
+
+
+def _conversions(args, checked) -> Optional[tuple]:
+    """What a check's result `checked` changed in `args`, as (position, value) pairs, or None where it
+    converted a tensor (a converted tensor is per call: nothing to cache)."""
+    conversions = () if checked is None else \
+        tuple((i, c) for i, (a, c) in enumerate(zip(args, checked)) if c is not a)
+    return None if any(isinstance(c, Tensor) for _, c in conversions) else conversions
+
+
+def _store(cache: dict, key, value) -> None:
+    if len(cache) >= MAX_CHECKED:
+        cache.clear()
+    cache[key] = value
 
 
 def _kernel_args(op_name, schema_args, args, kwargs, cache=False):
@@ -164,27 +175,37 @@ def _kernel_args(op_name, schema_args, args, kwargs, cache=False):
 
 
 def _make_device_kernel(op_name):
-    weight_args = WEIGHT_ARGS.get(op_name, ())
     schema_args = _schema_args(op_name)
 
     def device_kernel(*args, **kwargs):
         # The dispatcher hands over what the caller passed; backends get every argument positionally.
         args = _kernel_args(op_name, schema_args, args, kwargs, cache=True)
-        kernel = registry.select(op_name, args)
-        if weight_args and not kernel.packed_weights:
-            args = list(args)
-            for i in weight_args:
-                args[i] = packing.unpack(args[i])
-        first = args[0]                                  # every op's first argument is a tensor
-        if first.is_cuda and first.get_device() != torch.cuda.current_device():
-            # Triton launches on the current device's stream: a layer placed on another GPU (e.g.
-            # transformers' device_map="auto") runs there only with that GPU made current
-            with torch.cuda.device(first.device):
-                return kernel.fn(*args)
-        return kernel.fn(*args)
+        if _on_other_gpu(args[0]):                       # every op's first argument is a tensor
+            with torch.cuda.device(args[0].device):
+                return _run_kernel(op_name, args)
+        return _run_kernel(op_name, args)
 
     device_kernel.__name__ = f"{op_name}_device_kernel"
     return device_kernel
+
+
+def _on_other_gpu(t: Tensor) -> bool:
+    """Whether t is on a GPU that is not the current one. Triton launches on the current device's stream:
+    a layer placed on another GPU (e.g. transformers' device_map="auto") runs there only with that GPU
+    made current."""
+    return t.is_cuda and t.get_device() != torch.cuda.current_device()
+
+
+def _run_kernel(op_name: str, args):
+    """The selected backend kernel of `op_name` on checked arguments (every one, positionally), expert
+    weights unpacked for a kernel that does not take them packed; on the current device."""
+    kernel = registry.select(op_name, args)
+    weight_args = WEIGHT_ARGS.get(op_name)
+    if weight_args and not kernel.packed_weights:
+        args = list(args)
+        for i in weight_args:
+            args[i] = packing.unpack(args[i])
+    return kernel.fn(*args)
 
 
 # op -> its device kernel: what the dispatcher runs on every device type, and what a direct call runs
@@ -245,14 +266,21 @@ def direct_call_allowed(op_name: str, args) -> bool:
       - every other argument has exactly its schema type (int within int64, bool, str, torch.dtype; None
         for an absent tensor or dtype);
       - the first tensor is on a device type with a routing kernel (not meta)."""
+    return _nothing_intercepts() and _args_direct(args, _ARG_KINDS[op_name])
+
+
+def _nothing_intercepts() -> bool:
+    """direct_call_allowed's conditions that do not depend on the arguments (its first two)."""
     if torch.compiler.is_compiling() or not options.current.eager_direct:
         return False
     C = torch._C
-    if (C._len_torch_dispatch_stack() or C._is_torch_function_mode_enabled()
-            or C._functorch.peek_interpreter_stack() is not None or C._get_tracing_state() is not None
-            or _forward_ad._current_level >= 0):
-        return False
-    kinds = _ARG_KINDS[op_name]
+    return not (C._len_torch_dispatch_stack() or C._is_torch_function_mode_enabled()
+                or C._functorch.peek_interpreter_stack() is not None or C._get_tracing_state() is not None
+                or _forward_ad._current_level >= 0)
+
+
+def _args_direct(args, kinds) -> bool:
+    """direct_call_allowed's conditions on the arguments (the last three), `kinds` as in _ARG_KINDS."""
     if len(args) != len(kinds):
         return False
     grad = torch.is_grad_enabled()
@@ -545,27 +573,64 @@ class LayerOps(NamedTuple):
 MOGE_OPS = LayerOps(grouped_dispatch, grouped_mlp, grouped_combine, shared_expert_mlp)
 
 
+def records_grad(*tensors: Tensor) -> bool:
+    """Whether autograd records an op on these tensors."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def run_experts(mlp: Callable, grad_experts: Optional[Callable], permuted: Tensor, w_gate_up, w_down,
+                expert_offsets: Tensor) -> Tensor:
+    """The layer's expert step: grad_experts where autograd records it and one is given, else mlp (both
+    with grouped_mlp's signature)."""
+    if grad_experts is not None and records_grad(permuted, w_gate_up, w_down):
+        return grad_experts(permuted, w_gate_up, w_down, expert_offsets)
+    return mlp(permuted, w_gate_up, w_down, expert_offsets)
+
+
 def compose_layer(hidden: Tensor, router_logits: Tensor, w_gate_up: Tensor, w_down: Tensor,
                   num_groups: int, topk_per_group: int, expert_scale: Optional[Tensor], renormalize: bool,
                   score_func: str, shared_w_gate_up: Optional[Tensor], shared_w_down: Optional[Tensor], *,
                   layer_ops: LayerOps = MOGE_OPS, experts: Optional[Callable] = None,
+                  grad_experts: Optional[Callable] = None,
                   phase_hook: Optional[Callable[[str], None]] = None,
-                  expert_mask: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+                  expert_mask: Optional[Tensor] = None,
+                  weights_check: Optional[Callable] = None) -> tuple[Tensor, Tensor]:
     """The MoGE layer, written once: dispatch -> experts -> shared expert -> combine.
 
-    moge_forward, MoGELayer and moge_kernels.parallel all run it; they check their own arguments first.
-    `experts(permuted, w_gate_up, w_down, expert_offsets) -> [M, H]` replaces layer_ops.mlp (MoGELayer:
-    the activation-saving training path; parallel: the row exchange around the local experts).
+    moge_forward, MoGELayer and moge_kernels.parallel all run it. `weights_check`
+    (checks.check_layer_weights, moge_forward's) checks the tensors under the caller's names before any
+    op runs; callers without one check their own arguments first.
+    `experts(permuted, w_gate_up, w_down, expert_offsets) -> [M, H]` replaces layer_ops.mlp (parallel: the
+    row exchange around the local experts); `grad_experts`, of the same signature, replaces it where
+    autograd records the experts (MoGELayer's activation-saving training path; run_experts).
     `phase_hook(name)` is called before "route", "combine" and at "end". Returns (out [T, H],
-    expert_offsets [E+1] int32 of the local routing)."""
+    expert_offsets [E+1] int32 of the local routing).
+
+    With the package's own ops and nothing recording the call (direct_call_allowed for every argument),
+    the ops' device kernels are called straight from here (_compose_direct): the same checks, kernels
+    and order, so the same results bit for bit, with the per-op host work done once per layer."""
+    if layer_ops is MOGE_OPS and experts is None and phase_hook is None:
+        layer_args = (hidden, router_logits, w_gate_up, w_down, num_groups, topk_per_group, expert_scale,
+                      renormalize, score_func, shared_w_gate_up, shared_w_down, expert_mask)
+        # (the profiler's per-op names come with the per-op path below)
+        if _nothing_intercepts() and not _profiler_enabled() and _args_direct(layer_args, _LAYER_KINDS):
+            if _on_other_gpu(hidden):
+                with torch.cuda.device(hidden.device):
+                    return _compose_direct(layer_args, weights_check)
+            return _compose_direct(layer_args, weights_check)
+    if weights_check is not None:
+        cached_check("moge_forward", weights_check,
+                     (hidden, router_logits, w_gate_up, w_down, shared_w_gate_up, shared_w_down))
     if phase_hook is not None:
         phase_hook("route")
     permuted, topk_weights, _, expert_offsets, row_index = layer_ops.dispatch(
         hidden, router_logits, num_groups, topk_per_group, expert_scale, renormalize, score_func,
         expert_mask)
     # `is None`, not `or`: dynamo (torch 2.11) treats the truthiness of a bound method as data-dependent
-    run_experts = layer_ops.mlp if experts is None else experts
-    expert_out = run_experts(permuted, w_gate_up, w_down, expert_offsets)
+    if experts is None:
+        expert_out = run_experts(layer_ops.mlp, grad_experts, permuted, w_gate_up, w_down, expert_offsets)
+    else:
+        expert_out = experts(permuted, w_gate_up, w_down, expert_offsets)
     if phase_hook is not None:
         phase_hook("combine")
     shared_out = None if shared_w_gate_up is None else layer_ops.shared_mlp(hidden, shared_w_gate_up,
@@ -573,6 +638,60 @@ def compose_layer(hidden: Tensor, router_logits: Tensor, w_gate_up: Tensor, w_do
     out = layer_ops.combine(expert_out, topk_weights, row_index, shared_out)
     if phase_hook is not None:
         phase_hook("end")
+    return out, expert_offsets
+
+
+# compose_layer's arguments as _compose_direct takes them, kinds as in _ARG_KINDS: plain tensors for the
+# expert weights (FP8 weights take the per-op path, where grouped_mlp routes them)
+_LAYER_KINDS = (Tensor, Tensor, Tensor, Tensor, int, int, _OPTIONAL_TENSOR, bool, str, _OPTIONAL_TENSOR,
+                _OPTIONAL_TENSOR, _OPTIONAL_TENSOR)
+# Layer signatures (_signature of the arguments, and the weights check) whose every check passed ->
+# grouped_dispatch's conversions. Every op after the dispatch takes tensors whose shapes, dtypes and
+# device the dispatch's contract derives from the layer's arguments (the fake kernels above), so a
+# signature that passed once passes every check again: where the checks read no values, a repeated
+# layer call is checked with one dict lookup (as cached_check does per op).
+_layer_checked: dict[tuple, tuple] = {}
+
+
+def _compose_direct(layer_args, weights_check):
+    """compose_layer with MOGE_OPS, each op's device kernel called as _run calls it, where nothing
+    records the call: the checks (moge_forward's, then each op's in turn, as the per-op path runs them)
+    on a signature's first call, or on every call where they read values (CPU tensors, MOGE_VALIDATE=1)."""
+    (hidden, router_logits, w_gate_up, w_down, num_groups, topk_per_group, expert_scale, renormalize,
+     score_func, shared_w_gate_up, shared_w_down, expert_mask) = layer_args
+    dispatch_args = [hidden, router_logits, num_groups, topk_per_group, expert_scale, renormalize,
+                     score_func, expert_mask]
+    key = None if checks._should_check_values(hidden) else (_signature("layer", layer_args), weights_check)
+    dispatch_conversions = None if key is None else _layer_checked.get(key)
+    check = dispatch_conversions is None
+    if check:
+        if weights_check is not None:
+            weights_check(hidden, router_logits, w_gate_up, w_down, shared_w_gate_up, shared_w_down)
+        converted = ARG_CHECKS["grouped_dispatch"](*dispatch_args)
+        dispatch_conversions = _conversions(dispatch_args, converted)
+        if converted is not None:
+            dispatch_args = converted
+        cacheable = key is not None and dispatch_conversions is not None
+    else:
+        for i, value in dispatch_conversions:
+            dispatch_args[i] = value
+    permuted, topk_weights, _, expert_offsets, row_index = _run_kernel("grouped_dispatch", dispatch_args)
+    mlp_args = (permuted, w_gate_up, w_down, expert_offsets, None)
+    if check:
+        cacheable &= ARG_CHECKS["grouped_mlp"](*mlp_args) is None     # (a check converting nothing returns None)
+    expert_out = _run_kernel("grouped_mlp", mlp_args)
+    shared_out = None
+    if shared_w_gate_up is not None:                         # shared_expert_mlp
+        shared_gate_up = F.linear(hidden, shared_w_gate_up)
+        if check:
+            cacheable &= ARG_CHECKS["swiglu"](shared_gate_up) is None
+        shared_out = F.linear(_run_kernel("swiglu", (shared_gate_up,)), shared_w_down)
+    combine_args = (expert_out, topk_weights, row_index, shared_out)
+    if check:
+        cacheable &= ARG_CHECKS["grouped_combine"](*combine_args) is None
+    out = _run_kernel("grouped_combine", combine_args)
+    if check and cacheable:
+        _store(_layer_checked, key, dispatch_conversions)
     return out, expert_offsets
 
 
@@ -596,8 +715,6 @@ def moge_forward(hidden: Tensor, router_logits: Tensor, w_gate_up: Tensor, w_dow
 
     Returns [T, H] in hidden's dtype. The arguments are checked here, under these names, before any
     op runs. Differentiable in every tensor argument; works under torch.compile(fullgraph=True)."""
-    cached_check("moge_forward", checks.check_layer_weights,
-                 (hidden, router_logits, w_gate_up, w_down, shared_w_gate_up, shared_w_down))
     return compose_layer(hidden, router_logits, w_gate_up, w_down, num_groups, topk_per_group,
                          expert_scale, renormalize, score_func, shared_w_gate_up, shared_w_down,
-                         expert_mask=expert_mask)[0]
+                         expert_mask=expert_mask, weights_check=checks.check_layer_weights)[0]

@@ -383,3 +383,171 @@ def test_ops_on_a_gpu_that_is_not_current():
         got = mk.moge_forward(hidden, logits, w_gate_up, w_down, G)
     assert got.device == hidden.device
     assert torch.equal(got, want)
+
+
+# ----------------------------------------------------------------------------- the layer's direct composition
+# ops.compose_layer calls the ops' device kernels itself (ops._compose_direct) where nothing records the
+# call: one eligibility test and, where checks read no values, one signature lookup per layer call.
+_LAYER_CASES = {   # compose_layer's routing and shared-expert variants
+    "plain": dict(),
+    "shared_scaled_sigmoid": dict(shared=True, scale=True, score_func="sigmoid", renormalize=True),
+    "masked_topk2": dict(topk_per_group=2, mask=True, shared=True),
+}
+
+
+def _layer_inputs(case, dtype=torch.float32):
+    hidden, logits, w_gate_up, w_down = _inputs()
+    hidden, w_gate_up, w_down = hidden.to(dtype), w_gate_up.to(dtype), w_down.to(dtype)
+    g = torch.Generator().manual_seed(5)
+    kw = dict(topk_per_group=case.get("topk_per_group", 1), renormalize=case.get("renormalize", False),
+              score_func=case.get("score_func", "softmax"))
+    if case.get("scale"):
+        kw["expert_scale"] = torch.rand(E, generator=g) + 0.5
+    if case.get("mask"):
+        kw["expert_mask"] = torch.tensor([True, True, False, True, True, False, True, True])
+    if case.get("shared"):
+        kw["shared_w_gate_up"] = (torch.randn(2 * 8, H, generator=g) / H ** 0.5).to(dtype)
+        kw["shared_w_down"] = (torch.randn(H, 8, generator=g) / 8 ** 0.5).to(dtype)
+    return (hidden, logits, w_gate_up, w_down, G), kw
+
+
+def _count_direct_compositions(monkeypatch):
+    calls = []
+    compose = ops._compose_direct
+
+    def counting(*args):
+        calls.append(1)
+        return compose(*args)
+    monkeypatch.setattr(ops, "_compose_direct", counting)
+    return calls
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+@pytest.mark.parametrize("case", list(_LAYER_CASES))
+def test_layer_direct_composition_bit_identical_to_torch_ops(monkeypatch, backend, case):
+    """moge_forward and MoGELayer through the direct composition give the torch.ops route's outputs bit
+    for bit (eager_direct off: every op through the dispatcher), on the CPU backends and through the
+    Triton interpreter."""
+    if not mk.backends()[backend]["available"]:
+        pytest.skip(f"{backend} backend not available")
+    mk.set_backend(backend)
+    args, kw = _layer_inputs(_LAYER_CASES[case])
+    layer = mk.MoGELayer(H, I, E, G, kw["topk_per_group"], shared_intermediate_size=8 if "shared_w_down" in kw else 0,
+                         score_func=kw["score_func"], renormalize=kw["renormalize"]).eval()
+    mask = kw.get("expert_mask")
+    direct = _count_direct_compositions(monkeypatch)
+    for context in (torch.no_grad, torch.inference_mode, torch.enable_grad):   # (no tensor requires grad)
+        with context():
+            with mk.use_options(eager_direct=False):
+                want = mk.moge_forward(*args, **kw)
+                want_layer = layer(args[0], expert_mask=mask) if context is not torch.enable_grad else None
+            assert direct == []
+            got = mk.moge_forward(*args, **kw)
+            assert len(direct) == 1
+            assert torch.equal(got, want) and got.dtype == want.dtype
+            if want_layer is not None:                       # the layer's parameters require grad
+                assert torch.equal(layer(args[0], expert_mask=mask), want_layer)
+                assert len(direct) == 2
+            direct.clear()
+
+
+def test_layer_direct_composition_never_enters_torch_ops_or_the_per_op_path(monkeypatch):
+    """Under no_grad, moge_forward reaches the backends through ops._run_kernel only: no torch.ops call,
+    no public op, no per-op device kernel."""
+    args, kw = _layer_inputs(_LAYER_CASES["shared_scaled_sigmoid"])
+    with torch.no_grad():
+        want = mk.moge_forward(*args, **kw)
+        counts = _Counts(monkeypatch)
+        assert torch.equal(mk.moge_forward(*args, **kw), want)
+    assert counts.ops == [] and counts.direct == []
+
+
+@pytest.mark.parametrize("why", ["grad", "eager_direct_off", "profiler", "dispatch_mode", "packed_weights"])
+def test_layer_per_op_path_where_something_records(monkeypatch, why):
+    """The direct composition stays out of the way where an op would not be called directly: autograd,
+    the switch off, the profiler (which keeps each op's record_function name), a dispatch mode; packed
+    weights still take it (the kernels unpack them where they need to)."""
+    args, kw = _layer_inputs(_LAYER_CASES["plain"])
+    hidden, logits, w_gate_up, w_down, groups = args
+    with torch.no_grad():
+        want = mk.moge_forward(*args, **kw)
+    direct = _count_direct_compositions(monkeypatch)
+    with torch.no_grad() if why != "grad" else torch.enable_grad():
+        if why == "grad":
+            got = mk.moge_forward(hidden.clone().requires_grad_(True), logits, w_gate_up, w_down, groups)
+        elif why == "eager_direct_off":
+            with mk.use_options(eager_direct=False):
+                got = mk.moge_forward(*args, **kw)
+        elif why == "profiler":
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                got = mk.moge_forward(*args, **kw)
+            names = {e.key for e in prof.key_averages()}
+            assert {"moge::grouped_dispatch", "moge::grouped_mlp", "moge::grouped_combine"} <= names
+        elif why == "dispatch_mode":
+            with _Recording():
+                got = mk.moge_forward(*args, **kw)
+        else:
+            got = mk.moge_forward(hidden, logits, mk.pack_expert_weights(w_gate_up, 8),
+                                  mk.pack_expert_weights(w_down, 8), groups)
+    assert direct == ([1] if why == "packed_weights" else [])
+    assert torch.equal(got.detach(), want)
+
+
+def test_layer_checks_once_per_signature_and_errors_name_the_arguments(monkeypatch):
+    """Where checks read no values (GPU tensors without MOGE_VALIDATE: here simulated) a repeated layer
+    signature runs no check, not moge_forward's nor any op's; a new signature, and validate=True, run
+    them all; a failing call raises the per-op path's error, naming the user's argument, every time."""
+    monkeypatch.setattr(checks, "_should_check_values", lambda t: checks.validate_values())   # as on GPUs
+    monkeypatch.setattr(ops, "_checked", {})
+    monkeypatch.setattr(ops, "_layer_checked", {})
+    runs = []
+
+    def counting(name, check):
+        def run(*args, **kwargs):
+            runs.append(name)
+            return check(*args, **kwargs)
+        return run
+    for name in ("grouped_dispatch", "grouped_mlp", "grouped_combine", "swiglu"):
+        monkeypatch.setitem(ops.ARG_CHECKS, name, counting(name, ops.ARG_CHECKS[name]))
+    monkeypatch.setattr(checks, "check_layer_weights", counting("layer", checks.check_layer_weights))
+    args, kw = _layer_inputs(_LAYER_CASES["shared_scaled_sigmoid"])
+    every = ["layer", "grouped_dispatch", "grouped_mlp", "swiglu", "grouped_combine"]
+    with torch.no_grad():
+        with mk.use_options(eager_direct=False):
+            want = mk.moge_forward(*args, **kw)
+        runs.clear()
+        for _ in range(3):
+            assert torch.equal(mk.moge_forward(*args, **kw), want)
+        assert runs == every
+        hidden, logits = args[0][:3], args[1][:3]                       # another signature: checked once
+        mk.moge_forward(hidden, logits, *args[2:], **kw)
+        mk.moge_forward(hidden, logits, *args[2:], **kw)
+        assert runs == every * 2
+        with mk.use_options(validate=True):
+            mk.moge_forward(*args, **kw)
+        assert runs == every * 3
+        for direct in (True, False):
+            with mk.use_options(eager_direct=direct):
+                with pytest.raises(ValueError, match="w_gate_up holds 8 experts but router_logits scores 4"):
+                    mk.moge_forward(args[0], args[1][:, :4], *args[2:], **kw)
+                with pytest.raises(ValueError, match="topk_per_group=5 must be in"):
+                    mk.moge_forward(*args, **dict(kw, topk_per_group=5))
+                with pytest.raises(ValueError, match="shared_w_down must have shape"):
+                    mk.moge_forward(*args, **dict(kw, shared_w_down=kw["shared_w_down"][:, :4]))
+
+
+def test_moge_layer_training_path_unchanged(monkeypatch):
+    """With gradients recorded MoGELayer saves gate_up and h (grouped_gemm -> swiglu -> grouped_gemm);
+    recompute=True runs the fused grouped_mlp; without gradients the fused op runs either way."""
+    hidden, _, _, _ = _inputs()
+    counts = _Counts(monkeypatch)
+    for recompute in (False, True):
+        layer = mk.MoGELayer(H, I, E, G, 1, recompute=recompute)
+        counts.ops.clear()
+        layer(hidden).sum().backward()
+        assert ("grouped_mlp" in counts.ops) == recompute and ("swiglu" in counts.ops) != recompute
+        assert layer.w_gate_up.grad is not None
+        counts.ops.clear()
+        with torch.no_grad():
+            layer(hidden)
+        assert counts.ops == []
