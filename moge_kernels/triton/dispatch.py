@@ -103,6 +103,12 @@ def _route_tile(logits_ptr, scale_ptr, mask_ptr, use_mask, t3, T, stride_lt, str
 
     x = tl.load(logits_ptr + t3.to(tl.int64) * stride_lt + (g3 * S + s3) * stride_le,
                 mask=tok_ok & expert_ok, other=0.0).to(tl.float32)
+    # The mask is data and its use a runtime flag, never a specialisation: a call without a mask runs the
+    # same binary as one with every expert kept (its load predicated off), so the two agree bit for bit
+    # (two compilations may order the float sums below differently). Loaded beside the logits, so the
+    # two loads' latencies overlap.
+    mask_on = (s3 * 0 + use_mask) != 0                                                       # [1, 1, S_PAD]
+    kept = tl.load(mask_ptr + g3 * S + s3, mask=expert_ok & mask_on, other=1) != 0       # [1, G_PAD, S_PAD]
     x = tl.where(expert_ok, x, float("-inf"))   # padding experts score 0; padding tokens stay finite
     # Same formula as PyTorch's softmax (exp(x - max) / sum); with PRECISE also the same exp and an
     # IEEE division, so scores (and thus near-tie rankings) match the eager reference on CUDA.
@@ -126,11 +132,6 @@ def _route_tile(logits_ptr, scale_ptr, mask_ptr, use_mask, t3, T, stride_lt, str
                                 "(a reference.ScoreFunc value)")
     # NaN ranks below every number (reference.route); the pick still carries its NaN weight.
     key = tl.where(scores == scores, scores, float("-inf"))
-    # The mask is data and its use a runtime flag, never a specialisation: a call without a mask runs the
-    # same binary as one with every expert kept (its load predicated off), so the two agree bit for bit
-    # (two compilations may order the float sums above differently).
-    mask_on = (s3 * 0 + use_mask) != 0                                                       # [1, 1, S_PAD]
-    kept = tl.load(mask_ptr + g3 * S + s3, mask=expert_ok & mask_on, other=1) != 0       # [1, G_PAD, S_PAD]
     kept_count = tl.sum(tl.where(expert_ok & kept, 1, 0), axis=2)[:, :, None]             # [1, G_PAD, 1]
 
     # Top-k_g per group by k_g rounds of arg-max; ties (NaN ties too) go to the lower expert index.
