@@ -41,7 +41,7 @@ for step in ${STEPS:-probe suite}; do
            | quiet | tee "$OUT/gaps.log" | tail -80 ;;
     subsets) timeout 70 python3 bench/bench_subsets.py --T 1,1024,4096 --layer-T 1,128,1024,4096 --rounds 4 2>&1 \
            | quiet | tee "$OUT/subsets.log" | tail -24 ;;
-    before) timeout 220 python3 bench/before_after.py --base 3b6eff9 --T 1,16,128,1024,4096,16384 --rounds ${ROUNDS:-3} 2>&1 \
+    before) timeout ${BEFORE_S:-300} python3 bench/before_after.py --base 3b6eff9 --T 1,16,128,1024,4096,16384 --rounds ${ROUNDS:-3} --confirm ${CONFIRM:-3} 2>&1 \
            | quiet | tee "$OUT/before_after.log" | tail -28 ;;
     transformers) timeout ${TF_S:-160} python3 bench/bench_transformers.py --models ${TF_MODELS:-qwen3,mixtral,gpt-oss} \
            --tokens ${TF_TOKENS:-1,128,1024,4096,16384} ${TF_ARGS:-} --modes ${TF_MODES:-fwd} --budget-s $(( ${TF_S:-160} - 15 )) 2>&1 | quiet \
