@@ -350,7 +350,8 @@ def gaps(args):
     """Where eager time goes at small T: for each op, do_bench with the L2 flush (the issue's figure),
     back-to-back calls without a flush (events around 200 calls: what a decode loop sees), the host time
     per call in that loop, the graph replay, and the GPU kernels of flushed eager calls (torch.profiler,
-    CUDA activity: how long each kernel runs cold)."""
+    CUDA activity: how long each kernel runs cold); "layer graphs" is the layer with the option
+    eager_graphs on (its graph-replay column is the plain layer's: under a capture the option stays out)."""
     import torch
     import triton.testing as tt
     import moge_kernels as mk
@@ -364,8 +365,10 @@ def gaps(args):
     for name in [s.strip() for s in args.shapes.split(",")]:
         for T in [int(t) for t in args.tokens.split(",")]:
             calls = _pipelines(SHAPES[name], T, dtype)
-            for op in ("dispatch", "mlp", "combine", "layer"):
-                fn = calls[op]
+            for op in ("dispatch", "mlp", "combine", "layer", "layer graphs"):
+                # "layer graphs": moge_forward with the option eager_graphs (replays of a graph per signature)
+                mk.set_options(eager_graphs=16 if op == "layer graphs" else 0)
+                fn = calls["layer" if op == "layer graphs" else op]
                 for _ in range(20):
                     fn()
                 torch.cuda.synchronize()
@@ -394,6 +397,7 @@ def gaps(args):
                         if e.device_time_total > 0 and "fill" not in e.key.lower()]
                 for key, us, count in sorted(rows, key=lambda r: -r[1])[:6]:
                     print(f"      cold kernel {us:8.1f} us x{count / 20:.0f}  {key[:90]}")
+            mk.set_options(eager_graphs=0)
             del calls
             torch.cuda.empty_cache()
     return 0

@@ -18,7 +18,7 @@ import torch.autograd.forward_ad as _forward_ad
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import checks, fp8, options, packing, reference, registry
+from . import checks, eager_graphs, fp8, options, packing, reference, registry
 
 _lib = torch.library.Library("moge", "DEF")
 
@@ -616,8 +616,8 @@ def compose_layer(hidden: Tensor, router_logits: Tensor, w_gate_up: Tensor, w_do
         if _nothing_intercepts() and not _profiler_enabled() and _args_direct(layer_args, _LAYER_KINDS):
             if _on_other_gpu(hidden):
                 with torch.cuda.device(hidden.device):
-                    return _compose_direct(layer_args, weights_check)
-            return _compose_direct(layer_args, weights_check)
+                    return _compose_direct_or_replay(layer_args, weights_check)
+            return _compose_direct_or_replay(layer_args, weights_check)
     if weights_check is not None:
         cached_check("moge_forward", weights_check,
                      (hidden, router_logits, w_gate_up, w_down, shared_w_gate_up, shared_w_down))
@@ -651,6 +651,18 @@ _LAYER_KINDS = (Tensor, Tensor, Tensor, Tensor, int, int, _OPTIONAL_TENSOR, bool
 # signature that passed once passes every check again: where the checks read no values, a repeated
 # layer call is checked with one dict lookup (as cached_check does per op).
 _layer_checked: dict[tuple, tuple] = {}
+
+
+def _compose_direct_or_replay(layer_args, weights_check):
+    """_compose_direct, or its replay from a CUDA graph where the option eager_graphs applies."""
+    if not eager_graphs.applies(layer_args[0]):
+        return _compose_direct(layer_args, weights_check)
+    fixed = layer_args[2:]
+
+    def layer(hidden, router_logits):
+        return _compose_direct((hidden, router_logits) + fixed, weights_check)
+
+    return eager_graphs.run(layer, layer_args[:2], fixed, ("compose_layer", weights_check))
 
 
 def _compose_direct(layer_args, weights_check):

@@ -25,6 +25,7 @@ attribute of a plain object: no environment access and no parsing per call.
 | bwd_gemm           | MOGE_BWD_GEMM            | "auto" (torch._grouped_mm where it applies) or "triton" | "auto" |
 | ascend_impl        | MOGE_ASCEND_IMPL         | "python" (torch_npu operators) or "cpp" (the CANN extension) | "python" |
 | eager_direct       | MOGE_EAGER_DIRECT        | bool: a public op called eagerly with nothing to record calls its kernel without torch.ops' dispatcher (ops.direct_call_allowed) | True |
+| eager_graphs       | MOGE_EAGER_GRAPHS        | int >= 0: eager layer calls (moge_forward, MoGELayer) of at most this many tokens on a GPU replay a CUDA graph captured per signature (moge_kernels/eager_graphs.py); 0 = off | 0 |
 
 Booleans: True/False in code; "1"/"true"/"yes"/"on" and "0"/"false"/"no"/"off" (any case) in the
 environment. An empty variable is the same as an unset one.
@@ -100,6 +101,15 @@ def _auto_or_bool(value) -> bool | None:
                        + "/".join(_FALSE) + ")") from None
 
 
+def _count(value) -> int:
+    """An int >= 0 (a bool is not one: False / "off" would read as 0 where a count was meant)."""
+    if isinstance(value, str) and value.strip().lstrip("+").isdigit():
+        return int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    raise _Invalid("an integer >= 0")
+
+
 def _gemm_config(value) -> tuple | None:
     """None, or the config's fields as a tuple (ints; flags as bools) ready for GemmConfig(*fields)."""
     expected = ('None or "BM,BN,BK,warps,stages[,' + ",".join(GEMM_CONFIG_FIELDS[5:]) + ']" (5 to '
@@ -161,6 +171,7 @@ _OPTIONS = {opt.name: opt for opt in (
     _Option("bwd_gemm", "MOGE_BWD_GEMM", _choice(("auto", "triton")), "auto"),
     _Option("ascend_impl", "MOGE_ASCEND_IMPL", _choice(("python", "cpp")), "python"),
     _Option("eager_direct", "MOGE_EAGER_DIRECT", _bool, True),
+    _Option("eager_graphs", "MOGE_EAGER_GRAPHS", _count, 0),
 )}
 BACKEND_ENV = "MOGE_BACKEND"
 NAMES = ("backend",) + tuple(_OPTIONS)

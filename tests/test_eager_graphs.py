@@ -1,0 +1,188 @@
+"""Option eager_graphs: eager layer calls at decode sizes replayed from CUDA graphs (moge_kernels/eager_graphs.py).
+
+On CPU: the option's rule (when a call is replayed) and the key/replay bookkeeping of eager_graphs.run with a
+stand-in graph. On a GPU: replays equal the eager calls bit for bit, see in-place weight and mask updates,
+and stay out of calls with autograd, above the token limit or inside the user's own capture."""
+import pytest
+import torch
+
+import moge_kernels as mk
+from moge_kernels import eager_graphs
+from moge_kernels.testing import make_expert_weights, make_routing_inputs
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_cache():
+    eager_graphs.clear()
+    yield
+    eager_graphs.clear()
+
+
+def test_off_by_default_and_never_on_cpu():
+    assert mk.get_options()["eager_graphs"] == 0
+    hidden = torch.randn(2, 8)
+    assert not eager_graphs.applies(hidden)
+    with mk.use_options(eager_graphs=16):
+        assert not eager_graphs.applies(hidden)          # a CPU tensor: no CUDA graph
+
+
+class _StandInGraph:
+    """Replays by calling the captured function again on the graph's input buffers."""
+
+    def __init__(self, fn, inputs, outputs):
+        self.fn, self.inputs, self.outputs, self.replays = fn, inputs, outputs, 0
+
+    def replay(self):
+        self.replays += 1
+        for out, new in zip(self.outputs, self.fn(*self.inputs)):
+            out.copy_(new)
+
+
+@pytest.fixture
+def stand_in(monkeypatch):
+    captures = []
+
+    def capture(fn, per_call):
+        inputs = tuple(t.clone() for t in per_call)
+        outputs = tuple(fn(*inputs))
+        captures.append(_StandInGraph(fn, inputs, outputs))
+        return eager_graphs._Entry(captures[-1], inputs, outputs)
+
+    monkeypatch.setattr(eager_graphs, "_capture", capture)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    return captures
+
+
+def test_run_captures_on_the_second_call_and_replays_new_inputs(stand_in):
+    weight = torch.randn(4, 4)
+    calls = []
+
+    def fn(x):
+        calls.append(x)
+        return (x @ weight, x.sum(0))
+
+    xs = [torch.randn(3, 4) for _ in range(4)]
+    outs = [eager_graphs.run(fn, (x,), (weight,), "t") for x in xs]
+    for x, (y, s) in zip(xs, outs):
+        torch.testing.assert_close(y, x @ weight, rtol=0, atol=0)
+        torch.testing.assert_close(s, x.sum(0), rtol=0, atol=0)
+    assert len(stand_in) == 1 and stand_in[0].replays == 3      # call 1 eager, 2 captures, 2-4 replay
+    assert outs[2][0].data_ptr() != stand_in[0].outputs[0].data_ptr()   # a clone, not the graph's buffer
+    weight.mul_(2)                                                  # in place: seen by the next replay
+    y, _ = eager_graphs.run(fn, (xs[0],), (weight,), "t")
+    torch.testing.assert_close(y, xs[0] @ weight, rtol=0, atol=0)
+    assert len(stand_in) == 1
+
+
+def test_run_keys_on_fixed_tensors_layouts_and_tag(stand_in):
+    def fn(x, w):
+        return (x @ w,)
+
+    w = torch.randn(4, 4)
+    for tag, per_call, fixed in [("a", torch.randn(3, 4), w), ("b", torch.randn(3, 4), w),
+                                 ("a", torch.randn(5, 4), w), ("a", torch.randn(3, 4), w.clone()),
+                                 ("a", torch.randn(3, 4), w.t())]:
+        for _ in range(2):
+            eager_graphs.run(lambda x: fn(x, fixed), (per_call,), (fixed,), tag)
+    assert len(stand_in) == 5 and eager_graphs.num_graphs() == 5
+
+
+def test_run_keeps_at_most_max_graphs(stand_in, monkeypatch):
+    monkeypatch.setattr(eager_graphs, "MAX_GRAPHS", 2)
+    for n in range(1, 5):
+        x = torch.randn(n, 2)
+        for _ in range(2):
+            eager_graphs.run(lambda x: (x * 2,), (x,), (), "t")
+    assert eager_graphs.num_graphs() == 2 and len(stand_in) == 4
+
+
+def test_compose_layer_replays_through_run(stand_in, monkeypatch):
+    """moge_forward and MoGELayer hand their per-call tensors and the rest to eager_graphs.run (here on CPU,
+    with the stand-in graph): the same outputs as without the option, one graph per layer signature."""
+    monkeypatch.setattr(eager_graphs, "applies", lambda hidden: True)
+    E, H, I, G = 8, 16, 8, 2
+    w_gate_up, w_down = make_expert_weights(E, H, I, seed=3)
+    inputs = [make_routing_inputs(3, E, H, seed=s) for s in range(3)]
+    layer = mk.MoGELayer(H, I, E, G, 1, shared_intermediate_size=8).eval()
+    with torch.no_grad():
+        got = [mk.moge_forward(h, l, w_gate_up, w_down, G) for h, l in inputs]
+        got_layer = [layer(h) for h, _ in inputs]
+        assert eager_graphs.num_graphs() == 2 and [g.replays for g in stand_in] == [2, 2]
+        eager_graphs.clear()
+        with mk.use_options(eager_direct=False):    # the per-op path: never a graph
+            want = [mk.moge_forward(h, l, w_gate_up, w_down, G) for h, l in inputs]
+            want_layer = [layer(h) for h, _ in inputs]
+        assert eager_graphs.num_graphs() == 0
+    for a, b in zip(got + got_layer, want + want_layer):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------------ GPU
+def _layer_inputs(T, seed, E=16, H=256):
+    return make_routing_inputs(T, E, H, torch.bfloat16, "cuda", seed=seed)
+
+
+@gpu
+@pytest.mark.parametrize("T", [1, 4, 16])
+def test_gpu_moge_forward_replays_equal_eager(T):
+    E, H, I, G = 16, 256, 128, 4
+    w_gate_up, w_down = make_expert_weights(E, H, I, torch.bfloat16, "cuda", seed=1)
+    shared_gu, shared_dn = make_expert_weights(1, H, 192, torch.bfloat16, "cuda", seed=2)
+    scale = torch.rand(E, device="cuda") + 0.5
+    args = dict(expert_scale=scale, shared_w_gate_up=shared_gu[0], shared_w_down=shared_dn[0])
+    inputs = [_layer_inputs(T, seed) for seed in range(4)]
+    with torch.no_grad():
+        want = [mk.moge_forward(h, l, w_gate_up, w_down, G, **args) for h, l in inputs]
+        with mk.use_options(eager_graphs=16):
+            got = [mk.moge_forward(h, l, w_gate_up, w_down, G, **args) for h, l in inputs]
+            assert eager_graphs.num_graphs() == 1
+            w_down.mul_(0.5)                                   # in place: the next replay sees it
+            got_half = mk.moge_forward(*inputs[0], w_gate_up, w_down, G, **args)
+        want_half = mk.moge_forward(*inputs[0], w_gate_up, w_down, G, **args)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    assert torch.equal(got_half, want_half)
+
+
+@gpu
+def test_gpu_layer_replays_equal_eager_and_follow_the_mask():
+    layer = mk.MoGELayer(256, 128, 16, 4, 1, shared_intermediate_size=192, device="cuda",
+                         dtype=torch.bfloat16).eval()
+    mask = torch.ones(16, dtype=torch.bool, device="cuda")
+    xs = [torch.randn(2, 256, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
+    with torch.inference_mode():
+        want = [layer(x, expert_mask=mask) for x in xs]
+        with mk.use_options(eager_graphs=8):
+            got = [layer(x, expert_mask=mask) for x in xs]
+            mask[::4] = False                                   # new values, same tensor: data
+            got_masked = layer(xs[0], expert_mask=mask)
+            assert eager_graphs.num_graphs() == 1
+        want_masked = layer(xs[0], expert_mask=mask)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    assert torch.equal(got_masked, want_masked)
+
+
+@gpu
+def test_gpu_no_graph_for_grad_large_batches_or_inside_a_capture():
+    layer = mk.MoGELayer(256, 128, 16, 4, 1, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(4, 256, device="cuda", dtype=torch.bfloat16)
+    with mk.use_options(eager_graphs=2):
+        for _ in range(3):
+            layer(x).float().sum().backward()                   # autograd records: the per-op path
+        with torch.no_grad():
+            for _ in range(3):
+                layer(x)                                        # T=4 above the limit of 2
+        assert eager_graphs.num_graphs() == 0
+        with torch.no_grad():
+            y = x[:2].clone()
+            layer(y), layer(y)                                  # warm-up, then this key's capture
+            assert eager_graphs.num_graphs() == 1
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):                       # the user's capture: no nested graph
+                out = layer(y)
+            graph.replay()
+            assert eager_graphs.num_graphs() == 1
+            torch.testing.assert_close(out, layer(y), rtol=0, atol=0)
