@@ -302,6 +302,15 @@ def _args_direct(args, kinds) -> bool:
     return device_type in _device_types
 
 
+def replay_allowed(*tensors: Tensor) -> bool:
+    """Whether a composition of the ops over these tensors (plain tensors, not recorded by autograd) may
+    be replayed from a CUDA graph (eager_graphs.run): nothing would record or intercept it, as for the
+    direct path, and no profiler (its traces keep the ops' names)."""
+    grad = torch.is_grad_enabled()
+    return (_nothing_intercepts() and not _profiler_enabled()
+            and all(type(t) in _PLAIN_TENSOR_TYPES and not (grad and t.requires_grad) for t in tensors))
+
+
 def _run(op_name: str, *args):
     """torch.ops.moge.<op_name>(*args), through its device kernel directly where that is the same."""
     if direct_call_allowed(op_name, args):

@@ -28,34 +28,7 @@ def test_off_by_default_and_never_on_cpu():
         assert not eager_graphs.applies(hidden)          # a CPU tensor: no CUDA graph
 
 
-class _StandInGraph:
-    """Replays by calling the captured function again on the graph's input buffers."""
-
-    def __init__(self, fn, inputs, outputs):
-        self.fn, self.inputs, self.outputs, self.replays = fn, inputs, outputs, 0
-
-    def replay(self):
-        self.replays += 1
-        for out, new in zip(self.outputs, self.fn(*self.inputs)):
-            out.copy_(new)
-
-
-@pytest.fixture
-def stand_in(monkeypatch):
-    captures = []
-
-    def capture(fn, per_call):
-        inputs = tuple(t.clone() for t in per_call)
-        outputs = tuple(fn(*inputs))
-        captures.append(_StandInGraph(fn, inputs, outputs))
-        return eager_graphs._Entry(captures[-1], inputs, outputs)
-
-    monkeypatch.setattr(eager_graphs, "_capture", capture)
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    return captures
-
-
-def test_run_captures_on_the_second_call_and_replays_new_inputs(stand_in):
+def test_run_captures_on_the_second_call_and_replays_new_inputs(graph_stand_in):
     weight = torch.randn(4, 4)
     calls = []
 
@@ -68,15 +41,15 @@ def test_run_captures_on_the_second_call_and_replays_new_inputs(stand_in):
     for x, (y, s) in zip(xs, outs):
         torch.testing.assert_close(y, x @ weight, rtol=0, atol=0)
         torch.testing.assert_close(s, x.sum(0), rtol=0, atol=0)
-    assert len(stand_in) == 1 and stand_in[0].replays == 3      # call 1 eager, 2 captures, 2-4 replay
-    assert outs[2][0].data_ptr() != stand_in[0].outputs[0].data_ptr()   # a clone, not the graph's buffer
+    assert len(graph_stand_in) == 1 and graph_stand_in[0].replays == 3      # call 1 eager, 2 captures, 2-4 replay
+    assert outs[2][0].data_ptr() != graph_stand_in[0].outputs[0].data_ptr()   # a clone, not the graph's buffer
     weight.mul_(2)                                                  # in place: seen by the next replay
     y, _ = eager_graphs.run(fn, (xs[0],), (weight,), "t")
     torch.testing.assert_close(y, xs[0] @ weight, rtol=0, atol=0)
-    assert len(stand_in) == 1
+    assert len(graph_stand_in) == 1
 
 
-def test_run_keys_on_fixed_tensors_layouts_and_tag(stand_in):
+def test_run_keys_on_fixed_tensors_layouts_and_tag(graph_stand_in):
     def fn(x, w):
         return (x @ w,)
 
@@ -86,22 +59,21 @@ def test_run_keys_on_fixed_tensors_layouts_and_tag(stand_in):
                                  ("a", torch.randn(3, 4), w.t())]:
         for _ in range(2):
             eager_graphs.run(lambda x: fn(x, fixed), (per_call,), (fixed,), tag)
-    assert len(stand_in) == 5 and eager_graphs.num_graphs() == 5
+    assert len(graph_stand_in) == 5 and eager_graphs.num_graphs() == 5
 
 
-def test_run_keeps_at_most_max_graphs(stand_in, monkeypatch):
+def test_run_keeps_at_most_max_graphs(graph_stand_in, monkeypatch):
     monkeypatch.setattr(eager_graphs, "MAX_GRAPHS", 2)
     for n in range(1, 5):
         x = torch.randn(n, 2)
         for _ in range(2):
             eager_graphs.run(lambda x: (x * 2,), (x,), (), "t")
-    assert eager_graphs.num_graphs() == 2 and len(stand_in) == 4
+    assert eager_graphs.num_graphs() == 2 and len(graph_stand_in) == 4
 
 
-def test_compose_layer_replays_through_run(stand_in, monkeypatch):
+def test_compose_layer_replays_through_run(graph_stand_in):
     """moge_forward and MoGELayer hand their per-call tensors and the rest to eager_graphs.run (here on CPU,
     with the stand-in graph): the same outputs as without the option, one graph per layer signature."""
-    monkeypatch.setattr(eager_graphs, "applies", lambda hidden: True)
     E, H, I, G = 8, 16, 8, 2
     w_gate_up, w_down = make_expert_weights(E, H, I, seed=3)
     inputs = [make_routing_inputs(3, E, H, seed=s) for s in range(3)]
@@ -109,7 +81,7 @@ def test_compose_layer_replays_through_run(stand_in, monkeypatch):
     with torch.no_grad():
         got = [mk.moge_forward(h, l, w_gate_up, w_down, G) for h, l in inputs]
         got_layer = [layer(h) for h, _ in inputs]
-        assert eager_graphs.num_graphs() == 2 and [g.replays for g in stand_in] == [2, 2]
+        assert eager_graphs.num_graphs() == 2 and [g.replays for g in graph_stand_in] == [2, 2]
         eager_graphs.clear()
         with mk.use_options(eager_direct=False):    # the per-op path: never a graph
             want = [mk.moge_forward(h, l, w_gate_up, w_down, G) for h, l in inputs]

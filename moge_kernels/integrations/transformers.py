@@ -23,6 +23,11 @@ declares (its decorator flags) and what it defines:
                                                     interleaved), so no weight is reordered
     has_gate=False (ungated, e.g. Nemotron-H)       grouped_gemm(up_proj) -> act_fn -> grouped_gemm(down_proj)
 
+With the option `eager_graphs = N` (moge_kernels/eager_graphs.py), the fused-SwiGLU step of an eager call
+of at most N tokens on a GPU with nothing to record (generate() without a compiled graph) is replayed
+from a CUDA graph captured per shape and weights: the decode step's host work is then a copy in, one
+replay and a clone out.
+
 Weight layouts. The kernels take expert weights as [E, N, K] with unit stride along K (nn.Linear's
 layout, which is transformers' default, is_transposed=False): those run as they are, no copy. Transposed
 weights (is_transposed=True: gate_up_proj [E, H, 2I], down_proj [E, I, H], gpt-oss) would need a transposed
@@ -60,7 +65,7 @@ from transformers.activations import SiLUActivation
 from transformers.integrations import moe as hf_moe
 
 import moge_kernels  # noqa: F401  defines torch.ops.moge and its autograd
-from moge_kernels import checks, ops
+from moge_kernels import checks, eager_graphs, ops
 
 IMPLEMENTATION = "moge"
 __all__ = ["IMPLEMENTATION", "moge_experts_forward", "relayout_experts_", "experts_path"]
@@ -201,13 +206,27 @@ def moge_experts_forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k
     mask_tail = _ep_sentinels_possible()
     if mask_tail:
         topk_ids = torch.where(topk_ids < E, topk_ids, -1)
-    permuted, expert_offsets, row_index = ops.grouped_permute(x, topk_ids, E)
-    if _fused_swiglu(self):
-        expert_out = _swiglu_experts(permuted, w_up, w_down, expert_offsets)
-    else:
+    topk_weights = top_k_weights.reshape(topk_ids.shape)
+    if not _fused_swiglu(self):
+        permuted, expert_offsets, row_index = ops.grouped_permute(x, topk_ids, E)
         expert_out = _gemm_gate_experts(self, permuted, w_up, w_down, expert_offsets, mask_tail)
-    out = ops.grouped_combine(expert_out, top_k_weights.reshape(topk_ids.shape), row_index)
+        out = ops.grouped_combine(expert_out, topk_weights, row_index)
+    elif eager_graphs.applies(x) and ops.replay_allowed(x, topk_ids, topk_weights, w_up, w_down):
+        def experts(x, topk_ids, topk_weights):
+            return _fused_experts(x, topk_ids, topk_weights, w_up, w_down, E)
+
+        out, = eager_graphs.run(experts, (x, topk_ids, topk_weights), (w_up, w_down, E), IMPLEMENTATION)
+    else:
+        out, = _fused_experts(x, topk_ids, topk_weights, w_up, w_down, E)
     return out.to(hidden_states.dtype).reshape(hidden_states.shape)
+
+
+def _fused_experts(x: Tensor, topk_ids: Tensor, topk_weights: Tensor, w_gate_up: Tensor, w_down: Tensor,
+                   E: int) -> tuple[Tensor]:
+    """permute -> grouped_mlp (fused SwiGLU) -> combine: [T, H] -> ([T, H],)."""
+    permuted, expert_offsets, row_index = ops.grouped_permute(x, topk_ids, E)
+    expert_out = _swiglu_experts(permuted, w_gate_up, w_down, expert_offsets)
+    return (ops.grouped_combine(expert_out, topk_weights, row_index),)
 
 
 hf_moe.ExpertsInterface.register(IMPLEMENTATION, moge_experts_forward)
