@@ -12,7 +12,8 @@ Each experts module is built from the model's own transformers class (Qwen3MoeEx
 GptOssExperts) and a config with the real widths, random weights; it is called as the model's MoE block
 calls it, `experts(hidden [T, H], top_k_index [T, K] int64, top_k_weights [T, K] bf16)`, with ids from a
 random softmax router. Only `config._experts_implementation` changes between rows, so every
-implementation sees the same module, weights and routing.
+implementation sees the same module, weights and routing. "moge_graphs" is "moge" with the option
+eager_graphs (forward, eager, T <= 16: the experts step replayed from a CUDA graph per shape).
 
     model            H     I      E    top-k   experts module
     qwen3            2048  768    128  8       Qwen3-30B-A3B  (concatenated gate/up, SwiGLU)
@@ -55,7 +56,9 @@ SMOKE_MODELS = {   # --smoke: the same modules at tiny widths
 }
 TOKENS = (1, 128, 1024, 4096, 16384)
 SMOKE_TOKENS = (1, 7)
-IMPLS = ("moge", "grouped_mm", "batched_mm", "eager", "sonicmoe", "deepgemm")
+# moge_graphs: "moge" with the option eager_graphs (forward, eager calls of at most EAGER_GRAPHS_T tokens)
+IMPLS = ("moge", "moge_graphs", "grouped_mm", "batched_mm", "eager", "sonicmoe", "deepgemm")
+EAGER_GRAPHS_T = 16
 MODES = ("fwd", "fwd+bwd")
 MODE_ALIASES = {"fwd_bwd": "fwd+bwd", "fwdbwd": "fwd+bwd"}   # '+' is awkward in some shells and file names
 MAX_BATCHED_GB = 16.0       # batched_mm's gathered weights, [T*K, 2I, H] + [T*K, H, I] (x2 with grads)
@@ -102,6 +105,8 @@ def skip_reason(impl, model, T, mode, capture, models=MODELS):
         gb = T * K * 3 * H * I * 2 / 1e9 * (2 if mode == "fwd+bwd" else 1)
         if gb > MAX_BATCHED_GB:
             return f"gathers {gb:.0f} GB of weights"
+    if impl == "moge_graphs" and (capture or mode != "fwd" or T > EAGER_GRAPHS_T):
+        return f"the option eager_graphs: forward eager calls of at most {EAGER_GRAPHS_T} tokens"
     if impl == "eager":
         if capture:
             return "host sync per expert: not capturable"
@@ -112,7 +117,7 @@ def skip_reason(impl, model, T, mode, capture, models=MODELS):
 
 def make_call(module, impl, hidden, ids, weights, mode):
     """A zero-argument callable doing one call of `mode` (hidden/weights/params keep their grads)."""
-    module.config._experts_implementation = impl
+    module.config._experts_implementation = "moge" if impl == "moge_graphs" else impl
     if mode == "fwd":
         def call():
             with torch.no_grad():
@@ -255,6 +260,7 @@ def main(argv=None):
                             skipped.append(f"{model} T={T} {mode} {timing} {impl}: {why}")
                             continue
                         try:
+                            moge_kernels.set_options(eager_graphs=EAGER_GRAPHS_T if impl == "moge_graphs" else 0)
                             call = make_call(module, impl, hidden, ids, weights, mode)
                             ms = time_graph(call) if timing == "graph" else \
                                 time_eager(call, min_calls, min_seconds)
@@ -275,6 +281,7 @@ def main(argv=None):
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
+    moge_kernels.set_options(eager_graphs=0)
     print(markdown_tables(results, models, tokens, modes, timings, [i for i in impls if i not in unavailable]))
     if unavailable:
         print("\nnot available: " + "; ".join(f"{k}: {v}" for k, v in unavailable.items()))
