@@ -14,8 +14,11 @@ shared-expert weights, expert_mask), the grad/inference/autocast state and the c
 A replay reads those tensors where they were at capture: an in-place update (an optimizer step,
 load_state_dict, new mask values) is what the next replay computes with; a new tensor is a new key. A key is
 captured on its second call: the first runs as usual, compiling the kernels and checking the arguments,
-so errors are raised eagerly, never inside a capture. At most MAX_GRAPHS graphs are kept (least recently
-used out); each holds its inputs, outputs and intermediates in its own memory pool.
+so errors are raised eagerly, never inside a capture. A model has one key per layer and batch size: at
+most MAX_GRAPHS graphs are kept (least recently used out; a decode loop cycling through more keys than
+that would capture on every call, so raise it for deep models served at many batch sizes). Each graph
+holds its inputs, outputs and intermediates in its own memory pool (a few MB at decode sizes), so graphs
+of different layers may also be replayed on different streams.
 
 The kernels and their order are those of the eager call, so a replay's outputs equal the eager call's bit
 for bit (the Triton grouped_mlp's two-stream split, on under capture, computes every row as one stream
@@ -31,7 +34,7 @@ from torch import Tensor
 
 from . import options
 
-MAX_GRAPHS = 64
+MAX_GRAPHS = 512
 _MAX_SEEN = 4096     # keys called once and not captured yet (bounded when keys never repeat)
 
 
