@@ -71,6 +71,51 @@ def test_run_keeps_at_most_max_graphs(graph_stand_in, monkeypatch):
     assert eager_graphs.num_graphs() == 2 and len(graph_stand_in) == 4
 
 
+def test_applies_stays_out_of_torch_compile_and_empty_batches(monkeypatch):
+    """The rule itself (a stand-in for a CUDA tensor): never while dynamo traces (the transformers experts
+    ask before anything else, and is_current_stream_capturing is no call to trace), never at T = 0."""
+    hidden = type("CudaLike", (), {"is_cuda": True, "shape": (2, 8)})()
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    with mk.use_options(eager_graphs=16):
+        assert eager_graphs.applies(hidden)
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        assert not eager_graphs.applies(hidden)
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
+        hidden.shape = (0, 8)
+        assert not eager_graphs.applies(hidden)
+
+
+def test_run_keys_on_the_backend_and_kernel_options(graph_stand_in):
+    """What selects the kernels is in the key: a graph captured with one backend or config is not
+    replayed with another."""
+    x, w = torch.randn(3, 4), torch.randn(4, 4)
+    for opts in ({}, {"triton_mlp_streams": False}, {"cuda_gemm_tile": "big"},
+                 {"triton_gemm_config": "16,32,32,4,2"}, {"triton_autotune": True}, {"backend": "cpu"}, {}):
+        with mk.use_options(**opts):
+            for _ in range(2):
+                eager_graphs.run(lambda x: (x @ w,), (x,), (w,), "t")
+    assert eager_graphs.num_graphs() == 6 and [g.replays for g in graph_stand_in] == [3, 1, 1, 1, 1, 1]
+
+
+def test_run_never_captures_what_the_reference_backend_runs(graph_stand_in):
+    """The reference's ops sync with the host (tolist, bincount), which a capture cannot hold: a key whose
+    ops would run there (backend "reference", a dtype only the reference takes) stays eager."""
+    E, H, I, G = 8, 16, 8, 2
+    w_gate_up, w_down = make_expert_weights(E, H, I, seed=3)
+    hidden, logits = make_routing_inputs(3, E, H, seed=0)
+    with torch.no_grad():
+        want = mk.moge_forward(hidden, logits, w_gate_up, w_down, G)
+        with mk.use_backend("reference"):
+            got = [mk.moge_forward(hidden, logits, w_gate_up, w_down, G) for _ in range(3)]
+        got64 = [mk.moge_forward(hidden.double(), logits.double(), w_gate_up.double(), w_down.double(), G)
+                 for _ in range(3)]
+    assert eager_graphs.num_graphs() == 0 and not graph_stand_in
+    for out in got:
+        torch.testing.assert_close(out, want)
+    for out in got64:
+        torch.testing.assert_close(out, want.double())
+
+
 def test_compose_layer_replays_through_run(graph_stand_in):
     """moge_forward and MoGELayer hand their per-call tensors and the rest to eager_graphs.run (here on CPU,
     with the stand-in graph): the same outputs as without the option, one graph per layer signature."""
@@ -158,3 +203,32 @@ def test_gpu_no_graph_for_grad_large_batches_or_inside_a_capture():
             graph.replay()
             assert eager_graphs.num_graphs() == 1
             torch.testing.assert_close(out, layer(y), rtol=0, atol=0)
+
+
+@gpu
+def test_gpu_reference_backend_stays_eager():
+    """The reference's host syncs cannot be captured: with it selected, every call runs eagerly."""
+    E, H, I, G = 16, 256, 128, 4
+    w_gate_up, w_down = make_expert_weights(E, H, I, torch.bfloat16, "cuda", seed=1)
+    hidden, logits = _layer_inputs(2, seed=0)
+    with torch.no_grad(), mk.use_backend("reference"):
+        want = mk.moge_forward(hidden, logits, w_gate_up, w_down, G)
+        with mk.use_options(eager_graphs=8):
+            got = [mk.moge_forward(hidden, logits, w_gate_up, w_down, G) for _ in range(3)]
+        assert eager_graphs.num_graphs() == 0
+    for out in got:
+        assert torch.equal(out, want)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_gpu_layer_on_another_gpu_replays_there():
+    """A layer on cuda:1 called with cuda:0 current (device_map="auto"): captured and replayed on cuda:1."""
+    layer = mk.MoGELayer(256, 128, 16, 4, 1, device="cuda:1", dtype=torch.bfloat16).eval()
+    xs = [torch.randn(2, 256, device="cuda:1", dtype=torch.bfloat16) for _ in range(3)]
+    with torch.no_grad(), torch.cuda.device(0):
+        want = [layer(x) for x in xs]
+        with mk.use_options(eager_graphs=8):
+            got = [layer(x) for x in xs]
+        assert eager_graphs.num_graphs() == 1
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
