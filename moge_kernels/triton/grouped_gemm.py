@@ -52,7 +52,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import options, packing
+from .. import eager_graphs, options, packing
 from ..registry import register_kernel
 from . import DEVICES
 from . import gemm_configs
@@ -542,10 +542,11 @@ def choose_config(x, w, expert_offsets, out, swiglu) -> gemm_configs.GemmConfig:
     E = w.shape[0]
     cfg = _table_config(M, E, swiglu, x.dtype, x.device, gemm_configs.options_key())
     if (x.device.type != "cuda" or not gemm_configs.autotune_enabled()
-            or gemm_configs.forced_config() is not None
-            or torch.cuda.is_current_stream_capturing()):
+            or gemm_configs.forced_config() is not None):
         return cfg
     key = (triton.next_power_of_2(M), E, tuple(w.shape[1:]), x.dtype, swiglu, x.device.index)
+    if torch.cuda.is_current_stream_capturing():    # no timing here; a key tuned eagerly keeps its config
+        return _tuned.get(key, cfg)
     if key not in _tuned:
         scratch = torch.empty_like(out)
         timings = []
@@ -622,9 +623,9 @@ def _side_stream(device: torch.device) -> tuple:
 def _two_streams(x: torch.Tensor, E: int, I: int) -> bool:
     """Split the experts over two streams (CUDA 16-bit inputs, >= 2 experts): one half's down GEMM then
     runs beside the other half's gate_up, filling the gap between the launches. By default in the
-    regimes of gemm_configs.TWO_STREAM_REGIMES, and outside CUDA-graph capture only for expert weights of
-    at least EAGER_TWO_STREAM_MIN_WEIGHT_BYTES. MOGE_TRITON_MLP_STREAMS=0 / 1 turns it off / on for
-    every size."""
+    regimes of gemm_configs.TWO_STREAM_REGIMES, and outside CUDA-graph capture (or in an eager_graphs
+    capture) only for expert weights of at least EAGER_TWO_STREAM_MIN_WEIGHT_BYTES.
+    MOGE_TRITON_MLP_STREAMS=0 / 1 turns it off / on for every size."""
     if not x.is_cuda or E < 2 or x.dtype == torch.float32:
         return False
     flag = options.current.triton_mlp_streams
@@ -633,8 +634,9 @@ def _two_streams(x: torch.Tensor, E: int, I: int) -> bool:
     if gemm_configs.regime(x.shape[0], E) not in gemm_configs.TWO_STREAM_REGIMES:
         return False
     weight_bytes = 3 * E * x.shape[1] * I * x.element_size()          # gate, up and down
+    # an eager_graphs capture chooses as its eager call did (the graph replays that call, kernels and all)
     return (weight_bytes >= gemm_configs.EAGER_TWO_STREAM_MIN_WEIGHT_BYTES
-            or torch.cuda.is_current_stream_capturing())
+            or (torch.cuda.is_current_stream_capturing() and not eager_graphs.capturing))
 
 
 def grouped_mlp(x, w_gate_up, w_down, expert_offsets, row_scale=None):
