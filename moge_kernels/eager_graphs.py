@@ -15,7 +15,8 @@ backend (registry.get_backend()) and the options that change a kernel or its con
 A replay reads those tensors where they were at capture: an in-place update (an optimizer step,
 load_state_dict, new mask values) is what the next replay computes with; a new tensor is a new key. A key is
 captured on its second call: the first runs as usual, compiling the kernels and checking the arguments,
-so errors are raised eagerly, never inside a capture; a key whose ops would run on the reference backend
+so errors are raised eagerly, never inside a capture (a capture that fails anyway warns once and leaves
+its key eager); a key whose ops would run on the reference backend
 (float64, backend "reference", no GPU backend: host syncs, which a capture cannot hold) is never captured.
 A model has one key per layer and batch size: at most MAX_GRAPHS graphs are kept (least recently used out;
 a decode loop cycling through more keys than that would capture on every call, so raise it for deep models
@@ -36,6 +37,7 @@ a weight is freed when autocast exits: the graph must cast, as the eager call do
 """
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict
 from typing import Callable, NamedTuple
 
@@ -122,8 +124,16 @@ def run(fn: Callable[..., tuple], per_call: tuple, fixed: tuple, tag) -> tuple:
             return fn(*per_call)
         if not capturable:
             return fn(*per_call)
+        try:
+            entry = _capture(fn, per_call)
+        except Exception as err:   # noqa: BLE001  the call still runs: eagerly, from now on always
+            _seen[key] = False
+            warnings.warn(f"eager_graphs: a {tag} call could not be captured in a CUDA graph "
+                          f"({type(err).__name__}: {str(err)[:200]}); its key runs eagerly from now on",
+                          stacklevel=3)
+            return fn(*per_call)
         del _seen[key]
-        entry = _graphs[key] = _capture(fn, per_call)
+        _graphs[key] = entry
         if len(_graphs) > MAX_GRAPHS:
             _, evicted = _graphs.popitem(last=False)
             if all(e.device != evicted.device for e in _graphs.values()):

@@ -62,6 +62,20 @@ def test_run_keys_on_fixed_tensors_layouts_and_tag(graph_stand_in):
     assert len(graph_stand_in) == 5 and eager_graphs.num_graphs() == 5
 
 
+def test_a_failed_capture_warns_once_and_leaves_the_key_eager(graph_stand_in, monkeypatch):
+    def failing_capture(fn, per_call):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(eager_graphs, "_capture", failing_capture)
+    x = torch.randn(3, 2)
+    with pytest.warns(UserWarning, match="could not be captured.*runs eagerly"):
+        outs = [eager_graphs.run(lambda x: (x * 2,), (x,), (), "t") for _ in range(2)]
+    outs += [eager_graphs.run(lambda x: (x * 2,), (x,), (), "t") for _ in range(2)]   # no second warning
+    for (y,) in outs:
+        torch.testing.assert_close(y, x * 2, rtol=0, atol=0)
+    assert eager_graphs.num_graphs() == 0
+
+
 def test_run_keeps_at_most_max_graphs(graph_stand_in, monkeypatch):
     monkeypatch.setattr(eager_graphs, "MAX_GRAPHS", 2)
     for n in range(1, 5):
