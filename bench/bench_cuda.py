@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 
@@ -35,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import moge_kernels as mk  # noqa: E402
 from moge_kernels import reference as R  # noqa: E402
 from moge_kernels import registry  # noqa: E402
-from moge_kernels.bench.timing import measure_ceilings  # noqa: E402  (bytes/s, FLOP/s)
+from moge_kernels.bench.timing import capture_graph, measure_ceilings, median_ms  # noqa: E402
 
 PANGU = dict(H=5120, I=1344, E=64, G=8, k_g=1)
 DEFAULT_TS = (1, 16, 128, 1024, 4096, 16384)
@@ -43,37 +42,9 @@ OPS = ("grouped_dispatch", "grouped_combine", "grouped_mlp")
 
 
 # ----------------------------------------------------------------------------- timing
-def _median_ms(run, budget_ms=60.0, min_iters=5, max_iters=200):
-    """Median of event-timed calls of `run` (already warmed up) within about budget_ms."""
-    times = []
-    start_wall = time.perf_counter()
-    while len(times) < max_iters:
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        begin.record()
-        run()
-        end.record()
-        end.synchronize()
-        times.append(begin.elapsed_time(end))
-        if len(times) >= min_iters and (time.perf_counter() - start_wall) * 1e3 > budget_ms:
-            break
-    return statistics.median(times)
-
-
 def time_graph(fn, budget_ms=60.0):
     """fn() captured once in a CUDA graph; the median replay time (ms)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    ms = _median_ms(graph.replay, budget_ms)
-    del graph
+    ms = median_ms(capture_graph(fn), min_seconds=budget_ms / 1e3)
     torch.cuda.empty_cache()
     return ms
 
@@ -81,7 +52,7 @@ def time_graph(fn, budget_ms=60.0):
 def time_eager(fn, budget_ms=60.0):
     fn()
     torch.cuda.synchronize()
-    return _median_ms(fn, budget_ms)
+    return median_ms(fn, min_seconds=budget_ms / 1e3)
 
 
 # ----------------------------------------------------------------------------- problems

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 
@@ -137,22 +136,8 @@ def time_eager(call, min_calls=MIN_CALLS, min_seconds=MIN_SECONDS):
     call()
     if cuda:
         torch.cuda.synchronize()
-    times, start_all = [], time.perf_counter()
-    while len(times) < min_calls or time.perf_counter() - start_all < min_seconds:
-        if cuda:
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            call()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b))
-        else:   # --smoke on CPU: the host clock
-            start = time.perf_counter()
-            call()
-            times.append((time.perf_counter() - start) * 1e3)
-        if len(times) >= 200:
-            break
-    return statistics.median(times)
+    from moge_kernels.bench.timing import median_ms
+    return median_ms(call, min_calls, min_seconds, cuda=cuda)   # CPU (--smoke): the host clock
 
 
 def time_graph(call):

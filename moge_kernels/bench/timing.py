@@ -67,6 +67,18 @@ def elapsed_ms(fn: Callable, inner: int = 1, cuda: bool = True) -> float:
     return start.elapsed_time(end) / inner
 
 
+def median_ms(fn: Callable, min_calls: int = 5, min_seconds: float = 0.0, max_calls: int = 200,
+              cuda: bool = True) -> float:
+    """Median of single-call times of fn() (already warmed up; elapsed_ms of one call each, so no call
+    overlaps the next): at least min_calls calls and min_seconds of wall time, at most max_calls."""
+    times, start = [], time.perf_counter()
+    while len(times) < max_calls:
+        times.append(elapsed_ms(fn, 1, cuda))
+        if len(times) >= min_calls and time.perf_counter() - start >= min_seconds:
+            break
+    return statistics.median(times)
+
+
 def warm_up(fn: Callable, device: torch.device | None = None):
     """Two calls of fn off the default stream, as graph capture wants (compiles Triton kernels, creates
     library handles), then a device sync."""
