@@ -279,6 +279,11 @@ def _nothing_intercepts() -> bool:
                 or _forward_ad._current_level >= 0)
 
 
+def _untracked(t: Tensor, grad: bool) -> bool:
+    """A plain tensor (no subclass) that autograd does not record (grad: torch.is_grad_enabled())."""
+    return type(t) in _PLAIN_TENSOR_TYPES and not (grad and t.requires_grad)
+
+
 def _args_direct(args, kinds) -> bool:
     """direct_call_allowed's conditions on the arguments (the last three), `kinds` as in _ARG_KINDS."""
     if len(args) != len(kinds):
@@ -287,7 +292,7 @@ def _args_direct(args, kinds) -> bool:
     device_type = None
     for arg, kind in zip(args, kinds):
         if kind is Tensor or (kind is _OPTIONAL_TENSOR and arg is not None):
-            if type(arg) not in _PLAIN_TENSOR_TYPES or (grad and arg.requires_grad):
+            if not _untracked(arg, grad):
                 return False
             if device_type is None:
                 device_type = arg.device.type
@@ -308,7 +313,7 @@ def replay_allowed(*tensors: Tensor) -> bool:
     direct path, and no profiler (its traces keep the ops' names)."""
     grad = torch.is_grad_enabled()
     return (_nothing_intercepts() and not _profiler_enabled()
-            and all(type(t) in _PLAIN_TENSOR_TYPES and not (grad and t.requires_grad) for t in tensors))
+            and all(_untracked(t, grad) for t in tensors))
 
 
 def _run(op_name: str, *args):

@@ -165,9 +165,7 @@ def _ep_sentinels_possible() -> bool:
 
 # The ops through moge_kernels.ops: an eager call with nothing to record skips torch.ops' dispatcher there.
 def _swiglu_experts(permuted: Tensor, w_gate_up: Tensor, w_down: Tensor, expert_offsets: Tensor) -> Tensor:
-    records_grad = torch.is_grad_enabled() and (
-        permuted.requires_grad or w_gate_up.requires_grad or w_down.requires_grad)
-    if not records_grad:
+    if not ops.records_grad(permuted, w_gate_up, w_down):
         return ops.grouped_mlp(permuted, w_gate_up, w_down, expert_offsets)
     gate_up = ops.grouped_gemm(permuted, w_gate_up, expert_offsets)            # [M, 2I], saved
     return ops.grouped_gemm(ops.swiglu(gate_up), w_down, expert_offsets)
