@@ -79,9 +79,11 @@ def applies(hidden: Tensor) -> bool:
             and not torch.cuda.is_current_stream_capturing())
 
 
-def _describe(value):
+def _fixed_key(value):
+    """A fixed argument in the key: a tensor by pointer and layout (its device: the per-call tensors' one,
+    which the key holds, or a pointer no other GPU has), any other value as it is."""
     if isinstance(value, Tensor):
-        return (value.data_ptr(), tuple(value.shape), value.stride(), value.dtype, value.device)
+        return (value.data_ptr(), value.shape, value.stride(), value.dtype)
     return value
 
 
@@ -111,9 +113,10 @@ def run(fn: Callable[..., tuple], per_call: tuple, fixed: tuple, tag) -> tuple:
     if device.type == "cuda" and device.index != torch.cuda.current_device():
         with torch.cuda.device(device):
             return run(fn, per_call, fixed, tag)
-    key = (tag, tuple(_describe(v) for v in fixed), tuple(_describe(t)[1:] for t in per_call),
-           torch.is_grad_enabled(), torch.is_inference_mode_enabled(), torch.is_autocast_enabled("cuda"),
-           torch.get_autocast_dtype("cuda"), _selection())
+    key = (tag, tuple([_fixed_key(v) for v in fixed]),
+           tuple([(t.shape, t.stride(), t.dtype) for t in per_call]), device,
+           torch.is_grad_enabled(), torch.is_inference_mode_enabled(),
+           torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None, _selection())
     entry = _graphs.get(key)
     if entry is None:
         capturable = _seen.get(key)
@@ -145,7 +148,7 @@ def run(fn: Callable[..., tuple], per_call: tuple, fixed: tuple, tag) -> tuple:
     for buffer, t in zip(entry.inputs, per_call):
         buffer.copy_(t)
     entry.graph.replay()
-    return tuple(out.clone() for out in entry.outputs)
+    return tuple([out.clone() for out in entry.outputs])
 
 
 def _capture(fn: Callable[..., tuple], per_call: tuple) -> _Entry:

@@ -202,7 +202,7 @@ class MoGELayer(nn.Module):
             x, router_logits, *self._expert_weights(), self.num_groups, self.topk_per_group,
             self.router_scale, self.renormalize, self.score_func, self.shared_w_gate_up,
             self.shared_w_down, layer_ops=layer_ops, grad_experts=self._grad_experts(),
-            expert_mask=expert_mask)
+            expert_mask=expert_mask, need_offsets=self.training or return_aux_loss)
         aux = None
         if self.training or return_aux_loss:
             aux = self.load_balancing_loss(router_logits, expert_offsets)

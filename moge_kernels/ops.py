@@ -608,7 +608,8 @@ def compose_layer(hidden: Tensor, router_logits: Tensor, w_gate_up: Tensor, w_do
                   grad_experts: Optional[Callable] = None,
                   phase_hook: Optional[Callable[[str], None]] = None,
                   expert_mask: Optional[Tensor] = None,
-                  weights_check: Optional[Callable] = None) -> tuple[Tensor, Tensor]:
+                  weights_check: Optional[Callable] = None,
+                  need_offsets: bool = True) -> tuple[Tensor, Optional[Tensor]]:
     """The MoGE layer, written once: dispatch -> experts -> shared expert -> combine.
 
     moge_forward, MoGELayer and moge_kernels.parallel all run it. `weights_check`
@@ -618,7 +619,8 @@ def compose_layer(hidden: Tensor, router_logits: Tensor, w_gate_up: Tensor, w_do
     row exchange around the local experts); `grad_experts`, of the same signature, replaces it where
     autograd records the experts (MoGELayer's activation-saving training path; run_experts).
     `phase_hook(name)` is called before "route", "combine" and at "end". Returns (out [T, H],
-    expert_offsets [E+1] int32 of the local routing).
+    expert_offsets [E+1] int32 of the local routing), or (out, None) with need_offsets=False (a replayed
+    call then copies out only the output).
 
     With the package's own ops and nothing recording the call (direct_call_allowed for every argument),
     the ops' device kernels are called straight from here (_compose_direct): the same checks, kernels
@@ -630,8 +632,8 @@ def compose_layer(hidden: Tensor, router_logits: Tensor, w_gate_up: Tensor, w_do
         if _nothing_intercepts() and not _profiler_enabled() and _args_direct(layer_args, _LAYER_KINDS):
             if _on_other_gpu(hidden):
                 with torch.cuda.device(hidden.device):
-                    return _compose_direct_or_replay(layer_args, weights_check)
-            return _compose_direct_or_replay(layer_args, weights_check)
+                    return _compose_direct_or_replay(layer_args, weights_check, need_offsets)
+            return _compose_direct_or_replay(layer_args, weights_check, need_offsets)
     if weights_check is not None:
         cached_check("moge_forward", weights_check,
                      (hidden, router_logits, w_gate_up, w_down, shared_w_gate_up, shared_w_down))
@@ -652,7 +654,7 @@ def compose_layer(hidden: Tensor, router_logits: Tensor, w_gate_up: Tensor, w_do
     out = layer_ops.combine(expert_out, topk_weights, row_index, shared_out)
     if phase_hook is not None:
         phase_hook("end")
-    return out, expert_offsets
+    return out, (expert_offsets if need_offsets else None)
 
 
 # compose_layer's arguments as _compose_direct takes them, kinds as in _ARG_KINDS: plain tensors for the
@@ -667,16 +669,20 @@ _LAYER_KINDS = (Tensor, Tensor, Tensor, Tensor, int, int, _OPTIONAL_TENSOR, bool
 _layer_checked: dict[tuple, tuple] = {}
 
 
-def _compose_direct_or_replay(layer_args, weights_check):
-    """_compose_direct, or its replay from a CUDA graph where the option eager_graphs applies."""
+def _compose_direct_or_replay(layer_args, weights_check, need_offsets):
+    """_compose_direct, or its replay from a CUDA graph where the option eager_graphs applies (the graph's
+    outputs that are copied out: out, and expert_offsets where the caller reads them)."""
     if not eager_graphs.applies(layer_args[0]):
-        return _compose_direct(layer_args, weights_check)
+        out, expert_offsets = _compose_direct(layer_args, weights_check)
+        return out, (expert_offsets if need_offsets else None)
     fixed = layer_args[2:]
 
     def layer(hidden, router_logits):
-        return _compose_direct((hidden, router_logits) + fixed, weights_check)
+        out, expert_offsets = _compose_direct((hidden, router_logits) + fixed, weights_check)
+        return (out, expert_offsets) if need_offsets else (out,)
 
-    return eager_graphs.run(layer, layer_args[:2], fixed, ("compose_layer", weights_check))
+    outputs = eager_graphs.run(layer, layer_args[:2], fixed, ("compose_layer", weights_check, need_offsets))
+    return outputs if need_offsets else (outputs[0], None)
 
 
 def _compose_direct(layer_args, weights_check):
@@ -743,4 +749,5 @@ def moge_forward(hidden: Tensor, router_logits: Tensor, w_gate_up: Tensor, w_dow
     op runs. Differentiable in every tensor argument; works under torch.compile(fullgraph=True)."""
     return compose_layer(hidden, router_logits, w_gate_up, w_down, num_groups, topk_per_group,
                          expert_scale, renormalize, score_func, shared_w_gate_up, shared_w_down,
-                         expert_mask=expert_mask, weights_check=checks.check_layer_weights)[0]
+                         expert_mask=expert_mask, weights_check=checks.check_layer_weights,
+                         need_offsets=False)[0]
