@@ -150,6 +150,29 @@ def test_compose_layer_replays_through_run(graph_stand_in):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_replays_copy_out_expert_offsets_only_where_the_caller_reads_them(graph_stand_in):
+    """moge_forward drops expert_offsets: its graph's only output is the layer's; MoGELayer asked for the
+    auxiliary loss gets expert_offsets from its own graph, and the loss of the eager call."""
+    E, H, I, G = 8, 16, 8, 2
+    w_gate_up, w_down = make_expert_weights(E, H, I, seed=3)
+    inputs = [make_routing_inputs(3, E, H, seed=s) for s in range(3)]
+    layer = mk.MoGELayer(H, I, E, G, 1).eval()
+    with torch.no_grad():
+        for h, l in inputs:
+            mk.moge_forward(h, l, w_gate_up, w_down, G)
+        got = [layer(h, return_aux_loss=True) for h, _ in inputs]
+        assert [len(g.outputs) for g in graph_stand_in] == [1, 2]
+        eager_graphs.clear()
+        with mk.use_options(eager_direct=False):
+            want = [layer(h, return_aux_loss=True) for h, _ in inputs]
+    for (out, aux), (want_out, want_aux) in zip(got, want):
+        torch.testing.assert_close(out, want_out, rtol=0, atol=0)
+        torch.testing.assert_close(aux, want_aux, rtol=0, atol=0)
+    out, offsets = mk.ops.compose_layer(inputs[0][0], inputs[0][1], w_gate_up, w_down, G, 1, None, False,
+                                         "softmax", None, None, need_offsets=False)
+    assert offsets is None and out.shape == inputs[0][0].shape
+
+
 # ------------------------------------------------------------------------------------------ GPU
 def _layer_inputs(T, seed, E=16, H=256):
     return make_routing_inputs(T, E, H, torch.bfloat16, "cuda", seed=seed)
