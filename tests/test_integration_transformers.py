@@ -302,11 +302,12 @@ def test_triton_backend_through_the_interpreter():
 
 
 def test_eager_graphs_replay_the_fused_experts(graph_stand_in):
-    """With the option eager_graphs, the fused-SwiGLU experts step goes through eager_graphs.run (on CPU
-    with a stand-in graph): the same logits as without it; the GEMM + model gate path (gpt-oss) never."""
+    """With the option eager_graphs, the experts step goes through eager_graphs.run (on CPU with a stand-in
+    graph), the fused SwiGLU (Qwen3-MoE) and the GEMMs around the module's own gate with biases (gpt-oss):
+    the same logits as without it."""
     from moge_kernels import eager_graphs
     input_ids = [torch.randint(0, VOCAB, (1, 3), generator=torch.Generator().manual_seed(s)) for s in range(3)]
-    for name, graphs in (("qwen3_moe", 2), ("gpt_oss", 0)):    # one per layer: its weights are the key
+    for name, graphs in (("qwen3_moe", 2), ("gpt_oss", 2)):    # one per layer: its weights are the key
         model, _ = _model(name)
         model.set_experts_implementation("moge")
         with torch.no_grad():
@@ -346,11 +347,13 @@ def test_bf16_cuda_matches_eager(name):
 
 @requires_cuda
 @pytest.mark.gpu
-def test_bf16_cuda_eager_graphs_equal_eager_decode():
-    """Device: decode-sized calls (one token) of a bf16 Qwen3-MoE with eager_graphs replay the experts from
-    CUDA graphs and give the logits of the plain eager calls, bit for bit."""
+@pytest.mark.parametrize("name", ["qwen3_moe", "gpt_oss"])
+def test_bf16_cuda_eager_graphs_equal_eager_decode(name):
+    """Device: decode-sized calls (one token) of a bf16 Qwen3-MoE (fused SwiGLU) and gpt-oss (its own gate,
+    biases) with eager_graphs replay the experts from CUDA graphs and give the logits of the plain eager
+    calls, bit for bit."""
     from moge_kernels import eager_graphs
-    model, _ = _model("qwen3_moe")
+    model, _ = _model(name)
     model = model.cuda().bfloat16()
     model.set_experts_implementation("moge")
     steps = [torch.randint(0, VOCAB, (1, 1), generator=torch.Generator().manual_seed(s)).cuda()

@@ -23,10 +23,12 @@ declares (its decorator flags) and what it defines:
                                                     interleaved), so no weight is reordered
     has_gate=False (ungated, e.g. Nemotron-H)       grouped_gemm(up_proj) -> act_fn -> grouped_gemm(down_proj)
 
-With the option `eager_graphs = N` (moge_kernels/eager_graphs.py), the fused-SwiGLU step of an eager call
-of at most N tokens on a GPU with nothing to record (generate() without a compiled graph) is replayed
-from a CUDA graph captured per shape and weights: the decode step's host work is then a copy in, one
-replay and a clone out.
+With the option `eager_graphs = N` (moge_kernels/eager_graphs.py), the experts step of an eager call of
+at most N tokens on a GPU with nothing to record (generate() without a compiled graph) is replayed from a
+CUDA graph captured per module, shape and weights: the decode step's host work is then a copy in, one
+replay and a clone out. For the module's own gate this captures its _apply_gate / act_fn as well: a
+replay runs it as it ran at capture (an attribute it reads, e.g. gpt-oss's `limit`, changed later is not
+seen; a gate that cannot be captured, e.g. one that syncs, warns once and runs eagerly).
 
 Weight layouts. The kernels take expert weights as [E, N, K] with unit stride along K (nn.Linear's
 layout, which is transformers' default, is_transposed=False): those run as they are, no copy. Transposed
@@ -205,17 +207,25 @@ def moge_experts_forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k
     if mask_tail:
         topk_ids = torch.where(topk_ids < E, topk_ids, -1)
     topk_weights = top_k_weights.reshape(topk_ids.shape)
-    if not _fused_swiglu(self):
-        permuted, expert_offsets, row_index = ops.grouped_permute(x, topk_ids, E)
-        expert_out = _gemm_gate_experts(self, permuted, w_up, w_down, expert_offsets, mask_tail)
-        out = ops.grouped_combine(expert_out, topk_weights, row_index)
-    elif eager_graphs.applies(x) and ops.replay_allowed(x, topk_ids, topk_weights, w_up, w_down):
+    per_call = (x, topk_ids, topk_weights)
+    if _fused_swiglu(self):
         def experts(x, topk_ids, topk_weights):
             return _fused_experts(x, topk_ids, topk_weights, w_up, w_down, E)
 
-        out, = eager_graphs.run(experts, (x, topk_ids, topk_weights), (w_up, w_down, E), IMPLEMENTATION)
+        weights, fixed = (w_up, w_down), (E,)
     else:
-        out, = _fused_experts(x, topk_ids, topk_weights, w_up, w_down, E)
+        def experts(x, topk_ids, topk_weights):
+            return _gate_experts(self, x, topk_ids, topk_weights, w_up, w_down, mask_tail)
+
+        # the module's gate is captured too: its class, identity and every tensor it holds (biases, and
+        # whatever its gate may read) are part of the key
+        weights = (w_up, w_down) + tuple(t for t in self._parameters.values() if t is not None) + \
+            tuple(t for t in self._buffers.values() if t is not None)
+        fixed = (mask_tail, type(self), id(self))
+    if eager_graphs.applies(x) and ops.replay_allowed(*per_call, *weights):
+        out, = eager_graphs.run(experts, per_call, weights + fixed, IMPLEMENTATION)
+    else:
+        out, = experts(*per_call)
     return out.to(hidden_states.dtype).reshape(hidden_states.shape)
 
 
@@ -224,6 +234,14 @@ def _fused_experts(x: Tensor, topk_ids: Tensor, topk_weights: Tensor, w_gate_up:
     """permute -> grouped_mlp (fused SwiGLU) -> combine: [T, H] -> ([T, H],)."""
     permuted, expert_offsets, row_index = ops.grouped_permute(x, topk_ids, E)
     expert_out = _swiglu_experts(permuted, w_gate_up, w_down, expert_offsets)
+    return (ops.grouped_combine(expert_out, topk_weights, row_index),)
+
+
+def _gate_experts(module, x: Tensor, topk_ids: Tensor, topk_weights: Tensor, w_up: Tensor, w_down: Tensor,
+                  mask_tail: bool) -> tuple[Tensor]:
+    """permute -> grouped_gemm, the module's gate, grouped_gemm -> combine: [T, H] -> ([T, H],)."""
+    permuted, expert_offsets, row_index = ops.grouped_permute(x, topk_ids, w_up.shape[0])
+    expert_out = _gemm_gate_experts(module, permuted, w_up, w_down, expert_offsets, mask_tail)
     return (ops.grouped_combine(expert_out, topk_weights, row_index),)
 
 
