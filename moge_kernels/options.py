@@ -25,7 +25,7 @@ attribute of a plain object: no environment access and no parsing per call.
 | bwd_gemm           | MOGE_BWD_GEMM            | "auto" (torch._grouped_mm where it applies) or "triton" | "auto" |
 | ascend_impl        | MOGE_ASCEND_IMPL         | "python" (torch_npu operators) or "cpp" (the CANN extension) | "python" |
 | eager_direct       | MOGE_EAGER_DIRECT        | bool: a public op called eagerly with nothing to record calls its kernel without torch.ops' dispatcher (ops.direct_call_allowed) | True |
-| eager_graphs       | MOGE_EAGER_GRAPHS        | int >= 0: eager layer calls (moge_forward, MoGELayer) of at most this many tokens on a GPU replay a CUDA graph captured per signature (moge_kernels/eager_graphs.py); 0 = off | 0 |
+| eager_graphs       | MOGE_EAGER_GRAPHS        | int >= 0: eager layer calls (moge_forward, MoGELayer, transformers' "moge" experts) of at most this many tokens on a GPU replay a CUDA graph captured per signature (moge_kernels/eager_graphs.py); 0 = off | 0 |
 
 Booleans: True/False in code; "1"/"true"/"yes"/"on" and "0"/"false"/"no"/"off" (any case) in the
 environment. An empty variable is the same as an unset one.
