@@ -117,7 +117,9 @@ at::Tensor grouped_gemm_npu(const at::Tensor& x, const at::Tensor& w, const at::
   if (M == 0) return x.new_empty({0, N});
   MOGE_CHECK_VALUE(E <= kMaxGmmGroups, "ascend grouped_gemm: npu_grouped_matmul takes at most ",
                     kMaxGmmGroups, " experts, got w with E=", E);
-  std::vector<at::Tensor> xs{x.contiguous()}, weights{weight_kn(w)}, ys{at::empty({M, N}, x.options())};
+  // zeros, not empty: the grouped matmul writes only the rows of its groups, and the contract's rows past
+  // expert_offsets[E] (dropped slots) are zero; finding them on the host would sync
+  std::vector<at::Tensor> xs{x.contiguous()}, weights{weight_kn(w)}, ys{at::zeros({M, N}, x.options())};
   at::TensorList x_list(xs), weight_list(weights), y_list(ys), none;
   auto group_list = expert_offsets.slice(0, 1).to(at::kLong);      // [E] int64 cumulative row ends
   // split_item 2: one output tensor; group_type 0: groups along M; group_list_type 0: cumsum; act_type 0.
