@@ -267,6 +267,20 @@ def test_unsupported_weights_fall_back_to_grouped_mm_with_one_warning():
         torch.testing.assert_close(g, want, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("name", ARCHS)
+def test_generate_matches_eager(name):
+    """model.generate (greedy, KV cache: a prefill then one-token decode steps) with "moge" gives the
+    tokens of "eager"."""
+    model, _ = _model(name)
+    input_ids = torch.randint(0, VOCAB, (2, 5), generator=torch.Generator().manual_seed(0))
+    tokens = {}
+    for impl in ("eager", "moge"):
+        model.set_experts_implementation(impl)
+        tokens[impl] = model.generate(input_ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert tokens["moge"].shape == (2, 11)
+    assert torch.equal(tokens["moge"], tokens["eager"])
+
+
 def test_torch_compile_fullgraph_forward_and_backward():
     """One Qwen3-MoE sparse block compiled with fullgraph=True (aot_eager on CPU: AOTAutograd over the
     fake kernels), forward and backward, against the uncompiled block."""
