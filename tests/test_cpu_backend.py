@@ -64,6 +64,39 @@ def test_grouped_gemm_and_mlp_match_reference(dtype, M, E):
         check_gemm_and_mlp(mk.grouped_gemm, mk.grouped_mlp, dtype, M, E)
 
 
+# rows per expert of E=16: batched (<= 32 rows, most experts with rows), per expert (a slice of 33; half
+# the experts empty), and every expert empty
+PATH_COUNTS = {"batched": [3, 0, 1, 32, 2, 5, 0, 7, 1, 1, 4, 0, 2, 9, 3, 6],
+               "batched_one_row": [1] * 16,
+               "per_expert_rows": [33, 1, 0, 4, 2, 2, 0, 8, 3, 1, 1, 0, 5, 2, 7, 1],
+               "per_expert_empty": [4, 0, 0, 2, 0, 0, 9, 0, 0, 1, 0, 0, 3, 0, 0, 5],
+               "all_empty": [0] * 16}
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
+@pytest.mark.parametrize("path", list(PATH_COUNTS))
+def test_batched_and_per_expert_paths_match_reference(dtype, path):
+    """The CPU GEMMs take one batched matmul where most experts have at most 32 rows, one matmul per
+    expert otherwise: both against the reference, with rows past expert_offsets[E] (dropped slots:
+    zero) and row_scale."""
+    counts = torch.tensor(PATH_COUNTS[path])
+    E, H, I, dropped = len(counts), 24, 12, 5
+    offsets = torch.zeros(E + 1, dtype=torch.int32)
+    offsets[1:] = counts.cumsum(0)
+    kept = int(offsets[-1])
+    g = torch.Generator().manual_seed(E + kept)
+    x = torch.randn(kept + dropped, H, generator=g).to(dtype)
+    w_gate_up, w_down = make_expert_weights(E, H, I, dtype)
+    row_scale = torch.rand(kept + dropped, generator=g)
+    tol = TOLERANCES.get(dtype, dict(rtol=1e-10, atol=1e-10))
+    with mk.use_backend("cpu"):
+        y = mk.grouped_gemm(x, w_gate_up, offsets)
+        z = mk.grouped_mlp(x, w_gate_up, w_down, offsets, row_scale)
+    torch.testing.assert_close(y, R.grouped_gemm(x, w_gate_up, offsets), **tol)
+    torch.testing.assert_close(z, R.grouped_mlp(x, w_gate_up, w_down, offsets, row_scale), **tol)
+    assert not y[kept:].any() and not z[kept:].any()
+
+
 def test_grouped_gemm_non_contiguous():
     M, E, H, N = 29, 4, 16, 12
     x = torch.randn(H, M).t()
