@@ -34,12 +34,14 @@ MODELS = {   # name: (H, E, K)
 }
 
 # Tilings of the triton kernel the --variants columns try (name: (max count blocks or None for the
-# default, copy (BLOCK_T, num_warps) or None)): the count-block cap trades each rank program's serial walk
-# against the one-program scan; the copy tile trades index round trips per byte against occupancy.
+# default, copy (BLOCK_T, num_warps) or None, programmatic dependent launch or None for the default)):
+# the count-block cap trades each rank program's serial walk against the one-program scan; the copy tile
+# trades index round trips per byte against occupancy; no_pdl launches the chain without PDL.
 VARIANTS = {
-    "blocks128": (128, None),
-    "blocks512": (512, None),
-    "copy8x8w": (None, (8, 8)),
+    "blocks128": (128, None, None),
+    "blocks512": (512, None, None),
+    "copy8x8w": (None, (8, 8), None),
+    "no_pdl": (None, None, False),
 }
 
 
@@ -47,8 +49,8 @@ def graph_ms(fn, timer: Timer, reps: int = 20) -> float:
     return sorted(timer.samples(capture_graph(fn), reps))[reps // 2]
 
 
-def triton_variant(hidden, ids, E, max_blocks, copy):
-    """grouped_permute of the triton backend at a given count-block cap / copy tile."""
+def triton_variant(hidden, ids, E, max_blocks, copy, pdl):
+    """grouped_permute of the triton backend at a given count-block cap / copy tile / PDL choice."""
     from moge_kernels.triton import permute as tp
     T, K = ids.shape
     count_config = tp._count_config(T, K, E, max_blocks) if max_blocks else None
@@ -56,7 +58,8 @@ def triton_variant(hidden, ids, E, max_blocks, copy):
     if copy:
         _, block_h, _ = tp._copy_config(T, hidden.shape[1])
         copy_config = (copy[0], block_h, copy[1])
-    return lambda: tp.grouped_permute(hidden, ids, E, count_config=count_config, copy_config=copy_config)
+    return lambda: tp.grouped_permute(hidden, ids, E, count_config=count_config, copy_config=copy_config,
+                                      pdl=pdl)
 
 
 def profile_us(fn, reps: int = 10) -> str:

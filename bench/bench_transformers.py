@@ -21,9 +21,11 @@ eager_graphs (forward, eager, T <= 16: the experts step replayed from a CUDA gra
     gpt-oss          2880  2880   32   4       gpt-oss-20b    (transposed, interleaved, biases, clamped SwiGLU)
 
 Timing: "eager" = the plain call as a transformers user makes it (torch.no_grad() for fwd; fwd+bwd =
-call + backward of a fixed output gradient into the hidden states, routing weights and expert weights),
-timed per call with CUDA events; "graph" = the same captured once into a CUDA graph and replayed. Medians
-over at least 5 calls / 0.15 s, after warm-up, L2 not flushed (back-to-back calls, as in a model). Rows an
+call + backward of a fixed output gradient into the hidden states, routing weights and expert weights);
+"graph" = the same captured once into a CUDA graph and replayed. Each sample is CUDA events around
+INNER_CALLS back-to-back calls (as a model's layers follow each other: where the host is slower than the
+GPU the sample is the host's time per call, without a sync's wake-up per call); medians over at least 5
+samples / 0.15 s, after warm-up, L2 not flushed. Rows an
 implementation cannot run say why: batched_mm materialises one weight matrix per (token, slot) and is
 skipped where that passes MAX_BATCHED_GB; eager (a Python loop with a host sync per expert) runs to
 T=4096 and cannot be captured; an implementation that fails to load says so.
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import time
 
@@ -63,6 +66,7 @@ MODE_ALIASES = {"fwd_bwd": "fwd+bwd", "fwdbwd": "fwd+bwd"}   # '+' is awkward in
 MAX_BATCHED_GB = 16.0       # batched_mm's gathered weights, [T*K, 2I, H] + [T*K, H, I] (x2 with grads)
 MAX_EAGER_T = 4096
 MIN_CALLS, MIN_SECONDS = 5, 0.15
+INNER_CALLS = 10            # back-to-back calls per timed sample
 
 
 def build_experts(model: str, device, dtype, models=MODELS):
@@ -131,13 +135,20 @@ def make_call(module, impl, hidden, ids, weights, mode):
     return call
 
 
-def time_eager(call, min_calls=MIN_CALLS, min_seconds=MIN_SECONDS):
+def time_eager(call, min_calls=MIN_CALLS, min_seconds=MIN_SECONDS, inner=INNER_CALLS):
+    """ms per call: the median over samples of `inner` back-to-back calls each (events around the run),
+    at least min_calls samples and min_seconds."""
     cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
     call()
     if cuda:
         torch.cuda.synchronize()
-    from moge_kernels.bench.timing import median_ms
-    return median_ms(call, min_calls, min_seconds, cuda=cuda)   # CPU (--smoke): the host clock
+    from moge_kernels.bench.timing import elapsed_ms
+    samples, start = [], time.perf_counter()
+    while len(samples) < min_calls or time.perf_counter() - start < min_seconds:
+        samples.append(elapsed_ms(call, inner, cuda))   # CPU (--smoke): the host clock
+        if len(samples) >= 200:
+            break
+    return statistics.median(samples)
 
 
 def time_graph(call):
@@ -153,6 +164,46 @@ def check_against(module, hidden, ids, weights, ref_impl="grouped_mm"):
         module.config._experts_implementation = ref_impl
         want = module(hidden, ids, weights).float()
     return ((got - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
+
+
+def profile_host(models, T, shapes, device, dtype):
+    """--profile: for each model, the host time per moge / grouped_mm forward in a back-to-back loop, then
+    the top of a cProfile of 200 moge calls and torch.profiler's CPU table of 50 (eager_graphs off)."""
+    import cProfile
+    import io
+    import pstats
+
+    from torch.profiler import ProfilerActivity, profile
+    for model in models:
+        H, I, E, K = shapes[model]
+        module = build_experts(model, device, dtype, shapes)
+        hidden, ids, weights = routing(T, H, E, K, device, dtype)
+        for impl in ("moge", "grouped_mm"):
+            call = make_call(module, impl, hidden, ids, weights, "fwd")
+            for _ in range(20):
+                call()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(200):
+                call()
+            host_us = (time.perf_counter() - start) / 200 * 1e6
+            print(f"{model} T={T} {impl}: host {host_us:.1f} us per call (200 back-to-back calls)", flush=True)
+        call = make_call(module, "moge", hidden, ids, weights, "fwd")
+        pr = cProfile.Profile()
+        pr.enable()
+        for _ in range(200):
+            call()
+        pr.disable()
+        out = io.StringIO()
+        pstats.Stats(pr, stream=out).sort_stats("tottime").print_stats(30)
+        print(f"=== cProfile, {model} T={T} moge forward, 200 calls ===\n{out.getvalue()}")
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(50):
+                call()
+        print(f"=== torch.profiler, {model} T={T} moge forward, 50 calls (CPU time) ===")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+    return 0
 
 
 def _names(parser, flag, value, known, aliases=None):
@@ -194,6 +245,9 @@ def main(argv=None):
     p.add_argument("--no-graph", action="store_true", help="eager calls only")
     p.add_argument("--budget-s", type=float, default=270.0,
                    help="skip what is left (and say so) once this many seconds have passed")
+    p.add_argument("--profile", action="store_true",
+                   help="instead of the sweep: where the host time of a moge forward goes (cProfile of "
+                        "200 eager calls, then torch.profiler's CPU table) for each model at the first T")
     p.add_argument("--smoke", action="store_true",
                    help="CPU, tiny widths, fp32, eager calls: checks the script, not the speed")
     args = p.parse_args(argv)
@@ -225,6 +279,8 @@ def main(argv=None):
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu (--smoke: tiny widths)"
     print(f"device: {name}  torch {torch.__version__}  transformers {transformers.__version__}  "
           f"moge_kernels backend {moge_kernels.get_backend()}  {str(dtype).split('.')[-1]}, ms (median)")
+    if args.profile:
+        return profile_host(models, tokens[0], shapes, device, dtype)
     unavailable, skipped, results = {}, [], {}
     for model in models:
         H, I, E, K = shapes[model]

@@ -21,6 +21,7 @@ attribute of a plain object: no environment access and no parsing per call.
 | triton_gemm_config | MOGE_TRITON_GEMM_CONFIG  | None, or "BM,BN,BK,warps,stages[,tma[,split_m[,split_n[,persistent[,tail_m]]]]]" (a string, a sequence of ints or a GemmConfig): one Triton grouped-GEMM config for every launch | None |
 | triton_autotune    | MOGE_TRITON_AUTOTUNE     | bool: time the candidate configs of a key on its first call (never under graph capture) | False |
 | triton_mlp_streams | MOGE_TRITON_MLP_STREAMS  | "auto" (from 32 rows per expert) or bool: Triton grouped_mlp's expert halves on two streams | "auto" |
+| triton_pdl         | MOGE_TRITON_PDL          | bool: the Triton permute and dispatch launch their later kernels with programmatic dependent launch on sm_90+ (each starts while the one before it finishes) | True |
 | cuda_gemm_tile     | MOGE_CUDA_GEMM_TILE      | CUDA_GEMM_TILES: the cuda backend's many-rows GEMM tile | "auto" |
 | bwd_gemm           | MOGE_BWD_GEMM            | "auto" (torch._grouped_mm where it applies) or "triton" | "auto" |
 | ascend_impl        | MOGE_ASCEND_IMPL         | "python" (torch_npu operators) or "cpp" (the CANN extension) | "python" |
@@ -167,6 +168,7 @@ _OPTIONS = {opt.name: opt for opt in (
     _Option("triton_gemm_config", "MOGE_TRITON_GEMM_CONFIG", _gemm_config, None),
     _Option("triton_autotune", "MOGE_TRITON_AUTOTUNE", _bool, False),
     _Option("triton_mlp_streams", "MOGE_TRITON_MLP_STREAMS", _auto_or_bool, None),
+    _Option("triton_pdl", "MOGE_TRITON_PDL", _bool, True),
     _Option("cuda_gemm_tile", "MOGE_CUDA_GEMM_TILE", _choice(CUDA_GEMM_TILES), "auto"),
     _Option("bwd_gemm", "MOGE_BWD_GEMM", _choice(("auto", "triton")), "auto"),
     _Option("ascend_impl", "MOGE_ASCEND_IMPL", _choice(("python", "cpp")), "python"),

@@ -427,3 +427,33 @@ def test_gpu_gemm_and_mlp_zero_rows_past_offsets_at_scale(backend, M, E, H, I, k
     with mk.use_backend("reference"):
         ref = mk.grouped_mlp(x.detach(), w_gate_up, w_down, offsets)[:kept]
     assert relative_error(z[:kept], ref) < 1e-2          # bf16 GEMMs: a norm-wise check, not elementwise
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("T", [5, 300, 4096])
+def test_gpu_pdl_on_and_off_agree(T):
+    """The triton permute's launch chain with programmatic dependent launch (the default on sm_90+) and
+    without it: the same outputs, eagerly and replayed from a CUDA graph on new ids; T = 5 skips the scan
+    launch (the copy scans), 4096 runs it."""
+    from moge_kernels.triton import permute as tp
+    K, E, H = 8, 128, 2048
+    hidden = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
+    ids = make_topk_ids(T, K, E, seed=T, device="cuda", drop=0.1)
+    ref = R.permute(hidden, ids, E)
+    for pdl in (True, False):
+        torch.empty(1 << 26, device="cuda").fill_(float("nan"))
+        assert_permute_equal(tp.grouped_permute(hidden, ids, E, pdl=pdl), ref)
+    with mk.use_options(triton_pdl=True), mk.use_backend("triton"):
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            mk.grouped_permute(hidden, ids, E)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = mk.grouped_permute(hidden, ids, E)
+    for seed in (1, 2):
+        ids.copy_(make_topk_ids(T, K, E, seed=seed, device="cuda", drop=0.2))
+        hidden.copy_(torch.randn_like(hidden))
+        graph.replay()
+        assert_permute_equal(out, R.permute(hidden, ids, E))

@@ -212,3 +212,16 @@ def test_cuda_graph_replay():
         static_logits.copy_(logits)
         graph.replay()
         assert_dispatch_equal(static_out, R.grouped_dispatch(hidden, logits, G))
+
+
+@requires_cuda
+@pytest.mark.parametrize("T", [300, 4096])
+def test_pdl_on_and_off_agree(T):
+    """The three-launch dispatch with programmatic dependent launch (default on sm_90+) and without:
+    identical outputs (T = 300: the permute programs scan; 4096: the scan launch runs)."""
+    from moge_kernels.triton import dispatch as td
+    hidden, logits = make_routing_inputs(T, 64, 5120, torch.bfloat16, "cuda", seed=T)
+    ref = R.grouped_dispatch(hidden, logits, 8)
+    for pdl in (True, False):
+        torch.empty(1 << 26, device="cuda").fill_(float("nan"))
+        assert_dispatch_equal(td.grouped_dispatch(hidden, logits, 8, pdl=pdl), ref)

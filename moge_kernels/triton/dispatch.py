@@ -56,7 +56,7 @@ from ..ops import supports_score_funcs
 from ..reference import ScoreFunc
 from ..registry import register_kernel
 from . import DEVICES
-from .launch import Kernel
+from .launch import Kernel, gdc_launch_dependents, gdc_wait, use_pdl
 
 try:  # accurate expf (the one PyTorch's CUDA softmax uses); Triton's tl.exp is ex2.approx on fp32
     from triton.language.extra import libdevice
@@ -189,9 +189,11 @@ def _route_kernel(
     E: tl.constexpr, S: tl.constexpr, G: tl.constexpr, K_G: tl.constexpr, K: tl.constexpr,
     G_PAD: tl.constexpr, S_PAD: tl.constexpr, KG_PAD: tl.constexpr,
     BLOCK_T: tl.constexpr, SCORE_FUNC: tl.constexpr, RENORMALIZE: tl.constexpr, HAS_SCALE: tl.constexpr,
-    PRECISE: tl.constexpr,
+    PRECISE: tl.constexpr, USE_GDC: tl.constexpr,
 ):
     """Grid (NB,): program b routes tokens [b*BLOCK_T, (b+1)*BLOCK_T)."""
+    if USE_GDC:   # the next launch (scan or permute) may start now; it waits for this one before reading
+        gdc_launch_dependents()
     pid = tl.program_id(0)
     t3 = (pid * BLOCK_T + tl.arange(0, BLOCK_T))[:, None, None]     # [BT, 1, 1] token
     g3 = tl.arange(0, G_PAD)[None, :, None]
@@ -303,9 +305,12 @@ def _scan_kernel(
     expert_offsets_ptr,  # [E+1] int32 out
     T, num_blocks,
     E: tl.constexpr, S: tl.constexpr, G: tl.constexpr, K_G: tl.constexpr,
-    S_PAD: tl.constexpr, CHUNK_B: tl.constexpr,
+    S_PAD: tl.constexpr, CHUNK_B: tl.constexpr, USE_GDC: tl.constexpr,
 ):
     """Grid (G,): program g scans the S experts of group g over all routing blocks (two passes)."""
+    if USE_GDC:
+        gdc_launch_dependents()
+        gdc_wait()                                    # the routing kernel's counts
     g = tl.program_id(0)
     s = tl.arange(0, S_PAD)
     s_ok = s < S
@@ -332,7 +337,7 @@ def _permute_kernel(
     T, H, stride_ht, num_blocks,
     E: tl.constexpr, S: tl.constexpr, G: tl.constexpr, K_G: tl.constexpr, K: tl.constexpr,
     G_PAD: tl.constexpr, S_PAD: tl.constexpr, NB_PAD: tl.constexpr, FUSED_SCAN: tl.constexpr,
-    ROUTE_BLOCK_T: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+    ROUTE_BLOCK_T: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, USE_GDC: tl.constexpr,
 ):
     """Grid (cdiv(T, BLOCK_T), cdiv(H, BLOCK_H)): tokens [pid_t*BLOCK_T, +BLOCK_T), columns of block pid_h.
 
@@ -346,6 +351,8 @@ def _permute_kernel(
     # int64 addresses: T*K*H passes 2^31 elements (T = 65536, K = 8, H = 5120).
     rows = tl.load(hidden_ptr + t.to(tl.int64)[:, None] * stride_ht + h[None, :], mask=mask,
                    eviction_policy="evict_first")   # read once: keep L2 for the K writes
+    if USE_GDC:   # hidden is the caller's (older than the chain); ids, ranks and counts are not
+        gdc_wait()
     if FUSED_SCAN:
         # The scan kernel's work for this program's routing block, from all blocks' counts.
         b3 = tl.arange(0, NB_PAD)[:, None, None]
@@ -400,15 +407,17 @@ def _copy_config(T: int, H: int):
 
 _ROUTE_META = ("E", "S", "G", "K_G", "K", "G_PAD", "S_PAD", "KG_PAD", "BLOCK_T", "SCORE_FUNC", "RENORMALIZE",
                "HAS_SCALE", "PRECISE", "num_warps")
-_route = Kernel(_route_kernel, _ROUTE_META)
+# USE_GDC and launch_pdl (launch.use_pdl) go together, as in permute.py: the scan and the permute start
+# while the kernel before them finishes; the routing kernel, first of the chain, launches as usual.
+_route = Kernel(_route_kernel, _ROUTE_META + ("USE_GDC",))
 _route_permute = Kernel(_route_permute_kernel, _ROUTE_META + ("BLOCK_H",))
-_scan = Kernel(_scan_kernel, ("E", "S", "G", "K_G", "S_PAD", "CHUNK_B", "num_warps"))
+_scan = Kernel(_scan_kernel, ("E", "S", "G", "K_G", "S_PAD", "CHUNK_B", "USE_GDC", "num_warps", "launch_pdl"))
 _permute = Kernel(_permute_kernel, ("E", "S", "G", "K_G", "K", "G_PAD", "S_PAD", "NB_PAD", "FUSED_SCAN",
-                                    "ROUTE_BLOCK_T", "BLOCK_T", "BLOCK_H", "num_warps"))
+                                    "ROUTE_BLOCK_T", "BLOCK_T", "BLOCK_H", "USE_GDC", "num_warps", "launch_pdl"))
 
 
 @functools.lru_cache(maxsize=4096)
-def _plan(T, E, H, G, k_g, score_func, renormalize, has_scale, route_block_t, copy_config, fused):
+def _plan(T, E, H, G, k_g, score_func, renormalize, has_scale, route_block_t, copy_config, fused, pdl):
     """The launches of one call: (route_permute meta, grid) for the one-launch path, else (route meta,
     num_blocks, scan meta or None, permute meta, permute grid). Pure function of the shapes and flags."""
     S, K = E // G, G * k_g
@@ -432,14 +441,14 @@ def _plan(T, E, H, G, k_g, score_func, renormalize, has_scale, route_block_t, co
     num_blocks = triton.cdiv(T, route_block_t)
     fused_scan = num_blocks <= FUSED_SCAN_MAX_BLOCKS
     route_meta = (E, S, G, k_g, K, g_pad, s_pad, kg_pad, route_block_t, score_func, renormalize, has_scale,
-                  precise, 8 if route_block_t * g_pad * s_pad >= 8192 else 4)
+                  precise, 8 if route_block_t * g_pad * s_pad >= 8192 else 4, pdl)
     scan_meta = None if fused_scan else \
-        (E, S, G, k_g, s_pad, min(_pow2(num_blocks), max(1, SCAN_TILE_ELEMS // s_pad)), 4)
+        (E, S, G, k_g, s_pad, min(_pow2(num_blocks), max(1, SCAN_TILE_ELEMS // s_pad)), pdl, 4, pdl)
     block_t, block_h, num_warps = copy_config or _copy_config(T, H)
     if fused_scan:
         block_t = min(block_t, route_block_t)
     permute_meta = (E, S, G, k_g, K, g_pad, s_pad, _pow2(num_blocks), fused_scan, route_block_t, block_t,
-                    block_h, num_warps)
+                    block_h, pdl, num_warps, pdl)
     # At least one H block even when H == 0: the pid_h == 0 programs write row_index.
     grid = (triton.cdiv(T, block_t), max(1, triton.cdiv(H, block_h)))
     return route_meta, num_blocks, scan_meta, permute_meta, grid
@@ -447,12 +456,13 @@ def _plan(T, E, H, G, k_g, score_func, renormalize, has_scale, route_block_t, co
 
 def grouped_dispatch(hidden, router_logits, num_groups, topk_per_group=1, expert_scale=None,
                      renormalize=False, score_func=ScoreFunc.SOFTMAX, expert_mask=None, *,
-                     route_block_t=None, copy_config=None, fused=None):
+                     route_block_t=None, copy_config=None, fused=None, pdl=None):
     """Triton kernel of `moge::grouped_dispatch` (arguments already checked by moge_kernels.checks;
     score_func is a reference.ScoreFunc value).
 
     route_block_t / copy_config=(BLOCK_T, BLOCK_H, num_warps) override the tile choice, fused=False /
-    True the one-launch path of small T (tests, tuning)."""
+    True the one-launch path of small T, pdl=True / False the programmatic dependent launch of the
+    three-launch path (default launch.use_pdl) (tests, tuning)."""
     T, E = router_logits.shape
     H = hidden.shape[1]
     K = num_groups * topk_per_group
@@ -472,7 +482,7 @@ def grouped_dispatch(hidden, router_logits, num_groups, topk_per_group=1, expert
     if has_scale and not expert_scale.is_contiguous():
         expert_scale = expert_scale.contiguous()
     plan = _plan(T, E, H, num_groups, topk_per_group, int(score_func), bool(renormalize), has_scale,
-                 route_block_t, copy_config, fused)
+                 route_block_t, copy_config, fused, use_pdl(device) if pdl is None else bool(pdl))
     scale = expert_scale if has_scale else router_logits
     # The mask's bytes as uint8 (a view, no copy). Absent, any aligned uint8 tensor: the kernel never reads
     # it, and a uint8 pointer aligned like a mask's picks the same compiled kernel as a mask does.

@@ -22,6 +22,8 @@ and torch.compile see the same kernels.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from triton.runtime import driver
@@ -32,6 +34,11 @@ try:
     from triton import knobs as _knobs
 except ImportError:  # pragma: no cover - Triton without knobs: always the plain launch
     _knobs = None
+
+try:  # grid dependency control (Triton >= 3.4): programmatic dependent launch on sm_90+
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # pragma: no cover - older Triton: PDL off
+    gdc_launch_dependents = gdc_wait = None
 
 _INTERPRET = options.TRITON_INTERPRET
 MAX_ENTRIES = 4096      # per kernel; past it the cache starts over (bounds memory when shapes never repeat)
@@ -45,6 +52,22 @@ def _hooks_idle() -> bool:
         if hook is not None and getattr(hook, "calls", True):
             return False
     return True
+
+
+@functools.lru_cache(maxsize=None)
+def _sm90(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def use_pdl(device: torch.device) -> bool:
+    """Whether a chain of kernels on `device` launches its later kernels with programmatic dependent
+    launch (launch option launch_pdl, kernel constexpr USE_GDC): option triton_pdl on, a compiled (not
+    interpreted) launch, sm_90+. A kernel launched so may start while the one before it still runs; it
+    reads that kernel's outputs only after gdc_wait(), which returns once the earlier kernel has finished
+    and its writes are visible, so only its prologue (loads of inputs older than the chain) overlaps."""
+    return (options.current.triton_pdl and gdc_wait is not None and not _INTERPRET
+            and device.type == "cuda" and _sm90(device.index if device.index is not None
+                                                 else torch.cuda.current_device()))
 
 
 class Kernel:

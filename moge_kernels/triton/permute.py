@@ -38,7 +38,7 @@ from .. import options
 from ..registry import register_kernel
 from . import DEVICES
 from .dispatch import _store_block_bases
-from .launch import Kernel
+from .launch import Kernel, gdc_launch_dependents, gdc_wait, use_pdl
 
 _INTERPRET = options.TRITON_INTERPRET
 
@@ -63,13 +63,15 @@ def _rank_kernel(
     block_base_ptr,      # [NB, E+1] int32 out: per-block bucket counts (column E: the dropped slots)
     T, stride_it, stride_ik,
     E: tl.constexpr, K: tl.constexpr, E_PAD: tl.constexpr, K_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
-    SUB_T: tl.constexpr,
+    SUB_T: tl.constexpr, USE_GDC: tl.constexpr,
 ):
     """Grid (NB,): program b ranks the slots of tokens [b*BLOCK_T, (b+1)*BLOCK_T), SUB_T tokens a tile.
 
     A tile is its SUB_T*K_PAD slots flattened in (token, slot) order, so one id load, one one-hot
     [slots, E_PAD] (experts only: a dropped slot's rank follows from the kept ones), one cumsum and one
     reduction rank every slot; the work per slot is E_PAD, whatever K."""
+    if USE_GDC:   # the next launch (scan or copy) may start now; it waits for this one before reading
+        gdc_launch_dependents()
     pid = tl.program_id(0)
     i = tl.arange(0, SUB_T * K_PAD)                   # flat slot of the tile
     k = i % K_PAD
@@ -102,10 +104,13 @@ def _scan_kernel(
     block_base_ptr,      # [NB, E+1] int32 in: per-block counts; out (in place): rows before each block
     expert_offsets_ptr,  # [E+1] int32 out
     num_blocks,
-    E: tl.constexpr, E1_PAD: tl.constexpr, CHUNK_B: tl.constexpr,
+    E: tl.constexpr, E1_PAD: tl.constexpr, CHUNK_B: tl.constexpr, USE_GDC: tl.constexpr,
 ):
     """Grid (1,), one pass over the counts: each block's first row within its bucket (a running sum over
     blocks, the copy adds expert_offsets[bucket]), then the exclusive cumsum of the totals over buckets."""
+    if USE_GDC:
+        gdc_launch_dependents()
+        gdc_wait()                                    # the rank kernel's counts
     e = tl.arange(0, E1_PAD)
     e_ok = e < E + 1
     total = _store_block_bases(block_base_ptr, tl.zeros_like(e), e, e_ok, num_blocks, E + 1, CHUNK_B)
@@ -125,6 +130,7 @@ def _copy_kernel(
     T, H, stride_ht, stride_it, stride_ik, num_blocks,
     E: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr, E1_PAD: tl.constexpr, NB_PAD: tl.constexpr,
     FUSED_SCAN: tl.constexpr, COUNT_BLOCK_T: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+    USE_GDC: tl.constexpr,
 ):
     """Grid (cdiv(T, BLOCK_T), cdiv(H, BLOCK_H)). FUSED_SCAN needs BLOCK_T <= COUNT_BLOCK_T (powers of two).
 
@@ -146,6 +152,8 @@ def _copy_kernel(
     ids = tl.load(ids_ptr + t2.to(tl.int64) * stride_it + k2 * stride_ik, mask=ok2, other=-1)
     kept = (ids >= 0) & (ids < E)                     # ids outside [-1, E) count as dropped
     bucket = tl.where(kept, ids, E).to(tl.int32)      # [BLOCK_T, K_PAD]
+    if USE_GDC:   # hidden and ids are the caller's (older than the chain); ranks and counts are not
+        gdc_wait()
     row = tl.load(slot_rank_ptr + t2 * K + k2, mask=ok2, other=0)
     if FUSED_SCAN:
         b2 = tl.arange(0, NB_PAD)[:, None]
@@ -176,10 +184,13 @@ def _copy_kernel(
 
 # ----------------------------------------------------------------------------------------- launcher
 # Launched through cached compiled handles (launch.Kernel): the three launches cost little host time.
-_rank = Kernel(_rank_kernel, ("E", "K", "E_PAD", "K_PAD", "BLOCK_T", "SUB_T", "num_warps"))
-_scan = Kernel(_scan_kernel, ("E", "E1_PAD", "CHUNK_B", "num_warps"))
+# USE_GDC and launch_pdl (launch.use_pdl) go together: the scan and the copy start while the kernel
+# before them finishes; the rank kernel, the first of the chain, launches as usual (its inputs may still
+# be in the making).
+_rank = Kernel(_rank_kernel, ("E", "K", "E_PAD", "K_PAD", "BLOCK_T", "SUB_T", "USE_GDC", "num_warps"))
+_scan = Kernel(_scan_kernel, ("E", "E1_PAD", "CHUNK_B", "USE_GDC", "num_warps", "launch_pdl"))
 _copy = Kernel(_copy_kernel, ("E", "K", "K_PAD", "E1_PAD", "NB_PAD", "FUSED_SCAN", "COUNT_BLOCK_T", "BLOCK_T",
-                              "BLOCK_H", "num_warps"))
+                              "BLOCK_H", "USE_GDC", "num_warps", "launch_pdl"))
 
 
 def _pow2(n: int) -> int:
@@ -210,11 +221,11 @@ def _count_config(T: int, K: int, E: int, max_blocks: int = None):
     return block_t, min(sub_t, block_t)
 
 
-def grouped_permute(hidden, topk_ids, num_experts, *, count_config=None, copy_config=None):
+def grouped_permute(hidden, topk_ids, num_experts, *, count_config=None, copy_config=None, pdl=None):
     """Triton kernel of `moge::grouped_permute` (arguments already checked by moge_kernels.checks).
 
     count_config=(COUNT_BLOCK_T, SUB_T) / copy_config=(BLOCK_T, BLOCK_H, num_warps) override the tile
-    choice (tests, tuning)."""
+    choice, pdl=True / False the programmatic dependent launch (default launch.use_pdl; tests, tuning)."""
     T, K = topk_ids.shape
     H = hidden.shape[1]
     E = num_experts
@@ -237,11 +248,12 @@ def grouped_permute(hidden, topk_ids, num_experts, *, count_config=None, copy_co
     block_base = scratch[T * K:]                                             # [NB, E+1] int32
     sit, sik = topk_ids.stride()
     rank_tile = sub_t * k_pad * _pow2(E)
+    pdl = use_pdl(device) if pdl is None else bool(pdl)
     _rank.launch((num_blocks,), (topk_ids, slot_rank, block_base, T, sit, sik),
-                 (E, K, _pow2(E), k_pad, count_block_t, sub_t, 8 if rank_tile >= 4096 else 4))
+                 (E, K, _pow2(E), k_pad, count_block_t, sub_t, pdl, 8 if rank_tile >= 4096 else 4))
     if not fused_scan:
         _scan.launch((1,), (block_base, expert_offsets, num_blocks),
-                     (E, e1_pad, min(_pow2(num_blocks), max(1, SCAN_TILE_ELEMS // e1_pad)), 8))
+                     (E, e1_pad, min(_pow2(num_blocks), max(1, SCAN_TILE_ELEMS // e1_pad)), pdl, 8, pdl))
 
     block_t, block_h, num_warps = copy_config or _copy_config(T, H)
     if fused_scan:
@@ -250,7 +262,7 @@ def grouped_permute(hidden, topk_ids, num_experts, *, count_config=None, copy_co
     _copy.launch(grid, (hidden, topk_ids, slot_rank, block_base, expert_offsets, row_index, permuted,
                         T, H, hidden.stride(0), sit, sik, num_blocks),
                  (E, K, k_pad, e1_pad, _pow2(num_blocks), fused_scan, count_block_t, block_t, block_h,
-                  num_warps))
+                  pdl, num_warps, pdl))
     return permuted, expert_offsets, row_index
 
 

@@ -1,0 +1,62 @@
+"""Programmatic dependent launch on and off, in interleaved rounds: the Triton grouped_dispatch (Pangu
+routing) and grouped_permute (Qwen3-30B, gpt-oss-20b, Mixtral widths) as CUDA-graph replays with a cold
+L2, medians per round, then the median over rounds (CUDA, bf16, sm_90+; option triton_pdl).
+
+    python3 bench/ab_pdl.py [--tokens 1024,4096,16384] [--rounds 5]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from moge_kernels.bench.timing import Timer, capture_graph, measure_ceilings  # noqa: E402
+from moge_kernels.testing import make_routing_inputs, make_topk_ids  # noqa: E402
+from moge_kernels.triton import dispatch as td, permute as tp  # noqa: E402
+
+PERMUTE_MODELS = {"qwen3-30b-a3b": (2048, 128, 8), "gpt-oss-20b": (2880, 32, 4), "mixtral-8x7b": (4096, 8, 2)}
+
+
+def cases(T):
+    """(name, floor bytes, fn(pdl)) of every timed call at T tokens."""
+    hidden, logits = make_routing_inputs(T, 64, 5120, torch.bfloat16, "cuda", seed=T)
+    yield ("dispatch pangu", T * 5120 * 2 * 9 + T * 64 * 4,
+           lambda pdl: td.grouped_dispatch(hidden, logits, 8, pdl=pdl))
+    for name, (H, E, K) in PERMUTE_MODELS.items():
+        x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
+        ids = make_topk_ids(T, K, E, seed=T, device="cuda", drop=0.0, empty_every=0)
+        yield (f"permute {name}", T * H * 2 * (K + 1) + 2 * T * K * 4,
+               lambda pdl, x=x, ids=ids, E=E: tp.grouped_permute(x, ids, E, pdl=pdl))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tokens", default="1024,4096,16384")
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    device = torch.device("cuda")
+    bandwidth, _ = measure_ceilings(device)
+    timer = Timer(device)
+    print(f"{torch.cuda.get_device_name()}: copy {bandwidth / 1e9:.0f} GB/s; ms = median over {args.rounds} "
+          "interleaved rounds of the median of 20 graph replays (cold L2); (x) = ratio to the memory floor")
+    print(f"{'case':28} {'T':>6} {'floor':>8} {'pdl on':>16} {'pdl off':>16} {'off/on':>7}")
+    for T in (int(t) for t in args.tokens.split(",")):
+        for name, floor_bytes, fn in cases(T):
+            graphs = {pdl: capture_graph(lambda pdl=pdl: fn(pdl)) for pdl in (True, False)}
+            times = {True: [], False: []}
+            for _ in range(args.rounds):
+                for pdl, graph in graphs.items():
+                    times[pdl].append(sorted(timer.samples(graph, 20))[10])
+            on, off = (statistics.median(times[p]) for p in (True, False))
+            floor = floor_bytes / bandwidth * 1e3
+            print(f"{name:28} {T:6d} {floor:8.4f} {on:8.4f} ({on / floor:4.2f}x) {off:8.4f} ({off / floor:4.2f}x)"
+                  f" {off / on:6.3f}x", flush=True)
+            del graphs
+
+
+if __name__ == "__main__":
+    main()
