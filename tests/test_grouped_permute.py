@@ -395,8 +395,8 @@ def test_triton_count_config_on_gpu(monkeypatch):
         for K, E in ((1, 8), (2, 8), (8, 64), (8, 128), (6, 384)):
             block_t, sub_t = tp._count_config(T, K, E)
             num_blocks = -(-T // block_t)
-            assert block_t % sub_t == 0 and sub_t * tp._pow2(K) * tp._pow2(E) <= max(tp.RANK_TILE_ELEMS,
-                                                                                 tp._pow2(K) * tp._pow2(E))
+            assert block_t % sub_t == 0 and sub_t * tp.pow2(K) * tp.pow2(E) <= max(tp.RANK_TILE_ELEMS,
+                                                                                 tp.pow2(K) * tp.pow2(E))
             assert num_blocks <= max(tp.FUSED_SCAN_MAX_BLOCKS, tp.MAX_COUNT_BLOCKS)
             if T <= tp.FUSED_SCAN_MAX_BLOCKS * sub_t:
                 assert num_blocks <= tp.FUSED_SCAN_MAX_BLOCKS

@@ -31,12 +31,9 @@ from .. import options
 from ..registry import register_kernel
 from . import DEVICES
 from .grouped_gemm import zero_tail_tile
+from .launch import cdiv, pow2
 
 _INTERPRET = options.TRITON_INTERPRET
-
-
-def _cdiv(a: int, b: int) -> int:
-    return (a + b - 1) // b
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -130,11 +127,11 @@ def grouped_gemm_dgrad(grad_y: torch.Tensor, w: torch.Tensor, expert_offsets: to
     if N == 0:
         return grad_x.zero_()
     BM, BK, BN, warps, stages = _gemm_blocks(grad_y.dtype, grad_y.device)
-    num_col_tiles = _cdiv(KD, BK)
-    max_row_tiles = min(M, _cdiv(M, BM) + min(E, M))    # sum_e cdiv(rows_e, BM) <= M/BM + #non-empty
+    num_col_tiles = cdiv(KD, BK)
+    max_row_tiles = min(M, cdiv(M, BM) + min(E, M))    # sum_e cdiv(rows_e, BM) <= M/BM + #non-empty
     _dgrad_kernel[(max_row_tiles * num_col_tiles,)](
         grad_y, w, grad_x, offsets, M, N, KD, num_col_tiles, grad_y.stride(0), w.stride(0), w.stride(1),
-        E=E, E_POW2=max(2, triton.next_power_of_2(E)), BLOCK_M=BM, BLOCK_K=BK, BLOCK_N=BN,
+        E=E, E_POW2=max(2, pow2(E)), BLOCK_M=BM, BLOCK_K=BK, BLOCK_N=BN,
         DOT_PRECISION=_dot_precision(grad_y.dtype), num_warps=warps, num_stages=stages)
     return grad_x
 
@@ -193,7 +190,7 @@ def grouped_gemm_wgrad(grad_y: torch.Tensor, x: torch.Tensor, expert_offsets: to
     grad_w = x.new_empty(E, N, KD)
     BM, BOUT, BRED, warps, stages = _gemm_blocks(x.dtype, x.device)
     BN, BK = BM, BOUT          # output tile [BN, BK]; BRED rows of the expert per step
-    num_n, num_k = _cdiv(N, BN), _cdiv(KD, BK)
+    num_n, num_k = cdiv(N, BN), cdiv(KD, BK)
     _wgrad_kernel[(E * num_n * num_k,)](
         grad_y, x, grad_w, offsets, N, KD, num_n, num_k, grad_y.stride(0), x.stride(0),
         BLOCK_N=BN, BLOCK_K=BK, BLOCK_M=BRED, DOT_PRECISION=_dot_precision(x.dtype),
@@ -272,9 +269,9 @@ def _swiglu_backward_kernel(
 def _elementwise_blocks(I: int, device: torch.device):
     """(BLOCK_M, BLOCK_I, num_warps)."""
     if device.type != "cuda":
-        return 16, min(triton.next_power_of_2(max(I, 1)), 128), 4
+        return 16, min(pow2(max(I, 1)), 128), 4
     # 4 rows x up to 512 columns: 16-byte vectors per thread for 16-bit dtypes, 2K elements a program.
-    return 4, min(triton.next_power_of_2(max(I, 1)), 512), 4
+    return 4, min(pow2(max(I, 1)), 512), 4
 
 
 def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
@@ -286,7 +283,7 @@ def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     if M == 0 or I == 0:
         return h
     BM, BI, warps = _elementwise_blocks(I, gate_up.device)
-    _swiglu_kernel[(_cdiv(M, BM), _cdiv(I, BI))](gate_up, h, M, I, BLOCK_M=BM, BLOCK_I=BI,
+    _swiglu_kernel[(cdiv(M, BM), cdiv(I, BI))](gate_up, h, M, I, BLOCK_M=BM, BLOCK_I=BI,
                                                   num_warps=warps)
     return h
 
@@ -306,7 +303,7 @@ def swiglu_backward(grad_h, gate_up, row_scale=None, need_h=False):
     if has_scale:
         row_scale = row_scale.to(torch.float32).contiguous()
     BM, BI, warps = _elementwise_blocks(I, gate_up.device)
-    _swiglu_backward_kernel[(_cdiv(M, BM),)](
+    _swiglu_backward_kernel[(cdiv(M, BM),)](
         grad_h, gate_up, row_scale if has_scale else grad_scale, grad_gate_up,
         h if need_h else grad_gate_up, grad_scale, M, I,
         HAS_SCALE=has_scale, NEED_H=need_h, NEED_SCALE_GRAD=has_scale,
@@ -359,10 +356,10 @@ def grouped_combine_backward(grad_out, expert_out, topk_weights, row_index, need
         return grad_expert_out, grad_w.to(topk_weights.dtype)
     if H == 0:
         return grad_expert_out, grad_w.zero_().to(topk_weights.dtype)
-    k_pow2 = triton.next_power_of_2(K)
+    k_pow2 = pow2(K)
     # K_POW2 x 512 fp32 accumulator = 32 registers a thread at K=8 and 4 warps; 512 bf16 columns give
     # each thread one 8-byte vector per gathered row, all K rows in flight at once.
-    block_h = min(triton.next_power_of_2(H), max(16, 4096 // k_pow2) if grad_out.is_cuda else 256)
+    block_h = min(pow2(H), max(16, 4096 // k_pow2) if grad_out.is_cuda else 256)
     _combine_backward_kernel[(T,)](
         grad_out, expert_out.contiguous() if need_weights_grad else grad_out,
         topk_weights.contiguous(), row_index.contiguous(), grad_expert_out, grad_w, H,

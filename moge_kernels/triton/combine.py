@@ -21,7 +21,7 @@ import triton.language as tl
 from .. import options
 from ..registry import register_kernel
 from . import DEVICES
-from .launch import Kernel
+from .launch import Kernel, pow2
 
 _INTERPRET = options.TRITON_INTERPRET
 
@@ -63,7 +63,7 @@ _combine = Kernel(_combine_kernel, ("K", "HAS_SHARED", "BLOCK_T", "BLOCK_H", "nu
 def _combine_config(T: int, H: int):
     """(BLOCK_T, BLOCK_H, num_warps)."""
     # 1024 columns x 4 warps: one 16-byte vector a thread per gathered row (bf16/fp16), K of them in flight.
-    block_h = min(triton.next_power_of_2(max(H, 1)), 1024)
+    block_h = min(pow2(max(H, 1)), 1024)
     # Prefill: two tokens a program doubles the loads in flight; decode: one, for more programs.
     block_t = 1 if T < 1024 else 2
     if _INTERPRET:   # the interpreter pays per program and per op, not per element: few, big programs

@@ -56,7 +56,7 @@ from ..ops import supports_score_funcs
 from ..reference import ScoreFunc
 from ..registry import register_kernel
 from . import DEVICES
-from .launch import Kernel, gdc_launch_dependents, gdc_wait, use_pdl
+from .launch import Kernel, cdiv, gdc_launch_dependents, gdc_wait, pow2, use_pdl
 
 try:  # accurate expf (the one PyTorch's CUDA softmax uses); Triton's tl.exp is ex2.approx on fp32
     from triton.language.extra import libdevice
@@ -388,14 +388,10 @@ def _permute_kernel(
 
 
 # ----------------------------------------------------------------------------------------- launcher
-def _pow2(n: int) -> int:
-    return triton.next_power_of_2(max(int(n), 1))
-
-
 def _copy_config(T: int, H: int):
     """(BLOCK_T, BLOCK_H, num_warps) of the permute copy."""
     # 1024 columns x 4 warps = one 16-byte vector a thread per token (bf16/fp16); H = 5120 splits evenly.
-    block_h = min(_pow2(H), 1024)
+    block_h = min(pow2(H), 1024)
     # Decode: one token a program gives T*H/BLOCK_H programs; prefill: 4 tokens a program put 4 loads
     # and 4*K stores in flight per thread.
     block_t = 1 if T < 1024 else 4
@@ -421,36 +417,36 @@ def _plan(T, E, H, G, k_g, score_func, renormalize, has_scale, route_block_t, co
     """The launches of one call: (route_permute meta, grid) for the one-launch path, else (route meta,
     num_blocks, scan meta or None, permute meta, permute grid). Pure function of the shapes and flags."""
     S, K = E // G, G * k_g
-    g_pad, s_pad, kg_pad = _pow2(G), _pow2(S), _pow2(k_g)
+    g_pad, s_pad, kg_pad = pow2(G), pow2(S), pow2(k_g)
     precise = not _INTERPRET and libdevice is not None
     if fused is None:
         fused = route_block_t is None and copy_config is None and \
-            _pow2(T) * g_pad * s_pad <= FUSED_ROUTE_MAX_ELEMS
+            pow2(T) * g_pad * s_pad <= FUSED_ROUTE_MAX_ELEMS
     if fused:
-        block_t = _pow2(T)
+        block_t = pow2(T)
         # about 1024 elements a program (one 16-byte vector a thread at 4 warps), at least 128 columns
-        block_h = min(_pow2(H), 1024) if _INTERPRET else min(_pow2(H), max(128, 1024 // block_t))
+        block_h = min(pow2(H), 1024) if _INTERPRET else min(pow2(H), max(128, 1024 // block_t))
         num_warps = max(1, min(4, block_t * block_h // 256))
         meta = (E, S, G, k_g, K, g_pad, s_pad, kg_pad, block_t, score_func, renormalize, has_scale, precise,
                 num_warps, block_h)
-        return meta, (max(1, triton.cdiv(H, block_h)),)
+        return meta, (max(1, cdiv(H, block_h)),)
     if route_block_t is None:
         route_block_t = max(1, ROUTE_BLOCK_ELEMS // (g_pad * s_pad))
         if not _INTERPRET:   # (the interpreter pays per program: there, few big blocks)
-            route_block_t = min(route_block_t, _pow2(triton.cdiv(T, FUSED_SCAN_MAX_BLOCKS)))
-    num_blocks = triton.cdiv(T, route_block_t)
+            route_block_t = min(route_block_t, pow2(cdiv(T, FUSED_SCAN_MAX_BLOCKS)))
+    num_blocks = cdiv(T, route_block_t)
     fused_scan = num_blocks <= FUSED_SCAN_MAX_BLOCKS
     route_meta = (E, S, G, k_g, K, g_pad, s_pad, kg_pad, route_block_t, score_func, renormalize, has_scale,
                   precise, 8 if route_block_t * g_pad * s_pad >= 8192 else 4, pdl)
     scan_meta = None if fused_scan else \
-        (E, S, G, k_g, s_pad, min(_pow2(num_blocks), max(1, SCAN_TILE_ELEMS // s_pad)), pdl, 4, pdl)
+        (E, S, G, k_g, s_pad, min(pow2(num_blocks), max(1, SCAN_TILE_ELEMS // s_pad)), pdl, 4, pdl)
     block_t, block_h, num_warps = copy_config or _copy_config(T, H)
     if fused_scan:
         block_t = min(block_t, route_block_t)
-    permute_meta = (E, S, G, k_g, K, g_pad, s_pad, _pow2(num_blocks), fused_scan, route_block_t, block_t,
+    permute_meta = (E, S, G, k_g, K, g_pad, s_pad, pow2(num_blocks), fused_scan, route_block_t, block_t,
                     block_h, pdl, num_warps, pdl)
     # At least one H block even when H == 0: the pid_h == 0 programs write row_index.
-    grid = (triton.cdiv(T, block_t), max(1, triton.cdiv(H, block_h)))
+    grid = (cdiv(T, block_t), max(1, cdiv(H, block_h)))
     return route_meta, num_blocks, scan_meta, permute_meta, grid
 
 

@@ -56,6 +56,7 @@ from ..registry import register_kernel
 from . import DEVICES
 from . import gemm_configs
 from .grouped_gemm import TensorDescriptor, _locate, _schedule, _tma_ok, zero_tail_tile
+from .launch import cdiv, pow2
 
 ROUND_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
@@ -388,7 +389,7 @@ def quantize_rows(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tens
         return q, s.fill_(fp8.MIN_SCALE)
     G = 128 if group == 0 else group
     BM = 32
-    _quantize_rows_kernel[(triton.cdiv(M, BM), kb)](
+    _quantize_rows_kernel[(cdiv(M, BM), kb)](
         x, q, s, M, K, x.stride(0), q.stride(0), s.stride(0), s.stride(1), BM=BM, G=G,
         ONE_GROUP=group == 0, EXPLICIT_ROUND=_interpreted(x), num_warps=4)
     return q, s
@@ -408,7 +409,7 @@ def permute_fp8(hidden, row_index, expert_offsets, group=128):
     kb = s.shape[1]
     G = 128 if group == 0 else group
     BT = max(1, 4096 // G)        # 4096 elements a program: 32 tokens of a 128-column group
-    _permute_fp8_kernel[(triton.cdiv(T, BT), 1 if group == 0 else kb)](
+    _permute_fp8_kernel[(cdiv(T, BT), 1 if group == 0 else kb)](
         hidden, row_index, expert_offsets, q, s, T, H, expert_offsets.shape[0] - 1, hidden.stride(0),
         q.stride(0), s.stride(0), s.stride(1), K=K, BT=BT, G=G, ONE_GROUP=group == 0,
         EXPLICIT_ROUND=_interpreted(hidden), num_warps=4)
@@ -440,8 +441,8 @@ def launch_fp8_gemm(x, x_scale, w, w_scale, expert_offsets, out, out_scale, bloc
     # one weight scale per sub-tile and k-step when a sub-tile lies in one block of one projection
     # (SwiGLU's gate sub-tile may run past I into up rows: columns never stored)
     scalar_cols = per_k and block_n % BN == 0 and (swiglu or part_rows % BN == 0)
-    num_n_tiles = triton.cdiv(n_out, tile_n)
-    max_row_tiles = min(M, triton.cdiv(M, BM) + min(E, M))
+    num_n_tiles = cdiv(n_out, tile_n)
+    max_row_tiles = min(M, cdiv(M, BM) + min(E, M))
     has_row_scale = row_scale is not None
     # TMA: e4m3 x (not quantized in the load), 16-byte aligned rows (K % 16 == 0), Hopper or the
     # interpreter; a box row is BK = 128 bytes, one 128-byte swizzle line
@@ -460,7 +461,7 @@ def launch_fp8_gemm(x, x_scale, w, w_scale, expert_offsets, out, out_scale, bloc
         xs.stride(1) if x_scale is not None else 0, w.stride(0), w.stride(1), w_scale.stride(0),
         out.stride(0), os_.stride(0) if out_scale is not None else 0,
         os_.stride(1) if out_scale is not None else 0,
-        E=E, E_POW2=max(2, triton.next_power_of_2(E)), BM=BM, BN=BN, BK=BK,
+        E=E, E_POW2=max(2, pow2(E)), BM=BM, BN=BN, BK=BK,
         BLOCK_N=block_n, BLOCK_K=max(block_k, 1), PER_K=per_k, SWIGLU=swiglu, TWO=two,
         SCALAR_COLS=scalar_cols, QUANT_X=quant_x,
         QUANT_OUT=quant_out, HAS_ROW_SCALE=has_row_scale, ROUND=ROUND_CODES[round_dtype],

@@ -56,7 +56,7 @@ from .. import eager_graphs, options, packing
 from ..registry import register_kernel
 from . import DEVICES
 from . import gemm_configs
-from .launch import Kernel
+from .launch import Kernel, cdiv, pow2
 
 try:   # host-built TMA descriptors (Triton >= 3.4 on Hopper); absent -> pointer loads only
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -301,15 +301,6 @@ def _grouped_gemm_persistent_kernel(
                   BM, BN, False, HAS_ROW_SCALE, False)
 
 
-def _cdiv(a: int, b: int) -> int:
-    return (a + b - 1) // b
-
-
-def _pow2(n: int) -> int:
-    """triton.next_power_of_2 without its constexpr-function call overhead (host code)."""
-    return 1 << max(int(n) - 1, 0).bit_length()
-
-
 @functools.lru_cache(maxsize=None)
 def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
@@ -399,11 +390,11 @@ def _make_plan(x, w, expert_offsets, out, swiglu, has_row_scale, config, pack, t
         tail_bm = 0
     # only worth a second main loop when the last column tile is at most half full
     split_n = config.split_n and BN >= 32 and 0 < n_out % BN <= BN // 2
-    num_n_tiles = _cdiv(n_out, BN)
-    max_row_tiles = min(M, _cdiv(M, BM) + min(E, M))   # sum_e cdiv(rows_e, BM) <= M/BM + #non-empty
+    num_n_tiles = cdiv(n_out, BN)
+    max_row_tiles = min(M, cdiv(M, BM) + min(E, M))   # sum_e cdiv(rows_e, BM) <= M/BM + #non-empty
     tiles = max_row_tiles * num_n_tiles
     dot_precision = "ieee" if x.dtype == torch.float32 else "tf32"
-    e_pow2 = max(2, _pow2(E))
+    e_pow2 = max(2, pow2(E))
     if use_tma and config.persistent and not swiglu:
         # config.persistent programs per SM (2: a second program's loads cover one's epilogue)
         num_programs = min(tiles, int(config.persistent) * _num_sms(x.device))
@@ -544,7 +535,7 @@ def choose_config(x, w, expert_offsets, out, swiglu) -> gemm_configs.GemmConfig:
     if (x.device.type != "cuda" or not gemm_configs.autotune_enabled()
             or gemm_configs.forced_config() is not None):
         return cfg
-    key = (triton.next_power_of_2(M), E, tuple(w.shape[1:]), x.dtype, swiglu, x.device.index)
+    key = (pow2(M), E, tuple(w.shape[1:]), x.dtype, swiglu, x.device.index)
     if torch.cuda.is_current_stream_capturing():    # no timing here; a key tuned eagerly keeps its config
         return _tuned.get(key, cfg)
     if key not in _tuned:
@@ -584,10 +575,10 @@ def zero_rows_past_experts(y: torch.Tensor, expert_offsets: torch.Tensor) -> tor
     M, N = y.shape
     if M == 0 or N == 0:
         return y
-    block_n = min(_pow2(N), 1024)
+    block_n = min(pow2(N), 1024)
     block_m = max(1, 4096 // block_n)
-    programs = min(_cdiv(M, block_m), 4 if y.device.type != "cuda" else 2 * _num_sms(y.device))
-    _zero_tail.launch((programs, _cdiv(N, block_n)), (y, expert_offsets, M, N, y.stride(0)),
+    programs = min(cdiv(M, block_m), 4 if y.device.type != "cuda" else 2 * _num_sms(y.device))
+    _zero_tail.launch((programs, cdiv(N, block_n)), (y, expert_offsets, M, N, y.stride(0)),
                       (expert_offsets.shape[0] - 1, block_m, block_n, 4))
     return y
 

@@ -54,6 +54,17 @@ def _hooks_idle() -> bool:
     return True
 
 
+def cdiv(a: int, b: int) -> int:
+    """triton.cdiv for host code: in Triton 3.6 that is a constexpr function, a few us of Python a call."""
+    return (a + b - 1) // b
+
+
+def pow2(n: int) -> int:
+    """triton.next_power_of_2 for host code (also a constexpr function there): the least power of two
+    >= n, 1 for n <= 1."""
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
 @functools.lru_cache(maxsize=None)
 def _sm90(index: int) -> bool:
     return torch.cuda.get_device_capability(index)[0] >= 9

@@ -30,6 +30,8 @@ the checks reject them on CPU) are treated as dropped, so no write ever leaves t
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -38,7 +40,7 @@ from .. import options
 from ..registry import register_kernel
 from . import DEVICES
 from .dispatch import _store_block_bases
-from .launch import Kernel, gdc_launch_dependents, gdc_wait, use_pdl
+from .launch import Kernel, cdiv, gdc_launch_dependents, gdc_wait, pow2, use_pdl
 
 _INTERPRET = options.TRITON_INTERPRET
 
@@ -193,13 +195,9 @@ _copy = Kernel(_copy_kernel, ("E", "K", "K_PAD", "E1_PAD", "NB_PAD", "FUSED_SCAN
                               "BLOCK_H", "USE_GDC", "num_warps", "launch_pdl"))
 
 
-def _pow2(n: int) -> int:
-    return triton.next_power_of_2(max(int(n), 1))
-
-
 def _copy_config(T: int, H: int):
     """(BLOCK_T, BLOCK_H, num_warps) of the copy."""
-    block_h = min(_pow2(H), 1024)   # one 16-byte vector a thread per token at 4 warps (16-bit)
+    block_h = min(pow2(H), 1024)   # one 16-byte vector a thread per token at 4 warps (16-bit)
     # Decode: one token a program (T*H/BLOCK_H programs); prefill: 4 tokens a program put 4 loads and
     # 4*K stores in flight per thread behind one round of index loads.
     block_t = 1 if T < 1024 else 4
@@ -211,14 +209,35 @@ def _copy_config(T: int, H: int):
 
 def _count_config(T: int, K: int, E: int, max_blocks: int = None):
     """(COUNT_BLOCK_T, SUB_T): tokens per rank program and per rank tile (powers of two)."""
-    sub_t = max(1, RANK_TILE_ELEMS // (_pow2(K) * _pow2(E)))
+    sub_t = max(1, RANK_TILE_ELEMS // (pow2(K) * pow2(E)))
     if _INTERPRET:   # the interpreter pays per program and per op: few programs, one tile each
         return sub_t, sub_t
     if T <= FUSED_SCAN_MAX_BLOCKS * sub_t:   # decode: up to 16 blocks, scanned by the copy programs
-        block_t = _pow2(triton.cdiv(T, FUSED_SCAN_MAX_BLOCKS))
+        block_t = pow2(cdiv(T, FUSED_SCAN_MAX_BLOCKS))
     else:
-        block_t = max(sub_t, _pow2(triton.cdiv(T, max_blocks or MAX_COUNT_BLOCKS)))
+        block_t = max(sub_t, pow2(cdiv(T, max_blocks or MAX_COUNT_BLOCKS)))
     return block_t, min(sub_t, block_t)
+
+
+@functools.lru_cache(maxsize=4096)
+def _plan(T, K, E, H, count_config, copy_config, pdl):
+    """The launches of one call, a pure function of the shapes and choices: (number of count blocks,
+    rank meta, scan meta or None (the copy programs scan), copy meta, copy grid)."""
+    e1_pad, k_pad = pow2(E + 1), pow2(K)
+    count_block_t, sub_t = count_config or _count_config(T, K, E)
+    num_blocks = cdiv(T, count_block_t)
+    fused_scan = num_blocks <= FUSED_SCAN_MAX_BLOCKS
+    rank_tile = sub_t * k_pad * pow2(E)
+    rank_meta = (E, K, pow2(E), k_pad, count_block_t, sub_t, pdl, 8 if rank_tile >= 4096 else 4)
+    scan_meta = None if fused_scan else \
+        (E, e1_pad, min(pow2(num_blocks), max(1, SCAN_TILE_ELEMS // e1_pad)), pdl, 8, pdl)
+    block_t, block_h, num_warps = copy_config or _copy_config(T, H)
+    if fused_scan:
+        block_t = min(block_t, count_block_t)
+    copy_meta = (E, K, k_pad, e1_pad, pow2(num_blocks), fused_scan, count_block_t, block_t, block_h,
+                 pdl, num_warps, pdl)
+    copy_grid = (cdiv(T, block_t), max(1, cdiv(H, block_h)))   # >= 1 H block: row_index
+    return num_blocks, rank_meta, scan_meta, copy_meta, copy_grid
 
 
 def grouped_permute(hidden, topk_ids, num_experts, *, count_config=None, copy_config=None, pdl=None):
@@ -234,35 +253,20 @@ def grouped_permute(hidden, topk_ids, num_experts, *, count_config=None, copy_co
     row_index = torch.empty(T, K, dtype=torch.int32, device=device)         # [T, K] int32
     if T == 0 or K == 0:   # a shape (not data) branch: nothing to permute
         return permuted, torch.zeros(E + 1, dtype=torch.int32, device=device), row_index
-    expert_offsets = torch.empty(E + 1, dtype=torch.int32, device=device)  # [E+1] int32
     if hidden.stride(1) != 1:
         hidden = hidden.contiguous()
-
-    e1_pad, k_pad = _pow2(E + 1), _pow2(K)
-    count_block_t, sub_t = count_config or _count_config(T, K, E)
-    num_blocks = triton.cdiv(T, count_block_t)
-    fused_scan = num_blocks <= FUSED_SCAN_MAX_BLOCKS
-
+    num_blocks, rank_meta, scan_meta, copy_meta, copy_grid = _plan(
+        T, K, E, H, count_config, copy_config, use_pdl(device) if pdl is None else bool(pdl))
+    expert_offsets = torch.empty(E + 1, dtype=torch.int32, device=device)  # [E+1] int32
     scratch = torch.empty(T * K + num_blocks * (E + 1), dtype=torch.int32, device=device)
     slot_rank = scratch[:T * K]                                              # [T, K] int32
     block_base = scratch[T * K:]                                             # [NB, E+1] int32
     sit, sik = topk_ids.stride()
-    rank_tile = sub_t * k_pad * _pow2(E)
-    pdl = use_pdl(device) if pdl is None else bool(pdl)
-    _rank.launch((num_blocks,), (topk_ids, slot_rank, block_base, T, sit, sik),
-                 (E, K, _pow2(E), k_pad, count_block_t, sub_t, pdl, 8 if rank_tile >= 4096 else 4))
-    if not fused_scan:
-        _scan.launch((1,), (block_base, expert_offsets, num_blocks),
-                     (E, e1_pad, min(_pow2(num_blocks), max(1, SCAN_TILE_ELEMS // e1_pad)), pdl, 8, pdl))
-
-    block_t, block_h, num_warps = copy_config or _copy_config(T, H)
-    if fused_scan:
-        block_t = min(block_t, count_block_t)
-    grid = (triton.cdiv(T, block_t), max(1, triton.cdiv(H, block_h)))   # >= 1 H block: row_index
-    _copy.launch(grid, (hidden, topk_ids, slot_rank, block_base, expert_offsets, row_index, permuted,
-                        T, H, hidden.stride(0), sit, sik, num_blocks),
-                 (E, K, k_pad, e1_pad, _pow2(num_blocks), fused_scan, count_block_t, block_t, block_h,
-                  pdl, num_warps, pdl))
+    _rank.launch((num_blocks,), (topk_ids, slot_rank, block_base, T, sit, sik), rank_meta)
+    if scan_meta is not None:
+        _scan.launch((1,), (block_base, expert_offsets, num_blocks), scan_meta)
+    _copy.launch(copy_grid, (hidden, topk_ids, slot_rank, block_base, expert_offsets, row_index, permuted,
+                             T, H, hidden.stride(0), sit, sik, num_blocks), copy_meta)
     return permuted, expert_offsets, row_index
 
 
