@@ -139,19 +139,30 @@ def _as_weight(grad_w, shape):
 
 
 def _gemm_setup_context(ctx, inputs, output):
-    x, w, expert_offsets = inputs
-    need_x, need_w, _ = _needs(ctx, 3)
+    x, w, expert_offsets, bias = inputs
+    need_x, need_w, _, _ = _needs(ctx, 4)
     ctx.w_shape = w.shape
     ctx.save_for_backward(x if need_w else None, w if need_x else None, expert_offsets)
 
 
 def _gemm_backward(ctx, grad_y):
     x, w, expert_offsets = ctx.saved_tensors
-    need_x, need_w, _ = _needs(ctx, 3)
+    need_x, need_w, _, need_bias = _needs(ctx, 4)
     grad_y = grad_y.contiguous()
     grad_x = torch.ops.moge.grouped_gemm_dgrad(grad_y, packing.unpack(w), expert_offsets) if need_x else None
     grad_w = torch.ops.moge.grouped_gemm_wgrad(grad_y, x, expert_offsets) if need_w else None
-    return grad_x, _as_weight(grad_w, ctx.w_shape), None
+    return grad_x, _as_weight(grad_w, ctx.w_shape), None, _bias_grad(grad_y, expert_offsets) if need_bias else None
+
+
+# The bias gradient, grad_bias[e] = sum of grad_y over the rows of e, as a weight gradient against a ones
+# operand: grad_y_e^T @ ones_e (a wgrad GEMM: fp32 accumulation, deterministic, no atomics). Columns of
+# ones are BIAS_GRAD_COLS wide (16-byte rows for the GEMM kernels) and the first one is kept.
+BIAS_GRAD_COLS = 16
+
+
+def _bias_grad(grad_y, expert_offsets):
+    ones = grad_y.new_ones(grad_y.shape[0], BIAS_GRAD_COLS)
+    return torch.ops.moge.grouped_gemm_wgrad(grad_y, ones, expert_offsets)[:, :, 0]
 
 
 # ----------------------------------------------------------------------------- autograd: grouped_mlp

@@ -136,7 +136,7 @@ def expert_weight_shape(name, w, dtype, device):
     return tuple(w.shape)
 
 
-def check_gemm(x, w, expert_offsets):
+def check_gemm(x, w, expert_offsets, bias=None):
     check_tensor("x", x, 2)
     E, N, K = expert_weight_shape("w", w, x.dtype, x.device)
     if K != x.shape[1]:
@@ -144,6 +144,15 @@ def check_gemm(x, w, expert_offsets):
               f"got shape {tuple(w.shape)}")
     check_rows_fit_int32("grouped_gemm x", x.shape[0])
     check_offsets(expert_offsets, w.shape[0], x.shape[0], x.device)
+    check_expert_bias(bias, E, N, x)
+
+
+def check_expert_bias(bias, num_experts, n, x):
+    """bias: None, or [E, N] in x's dtype on x's device (one row per expert)."""
+    if bias is None:
+        return
+    check_tensor("bias", bias, 2, dtypes=(x.dtype,), device=x.device)
+    check_shape("bias", bias, (num_experts, n))
 
 
 def check_mlp(x, w_gate_up, w_down, expert_offsets, row_scale):

@@ -30,7 +30,7 @@ SCHEMAS = {
         "Tensor expert_offsets, Tensor row_index)"),
     "grouped_permute": ("(Tensor hidden, Tensor topk_ids, int num_experts) -> "
                         "(Tensor permuted_hidden, Tensor expert_offsets, Tensor row_index)"),
-    "grouped_gemm": "(Tensor x, Tensor w, Tensor expert_offsets) -> Tensor",
+    "grouped_gemm": "(Tensor x, Tensor w, Tensor expert_offsets, Tensor? bias=None) -> Tensor",
     "grouped_mlp": ("(Tensor x, Tensor w_gate_up, Tensor w_down, Tensor expert_offsets, "
                     "Tensor? row_scale=None) -> Tensor"),
     "grouped_combine": ("(Tensor expert_out, Tensor topk_weights, Tensor row_index, "
@@ -200,13 +200,18 @@ def _on_other_gpu(t: Tensor) -> bool:
 
 def _run_kernel(op_name: str, args):
     """The selected backend kernel of `op_name` on checked arguments (every one, positionally), expert
-    weights unpacked for a kernel that does not take them packed; on the current device."""
+    weights unpacked for a kernel that does not take them packed, grouped_gemm's bias added after a
+    kernel that takes none; on the current device."""
     kernel = registry.select(op_name, args)
     weight_args = WEIGHT_ARGS.get(op_name)
     if weight_args and not kernel.packed_weights:
         args = list(args)
         for i in weight_args:
             args[i] = packing.unpack(args[i])
+    if op_name == "grouped_gemm" and not kernel.bias:
+        x, w, expert_offsets, bias = args
+        y = kernel.fn(x, w, expert_offsets)
+        return y if bias is None else reference.add_expert_bias(y, bias, expert_offsets)
     return kernel.fn(*args)
 
 
@@ -234,7 +239,8 @@ def define_op(name: str, schema: str, arg_check, reference_fn) -> None:
                              for arg in getattr(torch.ops.moge, name).default._schema.arguments)
     for device_type in _device_types:
         torch.library.impl(f"moge::{name}", device_type, DEVICE_KERNELS[name], lib=_lib)
-    registry.register_kernel("reference", name, reference_fn, devices=("*",), dtypes=None)
+    registry.register_kernel("reference", name, reference_fn, devices=("*",), dtypes=None,
+                             bias=name == "grouped_gemm")
 
 
 def register_device_type(device_type: str) -> None:
@@ -359,8 +365,8 @@ def _(hidden, topk_ids, num_experts):
 
 
 @torch.library.register_fake("moge::grouped_gemm")
-def _(x, w, expert_offsets):
-    checks.check_gemm(x, w, expert_offsets)
+def _(x, w, expert_offsets, bias=None):
+    checks.check_gemm(x, w, expert_offsets, bias)
     return x.new_empty(x.shape[0], w.shape[1])
 
 
@@ -506,8 +512,9 @@ def grouped_permute(hidden: Tensor, topk_ids: Tensor, num_experts: int):
     return _run("grouped_permute", hidden, topk_ids, num_experts)
 
 
-def grouped_gemm(x: Tensor, w: Tensor, expert_offsets: Tensor) -> Tensor:
-    """Grouped GEMM: rows [expert_offsets[e], expert_offsets[e+1]) of x times w[e]^T, for every expert.
+def grouped_gemm(x: Tensor, w: Tensor, expert_offsets: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """Grouped GEMM: rows [expert_offsets[e], expert_offsets[e+1]) of x times w[e]^T, plus bias[e], for
+    every expert.
 
     Args:
         x: [M, K] float32/float16/bfloat16, rows sorted by expert (as grouped_dispatch leaves them).
@@ -516,11 +523,18 @@ def grouped_gemm(x: Tensor, w: Tensor, expert_offsets: Tensor) -> Tensor:
             moge::grouped_gemm_fp8 runs, x quantized per token).
         expert_offsets: [E+1] int32, non-decreasing from 0 to at most M (experts may have no rows; rows
             past expert_offsets[E] belong to no expert).
+        bias: optional [E, N] in x's dtype, one row per expert (gpt-oss-style expert biases), added in
+            the GEMM's fp32 epilogue where the backend can (triton); its gradient is the sum of the
+            output gradient over each expert's rows (deterministic).
 
-    Returns [M, N] in x's dtype, accumulated in float32; rows of no expert are zero."""
+    Returns [M, N] in x's dtype, accumulated in float32; rows of no expert are zero (no bias)."""
     if isinstance(w, fp8.QuantizedExpertWeights):
-        return _run("grouped_gemm_fp8", x, w.weight, w.scale, expert_offsets, w.block_n, w.block_k)
-    return _run("grouped_gemm", x, w, expert_offsets)
+        y = _run("grouped_gemm_fp8", x, w.weight, w.scale, expert_offsets, w.block_n, w.block_k)
+        if bias is None:
+            return y
+        checks.check_expert_bias(bias, w.weight.shape[0], w.weight.shape[1], x)
+        return reference.add_expert_bias(y, bias, expert_offsets)
+    return _run("grouped_gemm", x, w, expert_offsets, bias)
 
 
 def grouped_mlp(x: Tensor, w_gate_up: Tensor, w_down: Tensor, expert_offsets: Tensor,

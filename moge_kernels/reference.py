@@ -144,12 +144,26 @@ def expert_slices(expert_offsets):
             yield e, bounds[e], bounds[e + 1]
 
 
-def grouped_gemm(x, w, expert_offsets):
-    """y[rows of e] = x[rows of e] @ w[e]^T; fp32 accumulation (matmul's), output in x's dtype."""
+def grouped_gemm(x, w, expert_offsets, bias=None):
+    """y[rows of e] = x[rows of e] @ w[e]^T (+ bias[e]); fp32 accumulation (matmul's, bias included),
+    output in x's dtype; rows past offsets[E] zero (no bias)."""
     y = x.new_zeros(x.shape[0], w.shape[1])
     for e, lo, hi in expert_slices(expert_offsets):
-        y[lo:hi] = x[lo:hi] @ w[e].t()
+        y[lo:hi] = x[lo:hi] @ w[e].t() if bias is None else torch.addmm(bias[e], x[lo:hi], w[e].t())
     return y
+
+
+def expert_of_rows(expert_offsets, num_rows):
+    """[num_rows] int64: the expert each row belongs to, E for the rows past offsets[E]. No host sync."""
+    rows = torch.arange(num_rows, device=expert_offsets.device, dtype=expert_offsets.dtype)
+    return torch.searchsorted(expert_offsets[1:].contiguous(), rows, right=True)
+
+
+def add_expert_bias(y, bias, expert_offsets):
+    """y [M, N] + bias[e] on the rows of each expert e (bias [E, N]); rows past offsets[E] unchanged. No
+    host sync: the bias of backends whose grouped_gemm kernel takes none."""
+    padded = torch.cat([bias, bias.new_zeros(1, bias.shape[1])])      # row E: the rows of no expert
+    return y + padded[expert_of_rows(expert_offsets, y.shape[0])].to(y.dtype)
 
 
 def acc_dtype(t):

@@ -55,6 +55,7 @@ class Kernel(NamedTuple):
     supports: Optional[Callable]          # supports(args) -> bool, or None: every call that matches
     packed_weights: bool                  # takes packed expert weights (moge_kernels.packing) as they are
     variant: Optional[Callable]           # variant(args) -> str for explain(), or None
+    bias: bool                            # grouped_gemm: takes the bias (else ops adds it after the kernel)
 
     def matches(self, device_type: str, dtype) -> bool:
         return ("*" in self.devices or device_type in self.devices) and \
@@ -74,20 +75,23 @@ def declare_op(op: str) -> None:
 
 def register_kernel(backend: str, op: str, fn: Callable, devices: tuple[str, ...],
                     packed_weights: bool = False, dtypes=DEFAULT_DTYPES,
-                    supports: Optional[Callable] = None, variant: Optional[Callable] = None) -> None:
+                    supports: Optional[Callable] = None, variant: Optional[Callable] = None,
+                    bias: bool = False) -> None:
     """Called by a backend module at import: `fn` takes the op's arguments positionally, already checked.
 
     devices: device types ("*": all). dtypes: dtypes of the first tensor argument (None: all).
     supports(args): whether this kernel runs these arguments (evaluated per call: keep it cheap).
     packed_weights: `fn` takes expert weights packed k-block-major (moge_kernels.packing) as they are;
-    other kernels get them unpacked to [E, N, K]. variant(args): which variant runs, for explain()."""
+    other kernels get them unpacked to [E, N, K]. variant(args): which variant runs, for explain().
+    bias (grouped_gemm only): `fn` takes the op's bias argument; other kernels are called without it and
+    the bias is added to their output (reference.add_expert_bias)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
     if op not in OPS:
         raise ValueError(f"unknown op {op!r}; expected one of {OPS}")
     _kernels[(backend, op)] = Kernel(backend, fn, frozenset(devices),
                                      None if dtypes is None else frozenset(dtypes), supports,
-                                     packed_weights, variant)
+                                     packed_weights, variant, bias)
     _unavailable.pop(backend, None)
     _candidates.clear()
 

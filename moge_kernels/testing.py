@@ -99,8 +99,9 @@ def assert_dispatch_equal(out, ref, rtol=1e-6, atol=1e-7):
 
 
 def check_gemm_and_mlp(grouped_gemm, grouped_mlp, dtype, M, E, H=40, I=24):
-    """grouped_gemm and grouped_mlp (with and without row_scale) against the reference on a ragged
-    [M, H] problem over E experts (some empty), within TOLERANCES[dtype]; dtypes and shapes too."""
+    """grouped_gemm (with and without a bias) and grouped_mlp (with and without row_scale) against the
+    reference on a ragged [M, H] problem over E experts (some empty), within TOLERANCES[dtype]; dtypes
+    and shapes too."""
     from . import reference as R
     g = torch.Generator().manual_seed(M)
     x = torch.randn(M, H, generator=g).to(dtype)
@@ -108,10 +109,13 @@ def check_gemm_and_mlp(grouped_gemm, grouped_mlp, dtype, M, E, H=40, I=24):
     w_gate_up, w_down = make_expert_weights(E, H, I, dtype)
     row_scale = torch.rand(M, generator=g)
     tol = TOLERANCES[dtype]
+    bias = torch.randn(E, 2 * I, generator=g).to(dtype)
     y = grouped_gemm(x, w_gate_up, offsets)
+    y_bias = grouped_gemm(x, w_gate_up, offsets, bias)
     z = grouped_mlp(x, w_gate_up, w_down, offsets)
     z_scaled = grouped_mlp(x, w_gate_up, w_down, offsets, row_scale)
     torch.testing.assert_close(y, R.grouped_gemm(x, w_gate_up, offsets), **tol)
+    torch.testing.assert_close(y_bias, R.grouped_gemm(x, w_gate_up, offsets, bias), **tol)
     torch.testing.assert_close(z, R.grouped_mlp(x, w_gate_up, w_down, offsets), **tol)
     torch.testing.assert_close(z_scaled, R.grouped_mlp(x, w_gate_up, w_down, offsets, row_scale), **tol)
     assert y.dtype == z.dtype == z_scaled.dtype == dtype
@@ -147,6 +151,8 @@ def sample_inputs(device="cpu", dtype=torch.float32):
         w = (torch.randn(E, N, Kd, generator=g) / Kd ** 0.5).to(dtype).to(device)
         offsets = random_offsets(M, E, seed=M, device=device)
         samples["grouped_gemm"].append(((x, w, offsets), {}))
+        bias = torch.randn(E, N, generator=g).to(dtype).to(device)
+        samples["grouped_gemm"].append(((x, w, offsets), dict(bias=bias)))
         w_gate_up, w_down = make_expert_weights(E, Kd, N // 2, dtype, device, seed=M)
         samples["grouped_mlp"].append(((x, w_gate_up, w_down, offsets), {}))
         row_scale = torch.rand(M, generator=g).to(device)

@@ -138,6 +138,32 @@ def test_gradcheck_grouped_gemm():
     offsets = torch.tensor([0, 4, 4, 9, 9], dtype=torch.int32)           # two empty experts
     with mk.use_backend("reference"):
         assert torch.autograd.gradcheck(lambda a, b: torch.ops.moge.grouped_gemm(a, b, offsets), (x, w))
+    # with a bias, and rows past offsets[E] (no expert: no bias, no gradient into it)
+    x = torch.randn(11, 5, generator=g, dtype=F64, requires_grad=True)
+    bias = torch.randn(4, 3, generator=g, dtype=F64, requires_grad=True)
+    with mk.use_backend("reference"):
+        assert torch.autograd.gradcheck(lambda a, b, c: torch.ops.moge.grouped_gemm(a, b, offsets, c),
+                                        (x, w, bias))
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_grouped_gemm_bias_gradient_is_the_per_expert_sum(backend):
+    """grad_bias[e] = sum of grad_y over the rows of e (a deterministic wgrad GEMM), fp32; the cpu backend
+    adds the bias after its kernel (reference.add_expert_bias): the same values."""
+    g = torch.Generator().manual_seed(3)
+    E, N, K, M = 5, 6, 8, 40
+    x = torch.randn(M, K, generator=g)
+    w = torch.randn(E, N, K, generator=g)
+    bias = torch.randn(E, N, generator=g, requires_grad=True)
+    offsets = random_offsets(M - 3, E, seed=3)             # 3 rows of no expert
+    with mk.use_backend(backend):
+        y = mk.grouped_gemm(x, w, offsets, bias)
+        grad_y = torch.randn(M, N, generator=g)
+        (grad_bias,) = torch.autograd.grad(y, bias, grad_y)
+    torch.testing.assert_close(y, R.grouped_gemm(x, w, offsets, bias.detach()), atol=1e-5, rtol=1e-5)
+    assert not y[offsets[-1]:].any()
+    want = torch.stack([grad_y[lo:hi].sum(0) for lo, hi in zip(offsets[:-1].tolist(), offsets[1:].tolist())])
+    torch.testing.assert_close(grad_bias, want, atol=1e-5, rtol=1e-5)
 
 
 def test_gradcheck_grouped_mlp():

@@ -103,6 +103,13 @@ def test_grouped_gemm_hand_computed():
     offsets = torch.tensor([0, 1, 1, 3], dtype=torch.int32)  # expert 1 gets no rows
     y = R.grouped_gemm(x, w, offsets)
     torch.testing.assert_close(y, torch.tensor([[1.0, 2.0], [7.0, 8.0], [11.0, 12.0]]))
+    # a bias row per expert; the row past offsets[E] (a dropped slot) stays zero
+    bias = torch.tensor([[10.0, 20.0], [30.0, 40.0], [50.0, 60.0]])
+    x4 = torch.cat([x, torch.ones(1, 2)])
+    y = R.grouped_gemm(x4, w, offsets, bias)
+    torch.testing.assert_close(y, torch.tensor([[11.0, 22.0], [57.0, 68.0], [61.0, 72.0], [0.0, 0.0]]))
+    torch.testing.assert_close(R.add_expert_bias(R.grouped_gemm(x4, w, offsets), bias, offsets), y)
+    assert R.expert_of_rows(offsets, 4).tolist() == [0, 2, 2, 3]
 
 
 def test_grouped_mlp_hand_computed():

@@ -58,7 +58,7 @@ def _register(prefer: str) -> None:
     PLAN = adapter.plan(torch_npu, _CPP_OPS, prefer=prefer)
     for op, impl in PLAN.items():
         if impl == "python":
-            registry.register_kernel("ascend", op, adapter.OPS[op], devices=DEVICES)
+            registry.register_kernel("ascend", op, adapter.OPS[op], devices=DEVICES, bias=op == "grouped_gemm")
         elif impl == "cpp":   # csrc/ascend/ascend_ops.cpp's route() has the softmax and sigmoid branches
             supports = (ops.supports_score_funcs(ScoreFunc.SOFTMAX, ScoreFunc.SIGMOID)
                         if op == "grouped_dispatch" else None)

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import torch
 
+from moge_kernels import reference
 from moge_kernels.reference import router_scores   # absolute: tests load this file on its own
 
 torch_npu = None   # the module providing the npu_* operators; set by bind()
@@ -173,7 +174,9 @@ def _weight_kn(w):
     return w.contiguous().transpose(1, 2)
 
 
-def grouped_gemm(x, w, expert_offsets):
+def grouped_gemm(x, w, expert_offsets, bias=None):
+    if bias is not None:   # (npu_grouped_matmul's own bias list would need a host split per expert)
+        return reference.add_expert_bias(grouped_gemm(x, w, expert_offsets), bias, expert_offsets)
     M, E, N = x.shape[0], w.shape[0], w.shape[1]
     if M == 0:
         return x.new_empty(0, N)

@@ -43,9 +43,8 @@ cannot be re-laid out inside the graph (it would mutate a parameter): call `rela
 before compiling, otherwise the compiled graph transposes per call. `save_pretrained` writes contiguous
 copies, so checkpoints are unchanged.
 
-Biases (has_bias) are added with torch ops on the rows: expert_of_row from expert_offsets by searchsorted
-(no host sync), `bias[expert_of_row]` (its backward, index_put with accumulate, is sort-based on CUDA:
-deterministic).
+Biases (has_bias) go to grouped_gemm's bias argument: added in the GEMM's epilogue (triton), their
+gradient a per-expert sum of the output gradient (a wgrad GEMM: deterministic).
 
 Expert parallelism: transformers' EP router marks slots of experts on other ranks with the id E; when
 torch.distributed is initialised those become -1 before grouped_permute, which puts them past
@@ -174,21 +173,13 @@ def _swiglu_experts(permuted: Tensor, w_gate_up: Tensor, w_down: Tensor, expert_
 
 
 def _gemm_gate_experts(module, permuted: Tensor, w_up: Tensor, w_down: Tensor,
-                       expert_offsets: Tensor, mask_tail: bool) -> Tensor:
-    E = w_up.shape[0]
-    h = ops.grouped_gemm(permuted, w_up, expert_offsets)                      # [M, N1]
-    if module.has_bias:
-        rows = torch.arange(h.shape[0], device=h.device, dtype=torch.int32)
-        expert_of_row = torch.searchsorted(expert_offsets[1:], rows, right=True)  # [M]; E past the end
-        tail = (expert_of_row >= E)[:, None] if mask_tail else None
-        expert_of_row = expert_of_row.clamp_(max=E - 1)
-        h = h + getattr(module, f"{_up_name(module)}_bias")[expert_of_row]
+                       expert_offsets: Tensor) -> Tensor:
+    up_bias = getattr(module, f"{_up_name(module)}_bias") if module.has_bias else None
+    down_bias = module.down_proj_bias if module.has_bias else None
+    h = ops.grouped_gemm(permuted, w_up, expert_offsets, up_bias)            # [M, N1], bias in the epilogue
     h = module._apply_gate(h) if module.has_gate else module.act_fn(h)
-    y = ops.grouped_gemm(h.to(w_down.dtype), w_down, expert_offsets)           # [M, H]
-    if module.has_bias:
-        bias = module.down_proj_bias[expert_of_row]
-        y = y + (bias if tail is None else bias.masked_fill(tail, 0))         # dropped rows stay 0
-    return y
+    # rows past offsets[E] (dropped slots) stay 0: the op adds no bias there
+    return ops.grouped_gemm(h.to(w_down.dtype), w_down, expert_offsets, down_bias)   # [M, H]
 
 
 def moge_experts_forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
@@ -203,8 +194,7 @@ def moge_experts_forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k
     E = w_up.shape[0]
     x = hidden_states.reshape(-1, hidden_states.shape[-1]).to(w_up.dtype)      # autocast: weights' dtype
     topk_ids = top_k_index.reshape(x.shape[0], -1)
-    mask_tail = _ep_sentinels_possible()
-    if mask_tail:
+    if _ep_sentinels_possible():
         topk_ids = torch.where(topk_ids < E, topk_ids, -1)
     topk_weights = top_k_weights.reshape(topk_ids.shape)
     per_call = (x, topk_ids, topk_weights)
@@ -215,13 +205,13 @@ def moge_experts_forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k
         weights, fixed = (w_up, w_down), (E,)
     else:
         def experts(x, topk_ids, topk_weights):
-            return _gate_experts(self, x, topk_ids, topk_weights, w_up, w_down, mask_tail)
+            return _gate_experts(self, x, topk_ids, topk_weights, w_up, w_down)
 
         # the module's gate is captured too: its class, identity and every tensor it holds (biases, and
         # whatever its gate may read) are part of the key
         weights = (w_up, w_down) + tuple(t for t in self._parameters.values() if t is not None) + \
             tuple(t for t in self._buffers.values() if t is not None)
-        fixed = (mask_tail, type(self), id(self))
+        fixed = (type(self), id(self))
     if eager_graphs.applies(x) and ops.replay_allowed(*per_call, *weights):
         out, = eager_graphs.run(experts, per_call, weights + fixed, IMPLEMENTATION)
     else:
@@ -237,11 +227,11 @@ def _fused_experts(x: Tensor, topk_ids: Tensor, topk_weights: Tensor, w_gate_up:
     return (ops.grouped_combine(expert_out, topk_weights, row_index),)
 
 
-def _gate_experts(module, x: Tensor, topk_ids: Tensor, topk_weights: Tensor, w_up: Tensor, w_down: Tensor,
-                  mask_tail: bool) -> tuple[Tensor]:
+def _gate_experts(module, x: Tensor, topk_ids: Tensor, topk_weights: Tensor, w_up: Tensor,
+                  w_down: Tensor) -> tuple[Tensor]:
     """permute -> grouped_gemm, the module's gate, grouped_gemm -> combine: [T, H] -> ([T, H],)."""
     permuted, expert_offsets, row_index = ops.grouped_permute(x, topk_ids, w_up.shape[0])
-    expert_out = _gemm_gate_experts(module, permuted, w_up, w_down, expert_offsets, mask_tail)
+    expert_out = _gemm_gate_experts(module, permuted, w_up, w_down, expert_offsets)
     return (ops.grouped_combine(expert_out, topk_weights, row_index),)
 
 

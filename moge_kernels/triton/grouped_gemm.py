@@ -52,7 +52,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import eager_graphs, options, packing
+from .. import eager_graphs, options, packing, reference
 from ..registry import register_kernel
 from . import DEVICES
 from . import gemm_configs
@@ -129,10 +129,10 @@ def _tma_k_loop(x_desc, w_desc, row0, e, col0, W_ROWS, num_k, acc, BN: tl.conste
 
 
 @triton.jit
-def _gemm_tile(x_ptr, w_ptr, x_desc, w_desc, y_ptr, row_scale_ptr, e, row0, row_end, col0,
+def _gemm_tile(x_ptr, w_ptr, x_desc, w_desc, y_ptr, row_scale_ptr, bias_ptr, e, row0, row_end, col0,
                N_OUT, K, W_ROWS, stride_xm, stride_we, stride_wn, stride_wkb, stride_ym,
                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SWIGLU: tl.constexpr,
-               HAS_ROW_SCALE: tl.constexpr, EVEN_K: tl.constexpr, USE_TMA: tl.constexpr,
+               HAS_ROW_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, USE_TMA: tl.constexpr,
                WIDE: tl.constexpr, PACK: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """One [BM, BN] output tile of expert e: rows [row0, min(row0+BM, row_end)), columns [col0, col0+BN)."""
     offs_m = tl.arange(0, BM)
@@ -176,19 +176,21 @@ def _gemm_tile(x_ptr, w_ptr, x_desc, w_desc, y_ptr, row_scale_ptr, e, row0, row_
             else:
                 w_ptrs += BK
 
-    _epilogue(acc, acc_up, y_ptr, row_scale_ptr, row0, row_end, col0, N_OUT, stride_ym, BM, BN, SWIGLU,
-              HAS_ROW_SCALE, WIDE)
+    _epilogue(acc, acc_up, y_ptr, row_scale_ptr, bias_ptr, e, row0, row_end, col0, N_OUT, stride_ym, BM, BN,
+              SWIGLU, HAS_ROW_SCALE, HAS_BIAS, WIDE)
 
 
 @triton.jit
-def _epilogue(acc, acc_up, y_ptr, row_scale_ptr, row0, row_end, col0, N_OUT, stride_ym,
+def _epilogue(acc, acc_up, y_ptr, row_scale_ptr, bias_ptr, e, row0, row_end, col0, N_OUT, stride_ym,
               BM: tl.constexpr, BN: tl.constexpr, SWIGLU: tl.constexpr, HAS_ROW_SCALE: tl.constexpr,
-              WIDE: tl.constexpr):
-    """SwiGLU and row scale in fp32, cast, masked store of rows [row0, row_end) and columns < N_OUT.
-    A plain store, not TMA: a tile's rows past its expert belong to the next expert's tile."""
+              HAS_BIAS: tl.constexpr, WIDE: tl.constexpr):
+    """SwiGLU (or expert e's bias row, HAS_BIAS) and row scale in fp32, cast, masked store of rows
+    [row0, row_end) and columns < N_OUT. A plain store, not TMA: a tile's rows past its expert belong to
+    the next expert's tile."""
     offs_m = tl.arange(0, BM)
     offs_n = tl.arange(0, BN)
     row_ok = (row0 + offs_m) < row_end
+    cols = col0 + offs_n
     if WIDE:
         # [BM, 2*BN] -> [BM, BN, 2]: gate and up of one column side by side, then apart
         gate, up = tl.split(tl.permute(tl.reshape(acc, (BM, 2, BN)), (0, 2, 1)))
@@ -197,10 +199,11 @@ def _epilogue(acc, acc_up, y_ptr, row_scale_ptr, row0, row_end, col0, N_OUT, str
         out = acc * tl.sigmoid(acc) * acc_up        # silu(gate) * up, fp32
     else:
         out = acc
+    if HAS_BIAS:   # bias [E, N_OUT] contiguous
+        out = out + tl.load(bias_ptr + e.to(tl.int64) * N_OUT + cols, mask=cols < N_OUT, other=0.0)[None, :]
     if HAS_ROW_SCALE:
         scale = tl.load(row_scale_ptr + row0 + offs_m, mask=row_ok, other=0.0)
         out = out * scale[:, None]
-    cols = col0 + offs_n
     y_ptrs = y_ptr + row0.to(tl.int64) * stride_ym + (offs_m[:, None] * stride_ym + cols[None, :])
     tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & (cols < N_OUT)[None, :])
 
@@ -228,11 +231,12 @@ def _grouped_gemm_kernel(
         y_ptr,              # [M, N_OUT] output (h for SwiGLU)
         offsets_ptr,        # [E+1] int32 expert_offsets
         row_scale_ptr,      # [M] fp32 (HAS_ROW_SCALE only)
+        bias_ptr,           # [E, N_OUT] contiguous, x's dtype (HAS_BIAS only, not with SWIGLU)
         M, N_OUT, K, W_ROWS, num_n_tiles,
         stride_xm, stride_we, stride_wn, stride_wkb, stride_ym,
         E: tl.constexpr, E_POW2: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-        SWIGLU: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, EVEN_K: tl.constexpr,
+        SWIGLU: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
         USE_TMA: tl.constexpr, TAIL_BM: tl.constexpr, SPLIT_N_TAIL: tl.constexpr,
         WIDE: tl.constexpr, PACK: tl.constexpr, DOT_PRECISION: tl.constexpr, ZERO_TAIL: tl.constexpr):
     """Grid: (max_row_tiles * num_n_tiles,); see the module docstring for the schedule. ZERO_TAIL: the
@@ -260,21 +264,21 @@ def _grouped_gemm_kernel(
         if (v % 2 == 0 or TAIL_BM > 0) and (v < 2 or SPLIT_N_TAIL):
             if (TAIL_BM == 0 and not SPLIT_N_TAIL) or shape == v:   # (one shape: no test)
                 _gemm_tile(x_ptr, w_ptr, x_desc_tail if v % 2 else x_desc,
-                           w_desc_half if v >= 2 else w_desc, y_ptr, row_scale_ptr, e, row0, row_end,
-                           col0, N_OUT, K, W_ROWS, stride_xm, stride_we, stride_wn, stride_wkb, stride_ym,
-                           TAIL_BM if v % 2 else BM, BN // 2 if v >= 2 else BN, BK, SWIGLU, HAS_ROW_SCALE,
-                           EVEN_K, USE_TMA, WIDE, PACK, DOT_PRECISION)
+                           w_desc_half if v >= 2 else w_desc, y_ptr, row_scale_ptr, bias_ptr, e, row0,
+                           row_end, col0, N_OUT, K, W_ROWS, stride_xm, stride_we, stride_wn, stride_wkb,
+                           stride_ym, TAIL_BM if v % 2 else BM, BN // 2 if v >= 2 else BN, BK, SWIGLU,
+                           HAS_ROW_SCALE, HAS_BIAS, EVEN_K, USE_TMA, WIDE, PACK, DOT_PRECISION)
 
 
 @triton.jit
 def _grouped_gemm_persistent_kernel(
         x_desc,             # TMA descriptor of x [M, Kd], block [BM, BK]
         w_desc,             # TMA descriptor of w viewed [E*W_ROWS, Kd], block [BN, BK]
-        y_ptr, offsets_ptr, row_scale_ptr,
+        y_ptr, offsets_ptr, row_scale_ptr, bias_ptr,
         N_OUT, K, W_ROWS, num_n_tiles, num_programs, stride_ym,
         E: tl.constexpr, E_POW2: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-        HAS_ROW_SCALE: tl.constexpr, PACKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+        HAS_ROW_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, PACKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Persistent variant of the plain GEMM (the down projection of prefill): grid = (num_programs,),
     one or a few programs per SM, each walking tiles pid, pid + num_programs, ... of the same schedule.
     The tile loop and the k loop are flattened into one software pipeline, so the next tile's first TMA
@@ -295,10 +299,10 @@ def _grouped_gemm_persistent_kernel(
         acc = _tma_k_loop(x_desc, w_desc, row0, e, pid_n * BN, W_ROWS, num_k, acc, BN, BK, False, PACKED,
                           DOT_PRECISION)
         tile_c += num_programs
-        _, row0_c, row_end_c, pid_n_c = _locate(tile_c, experts, starts, ends, m_tiles, work_begin,
-                                                work_end, BM)
-        _epilogue(acc, acc_up, y_ptr, row_scale_ptr, row0_c, row_end_c, pid_n_c * BN, N_OUT, stride_ym,
-                  BM, BN, False, HAS_ROW_SCALE, False)
+        e_c, row0_c, row_end_c, pid_n_c = _locate(tile_c, experts, starts, ends, m_tiles, work_begin,
+                                                  work_end, BM)
+        _epilogue(acc, acc_up, y_ptr, row_scale_ptr, bias_ptr, e_c, row0_c, row_end_c, pid_n_c * BN, N_OUT,
+                  stride_ym, BM, BN, False, HAS_ROW_SCALE, HAS_BIAS, False)
 
 
 @functools.lru_cache(maxsize=None)
@@ -338,11 +342,12 @@ def _tma_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
     return _tma_device(x.device) and _tma_aligned(x, w)
 
 
-_TILED_META = ("E", "E_POW2", "BM", "BN", "BK", "SWIGLU", "HAS_ROW_SCALE", "EVEN_K", "USE_TMA", "TAIL_BM",
-               "SPLIT_N_TAIL", "WIDE", "PACK", "DOT_PRECISION", "num_warps", "num_stages", "ZERO_TAIL")
+_TILED_META = ("E", "E_POW2", "BM", "BN", "BK", "SWIGLU", "HAS_ROW_SCALE", "HAS_BIAS", "EVEN_K", "USE_TMA",
+               "TAIL_BM", "SPLIT_N_TAIL", "WIDE", "PACK", "DOT_PRECISION", "num_warps", "num_stages", "ZERO_TAIL")
 _tiled = Kernel(_grouped_gemm_kernel, _TILED_META)
 _persistent = Kernel(_grouped_gemm_persistent_kernel, ("E", "E_POW2", "BM", "BN", "BK", "HAS_ROW_SCALE",
-                                                       "PACKED", "DOT_PRECISION", "num_warps", "num_stages"))
+                                                       "HAS_BIAS", "PACKED", "DOT_PRECISION", "num_warps",
+                                                       "num_stages"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -370,7 +375,8 @@ _plans: dict[tuple, _Plan] = {}
 MAX_PLANS = 4096
 
 
-def _make_plan(x, w, expert_offsets, out, swiglu, has_row_scale, config, pack, tma_aligned) -> _Plan:
+def _make_plan(x, w, expert_offsets, out, swiglu, has_row_scale, config, pack, tma_aligned,
+               has_bias=False) -> _Plan:
     M, K = x.shape
     E, w_rows = w.shape[:2]
     n_out = w_rows // 2 if swiglu else w_rows
@@ -398,12 +404,12 @@ def _make_plan(x, w, expert_offsets, out, swiglu, has_row_scale, config, pack, t
     if use_tma and config.persistent and not swiglu:
         # config.persistent programs per SM (2: a second program's loads cover one's epilogue)
         num_programs = min(tiles, int(config.persistent) * _num_sms(x.device))
-        meta = (E, e_pow2, BM, BN, BK, has_row_scale, pack > 0, dot_precision, config.num_warps,
+        meta = (E, e_pow2, BM, BN, BK, has_row_scale, has_bias, pack > 0, dot_precision, config.num_warps,
                 config.num_stages)
         return _Plan(_persistent, meta, (num_programs,), True, False, pack, BM, BN, BK, 0, False, n_out,
                      num_n_tiles, num_programs)
-    meta = (E, e_pow2, BM, BN, BK, swiglu, has_row_scale, K % BK == 0, use_tma, tail_bm, split_n, wide, pack,
-            dot_precision, config.num_warps, config.num_stages)     # + ZERO_TAIL, given per launch
+    meta = (E, e_pow2, BM, BN, BK, swiglu, has_row_scale, has_bias, K % BK == 0, use_tma, tail_bm, split_n,
+            wide, pack, dot_precision, config.num_warps, config.num_stages)     # + ZERO_TAIL, given per launch
     return _Plan(_tiled, meta, (tiles,), use_tma, wide, pack, BM, BN, BK, tail_bm, split_n, n_out,
                  num_n_tiles, 0)
 
@@ -458,13 +464,15 @@ def _weight_view(plan: _Plan, x, w):
 
 def launch_grouped_gemm(x: torch.Tensor, w: torch.Tensor, expert_offsets: torch.Tensor,
                         out: torch.Tensor, swiglu: bool, row_scale=None,
-                        config: gemm_configs.GemmConfig | None = None, zero_tail: bool = False) -> torch.Tensor:
-    """out[rows of e] = x[rows of e] @ w[e]^T (or silu(gate) * up of it when swiglu). No host sync.
-    zero_tail: also zeros in out's rows past expert_offsets[E] (rows of no expert).
+                        config: gemm_configs.GemmConfig | None = None, zero_tail: bool = False,
+                        bias=None) -> torch.Tensor:
+    """out[rows of e] = x[rows of e] @ w[e]^T (+ bias[e]) (or silu(gate) * up of it when swiglu). No host
+    sync. zero_tail: also zeros in out's rows past expert_offsets[E] (rows of no expert).
 
     x [M, Kd] (unit column stride), w [E, W_ROWS, Kd] (unit stride along Kd) or packed
     [E, W_ROWS, Kd/B, B] (packing.pack_expert_weights), out [M, N_OUT] contiguous, expert_offsets [E+1]
-    int32 contiguous, row_scale [M] fp32 contiguous or None."""
+    int32 contiguous, row_scale [M] fp32 contiguous or None, bias [E, N_OUT] contiguous or None (not with
+    swiglu)."""
     M, K = x.shape
     E, w_rows = w.shape[:2]
     if M == 0 or w_rows < (2 if swiglu else 1):
@@ -475,28 +483,29 @@ def launch_grouped_gemm(x: torch.Tensor, w: torch.Tensor, expert_offsets: torch.
     if w.dim() == 4 and (pack < 16 or pack & (pack - 1)):
         w, pack = packing.unpack(w), 0
     tma_aligned = _tma_aligned(x, w)
-    has_row_scale = row_scale is not None
-    key = (M, K, w.shape, w.stride(), x.stride(0), x.dtype, x.device, swiglu, has_row_scale, config,
+    has_row_scale, has_bias = row_scale is not None, bias is not None
+    key = (M, K, w.shape, w.stride(), x.stride(0), x.dtype, x.device, swiglu, has_row_scale, has_bias, config,
            tma_aligned, gemm_configs.options_key())
     plan = _plans.get(key)
     if plan is None:
-        plan = _make_plan(x, w, expert_offsets, out, swiglu, has_row_scale, config, pack, tma_aligned)
+        plan = _make_plan(x, w, expert_offsets, out, swiglu, has_row_scale, config, pack, tma_aligned, has_bias)
         if not gemm_configs.autotune_enabled():    # a tuned choice may still change (capture, first call)
             if len(_plans) >= MAX_PLANS:
                 _plans.clear()
             _plans[key] = plan
-    scale = row_scale if has_row_scale else out
+    scale = row_scale if has_row_scale else out       # placeholders where absent: never read
+    bias = bias if has_bias else out
     if plan.use_tma:
         x_desc, x_desc_tail, w_desc, w_desc_half = _descriptors(plan, x, w)
     else:
         x_desc = x_desc_tail = x      # placeholders, never read when USE_TMA is off
         w_desc = w_desc_half = w
     if plan.kernel is _persistent:
-        _persistent.launch(plan.grid, (x_desc, w_desc, out, expert_offsets, scale, plan.n_out, K, w_rows,
+        _persistent.launch(plan.grid, (x_desc, w_desc, out, expert_offsets, scale, bias, plan.n_out, K, w_rows,
                                        plan.num_n_tiles, plan.num_programs, out.stride(0)), plan.meta)
         return zero_rows_past_experts(out, expert_offsets) if zero_tail else out
     _tiled.launch(plan.grid, (
-        x, w, x_desc, x_desc_tail, w_desc, w_desc_half, out, expert_offsets, scale,
+        x, w, x_desc, x_desc_tail, w_desc, w_desc_half, out, expert_offsets, scale, bias,
         M, plan.n_out, K, w_rows, plan.num_n_tiles,
         x.stride(0), w.stride(0), w.stride(1), w.stride(2) if pack else 0, out.stride(0)),
         plan.meta + (zero_tail,))
@@ -592,13 +601,15 @@ def _unit_inner(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def grouped_gemm(x, w, expert_offsets):
-    """Registered as triton's moge::grouped_gemm: [M, N]."""
+def grouped_gemm(x, w, expert_offsets, bias=None):
+    """Registered as triton's moge::grouped_gemm: [M, N]; bias [E, N] added in the epilogue."""
     x, w, offsets = _unit_inner(x), _unit_inner(w), expert_offsets.contiguous()
+    if bias is not None and not bias.is_contiguous():
+        bias = bias.contiguous()
     y = x.new_empty(x.shape[0], w.shape[1])
     if x.shape[1] == 0:
-        return y.zero_()
-    return launch_grouped_gemm(x, w, offsets, y, swiglu=False, zero_tail=True)
+        return y.zero_() if bias is None else reference.add_expert_bias(y.zero_(), bias, offsets)
+    return launch_grouped_gemm(x, w, offsets, y, swiglu=False, zero_tail=True, bias=bias)
 
 
 _side: dict[int, tuple] = {}     # device index -> (side stream, fork event, join event)
@@ -684,7 +695,7 @@ def _variant(args, mlp: bool) -> str:
             f"{'two streams' if _two_streams(x, E, w.shape[1] // 2) else 'one stream'} ({table})")
 
 
-register_kernel("triton", "grouped_gemm", grouped_gemm, devices=DEVICES, packed_weights=True,
+register_kernel("triton", "grouped_gemm", grouped_gemm, devices=DEVICES, packed_weights=True, bias=True,
                 variant=lambda args: _variant(args, mlp=False))
 register_kernel("triton", "grouped_mlp", grouped_mlp, devices=DEVICES, packed_weights=True,
                 variant=lambda args: _variant(args, mlp=True))
