@@ -78,6 +78,24 @@ SHAPES = [   # (T, K, E, H, drop)
 ]
 
 
+@pytest.mark.parametrize("backend,device", [c for c in CASES if c[0] == "triton"])
+@pytest.mark.parametrize("scan_cols", [4, 64])
+def test_triton_scan_in_several_chunks(backend, device, scan_cols, monkeypatch):
+    """The scan's walk over the count blocks in several chunks (a small scan tile), by several programs
+    (4 buckets each, totals) and by one (offsets)."""
+    from moge_kernels.triton import permute as tp
+    monkeypatch.setattr(tp, "SCAN_TILE_ELEMS", 64)
+    tp._plan.cache_clear()
+    try:
+        T, K, E, H = 45, 3, 12, 10
+        hidden = torch.randn(T, H, generator=generator(5)).to(device)
+        ids = make_topk_ids(T, K, E, seed=5, device=device)
+        out = tp.grouped_permute(hidden, ids, E, count_config=(1, 1), copy_config=(16, 16, 1), scan_cols=scan_cols)
+        assert_permute_equal(out, R.permute(hidden, ids, E))
+    finally:
+        tp._plan.cache_clear()
+
+
 @pytest.mark.parametrize("backend,device", CASES)
 @pytest.mark.parametrize("T,K,E,H,drop", SHAPES)
 @pytest.mark.parametrize("id_dtype", [torch.int32, torch.int64])
