@@ -36,13 +36,17 @@ MODELS = {   # name: (H, E, K)
 # Tilings of the triton kernel the --variants columns try (name: triton_variant's keywords): the
 # count-block cap trades each rank program's serial walk against the scan's; the copy tile (BLOCK_T,
 # num_warps) trades index round trips per byte against occupancy; one_scan runs the scan as one program
-# of all buckets; no_pdl launches the chain without programmatic dependent launch.
+# of all buckets; pairwise / cumsum pick the rank kernel's in-tile ranking; no_pdl launches the chain
+# without programmatic dependent launch.
 VARIANTS = {
     "blocks128": dict(max_blocks=128),
     "blocks512": dict(max_blocks=512),
     "blocks1024": dict(max_blocks=1024),
     "copy8x8w": dict(copy=(8, 8)),
     "one_scan": dict(scan_cols=1 << 20),
+    "pairwise": dict(pairwise=True),
+    "cumsum": dict(pairwise=False),
+    "pairwise512": dict(pairwise=True, max_blocks=512),
     "no_pdl": dict(pdl=False),
 }
 
@@ -51,7 +55,7 @@ def graph_ms(fn, timer: Timer, reps: int = 20) -> float:
     return sorted(timer.samples(capture_graph(fn), reps))[reps // 2]
 
 
-def triton_variant(hidden, ids, E, max_blocks=None, copy=None, scan_cols=None, pdl=None):
+def triton_variant(hidden, ids, E, max_blocks=None, copy=None, scan_cols=None, pairwise=None, pdl=None):
     """grouped_permute of the triton backend at a given count-block cap / copy tile / scan width / PDL."""
     from moge_kernels.triton import permute as tp
     T, K = ids.shape
@@ -61,7 +65,7 @@ def triton_variant(hidden, ids, E, max_blocks=None, copy=None, scan_cols=None, p
         _, block_h, _ = tp._copy_config(T, hidden.shape[1])
         copy_config = (copy[0], block_h, copy[1])
     return lambda: tp.grouped_permute(hidden, ids, E, count_config=count_config, copy_config=copy_config,
-                                      scan_cols=scan_cols, pdl=pdl)
+                                      scan_cols=scan_cols, pairwise=pairwise, pdl=pdl)
 
 
 def profile_us(fn, reps: int = 10) -> str:

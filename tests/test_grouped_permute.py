@@ -138,12 +138,14 @@ def test_dtypes_and_noncontiguous(backend, device, dtype):
     ((8, 2), (16, 32, 2), None),    # fused, four tiles a block; copy tile clamped to the count block
     ((64, 16), (2, 128, 4), None),  # one block of four tiles (the last two past T)
 ])
-def test_triton_tilings(backend, device, count_config, copy_config, scan_cols):
+@pytest.mark.parametrize("pairwise", [False, True])
+def test_triton_tilings(backend, device, count_config, copy_config, scan_cols, pairwise):
     from moge_kernels.triton import permute as tp
     T, K, E, H = 45, 3, 12, 10
     hidden = torch.randn(T, H, generator=generator(4)).to(device)
     ids = make_topk_ids(T, K, E, seed=4, device=device)
-    kw = dict(count_config=count_config, copy_config=copy_config, scan_cols=scan_cols if scan_cols else 4)
+    kw = dict(count_config=count_config, copy_config=copy_config, scan_cols=scan_cols if scan_cols else 4,
+              pairwise=pairwise)
     out = tp.grouped_permute(hidden, ids, E, **kw)
     assert_permute_equal(out, R.permute(hidden, ids, E))
     # a token repeating an expert and dropped slots in every tile, ids as a transposed int64 view
@@ -460,7 +462,8 @@ def test_gpu_pdl_on_and_off_agree(T):
     hidden = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
     ids = make_topk_ids(T, K, E, seed=T, device="cuda", drop=0.1)
     ref = R.permute(hidden, ids, E)
-    for kw in (dict(pdl=True), dict(pdl=False), dict(scan_cols=1 << 20), dict(scan_cols=8)):
+    for kw in (dict(pdl=True), dict(pdl=False), dict(scan_cols=1 << 20), dict(scan_cols=8),
+               dict(pairwise=True), dict(pairwise=False)):
         torch.empty(1 << 26, device="cuda").fill_(float("nan"))
         assert_permute_equal(tp.grouped_permute(hidden, ids, E, **kw), ref)
     from moge_kernels.bench.timing import capture_graph

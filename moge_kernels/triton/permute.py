@@ -63,6 +63,8 @@ SCAN_TILE_ELEMS = 8192
 # Buckets per scan program: the scan is latency-bound (one chunk of blocks after the other), so several
 # programs of few columns each finish in fewer serial chunks than one program of all E+1 buckets.
 SCAN_COLS = 32
+# The rank kernel's in-tile ranking: pairwise comparisons of the tile's slots, or a cumsum of its one-hot.
+PAIRWISE_RANK = False
 
 
 # ----------------------------------------------------------------------------------------- launch 1
@@ -73,13 +75,15 @@ def _rank_kernel(
     block_base_ptr,      # [NB, E+1] int32 out: per-block bucket counts (column E: the dropped slots)
     T, stride_it, stride_ik,
     E: tl.constexpr, K: tl.constexpr, E_PAD: tl.constexpr, K_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
-    SUB_T: tl.constexpr, USE_GDC: tl.constexpr,
+    SUB_T: tl.constexpr, PAIRWISE: tl.constexpr, USE_GDC: tl.constexpr,
 ):
     """Grid (NB,): program b ranks the slots of tokens [b*BLOCK_T, (b+1)*BLOCK_T), SUB_T tokens a tile.
 
     A tile is its SUB_T*K_PAD slots flattened in (token, slot) order, so one id load, one one-hot
     [slots, E_PAD] (experts only: a dropped slot's rank follows from the kept ones), one cumsum and one
-    reduction rank every slot; the work per slot is E_PAD, whatever K."""
+    reduction rank every slot; the work per slot is E_PAD, whatever K. PAIRWISE ranks a slot within its
+    tile by comparing it with the tile's earlier slots instead ([slots, slots], no cumsum over the
+    one-hot, which then only carries the counts)."""
     if USE_GDC:   # the next launch (scan or copy) may start now; it waits for this one before reading
         gdc_launch_dependents()
     pid = tl.program_id(0)
@@ -93,9 +97,14 @@ def _rank_kernel(
         ok = (k < K) & (t < T)
         ids = tl.load(ids_ptr + t.to(tl.int64) * stride_it + k * stride_ik, mask=ok, other=-1)
         kept = ok & (ids >= 0) & (ids < E)            # ids outside [-1, E) count as dropped
-        onehot = (tl.where(kept, ids, -1).to(tl.int32)[:, None] == e[None, :]).to(tl.int32)
-        earlier = carry[None, :] + tl.cumsum(onehot, axis=0) - onehot   # the block's earlier slots, per expert
-        rank_kept = tl.sum(onehot * earlier, axis=1)
+        bucket = tl.where(kept, ids, -1).to(tl.int32)
+        onehot = (bucket[:, None] == e[None, :]).to(tl.int32)
+        if PAIRWISE:
+            same = (bucket[:, None] == bucket[None, :]) & (i[None, :] < i[:, None])   # earlier, same expert
+            rank_kept = tl.sum(same.to(tl.int32), axis=1) + tl.sum(onehot * carry[None, :], axis=1)
+        else:
+            earlier = carry[None, :] + tl.cumsum(onehot, axis=0) - onehot   # the block's earlier slots
+            rank_kept = tl.sum(onehot * earlier, axis=1)
         kept_i = kept.to(tl.int32)
         kept_before = tl.sum(carry, axis=0) + tl.cumsum(kept_i, axis=0) - kept_i
         # a dropped slot: the block's earlier slots minus the kept ones among them
@@ -216,7 +225,8 @@ def _copy_kernel(
 # USE_GDC and launch_pdl (launch.use_pdl) go together: the scan and the copy start while the kernel
 # before them finishes; the rank kernel, the first of the chain, launches as usual (its inputs may still
 # be in the making).
-_rank = Kernel(_rank_kernel, ("E", "K", "E_PAD", "K_PAD", "BLOCK_T", "SUB_T", "USE_GDC", "num_warps"))
+_rank = Kernel(_rank_kernel, ("E", "K", "E_PAD", "K_PAD", "BLOCK_T", "SUB_T", "PAIRWISE", "USE_GDC",
+                              "num_warps"))
 _scan = Kernel(_scan_kernel, ("E", "COLS_PAD", "CHUNK_B", "USE_GDC", "num_warps", "launch_pdl"))
 _copy = Kernel(_copy_kernel, ("E", "K", "K_PAD", "E1_PAD", "NB_PAD", "FUSED_SCAN", "SCAN_TOTALS", "COUNT_BLOCK_T",
                               "BLOCK_T", "BLOCK_H", "USE_GDC", "num_warps", "launch_pdl"))
@@ -247,7 +257,7 @@ def _count_config(T: int, K: int, E: int, max_blocks: int = None):
 
 
 @functools.lru_cache(maxsize=4096)
-def _plan(T, K, E, H, count_config, copy_config, scan_cols, pdl):
+def _plan(T, K, E, H, count_config, copy_config, scan_cols, pairwise, pdl):
     """The launches of one call, a pure function of the shapes and choices: (number of count blocks,
     rank meta, scan meta or None (the copy programs scan), scan programs, copy meta, copy grid)."""
     e1_pad, k_pad = pow2(E + 1), pow2(K)
@@ -255,7 +265,8 @@ def _plan(T, K, E, H, count_config, copy_config, scan_cols, pdl):
     num_blocks = cdiv(T, count_block_t)
     fused_scan = num_blocks <= FUSED_SCAN_MAX_BLOCKS
     rank_tile = sub_t * k_pad * pow2(E)
-    rank_meta = (E, K, pow2(E), k_pad, count_block_t, sub_t, pdl, 8 if rank_tile >= 4096 else 4)
+    rank_meta = (E, K, pow2(E), k_pad, count_block_t, sub_t, PAIRWISE_RANK if pairwise is None else pairwise,
+                 pdl, 8 if rank_tile >= 4096 else 4)
     block_t, block_h, num_warps = copy_config or _copy_config(T, H)
     if fused_scan:
         block_t = min(block_t, count_block_t)
@@ -275,12 +286,13 @@ def _plan(T, K, E, H, count_config, copy_config, scan_cols, pdl):
 
 
 def grouped_permute(hidden, topk_ids, num_experts, *, count_config=None, copy_config=None, scan_cols=None,
-                    pdl=None):
+                    pairwise=None, pdl=None):
     """Triton kernel of `moge::grouped_permute` (arguments already checked by moge_kernels.checks).
 
     count_config=(COUNT_BLOCK_T, SUB_T) / copy_config=(BLOCK_T, BLOCK_H, num_warps) override the tile
-    choice, scan_cols the buckets per scan program (>= E+1: one program), pdl=True / False the
-    programmatic dependent launch (default launch.use_pdl) (tests, tuning)."""
+    choice, scan_cols the buckets per scan program (>= E+1: one program), pairwise the rank kernel's
+    in-tile ranking (default PAIRWISE_RANK), pdl=True / False the programmatic dependent launch (default
+    launch.use_pdl) (tests, tuning)."""
     T, K = topk_ids.shape
     H = hidden.shape[1]
     E = num_experts
@@ -292,7 +304,7 @@ def grouped_permute(hidden, topk_ids, num_experts, *, count_config=None, copy_co
     if hidden.stride(1) != 1:
         hidden = hidden.contiguous()
     num_blocks, rank_meta, scan_meta, scan_programs, copy_meta, copy_grid = _plan(
-        T, K, E, H, count_config, copy_config, scan_cols, use_pdl(device) if pdl is None else bool(pdl))
+        T, K, E, H, count_config, copy_config, scan_cols, pairwise, use_pdl(device) if pdl is None else bool(pdl))
     expert_offsets = torch.empty(E + 1, dtype=torch.int32, device=device)  # [E+1] int32
     scratch = torch.empty(T * K + (num_blocks + 1) * (E + 1), dtype=torch.int32, device=device)
     slot_rank = scratch[:T * K]                                              # [T, K] int32
