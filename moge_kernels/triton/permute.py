@@ -307,9 +307,11 @@ def grouped_permute(hidden, topk_ids, num_experts, *, count_config=None, copy_co
         T, K, E, H, count_config, copy_config, scan_cols, pairwise, use_pdl(device) if pdl is None else bool(pdl))
     expert_offsets = torch.empty(E + 1, dtype=torch.int32, device=device)  # [E+1] int32
     scratch = torch.empty(T * K + (num_blocks + 1) * (E + 1), dtype=torch.int32, device=device)
+    # (block_base right after slot_rank: 16-byte aligned where T*K is a multiple of 4, as the kernels'
+    # vector loads like)
     slot_rank = scratch[:T * K]                                              # [T, K] int32
-    totals = scratch[T * K:T * K + E + 1]                                    # [E+1] int32
-    block_base = scratch[T * K + E + 1:]                                     # [NB, E+1] int32
+    block_base = scratch[T * K:T * K + num_blocks * (E + 1)]                 # [NB, E+1] int32
+    totals = scratch[T * K + num_blocks * (E + 1):]                          # [E+1] int32
     sit, sik = topk_ids.stride()
     _rank.launch((num_blocks,), (topk_ids, slot_rank, block_base, T, sit, sik), rank_meta)
     if scan_meta is not None:
