@@ -215,6 +215,14 @@ def test_reference_gemm_against_oracle(fmt):
         xd = oracle_dequant_rows(*oracle_quantize_rows(x[b[e]:b[e + 1]], qw.block_k), qw.block_k)
         want[b[e]:b[e + 1]] = xd @ wd[e].t()
     assert rel_err(y, want) <= 1e-5
+    # with a per-expert bias: added to each expert's rows after the FP8 GEMM, rows of no expert stay 0
+    bias = torch.randn(E, N, generator=g)
+    y_bias = mk.grouped_gemm(x, qw, offsets, bias)
+    for e in range(E):
+        want[b[e]:b[e + 1]] += bias[e]
+    assert rel_err(y_bias, want) <= 1e-5 and not y_bias[b[-1]:].any()
+    with pytest.raises(ValueError, match="bias"):
+        mk.grouped_gemm(x, qw, offsets, bias[:, :-1])
 
 
 # e4m3 keeps 3 mantissa bits: rounding one Gaussian operand costs 2.6% (rms, relative), one GEMM with

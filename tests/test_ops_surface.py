@@ -117,6 +117,10 @@ def test_gemm_bad_input(backend):
         ((x, torch.randn(3, 5, 7), good), ValueError, "w must be"),
         ((x, w.half(), good), TypeError, "w must have dtype"),
         ((x[None], w, good), ValueError, "x must have 2 dimensions"),
+        ((x, w, good, torch.randn(3, 4)), ValueError, r"bias must have shape \(3, 5\)"),
+        ((x, w, good, torch.randn(5)), ValueError, "bias must have 2 dimensions"),
+        ((x, w, good, torch.randn(3, 5).half()), TypeError, "bias must have dtype"),
+        ((x, w, good, torch.randn(3, 5, device="meta")), ValueError, "bias is on meta"),
     ]
     with mk.use_backend(backend):
         for args, exc, match in cases:
