@@ -33,21 +33,15 @@ MODELS = {   # name: (H, E, K)
     "pangu-pro-moe": (5120, 64, 8),
 }
 
-# Tilings of the triton kernel the --variants columns try (name: triton_variant's keywords): the
-# count-block cap trades each rank program's serial walk against the scan's; the copy tile (BLOCK_T,
-# num_warps) trades index round trips per byte against occupancy; one_scan runs the scan as one program
-# of all buckets; pairwise / cumsum pick the rank kernel's in-tile ranking; no_pdl launches the chain
-# without programmatic dependent launch.
+# Tilings of the triton kernel the --variants columns try (name: (max count blocks or None for the
+# default, copy (BLOCK_T, num_warps) or None, programmatic dependent launch or None for the default)):
+# the count-block cap trades each rank program's serial walk against the one-program scan; the copy tile
+# trades index round trips per byte against occupancy; no_pdl launches the chain without PDL.
 VARIANTS = {
-    "blocks128": dict(max_blocks=128),
-    "blocks512": dict(max_blocks=512),
-    "blocks1024": dict(max_blocks=1024),
-    "copy8x8w": dict(copy=(8, 8)),
-    "one_scan": dict(scan_cols=1 << 20),
-    "pairwise": dict(pairwise=True),
-    "cumsum": dict(pairwise=False),
-    "pairwise512": dict(pairwise=True, max_blocks=512),
-    "no_pdl": dict(pdl=False),
+    "blocks128": (128, None, None),
+    "blocks512": (512, None, None),
+    "copy8x8w": (None, (8, 8), None),
+    "no_pdl": (None, None, False),
 }
 
 
@@ -55,8 +49,8 @@ def graph_ms(fn, timer: Timer, reps: int = 20) -> float:
     return sorted(timer.samples(capture_graph(fn), reps))[reps // 2]
 
 
-def triton_variant(hidden, ids, E, max_blocks=None, copy=None, scan_cols=None, pairwise=None, pdl=None):
-    """grouped_permute of the triton backend at a given count-block cap / copy tile / scan width / PDL."""
+def triton_variant(hidden, ids, E, max_blocks, copy, pdl):
+    """grouped_permute of the triton backend at a given count-block cap / copy tile / PDL choice."""
     from moge_kernels.triton import permute as tp
     T, K = ids.shape
     count_config = tp._count_config(T, K, E, max_blocks) if max_blocks else None
@@ -65,7 +59,7 @@ def triton_variant(hidden, ids, E, max_blocks=None, copy=None, scan_cols=None, p
         _, block_h, _ = tp._copy_config(T, hidden.shape[1])
         copy_config = (copy[0], block_h, copy[1])
     return lambda: tp.grouped_permute(hidden, ids, E, count_config=count_config, copy_config=copy_config,
-                                      scan_cols=scan_cols, pairwise=pairwise, pdl=pdl)
+                                      pdl=pdl)
 
 
 def profile_us(fn, reps: int = 10) -> str:
@@ -119,7 +113,7 @@ def main():
                     if method == "torch":
                         fn = lambda: B.torch_permute(hidden, ids, E)   # noqa: E731
                     elif method in VARIANTS:
-                        fn = triton_variant(hidden, ids, E, **VARIANTS[method])
+                        fn = triton_variant(hidden, ids, E, *VARIANTS[method])
                     elif mk.backends()[method]["available"]:
                         def fn(method=method):
                             with mk.use_backend(method):

@@ -78,24 +78,6 @@ SHAPES = [   # (T, K, E, H, drop)
 ]
 
 
-@pytest.mark.parametrize("backend,device", [c for c in CASES if c[0] == "triton"])
-@pytest.mark.parametrize("scan_cols", [4, 64])
-def test_triton_scan_in_several_chunks(backend, device, scan_cols, monkeypatch):
-    """The scan's walk over the count blocks in several chunks (a small scan tile), by several programs
-    (4 buckets each, totals) and by one (offsets)."""
-    from moge_kernels.triton import permute as tp
-    monkeypatch.setattr(tp, "SCAN_TILE_ELEMS", 64)
-    tp._plan.cache_clear()
-    try:
-        T, K, E, H = 45, 3, 12, 10
-        hidden = torch.randn(T, H, generator=generator(5)).to(device)
-        ids = make_topk_ids(T, K, E, seed=5, device=device)
-        out = tp.grouped_permute(hidden, ids, E, count_config=(1, 1), copy_config=(16, 16, 1), scan_cols=scan_cols)
-        assert_permute_equal(out, R.permute(hidden, ids, E))
-    finally:
-        tp._plan.cache_clear()
-
-
 @pytest.mark.parametrize("backend,device", CASES)
 @pytest.mark.parametrize("T,K,E,H,drop", SHAPES)
 @pytest.mark.parametrize("id_dtype", [torch.int32, torch.int64])
@@ -130,27 +112,23 @@ def test_dtypes_and_noncontiguous(backend, device, dtype):
 
 
 @pytest.mark.parametrize("backend,device", [c for c in CASES if c[0] == "triton"])
-@pytest.mark.parametrize("count_config,copy_config,scan_cols", [
-    ((1, 1), (16, 16, 1), None),    # 45 count blocks: the scan launch, 4 programs of 4 buckets
-    ((1, 1), (16, 16, 1), 64),      # the same scan as one program that writes the offsets
-    ((2, 1), (1, 16, 1), 8),        # 23 blocks of two one-token tiles: scan launch of two programs
-    ((4, 4), (2, 4, 1), None),      # 12 blocks: the scan fused into the copy programs, H split in 3
-    ((8, 2), (16, 32, 2), None),    # fused, four tiles a block; copy tile clamped to the count block
-    ((64, 16), (2, 128, 4), None),  # one block of four tiles (the last two past T)
+@pytest.mark.parametrize("count_config,copy_config", [
+    ((1, 1), (16, 16, 1)),     # 45 count blocks: the scan launch
+    ((2, 1), (1, 16, 1)),      # 23 blocks of two one-token tiles: scan launch
+    ((4, 4), (2, 4, 1)),       # 12 blocks: the scan fused into the copy programs, H split in 3
+    ((8, 2), (16, 32, 2)),     # fused, four tiles a block; copy tile clamped to the count block
+    ((64, 16), (2, 128, 4)),   # one block of four tiles (the last two past T)
 ])
-@pytest.mark.parametrize("pairwise", [False, True])
-def test_triton_tilings(backend, device, count_config, copy_config, scan_cols, pairwise):
+def test_triton_tilings(backend, device, count_config, copy_config):
     from moge_kernels.triton import permute as tp
     T, K, E, H = 45, 3, 12, 10
     hidden = torch.randn(T, H, generator=generator(4)).to(device)
     ids = make_topk_ids(T, K, E, seed=4, device=device)
-    kw = dict(count_config=count_config, copy_config=copy_config, scan_cols=scan_cols if scan_cols else 4,
-              pairwise=pairwise)
-    out = tp.grouped_permute(hidden, ids, E, **kw)
+    out = tp.grouped_permute(hidden, ids, E, count_config=count_config, copy_config=copy_config)
     assert_permute_equal(out, R.permute(hidden, ids, E))
     # a token repeating an expert and dropped slots in every tile, ids as a transposed int64 view
     repeated = torch.stack([ids[:, 0], ids[:, 0], torch.full_like(ids[:, 0], -1)], 1).long().t().contiguous().t()
-    out = tp.grouped_permute(hidden, repeated, E, **kw)
+    out = tp.grouped_permute(hidden, repeated, E, count_config=count_config, copy_config=copy_config)
     assert_permute_equal(out, R.permute(hidden, repeated, E))
 
 
@@ -455,17 +433,16 @@ def test_gpu_gemm_and_mlp_zero_rows_past_offsets_at_scale(backend, M, E, H, I, k
 @pytest.mark.parametrize("T", [5, 300, 4096])
 def test_gpu_pdl_on_and_off_agree(T):
     """The triton permute's launch chain with programmatic dependent launch (the default on sm_90+) and
-    without it, its scan as one program or as several: the same outputs, eagerly and replayed from a CUDA
-    graph on new ids; T = 5 skips the scan launch (the copy scans), 4096 runs it."""
+    without it: the same outputs, eagerly and replayed from a CUDA graph on new ids; T = 5 skips the scan
+    launch (the copy scans), 4096 runs it."""
     from moge_kernels.triton import permute as tp
     K, E, H = 8, 128, 2048
     hidden = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
     ids = make_topk_ids(T, K, E, seed=T, device="cuda", drop=0.1)
     ref = R.permute(hidden, ids, E)
-    for kw in (dict(pdl=True), dict(pdl=False), dict(scan_cols=1 << 20), dict(scan_cols=8),
-               dict(pairwise=True), dict(pairwise=False)):
+    for pdl in (True, False):
         torch.empty(1 << 26, device="cuda").fill_(float("nan"))
-        assert_permute_equal(tp.grouped_permute(hidden, ids, E, **kw), ref)
+        assert_permute_equal(tp.grouped_permute(hidden, ids, E, pdl=pdl), ref)
     from moge_kernels.bench.timing import capture_graph
     outputs = []
     with mk.use_options(triton_pdl=True), mk.use_backend("triton"):

@@ -8,23 +8,18 @@ count blocks; bucket E holds the dropped slots, id -1):
                                the same bucket, in (token, slot) order
     block_base      [NB, E+1]  int32 scratch: first, per-bucket counts of each count block; after the scan
                                kernel (when it runs), the rows of bucket e that blocks before b fill
-    totals          [E+1]      int32 scratch: rows per bucket (a scan of several programs writes them)
     expert_offsets  [E+1]      int32 exclusive cumsum of rows per expert (output); offsets[E] = kept slots
     row_index       [T, K]     int32 expert_offsets[bucket] + block_base[t // COUNT_BLOCK_T, bucket]
                                + slot_rank[t, k] (output)
 
-Launches (current stream, no host synchronisation; on sm_90+ the second and third with programmatic
-dependent launch, launch.use_pdl: each starts while the one before it finishes):
+Launches (current stream, no host synchronisation):
 
     1. _rank_kernel, one program per count block: slot ranks and per-bucket counts, the block's slots in
        tiles of SUB_T tokens x K slots flattened, one-hot against the E experts (not E+1: a dropped slot's
        rank is its place in the block minus the kept slots before it), with a running per-expert carry.
-    2. _scan_kernel, one pass over the NB x (E+1) counts: block_base, by programs of SCAN_COLS buckets
-       each (the scan is a chain of dependent chunk loads; narrower programs have fewer), which write the
-       totals, from which every copy program takes the offsets; for large E (the copy's one-hot gather of
-       the offsets would not fit) one program of all buckets, which writes expert_offsets itself. Skipped
-       for NB <= FUSED_SCAN_MAX_BLOCKS blocks, where every copy program redoes the scan from the counts, as
-       dispatch.py does.
+    2. _scan_kernel, one program, one pass over the NB x (E+1) counts: block_base and expert_offsets
+       (skipped for NB <= FUSED_SCAN_MAX_BLOCKS blocks, where every copy program redoes this scan from the
+       counts, as dispatch.py does).
     3. _copy_kernel, one program per (token block, H block): every index of its BLOCK_T x K slots loaded
        at once, then row_index and the K copies of each hidden row (read once, written from registers);
        a dropped slot's row is written with zeros.
@@ -54,17 +49,12 @@ _INTERPRET = options.TRITON_INTERPRET
 RANK_TILE_ELEMS = 8192
 # Up to this many count blocks the copy programs scan the counts themselves (no scan launch).
 FUSED_SCAN_MAX_BLOCKS = 16
-# Past that, at most this many count blocks: more blocks shorten each rank program's serial walk over its
-# tiles but lengthen the scan's walk over the blocks (bench/bench_permute.py --variants times the
-# alternatives).
+# Past that, at most this many count blocks: the scan is one program reading NB x (E+1) counts once, so
+# more blocks shorten each rank program's serial walk over its tiles but lengthen the scan (estimates;
+# bench/bench_permute.py --variants times the alternatives).
 MAX_COUNT_BLOCKS = 256
-# Scan tile [CHUNK_B blocks, COLS_PAD buckets], and the copy's one-hot gather of the bucket offsets.
+# Scan tile [CHUNK_B blocks, pow2(E+1) buckets].
 SCAN_TILE_ELEMS = 8192
-# Buckets per scan program: the scan is latency-bound (one chunk of blocks after the other), so several
-# programs of few columns each finish in fewer serial chunks than one program of all E+1 buckets.
-SCAN_COLS = 32
-# The rank kernel's in-tile ranking: pairwise comparisons of the tile's slots, or a cumsum of its one-hot.
-PAIRWISE_RANK = False
 
 
 # ----------------------------------------------------------------------------------------- launch 1
@@ -75,15 +65,13 @@ def _rank_kernel(
     block_base_ptr,      # [NB, E+1] int32 out: per-block bucket counts (column E: the dropped slots)
     T, stride_it, stride_ik,
     E: tl.constexpr, K: tl.constexpr, E_PAD: tl.constexpr, K_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
-    SUB_T: tl.constexpr, PAIRWISE: tl.constexpr, USE_GDC: tl.constexpr,
+    SUB_T: tl.constexpr, USE_GDC: tl.constexpr,
 ):
     """Grid (NB,): program b ranks the slots of tokens [b*BLOCK_T, (b+1)*BLOCK_T), SUB_T tokens a tile.
 
     A tile is its SUB_T*K_PAD slots flattened in (token, slot) order, so one id load, one one-hot
     [slots, E_PAD] (experts only: a dropped slot's rank follows from the kept ones), one cumsum and one
-    reduction rank every slot; the work per slot is E_PAD, whatever K. PAIRWISE ranks a slot within its
-    tile by comparing it with the tile's earlier slots instead ([slots, slots], no cumsum over the
-    one-hot, which then only carries the counts)."""
+    reduction rank every slot; the work per slot is E_PAD, whatever K."""
     if USE_GDC:   # the next launch (scan or copy) may start now; it waits for this one before reading
         gdc_launch_dependents()
     pid = tl.program_id(0)
@@ -97,14 +85,9 @@ def _rank_kernel(
         ok = (k < K) & (t < T)
         ids = tl.load(ids_ptr + t.to(tl.int64) * stride_it + k * stride_ik, mask=ok, other=-1)
         kept = ok & (ids >= 0) & (ids < E)            # ids outside [-1, E) count as dropped
-        bucket = tl.where(kept, ids, -1).to(tl.int32)
-        onehot = (bucket[:, None] == e[None, :]).to(tl.int32)
-        if PAIRWISE:
-            same = (bucket[:, None] == bucket[None, :]) & (i[None, :] < i[:, None])   # earlier, same expert
-            rank_kept = tl.sum(same.to(tl.int32), axis=1) + tl.sum(onehot * carry[None, :], axis=1)
-        else:
-            earlier = carry[None, :] + tl.cumsum(onehot, axis=0) - onehot   # the block's earlier slots
-            rank_kept = tl.sum(onehot * earlier, axis=1)
+        onehot = (tl.where(kept, ids, -1).to(tl.int32)[:, None] == e[None, :]).to(tl.int32)
+        earlier = carry[None, :] + tl.cumsum(onehot, axis=0) - onehot   # the block's earlier slots, per expert
+        rank_kept = tl.sum(onehot * earlier, axis=1)
         kept_i = kept.to(tl.int32)
         kept_before = tl.sum(carry, axis=0) + tl.cumsum(kept_i, axis=0) - kept_i
         # a dropped slot: the block's earlier slots minus the kept ones among them
@@ -121,25 +104,19 @@ def _rank_kernel(
 @triton.jit(do_not_specialize=["num_blocks"])
 def _scan_kernel(
     block_base_ptr,      # [NB, E+1] int32 in: per-block counts; out (in place): rows before each block
-    expert_offsets_ptr,  # [E+1] int32 out (COLS_PAD >= E+1: one program does every bucket)
-    totals_ptr,          # [E+1] int32 out: rows per bucket (COLS_PAD < E+1: the copy takes the cumsum)
+    expert_offsets_ptr,  # [E+1] int32 out
     num_blocks,
-    E: tl.constexpr, COLS_PAD: tl.constexpr, CHUNK_B: tl.constexpr, USE_GDC: tl.constexpr,
+    E: tl.constexpr, E1_PAD: tl.constexpr, CHUNK_B: tl.constexpr, USE_GDC: tl.constexpr,
 ):
-    """Grid (cdiv(E+1, COLS_PAD),): program p takes buckets [p*COLS_PAD, +COLS_PAD), one pass over the
-    blocks: each block's first row within its bucket (a running sum over blocks; the copy adds the
-    bucket's offset). One program (COLS_PAD >= E+1) also writes expert_offsets, the exclusive cumsum of the
-    totals; several (a pass of fewer serial chunks each) write the totals and leave that to the copy."""
+    """Grid (1,), one pass over the counts: each block's first row within its bucket (a running sum over
+    blocks, the copy adds expert_offsets[bucket]), then the exclusive cumsum of the totals over buckets."""
     if USE_GDC:
         gdc_launch_dependents()
         gdc_wait()                                    # the rank kernel's counts
-    e = tl.program_id(0) * COLS_PAD + tl.arange(0, COLS_PAD)
+    e = tl.arange(0, E1_PAD)
     e_ok = e < E + 1
     total = _store_block_bases(block_base_ptr, tl.zeros_like(e), e, e_ok, num_blocks, E + 1, CHUNK_B)
-    if COLS_PAD >= E + 1:
-        tl.store(expert_offsets_ptr + e, tl.cumsum(total, axis=0) - total, mask=e_ok)
-    else:
-        tl.store(totals_ptr + e, total, mask=e_ok)
+    tl.store(expert_offsets_ptr + e, tl.cumsum(total, axis=0) - total, mask=e_ok)
 
 
 # ----------------------------------------------------------------------------------------- launch 3
@@ -149,18 +126,15 @@ def _copy_kernel(
     ids_ptr,             # [T, K] int32/int64, strides (stride_it, stride_ik)
     slot_rank_ptr,       # [T, K] int32
     block_base_ptr,      # [NB, E+1] int32: rows before each block after the scan kernel; FUSED_SCAN: counts
-    expert_offsets_ptr,  # [E+1] int32: in after a one-program scan; else out (by program (0, 0))
-    totals_ptr,          # [E+1] int32: rows per bucket, read if SCAN_TOTALS
+    expert_offsets_ptr,  # [E+1] int32: in after the scan kernel; FUSED_SCAN: out (by program (0, 0))
     row_index_ptr,       # [T, K] int32 out
     permuted_ptr,        # [T*K, H] out, contiguous
     T, H, stride_ht, stride_it, stride_ik, num_blocks,
     E: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr, E1_PAD: tl.constexpr, NB_PAD: tl.constexpr,
-    FUSED_SCAN: tl.constexpr, SCAN_TOTALS: tl.constexpr, COUNT_BLOCK_T: tl.constexpr, BLOCK_T: tl.constexpr,
-    BLOCK_H: tl.constexpr, USE_GDC: tl.constexpr,
+    FUSED_SCAN: tl.constexpr, COUNT_BLOCK_T: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+    USE_GDC: tl.constexpr,
 ):
     """Grid (cdiv(T, BLOCK_T), cdiv(H, BLOCK_H)). FUSED_SCAN needs BLOCK_T <= COUNT_BLOCK_T (powers of two).
-    SCAN_TOTALS (a scan of several programs): the bucket offsets are the exclusive cumsum of the totals,
-    which every program takes itself (E+1 values from L2).
 
     Every index load of the program's BLOCK_T x K slots is issued with the hidden tile's, before the
     first store: the K stores then run back to back from registers (a load after a store to another
@@ -196,16 +170,6 @@ def _copy_kernel(
         base = offsets + tl.sum(tl.where(b2 < my_block, counts, 0), axis=0)   # [E1_PAD]
         e3 = tl.arange(0, E1_PAD)[None, None, :]
         row += tl.sum(tl.where(bucket[:, :, None] == e3, base[None, None, :], 0), axis=2)
-    elif SCAN_TOTALS:
-        e1 = tl.arange(0, E1_PAD)
-        totals = tl.load(totals_ptr + e1, mask=e1 < E + 1, other=0)
-        offsets = tl.cumsum(totals, axis=0) - totals                      # [E1_PAD]
-        if pid_t == 0:
-            if pid_h == 0:
-                tl.store(expert_offsets_ptr + e1, offsets, mask=e1 < E + 1)
-        e3 = e1[None, None, :]
-        row += tl.load(block_base_ptr + (t2 // COUNT_BLOCK_T) * (E + 1) + bucket, mask=ok2, other=0) + \
-            tl.sum(tl.where(bucket[:, :, None] == e3, offsets[None, None, :], 0), axis=2)
     else:
         # two independent gathers (a few KB, from L2): the block's first row within the bucket, the bucket's
         row += tl.load(block_base_ptr + (t2 // COUNT_BLOCK_T) * (E + 1) + bucket, mask=ok2, other=0) + \
@@ -225,11 +189,10 @@ def _copy_kernel(
 # USE_GDC and launch_pdl (launch.use_pdl) go together: the scan and the copy start while the kernel
 # before them finishes; the rank kernel, the first of the chain, launches as usual (its inputs may still
 # be in the making).
-_rank = Kernel(_rank_kernel, ("E", "K", "E_PAD", "K_PAD", "BLOCK_T", "SUB_T", "PAIRWISE", "USE_GDC",
-                              "num_warps"))
-_scan = Kernel(_scan_kernel, ("E", "COLS_PAD", "CHUNK_B", "USE_GDC", "num_warps", "launch_pdl"))
-_copy = Kernel(_copy_kernel, ("E", "K", "K_PAD", "E1_PAD", "NB_PAD", "FUSED_SCAN", "SCAN_TOTALS", "COUNT_BLOCK_T",
-                              "BLOCK_T", "BLOCK_H", "USE_GDC", "num_warps", "launch_pdl"))
+_rank = Kernel(_rank_kernel, ("E", "K", "E_PAD", "K_PAD", "BLOCK_T", "SUB_T", "USE_GDC", "num_warps"))
+_scan = Kernel(_scan_kernel, ("E", "E1_PAD", "CHUNK_B", "USE_GDC", "num_warps", "launch_pdl"))
+_copy = Kernel(_copy_kernel, ("E", "K", "K_PAD", "E1_PAD", "NB_PAD", "FUSED_SCAN", "COUNT_BLOCK_T", "BLOCK_T",
+                              "BLOCK_H", "USE_GDC", "num_warps", "launch_pdl"))
 
 
 def _copy_config(T: int, H: int):
@@ -257,42 +220,31 @@ def _count_config(T: int, K: int, E: int, max_blocks: int = None):
 
 
 @functools.lru_cache(maxsize=4096)
-def _plan(T, K, E, H, count_config, copy_config, scan_cols, pairwise, pdl):
+def _plan(T, K, E, H, count_config, copy_config, pdl):
     """The launches of one call, a pure function of the shapes and choices: (number of count blocks,
-    rank meta, scan meta or None (the copy programs scan), scan programs, copy meta, copy grid)."""
+    rank meta, scan meta or None (the copy programs scan), copy meta, copy grid)."""
     e1_pad, k_pad = pow2(E + 1), pow2(K)
     count_block_t, sub_t = count_config or _count_config(T, K, E)
     num_blocks = cdiv(T, count_block_t)
     fused_scan = num_blocks <= FUSED_SCAN_MAX_BLOCKS
     rank_tile = sub_t * k_pad * pow2(E)
-    rank_meta = (E, K, pow2(E), k_pad, count_block_t, sub_t, PAIRWISE_RANK if pairwise is None else pairwise,
-                 pdl, 8 if rank_tile >= 4096 else 4)
+    rank_meta = (E, K, pow2(E), k_pad, count_block_t, sub_t, pdl, 8 if rank_tile >= 4096 else 4)
+    scan_meta = None if fused_scan else \
+        (E, e1_pad, min(pow2(num_blocks), max(1, SCAN_TILE_ELEMS // e1_pad)), pdl, 8, pdl)
     block_t, block_h, num_warps = copy_config or _copy_config(T, H)
     if fused_scan:
         block_t = min(block_t, count_block_t)
-    # Several scan programs where the copy can gather the offsets from the totals in registers
-    # ([BLOCK_T, K_PAD, E1_PAD] one-hot of at most SCAN_TILE_ELEMS); else one program does it all.
-    if scan_cols is None:
-        scan_cols = SCAN_COLS if block_t * k_pad * e1_pad <= SCAN_TILE_ELEMS else e1_pad
-    cols_pad = min(pow2(scan_cols), e1_pad)
-    scan_totals = not fused_scan and cols_pad < E + 1
-    scan_meta = None if fused_scan else \
-        (E, cols_pad, min(pow2(num_blocks), max(1, SCAN_TILE_ELEMS // cols_pad)), pdl, 8 if cols_pad >= 64 else 4,
-         pdl)
-    copy_meta = (E, K, k_pad, e1_pad, pow2(num_blocks), fused_scan, scan_totals, count_block_t, block_t,
-                 block_h, pdl, num_warps, pdl)
+    copy_meta = (E, K, k_pad, e1_pad, pow2(num_blocks), fused_scan, count_block_t, block_t, block_h,
+                 pdl, num_warps, pdl)
     copy_grid = (cdiv(T, block_t), max(1, cdiv(H, block_h)))   # >= 1 H block: row_index
-    return num_blocks, rank_meta, scan_meta, cdiv(E + 1, cols_pad), copy_meta, copy_grid
+    return num_blocks, rank_meta, scan_meta, copy_meta, copy_grid
 
 
-def grouped_permute(hidden, topk_ids, num_experts, *, count_config=None, copy_config=None, scan_cols=None,
-                    pairwise=None, pdl=None):
+def grouped_permute(hidden, topk_ids, num_experts, *, count_config=None, copy_config=None, pdl=None):
     """Triton kernel of `moge::grouped_permute` (arguments already checked by moge_kernels.checks).
 
     count_config=(COUNT_BLOCK_T, SUB_T) / copy_config=(BLOCK_T, BLOCK_H, num_warps) override the tile
-    choice, scan_cols the buckets per scan program (>= E+1: one program), pairwise the rank kernel's
-    in-tile ranking (default PAIRWISE_RANK), pdl=True / False the programmatic dependent launch (default
-    launch.use_pdl) (tests, tuning)."""
+    choice, pdl=True / False the programmatic dependent launch (default launch.use_pdl; tests, tuning)."""
     T, K = topk_ids.shape
     H = hidden.shape[1]
     E = num_experts
@@ -303,21 +255,18 @@ def grouped_permute(hidden, topk_ids, num_experts, *, count_config=None, copy_co
         return permuted, torch.zeros(E + 1, dtype=torch.int32, device=device), row_index
     if hidden.stride(1) != 1:
         hidden = hidden.contiguous()
-    num_blocks, rank_meta, scan_meta, scan_programs, copy_meta, copy_grid = _plan(
-        T, K, E, H, count_config, copy_config, scan_cols, pairwise, use_pdl(device) if pdl is None else bool(pdl))
+    num_blocks, rank_meta, scan_meta, copy_meta, copy_grid = _plan(
+        T, K, E, H, count_config, copy_config, use_pdl(device) if pdl is None else bool(pdl))
     expert_offsets = torch.empty(E + 1, dtype=torch.int32, device=device)  # [E+1] int32
-    scratch = torch.empty(T * K + (num_blocks + 1) * (E + 1), dtype=torch.int32, device=device)
-    # (block_base right after slot_rank: 16-byte aligned where T*K is a multiple of 4, as the kernels'
-    # vector loads like)
+    scratch = torch.empty(T * K + num_blocks * (E + 1), dtype=torch.int32, device=device)
     slot_rank = scratch[:T * K]                                              # [T, K] int32
-    block_base = scratch[T * K:T * K + num_blocks * (E + 1)]                 # [NB, E+1] int32
-    totals = scratch[T * K + num_blocks * (E + 1):]                          # [E+1] int32
+    block_base = scratch[T * K:]                                             # [NB, E+1] int32
     sit, sik = topk_ids.stride()
     _rank.launch((num_blocks,), (topk_ids, slot_rank, block_base, T, sit, sik), rank_meta)
     if scan_meta is not None:
-        _scan.launch((scan_programs,), (block_base, expert_offsets, totals, num_blocks), scan_meta)
-    _copy.launch(copy_grid, (hidden, topk_ids, slot_rank, block_base, expert_offsets, totals, row_index,
-                             permuted, T, H, hidden.stride(0), sit, sik, num_blocks), copy_meta)
+        _scan.launch((1,), (block_base, expert_offsets, num_blocks), scan_meta)
+    _copy.launch(copy_grid, (hidden, topk_ids, slot_rank, block_base, expert_offsets, row_index, permuted,
+                             T, H, hidden.stride(0), sit, sik, num_blocks), copy_meta)
     return permuted, expert_offsets, row_index
 
 
