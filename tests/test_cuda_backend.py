@@ -362,7 +362,8 @@ def test_sample_inputs_match_reference(op, dtype):
         ref = getattr(R, op)(*args, **kwargs)
         if op in ("grouped_gemm", "grouped_mlp"):    # GEMMs: error relative to float64, as above
             exact = getattr(R, op)(*(a.double() if a.is_floating_point() and a.dim() > 1 else a
-                                     for a in args), **kwargs)
+                                     for a in args),
+                                   **{k: v.double() if k == "bias" else v for k, v in kwargs.items()})
             assert_error_within(out, ref, exact, floor=1e-6, what=op)
             continue
         outs = out if isinstance(out, tuple) else (out,)

@@ -522,6 +522,34 @@ def test_torch_compile_fullgraph_gpu(pangu_weights):
 
 
 @needs_gpu
+def test_tma_launch_from_a_new_thread_gpu():
+    """A thread whose first CUDA work is a TMA GEMM launch (autograd's device thread in a backward that
+    starts with one) has no current context for Triton's descriptor encoding: launch.ensure_context
+    makes the primary one current (was "invalid device context")."""
+    import threading
+    M, K, E, N = 256, 128, 2, 128
+    x = _randn(M, K, dtype=torch.bfloat16, seed=1)
+    w = _randn(E, N, K, dtype=torch.bfloat16, seed=2, scale=K ** -0.5)
+    offs = torch.tensor([0, 100, M], dtype=torch.int32, device=DEVICE)
+    out = torch.empty(M, N, dtype=torch.bfloat16, device=DEVICE)
+    torch.cuda.synchronize()
+    errors = []
+
+    def work():
+        try:
+            triton_gg.launch_grouped_gemm(x, w, offs, out, False, config=C(64, 128, 64, 4, 3, tma=True))
+            torch.cuda.synchronize()
+        except Exception as err:  # noqa: BLE001  reported below
+            errors.append(err)
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join()
+    assert not errors, errors
+    _check(out, *_ref_gemm(x, w, offs), what="TMA launch from a new thread")
+
+
+@needs_gpu
 def test_int64_addressing_gpu():
     """M*Kd > 2^31: rows past 419430 at Kd=5120 need int64 offsets."""
     dtype = torch.bfloat16

@@ -56,7 +56,7 @@ from ..registry import register_kernel
 from . import DEVICES
 from . import gemm_configs
 from .grouped_gemm import TensorDescriptor, _locate, _schedule, _tma_ok, zero_tail_tile
-from .launch import cdiv, pow2
+from .launch import cdiv, ensure_context, pow2
 
 ROUND_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
@@ -448,6 +448,8 @@ def launch_fp8_gemm(x, x_scale, w, w_scale, expert_offsets, out, out_scale, bloc
     # interpreter; a box row is BK = 128 bytes, one 128-byte swizzle line
     use_tma = cfg.tma and not quant_x and x.dtype == fp8.E4M3 and w.is_contiguous() and _tma_ok(x, w)
     if use_tma:
+        if x.is_cuda:
+            ensure_context(x.device)
         x_desc = TensorDescriptor.from_tensor(x, [BM, BK])
         w_desc = TensorDescriptor.from_tensor(w.view(E * w_rows, K), [BN, BK])
     else:

@@ -56,7 +56,7 @@ from .. import eager_graphs, options, packing, reference
 from ..registry import register_kernel
 from . import DEVICES
 from . import gemm_configs
-from .launch import Kernel, cdiv, pow2
+from .launch import Kernel, cdiv, ensure_context, pow2
 
 try:   # host-built TMA descriptors (Triton >= 3.4 on Hopper); absent -> pointer loads only
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -496,6 +496,8 @@ def launch_grouped_gemm(x: torch.Tensor, w: torch.Tensor, expert_offsets: torch.
     scale = row_scale if has_row_scale else out       # placeholders where absent: never read
     bias = bias if has_bias else out
     if plan.use_tma:
+        if x.is_cuda:
+            ensure_context(x.device)
         x_desc, x_desc_tail, w_desc, w_desc_half = _descriptors(plan, x, w)
     else:
         x_desc = x_desc_tail = x      # placeholders, never read when USE_TMA is off

@@ -22,7 +22,9 @@ and torch.compile see the same kernels.
 """
 from __future__ import annotations
 
+import ctypes
 import functools
+import threading
 
 import torch
 
@@ -63,6 +65,34 @@ def pow2(n: int) -> int:
     """triton.next_power_of_2 for host code (also a constexpr function there): the least power of two
     >= n, 1 for n <= 1."""
     return 1 << max(int(n) - 1, 0).bit_length()
+
+
+_thread = threading.local()
+
+
+def ensure_context(device: torch.device) -> None:
+    """Make `device`'s primary CUDA context current in this thread where none is. Triton encodes host
+    TMA descriptors (cuTensorMapEncodeTiled, a driver call) before its launcher makes a context current,
+    and a thread whose first CUDA work is such a launch has none (PyTorch's device threads skip
+    cudaSetDevice for device 0): autograd's thread running a backward whose first kernel is a TMA GEMM
+    failed with "invalid device context". One driver query per thread and device."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    done = getattr(_thread, "contexts", None)
+    if done is None:
+        done = _thread.contexts = set()
+    if index in done:
+        return
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+        ctx = ctypes.c_void_p()
+        if cuda.cuCtxGetCurrent(ctypes.byref(ctx)) == 0 and not ctx.value:
+            dev = ctypes.c_int()
+            if cuda.cuDeviceGet(ctypes.byref(dev), index) == 0 and \
+                    cuda.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev) == 0:
+                cuda.cuCtxSetCurrent(ctx)
+    except OSError:   # no libcuda.so.1 here (not Linux): the launch reports what it finds
+        pass
+    done.add(index)
 
 
 @functools.lru_cache(maxsize=None)
