@@ -6,7 +6,7 @@ On the GPU (the device run of issue "Fast without CUDA graphs"):
     python bench/host_overhead.py                       # Pangu and Qwen3-30B, T = 1, 1024, 4096
     python bench/host_overhead.py --shapes pangu,qwen3_30b,mixtral_8x7b --tokens 1,16,1024,4096
 
-prints, per (shape, T, op) with op in dispatch, mlp, "mlp 1str" (the mlp with triton_mlp_streams off,
+prints, per (shape, T, op) with op in dispatch, permute (grouped_permute of the same ids), mlp, "mlp 1str" (the mlp with triton_mlp_streams off,
 where the two-stream split applies), combine, layer (moge_forward), MoGELayer (its forward under
 inference_mode, router GEMM included) and the `torch._grouped_mm` pipeline's mlp and layer
 (bench/baselines.py): the eager time (`triton.testing.do_bench` of plain calls, L2 flushed before each,
@@ -217,7 +217,7 @@ def _pipelines(shape, T, dtype):
     logits = torch.randn(T, E, device="cuda", generator=gen) * 2
     w_gate_up = (torch.randn(E, 2 * I, H, device="cuda", generator=gen) * H ** -0.5).to(dtype)
     w_down = (torch.randn(E, H, I, device="cuda", generator=gen) * I ** -0.5).to(dtype)
-    permuted, weights, _, offsets, row_index = R.grouped_dispatch(hidden, logits, G, k_g)
+    permuted, weights, topk_ids, offsets, row_index = R.grouped_dispatch(hidden, logits, G, k_g)
     expert_out = torch.randn_like(permuted)
     module = mk.MoGELayer(H, I, E, G, k_g, device="cuda", dtype=dtype).eval()
     with torch.no_grad():
@@ -234,6 +234,7 @@ def _pipelines(shape, T, dtype):
 
     calls = {
         "dispatch": lambda: mk.grouped_dispatch(hidden, logits, G, k_g),
+        "permute": lambda: mk.grouped_permute(hidden, topk_ids, E),   # the router's ids given
         "mlp": lambda: mk.grouped_mlp(permuted, w_gate_up, w_down, offsets),
         "mlp 1str": one_stream_mlp,          # the mlp without its two-stream split, where it has one
         "combine": lambda: mk.grouped_combine(expert_out, weights, row_index),
