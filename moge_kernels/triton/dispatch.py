@@ -14,7 +14,8 @@ K = G*k_g slots per token, NB = cdiv(T, ROUTE_BLOCK_T) routing blocks):
     row_index       [T, K]   int32  row of the permuted tensor that slot (t, k) lands on (output):
                                     block_base[t // ROUTE_BLOCK_T, topk_ids[t, k]] + slot_rank[t, k]
 
-Launches (all on the current stream, only allocation between them, no host synchronisation):
+Launches (all on the current stream, only allocation between them, no host synchronisation; on sm_90+
+the second and third with programmatic dependent launch, launch.use_pdl):
 
     1. _route_kernel, one program per routing block: softmax/sigmoid over E in fp32, top-k_g per group,
        renormalise, expert_scale; writes topk_ids/topk_weights, slot_rank and the block's per-expert counts.

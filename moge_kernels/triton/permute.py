@@ -12,7 +12,8 @@ count blocks; bucket E holds the dropped slots, id -1):
     row_index       [T, K]     int32 expert_offsets[bucket] + block_base[t // COUNT_BLOCK_T, bucket]
                                + slot_rank[t, k] (output)
 
-Launches (current stream, no host synchronisation):
+Launches (current stream, no host synchronisation; on sm_90+ the second and third with programmatic
+dependent launch, launch.use_pdl: each starts while the one before it finishes):
 
     1. _rank_kernel, one program per count block: slot ranks and per-bucket counts, the block's slots in
        tiles of SUB_T tokens x K slots flattened, one-hot against the E experts (not E+1: a dropped slot's
