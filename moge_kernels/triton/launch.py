@@ -73,9 +73,10 @@ _thread = threading.local()
 def ensure_context(device: torch.device) -> None:
     """Make `device`'s primary CUDA context current in this thread where none is. Triton encodes host
     TMA descriptors (cuTensorMapEncodeTiled, a driver call) before its launcher makes a context current,
-    and a thread whose first CUDA work is such a launch has none (PyTorch's device threads skip
-    cudaSetDevice for device 0): autograd's thread running a backward whose first kernel is a TMA GEMM
-    failed with "invalid device context". One driver query per thread and device."""
+    and a thread whose first CUDA work is such a launch has none (a new thread's device is 0 without a
+    current context, and setting device 0 again is skipped as a no-op): autograd's thread running a
+    backward whose first kernel is a TMA GEMM failed with "invalid device context". One driver query per
+    thread and device."""
     index = device.index if device.index is not None else torch.cuda.current_device()
     done = getattr(_thread, "contexts", None)
     if done is None:
