@@ -529,11 +529,10 @@ def grouped_gemm(x: Tensor, w: Tensor, expert_offsets: Tensor, bias: Optional[Te
 
     Returns [M, N] in x's dtype, accumulated in float32; rows of no expert are zero (no bias)."""
     if isinstance(w, fp8.QuantizedExpertWeights):
+        if bias is not None:
+            checks.check_expert_bias(bias, w.weight.shape[0], w.weight.shape[1], x)
         y = _run("grouped_gemm_fp8", x, w.weight, w.scale, expert_offsets, w.block_n, w.block_k)
-        if bias is None:
-            return y
-        checks.check_expert_bias(bias, w.weight.shape[0], w.weight.shape[1], x)
-        return reference.add_expert_bias(y, bias, expert_offsets)
+        return y if bias is None else reference.add_expert_bias(y, bias, expert_offsets)
     return _run("grouped_gemm", x, w, expert_offsets, bias)
 
 

@@ -31,6 +31,7 @@ import torch
 from triton.runtime import driver
 
 from .. import options
+from .gemm_configs import device_index
 
 try:
     from triton import knobs as _knobs
@@ -77,7 +78,7 @@ def ensure_context(device: torch.device) -> None:
     current context, and setting device 0 again is skipped as a no-op): autograd's thread running a
     backward whose first kernel is a TMA GEMM failed with "invalid device context". One driver query per
     thread and device."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    index = device_index(device)
     done = getattr(_thread, "contexts", None)
     if done is None:
         done = _thread.contexts = set()
@@ -108,8 +109,7 @@ def use_pdl(device: torch.device) -> bool:
     reads that kernel's outputs only after gdc_wait(), which returns once the earlier kernel has finished
     and its writes are visible, so only its prologue (loads of inputs older than the chain) overlaps."""
     return (options.current.triton_pdl and gdc_wait is not None and not _INTERPRET
-            and device.type == "cuda" and _sm90(device.index if device.index is not None
-                                                 else torch.cuda.current_device()))
+            and device.type == "cuda" and _sm90(device_index(device)))
 
 
 class Kernel:
