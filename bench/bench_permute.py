@@ -4,7 +4,7 @@ against the memory floor (read T*H, write T*K*H, plus the ids, row_index and off
 measured in the same run. Goal (issue 18): <= 1.3x the floor at T >= 4096.
 
     python3 bench/bench_permute.py [--tokens 1024,4096,16384] [--drop 0.0] [--variants default,...]
-                                   [--profile]
+                                   [--profile] [--rounds 5]
 
 --drop: fraction of slots given id -1 (expert parallelism: slots whose expert lives on another rank).
 --variants: extra tilings of the triton kernel, each a column (see VARIANTS), so that one run picks
@@ -33,27 +33,32 @@ MODELS = {   # name: (H, E, K)
     "pangu-pro-moe": (5120, 64, 8),
 }
 
-# Tilings of the triton kernel the --variants columns try (name: (max count blocks or None for the
-# default, copy (BLOCK_T, num_warps) or None, programmatic dependent launch or None for the default)):
-# the count-block cap trades each rank program's serial walk against the one-program scan; the copy tile
-# trades index round trips per byte against occupancy; no_pdl launches the chain without PDL.
+# Tilings of the triton kernel the --variants columns try, as overrides of its defaults: max_blocks (the
+# count-block cap: each rank program's serial walk against the one-program scan), tile (elements of a rank
+# tile's one-hot), slots_minor (the one-hot as [experts, slots]), copy ((BLOCK_T, num_warps) of the copy
+# tile: index round trips per byte against occupancy), pdl (False: the chain without programmatic
+# dependent launch).
 VARIANTS = {
-    "blocks128": (128, None, None),
-    "blocks512": (512, None, None),
-    "copy8x8w": (None, (8, 8), None),
-    "no_pdl": (None, None, False),
+    "blocks128": dict(max_blocks=128),
+    "blocks512": dict(max_blocks=512),
+    "tile16k": dict(tile=16384),
+    "slots_minor": dict(slots_minor=True),
+    "minor16k": dict(slots_minor=True, tile=16384),
+    "minor512": dict(slots_minor=True, max_blocks=512),
+    "copy2": dict(copy=(2, 2)),
+    "copy8x8w": dict(copy=(8, 8)),
+    "no_pdl": dict(pdl=False),
 }
 
 
-def graph_ms(fn, timer: Timer, reps: int = 20) -> float:
-    return sorted(timer.samples(capture_graph(fn), reps))[reps // 2]
-
-
-def triton_variant(hidden, ids, E, max_blocks, copy, pdl):
-    """grouped_permute of the triton backend at a given count-block cap / copy tile / PDL choice."""
+def triton_variant(hidden, ids, E, max_blocks=None, tile=None, slots_minor=None, copy=None, pdl=None):
+    """grouped_permute of the triton backend with some of its choices overridden (VARIANTS)."""
     from moge_kernels.triton import permute as tp
     T, K = ids.shape
-    count_config = tp._count_config(T, K, E, max_blocks) if max_blocks else None
+    count_config = None
+    if max_blocks or tile or slots_minor is not None:
+        count_config = tp._count_config(T, K, E, max_blocks, tile) + \
+            (tp.RANK_SLOTS_MINOR if slots_minor is None else slots_minor,)
     copy_config = None
     if copy:
         _, block_h, _ = tp._copy_config(T, hidden.shape[1])
@@ -87,6 +92,7 @@ def main():
     parser.add_argument("--variants", default="none",
                         help=f"comma list of {', '.join(VARIANTS)}, or 'all', or 'none'")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds of 20 replays a column")
     args = parser.parse_args()
     variants = list(VARIANTS) if args.variants == "all" else \
         [] if args.variants == "none" else args.variants.split(",")
@@ -108,31 +114,40 @@ def main():
                 ids = make_topk_ids(T, K, E, seed=T, device=device, drop=drop, empty_every=0)
                 floor_ms = (T * H * 2 + T * K * H * 2 + 2 * T * K * 4 + (E + 1) * 4) / bandwidth * 1e3
                 ref = R.permute(hidden, ids, E)
-                cells = []
+                replays = {}
                 for method in methods:
                     if method == "torch":
                         fn = lambda: B.torch_permute(hidden, ids, E)   # noqa: E731
                     elif method in VARIANTS:
-                        fn = triton_variant(hidden, ids, E, *VARIANTS[method])
+                        fn = triton_variant(hidden, ids, E, **VARIANTS[method])
                     elif mk.backends()[method]["available"]:
                         def fn(method=method):
                             with mk.use_backend(method):
                                 return mk.grouped_permute(hidden, ids, E)
                     else:
-                        cells.append(f"{'n/a':>16}")
                         continue
                     assert all(torch.equal(a, b) for a, b in zip(fn(), ref)), f"{method} differs"
-                    ms = graph_ms(fn, timer)
+                    replays[method] = (fn, capture_graph(fn))
+                # interleaved rounds: a drift of the clock or the neighbours hits every column alike
+                medians = {m: [] for m in replays}
+                for _ in range(args.rounds):
+                    for method, (_, replay) in replays.items():
+                        medians[method].append(sorted(timer.samples(replay, 20))[10])
+                cells = []
+                for method in methods:
+                    if method not in replays:
+                        cells.append(f"{'n/a':>16}")
+                        continue
+                    ms = sorted(medians[method])[len(medians[method]) // 2]
                     cells.append(f"{ms:8.4f} ({ms / floor_ms:4.2f}x)")
                 print(f"{name:15} {T:6d} {drop:5.2f} {floor_ms:8.4f} " + " ".join(cells), flush=True)
                 if args.profile:
-                    try:
-                        with mk.use_backend("triton"):
-                            line = profile_us(lambda: mk.grouped_permute(hidden, ids, E))
-                    except Exception as err:  # noqa: BLE001  the table matters more than the profile
-                        line = f"profile failed: {type(err).__name__}: {err}"
-                    print(f"{'':15} triton us/launch: {line}", flush=True)
-
+                    for method in ["triton"] + [m for m in variants if m in replays]:
+                        try:
+                            line = profile_us(replays[method][0])
+                        except Exception as err:  # noqa: BLE001  the table matters more than the profile
+                            line = f"profile failed: {type(err).__name__}: {err}"
+                        print(f"{'':15} {method} us/launch: {line}", flush=True)
 
 if __name__ == "__main__":
     main()

@@ -118,6 +118,8 @@ def test_dtypes_and_noncontiguous(backend, device, dtype):
     ((4, 4), (2, 4, 1)),       # 12 blocks: the scan fused into the copy programs, H split in 3
     ((8, 2), (16, 32, 2)),     # fused, four tiles a block; copy tile clamped to the count block
     ((64, 16), (2, 128, 4)),   # one block of four tiles (the last two past T)
+    ((2, 1, True), (1, 16, 1)),        # the one-hot slots-minor: scan launch
+    ((64, 16, True), (2, 128, 4)),     # slots-minor, fused
 ])
 def test_triton_tilings(backend, device, count_config, copy_config):
     from moge_kernels.triton import permute as tp
@@ -130,6 +132,25 @@ def test_triton_tilings(backend, device, count_config, copy_config):
     repeated = torch.stack([ids[:, 0], ids[:, 0], torch.full_like(ids[:, 0], -1)], 1).long().t().contiguous().t()
     out = tp.grouped_permute(hidden, repeated, E, count_config=count_config, copy_config=copy_config)
     assert_permute_equal(out, R.permute(hidden, repeated, E))
+
+
+@pytest.mark.parametrize("backend,device", [c for c in CASES if c[0] == "triton"])
+@pytest.mark.parametrize("drop", [0.0, 0.4])
+def test_triton_scan_in_chunks(backend, device, drop, monkeypatch):
+    """The scan launch over several chunks of count blocks (its next chunk loaded while one is scanned), the
+    dropped slots' column derived from the experts' (the last block partial), E a power of two and not."""
+    from moge_kernels.triton import permute as tp
+    monkeypatch.setattr(tp, "SCAN_TILE_ELEMS", 64)       # 64 // pow2(E) blocks a chunk
+    tp._plan.cache_clear()
+    try:
+        for T, K, E in ((53, 3, 16), (41, 2, 12)):
+            hidden = torch.randn(T, 5, generator=generator(T)).to(device)
+            ids = make_topk_ids(T, K, E, seed=T, device=device, drop=drop)
+            for count_config in ((1, 1), (2, 2, True)):  # 53 / 27 blocks: 14 / 7 chunks of 4 (E = 16)
+                out = tp.grouped_permute(hidden, ids, E, count_config=count_config, copy_config=(4, 8, 1))
+                assert_permute_equal(out, R.permute(hidden, ids, E))
+    finally:
+        tp._plan.cache_clear()
 
 
 @pytest.mark.parametrize("backend,device", CASES)

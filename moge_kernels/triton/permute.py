@@ -6,8 +6,9 @@ count blocks; bucket E holds the dropped slots, id -1):
     topk_ids        [T, K]     int32/int64, any strides (input)
     slot_rank       [T, K]     int32 scratch: rank of (t, k) among the slots of its count block that go to
                                the same bucket, in (token, slot) order
-    block_base      [NB, E+1]  int32 scratch: first, per-bucket counts of each count block; after the scan
-                               kernel (when it runs), the rows of bucket e that blocks before b fill
+    block_base      [NB, E+1]  int32 scratch: first, per-expert counts of each count block (columns < E);
+                               after the scan kernel (when it runs), the rows of bucket e (column E:
+                               the dropped slots) that blocks before b fill
     expert_offsets  [E+1]      int32 exclusive cumsum of rows per expert (output); offsets[E] = kept slots
     row_index       [T, K]     int32 expert_offsets[bucket] + block_base[t // COUNT_BLOCK_T, bucket]
                                + slot_rank[t, k] (output)
@@ -18,8 +19,8 @@ dependent launch, launch.use_pdl: each starts while the one before it finishes):
     1. _rank_kernel, one program per count block: slot ranks and per-bucket counts, the block's slots in
        tiles of SUB_T tokens x K slots flattened, one-hot against the E experts (not E+1: a dropped slot's
        rank is its place in the block minus the kept slots before it), with a running per-expert carry.
-    2. _scan_kernel, one program, one pass over the NB x (E+1) counts: block_base and expert_offsets
-       (skipped for NB <= FUSED_SCAN_MAX_BLOCKS blocks, where every copy program redoes this scan from the
+    2. _scan_kernel, one program, one pass over the NB x E counts (the dropped bucket's column follows
+       from them): block_base and expert_offsets (skipped for NB <= FUSED_SCAN_MAX_BLOCKS blocks, where every copy program redoes this scan from the
        counts, as dispatch.py does).
     3. _copy_kernel, one program per (token block, H block): every index of its BLOCK_T x K slots loaded
        at once, then row_index and the K copies of each hidden row (read once, written from registers);
@@ -40,7 +41,6 @@ import triton.language as tl
 from .. import options
 from ..registry import register_kernel
 from . import DEVICES
-from .dispatch import _store_block_bases
 from .launch import Kernel, cdiv, gdc_launch_dependents, gdc_wait, pow2, use_pdl
 
 _INTERPRET = options.TRITON_INTERPRET
@@ -48,13 +48,15 @@ _INTERPRET = options.TRITON_INTERPRET
 # Rank tiles are [SUB_T * pow2(K) slots, pow2(E)] int32 one-hots, at most this many elements; a rank
 # program walks its COUNT_BLOCK_T tokens in such tiles with a running per-expert carry.
 RANK_TILE_ELEMS = 8192
+# The rank tile's one-hot as [E_PAD, slots] (its cumsum within warps) instead of [slots, E_PAD].
+RANK_SLOTS_MINOR = False
 # Up to this many count blocks the copy programs scan the counts themselves (no scan launch).
 FUSED_SCAN_MAX_BLOCKS = 16
 # Past that, at most this many count blocks: the scan is one program reading NB x (E+1) counts once, so
 # more blocks shorten each rank program's serial walk over its tiles but lengthen the scan (estimates;
 # bench/bench_permute.py --variants times the alternatives).
 MAX_COUNT_BLOCKS = 256
-# Scan tile [CHUNK_B blocks, pow2(E+1) buckets].
+# Scan tile [CHUNK_B blocks, pow2(E) experts].
 SCAN_TILE_ELEMS = 8192
 
 
@@ -63,16 +65,18 @@ SCAN_TILE_ELEMS = 8192
 def _rank_kernel(
     ids_ptr,             # [T, K] int32/int64, strides (stride_it, stride_ik)
     slot_rank_ptr,       # [T, K] int32 out
-    block_base_ptr,      # [NB, E+1] int32 out: per-block bucket counts (column E: the dropped slots)
+    block_base_ptr,      # [NB, E+1] int32 out: per-block expert counts in columns < E
     T, stride_it, stride_ik,
     E: tl.constexpr, K: tl.constexpr, E_PAD: tl.constexpr, K_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
-    SUB_T: tl.constexpr, USE_GDC: tl.constexpr,
+    SUB_T: tl.constexpr, SLOTS_MINOR: tl.constexpr, USE_GDC: tl.constexpr,
 ):
     """Grid (NB,): program b ranks the slots of tokens [b*BLOCK_T, (b+1)*BLOCK_T), SUB_T tokens a tile.
 
     A tile is its SUB_T*K_PAD slots flattened in (token, slot) order, so one id load, one one-hot
-    [slots, E_PAD] (experts only: a dropped slot's rank follows from the kept ones), one cumsum and one
-    reduction rank every slot; the work per slot is E_PAD, whatever K."""
+    (experts only: a dropped slot's rank follows from the kept ones), one cumsum and one reduction rank
+    every slot; the work per slot is E_PAD, whatever K. The one-hot is [slots, E_PAD], or with
+    SLOTS_MINOR [E_PAD, slots], its cumsum then along the axis that lies within a warp. The next
+    tile's ids are loaded while one is ranked."""
     if USE_GDC:   # the next launch (scan or copy) may start now; it waits for this one before reading
         gdc_launch_dependents()
     pid = tl.program_id(0)
@@ -81,43 +85,76 @@ def _rank_kernel(
     e = tl.arange(0, E_PAD)
     t_first = pid * BLOCK_T
     carry = tl.zeros([E_PAD], dtype=tl.int32)         # kept slots of the block's earlier tiles, per expert
+    t = t_first + i // K_PAD
+    ok = (k < K) & (t < T)
+    ids = tl.load(ids_ptr + t.to(tl.int64) * stride_it + k * stride_ik, mask=ok, other=-1)
     for t0 in range(t_first, t_first + BLOCK_T, SUB_T):
         t = t0 + i // K_PAD
         ok = (k < K) & (t < T)
-        ids = tl.load(ids_ptr + t.to(tl.int64) * stride_it + k * stride_ik, mask=ok, other=-1)
+        t_next = t + SUB_T
+        ok_next = (k < K) & (t_next < T) & (t_next < t_first + BLOCK_T)
+        ids_next = tl.load(ids_ptr + t_next.to(tl.int64) * stride_it + k * stride_ik, mask=ok_next, other=-1)
         kept = ok & (ids >= 0) & (ids < E)            # ids outside [-1, E) count as dropped
-        onehot = (tl.where(kept, ids, -1).to(tl.int32)[:, None] == e[None, :]).to(tl.int32)
-        earlier = carry[None, :] + tl.cumsum(onehot, axis=0) - onehot   # the block's earlier slots, per expert
-        rank_kept = tl.sum(onehot * earlier, axis=1)
+        expert = tl.where(kept, ids, -1).to(tl.int32)
+        if SLOTS_MINOR:
+            onehot = (e[:, None] == expert[None, :]).to(tl.int32)                 # [E_PAD, slots]
+            earlier = carry[:, None] + tl.cumsum(onehot, axis=1) - onehot
+            rank_kept = tl.sum(onehot * earlier, axis=0)
+            counts = tl.sum(onehot, axis=1)
+        else:
+            onehot = (expert[:, None] == e[None, :]).to(tl.int32)                 # [slots, E_PAD]
+            earlier = carry[None, :] + tl.cumsum(onehot, axis=0) - onehot   # the block's earlier slots
+            rank_kept = tl.sum(onehot * earlier, axis=1)
+            counts = tl.sum(onehot, axis=0)
         kept_i = kept.to(tl.int32)
         kept_before = tl.sum(carry, axis=0) + tl.cumsum(kept_i, axis=0) - kept_i
         # a dropped slot: the block's earlier slots minus the kept ones among them
         rank = tl.where(kept, rank_kept, (t - t_first) * K + k - kept_before)
         tl.store(slot_rank_ptr + t * K + k, rank, mask=ok)
-        carry += tl.sum(onehot, axis=0)
-    base = block_base_ptr + pid * (E + 1)
-    tl.store(base + e, carry, mask=e < E)
-    num_slots = (tl.minimum(T, t_first + BLOCK_T) - t_first) * K
-    tl.store(base + E, num_slots - tl.sum(carry, axis=0))
+        carry += counts
+        ids = ids_next
+    tl.store(block_base_ptr + pid * (E + 1) + e, carry, mask=e < E)   # column E: the scan's
 
 
 # ----------------------------------------------------------------------------------------- launch 2
 @triton.jit(do_not_specialize=["num_blocks"])
 def _scan_kernel(
-    block_base_ptr,      # [NB, E+1] int32 in: per-block counts; out (in place): rows before each block
+    block_base_ptr,      # [NB, E+1] int32 in: per-block expert counts; out (in place): rows before each block
     expert_offsets_ptr,  # [E+1] int32 out
     num_blocks,
-    E: tl.constexpr, E1_PAD: tl.constexpr, CHUNK_B: tl.constexpr, USE_GDC: tl.constexpr,
+    E: tl.constexpr, E_PAD: tl.constexpr, BLOCK_SLOTS: tl.constexpr, CHUNK_B: tl.constexpr,
+    USE_GDC: tl.constexpr,
 ):
-    """Grid (1,), one pass over the counts: each block's first row within its bucket (a running sum over
-    blocks, the copy adds expert_offsets[bucket]), then the exclusive cumsum of the totals over buckets."""
+    """Grid (1,), one pass over the counts in chunks of CHUNK_B blocks (the next chunk loaded while this
+    one is scanned): each block's first row within each expert (a running sum over blocks, the copy adds
+    expert_offsets[e]), then the exclusive cumsum of the totals over experts.
+
+    Only the E expert columns are scanned (E_PAD lanes: E is mostly a power of two, E+1 never): the
+    dropped bucket's column follows from them, since every block before the last holds BLOCK_SLOTS
+    slots: the dropped slots before block b are b*BLOCK_SLOTS minus the kept ones."""
     if USE_GDC:
         gdc_launch_dependents()
         gdc_wait()                                    # the rank kernel's counts
-    e = tl.arange(0, E1_PAD)
-    e_ok = e < E + 1
-    total = _store_block_bases(block_base_ptr, tl.zeros_like(e), e, e_ok, num_blocks, E + 1, CHUNK_B)
-    tl.store(expert_offsets_ptr + e, tl.cumsum(total, axis=0) - total, mask=e_ok)
+    e = tl.arange(0, E_PAD)
+    e_ok = e < E
+    b = tl.arange(0, CHUNK_B)
+    counts = tl.load(block_base_ptr + b[:, None] * (E + 1) + e[None, :],
+                     mask=(b < num_blocks)[:, None] & e_ok[None, :], other=0)
+    carry = tl.zeros([E_PAD], dtype=tl.int32)         # kept rows of the blocks scanned so far, per expert
+    for b0 in range(0, num_blocks, CHUNK_B):
+        b = b0 + tl.arange(0, CHUNK_B)
+        b_next = b + CHUNK_B
+        counts_next = tl.load(block_base_ptr + b_next[:, None] * (E + 1) + e[None, :],
+                              mask=(b_next < num_blocks)[:, None] & e_ok[None, :], other=0)
+        bases = carry[None, :] + tl.cumsum(counts, axis=0) - counts
+        b_ok = b < num_blocks
+        # read (a chunk ahead) before write, same program: in place is safe
+        tl.store(block_base_ptr + b[:, None] * (E + 1) + e[None, :], bases, mask=b_ok[:, None] & e_ok[None, :])
+        tl.store(block_base_ptr + b * (E + 1) + E, b * BLOCK_SLOTS - tl.sum(bases, axis=1), mask=b_ok)
+        carry += tl.sum(counts, axis=0)
+        counts = counts_next
+    tl.store(expert_offsets_ptr + e, tl.cumsum(carry, axis=0) - carry, mask=e_ok)
+    tl.store(expert_offsets_ptr + E, tl.sum(carry, axis=0))
 
 
 # ----------------------------------------------------------------------------------------- launch 3
@@ -131,7 +168,7 @@ def _copy_kernel(
     row_index_ptr,       # [T, K] int32 out
     permuted_ptr,        # [T*K, H] out, contiguous
     T, H, stride_ht, stride_it, stride_ik, num_blocks,
-    E: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr, E1_PAD: tl.constexpr, NB_PAD: tl.constexpr,
+    E: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr, NB_PAD: tl.constexpr,
     FUSED_SCAN: tl.constexpr, COUNT_BLOCK_T: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
     USE_GDC: tl.constexpr,
 ):
@@ -158,19 +195,25 @@ def _copy_kernel(
     if USE_GDC:   # hidden and ids are the caller's (older than the chain); ranks and counts are not
         gdc_wait()
     row = tl.load(slot_rank_ptr + t2 * K + k2, mask=ok2, other=0)
-    if FUSED_SCAN:
+    if FUSED_SCAN:   # the scan kernel's work for this program's block, E expert columns as there
         b2 = tl.arange(0, NB_PAD)[:, None]
-        e2 = tl.arange(0, E1_PAD)[None, :]
-        counts = tl.load(block_base_ptr + b2 * (E + 1) + e2, mask=(b2 < num_blocks) & (e2 < E + 1), other=0)
-        totals = tl.sum(counts, axis=0)                                  # [E1_PAD]
+        e1 = tl.arange(0, E_PAD)
+        e2 = e1[None, :]
+        counts = tl.load(block_base_ptr + b2 * (E + 1) + e2, mask=(b2 < num_blocks) & (e2 < E), other=0)
+        totals = tl.sum(counts, axis=0)                                  # [E_PAD]
         offsets = tl.cumsum(totals, axis=0) - totals
+        num_kept = tl.sum(totals, axis=0)
         if pid_t == 0:
             if pid_h == 0:
-                tl.store(expert_offsets_ptr + tl.arange(0, E1_PAD), offsets, mask=tl.arange(0, E1_PAD) < E + 1)
+                tl.store(expert_offsets_ptr + e1, offsets, mask=e1 < E)
+                tl.store(expert_offsets_ptr + E, num_kept)
         my_block = (pid_t * BLOCK_T) // COUNT_BLOCK_T
-        base = offsets + tl.sum(tl.where(b2 < my_block, counts, 0), axis=0)   # [E1_PAD]
-        e3 = tl.arange(0, E1_PAD)[None, None, :]
-        row += tl.sum(tl.where(bucket[:, :, None] == e3, base[None, None, :], 0), axis=2)
+        before = tl.sum(tl.where(b2 < my_block, counts, 0), axis=0)     # [E_PAD] kept rows of earlier blocks
+        dropped_base = num_kept + my_block * (COUNT_BLOCK_T * K) - tl.sum(before, axis=0)
+        base = offsets + before
+        e3 = e1[None, None, :]
+        row += tl.where(kept, tl.sum(tl.where(bucket[:, :, None] == e3, base[None, None, :], 0), axis=2),
+                        dropped_base)
     else:
         # two independent gathers (a few KB, from L2): the block's first row within the bucket, the bucket's
         row += tl.load(block_base_ptr + (t2 // COUNT_BLOCK_T) * (E + 1) + bucket, mask=ok2, other=0) + \
@@ -190,9 +233,10 @@ def _copy_kernel(
 # USE_GDC and launch_pdl (launch.use_pdl) go together: the scan and the copy start while the kernel
 # before them finishes; the rank kernel, the first of the chain, launches as usual (its inputs may still
 # be in the making).
-_rank = Kernel(_rank_kernel, ("E", "K", "E_PAD", "K_PAD", "BLOCK_T", "SUB_T", "USE_GDC", "num_warps"))
-_scan = Kernel(_scan_kernel, ("E", "E1_PAD", "CHUNK_B", "USE_GDC", "num_warps", "launch_pdl"))
-_copy = Kernel(_copy_kernel, ("E", "K", "K_PAD", "E1_PAD", "NB_PAD", "FUSED_SCAN", "COUNT_BLOCK_T", "BLOCK_T",
+_rank = Kernel(_rank_kernel, ("E", "K", "E_PAD", "K_PAD", "BLOCK_T", "SUB_T", "SLOTS_MINOR", "USE_GDC",
+                              "num_warps"))
+_scan = Kernel(_scan_kernel, ("E", "E_PAD", "BLOCK_SLOTS", "CHUNK_B", "USE_GDC", "num_warps", "launch_pdl"))
+_copy = Kernel(_copy_kernel, ("E", "K", "K_PAD", "E_PAD", "NB_PAD", "FUSED_SCAN", "COUNT_BLOCK_T", "BLOCK_T",
                               "BLOCK_H", "USE_GDC", "num_warps", "launch_pdl"))
 
 
@@ -208,9 +252,9 @@ def _copy_config(T: int, H: int):
     return block_t, block_h, num_warps
 
 
-def _count_config(T: int, K: int, E: int, max_blocks: int = None):
+def _count_config(T: int, K: int, E: int, max_blocks: int = None, tile_elems: int = None):
     """(COUNT_BLOCK_T, SUB_T): tokens per rank program and per rank tile (powers of two)."""
-    sub_t = max(1, RANK_TILE_ELEMS // (pow2(K) * pow2(E)))
+    sub_t = max(1, (tile_elems or RANK_TILE_ELEMS) // (pow2(K) * pow2(E)))
     if _INTERPRET:   # the interpreter pays per program and per op: few programs, one tile each
         return sub_t, sub_t
     if T <= FUSED_SCAN_MAX_BLOCKS * sub_t:   # decode: up to 16 blocks, scanned by the copy programs
@@ -224,18 +268,19 @@ def _count_config(T: int, K: int, E: int, max_blocks: int = None):
 def _plan(T, K, E, H, count_config, copy_config, pdl):
     """The launches of one call, a pure function of the shapes and choices: (number of count blocks,
     rank meta, scan meta or None (the copy programs scan), copy meta, copy grid)."""
-    e1_pad, k_pad = pow2(E + 1), pow2(K)
-    count_block_t, sub_t = count_config or _count_config(T, K, E)
+    e_pad, k_pad = pow2(E), pow2(K)
+    count_block_t, sub_t, *layout = count_config or _count_config(T, K, E)
+    slots_minor = bool(layout[0]) if layout else RANK_SLOTS_MINOR
     num_blocks = cdiv(T, count_block_t)
     fused_scan = num_blocks <= FUSED_SCAN_MAX_BLOCKS
     rank_tile = sub_t * k_pad * pow2(E)
-    rank_meta = (E, K, pow2(E), k_pad, count_block_t, sub_t, pdl, 8 if rank_tile >= 4096 else 4)
+    rank_meta = (E, K, e_pad, k_pad, count_block_t, sub_t, slots_minor, pdl, 8 if rank_tile >= 4096 else 4)
     scan_meta = None if fused_scan else \
-        (E, e1_pad, min(pow2(num_blocks), max(1, SCAN_TILE_ELEMS // e1_pad)), pdl, 8, pdl)
+        (E, e_pad, count_block_t * K, min(pow2(num_blocks), max(1, SCAN_TILE_ELEMS // e_pad)), pdl, 8, pdl)
     block_t, block_h, num_warps = copy_config or _copy_config(T, H)
     if fused_scan:
         block_t = min(block_t, count_block_t)
-    copy_meta = (E, K, k_pad, e1_pad, pow2(num_blocks), fused_scan, count_block_t, block_t, block_h,
+    copy_meta = (E, K, k_pad, e_pad, pow2(num_blocks), fused_scan, count_block_t, block_t, block_h,
                  pdl, num_warps, pdl)
     copy_grid = (cdiv(T, block_t), max(1, cdiv(H, block_h)))   # >= 1 H block: row_index
     return num_blocks, rank_meta, scan_meta, copy_meta, copy_grid
@@ -244,7 +289,7 @@ def _plan(T, K, E, H, count_config, copy_config, pdl):
 def grouped_permute(hidden, topk_ids, num_experts, *, count_config=None, copy_config=None, pdl=None):
     """Triton kernel of `moge::grouped_permute` (arguments already checked by moge_kernels.checks).
 
-    count_config=(COUNT_BLOCK_T, SUB_T) / copy_config=(BLOCK_T, BLOCK_H, num_warps) override the tile
+    count_config=(COUNT_BLOCK_T, SUB_T[, SLOTS_MINOR]) / copy_config=(BLOCK_T, BLOCK_H, num_warps) override the tile
     choice, pdl=True / False the programmatic dependent launch (default launch.use_pdl; tests, tuning)."""
     T, K = topk_ids.shape
     H = hidden.shape[1]
