@@ -34,31 +34,25 @@ MODELS = {   # name: (H, E, K)
 }
 
 # Tilings of the triton kernel the --variants columns try, as overrides of its defaults: max_blocks (the
-# count-block cap: each rank program's serial walk against the one-program scan), tile (elements of a rank
-# tile's one-hot), slots_minor (the one-hot as [experts, slots]), copy ((BLOCK_T, num_warps) of the copy
-# tile: index round trips per byte against occupancy), pdl (False: the chain without programmatic
-# dependent launch).
+# count-block cap: each rank program's serial walk against the one-program scan), tile (the largest rank
+# tile's elements), copy ((BLOCK_T, num_warps) of the copy tile: index round trips per byte against
+# occupancy), pdl (False: the chain without programmatic dependent launch).
 VARIANTS = {
     "blocks128": dict(max_blocks=128),
     "blocks512": dict(max_blocks=512),
-    "tile16k": dict(tile=16384),
-    "slots_minor": dict(slots_minor=True),
-    "minor16k": dict(slots_minor=True, tile=16384),
-    "minor512": dict(slots_minor=True, max_blocks=512),
+    "tile8k": dict(tile=8192),
+    "tile32k": dict(tile=32768),
     "copy2": dict(copy=(2, 2)),
     "copy8x8w": dict(copy=(8, 8)),
     "no_pdl": dict(pdl=False),
 }
 
 
-def triton_variant(hidden, ids, E, max_blocks=None, tile=None, slots_minor=None, copy=None, pdl=None):
+def triton_variant(hidden, ids, E, max_blocks=None, tile=None, copy=None, pdl=None):
     """grouped_permute of the triton backend with some of its choices overridden (VARIANTS)."""
     from moge_kernels.triton import permute as tp
     T, K = ids.shape
-    count_config = None
-    if max_blocks or tile or slots_minor is not None:
-        count_config = tp._count_config(T, K, E, max_blocks, tile) + \
-            (tp.RANK_SLOTS_MINOR if slots_minor is None else slots_minor,)
+    count_config = tp._count_config(T, K, E, max_blocks, tile) if max_blocks or tile else None
     copy_config = None
     if copy:
         _, block_h, _ = tp._copy_config(T, hidden.shape[1])

@@ -45,11 +45,13 @@ from .launch import Kernel, cdiv, gdc_launch_dependents, gdc_wait, pow2, use_pdl
 
 _INTERPRET = options.TRITON_INTERPRET
 
-# Rank tiles are [SUB_T * pow2(K) slots, pow2(E)] int32 one-hots, at most this many elements; a rank
-# program walks its COUNT_BLOCK_T tokens in such tiles with a running per-expert carry.
+# Rank tiles are [SUB_T * pow2(K) slots, pow2(E)] int32 one-hots of RANK_TILE_ELEMS elements or, where a
+# count block holds more, up to RANK_TILE_MAX_ELEMS; a rank program walks its COUNT_BLOCK_T tokens in such
+# tiles with a running per-expert carry. A count block holds at least one RANK_TILE_ELEMS tile (less
+# work a program is not cheaper), and one big tile beats two small ones walked in turn (H100,
+# bench/results/permute_variants_h100_e9a8442.txt: Qwen3-30B T=4096 1.41x the floor against 1.47x).
 RANK_TILE_ELEMS = 8192
-# The rank tile's one-hot as [E_PAD, slots] (its cumsum within warps) instead of [slots, E_PAD].
-RANK_SLOTS_MINOR = False
+RANK_TILE_MAX_ELEMS = 16384
 # Up to this many count blocks the copy programs scan the counts themselves (no scan launch).
 FUSED_SCAN_MAX_BLOCKS = 16
 # Past that, at most this many count blocks: the scan is one program reading NB x (E+1) counts once, so
@@ -68,15 +70,14 @@ def _rank_kernel(
     block_base_ptr,      # [NB, E+1] int32 out: per-block expert counts in columns < E
     T, stride_it, stride_ik,
     E: tl.constexpr, K: tl.constexpr, E_PAD: tl.constexpr, K_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
-    SUB_T: tl.constexpr, SLOTS_MINOR: tl.constexpr, USE_GDC: tl.constexpr,
+    SUB_T: tl.constexpr, USE_GDC: tl.constexpr,
 ):
     """Grid (NB,): program b ranks the slots of tokens [b*BLOCK_T, (b+1)*BLOCK_T), SUB_T tokens a tile.
 
     A tile is its SUB_T*K_PAD slots flattened in (token, slot) order, so one id load, one one-hot
-    (experts only: a dropped slot's rank follows from the kept ones), one cumsum and one reduction rank
-    every slot; the work per slot is E_PAD, whatever K. The one-hot is [slots, E_PAD], or with
-    SLOTS_MINOR [E_PAD, slots], its cumsum then along the axis that lies within a warp. The next
-    tile's ids are loaded while one is ranked."""
+    [slots, E_PAD] (experts only: a dropped slot's rank follows from the kept ones), one cumsum and one
+    reduction rank every slot; the work per slot is E_PAD, whatever K. The next tile's ids are loaded
+    while one is ranked."""
     if USE_GDC:   # the next launch (scan or copy) may start now; it waits for this one before reading
         gdc_launch_dependents()
     pid = tl.program_id(0)
@@ -96,22 +97,15 @@ def _rank_kernel(
         ids_next = tl.load(ids_ptr + t_next.to(tl.int64) * stride_it + k * stride_ik, mask=ok_next, other=-1)
         kept = ok & (ids >= 0) & (ids < E)            # ids outside [-1, E) count as dropped
         expert = tl.where(kept, ids, -1).to(tl.int32)
-        if SLOTS_MINOR:
-            onehot = (e[:, None] == expert[None, :]).to(tl.int32)                 # [E_PAD, slots]
-            earlier = carry[:, None] + tl.cumsum(onehot, axis=1) - onehot
-            rank_kept = tl.sum(onehot * earlier, axis=0)
-            counts = tl.sum(onehot, axis=1)
-        else:
-            onehot = (expert[:, None] == e[None, :]).to(tl.int32)                 # [slots, E_PAD]
-            earlier = carry[None, :] + tl.cumsum(onehot, axis=0) - onehot   # the block's earlier slots
-            rank_kept = tl.sum(onehot * earlier, axis=1)
-            counts = tl.sum(onehot, axis=0)
+        onehot = (expert[:, None] == e[None, :]).to(tl.int32)                     # [slots, E_PAD]
+        earlier = carry[None, :] + tl.cumsum(onehot, axis=0) - onehot   # the block's earlier slots, per expert
+        rank_kept = tl.sum(onehot * earlier, axis=1)
         kept_i = kept.to(tl.int32)
         kept_before = tl.sum(carry, axis=0) + tl.cumsum(kept_i, axis=0) - kept_i
         # a dropped slot: the block's earlier slots minus the kept ones among them
         rank = tl.where(kept, rank_kept, (t - t_first) * K + k - kept_before)
         tl.store(slot_rank_ptr + t * K + k, rank, mask=ok)
-        carry += counts
+        carry += tl.sum(onehot, axis=0)
         ids = ids_next
     tl.store(block_base_ptr + pid * (E + 1) + e, carry, mask=e < E)   # column E: the scan's
 
@@ -233,8 +227,7 @@ def _copy_kernel(
 # USE_GDC and launch_pdl (launch.use_pdl) go together: the scan and the copy start while the kernel
 # before them finishes; the rank kernel, the first of the chain, launches as usual (its inputs may still
 # be in the making).
-_rank = Kernel(_rank_kernel, ("E", "K", "E_PAD", "K_PAD", "BLOCK_T", "SUB_T", "SLOTS_MINOR", "USE_GDC",
-                              "num_warps"))
+_rank = Kernel(_rank_kernel, ("E", "K", "E_PAD", "K_PAD", "BLOCK_T", "SUB_T", "USE_GDC", "num_warps"))
 _scan = Kernel(_scan_kernel, ("E", "E_PAD", "BLOCK_SLOTS", "CHUNK_B", "USE_GDC", "num_warps", "launch_pdl"))
 _copy = Kernel(_copy_kernel, ("E", "K", "K_PAD", "E_PAD", "NB_PAD", "FUSED_SCAN", "COUNT_BLOCK_T", "BLOCK_T",
                               "BLOCK_H", "USE_GDC", "num_warps", "launch_pdl"))
@@ -253,15 +246,18 @@ def _copy_config(T: int, H: int):
 
 
 def _count_config(T: int, K: int, E: int, max_blocks: int = None, tile_elems: int = None):
-    """(COUNT_BLOCK_T, SUB_T): tokens per rank program and per rank tile (powers of two)."""
-    sub_t = max(1, (tile_elems or RANK_TILE_ELEMS) // (pow2(K) * pow2(E)))
+    """(COUNT_BLOCK_T, SUB_T): tokens per rank program and per rank tile (powers of two). tile_elems
+    overrides the largest tile (tuning)."""
+    slots_x_experts = pow2(K) * pow2(E)
+    sub_t = max(1, RANK_TILE_ELEMS // slots_x_experts)
+    sub_t_max = max(sub_t, (tile_elems or RANK_TILE_MAX_ELEMS) // slots_x_experts)
     if _INTERPRET:   # the interpreter pays per program and per op: few programs, one tile each
         return sub_t, sub_t
     if T <= FUSED_SCAN_MAX_BLOCKS * sub_t:   # decode: up to 16 blocks, scanned by the copy programs
         block_t = pow2(cdiv(T, FUSED_SCAN_MAX_BLOCKS))
     else:
         block_t = max(sub_t, pow2(cdiv(T, max_blocks or MAX_COUNT_BLOCKS)))
-    return block_t, min(sub_t, block_t)
+    return block_t, min(sub_t_max, block_t)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -269,12 +265,11 @@ def _plan(T, K, E, H, count_config, copy_config, pdl):
     """The launches of one call, a pure function of the shapes and choices: (number of count blocks,
     rank meta, scan meta or None (the copy programs scan), copy meta, copy grid)."""
     e_pad, k_pad = pow2(E), pow2(K)
-    count_block_t, sub_t, *layout = count_config or _count_config(T, K, E)
-    slots_minor = bool(layout[0]) if layout else RANK_SLOTS_MINOR
+    count_block_t, sub_t = count_config or _count_config(T, K, E)
     num_blocks = cdiv(T, count_block_t)
     fused_scan = num_blocks <= FUSED_SCAN_MAX_BLOCKS
     rank_tile = sub_t * k_pad * pow2(E)
-    rank_meta = (E, K, e_pad, k_pad, count_block_t, sub_t, slots_minor, pdl, 8 if rank_tile >= 4096 else 4)
+    rank_meta = (E, K, e_pad, k_pad, count_block_t, sub_t, pdl, 8 if rank_tile >= 4096 else 4)
     scan_meta = None if fused_scan else \
         (E, e_pad, count_block_t * K, min(pow2(num_blocks), max(1, SCAN_TILE_ELEMS // e_pad)), pdl, 8, pdl)
     block_t, block_h, num_warps = copy_config or _copy_config(T, H)
@@ -289,7 +284,7 @@ def _plan(T, K, E, H, count_config, copy_config, pdl):
 def grouped_permute(hidden, topk_ids, num_experts, *, count_config=None, copy_config=None, pdl=None):
     """Triton kernel of `moge::grouped_permute` (arguments already checked by moge_kernels.checks).
 
-    count_config=(COUNT_BLOCK_T, SUB_T[, SLOTS_MINOR]) / copy_config=(BLOCK_T, BLOCK_H, num_warps) override the tile
+    count_config=(COUNT_BLOCK_T, SUB_T) / copy_config=(BLOCK_T, BLOCK_H, num_warps) override the tile
     choice, pdl=True / False the programmatic dependent launch (default launch.use_pdl; tests, tuning)."""
     T, K = topk_ids.shape
     H = hidden.shape[1]
