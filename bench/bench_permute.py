@@ -36,7 +36,8 @@ MODELS = {   # name: (H, E, K)
 # Tilings of the triton kernel the --variants columns try, as overrides of its defaults: max_blocks (the
 # count-block cap: each rank program's serial walk against the one-program scan), tile (the largest rank
 # tile's elements), copy ((BLOCK_T, num_warps) of the copy tile: index round trips per byte against
-# occupancy), pdl (False: the chain without programmatic dependent launch).
+# occupancy), pdl (False: the chain without programmatic dependent launch), scan ((WIDE, PREFETCH) of the
+# scan kernel).
 VARIANTS = {
     "blocks128": dict(max_blocks=128),
     "blocks512": dict(max_blocks=512),
@@ -45,10 +46,13 @@ VARIANTS = {
     "copy2": dict(copy=(2, 2)),
     "copy8x8w": dict(copy=(8, 8)),
     "no_pdl": dict(pdl=False),
+    "scan_wide": dict(scan=(True, False)),
+    "scan_wide_pf": dict(scan=(True, True)),
+    "scan_narrow": dict(scan=(False, False)),
 }
 
 
-def triton_variant(hidden, ids, E, max_blocks=None, tile=None, copy=None, pdl=None):
+def triton_variant(hidden, ids, E, max_blocks=None, tile=None, copy=None, pdl=None, scan=None):
     """grouped_permute of the triton backend with some of its choices overridden (VARIANTS)."""
     from moge_kernels.triton import permute as tp
     T, K = ids.shape
@@ -58,7 +62,7 @@ def triton_variant(hidden, ids, E, max_blocks=None, tile=None, copy=None, pdl=No
         _, block_h, _ = tp._copy_config(T, hidden.shape[1])
         copy_config = (copy[0], block_h, copy[1])
     return lambda: tp.grouped_permute(hidden, ids, E, count_config=count_config, copy_config=copy_config,
-                                      pdl=pdl)
+                                      scan_config=scan, pdl=pdl)
 
 
 def profile_us(fn, reps: int = 10) -> str:

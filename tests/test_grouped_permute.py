@@ -134,9 +134,10 @@ def test_triton_tilings(backend, device, count_config, copy_config):
 
 @pytest.mark.parametrize("backend,device", [c for c in CASES if c[0] == "triton"])
 @pytest.mark.parametrize("drop", [0.0, 0.4])
-def test_triton_scan_in_chunks(backend, device, drop, monkeypatch):
-    """The scan launch over several chunks of count blocks (its next chunk loaded while one is scanned), the
-    dropped slots' column derived from the experts' (the last block partial), E a power of two and not."""
+@pytest.mark.parametrize("scan_config", [(False, True), (False, False), (True, True), (True, False)])
+def test_triton_scan_in_chunks(backend, device, drop, scan_config, monkeypatch):
+    """The scan launch over several chunks of count blocks (the last block partial), the E+1 columns in one
+    tile or the dropped one apart, with and without the next chunk loaded ahead; E a power of two and not."""
     from moge_kernels.triton import permute as tp
     monkeypatch.setattr(tp, "SCAN_TILE_ELEMS", 64)       # 64 // pow2(E) blocks a chunk
     tp._plan.cache_clear()
@@ -145,7 +146,8 @@ def test_triton_scan_in_chunks(backend, device, drop, monkeypatch):
             hidden = torch.randn(T, 5, generator=generator(T)).to(device)
             ids = make_topk_ids(T, K, E, seed=T, device=device, drop=drop)
             for count_config in ((1, 1), (2, 2)):        # 53 / 27 blocks: 14 / 7 chunks of 4 (E = 16)
-                out = tp.grouped_permute(hidden, ids, E, count_config=count_config, copy_config=(4, 8, 1))
+                out = tp.grouped_permute(hidden, ids, E, count_config=count_config, copy_config=(4, 8, 1),
+                                         scan_config=scan_config)
                 assert_permute_equal(out, R.permute(hidden, ids, E))
     finally:
         tp._plan.cache_clear()

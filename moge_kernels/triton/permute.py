@@ -6,9 +6,8 @@ count blocks; bucket E holds the dropped slots, id -1):
     topk_ids        [T, K]     int32/int64, any strides (input)
     slot_rank       [T, K]     int32 scratch: rank of (t, k) among the slots of its count block that go to
                                the same bucket, in (token, slot) order
-    block_base      [NB, E+1]  int32 scratch: first, per-expert counts of each count block (columns < E);
-                               after the scan kernel (when it runs), the rows of bucket e (column E:
-                               the dropped slots) that blocks before b fill
+    block_base      [NB, E+1]  int32 scratch: first, per-bucket counts of each count block; after the scan
+                               kernel (when it runs), the rows of bucket e that blocks before b fill
     expert_offsets  [E+1]      int32 exclusive cumsum of rows per expert (output); offsets[E] = kept slots
     row_index       [T, K]     int32 expert_offsets[bucket] + block_base[t // COUNT_BLOCK_T, bucket]
                                + slot_rank[t, k] (output)
@@ -19,8 +18,8 @@ dependent launch, launch.use_pdl: each starts while the one before it finishes):
     1. _rank_kernel, one program per count block: slot ranks and per-bucket counts, the block's slots in
        tiles of SUB_T tokens x K slots flattened, one-hot against the E experts (not E+1: a dropped slot's
        rank is its place in the block minus the kept slots before it), with a running per-expert carry.
-    2. _scan_kernel, one program, one pass over the NB x E counts (the dropped bucket's column follows
-       from them): block_base and expert_offsets (skipped for NB <= FUSED_SCAN_MAX_BLOCKS blocks, where every copy program redoes this scan from the
+    2. _scan_kernel, one program, one pass over the NB x (E+1) counts: block_base and expert_offsets
+       (skipped for NB <= FUSED_SCAN_MAX_BLOCKS blocks, where every copy program redoes this scan from the
        counts, as dispatch.py does).
     3. _copy_kernel, one program per (token block, H block): every index of its BLOCK_T x K slots loaded
        at once, then row_index and the K copies of each hidden row (read once, written from registers);
@@ -58,8 +57,11 @@ FUSED_SCAN_MAX_BLOCKS = 16
 # more blocks shorten each rank program's serial walk over its tiles but lengthen the scan (estimates;
 # bench/bench_permute.py --variants times the alternatives).
 MAX_COUNT_BLOCKS = 256
-# Scan tile [CHUNK_B blocks, pow2(E) experts].
+# Scan tile [CHUNK_B blocks, pow2(E) experts] (or pow2(E+1) buckets, SCAN_WIDE); SCAN_PREFETCH: the next
+# tile loaded while one is scanned.
 SCAN_TILE_ELEMS = 8192
+SCAN_WIDE = False
+SCAN_PREFETCH = True
 
 
 # ----------------------------------------------------------------------------------------- launch 1
@@ -67,7 +69,7 @@ SCAN_TILE_ELEMS = 8192
 def _rank_kernel(
     ids_ptr,             # [T, K] int32/int64, strides (stride_it, stride_ik)
     slot_rank_ptr,       # [T, K] int32 out
-    block_base_ptr,      # [NB, E+1] int32 out: per-block expert counts in columns < E
+    block_base_ptr,      # [NB, E+1] int32 out: per-block bucket counts (column E: the dropped slots)
     T, stride_it, stride_ik,
     E: tl.constexpr, K: tl.constexpr, E_PAD: tl.constexpr, K_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
     SUB_T: tl.constexpr, USE_GDC: tl.constexpr,
@@ -107,48 +109,61 @@ def _rank_kernel(
         tl.store(slot_rank_ptr + t * K + k, rank, mask=ok)
         carry += tl.sum(onehot, axis=0)
         ids = ids_next
-    tl.store(block_base_ptr + pid * (E + 1) + e, carry, mask=e < E)   # column E: the scan's
+    base = block_base_ptr + pid * (E + 1)
+    tl.store(base + e, carry, mask=e < E)
+    num_slots = (tl.minimum(T, t_first + BLOCK_T) - t_first) * K
+    tl.store(base + E, num_slots - tl.sum(carry, axis=0))
 
 
 # ----------------------------------------------------------------------------------------- launch 2
 @triton.jit(do_not_specialize=["num_blocks"])
 def _scan_kernel(
-    block_base_ptr,      # [NB, E+1] int32 in: per-block expert counts; out (in place): rows before each block
+    block_base_ptr,      # [NB, E+1] int32 in: per-block bucket counts; out (in place): rows before each block
     expert_offsets_ptr,  # [E+1] int32 out
     num_blocks,
-    E: tl.constexpr, E_PAD: tl.constexpr, BLOCK_SLOTS: tl.constexpr, CHUNK_B: tl.constexpr,
-    USE_GDC: tl.constexpr,
+    E: tl.constexpr, COLS_PAD: tl.constexpr, CHUNK_B: tl.constexpr, WIDE: tl.constexpr,
+    PREFETCH: tl.constexpr, USE_GDC: tl.constexpr,
 ):
-    """Grid (1,), one pass over the counts in chunks of CHUNK_B blocks (the next chunk loaded while this
-    one is scanned): each block's first row within each expert (a running sum over blocks, the copy adds
-    expert_offsets[e]), then the exclusive cumsum of the totals over experts.
-
-    Only the E expert columns are scanned (E_PAD lanes: E is mostly a power of two, E+1 never): the
-    dropped bucket's column follows from them, since every block before the last holds BLOCK_SLOTS
-    slots: the dropped slots before block b are b*BLOCK_SLOTS minus the kept ones."""
+    """Grid (1,), one pass over the counts in chunks of CHUNK_B blocks: each block's first row within
+    each bucket (a running sum over blocks, the copy adds expert_offsets[bucket]), then the exclusive
+    cumsum of the totals over buckets. WIDE: the E+1 columns as one tile (COLS_PAD = pow2(E+1));
+    else the E expert columns (COLS_PAD = pow2(E), half the lanes where E is a power of two) and the
+    dropped column as a running sum of its own. PREFETCH: the next chunk loaded while one is scanned."""
     if USE_GDC:
         gdc_launch_dependents()
         gdc_wait()                                    # the rank kernel's counts
-    e = tl.arange(0, E_PAD)
-    e_ok = e < E
-    b = tl.arange(0, CHUNK_B)
-    counts = tl.load(block_base_ptr + b[:, None] * (E + 1) + e[None, :],
-                     mask=(b < num_blocks)[:, None] & e_ok[None, :], other=0)
-    carry = tl.zeros([E_PAD], dtype=tl.int32)         # kept rows of the blocks scanned so far, per expert
+    c = tl.arange(0, COLS_PAD)
+    c_ok = c < (E + 1 if WIDE else E)
+    if PREFETCH:
+        b = tl.arange(0, CHUNK_B)
+        counts = tl.load(block_base_ptr + b[:, None] * (E + 1) + c[None, :],
+                         mask=(b < num_blocks)[:, None] & c_ok[None, :], other=0)
+    carry = tl.zeros([COLS_PAD], dtype=tl.int32)      # rows of the blocks scanned so far, per column
+    carry_dropped = tl.sum(tl.zeros([CHUNK_B], dtype=tl.int32), axis=0)
     for b0 in range(0, num_blocks, CHUNK_B):
         b = b0 + tl.arange(0, CHUNK_B)
-        b_next = b + CHUNK_B
-        counts_next = tl.load(block_base_ptr + b_next[:, None] * (E + 1) + e[None, :],
-                              mask=(b_next < num_blocks)[:, None] & e_ok[None, :], other=0)
-        bases = carry[None, :] + tl.cumsum(counts, axis=0) - counts
         b_ok = b < num_blocks
-        # read (a chunk ahead) before write, same program: in place is safe
-        tl.store(block_base_ptr + b[:, None] * (E + 1) + e[None, :], bases, mask=b_ok[:, None] & e_ok[None, :])
-        tl.store(block_base_ptr + b * (E + 1) + E, b * BLOCK_SLOTS - tl.sum(bases, axis=1), mask=b_ok)
+        ptrs = block_base_ptr + b[:, None] * (E + 1) + c[None, :]
+        mask = b_ok[:, None] & c_ok[None, :]
+        if PREFETCH:
+            # read (a chunk ahead) before write, same program: in place is safe
+            counts_next = tl.load(ptrs + CHUNK_B * (E + 1), mask=((b + CHUNK_B) < num_blocks)[:, None] &
+                                  c_ok[None, :], other=0)
+        else:
+            counts = tl.load(ptrs, mask=mask, other=0)
+        tl.store(ptrs, carry[None, :] + tl.cumsum(counts, axis=0) - counts, mask=mask)
         carry += tl.sum(counts, axis=0)
-        counts = counts_next
-    tl.store(expert_offsets_ptr + e, tl.cumsum(carry, axis=0) - carry, mask=e_ok)
-    tl.store(expert_offsets_ptr + E, tl.sum(carry, axis=0))
+        if not WIDE:
+            dropped = tl.load(block_base_ptr + b * (E + 1) + E, mask=b_ok, other=0)
+            tl.store(block_base_ptr + b * (E + 1) + E, carry_dropped + tl.cumsum(dropped, axis=0) - dropped,
+                     mask=b_ok)
+            carry_dropped += tl.sum(dropped, axis=0)
+        if PREFETCH:
+            counts = counts_next
+    # WIDE: column E's exclusive cumsum is the kept total, as offsets[E] must be
+    tl.store(expert_offsets_ptr + c, tl.cumsum(carry, axis=0) - carry, mask=c < E + 1 if WIDE else c < E)
+    if not WIDE:
+        tl.store(expert_offsets_ptr + E, tl.sum(carry, axis=0))
 
 
 # ----------------------------------------------------------------------------------------- launch 3
@@ -228,7 +243,8 @@ def _copy_kernel(
 # before them finishes; the rank kernel, the first of the chain, launches as usual (its inputs may still
 # be in the making).
 _rank = Kernel(_rank_kernel, ("E", "K", "E_PAD", "K_PAD", "BLOCK_T", "SUB_T", "USE_GDC", "num_warps"))
-_scan = Kernel(_scan_kernel, ("E", "E_PAD", "BLOCK_SLOTS", "CHUNK_B", "USE_GDC", "num_warps", "launch_pdl"))
+_scan = Kernel(_scan_kernel, ("E", "COLS_PAD", "CHUNK_B", "WIDE", "PREFETCH", "USE_GDC", "num_warps",
+                              "launch_pdl"))
 _copy = Kernel(_copy_kernel, ("E", "K", "K_PAD", "E_PAD", "NB_PAD", "FUSED_SCAN", "COUNT_BLOCK_T", "BLOCK_T",
                               "BLOCK_H", "USE_GDC", "num_warps", "launch_pdl"))
 
@@ -261,7 +277,7 @@ def _count_config(T: int, K: int, E: int, max_blocks: int = None, tile_elems: in
 
 
 @functools.lru_cache(maxsize=4096)
-def _plan(T, K, E, H, count_config, copy_config, pdl):
+def _plan(T, K, E, H, count_config, copy_config, scan_config, pdl):
     """The launches of one call, a pure function of the shapes and choices: (number of count blocks,
     rank meta, scan meta or None (the copy programs scan), copy meta, copy grid)."""
     e_pad, k_pad = pow2(E), pow2(K)
@@ -270,8 +286,10 @@ def _plan(T, K, E, H, count_config, copy_config, pdl):
     fused_scan = num_blocks <= FUSED_SCAN_MAX_BLOCKS
     rank_tile = sub_t * k_pad * pow2(E)
     rank_meta = (E, K, e_pad, k_pad, count_block_t, sub_t, pdl, 8 if rank_tile >= 4096 else 4)
+    wide, prefetch = scan_config or (SCAN_WIDE, SCAN_PREFETCH)
+    cols_pad = pow2(E + 1) if wide else e_pad
     scan_meta = None if fused_scan else \
-        (E, e_pad, count_block_t * K, min(pow2(num_blocks), max(1, SCAN_TILE_ELEMS // e_pad)), pdl, 8, pdl)
+        (E, cols_pad, min(pow2(num_blocks), max(1, SCAN_TILE_ELEMS // cols_pad)), wide, prefetch, pdl, 8, pdl)
     block_t, block_h, num_warps = copy_config or _copy_config(T, H)
     if fused_scan:
         block_t = min(block_t, count_block_t)
@@ -281,11 +299,13 @@ def _plan(T, K, E, H, count_config, copy_config, pdl):
     return num_blocks, rank_meta, scan_meta, copy_meta, copy_grid
 
 
-def grouped_permute(hidden, topk_ids, num_experts, *, count_config=None, copy_config=None, pdl=None):
+def grouped_permute(hidden, topk_ids, num_experts, *, count_config=None, copy_config=None, scan_config=None,
+                    pdl=None):
     """Triton kernel of `moge::grouped_permute` (arguments already checked by moge_kernels.checks).
 
-    count_config=(COUNT_BLOCK_T, SUB_T) / copy_config=(BLOCK_T, BLOCK_H, num_warps) override the tile
-    choice, pdl=True / False the programmatic dependent launch (default launch.use_pdl; tests, tuning)."""
+    count_config=(COUNT_BLOCK_T, SUB_T) / copy_config=(BLOCK_T, BLOCK_H, num_warps) / scan_config=(WIDE,
+    PREFETCH) override the tile and scan choices, pdl=True / False the programmatic dependent launch
+    (default launch.use_pdl; tests, tuning)."""
     T, K = topk_ids.shape
     H = hidden.shape[1]
     E = num_experts
@@ -297,7 +317,7 @@ def grouped_permute(hidden, topk_ids, num_experts, *, count_config=None, copy_co
     if hidden.stride(1) != 1:
         hidden = hidden.contiguous()
     num_blocks, rank_meta, scan_meta, copy_meta, copy_grid = _plan(
-        T, K, E, H, count_config, copy_config, use_pdl(device) if pdl is None else bool(pdl))
+        T, K, E, H, count_config, copy_config, scan_config, use_pdl(device) if pdl is None else bool(pdl))
     expert_offsets = torch.empty(E + 1, dtype=torch.int32, device=device)  # [E+1] int32
     scratch = torch.empty(T * K + num_blocks * (E + 1), dtype=torch.int32, device=device)
     slot_rank = scratch[:T * K]                                              # [T, K] int32
