@@ -153,6 +153,30 @@ def test_triton_scan_in_chunks(backend, device, drop, scan_config, monkeypatch):
         tp._plan.cache_clear()
 
 
+@pytest.mark.parametrize("backend,device", [c for c in CASES if c[0] == "triton"])
+@pytest.mark.parametrize("T,K,E,block_t", [
+    (45, 3, 12, 4),      # 12 blocks: the scan fused into the copy, the last block partial
+    (70, 2, 16, 2),      # 35 blocks: the scan launch
+    (9, 8, 128, 16),     # one block, most of it past T; E a power of two (its bins pow2(E+2))
+    (1, 1, 3, 1),        # one slot
+])
+def test_triton_sort_rank(backend, device, T, K, E, block_t):
+    """The sort ranking (rank_method="sort") gives the reference's rows: dropped slots, a token repeating
+    an expert, empty experts, ids as a transposed int64 view."""
+    from moge_kernels.triton import permute as tp
+    hidden = torch.randn(T, 6, generator=generator(T)).to(device)
+    ids = make_topk_ids(T, K, E, seed=T, device=device, drop=0.3)
+    cases = [ids]
+    if K >= 2:
+        repeated = ids.clone().long()
+        repeated[:, 1] = repeated[:, 0]
+        cases.append(repeated.t().contiguous().t())
+    for case in cases:
+        for count_config in (None, (block_t, block_t)):
+            out = tp.grouped_permute(hidden, case, E, count_config=count_config, rank_method="sort")
+            assert_permute_equal(out, R.permute(hidden, case.contiguous(), E))
+
+
 @pytest.mark.parametrize("backend,device", CASES)
 def test_same_rows_as_dispatch(backend, device):
     """Fed grouped_dispatch's ids, every backend's grouped_permute gives dispatch's outputs."""
@@ -421,6 +445,9 @@ def test_triton_count_config_on_gpu(monkeypatch):
             assert num_blocks <= max(tp.FUSED_SCAN_MAX_BLOCKS, tp.MAX_COUNT_BLOCKS)
             if T <= tp.FUSED_SCAN_MAX_BLOCKS * sub_t:
                 assert num_blocks <= tp.FUSED_SCAN_MAX_BLOCKS
+            block_t, sub_t = tp._count_config(T, K, E, rank_method="sort")   # one sort a block
+            assert sub_t == block_t and -(-T // block_t) <= max(tp.FUSED_SCAN_MAX_BLOCKS, tp.MAX_COUNT_BLOCKS)
+            assert block_t * tp.pow2(K) >= tp.SORT_MIN_SLOTS or -(-T // block_t) <= tp.FUSED_SCAN_MAX_BLOCKS
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")

@@ -51,6 +51,10 @@ _INTERPRET = options.TRITON_INTERPRET
 # bench/results/permute_variants_h100_e9a8442.txt: Qwen3-30B T=4096 1.41x the floor against 1.47x).
 RANK_TILE_ELEMS = 8192
 RANK_TILE_MAX_ELEMS = 16384
+# "onehot" (_rank_kernel) or "sort" (_rank_sort_kernel: a count block of at least SORT_MIN_SLOTS slots
+# ranked in one sort).
+RANK_METHOD = "onehot"
+SORT_MIN_SLOTS = 128
 # Up to this many count blocks the copy programs scan the counts themselves (no scan launch).
 FUSED_SCAN_MAX_BLOCKS = 16
 # Past that, at most this many count blocks: the scan is one program reading NB x (E+1) counts once, so
@@ -113,6 +117,47 @@ def _rank_kernel(
     tl.store(base + e, carry, mask=e < E)
     num_slots = (tl.minimum(T, t_first + BLOCK_T) - t_first) * K
     tl.store(base + E, num_slots - tl.sum(carry, axis=0))
+
+
+@triton.jit
+def _same_bucket_count(bucket_a, count_a, bucket_b, count_b):
+    """Combine of a segmented count over bucket-sorted slots (equal buckets are contiguous)."""
+    return bucket_b, tl.where(bucket_a == bucket_b, count_a + count_b, count_b)
+
+
+@triton.jit(do_not_specialize=["T"])
+def _rank_sort_kernel(
+    ids_ptr,             # [T, K] int32/int64, strides (stride_it, stride_ik)
+    slot_rank_ptr,       # [T, K] int32 out
+    block_base_ptr,      # [NB, E+1] int32 out: per-block bucket counts (column E: the dropped slots)
+    T, stride_it, stride_ik,
+    E: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_T: tl.constexpr, NUM_BINS: tl.constexpr,
+    USE_GDC: tl.constexpr,
+):
+    """Grid (NB,): program b ranks the BLOCK_T*K_PAD slots of tokens [b*BLOCK_T, (b+1)*BLOCK_T) in one
+    sort: key = bucket * S + flat slot (buckets: the expert, E for a dropped slot, E+1 for padding, which
+    sorts last), so the sorted keys hold each bucket's slots contiguous and in (token, slot) order; a
+    segmented count along them is each slot's rank, stored back at the slot it came from. The counts are a
+    histogram over NUM_BINS >= E+2 bins. Work per slot: log^2 of the block's slots, whatever E."""
+    if USE_GDC:   # the next launch (scan or copy) may start now; it waits for this one before reading
+        gdc_launch_dependents()
+    S: tl.constexpr = BLOCK_T * K_PAD
+    pid = tl.program_id(0)
+    i = tl.arange(0, S)                               # flat slot of the block, (token, slot) order
+    t = pid * BLOCK_T + i // K_PAD
+    k = i % K_PAD
+    ok = (k < K) & (t < T)
+    ids = tl.load(ids_ptr + t.to(tl.int64) * stride_it + k * stride_ik, mask=ok, other=-1)
+    # ids outside [-1, E) count as dropped
+    bucket = tl.where(ok, tl.where((ids >= 0) & (ids < E), ids, E), E + 1).to(tl.int32)
+    keys = tl.sort(bucket * S + i)
+    bucket_sorted = keys // S
+    slot = keys % S
+    _, count = tl.associative_scan((bucket_sorted, tl.full([S], 1, tl.int32)), 0, _same_bucket_count)
+    t_sorted = pid * BLOCK_T + slot // K_PAD
+    tl.store(slot_rank_ptr + t_sorted * K + slot % K_PAD, count - 1, mask=bucket_sorted <= E)
+    bins = tl.arange(0, NUM_BINS)
+    tl.store(block_base_ptr + pid * (E + 1) + bins, tl.histogram(bucket, NUM_BINS), mask=bins <= E)
 
 
 # ----------------------------------------------------------------------------------------- launch 2
@@ -243,6 +288,7 @@ def _copy_kernel(
 # before them finishes; the rank kernel, the first of the chain, launches as usual (its inputs may still
 # be in the making).
 _rank = Kernel(_rank_kernel, ("E", "K", "E_PAD", "K_PAD", "BLOCK_T", "SUB_T", "USE_GDC", "num_warps"))
+_rank_sort = Kernel(_rank_sort_kernel, ("E", "K", "K_PAD", "BLOCK_T", "NUM_BINS", "USE_GDC", "num_warps"))
 _scan = Kernel(_scan_kernel, ("E", "COLS_PAD", "CHUNK_B", "WIDE", "PREFETCH", "USE_GDC", "num_warps",
                               "launch_pdl"))
 _copy = Kernel(_copy_kernel, ("E", "K", "K_PAD", "E_PAD", "NB_PAD", "FUSED_SCAN", "COUNT_BLOCK_T", "BLOCK_T",
@@ -261,9 +307,17 @@ def _copy_config(T: int, H: int):
     return block_t, block_h, num_warps
 
 
-def _count_config(T: int, K: int, E: int, max_blocks: int = None, tile_elems: int = None):
-    """(COUNT_BLOCK_T, SUB_T): tokens per rank program and per rank tile (powers of two). tile_elems
-    overrides the largest tile (tuning)."""
+def _count_config(T: int, K: int, E: int, max_blocks: int = None, tile_elems: int = None,
+                  rank_method: str = None):
+    """(COUNT_BLOCK_T, SUB_T): tokens per rank program and per rank tile (powers of two; the sort ranks a
+    block as one tile). tile_elems overrides the largest one-hot tile (tuning)."""
+    if (rank_method or RANK_METHOD) == "sort":
+        min_block_t = max(1, SORT_MIN_SLOTS // pow2(K))
+        if T <= FUSED_SCAN_MAX_BLOCKS * min_block_t:
+            block_t = pow2(cdiv(T, FUSED_SCAN_MAX_BLOCKS))
+        else:
+            block_t = max(min_block_t, pow2(cdiv(T, max_blocks or MAX_COUNT_BLOCKS)))
+        return block_t, block_t
     slots_x_experts = pow2(K) * pow2(E)
     sub_t = max(1, RANK_TILE_ELEMS // slots_x_experts)
     sub_t_max = max(sub_t, (tile_elems or RANK_TILE_MAX_ELEMS) // slots_x_experts)
@@ -277,15 +331,21 @@ def _count_config(T: int, K: int, E: int, max_blocks: int = None, tile_elems: in
 
 
 @functools.lru_cache(maxsize=4096)
-def _plan(T, K, E, H, count_config, copy_config, scan_config, pdl):
+def _plan(T, K, E, H, count_config, copy_config, scan_config, rank_method, pdl):
     """The launches of one call, a pure function of the shapes and choices: (number of count blocks,
-    rank meta, scan meta or None (the copy programs scan), copy meta, copy grid)."""
+    rank kernel, rank meta, scan meta or None (the copy programs scan), copy meta, copy grid)."""
     e_pad, k_pad = pow2(E), pow2(K)
-    count_block_t, sub_t = count_config or _count_config(T, K, E)
+    rank_method = rank_method or RANK_METHOD
+    count_block_t, sub_t = count_config or _count_config(T, K, E, rank_method=rank_method)
     num_blocks = cdiv(T, count_block_t)
     fused_scan = num_blocks <= FUSED_SCAN_MAX_BLOCKS
-    rank_tile = sub_t * k_pad * pow2(E)
-    rank_meta = (E, K, e_pad, k_pad, count_block_t, sub_t, pdl, 8 if rank_tile >= 4096 else 4)
+    if rank_method == "sort":
+        rank = _rank_sort
+        rank_meta = (E, K, k_pad, count_block_t, pow2(E + 2), pdl, 4 if count_block_t * k_pad <= 512 else 8)
+    else:
+        rank = _rank
+        rank_tile = sub_t * k_pad * e_pad
+        rank_meta = (E, K, e_pad, k_pad, count_block_t, sub_t, pdl, 8 if rank_tile >= 4096 else 4)
     wide, prefetch = scan_config or (SCAN_WIDE, SCAN_PREFETCH)
     cols_pad = pow2(E + 1) if wide else e_pad
     scan_meta = None if fused_scan else \
@@ -296,16 +356,16 @@ def _plan(T, K, E, H, count_config, copy_config, scan_config, pdl):
     copy_meta = (E, K, k_pad, e_pad, pow2(num_blocks), fused_scan, count_block_t, block_t, block_h,
                  pdl, num_warps, pdl)
     copy_grid = (cdiv(T, block_t), max(1, cdiv(H, block_h)))   # >= 1 H block: row_index
-    return num_blocks, rank_meta, scan_meta, copy_meta, copy_grid
+    return num_blocks, rank, rank_meta, scan_meta, copy_meta, copy_grid
 
 
 def grouped_permute(hidden, topk_ids, num_experts, *, count_config=None, copy_config=None, scan_config=None,
-                    pdl=None):
+                    rank_method=None, pdl=None):
     """Triton kernel of `moge::grouped_permute` (arguments already checked by moge_kernels.checks).
 
     count_config=(COUNT_BLOCK_T, SUB_T) / copy_config=(BLOCK_T, BLOCK_H, num_warps) / scan_config=(WIDE,
-    PREFETCH) override the tile and scan choices, pdl=True / False the programmatic dependent launch
-    (default launch.use_pdl; tests, tuning)."""
+    PREFETCH) / rank_method ("onehot" or "sort") override the tile, scan and rank choices, pdl=True /
+    False the programmatic dependent launch (default launch.use_pdl; tests, tuning)."""
     T, K = topk_ids.shape
     H = hidden.shape[1]
     E = num_experts
@@ -316,14 +376,15 @@ def grouped_permute(hidden, topk_ids, num_experts, *, count_config=None, copy_co
         return permuted, torch.zeros(E + 1, dtype=torch.int32, device=device), row_index
     if hidden.stride(1) != 1:
         hidden = hidden.contiguous()
-    num_blocks, rank_meta, scan_meta, copy_meta, copy_grid = _plan(
-        T, K, E, H, count_config, copy_config, scan_config, use_pdl(device) if pdl is None else bool(pdl))
+    num_blocks, rank, rank_meta, scan_meta, copy_meta, copy_grid = _plan(
+        T, K, E, H, count_config, copy_config, scan_config, rank_method,
+        use_pdl(device) if pdl is None else bool(pdl))
     expert_offsets = torch.empty(E + 1, dtype=torch.int32, device=device)  # [E+1] int32
     scratch = torch.empty(T * K + num_blocks * (E + 1), dtype=torch.int32, device=device)
     slot_rank = scratch[:T * K]                                              # [T, K] int32
     block_base = scratch[T * K:]                                             # [NB, E+1] int32
     sit, sik = topk_ids.stride()
-    _rank.launch((num_blocks,), (topk_ids, slot_rank, block_base, T, sit, sik), rank_meta)
+    rank.launch((num_blocks,), (topk_ids, slot_rank, block_base, T, sit, sik), rank_meta)
     if scan_meta is not None:
         _scan.launch((1,), (block_base, expert_offsets, num_blocks), scan_meta)
     _copy.launch(copy_grid, (hidden, topk_ids, slot_rank, block_base, expert_offsets, row_index, permuted,
