@@ -34,40 +34,29 @@ MODELS = {   # name: (H, E, K)
 }
 
 # Tilings of the triton kernel the --variants columns try, as overrides of its defaults: max_blocks (the
-# count-block cap: each rank program's serial walk against the one-program scan), tile (the largest rank
-# tile's elements), copy ((BLOCK_T, num_warps) of the copy tile: index round trips per byte against
-# occupancy), pdl (False: the chain without programmatic dependent launch), scan ((WIDE, PREFETCH) of the
-# scan kernel), rank ("onehot" or "sort": the rank kernel).
+# count-block cap: each rank program's sort against the one-program scan), copy ((BLOCK_T, num_warps) of
+# the copy tile: index round trips per byte against occupancy), pdl (False: the chain without
+# programmatic dependent launch).
 VARIANTS = {
-    "blocks128": dict(max_blocks=128),
-    "blocks512": dict(max_blocks=512),
-    "tile8k": dict(tile=8192),
-    "tile32k": dict(tile=32768),
+    "blocks64": dict(max_blocks=64),
+    "blocks256": dict(max_blocks=256),
     "copy2": dict(copy=(2, 2)),
     "copy8x8w": dict(copy=(8, 8)),
     "no_pdl": dict(pdl=False),
-    "scan_wide": dict(scan=(True, False)),
-    "scan_wide_pf": dict(scan=(True, True)),
-    "scan_narrow": dict(scan=(False, False)),
-    "onehot": dict(rank="onehot"),
-    "sort": dict(rank="sort"),
-    "sort128": dict(rank="sort", max_blocks=128),
-    "sort512": dict(rank="sort", max_blocks=512),
-    "sort_wide": dict(rank="sort", scan=(True, False)),
 }
 
 
-def triton_variant(hidden, ids, E, max_blocks=None, tile=None, copy=None, pdl=None, scan=None, rank=None):
+def triton_variant(hidden, ids, E, max_blocks=None, copy=None, pdl=None):
     """grouped_permute of the triton backend with some of its choices overridden (VARIANTS)."""
     from moge_kernels.triton import permute as tp
     T, K = ids.shape
-    count_config = tp._count_config(T, K, E, max_blocks, tile, rank) if max_blocks or tile else None
+    count_block_t = tp._count_config(T, K, max_blocks) if max_blocks else None
     copy_config = None
     if copy:
         _, block_h, _ = tp._copy_config(T, hidden.shape[1])
         copy_config = (copy[0], block_h, copy[1])
-    return lambda: tp.grouped_permute(hidden, ids, E, count_config=count_config, copy_config=copy_config,
-                                      scan_config=scan, rank_method=rank, pdl=pdl)
+    return lambda: tp.grouped_permute(hidden, ids, E, count_block_t=count_block_t, copy_config=copy_config,
+                                      pdl=pdl)
 
 
 def profile_us(fn, reps: int = 10) -> str:

@@ -112,42 +112,40 @@ def test_dtypes_and_noncontiguous(backend, device, dtype):
 
 
 @pytest.mark.parametrize("backend,device", [c for c in CASES if c[0] == "triton"])
-@pytest.mark.parametrize("count_config,copy_config", [
-    ((1, 1), (16, 16, 1)),     # 45 count blocks: the scan launch
-    ((2, 1), (1, 16, 1)),      # 23 blocks of two one-token tiles: scan launch
-    ((4, 4), (2, 4, 1)),       # 12 blocks: the scan fused into the copy programs, H split in 3
-    ((8, 2), (16, 32, 2)),     # fused, four tiles a block; copy tile clamped to the count block
-    ((64, 16), (2, 128, 4)),   # one block of four tiles (the last two past T)
+@pytest.mark.parametrize("count_block_t,copy_config", [
+    (1, (16, 16, 1)),      # 45 count blocks: the scan launch
+    (2, (1, 16, 1)),       # 23 blocks: scan launch
+    (4, (2, 4, 1)),        # 12 blocks: the scan fused into the copy programs, H split in 3
+    (8, (16, 32, 2)),      # fused; copy tile clamped to the count block
+    (64, (2, 128, 4)),     # one block, most of it past T
 ])
-def test_triton_tilings(backend, device, count_config, copy_config):
+def test_triton_tilings(backend, device, count_block_t, copy_config):
     from moge_kernels.triton import permute as tp
     T, K, E, H = 45, 3, 12, 10
     hidden = torch.randn(T, H, generator=generator(4)).to(device)
     ids = make_topk_ids(T, K, E, seed=4, device=device)
-    out = tp.grouped_permute(hidden, ids, E, count_config=count_config, copy_config=copy_config)
+    out = tp.grouped_permute(hidden, ids, E, count_block_t=count_block_t, copy_config=copy_config)
     assert_permute_equal(out, R.permute(hidden, ids, E))
-    # a token repeating an expert and dropped slots in every tile, ids as a transposed int64 view
+    # a token repeating an expert and dropped slots in every block, ids as a transposed int64 view
     repeated = torch.stack([ids[:, 0], ids[:, 0], torch.full_like(ids[:, 0], -1)], 1).long().t().contiguous().t()
-    out = tp.grouped_permute(hidden, repeated, E, count_config=count_config, copy_config=copy_config)
+    out = tp.grouped_permute(hidden, repeated, E, count_block_t=count_block_t, copy_config=copy_config)
     assert_permute_equal(out, R.permute(hidden, repeated, E))
 
 
 @pytest.mark.parametrize("backend,device", [c for c in CASES if c[0] == "triton"])
 @pytest.mark.parametrize("drop", [0.0, 0.4])
-@pytest.mark.parametrize("scan_config", [(False, True), (False, False), (True, True), (True, False)])
-def test_triton_scan_in_chunks(backend, device, drop, scan_config, monkeypatch):
-    """The scan launch over several chunks of count blocks (the last block partial), the E+1 columns in one
-    tile or the dropped one apart, with and without the next chunk loaded ahead; E a power of two and not."""
+def test_triton_scan_in_chunks(backend, device, drop, monkeypatch):
+    """The scan launch over several chunks of count blocks (the last block partial), E a power of two
+    (E+1 buckets padded to 2E) and not."""
     from moge_kernels.triton import permute as tp
-    monkeypatch.setattr(tp, "SCAN_TILE_ELEMS", 64)       # 64 // pow2(E) blocks a chunk
+    monkeypatch.setattr(tp, "SCAN_TILE_ELEMS", 128)      # 128 // pow2(E+1) blocks a chunk
     tp._plan.cache_clear()
     try:
         for T, K, E in ((53, 3, 16), (41, 2, 12)):
             hidden = torch.randn(T, 5, generator=generator(T)).to(device)
             ids = make_topk_ids(T, K, E, seed=T, device=device, drop=drop)
-            for count_config in ((1, 1), (2, 2)):        # 53 / 27 blocks: 14 / 7 chunks of 4 (E = 16)
-                out = tp.grouped_permute(hidden, ids, E, count_config=count_config, copy_config=(4, 8, 1),
-                                         scan_config=scan_config)
+            for count_block_t in (1, 2):                 # 53 / 27 blocks: 14 / 7 chunks of 4 (E = 16)
+                out = tp.grouped_permute(hidden, ids, E, count_block_t=count_block_t, copy_config=(4, 8, 1))
                 assert_permute_equal(out, R.permute(hidden, ids, E))
     finally:
         tp._plan.cache_clear()
@@ -155,13 +153,12 @@ def test_triton_scan_in_chunks(backend, device, drop, scan_config, monkeypatch):
 
 @pytest.mark.parametrize("backend,device", [c for c in CASES if c[0] == "triton"])
 @pytest.mark.parametrize("T,K,E,block_t", [
-    (45, 3, 12, 4),      # 12 blocks: the scan fused into the copy, the last block partial
     (70, 2, 16, 2),      # 35 blocks: the scan launch
     (9, 8, 128, 16),     # one block, most of it past T; E a power of two (its bins pow2(E+2))
     (1, 1, 3, 1),        # one slot
 ])
-def test_triton_sort_rank(backend, device, T, K, E, block_t):
-    """The sort ranking (rank_method="sort") gives the reference's rows: dropped slots, a token repeating
+def test_triton_rank_blocks(backend, device, T, K, E, block_t):
+    """The sort ranking at its default blocks and at one of its own: dropped slots, a token repeating
     an expert, empty experts, ids as a transposed int64 view."""
     from moge_kernels.triton import permute as tp
     hidden = torch.randn(T, 6, generator=generator(T)).to(device)
@@ -172,8 +169,8 @@ def test_triton_sort_rank(backend, device, T, K, E, block_t):
         repeated[:, 1] = repeated[:, 0]
         cases.append(repeated.t().contiguous().t())
     for case in cases:
-        for count_config in (None, (block_t, block_t)):
-            out = tp.grouped_permute(hidden, case, E, count_config=count_config, rank_method="sort")
+        for count_block_t in (None, block_t):
+            out = tp.grouped_permute(hidden, case, E, count_block_t=count_block_t)
             assert_permute_equal(out, R.permute(hidden, case.contiguous(), E))
 
 
@@ -431,23 +428,18 @@ def test_gpu_compile_fullgraph_backward(backend):
 
 
 @pytest.mark.skipif(not AVAILABLE["triton"]["available"], reason="needs triton")
-def test_triton_count_config_on_gpu(monkeypatch):
-    """The GPU tiling rule (the interpreter uses one tile a program): decode spreads over <= 16 blocks
-    (scan fused into the copy), larger T over at most MAX_COUNT_BLOCKS blocks of whole tiles."""
+def test_triton_count_config():
+    """The tiling rule: decode spreads over <= 16 blocks (scan fused into the copy), larger T over at most
+    MAX_COUNT_BLOCKS blocks of MIN_BLOCK_SLOTS to MAX_BLOCK_SLOTS slots (more blocks only past that)."""
     from moge_kernels.triton import permute as tp
-    monkeypatch.setattr(tp, "_INTERPRET", False)
-    for T in (1, 7, 100, 256, 257, 4096, 16384, 65536):
-        for K, E in ((1, 8), (2, 8), (8, 64), (8, 128), (6, 384)):
-            block_t, sub_t = tp._count_config(T, K, E)
+    for T in (1, 7, 100, 256, 257, 4096, 16384, 65536, 1 << 20):
+        for K in (1, 2, 6, 8):
+            block_t = tp._count_config(T, K)
             num_blocks = -(-T // block_t)
-            assert block_t % sub_t == 0 and sub_t * tp.pow2(K) * tp.pow2(E) <= max(tp.RANK_TILE_MAX_ELEMS,
-                                                                                 tp.pow2(K) * tp.pow2(E))
-            assert num_blocks <= max(tp.FUSED_SCAN_MAX_BLOCKS, tp.MAX_COUNT_BLOCKS)
-            if T <= tp.FUSED_SCAN_MAX_BLOCKS * sub_t:
-                assert num_blocks <= tp.FUSED_SCAN_MAX_BLOCKS
-            block_t, sub_t = tp._count_config(T, K, E, rank_method="sort")   # one sort a block
-            assert sub_t == block_t and -(-T // block_t) <= max(tp.FUSED_SCAN_MAX_BLOCKS, tp.MAX_COUNT_BLOCKS)
-            assert block_t * tp.pow2(K) >= tp.SORT_MIN_SLOTS or -(-T // block_t) <= tp.FUSED_SCAN_MAX_BLOCKS
+            assert block_t == tp.pow2(block_t) and block_t * tp.pow2(K) <= max(tp.MAX_BLOCK_SLOTS, tp.pow2(K))
+            if num_blocks > tp.FUSED_SCAN_MAX_BLOCKS:
+                assert block_t * tp.pow2(K) >= tp.MIN_BLOCK_SLOTS
+                assert num_blocks <= tp.MAX_COUNT_BLOCKS or block_t * tp.pow2(K) == tp.MAX_BLOCK_SLOTS
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")

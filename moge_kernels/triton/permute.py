@@ -15,9 +15,9 @@ count blocks; bucket E holds the dropped slots, id -1):
 Launches (current stream, no host synchronisation; on sm_90+ the second and third with programmatic
 dependent launch, launch.use_pdl: each starts while the one before it finishes):
 
-    1. _rank_kernel, one program per count block: slot ranks and per-bucket counts, the block's slots in
-       tiles of SUB_T tokens x K slots flattened, one-hot against the E experts (not E+1: a dropped slot's
-       rank is its place in the block minus the kept slots before it), with a running per-expert carry.
+    1. _rank_kernel, one program per count block: its COUNT_BLOCK_T x pow2(K) slots sorted by bucket in
+       one tl.sort, each slot's rank from a segmented count along the sorted keys, the per-bucket counts
+       from tl.histogram. The work per slot grows as log^2 of the block's slots, not with E.
     2. _scan_kernel, one program, one pass over the NB x (E+1) counts: block_base and expert_offsets
        (skipped for NB <= FUSED_SCAN_MAX_BLOCKS blocks, where every copy program redoes this scan from the
        counts, as dispatch.py does).
@@ -40,85 +40,27 @@ import triton.language as tl
 from .. import options
 from ..registry import register_kernel
 from . import DEVICES
+from .dispatch import _store_block_bases
 from .launch import Kernel, cdiv, gdc_launch_dependents, gdc_wait, pow2, use_pdl
 
 _INTERPRET = options.TRITON_INTERPRET
 
-# Rank tiles are [SUB_T * pow2(K) slots, pow2(E)] int32 one-hots of RANK_TILE_ELEMS elements or, where a
-# count block holds more, up to RANK_TILE_MAX_ELEMS; a rank program walks its COUNT_BLOCK_T tokens in such
-# tiles with a running per-expert carry. A count block holds at least one RANK_TILE_ELEMS tile (less
-# work a program is not cheaper), and one big tile beats two small ones walked in turn (H100,
-# bench/results/permute_variants_h100_e9a8442.txt: Qwen3-30B T=4096 1.41x the floor against 1.47x).
-RANK_TILE_ELEMS = 8192
-RANK_TILE_MAX_ELEMS = 16384
-# "onehot" (_rank_kernel) or "sort" (_rank_sort_kernel: a count block of at least SORT_MIN_SLOTS slots
-# ranked in one sort).
-RANK_METHOD = "onehot"
-SORT_MIN_SLOTS = 128
+# A count block holds at least MIN_BLOCK_SLOTS slots (COUNT_BLOCK_T * pow2(K)): fewer make a program's sort
+# no cheaper, only the scan longer; and at most MAX_BLOCK_SLOTS, one sort's keys in registers.
+MIN_BLOCK_SLOTS = 128
+MAX_BLOCK_SLOTS = 8192
 # Up to this many count blocks the copy programs scan the counts themselves (no scan launch).
 FUSED_SCAN_MAX_BLOCKS = 16
 # Past that, at most this many count blocks: the scan is one program reading NB x (E+1) counts once, so
-# more blocks shorten each rank program's serial walk over its tiles but lengthen the scan (estimates;
-# bench/bench_permute.py --variants times the alternatives).
-MAX_COUNT_BLOCKS = 256
-# Scan tile [CHUNK_B blocks, pow2(E) experts] (or pow2(E+1) buckets, SCAN_WIDE); SCAN_PREFETCH: the next
-# tile loaded while one is scanned.
+# more blocks shorten each rank program's sort but lengthen the scan (H200,
+# bench/results/permute_variants_h200_05caac9.txt: 128 against 256 blocks, Qwen3-30B T=4096 1.44x the
+# floor against 1.52x, no shape slower).
+MAX_COUNT_BLOCKS = 128
+# Scan tile [CHUNK_B blocks, pow2(E+1) buckets].
 SCAN_TILE_ELEMS = 8192
-SCAN_WIDE = False
-SCAN_PREFETCH = True
 
 
 # ----------------------------------------------------------------------------------------- launch 1
-@triton.jit(do_not_specialize=["T"])
-def _rank_kernel(
-    ids_ptr,             # [T, K] int32/int64, strides (stride_it, stride_ik)
-    slot_rank_ptr,       # [T, K] int32 out
-    block_base_ptr,      # [NB, E+1] int32 out: per-block bucket counts (column E: the dropped slots)
-    T, stride_it, stride_ik,
-    E: tl.constexpr, K: tl.constexpr, E_PAD: tl.constexpr, K_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
-    SUB_T: tl.constexpr, USE_GDC: tl.constexpr,
-):
-    """Grid (NB,): program b ranks the slots of tokens [b*BLOCK_T, (b+1)*BLOCK_T), SUB_T tokens a tile.
-
-    A tile is its SUB_T*K_PAD slots flattened in (token, slot) order, so one id load, one one-hot
-    [slots, E_PAD] (experts only: a dropped slot's rank follows from the kept ones), one cumsum and one
-    reduction rank every slot; the work per slot is E_PAD, whatever K. The next tile's ids are loaded
-    while one is ranked."""
-    if USE_GDC:   # the next launch (scan or copy) may start now; it waits for this one before reading
-        gdc_launch_dependents()
-    pid = tl.program_id(0)
-    i = tl.arange(0, SUB_T * K_PAD)                   # flat slot of the tile
-    k = i % K_PAD
-    e = tl.arange(0, E_PAD)
-    t_first = pid * BLOCK_T
-    carry = tl.zeros([E_PAD], dtype=tl.int32)         # kept slots of the block's earlier tiles, per expert
-    t = t_first + i // K_PAD
-    ok = (k < K) & (t < T)
-    ids = tl.load(ids_ptr + t.to(tl.int64) * stride_it + k * stride_ik, mask=ok, other=-1)
-    for t0 in range(t_first, t_first + BLOCK_T, SUB_T):
-        t = t0 + i // K_PAD
-        ok = (k < K) & (t < T)
-        t_next = t + SUB_T
-        ok_next = (k < K) & (t_next < T) & (t_next < t_first + BLOCK_T)
-        ids_next = tl.load(ids_ptr + t_next.to(tl.int64) * stride_it + k * stride_ik, mask=ok_next, other=-1)
-        kept = ok & (ids >= 0) & (ids < E)            # ids outside [-1, E) count as dropped
-        expert = tl.where(kept, ids, -1).to(tl.int32)
-        onehot = (expert[:, None] == e[None, :]).to(tl.int32)                     # [slots, E_PAD]
-        earlier = carry[None, :] + tl.cumsum(onehot, axis=0) - onehot   # the block's earlier slots, per expert
-        rank_kept = tl.sum(onehot * earlier, axis=1)
-        kept_i = kept.to(tl.int32)
-        kept_before = tl.sum(carry, axis=0) + tl.cumsum(kept_i, axis=0) - kept_i
-        # a dropped slot: the block's earlier slots minus the kept ones among them
-        rank = tl.where(kept, rank_kept, (t - t_first) * K + k - kept_before)
-        tl.store(slot_rank_ptr + t * K + k, rank, mask=ok)
-        carry += tl.sum(onehot, axis=0)
-        ids = ids_next
-    base = block_base_ptr + pid * (E + 1)
-    tl.store(base + e, carry, mask=e < E)
-    num_slots = (tl.minimum(T, t_first + BLOCK_T) - t_first) * K
-    tl.store(base + E, num_slots - tl.sum(carry, axis=0))
-
-
 @triton.jit
 def _same_bucket_count(bucket_a, count_a, bucket_b, count_b):
     """Combine of a segmented count over bucket-sorted slots (equal buckets are contiguous)."""
@@ -126,7 +68,7 @@ def _same_bucket_count(bucket_a, count_a, bucket_b, count_b):
 
 
 @triton.jit(do_not_specialize=["T"])
-def _rank_sort_kernel(
+def _rank_kernel(
     ids_ptr,             # [T, K] int32/int64, strides (stride_it, stride_ik)
     slot_rank_ptr,       # [T, K] int32 out
     block_base_ptr,      # [NB, E+1] int32 out: per-block bucket counts (column E: the dropped slots)
@@ -163,52 +105,20 @@ def _rank_sort_kernel(
 # ----------------------------------------------------------------------------------------- launch 2
 @triton.jit(do_not_specialize=["num_blocks"])
 def _scan_kernel(
-    block_base_ptr,      # [NB, E+1] int32 in: per-block bucket counts; out (in place): rows before each block
+    block_base_ptr,      # [NB, E+1] int32 in: per-block counts; out (in place): rows before each block
     expert_offsets_ptr,  # [E+1] int32 out
     num_blocks,
-    E: tl.constexpr, COLS_PAD: tl.constexpr, CHUNK_B: tl.constexpr, WIDE: tl.constexpr,
-    PREFETCH: tl.constexpr, USE_GDC: tl.constexpr,
+    E: tl.constexpr, E1_PAD: tl.constexpr, CHUNK_B: tl.constexpr, USE_GDC: tl.constexpr,
 ):
-    """Grid (1,), one pass over the counts in chunks of CHUNK_B blocks: each block's first row within
-    each bucket (a running sum over blocks, the copy adds expert_offsets[bucket]), then the exclusive
-    cumsum of the totals over buckets. WIDE: the E+1 columns as one tile (COLS_PAD = pow2(E+1));
-    else the E expert columns (COLS_PAD = pow2(E), half the lanes where E is a power of two) and the
-    dropped column as a running sum of its own. PREFETCH: the next chunk loaded while one is scanned."""
+    """Grid (1,), one pass over the counts: each block's first row within its bucket (a running sum over
+    blocks, the copy adds expert_offsets[bucket]), then the exclusive cumsum of the totals over buckets."""
     if USE_GDC:
         gdc_launch_dependents()
         gdc_wait()                                    # the rank kernel's counts
-    c = tl.arange(0, COLS_PAD)
-    c_ok = c < (E + 1 if WIDE else E)
-    if PREFETCH:
-        b = tl.arange(0, CHUNK_B)
-        counts = tl.load(block_base_ptr + b[:, None] * (E + 1) + c[None, :],
-                         mask=(b < num_blocks)[:, None] & c_ok[None, :], other=0)
-    carry = tl.zeros([COLS_PAD], dtype=tl.int32)      # rows of the blocks scanned so far, per column
-    carry_dropped = tl.sum(tl.zeros([CHUNK_B], dtype=tl.int32), axis=0)
-    for b0 in range(0, num_blocks, CHUNK_B):
-        b = b0 + tl.arange(0, CHUNK_B)
-        b_ok = b < num_blocks
-        ptrs = block_base_ptr + b[:, None] * (E + 1) + c[None, :]
-        mask = b_ok[:, None] & c_ok[None, :]
-        if PREFETCH:
-            # read (a chunk ahead) before write, same program: in place is safe
-            counts_next = tl.load(ptrs + CHUNK_B * (E + 1), mask=((b + CHUNK_B) < num_blocks)[:, None] &
-                                  c_ok[None, :], other=0)
-        else:
-            counts = tl.load(ptrs, mask=mask, other=0)
-        tl.store(ptrs, carry[None, :] + tl.cumsum(counts, axis=0) - counts, mask=mask)
-        carry += tl.sum(counts, axis=0)
-        if not WIDE:
-            dropped = tl.load(block_base_ptr + b * (E + 1) + E, mask=b_ok, other=0)
-            tl.store(block_base_ptr + b * (E + 1) + E, carry_dropped + tl.cumsum(dropped, axis=0) - dropped,
-                     mask=b_ok)
-            carry_dropped += tl.sum(dropped, axis=0)
-        if PREFETCH:
-            counts = counts_next
-    # WIDE: column E's exclusive cumsum is the kept total, as offsets[E] must be
-    tl.store(expert_offsets_ptr + c, tl.cumsum(carry, axis=0) - carry, mask=c < E + 1 if WIDE else c < E)
-    if not WIDE:
-        tl.store(expert_offsets_ptr + E, tl.sum(carry, axis=0))
+    e = tl.arange(0, E1_PAD)
+    e_ok = e < E + 1
+    total = _store_block_bases(block_base_ptr, tl.zeros_like(e), e, e_ok, num_blocks, E + 1, CHUNK_B)
+    tl.store(expert_offsets_ptr + e, tl.cumsum(total, axis=0) - total, mask=e_ok)
 
 
 # ----------------------------------------------------------------------------------------- launch 3
@@ -287,10 +197,8 @@ def _copy_kernel(
 # USE_GDC and launch_pdl (launch.use_pdl) go together: the scan and the copy start while the kernel
 # before them finishes; the rank kernel, the first of the chain, launches as usual (its inputs may still
 # be in the making).
-_rank = Kernel(_rank_kernel, ("E", "K", "E_PAD", "K_PAD", "BLOCK_T", "SUB_T", "USE_GDC", "num_warps"))
-_rank_sort = Kernel(_rank_sort_kernel, ("E", "K", "K_PAD", "BLOCK_T", "NUM_BINS", "USE_GDC", "num_warps"))
-_scan = Kernel(_scan_kernel, ("E", "COLS_PAD", "CHUNK_B", "WIDE", "PREFETCH", "USE_GDC", "num_warps",
-                              "launch_pdl"))
+_rank = Kernel(_rank_kernel, ("E", "K", "K_PAD", "BLOCK_T", "NUM_BINS", "USE_GDC", "num_warps"))
+_scan = Kernel(_scan_kernel, ("E", "E1_PAD", "CHUNK_B", "USE_GDC", "num_warps", "launch_pdl"))
 _copy = Kernel(_copy_kernel, ("E", "K", "K_PAD", "E_PAD", "NB_PAD", "FUSED_SCAN", "COUNT_BLOCK_T", "BLOCK_T",
                               "BLOCK_H", "USE_GDC", "num_warps", "launch_pdl"))
 
@@ -307,65 +215,42 @@ def _copy_config(T: int, H: int):
     return block_t, block_h, num_warps
 
 
-def _count_config(T: int, K: int, E: int, max_blocks: int = None, tile_elems: int = None,
-                  rank_method: str = None):
-    """(COUNT_BLOCK_T, SUB_T): tokens per rank program and per rank tile (powers of two; the sort ranks a
-    block as one tile). tile_elems overrides the largest one-hot tile (tuning)."""
-    if (rank_method or RANK_METHOD) == "sort":
-        min_block_t = max(1, SORT_MIN_SLOTS // pow2(K))
-        if T <= FUSED_SCAN_MAX_BLOCKS * min_block_t:
-            block_t = pow2(cdiv(T, FUSED_SCAN_MAX_BLOCKS))
-        else:
-            block_t = max(min_block_t, pow2(cdiv(T, max_blocks or MAX_COUNT_BLOCKS)))
-        return block_t, block_t
-    slots_x_experts = pow2(K) * pow2(E)
-    sub_t = max(1, RANK_TILE_ELEMS // slots_x_experts)
-    sub_t_max = max(sub_t, (tile_elems or RANK_TILE_MAX_ELEMS) // slots_x_experts)
-    if _INTERPRET:   # the interpreter pays per program and per op: few programs, one tile each
-        return sub_t, sub_t
-    if T <= FUSED_SCAN_MAX_BLOCKS * sub_t:   # decode: up to 16 blocks, scanned by the copy programs
-        block_t = pow2(cdiv(T, FUSED_SCAN_MAX_BLOCKS))
-    else:
-        block_t = max(sub_t, pow2(cdiv(T, max_blocks or MAX_COUNT_BLOCKS)))
-    return block_t, min(sub_t_max, block_t)
+def _count_config(T: int, K: int, max_blocks: int = None) -> int:
+    """COUNT_BLOCK_T: tokens per rank program (a power of two). max_blocks overrides MAX_COUNT_BLOCKS."""
+    min_block_t = max(1, MIN_BLOCK_SLOTS // pow2(K))
+    if T <= FUSED_SCAN_MAX_BLOCKS * min_block_t:   # decode: up to 16 blocks, scanned by the copy programs
+        return pow2(cdiv(T, FUSED_SCAN_MAX_BLOCKS))
+    max_block_t = max(min_block_t, MAX_BLOCK_SLOTS // pow2(K))
+    return min(max_block_t, max(min_block_t, pow2(cdiv(T, max_blocks or MAX_COUNT_BLOCKS))))
 
 
 @functools.lru_cache(maxsize=4096)
-def _plan(T, K, E, H, count_config, copy_config, scan_config, rank_method, pdl):
+def _plan(T, K, E, H, count_block_t, copy_config, pdl):
     """The launches of one call, a pure function of the shapes and choices: (number of count blocks,
-    rank kernel, rank meta, scan meta or None (the copy programs scan), copy meta, copy grid)."""
-    e_pad, k_pad = pow2(E), pow2(K)
-    rank_method = rank_method or RANK_METHOD
-    count_block_t, sub_t = count_config or _count_config(T, K, E, rank_method=rank_method)
+    rank meta, scan meta or None (the copy programs scan), copy meta, copy grid)."""
+    e_pad, e1_pad, k_pad = pow2(E), pow2(E + 1), pow2(K)
+    count_block_t = count_block_t or _count_config(T, K)
     num_blocks = cdiv(T, count_block_t)
     fused_scan = num_blocks <= FUSED_SCAN_MAX_BLOCKS
-    if rank_method == "sort":
-        rank = _rank_sort
-        rank_meta = (E, K, k_pad, count_block_t, pow2(E + 2), pdl, 4 if count_block_t * k_pad <= 512 else 8)
-    else:
-        rank = _rank
-        rank_tile = sub_t * k_pad * e_pad
-        rank_meta = (E, K, e_pad, k_pad, count_block_t, sub_t, pdl, 8 if rank_tile >= 4096 else 4)
-    wide, prefetch = scan_config or (SCAN_WIDE, SCAN_PREFETCH)
-    cols_pad = pow2(E + 1) if wide else e_pad
+    block_slots = count_block_t * k_pad
+    rank_meta = (E, K, k_pad, count_block_t, pow2(E + 2), pdl, 4 if block_slots <= 512 else 8)
     scan_meta = None if fused_scan else \
-        (E, cols_pad, min(pow2(num_blocks), max(1, SCAN_TILE_ELEMS // cols_pad)), wide, prefetch, pdl, 8, pdl)
+        (E, e1_pad, min(pow2(num_blocks), max(1, SCAN_TILE_ELEMS // e1_pad)), pdl, 8, pdl)
     block_t, block_h, num_warps = copy_config or _copy_config(T, H)
     if fused_scan:
         block_t = min(block_t, count_block_t)
     copy_meta = (E, K, k_pad, e_pad, pow2(num_blocks), fused_scan, count_block_t, block_t, block_h,
                  pdl, num_warps, pdl)
     copy_grid = (cdiv(T, block_t), max(1, cdiv(H, block_h)))   # >= 1 H block: row_index
-    return num_blocks, rank, rank_meta, scan_meta, copy_meta, copy_grid
+    return num_blocks, rank_meta, scan_meta, copy_meta, copy_grid
 
 
-def grouped_permute(hidden, topk_ids, num_experts, *, count_config=None, copy_config=None, scan_config=None,
-                    rank_method=None, pdl=None):
+def grouped_permute(hidden, topk_ids, num_experts, *, count_block_t=None, copy_config=None, pdl=None):
     """Triton kernel of `moge::grouped_permute` (arguments already checked by moge_kernels.checks).
 
-    count_config=(COUNT_BLOCK_T, SUB_T) / copy_config=(BLOCK_T, BLOCK_H, num_warps) / scan_config=(WIDE,
-    PREFETCH) / rank_method ("onehot" or "sort") override the tile, scan and rank choices, pdl=True /
-    False the programmatic dependent launch (default launch.use_pdl; tests, tuning)."""
+    count_block_t (tokens per rank program, a power of two) / copy_config=(BLOCK_T, BLOCK_H, num_warps)
+    override the tile choice, pdl=True / False the programmatic dependent launch (default
+    launch.use_pdl; tests, tuning)."""
     T, K = topk_ids.shape
     H = hidden.shape[1]
     E = num_experts
@@ -376,15 +261,14 @@ def grouped_permute(hidden, topk_ids, num_experts, *, count_config=None, copy_co
         return permuted, torch.zeros(E + 1, dtype=torch.int32, device=device), row_index
     if hidden.stride(1) != 1:
         hidden = hidden.contiguous()
-    num_blocks, rank, rank_meta, scan_meta, copy_meta, copy_grid = _plan(
-        T, K, E, H, count_config, copy_config, scan_config, rank_method,
-        use_pdl(device) if pdl is None else bool(pdl))
+    num_blocks, rank_meta, scan_meta, copy_meta, copy_grid = _plan(
+        T, K, E, H, count_block_t, copy_config, use_pdl(device) if pdl is None else bool(pdl))
     expert_offsets = torch.empty(E + 1, dtype=torch.int32, device=device)  # [E+1] int32
     scratch = torch.empty(T * K + num_blocks * (E + 1), dtype=torch.int32, device=device)
     slot_rank = scratch[:T * K]                                              # [T, K] int32
     block_base = scratch[T * K:]                                             # [NB, E+1] int32
     sit, sik = topk_ids.stride()
-    rank.launch((num_blocks,), (topk_ids, slot_rank, block_base, T, sit, sik), rank_meta)
+    _rank.launch((num_blocks,), (topk_ids, slot_rank, block_base, T, sit, sik), rank_meta)
     if scan_meta is not None:
         _scan.launch((1,), (block_base, expert_offsets, num_blocks), scan_meta)
     _copy.launch(copy_grid, (hidden, topk_ids, slot_rank, block_base, expert_offsets, row_index, permuted,
