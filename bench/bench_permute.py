@@ -34,14 +34,16 @@ MODELS = {   # name: (H, E, K)
 }
 
 # Tilings of the triton kernel the --variants columns try, as overrides of its defaults: max_blocks (the
-# count-block cap: each rank program's sort against the one-program scan), copy ((BLOCK_T, num_warps) of
-# the copy tile: index round trips per byte against occupancy), pdl (False: the chain without
+# count-block cap: each rank program's sort against the one-program scan), copy ((BLOCK_T, num_warps[,
+# BLOCK_H]) of the copy tile: index round trips per byte against occupancy), pdl (False: the chain without
 # programmatic dependent launch).
 VARIANTS = {
     "blocks64": dict(max_blocks=64),
     "blocks256": dict(max_blocks=256),
     "copy2": dict(copy=(2, 2)),
     "copy8x8w": dict(copy=(8, 8)),
+    "copy_h512": dict(copy=(4, 2, 512)),
+    "copy_h2048": dict(copy=(4, 8, 2048)),
     "no_pdl": dict(pdl=False),
 }
 
@@ -53,7 +55,7 @@ def triton_variant(hidden, ids, E, max_blocks=None, copy=None, pdl=None):
     count_block_t = tp._count_config(T, K, max_blocks) if max_blocks else None
     copy_config = None
     if copy:
-        _, block_h, _ = tp._copy_config(T, hidden.shape[1])
+        block_h = copy[2] if len(copy) > 2 else tp._copy_config(T, hidden.shape[1])[1]
         copy_config = (copy[0], block_h, copy[1])
     return lambda: tp.grouped_permute(hidden, ids, E, count_block_t=count_block_t, copy_config=copy_config,
                                       pdl=pdl)
