@@ -146,5 +146,6 @@ def main():
                             line = f"profile failed: {type(err).__name__}: {err}"
                         print(f"{'':15} {method} us/launch: {line}", flush=True)
 
+
 if __name__ == "__main__":
     main()
