@@ -376,9 +376,11 @@ GPU_BACKENDS = [b for b, d in CASES if d == "cuda" and b != "reference"]
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("T,K,E,H", [(1, 8, 128, 2048), (4096, 8, 128, 2048), (4096, 2, 8, 4096),
-                                     (20000, 4, 32, 72), (3000, 8, 384, 64)])
+                                     (20000, 4, 32, 72), (3000, 8, 384, 64), (70000, 8, 128, 16),
+                                     (40000, 1, 8, 16)])
 def test_gpu_large_shapes(backend, T, K, E, H):
-    """Model widths (Qwen3-30B-A3B, Mixtral, gpt-oss-like, Kimi-like E=384) with dropped slots, bf16."""
+    """Model widths (Qwen3-30B-A3B, Mixtral, gpt-oss-like, Kimi-like E=384) with dropped slots, bf16; the
+    triton rank's largest sorts (T=70000, K=8: count blocks of 1024 tokens, 8192 slots; T=40000, K=1)."""
     hidden = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
     ids = make_topk_ids(T, K, E, seed=T, device="cuda", drop=0.1)
     torch.empty(1 << 26, device="cuda").fill_(float("nan"))
