@@ -34,12 +34,14 @@ MODELS = {   # name: (H, E, K)
 }
 
 # Tilings of the triton kernel the --variants columns try, as overrides of its defaults: max_blocks (the
-# count-block cap: each rank program's sort against the one-program scan), copy ((BLOCK_T, num_warps[,
+# count-block cap: each rank program's sort against the one-program scan), max_slots (the largest sort, past
+# which blocks multiply), copy ((BLOCK_T, num_warps[,
 # BLOCK_H]) of the copy tile: index round trips per byte against occupancy), pdl (False: the chain without
 # programmatic dependent launch).
 VARIANTS = {
     "blocks64": dict(max_blocks=64),
     "blocks256": dict(max_blocks=256),
+    "slots4096": dict(max_slots=4096),
     "copy2": dict(copy=(2, 2)),
     "copy8x8w": dict(copy=(8, 8)),
     "copy4x8w": dict(copy=(4, 8)),
@@ -51,11 +53,11 @@ VARIANTS = {
 }
 
 
-def triton_variant(hidden, ids, E, max_blocks=None, copy=None, pdl=None):
+def triton_variant(hidden, ids, E, max_blocks=None, max_slots=None, copy=None, pdl=None):
     """grouped_permute of the triton backend with some of its choices overridden (VARIANTS)."""
     from moge_kernels.triton import permute as tp
     T, K = ids.shape
-    count_block_t = tp._count_config(T, K, max_blocks) if max_blocks else None
+    count_block_t = tp._count_config(T, K, max_blocks, max_slots) if max_blocks or max_slots else None
     copy_config = None
     if copy:
         block_h = copy[2] if len(copy) > 2 else tp._copy_config(T, hidden.shape[1])[1]

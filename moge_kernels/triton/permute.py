@@ -215,12 +215,13 @@ def _copy_config(T: int, H: int):
     return block_t, block_h, num_warps
 
 
-def _count_config(T: int, K: int, max_blocks: int = None) -> int:
-    """COUNT_BLOCK_T: tokens per rank program (a power of two). max_blocks overrides MAX_COUNT_BLOCKS."""
+def _count_config(T: int, K: int, max_blocks: int = None, max_slots: int = None) -> int:
+    """COUNT_BLOCK_T: tokens per rank program (a power of two). max_blocks / max_slots override
+    MAX_COUNT_BLOCKS / MAX_BLOCK_SLOTS (tuning)."""
     min_block_t = max(1, MIN_BLOCK_SLOTS // pow2(K))
     if T <= FUSED_SCAN_MAX_BLOCKS * min_block_t:   # decode: up to 16 blocks, scanned by the copy programs
         return pow2(cdiv(T, FUSED_SCAN_MAX_BLOCKS))
-    max_block_t = max(min_block_t, MAX_BLOCK_SLOTS // pow2(K))
+    max_block_t = max(min_block_t, (max_slots or MAX_BLOCK_SLOTS) // pow2(K))
     return min(max_block_t, max(min_block_t, pow2(cdiv(T, max_blocks or MAX_COUNT_BLOCKS))))
 
 
