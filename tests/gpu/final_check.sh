@@ -31,7 +31,7 @@ for step in ${STEPS:-probe suite}; do
     probe) timeout 100 bash tests/gpu/probe_cpp_errors.sh 2>&1 | tee "$OUT/probe.log" | grep -E "^\[|^#" ;;
     suite) timeout ${SUITE_S:-300} python3 -m pytest -v -p no:cacheprovider -n ${SUITE_N:-12} tests 2>&1 | quiet > "$OUT/suite.log"
            echo "suite exit ${PIPESTATUS[0]}"; grep -E "FAILED|ERROR|node down| passed| failed" "$OUT/suite.log" | tail -25 ;;
-    permute) timeout ${PERMUTE_S:-90} python3 bench/bench_permute.py ${PERMUTE_ARGS:---tokens 4096,16384 --variants all --profile} 2>&1 | quiet \
+    permute) timeout ${PERMUTE_S:-300} python3 bench/bench_permute.py ${PERMUTE_ARGS:---tokens 4096,16384 --variants all --profile} 2>&1 | quiet \
            | tee "$OUT/permute.log" | tail -40 ;;
     host) timeout 100 python3 bench/host_overhead.py --shapes pangu,qwen3_30b --tokens 1,16,1024,4096 --no-profile \
            --rep-ms 100 2>&1 | quiet | tee "$OUT/host.log" | tail -60
