@@ -34,10 +34,9 @@ MODELS = {   # name: (H, E, K)
 }
 
 # Tilings of the triton kernel the --variants columns try, as overrides of its defaults: max_blocks (the
-# count-block cap: each rank program's sort against the one-program scan), max_slots (the largest sort, past
-# which blocks multiply), copy ((BLOCK_T, num_warps[,
-# BLOCK_H]) of the copy tile: index round trips per byte against occupancy), pdl (False: the chain without
-# programmatic dependent launch).
+# count-block cap: each rank program's sort against the one-program scan), max_slots (the largest sort,
+# past which blocks multiply), copy ((BLOCK_T, num_warps[, BLOCK_H]) of the copy tile: index round trips
+# per byte against occupancy), pdl (False: the chain without programmatic dependent launch).
 VARIANTS = {
     "blocks64": dict(max_blocks=64),
     "blocks256": dict(max_blocks=256),
