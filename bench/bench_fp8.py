@@ -78,7 +78,7 @@ def scaled_grouped_mm_pipeline(x, offsets, wgu_q, wgu_s, wd_q, wd_s):
                                     out_dtype=torch.bfloat16)
 
 
-def sweep(Ts, dev, timer, layer, gu, dn, deadline):
+def sweep(Ts, dev, timer, layer, gu, dn, deadline, twins=False):
     """Per T: the mlp with gate_up, then down, forced to each candidate of the T's regime (the table's
     entry first); the winner of each as a table line."""
     from moge_kernels.triton import fp8_gemm, gemm_configs
@@ -93,9 +93,9 @@ def sweep(Ts, dev, timer, layer, gu, dn, deadline):
         for gemm in ("gate_up", "down"):
             table = gemm_configs.fp8_table_config(M, E, gemm, dev)
             cands = [table] + [c for c in gemm_configs.FP8_CANDIDATES[(reg, gemm)] if c != table]
-            # each TMA candidate also with pointer loads: tells a TMA fault from a tile fault
-            cands += [dataclasses.replace(c, tma=False) for c in cands
-                      if c.tma and dataclasses.replace(c, tma=False) not in cands]
+            if twins:   # each TMA candidate also with pointer loads: tells a TMA fault from a tile fault
+                cands += [dataclasses.replace(c, tma=False) for c in cands
+                          if c.tma and dataclasses.replace(c, tma=False) not in cands]
             timings = []
             for c in cands:
                 if time.monotonic() > deadline:
@@ -126,7 +126,7 @@ def sweep(Ts, dev, timer, layer, gu, dn, deadline):
     print("FP8_H200_TABLE lines (moge_kernels/triton/gemm_configs.py):")
     for T, reg, gemm, ms, table_ms, best in lines:
         fields = [str(best.block_m), str(best.block_n), str(best.num_warps), str(best.num_stages)]
-        fields += ["tma=True"] * best.tma
+        fields += ["tma=True"] * best.tma + [f"maxnreg={best.maxnreg}"] * bool(best.maxnreg)
         print(f"    ({reg!r}, {gemm!r}): F({', '.join(fields)}),   # T={T}: {ms:.3f} ms")
 
 
@@ -137,6 +137,7 @@ def main():
     ap.add_argument("--samples", type=int, default=3, help="samples per method per round")
     ap.add_argument("--sweep", action="store_true", help="config sweep first (default T: 1,1024,4096)")
     ap.add_argument("--budget", type=float, default=45.0, help="seconds the sweep may take")
+    ap.add_argument("--twins", action="store_true", help="the sweep times each TMA candidate with pointer loads too")
     args = ap.parse_args()
     if args.sweep and args.T == ",".join(map(str, TS)):
         args.T, args.rounds, args.samples = "1,1024,4096", min(args.rounds, 3), min(args.samples, 3)
@@ -161,7 +162,7 @@ def main():
 
     if args.sweep:
         sweep([int(t) for t in args.T.split(",")], dev, timer, layer, gu, dn,
-              time.monotonic() + args.budget)
+              time.monotonic() + args.budget, args.twins)
 
     rows = []
     for T in [int(t) for t in args.T.split(",")]:

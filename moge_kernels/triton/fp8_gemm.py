@@ -468,8 +468,13 @@ def launch_fp8_gemm(x, x_scale, w, w_scale, expert_offsets, out, out_scale, bloc
         SCALAR_COLS=scalar_cols, QUANT_X=quant_x,
         QUANT_OUT=quant_out, HAS_ROW_SCALE=has_row_scale, ROUND=ROUND_CODES[round_dtype],
         EXPLICIT_ROUND=_interpreted(x), USE_TMA=use_tma, ZERO_TAIL=zero_tail and not swiglu, TILE_N=tile_n,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_caps(cfg, x))
     return out
+
+
+def launch_caps(cfg: Fp8Config, x: torch.Tensor) -> dict:
+    """The config's register cap as a launch option (compiled kernels only)."""
+    return {"maxnreg": cfg.maxnreg} if cfg.maxnreg and not _interpreted(x) else {}
 
 
 def _prepare(x, w, w_scale, name, block_k):

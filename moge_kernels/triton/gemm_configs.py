@@ -288,9 +288,14 @@ class Fp8Config:
     num_warps: int
     num_stages: int
     tma: bool = False      # e4m3 operands through TMA descriptors (Hopper; falls back to pointer loads)
+    # register cap a thread (ptxas .maxnreg): ptxas takes up to 255 when nothing asks for fewer, which
+    # leaves one CTA of 8 warps per SM; a cap lets a second CTA in, whose k-steps interleave with the
+    # first's (one CTA's scale FMAs run while the other's wgmma does)
+    maxnreg: int | None = None
 
     def __str__(self):
-        return f"{self.block_m}x{self.block_n} w{self.num_warps} s{self.num_stages}{' tma' if self.tma else ''}"
+        return (f"{self.block_m}x{self.block_n} w{self.num_warps} s{self.num_stages}{' tma' if self.tma else ''}"
+                f"{f' r{self.maxnreg}' if self.maxnreg else ''}")
 
 
 F = Fp8Config
@@ -319,12 +324,19 @@ FP8_INTERPRETER_DECODE = F(16, 64, 4, 1)
 FP8_INTERPRETER_ROWS = {"gate_up": F(32, 128, 4, 1), "down": F(32, 64, 4, 1)}
 
 # Candidates of bench/bench_fp8.py --sweep, per regime and GEMM. Decode: pointer loads (x quantized in
-# the load); the rest through TMA, 64- / 128-row tiles (bench_fp8 --sweep adds pointer-load twins).
-_FP8_DECODE = {"gate_up": [F(16, 64, 4, 4), F(16, 32, 4, 4), F(16, 128, 4, 4)],
-               "down": [F(16, 128, 4, 4), F(16, 64, 4, 4), F(16, 64, 4, 6), F(16, 256, 4, 4)]}
-_FP8_ROWS = {"gate_up": [F(64, 128, 4, 4, tma=True), F(128, 128, 8, 4, tma=True), F(128, 128, 8, 3, tma=True)],
+# the load); the rest through TMA, 64- / 128-row tiles (bench_fp8 --sweep --twins adds pointer-load
+# twins). The register-capped and narrow tiles fit two or three CTAs an SM (bench/fp8_compile_sm90.py:
+# Triton 3.6 waits for each FP8 wgmma before its scale FMAs, so only another CTA's wgmma fills the gap).
+_FP8_DECODE = {"gate_up": [F(16, 64, 4, 4), F(16, 32, 4, 4), F(16, 128, 4, 4), F(16, 32, 4, 6), F(16, 64, 4, 6)],
+               "down": [F(16, 128, 4, 4), F(16, 64, 4, 4), F(16, 64, 4, 6), F(16, 256, 4, 4), F(16, 32, 4, 4),
+                        F(16, 128, 4, 6)]}
+_FP8_ROWS = {"gate_up": [F(64, 128, 4, 4, tma=True), F(128, 128, 8, 4, tma=True), F(128, 128, 8, 3, tma=True),
+                         F(128, 64, 8, 4, tma=True), F(128, 64, 8, 3, tma=True, maxnreg=128),
+                         F(64, 64, 4, 3, tma=True, maxnreg=168), F(64, 64, 4, 4, tma=True, maxnreg=168),
+                         F(64, 128, 8, 3, tma=True, maxnreg=128)],
              "down": [F(64, 128, 4, 4, tma=True), F(128, 128, 8, 4, tma=True), F(128, 256, 8, 3, tma=True),
-                      F(128, 256, 8, 4, tma=True)]}
+                      F(128, 256, 8, 4, tma=True), F(64, 128, 8, 4, tma=True), F(64, 128, 4, 4, tma=True, maxnreg=192),
+                      F(128, 128, 8, 3, tma=True, maxnreg=168), F(64, 256, 8, 3, tma=True, maxnreg=128)]}
 FP8_CANDIDATES = {(r, g): (_FP8_DECODE if r == "decode" else _FP8_ROWS)[g]
                   for _, r in REGIMES for g in ("gate_up", "down")}
 
