@@ -299,23 +299,25 @@ class Fp8Config:
 
 
 F = Fp8Config
-# (regime, gemm) -> config, "gate_up" / "down", Pangu shape on an H200. Decode keeps the sweep of
-# bench/results/fp8_sweep_h200_c961ad2.txt (pointer loads quantizing x in the load, 16-row tiles); from
-# "small" on the row-quantized path: gate_up the winners of the H200 sweep among the candidates within
-# the 1e-2 accuracy bound (bench/results/fp8_sweep_h200_fb3354e.txt, the 'temp' rows; the accumulator
-# mode that sweep found 1.5e-2 off is gone from fp8_gemm.py); down the tile that sweep timed fastest
-# (its own accuracy was masked there by the table gate_up's).
+# (regime, gemm) -> config, "gate_up" / "down", Pangu shape on an H200, from the sweep of
+# bench/results/fp8_sweep_h200_aa17213.txt (graph replays of the whole FP8 grouped_mlp, the other GEMM at
+# its table entry; every candidate within the 1e-2 accuracy bound). Decode: pointer loads quantizing x in
+# the load, 16-row tiles. From "medium" on, the tiles that fit two or three CTAs an SM won (fewer
+# registers: 64 gate + 64 up columns, or a register cap): a 64-column gate_up cannot quantize h in its
+# epilogue (one scale group is 128 columns), so h goes through the row kernel, which costs less than the
+# wide tile's single CTA. "small" is the earlier sweep (fp8_sweep_h200_fb3354e.txt); "large" untimed,
+# prefill's.
 FP8_H200_TABLE = {
-    ("decode", "gate_up"): F(16, 64, 4, 4),
-    ("decode", "down"): F(16, 128, 4, 4),
-    ("small", "gate_up"): F(64, 128, 4, 4),            # T=128: 0.429 ms
+    ("decode", "gate_up"): F(16, 32, 4, 4),                           # T=1: 0.074 ms (16x64: 0.078)
+    ("decode", "down"): F(16, 64, 4, 4),                              # T=1: 0.077 ms (16x128: 0.078)
+    ("small", "gate_up"): F(64, 128, 4, 4),                           # T=128: 0.429 ms
     ("small", "down"): F(64, 128, 4, 4, tma=True),
-    ("medium", "gate_up"): F(128, 128, 8, 4, tma=True),  # T=1024: 0.796 ms
-    ("medium", "down"): F(128, 256, 8, 3, tma=True),
-    ("prefill", "gate_up"): F(128, 128, 8, 4),          # T=4096: 2.341 ms
-    ("prefill", "down"): F(128, 256, 8, 3, tma=True),
-    ("large", "gate_up"): F(128, 128, 8, 4),
-    ("large", "down"): F(128, 256, 8, 3, tma=True),
+    ("medium", "gate_up"): F(64, 64, 4, 3, tma=True, maxnreg=168),    # T=1024: 0.707 ms (128x128: 0.892)
+    ("medium", "down"): F(64, 128, 4, 4, tma=True),                   # T=1024: 0.785 ms (128x256: 0.875)
+    ("prefill", "gate_up"): F(128, 64, 8, 3, tma=True, maxnreg=128),  # T=4096: 2.140 ms (128x128: 2.602)
+    ("prefill", "down"): F(64, 128, 4, 4, tma=True),                  # T=4096: 2.320 ms (128x256: 2.580)
+    ("large", "gate_up"): F(128, 64, 8, 3, tma=True, maxnreg=128),
+    ("large", "down"): F(64, 128, 4, 4, tma=True),
 }
 FP8_TABLES = {"H100": FP8_H200_TABLE, "H200": FP8_H200_TABLE}
 # The interpreter (CPU, CI): the decode path up to 8 rows per expert, else the row-quantized path with
@@ -327,16 +329,19 @@ FP8_INTERPRETER_ROWS = {"gate_up": F(32, 128, 4, 1), "down": F(32, 64, 4, 1)}
 # the load); the rest through TMA, 64- / 128-row tiles (bench_fp8 --sweep --twins adds pointer-load
 # twins). The register-capped and narrow tiles fit two or three CTAs an SM (bench/fp8_compile_sm90.py:
 # Triton 3.6 waits for each FP8 wgmma before its scale FMAs, so only another CTA's wgmma fills the gap).
-_FP8_DECODE = {"gate_up": [F(16, 64, 4, 4), F(16, 32, 4, 4), F(16, 128, 4, 4), F(16, 32, 4, 6), F(16, 64, 4, 6)],
-               "down": [F(16, 128, 4, 4), F(16, 64, 4, 4), F(16, 64, 4, 6), F(16, 256, 4, 4), F(16, 32, 4, 4),
-                        F(16, 128, 4, 6)]}
-_FP8_ROWS = {"gate_up": [F(64, 128, 4, 4, tma=True), F(128, 128, 8, 4, tma=True), F(128, 128, 8, 3, tma=True),
-                         F(128, 64, 8, 4, tma=True), F(128, 64, 8, 3, tma=True, maxnreg=128),
-                         F(64, 64, 4, 3, tma=True, maxnreg=168), F(64, 64, 4, 4, tma=True, maxnreg=168),
-                         F(64, 128, 8, 3, tma=True, maxnreg=128)],
-             "down": [F(64, 128, 4, 4, tma=True), F(128, 128, 8, 4, tma=True), F(128, 256, 8, 3, tma=True),
-                      F(128, 256, 8, 4, tma=True), F(64, 128, 8, 4, tma=True), F(64, 128, 4, 4, tma=True, maxnreg=192),
-                      F(128, 128, 8, 3, tma=True, maxnreg=168), F(64, 256, 8, 3, tma=True, maxnreg=128)]}
+# Decode also times 64-row TMA tiles (x quantized by the row kernel first): few instructions a k-step
+# where the 16-row tiles are latency-bound (ncu at T=1: 5 warps an SM, 0.3 instructions a cycle).
+_FP8_DECODE = {"gate_up": [F(16, 64, 4, 4), F(16, 32, 4, 4), F(16, 128, 4, 4), F(16, 32, 4, 6), F(16, 64, 8, 4),
+                           F(16, 128, 8, 4), F(64, 128, 4, 4, tma=True), F(64, 64, 4, 4, tma=True, maxnreg=168)],
+               "down": [F(16, 128, 4, 4), F(16, 64, 4, 4), F(16, 64, 4, 6), F(16, 32, 4, 4), F(16, 128, 8, 4),
+                        F(16, 256, 8, 4), F(64, 128, 8, 4, tma=True), F(64, 64, 4, 4, tma=True)]}
+_FP8_ROWS = {"gate_up": [F(128, 64, 8, 3, tma=True, maxnreg=128), F(64, 64, 4, 3, tma=True, maxnreg=168),
+                         F(128, 128, 8, 4, tma=True), F(128, 64, 8, 4, tma=True), F(64, 64, 4, 4, tma=True, maxnreg=168),
+                         F(128, 64, 8, 2, tma=True, maxnreg=128), F(64, 64, 4, 2, tma=True, maxnreg=120)],
+             "down": [F(64, 128, 4, 4, tma=True), F(128, 256, 8, 3, tma=True), F(64, 128, 8, 4, tma=True),
+                      F(64, 128, 4, 3, tma=True, maxnreg=168), F(64, 128, 4, 4, tma=True, maxnreg=168),
+                      F(64, 128, 4, 5, tma=True), F(128, 128, 8, 3, tma=True, maxnreg=168),
+                      F(64, 64, 4, 4, tma=True, maxnreg=128)]}
 FP8_CANDIDATES = {(r, g): (_FP8_DECODE if r == "decode" else _FP8_ROWS)[g]
                   for _, r in REGIMES for g in ("gate_up", "down")}
 
