@@ -38,8 +38,6 @@ MODELS = {   # name: (H, E, K)
 # past which blocks multiply), copy ((BLOCK_T, num_warps[, BLOCK_H]) of the copy tile: index round trips
 # per byte against occupancy), pdl (False: the chain without programmatic dependent launch).
 VARIANTS = {
-    "blocks8": dict(max_blocks=8),       # <= 16 blocks: the copy programs scan (no scan launch)
-    "blocks16": dict(max_blocks=16),
     "blocks64": dict(max_blocks=64),
     "blocks256": dict(max_blocks=256),
     "slots4096": dict(max_slots=4096),

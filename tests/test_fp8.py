@@ -672,6 +672,21 @@ def test_gpu_fp8_mlp_accuracy(shape, T, fmt):
 
 
 @gpu
+@pytest.mark.parametrize("T", [1, 16])
+@pytest.mark.parametrize("fmt", ["fp8_block", "fp8_channel"])
+def test_gpu_fp8_decode_tiles(T, fmt, monkeypatch):
+    """The 16-row tiles that quantize x (and h) in their loads: no longer the H200 table's decode choice
+    (its 64-row TMA gate_up won), still a kernel path (the interpreter's, other tables'): vs the reference."""
+    from moge_kernels.triton import fp8_gemm
+    monkeypatch.setitem(fp8_gemm._forced, "gate_up", fp8_gemm.Fp8Config(16, 64, 4, 4))
+    monkeypatch.setitem(fp8_gemm._forced, "down", fp8_gemm.Fp8Config(16, 64, 4, 4))
+    x, offsets, gu, dn, _, _ = _routed(T, **PANGU, fmt=fmt)
+    row_scale = torch.rand(x.shape[0], generator=torch.Generator().manual_seed(T)).cuda()
+    y, want, yg, want_g = _triton_vs_reference(x, gu, dn, offsets, row_scale)
+    assert rel_err(y, want) <= REF_TOL and rel_err(yg, want_g) <= REF_TOL
+
+
+@gpu
 def test_gpu_nan_and_saturation():
     x, offsets, gu, dn, _, _ = _routed(64, 512, 200, 8, 4, "fp8_block")
     x = x.clone()

@@ -299,25 +299,27 @@ class Fp8Config:
 
 
 F = Fp8Config
-# (regime, gemm) -> config, "gate_up" / "down", Pangu shape on an H200, from the sweep of
-# bench/results/fp8_sweep_h200_aa17213.txt (graph replays of the whole FP8 grouped_mlp, the other GEMM at
-# its table entry; every candidate within the 1e-2 accuracy bound). Decode: pointer loads quantizing x in
-# the load, 16-row tiles. From "medium" on, the tiles that fit two or three CTAs an SM won (fewer
-# registers: 64 gate + 64 up columns, or a register cap): a 64-column gate_up cannot quantize h in its
-# epilogue (one scale group is 128 columns), so h goes through the row kernel, which costs less than the
-# wide tile's single CTA. "small" is the earlier sweep (fp8_sweep_h200_fb3354e.txt); "large" untimed,
-# prefill's.
+# (regime, gemm) -> config, "gate_up" / "down", Pangu shape on an H200, from the sweeps of
+# bench/results/fp8_sweep_h200_aa17213.txt and fp8_sweep_h200_f1fcdf8.txt (graph replays of the whole FP8
+# grouped_mlp, the other GEMM at its table entry; every candidate within the 1e-2 accuracy bound). The
+# tiles that fit two or three CTAs an SM won everywhere but decode's down: 64 gate + 64 up columns, 64x128
+# down tiles in 3 stages, or a register cap (Triton 3.6 waits for each FP8 wgmma before its scale FMAs,
+# so another CTA's wgmma fills the gap). A 64-column gate_up cannot quantize h in its epilogue (a scale
+# group is 128 columns): h goes through the row kernel, which costs less than the wide tile's single CTA.
+# At decode the 64-row TMA gate_up (x quantized by the row kernel first) beat the 16-row tiles that
+# quantize x in their loads (those are latency-bound: ncu_fp8_h200_aa17213.txt, 5 warps an SM).
+# "medium" takes prefill's down tile, "large" prefill's (neither timed at those T).
 FP8_H200_TABLE = {
-    ("decode", "gate_up"): F(16, 32, 4, 4),                           # T=1: 0.074 ms (16x64: 0.078)
-    ("decode", "down"): F(16, 64, 4, 4),                              # T=1: 0.077 ms (16x128: 0.078)
-    ("small", "gate_up"): F(64, 128, 4, 4),                           # T=128: 0.429 ms
-    ("small", "down"): F(64, 128, 4, 4, tma=True),
+    ("decode", "gate_up"): F(64, 64, 4, 4, tma=True, maxnreg=168),    # T=1: 0.069 ms (16x32: 0.076)
+    ("decode", "down"): F(16, 64, 4, 4),                              # T=1: 0.075 ms
+    ("small", "gate_up"): F(64, 64, 4, 3, tma=True, maxnreg=168),     # T=128: 0.372 ms (64x128: 0.470)
+    ("small", "down"): F(64, 128, 4, 3, tma=True, maxnreg=168),       # T=128: 0.431 ms
     ("medium", "gate_up"): F(64, 64, 4, 3, tma=True, maxnreg=168),    # T=1024: 0.707 ms (128x128: 0.892)
-    ("medium", "down"): F(64, 128, 4, 4, tma=True),                   # T=1024: 0.785 ms (128x256: 0.875)
-    ("prefill", "gate_up"): F(128, 64, 8, 3, tma=True, maxnreg=128),  # T=4096: 2.140 ms (128x128: 2.602)
-    ("prefill", "down"): F(64, 128, 4, 4, tma=True),                  # T=4096: 2.320 ms (128x256: 2.580)
+    ("medium", "down"): F(64, 128, 4, 3, tma=True, maxnreg=168),
+    ("prefill", "gate_up"): F(128, 64, 8, 3, tma=True, maxnreg=128),  # T=4096: 1.897 ms (128x128: 2.602)
+    ("prefill", "down"): F(64, 128, 4, 3, tma=True, maxnreg=168),     # T=4096: 1.828 ms (128x256: 2.580)
     ("large", "gate_up"): F(128, 64, 8, 3, tma=True, maxnreg=128),
-    ("large", "down"): F(64, 128, 4, 4, tma=True),
+    ("large", "down"): F(64, 128, 4, 3, tma=True, maxnreg=168),
 }
 FP8_TABLES = {"H100": FP8_H200_TABLE, "H200": FP8_H200_TABLE}
 # The interpreter (CPU, CI): the decode path up to 8 rows per expert, else the row-quantized path with
