@@ -138,6 +138,8 @@ def main():
     ap.add_argument("--sweep", action="store_true", help="config sweep first (default T: 1,1024,4096)")
     ap.add_argument("--budget", type=float, default=45.0, help="seconds the sweep may take")
     ap.add_argument("--twins", action="store_true", help="the sweep times each TMA candidate with pointer loads too")
+    ap.add_argument("--sweep-fmt", default="fp8_block", choices=("fp8_block", "fp8_channel"),
+                    help="the weight format the sweep times")
     args = ap.parse_args()
     if args.sweep and args.T == ",".join(map(str, TS)):
         args.T, args.rounds, args.samples = "1,1024,4096", min(args.rounds, 3), min(args.samples, 3)
@@ -153,6 +155,10 @@ def main():
     layer = mk.MoGELayer(H, I, E, G, shared_intermediate_size=IS).to(dev, torch.bfloat16).eval()
     layer8 = copy.deepcopy(layer).quantize_("fp8_block")
     gu, dn = fp8.layer_weights(layer8)
+    # per-channel weights, per-token activations: one scale per row, so the FP8 dots chain through one
+    # accumulator (Triton promotes it to fp32 every 128 k) instead of a scaled FMA per 128-k block
+    layer8c = copy.deepcopy(layer).quantize_("fp8_channel")
+    guc, dnc = fp8.layer_weights(layer8c)
     wgu, wd = layer.w_gate_up.detach(), layer.w_down.detach()
     # the peer's weights: per-channel (rowwise) e4m3 of the same weights
     pgu = mk.quantize_expert_weights(wgu, "fp8_channel", parts=2)
@@ -161,7 +167,8 @@ def main():
     has_peer = hasattr(torch, "_scaled_grouped_mm")
 
     if args.sweep:
-        sweep([int(t) for t in args.T.split(",")], dev, timer, layer, gu, dn,
+        sweep([int(t) for t in args.T.split(",")], dev, timer, layer,
+              *((gu, dn) if args.sweep_fmt == "fp8_block" else (guc, dnc)),
               time.monotonic() + args.budget, args.twins)
 
     rows = []
@@ -179,6 +186,8 @@ def main():
             methods["fp8 mlp"] = lambda: mk.grouped_mlp(x, gu, dn, offsets)
             methods["bf16 layer"] = lambda: layer(hidden)
             methods["fp8 layer"] = lambda: layer8(hidden)
+            methods["fp8c mlp"] = lambda: mk.grouped_mlp(x, guc, dnc, offsets)
+            methods["fp8c layer"] = lambda: layer8c(hidden)
             notes = []
             if has_peer:
                 try:
@@ -202,11 +211,15 @@ def main():
             med = {name: statistics.median(v) for name, v in times.items()}
             # accuracy
             y8 = mk.grouped_mlp(x, gu, dn, offsets)
-            acc = {"fp8 mlp vs bf16": rel_err(y8, mk.grouped_mlp(x, wgu, wd, offsets)),
-                   "fp8 layer vs bf16 layer": rel_err(layer8(hidden), layer(hidden))}
+            y16 = mk.grouped_mlp(x, wgu, wd, offsets)
+            y8c = mk.grouped_mlp(x, guc, dnc, offsets)
+            acc = {"fp8 mlp vs bf16": rel_err(y8, y16), "fp8c mlp vs bf16": rel_err(y8c, y16),
+                   "fp8 layer vs bf16 layer": rel_err(layer8(hidden), layer(hidden)),
+                   "fp8c layer vs bf16 layer": rel_err(layer8c(hidden), layer(hidden))}
             if T in (16, 128, 4096):
                 with mk.use_backend("reference"):
                     acc["fp8 mlp vs reference"] = rel_err(y8, mk.grouped_mlp(x, gu, dn, offsets))
+                    acc["fp8c mlp vs reference"] = rel_err(y8c, mk.grouped_mlp(x, guc, dnc, offsets))
                     gemm_ref = mk.grouped_gemm(x.float(), gu, offsets)
                 # the gate_up GEMM alone, fp32 out (no bf16 rounding): the tensor cores' FP8 accumulation
                 # error, which the bf16 rounding and e4m3 quantization of h amplify at the mlp level
@@ -227,17 +240,23 @@ def main():
     fp8_rate = mm8_flops / statistics.median(mm8_ms) / 1e9
     print(f"\n{torch.cuda.get_device_name()}: copy {bw:.0f} GB/s, bf16 mm {bf16_rate:.0f} TFLOP/s, "
           f"fp8 _scaled_mm 8192^3 {fp8_rate:.0f} TFLOP/s; ms are graph-replay medians, cold L2")
-    print("| T | bf16 mlp | fp8 mlp | fp8 floor | fp8 mlp / floor | peer _scaled_grouped_mm | "
-          "bf16 layer | fp8 layer | layer speed-up | fp8 TFLOP/s |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("fp8 = block-scaled (fp8_block: 128x128 weight blocks, 1x128 activation groups); fp8c = fp8_channel "
+          "(per-channel weights, per-token activations)")
+    print("| T | bf16 mlp | fp8 mlp | fp8c mlp | fp8 floor | fp8 mlp / floor | fp8c / floor | peer _scaled_grouped_mm | "
+          "bf16 layer | fp8 layer | fp8c layer | layer speed-up fp8 / fp8c | fp8 / fp8c TFLOP/s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for T, med, floor_ms, acc, _ in rows:
         f = lambda k: f"{med[k]:.3f}" if k in med else "n/a"  # noqa: E731
         flops = 6 * T * 8 * H * I
-        speed = med["bf16 layer"] / med["fp8 layer"] if "fp8 layer" in med and "bf16 layer" in med else float("nan")
-        ratio = med["fp8 mlp"] / floor_ms if "fp8 mlp" in med else float("nan")
-        tflops = flops / med["fp8 mlp"] / 1e9 if "fp8 mlp" in med else float("nan")
-        print(f"| {T} | {f('bf16 mlp')} | {f('fp8 mlp')} | {floor_ms:.3f} | {ratio:.2f}x | "
-              f"{f('peer _scaled_grouped_mm')} | {f('bf16 layer')} | {f('fp8 layer')} | {speed:.2f}x | {tflops:.0f} |")
+        nan = float("nan")
+        speed = lambda k: med["bf16 layer"] / med[k] if k in med and "bf16 layer" in med else nan  # noqa: E731
+        ratio = lambda k: med[k] / floor_ms if k in med else nan  # noqa: E731
+        tflops = lambda k: flops / med[k] / 1e9 if k in med else nan  # noqa: E731
+        print(f"| {T} | {f('bf16 mlp')} | {f('fp8 mlp')} | {f('fp8c mlp')} | {floor_ms:.3f} | "
+              f"{ratio('fp8 mlp'):.2f}x | {ratio('fp8c mlp'):.2f}x | {f('peer _scaled_grouped_mm')} | "
+              f"{f('bf16 layer')} | {f('fp8 layer')} | {f('fp8c layer')} | "
+              f"{speed('fp8 layer'):.2f}x / {speed('fp8c layer'):.2f}x | "
+              f"{tflops('fp8 mlp'):.0f} / {tflops('fp8c mlp'):.0f} |")
     print("\ngoals: T>=4096 layer speed-up >= 1.7x; T<=1024 fp8 mlp / floor <= 1.2x; fp8 mlp < peer at "
           "every T; fp8 mlp vs reference <= 1e-2; fp8 layer vs bf16 layer <= 4e-2")
 
