@@ -130,6 +130,42 @@ def sweep(Ts, dev, timer, layer, gu, dn, deadline, twins=False):
         print(f"    ({reg!r}, {gemm!r}): F({', '.join(fields)}),   # T={T}: {ms:.3f} ms")
 
 
+def eager_host(dev, gu, dn, layer, Ts):
+    """Eager FP8 grouped_mlp calls: host time a call (perf_counter over 50 calls, no sync inside) and
+    time a call back to back (CUDA events over 10 calls), with the cached launches (launch.Kernel) and
+    with every FP8 launch through Triton's kernel[grid](...) (Kernel.fast off), interleaved."""
+    from moge_kernels.bench.timing import elapsed_ms
+    from moge_kernels.triton import fp8_gemm
+    kernels = (fp8_gemm._gemm, fp8_gemm._quantize_rows, fp8_gemm._permute)
+    fast0 = [k.fast for k in kernels]
+    print("\neager FP8 grouped_mlp (no graph): host us a call / back-to-back ms a call")
+    print("| T | cached launches: host us | ms | kernel[grid] launches: host us | ms |")
+    print("|---|---|---|---|---|")
+    for T in Ts:
+        hidden = torch.randn(T, H, device=dev, dtype=torch.bfloat16)
+        with torch.no_grad(), mk.use_backend("triton"):
+            x, _, _, offsets, _ = mk.grouped_dispatch(hidden, layer.gate(hidden), G, 1, layer.router_scale)
+            fn = lambda: mk.grouped_mlp(x, gu, dn, offsets)  # noqa: E731
+            res = {True: ([], []), False: ([], [])}
+            for r in range(6):
+                for fast in ((True, False) if r % 2 == 0 else (False, True)):
+                    for k, f0 in zip(kernels, fast0):
+                        k.fast = f0 and fast
+                    fn()
+                    torch.cuda.synchronize()
+                    start = time.perf_counter()
+                    for _ in range(50):
+                        fn()
+                    res[fast][0].append((time.perf_counter() - start) / 50 * 1e6)
+                    torch.cuda.synchronize()
+                    res[fast][1].append(elapsed_ms(fn, inner=10))
+            for k, f0 in zip(kernels, fast0):
+                k.fast = f0
+        med = {f: (statistics.median(a), statistics.median(b)) for f, (a, b) in res.items()}
+        print(f"| {T} | {med[True][0]:.1f} | {med[True][1]:.3f} | {med[False][0]:.1f} | {med[False][1]:.3f} |",
+              flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--T", default=",".join(map(str, TS)))
@@ -138,6 +174,7 @@ def main():
     ap.add_argument("--sweep", action="store_true", help="config sweep first (default T: 1,1024,4096)")
     ap.add_argument("--budget", type=float, default=45.0, help="seconds the sweep may take")
     ap.add_argument("--twins", action="store_true", help="the sweep times each TMA candidate with pointer loads too")
+    ap.add_argument("--eager", default="", help="T list: eager host cost of the FP8 mlp first (e.g. 1,16,128)")
     ap.add_argument("--sweep-fmt", default="fp8_block", choices=("fp8_block", "fp8_channel"),
                     help="the weight format the sweep times")
     args = ap.parse_args()
@@ -166,6 +203,8 @@ def main():
     peer_w = (pgu.weight, pgu.scale.reshape(E, -1), pdn.weight, pdn.scale.reshape(E, -1))
     has_peer = hasattr(torch, "_scaled_grouped_mm")
 
+    if args.eager:
+        eager_host(dev, gu, dn, layer, [int(t) for t in args.eager.split(",")])
     if args.sweep:
         sweep([int(t) for t in args.T.split(",")], dev, timer, layer,
               *((gu, dn) if args.sweep_fmt == "fp8_block" else (guc, dnc)),

@@ -395,6 +395,18 @@ def test_triton_quantize_rows_against_reference():
         assert torch.equal(q.view(torch.uint8), qr.view(torch.uint8))
 
 
+def test_fp8_descriptor_copies_equal_fresh_ones():
+    """The FP8 GEMMs copy the first TMA descriptor of a shape, stride, dtype and box with a new base:
+    field for field what TensorDescriptor.from_tensor gives for that tensor."""
+    from moge_kernels.triton import fp8_gemm
+    if fp8_gemm.TensorDescriptor is None or not hasattr(fp8_gemm.TensorDescriptor, "from_tensor"):
+        pytest.skip("this triton has no host TensorDescriptor")
+    a, b = (torch.zeros(96, 256, dtype=torch.uint8).view(fp8.E4M3) for _ in range(2))
+    fp8_gemm._descriptor(a, [64, 128])
+    copied, fresh = fp8_gemm._descriptor(b, [64, 128]), fp8_gemm.TensorDescriptor.from_tensor(b, [64, 128])
+    assert copied.base is b and vars(copied) == vars(fresh)
+
+
 @requires_triton_fp8
 @pytest.mark.parametrize("fmt", ["fp8_block", "fp8_channel"])
 @pytest.mark.parametrize("cfg", [(64, 128, 4, 3), (32, 64, 4, 3)], ids=lambda c: "x".join(map(str, c)))
@@ -414,6 +426,7 @@ def test_triton_fp8_tma_path_against_reference(cfg, fmt, monkeypatch):
             boxes.append((t.dtype, tuple(box)))
             return real.from_tensor(t, box)
     monkeypatch.setattr(fp8_gemm, "TensorDescriptor", Spy)
+    monkeypatch.setattr(fp8_gemm, "_descriptor_templates", {})   # descriptors made afresh, not copied
     c = fp8_gemm.Fp8Config(*cfg, tma=True)
     monkeypatch.setitem(fp8_gemm._forced, "gate_up", c)
     monkeypatch.setitem(fp8_gemm._forced, "down", c)

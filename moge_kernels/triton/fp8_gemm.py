@@ -55,8 +55,8 @@ from .. import fp8
 from ..registry import register_kernel
 from . import DEVICES
 from . import gemm_configs
-from .grouped_gemm import TensorDescriptor, _locate, _schedule, _tma_ok, zero_tail_tile
-from .launch import cdiv, ensure_context, pow2
+from .grouped_gemm import TensorDescriptor, _copy_descriptor, _locate, _schedule, _tma_ok, zero_tail_tile
+from .launch import Kernel, cdiv, ensure_context, pow2
 
 ROUND_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
@@ -119,7 +119,7 @@ def _round_to(v, ROUND: tl.constexpr):
     return v
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, stride_sm, stride_sk,
                           BM: tl.constexpr, G: tl.constexpr, ONE_GROUP: tl.constexpr,
                           EXPLICIT_ROUND: tl.constexpr):
@@ -165,7 +165,7 @@ def _scatter_rows(q_ptr, s_ptr, q, scale, row_index_ptr, tok, t_ok, cols, col_ok
                      mask=t_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def _permute_fp8_kernel(x_ptr, row_index_ptr, offsets_ptr, q_ptr, s_ptr, T, H, E, stride_xt, stride_qm,
                         stride_sm, stride_sk, K: tl.constexpr, BT: tl.constexpr, G: tl.constexpr,
                         ONE_GROUP: tl.constexpr, EXPLICIT_ROUND: tl.constexpr):
@@ -228,7 +228,7 @@ def _outer(sa, sc, SCALAR_COLS: tl.constexpr):
         return sa[:, None] * sc[None, :]
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _fp8_gemm_kernel(
         x_ptr, x_scale_ptr,      # x [M, K] e4m3 + x_scale [M, KB] fp32 (any strides), or float x with QUANT_X
         w_ptr, w_scale_ptr,      # w [E, W_ROWS, K] e4m3; w_scale [E, P, NB, KB] fp32, contiguous
@@ -366,6 +366,32 @@ def _fp8_gemm_kernel(
             tl.store(y_ptrs + BN, acc1.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & ok1[None, :])
 
 
+# Cached launches (launch.Kernel: Triton's per-call argument binding done once per specialisation)
+_quantize_rows = Kernel(_quantize_rows_kernel, ("BM", "G", "ONE_GROUP", "EXPLICIT_ROUND", "num_warps"))
+_permute = Kernel(_permute_fp8_kernel, ("K", "BT", "G", "ONE_GROUP", "EXPLICIT_ROUND", "num_warps"))
+_gemm = Kernel(_fp8_gemm_kernel, (
+    "E", "E_POW2", "BM", "BN", "BK", "BLOCK_N", "BLOCK_K", "PER_K", "SWIGLU", "TWO", "SCALAR_COLS", "QUANT_X",
+    "QUANT_OUT", "HAS_ROW_SCALE", "ROUND", "EXPLICIT_ROUND", "USE_TMA", "ZERO_TAIL", "TILE_N", "num_warps",
+    "num_stages", "maxnreg"))
+# TensorDescriptor.from_tensor validates (~3 us); its fields but the base depend only on the shape,
+# strides, dtype and box, so the first descriptor of each is kept and later ones copy it
+_descriptor_templates: dict[tuple, dict] = {}
+
+
+def _descriptor(t: torch.Tensor, box: list) -> "TensorDescriptor":
+    key = (t.shape, t.stride(), t.dtype, tuple(box))
+    fields = _descriptor_templates.get(key)
+    if fields is None:
+        desc = TensorDescriptor.from_tensor(t, box)
+        if not hasattr(desc, "__dict__"):
+            return desc
+        if len(_descriptor_templates) >= 4096:
+            _descriptor_templates.clear()
+        _descriptor_templates[key] = {**vars(desc), "base": None}
+        return desc
+    return _copy_descriptor(fields, t)
+
+
 Fp8Config = gemm_configs.Fp8Config
 _forced: dict[str, Fp8Config] = {}   # bench/bench_fp8.py --sweep, tests: "gate_up" / "down" -> config
 
@@ -389,9 +415,8 @@ def quantize_rows(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tens
         return q, s.fill_(fp8.MIN_SCALE)
     G = 128 if group == 0 else group
     BM = 32
-    _quantize_rows_kernel[(cdiv(M, BM), kb)](
-        x, q, s, M, K, x.stride(0), q.stride(0), s.stride(0), s.stride(1), BM=BM, G=G,
-        ONE_GROUP=group == 0, EXPLICIT_ROUND=_interpreted(x), num_warps=4)
+    _quantize_rows.launch((cdiv(M, BM), kb), (x, q, s, M, K, x.stride(0), q.stride(0), s.stride(0), s.stride(1)),
+                          (BM, G, group == 0, _interpreted(x), 4))
     return q, s
 
 
@@ -409,10 +434,9 @@ def permute_fp8(hidden, row_index, expert_offsets, group=128):
     kb = s.shape[1]
     G = 128 if group == 0 else group
     BT = max(1, 4096 // G)        # 4096 elements a program: 32 tokens of a 128-column group
-    _permute_fp8_kernel[(cdiv(T, BT), 1 if group == 0 else kb)](
+    _permute.launch((cdiv(T, BT), 1 if group == 0 else kb), (
         hidden, row_index, expert_offsets, q, s, T, H, expert_offsets.shape[0] - 1, hidden.stride(0),
-        q.stride(0), s.stride(0), s.stride(1), K=K, BT=BT, G=G, ONE_GROUP=group == 0,
-        EXPLICIT_ROUND=_interpreted(hidden), num_warps=4)
+        q.stride(0), s.stride(0), s.stride(1)), (K, BT, G, group == 0, _interpreted(hidden), 4))
     return q, s
 
 
@@ -450,31 +474,28 @@ def launch_fp8_gemm(x, x_scale, w, w_scale, expert_offsets, out, out_scale, bloc
     if use_tma:
         if x.is_cuda:
             ensure_context(x.device)
-        x_desc = TensorDescriptor.from_tensor(x, [BM, BK])
-        w_desc = TensorDescriptor.from_tensor(w.view(E * w_rows, K), [BN, BK])
+        x_desc = _descriptor(x, [BM, BK])
+        w_desc = _descriptor(w.view(E * w_rows, K), [BN, BK])
     else:
         x_desc, w_desc = x, w          # placeholders, never read
     xs = x_scale if x_scale is not None else x
     os_ = out_scale if out_scale is not None else out
-    _fp8_gemm_kernel[(max_row_tiles * num_n_tiles,)](
+    _gemm.launch((max_row_tiles * num_n_tiles,), (
         x, xs, w, w_scale, x_desc, w_desc, out, os_, expert_offsets, row_scale if has_row_scale else out,
         M, n_out, K, KB, NB, part_rows, w_rows, num_n_tiles, sub_shift,
         x.stride(0), xs.stride(0) if x_scale is not None else 0,
         xs.stride(1) if x_scale is not None else 0, w.stride(0), w.stride(1), w_scale.stride(0),
         out.stride(0), os_.stride(0) if out_scale is not None else 0,
-        os_.stride(1) if out_scale is not None else 0,
-        E=E, E_POW2=max(2, pow2(E)), BM=BM, BN=BN, BK=BK,
-        BLOCK_N=block_n, BLOCK_K=max(block_k, 1), PER_K=per_k, SWIGLU=swiglu, TWO=two,
-        SCALAR_COLS=scalar_cols, QUANT_X=quant_x,
-        QUANT_OUT=quant_out, HAS_ROW_SCALE=has_row_scale, ROUND=ROUND_CODES[round_dtype],
-        EXPLICIT_ROUND=_interpreted(x), USE_TMA=use_tma, ZERO_TAIL=zero_tail and not swiglu, TILE_N=tile_n,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_caps(cfg, x))
+        os_.stride(1) if out_scale is not None else 0), (
+        E, max(2, pow2(E)), BM, BN, BK, block_n, max(block_k, 1), per_k, swiglu, two, scalar_cols, quant_x,
+        quant_out, has_row_scale, ROUND_CODES[round_dtype], _interpreted(x), use_tma, zero_tail and not swiglu,
+        tile_n, cfg.num_warps, cfg.num_stages, launch_cap(cfg, x)))
     return out
 
 
-def launch_caps(cfg: Fp8Config, x: torch.Tensor) -> dict:
-    """The config's register cap as a launch option (compiled kernels only)."""
-    return {"maxnreg": cfg.maxnreg} if cfg.maxnreg and not _interpreted(x) else {}
+def launch_cap(cfg: Fp8Config, x: torch.Tensor):
+    """The config's register cap (launch option maxnreg) for a compiled launch, else None."""
+    return cfg.maxnreg if cfg.maxnreg and not _interpreted(x) else None
 
 
 def _prepare(x, w, w_scale, name, block_k):
