@@ -33,7 +33,9 @@ layout FP8 wgmma needs for both operands.
 
 Where x is quantized (fp8.py's rule; both paths give the same values):
   QUANT_X    in the GEMM's load: a bf16 x tile is quantized in registers per 1x128 group (block format).
-             Every column tile of a row recomputes it, so it pays where weights dominate (decode sizes).
+             Every column tile of a row recomputes it; taken with 16-row gate_up tiles (the interpreter's
+             decode config; on the H200 the 64-row TMA tiles after the row kernel were as fast or faster,
+             gemm_configs.FP8_H200_TABLE).
   otherwise  a row-quantization kernel writes x in e4m3 + scales first (_quantize_rows_kernel).
 The gate_up epilogue computes h = silu(gate) * up in fp32, rounds it to x's dtype (fp8.py) and either
   QUANT_OUT  quantizes it per row over its BN = 128 columns (one scale group) and writes e4m3 + scales
@@ -510,8 +512,8 @@ def _prepare(x, w, w_scale, name, block_k):
 
 
 def _decode_path(M: int, E: int, block_k: int, device) -> bool:
-    """Quantize x (and h) in the GEMMs' loads (decode sizes: 16-row gate_up tiles) rather than in a
-    row kernel first and in the gate_up epilogue."""
+    """Quantize x (and h) in the GEMMs' loads (16-row gate_up tiles) rather than in a row kernel first
+    and in the gate_up epilogue."""
     return block_k == 128 and choose_config(M, E, "gate_up", device).block_m <= 16
 
 

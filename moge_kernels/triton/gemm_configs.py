@@ -301,7 +301,8 @@ class Fp8Config:
 F = Fp8Config
 # (regime, gemm) -> config, "gate_up" / "down", Pangu shape on an H200, from the sweeps of
 # bench/results/fp8_sweep_h200_aa17213.txt and fp8_sweep_h200_f1fcdf8.txt (graph replays of the whole FP8
-# grouped_mlp, the other GEMM at its table entry; every candidate within the 1e-2 accuracy bound). The
+# grouped_mlp, the other GEMM at its table entry; every candidate within the 1e-2 accuracy bound; the
+# sweep of fp8_sweep_h200_bf7eee6.txt found nothing faster at T = 1, 16, 1024 beyond the noise). The
 # tiles that fit two or three CTAs an SM won everywhere but decode's down: 64 gate + 64 up columns, 64x128
 # down tiles in 3 stages, or a register cap (Triton 3.6 waits for each FP8 wgmma before its scale FMAs,
 # so another CTA's wgmma fills the gap). A 64-column gate_up cannot quantize h in its epilogue (a scale
