@@ -121,7 +121,7 @@ def _round_to(v, ROUND: tl.constexpr):
     return v
 
 
-@triton.jit(do_not_specialize=["M"])
+@triton.jit
 def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, stride_sm, stride_sk,
                           BM: tl.constexpr, G: tl.constexpr, ONE_GROUP: tl.constexpr,
                           EXPLICIT_ROUND: tl.constexpr):
@@ -167,7 +167,7 @@ def _scatter_rows(q_ptr, s_ptr, q, scale, row_index_ptr, tok, t_ok, cols, col_ok
                      mask=t_ok)
 
 
-@triton.jit(do_not_specialize=["T"])
+@triton.jit
 def _permute_fp8_kernel(x_ptr, row_index_ptr, offsets_ptr, q_ptr, s_ptr, T, H, E, stride_xt, stride_qm,
                         stride_sm, stride_sk, K: tl.constexpr, BT: tl.constexpr, G: tl.constexpr,
                         ONE_GROUP: tl.constexpr, EXPLICIT_ROUND: tl.constexpr):
@@ -230,7 +230,7 @@ def _outer(sa, sc, SCALAR_COLS: tl.constexpr):
         return sa[:, None] * sc[None, :]
 
 
-@triton.jit(do_not_specialize=["M"])
+@triton.jit
 def _fp8_gemm_kernel(
         x_ptr, x_scale_ptr,      # x [M, K] e4m3 + x_scale [M, KB] fp32 (any strides), or float x with QUANT_X
         w_ptr, w_scale_ptr,      # w [E, W_ROWS, K] e4m3; w_scale [E, P, NB, KB] fp32, contiguous
