@@ -5,7 +5,9 @@ gate_up with its SwiGLU + e4m3 epilogue, down with its zero-tail programs; Pangu
 compiles the kernel for an H100/H200 target and cuobjdump reads the cubin: registers, spill stack and
 shared memory of the kernel, and inside the k loop (the instructions between its back-branch and its
 target) the local-memory loads and stores (spills on the critical path), FP32 multiplies, wgmma
-instructions, warpgroup waits and CTA barriers. No device needed: a check of a kernel change before the
+instructions, warpgroup waits and CTA barriers, and the CTAs an SM holds at once (registers, shared
+memory): Triton 3.6 waits for each FP8 wgmma before its scale FMAs, so the tensor cores stay busy only
+while another resident CTA has a wgmma to run. No device needed: a check of a kernel change before the
 device sweep (bench/bench_fp8.py --sweep) times it.
 
     python bench/fp8_compile_sm90.py                 # every TMA candidate (~5 s each)
@@ -86,6 +88,15 @@ def cubin_report(cubin: bytes) -> dict:
                 loop_bars=count("BAR.SYNC", "BAR"))
 
 
+def ctas_per_sm(regs: int, num_warps: int, smem_bytes: int) -> int:
+    """Resident CTAs an SM (Hopper: 64K registers in 256-register warp allocations, 228 KB of shared
+    memory with 1 KB reserved a CTA, 64 warps, 32 CTAs): the occupancy the k-step interleaving gets."""
+    warp_regs = -(-regs * 32 // 256) * 256
+    by_regs = 65536 // (warp_regs * num_warps)
+    by_smem = (228 * 1024) // (smem_bytes + 1024)
+    return max(0, min(by_regs, by_smem, 64 // num_warps, 32))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gemm", choices=("gate_up", "down"), default=None)
@@ -95,15 +106,16 @@ def main():
         for cfg in cands:
             if cfg.tma and (gemm, cfg) not in seen and args.gemm in (None, gemm):
                 seen.append((gemm, cfg))
-    print("| gemm | config | regs | spill stack B | k loop: spill ld/st | fp32 ops | wgmma | waits | barriers | smem KB |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| gemm | config | regs | spill stack B | k loop: spill ld/st | fp32 ops | wgmma | waits | barriers | smem KB "
+          "| CTAs an SM |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for gemm, cfg in seen:
         try:
             ck = compile_config(gemm, cfg)
             r = cubin_report(ck.asm["cubin"])
             print(f"| {gemm} | {cfg} | {r['regs']} | {r['stack']} | {r['loop_spills']} | {r['loop_fp32']} | "
-                  f"{r['loop_mma']} | {r['loop_waits']} | {r['loop_bars']} | {ck.metadata.shared // 1024} |",
-                  flush=True)
+                  f"{r['loop_mma']} | {r['loop_waits']} | {r['loop_bars']} | {ck.metadata.shared // 1024} | "
+                  f"{ctas_per_sm(r['regs'], cfg.num_warps, ck.metadata.shared)} |", flush=True)
         except Exception as err:  # noqa: BLE001
             print(f"| {gemm} | {cfg} | failed: {type(err).__name__}: {str(err)[:120]} |", flush=True)
 
