@@ -395,6 +395,41 @@ def test_triton_quantize_rows_against_reference():
         assert torch.equal(q.view(torch.uint8), qr.view(torch.uint8))
 
 
+def test_fp8_tables_are_launchable():
+    """Every FP8 table entry and sweep candidate: a regime x GEMM for each key, tile sizes the kernel
+    takes (column sub-tiles <= 128 within one 128-wide scale block), shared memory within Hopper's 227 KB
+    a block, a register cap ptxas accepts."""
+    from moge_kernels.triton import gemm_configs as gc
+    keys = {(r, g) for _, r in gc.REGIMES for g in ("gate_up", "down")}
+    configs = [(k[1], c) for table in gc.FP8_TABLES.values() for k, c in table.items()]
+    configs += [(k[1], c) for k, cands in gc.FP8_CANDIDATES.items() for c in cands]
+    configs += [(g, c) for g, c in gc.FP8_INTERPRETER_ROWS.items()] + [("gate_up", gc.FP8_INTERPRETER_DECODE)]
+    assert all(set(table) == keys for table in gc.FP8_TABLES.values())
+    for gemm, c in configs:
+        assert c.block_m in (16, 32, 64, 128) and c.num_warps in (4, 8) and c.num_stages >= 1, (gemm, c)
+        sub_n = c.block_n if gemm == "gate_up" or c.block_n <= 128 else c.block_n // 2
+        assert sub_n in (32, 64, 128) and (gemm == "down" or c.block_n <= 128), (gemm, c)
+        weight_rows = 2 * c.block_n if gemm == "gate_up" else c.block_n
+        assert c.num_stages * (c.block_m + weight_rows) * 128 <= 227 * 1024, (gemm, c)
+        assert c.maxnreg is None or (24 <= c.maxnreg <= 255 and c.maxnreg % 8 == 0), (gemm, c)
+
+
+@requires_triton_fp8
+def test_triton_fp8_register_cap_is_a_compiled_launch_option(monkeypatch):
+    """A config's maxnreg reaches compiled launches only; the interpreter runs the same config without it."""
+    from moge_kernels.triton import fp8_gemm
+    c = fp8_gemm.Fp8Config(32, 64, 4, 1, maxnreg=128)
+    assert fp8_gemm.launch_cap(c, torch.empty(1)) is None
+    if HAS_CUDA:
+        assert fp8_gemm.launch_cap(c, torch.empty(1, device="cuda")) == 128
+    monkeypatch.setitem(fp8_gemm._forced, "gate_up", c)
+    monkeypatch.setitem(fp8_gemm._forced, "down", c)
+    x, gu, dn, offsets, _, _ = _problem(40, 3, 256, 136, torch.float32, seed=8,
+                                        device="cuda" if HAS_CUDA else "cpu")
+    y, want, yg, want_g = _triton_vs_reference(x, gu, dn, offsets)
+    assert rel_err(y, want) <= REF_TOL and rel_err(yg, want_g) <= REF_TOL
+
+
 def test_fp8_descriptor_copies_equal_fresh_ones():
     """The FP8 GEMMs copy the first TMA descriptor of a shape, stride, dtype and box with a new base:
     field for field what TensorDescriptor.from_tensor gives for that tensor."""
