@@ -8,6 +8,8 @@ medians over interleaved rounds. In the same run:
     floor     FP8 weight-read floor = (e4m3 bytes + fp32 scales of the experts that get rows) / copy
     peer      the torch._scaled_grouped_mm pipeline (rowwise scales: x quantized per token in torch,
               gate_up, silu * up, h quantized per token, down), where this torch has it
+Both weight formats: fp8 = fp8_block, fp8c = fp8_channel (per-channel weights, per-token activations);
+the mlp's ratio to the weight-read floor and to its FLOP floor at the fp8 mm rate.
 Accuracy (printed): FP8 grouped_mlp vs the reference with the same quantization (goal <= 1e-2), the
 gate_up GEMM alone in fp32 vs the reference, and vs bf16 on the unquantized weights; FP8 layer vs bf16
 layer (goal <= 4e-2).
@@ -17,6 +19,8 @@ layer (goal <= 4e-2).
     python bench/bench_fp8.py --sweep          # the config sweep at T = 1, 1024, 4096, then the table
                                                # at those T (one device call, about 60-90 s)
 
+--eager T,...  first the eager (no graph) host cost of the FP8 mlp a call, with the cached launches
+              and with Triton's kernel[grid] launches, interleaved.
 --sweep times the FP8 grouped_mlp (graph replays, cold L2, medians) with one GEMM's config forced to
 each candidate of moge_kernels/triton/gemm_configs.FP8_CANDIDATES for the T's regime (the other GEMM at
 its table entry), prints the winner of each (regime, GEMM) as the FP8_H200_TABLE line to commit, and
