@@ -177,7 +177,8 @@ def main():
     ap.add_argument("--samples", type=int, default=3, help="samples per method per round")
     ap.add_argument("--sweep", action="store_true", help="config sweep first (default T: 1,1024,4096)")
     ap.add_argument("--budget", type=float, default=45.0, help="seconds the sweep may take")
-    ap.add_argument("--twins", action="store_true", help="the sweep times each TMA candidate with pointer loads too")
+    ap.add_argument("--twins", action="store_true",
+                    help="the sweep times each TMA candidate with pointer loads too")
     ap.add_argument("--eager", default="", help="T list: eager host cost of the FP8 mlp first (e.g. 1,16,128)")
     ap.add_argument("--sweep-fmt", default="fp8_block", choices=("fp8_block", "fp8_channel"),
                     help="the weight format the sweep times")
@@ -286,9 +287,9 @@ def main():
     print("fp8 = block-scaled (fp8_block: 128x128 weight blocks, 1x128 activation groups); fp8c = fp8_channel "
           "(per-channel weights, per-token activations)")
     print("fp8 floor = FP8 weight-read floor; FLOP floor = the mlp's FLOPs at the fp8 _scaled_mm rate above")
-    print("| T | bf16 mlp | fp8 mlp | fp8c mlp | fp8 floor | fp8 mlp / floor | fp8c / floor | fp8 mlp / FLOP floor | "
-          "peer _scaled_grouped_mm | bf16 layer | fp8 layer | fp8c layer | layer speed-up fp8 / fp8c | "
-          "fp8 / fp8c TFLOP/s |")
+    print("| T | bf16 mlp | fp8 mlp | fp8c mlp | fp8 floor | fp8 mlp / floor | fp8c / floor | "
+          "fp8 mlp / FLOP floor | peer _scaled_grouped_mm | bf16 layer | fp8 layer | fp8c layer | "
+          "layer speed-up fp8 / fp8c | fp8 / fp8c TFLOP/s |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for T, med, floor_ms, acc, _ in rows:
         f = lambda k: f"{med[k]:.3f}" if k in med else "n/a"  # noqa: E731
@@ -300,7 +301,8 @@ def main():
         flop_floor_ms = flops / (fp8_rate * 1e9)
         flop_ratio = med["fp8 mlp"] / flop_floor_ms if "fp8 mlp" in med else nan
         print(f"| {T} | {f('bf16 mlp')} | {f('fp8 mlp')} | {f('fp8c mlp')} | {floor_ms:.3f} | "
-              f"{ratio('fp8 mlp'):.2f}x | {ratio('fp8c mlp'):.2f}x | {flop_ratio:.2f}x | {f('peer _scaled_grouped_mm')} | "
+              f"{ratio('fp8 mlp'):.2f}x | {ratio('fp8c mlp'):.2f}x | {flop_ratio:.2f}x | "
+              f"{f('peer _scaled_grouped_mm')} | "
               f"{f('bf16 layer')} | {f('fp8 layer')} | {f('fp8c layer')} | "
               f"{speed('fp8 layer'):.2f}x / {speed('fp8c layer'):.2f}x | "
               f"{tflops('fp8 mlp'):.0f} / {tflops('fp8c mlp'):.0f} |")

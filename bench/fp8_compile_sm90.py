@@ -106,8 +106,8 @@ def main():
         for cfg in cands:
             if cfg.tma and (gemm, cfg) not in seen and args.gemm in (None, gemm):
                 seen.append((gemm, cfg))
-    print("| gemm | config | regs | spill stack B | k loop: spill ld/st | fp32 ops | wgmma | waits | barriers | smem KB "
-          "| CTAs an SM |")
+    print("| gemm | config | regs | spill stack B | k loop: spill ld/st | fp32 ops | wgmma | waits | barriers "
+          "| smem KB | CTAs an SM |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for gemm, cfg in seen:
         try:

@@ -321,7 +321,8 @@ def dequantize_activations(q: Tensor, scale: Tensor, group: int = BLOCK) -> Tens
 #   w_gate_up_fp8 [E, 2I, H] e4m3, w_gate_up_scale [E, 2, NB, KB], w_down_fp8 [E, H, I] e4m3,
 #   w_down_scale [E, 1, NB', KB'], fp8_block_size [2] int64 (block_n, block_k; 0: whole K)
 # so its state dict round-trips; HF FP8 checkpoints (experts.{e}.{gate,up,down}_proj.weight in e4m3 with
-# weight_scale_inv [ceil(N/128), ceil(K/128)], or a per-channel weight_scale [N, 1]) load into it.
+# weight_scale_inv [ceil(N/128), ceil(K/128)], or a per-channel weight_scale [N, 1]) load into it; their
+# FP8 shared expert (same keys under shared_expert.) loads dequantized into the bf16 shared parameters.
 _CKPT_SCALES = ("weight_scale_inv", "weight_scale")
 _PROJ = ("gate_proj", "up_proj", "down_proj")
 
@@ -372,10 +373,49 @@ def is_checkpoint_fp8_key(key: str) -> bool:
     return key.endswith(_CKPT_SCALES + ("w_gate_up_scale", "w_down_scale"))
 
 
+def _dequantize_shared_keys(state_dict, prefix, error_msgs) -> None:
+    """FP8 shared-expert checkpoint keys (shared_expert.{gate,up,down}_proj.weight in e4m3 with its
+    weight_scale_inv or weight_scale, as full FP8 checkpoints store them) -> fp32 weights, which the bf16
+    hook stacks into shared_w_gate_up / shared_w_down: the shared expert runs in the activation dtype.
+    A key it cannot dequantize is an error, and the shared expert's keys are then left out (so the bf16
+    hook does not stack e4m3 with float)."""
+    errors, dequantized = [], {}
+    for p in _PROJ:
+        key = f"{prefix}shared_expert.{p}."
+        weight = state_dict.get(key + "weight")
+        if weight is None or weight.dtype != E4M3:
+            continue
+        kind = next((k for k in _CKPT_SCALES if key + k in state_dict), None)
+        if kind is None:
+            errors.append(f"FP8 checkpoint key {key}weight is e4m3 without its {' or '.join(_CKPT_SCALES)}")
+            continue
+        scale = state_dict[key + kind].float().clamp_min(MIN_SCALE)
+        N, K = weight.shape
+        block_n, block_k = (1, 0) if tuple(scale.shape) == (N, 1) else (BLOCK, BLOCK)
+        want = scale_shape(1, N, K, 1, block_n, block_k)[2:]
+        if tuple(scale.shape) != want:
+            errors.append(f"FP8 checkpoint key {key}{kind}: shape {tuple(scale.shape)}, expected {want} "
+                          f"(128x128 blocks) or {(N, 1)} (per channel) for a weight {(N, K)}")
+            continue
+        dequantized[key] = kind, dequantize_weight(weight[None], scale.reshape(1, 1, *want), block_n,
+                                                   block_k)[0]
+    if errors:
+        error_msgs.extend(errors)
+        for p in _PROJ:
+            for k in ("weight",) + _CKPT_SCALES:
+                state_dict.pop(f"{prefix}shared_expert.{p}.{k}", None)
+        return
+    for key, (kind, weight) in dequantized.items():
+        state_dict[key + "weight"] = weight
+        del state_dict[key + kind]
+
+
 def take_fp8_checkpoint_keys(module, state_dict, prefix, local_metadata, strict, missing_keys,
                              unexpected_keys, error_msgs):
     """load_state_dict pre-hook (before the bf16 one): FP8 per-expert checkpoint keys -> the stacked
-    FP8 buffers, switching the layer to FP8 first; a quantized layer's own state dict switches it too."""
+    FP8 buffers, switching the layer to FP8 first; a quantized layer's own state dict switches it too.
+    An FP8 shared expert is dequantized (_dequantize_shared_keys)."""
+    _dequantize_shared_keys(state_dict, prefix, error_msgs)
     if prefix + "fp8_block_size" in state_dict:
         block_n, block_k = (int(v) for v in state_dict[prefix + "fp8_block_size"].tolist())  # loading: once
         if layer_weights(module) is None:

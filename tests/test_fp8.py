@@ -875,6 +875,48 @@ def test_fp8_layer_loads_hf_checkpoint(fmt):
         _layer().load_state_dict(bad)
 
 
+@pytest.mark.parametrize("experts", ["fp8", "bf16"])
+@pytest.mark.parametrize("fmt", ["fp8_block", "fp8_channel"])
+def test_fp8_checkpoint_shared_expert_is_dequantized(fmt, experts):
+    """A full FP8 checkpoint stores the shared expert in e4m3 too (shared_expert.{p}.weight +
+    weight_scale_inv / weight_scale): it loads, dequantized into the shared expert's parameters (which
+    run in the activation dtype), beside FP8 or bf16 routed experts; a scale of the wrong shape or a
+    missing one is a clear error."""
+    layer = _layer()
+    ckpt = layer.per_expert_state_dict()
+    key = "weight_scale_inv" if fmt == "fp8_block" else "weight_scale"
+    want = {}
+    for p in ("gate_proj", "up_proj", "down_proj"):
+        names = [f"shared_expert.{p}."] + ([f"experts.{e}.{p}." for e in range(8)] if experts == "fp8" else [])
+        for name in names:
+            q = mk.quantize_expert_weights(ckpt[name + "weight"][None].float(), fmt)
+            ckpt[name + "weight"], ckpt[name + key] = q.weight[0], q.scale[0, 0]
+            if name.startswith("shared"):
+                want[p] = fp8.dequantize_weight(q.weight, q.scale, q.block_n, q.block_k)[0]
+    if fmt == "fp8_block":
+        assert ckpt["shared_expert.down_proj.weight_scale_inv"].shape == (2, 2)    # [256/128, 256/128]
+    else:
+        assert ckpt["shared_expert.down_proj.weight_scale"].shape == (256, 1)
+    built = mk.MoGELayer.from_pretrained_state_dict(dict(ckpt), num_groups=4)
+    loaded = _layer(seed=3)
+    loaded.load_state_dict(dict(ckpt))
+    for m in (built, loaded):
+        assert (fp8.layer_weights(m) is not None) == (experts == "fp8")
+        assert torch.equal(m.shared_w_gate_up, torch.cat([want["gate_proj"], want["up_proj"]]))
+        assert torch.equal(m.shared_w_down, want["down_proj"])
+    x = torch.randn(5, 256)
+    with torch.no_grad():
+        torch.testing.assert_close(built(x), loaded(x), rtol=0, atol=0)
+    bad = dict(ckpt)
+    bad["shared_expert.up_proj." + key] = bad["shared_expert.up_proj." + key][:1, :1].expand(3, 1)
+    with pytest.raises(RuntimeError, match="shared_expert.up_proj." + key):
+        _layer().load_state_dict(bad)
+    bad = dict(ckpt)
+    del bad["shared_expert.down_proj." + key]
+    with pytest.raises(RuntimeError, match="e4m3 without its"):
+        _layer().load_state_dict(bad)
+
+
 def test_fp8_layer_has_no_backward():
     layer = _layer().quantize_()
     out = layer(torch.randn(4, 256, requires_grad=True))
