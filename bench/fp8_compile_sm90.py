@@ -12,6 +12,7 @@ device sweep (bench/bench_fp8.py --sweep) times it.
 
     python bench/fp8_compile_sm90.py                 # every TMA candidate (~5 s each)
     python bench/fp8_compile_sm90.py --gemm down
+    python bench/fp8_compile_sm90.py --decode        # the 16-row tiles that quantize x in their loads
 """
 from __future__ import annotations
 
@@ -33,8 +34,9 @@ from moge_kernels.triton import fp8_gemm, gemm_configs  # noqa: E402
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
 
-def compile_config(gemm: str, cfg, E: int = 64, decode: bool = False, maxnreg=None):
-    """decode: the decode path (bf16 x quantized in the load, h in bf16 between the GEMMs)."""
+def compile_config(gemm: str, cfg, E: int = 64, decode: bool = False):
+    """decode: the 16-row quantize-in-load path (bf16 x quantized in the load, h in bf16 between the
+    GEMMs); else the row-quantized path (e4m3 x, gate_up's e4m3 epilogue)."""
     swiglu = gemm == "gate_up"
     two = swiglu or cfg.block_n > 128
     bn = cfg.block_n // 2 if two and not swiglu else cfg.block_n
@@ -58,8 +60,7 @@ def compile_config(gemm: str, cfg, E: int = 64, decode: bool = False, maxnreg=No
     attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in div16}
     return triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs),
                           target=GPUTarget("cuda", 90, 32),
-                          options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                                       maxnreg=maxnreg if maxnreg is not None else cfg.maxnreg))
+                          options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg))
 
 
 def cubin_report(cubin: bytes) -> dict:
@@ -100,18 +101,21 @@ def ctas_per_sm(regs: int, num_warps: int, smem_bytes: int) -> int:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gemm", choices=("gate_up", "down"), default=None)
+    ap.add_argument("--decode", action="store_true",
+                    help="the 16-row quantize-in-load candidates instead of the TMA ones")
     args = ap.parse_args()
     seen = []
     for (reg, gemm), cands in gemm_configs.FP8_CANDIDATES.items():
         for cfg in cands:
-            if cfg.tma and (gemm, cfg) not in seen and args.gemm in (None, gemm):
+            wanted = cfg.block_m <= 16 if args.decode else cfg.tma
+            if wanted and (gemm, cfg) not in seen and args.gemm in (None, gemm):
                 seen.append((gemm, cfg))
     print("| gemm | config | regs | spill stack B | k loop: spill ld/st | fp32 ops | wgmma | waits | barriers "
           "| smem KB | CTAs an SM |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for gemm, cfg in seen:
         try:
-            ck = compile_config(gemm, cfg)
+            ck = compile_config(gemm, cfg, decode=args.decode)
             r = cubin_report(ck.asm["cubin"])
             print(f"| {gemm} | {cfg} | {r['regs']} | {r['stack']} | {r['loop_spills']} | {r['loop_fp32']} | "
                   f"{r['loop_mma']} | {r['loop_waits']} | {r['loop_bars']} | {ck.metadata.shared // 1024} | "
