@@ -437,8 +437,9 @@ def test_fp8_descriptor_copies_equal_fresh_ones():
     if fp8_gemm.TensorDescriptor is None or not hasattr(fp8_gemm.TensorDescriptor, "from_tensor"):
         pytest.skip("this triton has no host TensorDescriptor")
     a, b = (torch.zeros(96, 256, dtype=torch.uint8).view(fp8.E4M3) for _ in range(2))
-    fp8_gemm._descriptor(a, [64, 128])
-    copied, fresh = fp8_gemm._descriptor(b, [64, 128]), fp8_gemm.TensorDescriptor.from_tensor(b, [64, 128])
+    fp8_gemm.cached_descriptor(a, [64, 128])
+    copied = fp8_gemm.cached_descriptor(b, [64, 128])
+    fresh = fp8_gemm.TensorDescriptor.from_tensor(b, [64, 128])
     assert copied.base is b and vars(copied) == vars(fresh)
 
 
@@ -452,16 +453,15 @@ def test_triton_fp8_tma_path_against_reference(cfg, fmt, monkeypatch):
     from moge_kernels.triton import fp8_gemm
     if fp8_gemm.TensorDescriptor is None:
         pytest.skip("this triton has no host TensorDescriptor")
+    from moge_kernels.triton import grouped_gemm
     boxes = []
-    real = fp8_gemm.TensorDescriptor
+    real_from_tensor = fp8_gemm.TensorDescriptor.from_tensor
 
-    class Spy:
-        @staticmethod
-        def from_tensor(t, box):
-            boxes.append((t.dtype, tuple(box)))
-            return real.from_tensor(t, box)
-    monkeypatch.setattr(fp8_gemm, "TensorDescriptor", Spy)
-    monkeypatch.setattr(fp8_gemm, "_descriptor_templates", {})   # descriptors made afresh, not copied
+    def spy(t, box, *args, **kwargs):
+        boxes.append((t.dtype, tuple(box)))
+        return real_from_tensor(t, box, *args, **kwargs)
+    monkeypatch.setattr(fp8_gemm.TensorDescriptor, "from_tensor", staticmethod(spy))
+    monkeypatch.setattr(grouped_gemm, "_descriptor_templates", {})   # descriptors made afresh, not copied
     c = fp8_gemm.Fp8Config(*cfg, tma=True)
     monkeypatch.setitem(fp8_gemm._forced, "gate_up", c)
     monkeypatch.setitem(fp8_gemm._forced, "down", c)

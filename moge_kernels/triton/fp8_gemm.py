@@ -57,7 +57,7 @@ from .. import fp8
 from ..registry import register_kernel
 from . import DEVICES
 from . import gemm_configs
-from .grouped_gemm import TensorDescriptor, _copy_descriptor, _locate, _schedule, _tma_ok, zero_tail_tile
+from .grouped_gemm import TensorDescriptor, _locate, _schedule, _tma_ok, cached_descriptor, zero_tail_tile
 from .launch import Kernel, cdiv, ensure_context, pow2
 
 ROUND_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -375,25 +375,6 @@ _gemm = Kernel(_fp8_gemm_kernel, (
     "E", "E_POW2", "BM", "BN", "BK", "BLOCK_N", "BLOCK_K", "PER_K", "SWIGLU", "TWO", "SCALAR_COLS", "QUANT_X",
     "QUANT_OUT", "HAS_ROW_SCALE", "ROUND", "EXPLICIT_ROUND", "USE_TMA", "ZERO_TAIL", "TILE_N", "num_warps",
     "num_stages", "maxnreg"))
-# TensorDescriptor.from_tensor validates (~3 us); its fields but the base depend only on the shape,
-# strides, dtype and box, so the first descriptor of each is kept and later ones copy it
-_descriptor_templates: dict[tuple, dict] = {}
-
-
-def _descriptor(t: torch.Tensor, box: list) -> "TensorDescriptor":
-    key = (t.shape, t.stride(), t.dtype, tuple(box))
-    fields = _descriptor_templates.get(key)
-    if fields is None:
-        desc = TensorDescriptor.from_tensor(t, box)
-        if not hasattr(desc, "__dict__"):
-            return desc
-        if len(_descriptor_templates) >= 4096:
-            _descriptor_templates.clear()
-        _descriptor_templates[key] = {**vars(desc), "base": None}
-        return desc
-    return _copy_descriptor(fields, t)
-
-
 Fp8Config = gemm_configs.Fp8Config
 _forced: dict[str, Fp8Config] = {}   # bench/bench_fp8.py --sweep, tests: "gate_up" / "down" -> config
 
@@ -476,8 +457,8 @@ def launch_fp8_gemm(x, x_scale, w, w_scale, expert_offsets, out, out_scale, bloc
     if use_tma:
         if x.is_cuda:
             ensure_context(x.device)
-        x_desc = _descriptor(x, [BM, BK])
-        w_desc = _descriptor(w.view(E * w_rows, K), [BN, BK])
+        x_desc = cached_descriptor(x, [BM, BK])
+        w_desc = cached_descriptor(w.view(E * w_rows, K), [BN, BK])
     else:
         x_desc, w_desc = x, w          # placeholders, never read
     xs = x_scale if x_scale is not None else x

@@ -430,7 +430,7 @@ def _descriptors(plan: _Plan, x, w):
                        TensorDescriptor.from_tensor(w_view, box + [BN, BK]),
                        TensorDescriptor.from_tensor(w_view, box + [BN // 2, BK]) if plan.split_n else None)
         if all(d is None or hasattr(d, "__dict__") for d in descriptors):   # else: from_tensor every call
-            templates.extend(None if d is None else {**vars(d), "base": None} for d in descriptors)
+            templates.extend(None if d is None else _template(d) for d in descriptors)
         x_desc, x_desc_tail, w_desc, w_desc_half = descriptors
         return x_desc, x_desc_tail or x_desc, w_desc, w_desc_half or w_desc
     x_desc, x_desc_tail, w_desc, w_desc_half = (
@@ -438,10 +438,35 @@ def _descriptors(plan: _Plan, x, w):
     return x_desc, x_desc_tail or x_desc, w_desc, w_desc_half or w_desc
 
 
+def _template(desc: "TensorDescriptor") -> dict:
+    """A descriptor's fields but its base: what later descriptors of the same shape, strides, dtype and
+    box copy (_copy_descriptor)."""
+    return {**vars(desc), "base": None}
+
+
 def _copy_descriptor(fields: dict, base) -> "TensorDescriptor":
     desc = object.__new__(TensorDescriptor)
     desc.__dict__.update(fields)
     desc.base = base
+    return desc
+
+
+# Templates of cached_descriptor, by (shape, strides, dtype, box); the GEMM plans above keep their own.
+_descriptor_templates: dict[tuple, dict] = {}
+
+
+def cached_descriptor(t: torch.Tensor, box: list) -> "TensorDescriptor":
+    """TensorDescriptor.from_tensor(t, box) for a 16-byte aligned t: the first one of each shape,
+    strides, dtype and box is made (and validated) once, later ones copy it with t as base."""
+    key = (t.shape, t.stride(), t.dtype, tuple(box))
+    fields = _descriptor_templates.get(key)
+    if fields is not None:
+        return _copy_descriptor(fields, t)
+    desc = TensorDescriptor.from_tensor(t, box)
+    if hasattr(desc, "__dict__"):          # else: from_tensor every call
+        if len(_descriptor_templates) >= 4096:
+            _descriptor_templates.clear()
+        _descriptor_templates[key] = _template(desc)
     return desc
 
 
