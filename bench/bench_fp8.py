@@ -82,7 +82,7 @@ def scaled_grouped_mm_pipeline(x, offsets, wgu_q, wgu_s, wd_q, wd_s):
                                     out_dtype=torch.bfloat16)
 
 
-def sweep(Ts, dev, timer, layer, gu, dn, deadline, twins=False):
+def sweep(Ts, dev, timer, layer, gu, dn, deadline, twins=False, only=""):
     """Per T: the mlp with gate_up, then down, forced to each candidate of the T's regime (the table's
     entry first); the winner of each as a table line."""
     from moge_kernels.triton import fp8_gemm, gemm_configs
@@ -96,7 +96,8 @@ def sweep(Ts, dev, timer, layer, gu, dn, deadline, twins=False):
             want = mk.grouped_mlp(x, gu, dn, offsets)
         for gemm in ("gate_up", "down"):
             table = gemm_configs.fp8_table_config(M, E, gemm, dev)
-            cands = [table] + [c for c in gemm_configs.FP8_CANDIDATES[(reg, gemm)] if c != table]
+            cands = [table] + [c for c in gemm_configs.FP8_CANDIDATES[(reg, gemm)]
+                               if c != table and only in str(c)]
             if twins:   # each TMA candidate also with pointer loads: tells a TMA fault from a tile fault
                 cands += [dataclasses.replace(c, tma=False) for c in cands
                           if c.tma and dataclasses.replace(c, tma=False) not in cands]
@@ -131,6 +132,7 @@ def sweep(Ts, dev, timer, layer, gu, dn, deadline, twins=False):
     for T, reg, gemm, ms, table_ms, best in lines:
         fields = [str(best.block_m), str(best.block_n), str(best.num_warps), str(best.num_stages)]
         fields += ["tma=True"] * best.tma + [f"maxnreg={best.maxnreg}"] * bool(best.maxnreg)
+        fields += ["gluon=True"] * best.gluon
         print(f"    ({reg!r}, {gemm!r}): F({', '.join(fields)}),   # T={T}: {ms:.3f} ms")
 
 
@@ -176,6 +178,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--samples", type=int, default=3, help="samples per method per round")
     ap.add_argument("--sweep", action="store_true", help="config sweep first (default T: 1,1024,4096)")
+    ap.add_argument("--sweep-only", default="", help="sweep only the candidates whose name has this text "
+                    "(e.g. gluon), beside the table's entry")
     ap.add_argument("--budget", type=float, default=45.0, help="seconds the sweep may take")
     ap.add_argument("--twins", action="store_true",
                     help="the sweep times each TMA candidate with pointer loads too")
@@ -213,7 +217,7 @@ def main():
     if args.sweep:
         sweep([int(t) for t in args.T.split(",")], dev, timer, layer,
               *((gu, dn) if args.sweep_fmt == "fp8_block" else (guc, dnc)),
-              time.monotonic() + args.budget, args.twins)
+              time.monotonic() + args.budget, args.twins, args.sweep_only)
 
     rows = []
     for T in [int(t) for t in args.T.split(",")]:

@@ -59,12 +59,13 @@ gpu = pytest.mark.skipif(not HAS_CUDA or not RUNS_HERE, reason="needs CUDA and t
 
 @gpu
 @pytest.mark.parametrize("pair", range(4))
-@pytest.mark.parametrize("shape", [(300, 5, 256, 200), (1, 4, 256, 128), (513, 3, 384, 1344 // 8)],
+@pytest.mark.parametrize("shape", [(300, 5, 256, 144), (1, 4, 256, 128), (513, 3, 384, 208), (700, 4, 1280, 336)],
                          ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_gluon_mlp_against_reference(pair, shape, dtype, monkeypatch):
-    """I = 200 / 168: a partial gate / up column tile and a partial k-block in down; H = 384: three
-    k-steps (odd: the pair loop's leftover step); an empty expert every third; row scales."""
+    """I = 144 / 208 / 336 (16-byte rows, as TMA needs): partial gate / up column tiles and a partial
+    k-block in down; H = 256 / 384 / 1280: two, three and ten k-steps (even and odd counts, more steps
+    than ring stages); an empty expert every third; row scales."""
     from moge_kernels.triton import fp8_gemm, fp8_gluon
     if not fp8_gluon.AVAILABLE or torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the Gluon kernel runs on sm_90")

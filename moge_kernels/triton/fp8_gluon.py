@@ -66,7 +66,7 @@ if AVAILABLE:
                      num_warps: gl.constexpr):
         """(expert, first row, end row of the expert, column tile, number of real tiles) of program pid;
         tiles are expert-major, then column tile, then row tile (grouped_gemm._schedule / _locate)."""
-        layout: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
+        layout: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])   # the Triton kernels' default
         experts = gl.arange(0, E_POW2, layout=layout)
         in_range = experts < E
         starts = gl.load(offsets_ptr + experts, mask=in_range, other=0)
@@ -140,7 +140,8 @@ if AVAILABLE:
     @gluon.jit
     def _refill(x_desc, w_desc, bars, a_bufs, b_bufs, step, num_k, row0, w_row0, sub_shift, STAGES: gl.constexpr,
                 BN: gl.constexpr, SWIGLU: gl.constexpr):
-        """After step - 1's wgmma finished, its stage takes the loads of step + STAGES - 1."""
+        """After step - 1's wgmma finished, its stage takes the loads of step + STAGES - 1 (steps up to
+        step + STAGES - 2 are loaded already)."""
         if step + STAGES - 1 < num_k:
             _issue_loads(x_desc, w_desc, bars, a_bufs, b_bufs, step + STAGES - 1, row0, w_row0, sub_shift,
                          STAGES, BN, SWIGLU)
@@ -185,7 +186,7 @@ if AVAILABLE:
         for i in gl.static_range(STAGES):
             mbarrier.init(bars.index(i), count=1)
         num_k = gl.cdiv(K, _BK)
-        for i in gl.static_range(STAGES - 1):
+        for i in gl.static_range(STAGES):             # the ring full: steps 0 .. STAGES - 1
             if i < num_k:
                 _issue_loads(x_desc, w_desc, bars, a_bufs, b_bufs, i, row0, w_row0, sub_shift, STAGES, BN, SWIGLU)
 
