@@ -115,17 +115,25 @@ if AVAILABLE:
             tma.async_copy_global_to_shared(w_desc, [w_row0, k], bar, b_bufs.index(s))
 
     @gluon.jit
-    def _step_scale(xs_ptrs, xs_ok, stride_xsk, ws_ptr, srow0, srow1, KB, kk, cols,
-                    BN: gl.constexpr, SWIGLU: gl.constexpr):
-        """Block scale of k-step kk per accumulator element: x_scale [BM, 1] times the weight scale
-        (one scalar, or gate / up halves [1, WN] with SWIGLU)."""
+    def _load_scales(xs_ptrs, xs_ok, stride_xsk, ws_ptr, srow0, srow1, KB, kk, SWIGLU: gl.constexpr):
+        """Block scales of k-step kk, loaded when its wgmma is issued and used a step later (the loads'
+        latency off the critical path): x_scale of the tile's rows [BM] and the weight scale of each
+        part (gate, up; the plain GEMM's one)."""
         sa = gl.load(xs_ptrs + kk * stride_xsk, mask=xs_ok, other=1.0)
         s0 = gl.load(ws_ptr + srow0 * KB + kk)
         if SWIGLU:
             s1 = gl.load(ws_ptr + srow1 * KB + kk)
-            return sa[:, None] * gl.where(cols < BN, s0, s1)[None, :]
         else:
-            return (sa * s0)[:, None]
+            s1 = s0
+        return sa, s0, s1
+
+    @gluon.jit
+    def _add_scaled(acc, part, sa, s0, s1, cols, BN: gl.constexpr, SWIGLU: gl.constexpr):
+        """acc + part times its block scale (x_scale [BM, 1] times gate / up halves, or one scalar)."""
+        if SWIGLU:
+            return acc + part * (sa[:, None] * gl.where(cols < BN, s0, s1)[None, :])
+        else:
+            return acc + part * (sa * s0)[:, None]
 
     @gluon.jit
     def _mma_step(x_desc, w_desc, bars, a_bufs, b_bufs, step, num_k, row0, w_row0, sub_shift, registers,
@@ -199,31 +207,33 @@ if AVAILABLE:
         mbarrier.wait(bars.index(0), 0)
         part_a = warpgroup_mma(a_bufs.index(0), b_bufs.index(0).permute((1, 0)), acc, use_acc=False,
                                is_async=True)
+        sa_a, s0_a, s1_a = _load_scales(xs_ptrs, xs_ok, stride_xsk, ws_ptr, srow0, srow1, KB, 0, SWIGLU)
         for kk in range(1, num_k - 1, 2):
             part_b = _mma_step(x_desc, w_desc, bars, a_bufs, b_bufs, kk, num_k, row0, w_row0, sub_shift, part_b,
                                STAGES, BN, SWIGLU)
+            sa_b, s0_b, s1_b = _load_scales(xs_ptrs, xs_ok, stride_xsk, ws_ptr, srow0, srow1, KB, kk, SWIGLU)
             done_a = warpgroup_mma_wait(num_outstanding=1, deps=(part_a,))
-            acc += done_a * _step_scale(xs_ptrs, xs_ok, stride_xsk, ws_ptr, srow0, srow1, KB, kk - 1, cols,
-                                        BN, SWIGLU)
+            acc = _add_scaled(acc, done_a, sa_a, s0_a, s1_a, cols, BN, SWIGLU)
             _refill(x_desc, w_desc, bars, a_bufs, b_bufs, kk, num_k, row0, w_row0, sub_shift, STAGES, BN, SWIGLU)
             part_a = _mma_step(x_desc, w_desc, bars, a_bufs, b_bufs, kk + 1, num_k, row0, w_row0, sub_shift,
                                done_a, STAGES, BN, SWIGLU)
+            sa_a, s0_a, s1_a = _load_scales(xs_ptrs, xs_ok, stride_xsk, ws_ptr, srow0, srow1, KB, kk + 1, SWIGLU)
             part_b = warpgroup_mma_wait(num_outstanding=1, deps=(part_b,))
-            acc += part_b * _step_scale(xs_ptrs, xs_ok, stride_xsk, ws_ptr, srow0, srow1, KB, kk, cols,
-                                        BN, SWIGLU)
+            acc = _add_scaled(acc, part_b, sa_b, s0_b, s1_b, cols, BN, SWIGLU)
             _refill(x_desc, w_desc, bars, a_bufs, b_bufs, kk + 1, num_k, row0, w_row0, sub_shift, STAGES, BN,
                     SWIGLU)
         if num_k % 2 == 0:      # step num_k - 1 (odd) into part_b
             last = _mma_step(x_desc, w_desc, bars, a_bufs, b_bufs, num_k - 1, num_k, row0, w_row0, sub_shift,
                              part_b, STAGES, BN, SWIGLU)
+            sa_b, s0_b, s1_b = _load_scales(xs_ptrs, xs_ok, stride_xsk, ws_ptr, srow0, srow1, KB, num_k - 1,
+                                            SWIGLU)
             done_a = warpgroup_mma_wait(num_outstanding=1, deps=(part_a,))
-            acc += done_a * _step_scale(xs_ptrs, xs_ok, stride_xsk, ws_ptr, srow0, srow1, KB, num_k - 2, cols,
-                                        BN, SWIGLU)
+            acc = _add_scaled(acc, done_a, sa_a, s0_a, s1_a, cols, BN, SWIGLU)
             last = warpgroup_mma_wait(num_outstanding=0, deps=(last,))
+            acc = _add_scaled(acc, last, sa_b, s0_b, s1_b, cols, BN, SWIGLU)
         else:
             last = warpgroup_mma_wait(num_outstanding=0, deps=(part_a,))
-        acc += last * _step_scale(xs_ptrs, xs_ok, stride_xsk, ws_ptr, srow0, srow1, KB, num_k - 1, cols,
-                                  BN, SWIGLU)
+            acc = _add_scaled(acc, last, sa_a, s0_a, s1_a, cols, BN, SWIGLU)
         for i in gl.static_range(STAGES):
             mbarrier.invalidate(bars.index(i))
 
