@@ -132,7 +132,6 @@ def sweep(Ts, dev, timer, layer, gu, dn, deadline, twins=False, only=""):
     for T, reg, gemm, ms, table_ms, best in lines:
         fields = [str(best.block_m), str(best.block_n), str(best.num_warps), str(best.num_stages)]
         fields += ["tma=True"] * best.tma + [f"maxnreg={best.maxnreg}"] * bool(best.maxnreg)
-        fields += ["gluon=True"] * best.gluon
         print(f"    ({reg!r}, {gemm!r}): F({', '.join(fields)}),   # T={T}: {ms:.3f} ms")
 
 
@@ -179,7 +178,7 @@ def main():
     ap.add_argument("--samples", type=int, default=3, help="samples per method per round")
     ap.add_argument("--sweep", action="store_true", help="config sweep first (default T: 1,1024,4096)")
     ap.add_argument("--sweep-only", default="", help="sweep only the candidates whose name has this text "
-                    "(e.g. gluon), beside the table's entry")
+                    "(e.g. tma, r168), beside the table's entry")
     ap.add_argument("--budget", type=float, default=45.0, help="seconds the sweep may take")
     ap.add_argument("--twins", action="store_true",
                     help="the sweep times each TMA candidate with pointer loads too")

@@ -56,7 +56,7 @@ import triton.language as tl
 from .. import fp8
 from ..registry import register_kernel
 from . import DEVICES
-from . import fp8_gluon, gemm_configs
+from . import gemm_configs
 from .grouped_gemm import TensorDescriptor, _locate, _schedule, _tma_ok, cached_descriptor, zero_tail_tile
 from .launch import Kernel, cdiv, ensure_context, pow2
 
@@ -432,10 +432,6 @@ def launch_fp8_gemm(x, x_scale, w, w_scale, expert_offsets, out, out_scale, bloc
     n_out = w_rows // 2 if swiglu else w_rows
     if M == 0 or n_out == 0:
         return out
-    if cfg.gluon and x_scale is not None and not (quant_x or quant_out) and fp8_gluon.supported(
-            x, w, block_n, block_k, cfg, w_scale.shape[1], swiglu):
-        return fp8_gluon.launch(x, x_scale, w, w_scale, expert_offsets, out, cfg, swiglu=swiglu,
-                                round_code=ROUND_CODES[round_dtype], row_scale=row_scale, zero_tail=zero_tail)
     BK = 128 if block_k == 0 else min(block_k, 128)
     per_k = block_k != 0
     BM = cfg.block_m
@@ -545,7 +541,7 @@ def grouped_mlp_fp8(x, w_gate_up, w_gate_up_scale, w_down, w_down_scale, expert_
         return launch_fp8_gemm(h, None, w_down, w_down_scale, offsets, y, None, block_n, block_k, cfg_dn,
                                quant_x=True, **down)
     xq, xs = (x, x_scale) if x_scale is not None else quantize_rows(x, block_k)
-    if block_k == 128 and cfg_gu.block_n == 128 and not cfg_gu.gluon:
+    if block_k == 128 and cfg_gu.block_n == 128:
         # h quantized in the gate_up epilogue: one column tile of 128 = one scale group
         hq = torch.empty(M, I, dtype=fp8.E4M3, device=x.device)
         hs = fp8.new_scales(x, M, I, 128)

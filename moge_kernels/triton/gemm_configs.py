@@ -292,13 +292,10 @@ class Fp8Config:
     # leaves one CTA of 8 warps per SM; a cap lets a second CTA in, whose k-steps interleave with the
     # first's (one CTA's scale FMAs run while the other's wgmma does)
     maxnreg: int | None = None
-    # the Gluon kernel (fp8_gluon.py: each k-step's wgmma runs while the previous step's partial sum is
-    # scaled) where it applies (Hopper, block format, e4m3 x), else the Triton kernel with the same tile
-    gluon: bool = False
 
     def __str__(self):
         return (f"{self.block_m}x{self.block_n} w{self.num_warps} s{self.num_stages}{' tma' if self.tma else ''}"
-                f"{f' r{self.maxnreg}' if self.maxnreg else ''}{' gluon' if self.gluon else ''}")
+                f"{f' r{self.maxnreg}' if self.maxnreg else ''}")
 
 
 F = Fp8Config
@@ -351,13 +348,7 @@ _FP8_ROWS = {"gate_up": [F(128, 64, 8, 3, tma=True, maxnreg=128), F(64, 64, 4, 3
                       F(64, 128, 4, 3, tma=True, maxnreg=168), F(64, 128, 4, 4, tma=True, maxnreg=168),
                       F(64, 128, 4, 5, tma=True), F(128, 128, 8, 3, tma=True, maxnreg=168),
                       F(64, 64, 4, 4, tma=True, maxnreg=128), F(128, 64, 8, 3, tma=True, maxnreg=128)]}
-# The Gluon kernel (fp8_gluon.py): 16 rows a warp, 3 partial sums of [block_m, 2*block_n] (gate_up) or
-# [block_m, block_n] fp32 in registers (~225 a thread: one CTA of 8 warps or two of 4 an SM)
-_FP8_GLUON = {"gate_up": [F(128, 64, 8, 4, tma=True, gluon=True), F(128, 64, 8, 3, tma=True, gluon=True),
-                          F(64, 64, 4, 3, tma=True, gluon=True), F(64, 64, 4, 4, tma=True, gluon=True)],
-              "down": [F(128, 128, 8, 4, tma=True, gluon=True), F(128, 128, 8, 3, tma=True, gluon=True),
-                       F(64, 128, 4, 3, tma=True, gluon=True), F(64, 128, 4, 4, tma=True, gluon=True)]}
-FP8_CANDIDATES = {(r, g): (_FP8_DECODE if r == "decode" else _FP8_ROWS)[g] + _FP8_GLUON[g]
+FP8_CANDIDATES = {(r, g): (_FP8_DECODE if r == "decode" else _FP8_ROWS)[g]
                   for _, r in REGIMES for g in ("gate_up", "down")}
 
 
