@@ -9,6 +9,8 @@ medians over interleaved rounds. In the same run:
     peer      the torch._scaled_grouped_mm pipeline (rowwise scales: x quantized per token in torch,
               gate_up, silu * up, h quantized per token, down), where this torch has it
 Both weight formats: fp8 = fp8_block, fp8c = fp8_channel (per-channel weights, per-token activations);
+the FP8 layers keep the shared expert in bf16 (MoGELayer.quantize_'s default), "fp8 layer, fp8 shared"
+quantizes it too (quantize_(shared_expert=True)): its speed and its accuracy against the bf16 layer;
 the mlp's ratio to the weight-read floor and to its FLOP floor at the fp8 mm rate.
 Accuracy (printed): FP8 grouped_mlp vs the reference with the same quantization (goal <= 1e-2), the
 gate_up GEMM alone in fp32 vs the reference, and vs bf16 on the unquantized weights; FP8 layer vs bf16
@@ -198,7 +200,8 @@ def main():
     mm8_ms = []
 
     layer = mk.MoGELayer(H, I, E, G, shared_intermediate_size=IS).to(dev, torch.bfloat16).eval()
-    layer8 = copy.deepcopy(layer).quantize_("fp8_block")
+    layer8 = copy.deepcopy(layer).quantize_("fp8_block")                           # bf16 shared expert
+    layer8s = copy.deepcopy(layer).quantize_("fp8_block", shared_expert=True)      # shared expert in FP8
     gu, dn = fp8.layer_weights(layer8)
     # per-channel weights, per-token activations: one scale per row, so the FP8 dots chain through one
     # accumulator (Triton promotes it to fp32 every 128 k) instead of a scaled FMA per 128-k block
@@ -233,6 +236,7 @@ def main():
             methods["fp8 mlp"] = lambda: mk.grouped_mlp(x, gu, dn, offsets)
             methods["bf16 layer"] = lambda: layer(hidden)
             methods["fp8 layer"] = lambda: layer8(hidden)
+            methods["fp8 layer, fp8 shared"] = lambda: layer8s(hidden)
             methods["fp8c mlp"] = lambda: mk.grouped_mlp(x, guc, dnc, offsets)
             methods["fp8c layer"] = lambda: layer8c(hidden)
             notes = []
@@ -262,6 +266,7 @@ def main():
             y8c = mk.grouped_mlp(x, guc, dnc, offsets)
             acc = {"fp8 mlp vs bf16": rel_err(y8, y16), "fp8c mlp vs bf16": rel_err(y8c, y16),
                    "fp8 layer vs bf16 layer": rel_err(layer8(hidden), layer(hidden)),
+                   "fp8 layer (fp8 shared) vs bf16 layer": rel_err(layer8s(hidden), layer(hidden)),
                    "fp8c layer vs bf16 layer": rel_err(layer8c(hidden), layer(hidden))}
             if T in (16, 128, 4096):
                 with mk.use_backend("reference"):
@@ -291,9 +296,9 @@ def main():
           "(per-channel weights, per-token activations)")
     print("fp8 floor = FP8 weight-read floor; FLOP floor = the mlp's FLOPs at the fp8 _scaled_mm rate above")
     print("| T | bf16 mlp | fp8 mlp | fp8c mlp | fp8 floor | fp8 mlp / floor | fp8c / floor | "
-          "fp8 mlp / FLOP floor | peer _scaled_grouped_mm | bf16 layer | fp8 layer | fp8c layer | "
-          "layer speed-up fp8 / fp8c | fp8 / fp8c TFLOP/s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "fp8 mlp / FLOP floor | peer _scaled_grouped_mm | bf16 layer | fp8 layer | fp8 layer, fp8 shared | "
+          "fp8c layer | layer speed-up fp8 / fp8 with fp8 shared / fp8c | fp8 / fp8c TFLOP/s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for T, med, floor_ms, acc, _ in rows:
         f = lambda k: f"{med[k]:.3f}" if k in med else "n/a"  # noqa: E731
         flops = 6 * T * 8 * H * I
@@ -306,8 +311,8 @@ def main():
         print(f"| {T} | {f('bf16 mlp')} | {f('fp8 mlp')} | {f('fp8c mlp')} | {floor_ms:.3f} | "
               f"{ratio('fp8 mlp'):.2f}x | {ratio('fp8c mlp'):.2f}x | {flop_ratio:.2f}x | "
               f"{f('peer _scaled_grouped_mm')} | "
-              f"{f('bf16 layer')} | {f('fp8 layer')} | {f('fp8c layer')} | "
-              f"{speed('fp8 layer'):.2f}x / {speed('fp8c layer'):.2f}x | "
+              f"{f('bf16 layer')} | {f('fp8 layer')} | {f('fp8 layer, fp8 shared')} | {f('fp8c layer')} | "
+              f"{speed('fp8 layer'):.2f}x / {speed('fp8 layer, fp8 shared'):.2f}x / {speed('fp8c layer'):.2f}x | "
               f"{tflops('fp8 mlp'):.0f} / {tflops('fp8c mlp'):.0f} |")
     print("\ngoals: T>=4096 layer speed-up >= 1.7x; T<=1024 fp8 mlp / floor <= 1.2x; fp8 mlp < peer at "
           "every T; fp8 mlp vs reference <= 1e-2; fp8 layer vs bf16 layer <= 4e-2")

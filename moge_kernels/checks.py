@@ -336,6 +336,19 @@ def check_layer_weights(hidden, router_logits, w_gate_up, w_down, shared_w_gate_
         _fail("shared_w_gate_up and shared_w_down must be given together")
     if shared_w_gate_up is None:
         return
+    fp8_shared = [isinstance(w, fp8.QuantizedExpertWeights) for w in (shared_w_gate_up, shared_w_down)]
+    if any(fp8_shared):     # an FP8 shared expert: one expert, [1, 2Is, H] and [1, H, Is]
+        if not all(fp8_shared):
+            _fail("shared_w_gate_up and shared_w_down must both be FP8 (QuantizedExpertWeights) or both "
+                  "tensors")
+        E_s, two_is, H_s = _layer_weight_shape("shared_w_gate_up", shared_w_gate_up, hidden)
+        if E_s != 1 or H_s != H or two_is % 2 != 0:
+            _fail(f"an FP8 shared_w_gate_up must be [1, 2*Is, H] with H = hidden.shape[1] = {H}, got "
+                  f"shape {tuple(shared_w_gate_up.shape)}")
+        if _layer_weight_shape("shared_w_down", shared_w_down, hidden) != (1, H, two_is // 2):
+            _fail(f"an FP8 shared_w_down must have shape {(1, H, two_is // 2)}, got "
+                  f"{tuple(shared_w_down.shape)}")
+        return
     check_tensor("shared_w_gate_up", shared_w_gate_up, 2, dtypes=(hidden.dtype,), device=hidden.device)
     check_tensor("shared_w_down", shared_w_down, 2, dtypes=(hidden.dtype,), device=hidden.device)
     two_is = shared_w_gate_up.shape[0]

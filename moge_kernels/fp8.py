@@ -352,10 +352,58 @@ def _to_fp8_mode(layer, block_n: int, block_k: int, device) -> None:
     layer._fp8_blocks = (block_n, block_k)
 
 
-def quantize_layer_(layer, fmt: str, scale_format: str):
-    """MoGELayer.quantize_: the expert weights to FP8 in place (inference only)."""
+# An FP8 shared expert is a grouped MLP of one expert over all T rows (grouped_mlp_fp8's kernels, no
+# second FP8 GEMM to keep): buffers shared_w_gate_up_fp8 [1, 2Is, H], shared_w_gate_up_scale
+# [1, 2, NB, KB], shared_w_down_fp8 [1, H, Is], shared_w_down_scale, fp8_shared_block_size [2];
+# shared_w_gate_up / shared_w_down become None.
+def layer_shared_weights(layer) -> tuple:
+    """(shared gate_up, shared down) as shared_expert_mlp takes them: the bf16 parameters, or the FP8
+    weights of an FP8 shared expert."""
+    blocks = getattr(layer, "_fp8_shared_blocks", None)
+    if blocks is None:
+        return layer.shared_w_gate_up, layer.shared_w_down
+    block_n, block_k = blocks
+    return (QuantizedExpertWeights(layer.shared_w_gate_up_fp8, layer.shared_w_gate_up_scale, block_n, block_k),
+            QuantizedExpertWeights(layer.shared_w_down_fp8, layer.shared_w_down_scale, block_n, block_k))
+
+
+def _to_fp8_shared_mode(layer, block_n: int, block_k: int, device) -> None:
+    """Replace the bf16 shared-expert parameters by (empty) FP8 buffers of the layer's sizes."""
+    H, Is = layer.hidden_size, layer.shared_intermediate_size
+    layer.register_parameter("shared_w_gate_up", None)
+    layer.register_parameter("shared_w_down", None)
+    layer.register_buffer("shared_w_gate_up_fp8", torch.empty(1, 2 * Is, H, dtype=E4M3, device=device))
+    layer.register_buffer("shared_w_gate_up_scale",
+                          torch.empty(scale_shape(1, 2 * Is, H, 2, block_n, block_k), device=device))
+    layer.register_buffer("shared_w_down_fp8", torch.empty(1, H, Is, dtype=E4M3, device=device))
+    layer.register_buffer("shared_w_down_scale",
+                          torch.empty(scale_shape(1, H, Is, 1, block_n, block_k), device=device))
+    layer.register_buffer("fp8_shared_block_size", torch.tensor([block_n, block_k], device=device))
+    layer._fp8_shared_blocks = (block_n, block_k)
+
+
+def shared_expert_mlp(hidden: Tensor, gate_up: QuantizedExpertWeights, down: QuantizedExpertWeights) -> Tensor:
+    """An FP8 shared expert over hidden [T, H]: grouped_mlp with one expert owning all T rows ->
+    [T, H] in hidden's dtype. Its expert_offsets [0, T] are made on the device (no host copy)."""
+    from . import ops
+    T = hidden.shape[0]
+    if T == 0:
+        return hidden.new_zeros(0, hidden.shape[1])
+    offsets = torch.arange(0, 2 * T, T, dtype=torch.int32, device=hidden.device)
+    return ops.grouped_mlp(hidden, gate_up, down, offsets)
+
+
+def quantize_layer_(layer, fmt: str, scale_format: str, shared_expert: bool = False):
+    """MoGELayer.quantize_: the expert weights (and the shared expert's, with shared_expert) to FP8 in
+    place (inference only)."""
     if layer_weights(layer) is not None:
         raise RuntimeError("quantize_: the layer's expert weights are FP8 already")
+    if shared_expert and layer.shared_w_gate_up is not None:
+        sgu = quantize_expert_weights(layer.shared_w_gate_up.detach()[None], fmt, scale_format, parts=2)
+        sdn = quantize_expert_weights(layer.shared_w_down.detach()[None], fmt, scale_format)
+        _to_fp8_shared_mode(layer, sgu.block_n, sgu.block_k, sgu.weight.device)
+        layer.shared_w_gate_up_fp8, layer.shared_w_gate_up_scale = sgu.weight, sgu.scale
+        layer.shared_w_down_fp8, layer.shared_w_down_scale = sdn.weight, sdn.scale
     w_gate_up = layer.w_gate_up.detach()
     w_gate_up = w_gate_up.flatten(2) if w_gate_up.dim() == 4 else w_gate_up     # packed -> [E, N, K]
     w_down = layer.w_down.detach()
@@ -370,7 +418,7 @@ def quantize_layer_(layer, fmt: str, scale_format: str):
 
 def is_checkpoint_fp8_key(key: str) -> bool:
     """Scale tensors that stay fp32 when a checkpoint is loaded in another dtype."""
-    return key.endswith(_CKPT_SCALES + ("w_gate_up_scale", "w_down_scale"))
+    return key.endswith(_CKPT_SCALES + ("w_gate_up_scale", "w_down_scale"))   # shared_w_*_scale too
 
 
 def _dequantize_shared_keys(state_dict, prefix, error_msgs) -> None:
@@ -410,12 +458,52 @@ def _dequantize_shared_keys(state_dict, prefix, error_msgs) -> None:
         del state_dict[key + kind]
 
 
+def _take_shared_fp8_keys(module, state_dict, prefix, error_msgs) -> None:
+    """Into a layer whose shared expert is FP8 already (quantize_ before load_state_dict), checkpoint
+    keys shared_expert.{gate,up,down}_proj.weight load as its FP8 buffers: e4m3 ones with their scales as
+    they are (the layer's blocks), float ones quantized in the layer's format."""
+    keys = [f"{prefix}shared_expert.{p}." for p in _PROJ]
+    if module._fp8_shared_blocks is None or keys[0] + "weight" not in state_dict:
+        return
+    block_n, block_k = module._fp8_shared_blocks
+    parts = []
+    try:
+        for key in keys:
+            weight = state_dict.pop(key + "weight")
+            kind = next((k for k in _CKPT_SCALES if key + k in state_dict), None)
+            if weight.dtype != E4M3:
+                q = quantize_expert_weights(weight.float()[None], format_name(block_n, block_k))
+                parts.append((q.weight[0], q.scale[0, 0]))
+                continue
+            if kind is None:
+                raise ValueError(f"{key}weight is e4m3 without its {' or '.join(_CKPT_SCALES)}")
+            scale = state_dict.pop(key + kind).float().clamp_min(MIN_SCALE)
+            want = scale_shape(1, *weight.shape, 1, block_n, block_k)[2:]
+            if tuple(scale.shape) != want:
+                raise ValueError(f"{key}{kind}: shape {tuple(scale.shape)}, expected {want} for the layer's "
+                                 f"{format_name(block_n, block_k)} shared expert")
+            parts.append((weight, scale))
+        (g, gs), (u, us), (d, ds) = parts
+        state_dict[prefix + "shared_w_gate_up_fp8"] = torch.cat([g, u])[None]
+        state_dict[prefix + "shared_w_gate_up_scale"] = torch.stack([gs, us])[None]
+        state_dict[prefix + "shared_w_down_fp8"] = d[None]
+        state_dict[prefix + "shared_w_down_scale"] = ds[None, None]
+        state_dict[prefix + "fp8_shared_block_size"] = torch.tensor([block_n, block_k])
+    except (KeyError, RuntimeError, ValueError) as err:
+        error_msgs.append(f"FP8 shared expert checkpoint keys under {prefix}shared_expert.*: {err}")
+
+
 def take_fp8_checkpoint_keys(module, state_dict, prefix, local_metadata, strict, missing_keys,
                              unexpected_keys, error_msgs):
     """load_state_dict pre-hook (before the bf16 one): FP8 per-expert checkpoint keys -> the stacked
-    FP8 buffers, switching the layer to FP8 first; a quantized layer's own state dict switches it too.
-    An FP8 shared expert is dequantized (_dequantize_shared_keys)."""
+    FP8 buffers, switching the layer to FP8 first; a quantized layer's own state dict switches it too
+    (and its shared expert, if that is FP8). A checkpoint's e4m3 shared expert loads into an FP8 shared
+    expert as it is, else dequantized into the bf16 one (_dequantize_shared_keys)."""
+    _take_shared_fp8_keys(module, state_dict, prefix, error_msgs)
     _dequantize_shared_keys(state_dict, prefix, error_msgs)
+    if prefix + "fp8_shared_block_size" in state_dict and getattr(module, "_fp8_shared_blocks", None) is None:
+        block_n, block_k = (int(v) for v in state_dict[prefix + "fp8_shared_block_size"].tolist())
+        _to_fp8_shared_mode(module, block_n, block_k, module.router_scale.device)
     if prefix + "fp8_block_size" in state_dict:
         block_n, block_k = (int(v) for v in state_dict[prefix + "fp8_block_size"].tolist())  # loading: once
         if layer_weights(module) is None:

@@ -64,6 +64,7 @@ class MoGELayer(nn.Module):
     # (block_n, block_k) of the FP8 expert weights after quantize_ (fp8.py sets it), None before: a class
     # default, so that reading it is an attribute lookup, not nn.Module.__getattr__'s AttributeError
     _fp8_blocks: Optional[tuple] = None
+    _fp8_shared_blocks: Optional[tuple] = None      # the same for an FP8 shared expert
 
     def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, num_groups: int,
                  topk_per_group: int = 1, shared_intermediate_size: int = 0,
@@ -125,11 +126,17 @@ class MoGELayer(nn.Module):
         return self
 
     @torch.no_grad()
-    def quantize_(self, fmt: str = "fp8_block", scale_format: str = "fp32") -> "MoGELayer":
+    def quantize_(self, fmt: str = "fp8_block", scale_format: str = "fp32",
+                  shared_expert: bool = False) -> "MoGELayer":
         """Expert weights to FP8 (moge_kernels.fp8: "fp8_block" or "fp8_channel"), in place, for
         inference: w_gate_up / w_down become the buffers w_gate_up_fp8, w_gate_up_scale, w_down_fp8,
-        w_down_scale (HF FP8 checkpoints load straight into them); the forward runs grouped_mlp_fp8."""
-        return fp8.quantize_layer_(self, fmt, scale_format)
+        w_down_scale (HF FP8 checkpoints load straight into them); the forward runs grouped_mlp_fp8.
+        shared_expert=True quantizes the shared expert too (shared_w_gate_up_fp8, ...: the FP8 grouped
+        MLP of one expert over every token): faster at prefill, but the shared expert carries most of
+        the layer's output, so the layer's error against bf16 grows to about the FP8 mlp's own (~6% on
+        random weights against ~0.6% with the default bf16 shared expert; bench/bench_fp8.py prints
+        both)."""
+        return fp8.quantize_layer_(self, fmt, scale_format, shared_expert)
 
     @torch.no_grad()
     def prune_experts_(self, keep) -> "MoGELayer":
@@ -200,8 +207,8 @@ class MoGELayer(nn.Module):
         layer_ops = ops.MOGE_OPS if blocks is None else fp8.layer_ops(blocks[1])
         out, expert_offsets = ops.compose_layer(
             x, router_logits, *self._expert_weights(), self.num_groups, self.topk_per_group,
-            self.router_scale, self.renormalize, self.score_func, self.shared_w_gate_up,
-            self.shared_w_down, layer_ops=layer_ops, grad_experts=self._grad_experts(),
+            self.router_scale, self.renormalize, self.score_func, *fp8.layer_shared_weights(self),
+            layer_ops=layer_ops, grad_experts=self._grad_experts(),
             expert_mask=expert_mask, need_offsets=self.training or return_aux_loss)
         aux = None
         if self.training or return_aux_loss:
@@ -232,14 +239,16 @@ class MoGELayer(nn.Module):
         if "gate.weight" not in sd:
             raise KeyError(f"{prefix}gate.weight not found in the state dict")
         E, H = sd["gate.weight"].shape
-        if "w_down" in sd:
-            I = sd["w_down"].shape[2]
+        if "w_down" in sd or "w_down_fp8" in sd:               # a layer's own (or quantized) state dict
+            I = sd.get("w_down", sd.get("w_down_fp8")).shape[2]
         elif "experts.0.down_proj.weight" in sd:
             I = sd["experts.0.down_proj.weight"].shape[1]
         else:
             raise KeyError(f"neither {prefix}w_down nor {prefix}experts.0.down_proj.weight found")
         if "shared_expert.gate_proj.weight" in sd:
             shared_size = sd["shared_expert.gate_proj.weight"].shape[0]
+        elif "shared_w_gate_up_fp8" in sd:                     # a quantized layer's [1, 2Is, H]
+            shared_size = sd["shared_w_gate_up_fp8"].shape[1] // 2
         else:
             shared_size = sd["shared_w_gate_up"].shape[0] // 2 if "shared_w_gate_up" in sd else 0
         kwargs.setdefault("shared_intermediate_size", shared_size)

@@ -581,13 +581,16 @@ def swiglu(gate_up: Tensor) -> Tensor:
     return _run("swiglu", gate_up)
 
 
-def shared_expert_mlp(hidden: Tensor, shared_w_gate_up: Tensor, shared_w_down: Tensor) -> Tensor:
+def shared_expert_mlp(hidden: Tensor, shared_w_gate_up, shared_w_down) -> Tensor:
     """Dense SwiGLU MLP of a shared expert: hidden [T, H], shared_w_gate_up [2Is, H] (gate rows first),
-    shared_w_down [H, Is] -> [T, H] in hidden's dtype.
+    shared_w_down [H, Is] -> [T, H] in hidden's dtype; or FP8 weights (QuantizedExpertWeights of one
+    expert, [1, 2Is, H] and [1, H, Is]: fp8.shared_expert_mlp, the FP8 grouped MLP over all T rows).
 
     Two dense GEMMs (cuBLAS on CUDA) around the `moge.swiglu` kernel: the shared expert is one dense
     matrix for every token, where cuBLAS is the reference rate that the grouped kernels reach 80-94% of
     at prefill sizes (bench/README.md); at decode sizes both stream the weights once."""
+    if isinstance(shared_w_gate_up, fp8.QuantizedExpertWeights):
+        return fp8.shared_expert_mlp(hidden, shared_w_gate_up, shared_w_down)
     return F.linear(swiglu(F.linear(hidden, shared_w_gate_up)), shared_w_down)
 
 
@@ -758,7 +761,8 @@ def moge_forward(hidden: Tensor, router_logits: Tensor, w_gate_up: Tensor, w_dow
         num_groups, topk_per_group, expert_scale, renormalize, score_func, expert_mask: the routing,
             as in grouped_dispatch.
         shared_w_gate_up, shared_w_down: optional dense shared expert [2Is, H] and [H, Is] in hidden's
-            dtype (given together), run on every token and added to the routed experts' sum.
+            dtype, or FP8 weights of one expert ([1, 2Is, H], [1, H, Is]; given together), run on
+            every token and added to the routed experts' sum.
 
     Returns [T, H] in hidden's dtype. The arguments are checked here, under these names, before any
     op runs. Differentiable in every tensor argument; works under torch.compile(fullgraph=True)."""
