@@ -2,6 +2,7 @@
 reference ops against a dequantize-then-matmul oracle (ragged experts, empty experts, M = 0, partial
 blocks), accuracy against the unquantized bf16 path, NaN / saturation, opcheck, no backward, bad inputs;
 the Triton kernels in the interpreter (fp32 / fp16) and on the GPU (bf16, the Pangu shape, graphs)."""
+import copy
 import math
 
 import pytest
@@ -940,3 +941,52 @@ def test_gpu_fp8_layer_pangu(T):
             want = layer(x)
     print(f"T={T}: fp8 layer vs bf16 {rel_err(y, bf16):.2e}, vs reference {rel_err(y, want):.2e}")
     assert rel_err(y, bf16) <= 4e-2 and rel_err(y, want) <= REF_TOL
+
+
+# ----------------------------------------------------------------------------- FP8 shared expert
+# (quantize_(shared_expert=True); its oracle, state-dict and checkpoint-key tests: tests/test_fp8_shared.py)
+def _full_fp8_checkpoint(layer, fmt):
+    """layer's per-expert checkpoint with every projection, routed and shared, in e4m3 beside its scale
+    key (weight_scale_inv [ceil(N/128), ceil(K/128)], or weight_scale [N, 1] per channel), as a full HF
+    FP8 checkpoint stores them."""
+    key = "weight_scale_inv" if fmt == "fp8_block" else "weight_scale"
+    ckpt = layer.per_expert_state_dict()
+    for name in [k for k in ckpt if k.endswith("_proj.weight")]:
+        q = mk.quantize_expert_weights(ckpt[name][None].detach().float(), fmt)
+        ckpt[name] = q.weight[0]
+        ckpt[name[:-len("weight")] + key] = q.scale[0, 0]
+    return ckpt
+
+
+@pytest.mark.parametrize("fmt", ["fp8_block", "fp8_channel"])
+def test_full_fp8_checkpoint_keeps_an_fp8_shared_expert(fmt):
+    """A layer quantized with shared_expert=True takes a full FP8 checkpoint's e4m3 shared expert as it
+    is (the bytes of quantizing the same weights, no dequantize); from_pretrained_state_dict (a bf16
+    shared expert) still dequantizes it."""
+    src = _layer().eval()
+    ckpt = _full_fp8_checkpoint(src, fmt)
+    want = copy.deepcopy(src).quantize_(fmt, shared_expert=True)
+    dst = _layer(seed=1).eval().quantize_(fmt, shared_expert=True)
+    dst.load_state_dict(dict(ckpt))
+    for name in ("shared_w_gate_up_fp8", "shared_w_down_fp8"):
+        assert torch.equal(getattr(dst, name).view(torch.uint8), getattr(want, name).view(torch.uint8))
+    for name in ("shared_w_gate_up_scale", "shared_w_down_scale"):
+        assert torch.equal(getattr(dst, name), getattr(want, name))
+    x = torch.randn(6, 256)
+    with torch.no_grad():
+        assert torch.equal(dst(x), want(x))
+    built = mk.MoGELayer.from_pretrained_state_dict(dict(ckpt), num_groups=4)
+    assert built._fp8_blocks is not None and built._fp8_shared_blocks is None
+    sgu, _ = fp8.layer_shared_weights(want)
+    assert torch.equal(built.shared_w_gate_up, sgu.dequantize()[0])
+
+
+def test_fp8_shared_layer_compile_fullgraph():
+    """torch.compile(fullgraph=True) of the forward of a layer whose shared expert is FP8 too (the [0, T]
+    offsets are made in the graph): equal to the eager forward. The reference backend only: the ops are
+    opaque to dynamo, so a backend adds kernel time, not coverage."""
+    layer = _layer(seed=2).eval().quantize_("fp8_block", shared_expert=True)
+    x = torch.randn(7, 256, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad(), mk.use_backend("reference"):
+        want = layer(x)
+        assert torch.equal(torch.compile(layer, fullgraph=True, backend="eager")(x), want)
