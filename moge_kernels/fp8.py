@@ -382,6 +382,25 @@ def _to_fp8_shared_mode(layer, block_n: int, block_k: int, device) -> None:
     layer._fp8_shared_blocks = (block_n, block_k)
 
 
+def keep_checkpoint_shared_expert_fp8(layer, state_dict) -> None:
+    """from_pretrained_state_dict(shared_expert_fp8=True): the layer's shared expert becomes FP8 in the
+    checkpoint's format (read from its gate_proj scale key: [N, 1] per channel, else 128x128 blocks), so
+    that its e4m3 keys load as they are (take_fp8_checkpoint_keys) instead of dequantized."""
+    if "shared_w_gate_up_fp8" in state_dict:       # a quantized layer's own state dict: FP8 already
+        return
+    key = "shared_expert.gate_proj."
+    weight = state_dict.get(key + "weight")
+    kind = next((k for k in _CKPT_SCALES if key + k in state_dict), None)
+    if weight is None or weight.dtype != E4M3 or kind is None:
+        found = "absent" if weight is None else f"{weight.dtype}" + ("" if kind else " without a scale key")
+        raise ValueError("from_pretrained_state_dict: shared_expert_fp8=True needs the checkpoint's shared "
+                         f"expert in e4m3 with its {' or '.join(_CKPT_SCALES)} ({key}weight is {found}); "
+                         "for float weights use quantize_(fmt, shared_expert=True)")
+    per_channel = tuple(state_dict[key + kind].shape) == (weight.shape[0], 1)
+    block_n, block_k = (1, 0) if per_channel else (BLOCK, BLOCK)
+    _to_fp8_shared_mode(layer, block_n, block_k, layer.router_scale.device)
+
+
 def shared_expert_mlp(hidden: Tensor, gate_up: QuantizedExpertWeights, down: QuantizedExpertWeights) -> Tensor:
     """An FP8 shared expert over hidden [T, H]: grouped_mlp with one expert owning all T rows ->
     [T, H] in hidden's dtype. Its expert_offsets [0, T] are made on the device (no host copy)."""

@@ -232,9 +232,12 @@ class MoGELayer(nn.Module):
     # ------------------------------------------------------------------------- checkpoints
     @classmethod
     def from_pretrained_state_dict(cls, state_dict: dict, num_groups: int, topk_per_group: int = 1,
-                                   prefix: str = "", **kwargs) -> "MoGELayer":
+                                   prefix: str = "", shared_expert_fp8: bool = False,
+                                   **kwargs) -> "MoGELayer":
         """Build a layer from a checkpoint's tensors (per-expert or stacked keys under `prefix`),
-        sizes, dtype and device inferred from them; kwargs go to the constructor (score_func, ...)."""
+        sizes, dtype and device inferred from them; kwargs go to the constructor (score_func, ...).
+        An e4m3 shared expert (a full FP8 checkpoint's) is dequantized into the activation dtype, or
+        with shared_expert_fp8=True kept in FP8 as it is (quantize_(..., shared_expert=True)'s layout)."""
         sd = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
         if "gate.weight" not in sd:
             raise KeyError(f"{prefix}gate.weight not found in the state dict")
@@ -256,6 +259,8 @@ class MoGELayer(nn.Module):
         kwargs.setdefault("dtype", ref.dtype)
         with torch.device("meta"):
             layer = cls(H, I, E, num_groups, topk_per_group, **kwargs)
+        if shared_expert_fp8:
+            fp8.keep_checkpoint_shared_expert_fp8(layer, sd)
         # build on meta, then take the checkpoint's tensors (converted to the layer's dtype) in place
         sd = {k: v.to(dtype=kwargs["dtype"], device=ref.device)
               if v.is_floating_point() and v.dtype != fp8.E4M3 and not fp8.is_checkpoint_fp8_key(k)

@@ -961,8 +961,8 @@ def _full_fp8_checkpoint(layer, fmt):
 @pytest.mark.parametrize("fmt", ["fp8_block", "fp8_channel"])
 def test_full_fp8_checkpoint_keeps_an_fp8_shared_expert(fmt):
     """A layer quantized with shared_expert=True takes a full FP8 checkpoint's e4m3 shared expert as it
-    is (the bytes of quantizing the same weights, no dequantize); from_pretrained_state_dict (a bf16
-    shared expert) still dequantizes it."""
+    is (the bytes of quantizing the same weights, no dequantize), as does from_pretrained_state_dict
+    with shared_expert_fp8=True; without it, it is dequantized into a bf16 shared expert."""
     src = _layer().eval()
     ckpt = _full_fp8_checkpoint(src, fmt)
     want = copy.deepcopy(src).quantize_(fmt, shared_expert=True)
@@ -979,6 +979,13 @@ def test_full_fp8_checkpoint_keeps_an_fp8_shared_expert(fmt):
     assert built._fp8_blocks is not None and built._fp8_shared_blocks is None
     sgu, _ = fp8.layer_shared_weights(want)
     assert torch.equal(built.shared_w_gate_up, sgu.dequantize()[0])
+    kept = mk.MoGELayer.from_pretrained_state_dict(dict(ckpt), num_groups=4, shared_expert_fp8=True)
+    assert kept.shared_w_gate_up is None and kept._fp8_shared_blocks == want._fp8_shared_blocks
+    with torch.no_grad():
+        assert torch.equal(kept(x), want(x))
+    float_shared = {**ckpt, **{k: v for k, v in src.per_expert_state_dict().items() if "shared" in k}}
+    with pytest.raises(ValueError, match="shared_expert_fp8=True needs"):
+        mk.MoGELayer.from_pretrained_state_dict(float_shared, num_groups=4, shared_expert_fp8=True)
 
 
 def test_fp8_shared_layer_compile_fullgraph():
