@@ -6,24 +6,30 @@ On the GPU (the device run of issue "Fast without CUDA graphs"):
     python bench/host_overhead.py                       # Pangu and Qwen3-30B, T = 1, 1024, 4096
     python bench/host_overhead.py --shapes pangu,qwen3_30b,mixtral_8x7b --tokens 1,16,1024,4096
 
-prints, per (shape, T, op) with op in dispatch, permute (grouped_permute of the same ids), mlp, "mlp 1str" (the mlp with triton_mlp_streams off,
-where the two-stream split applies), combine, layer (moge_forward), MoGELayer (its forward under
-inference_mode, router GEMM included) and the `torch._grouped_mm` pipeline's mlp and layer
-(bench/baselines.py): the eager time (`triton.testing.do_bench` of plain calls, L2 flushed before each,
+prints, per (shape, T, op) with op in dispatch, permute (grouped_permute of the same ids), mlp, "mlp 1str"
+(the mlp with triton_mlp_streams off, where the two-stream split applies), combine, layer (moge_forward),
+MoGELayer (its forward under inference_mode, router GEMM included), the `torch._grouped_mm` pipeline's mlp
+and layer (bench/baselines.py) and, on sm_89+, "mlp fp8" (grouped_mlp with the same experts' fp8_block
+weights; --fp8 all adds "mlp fp8c", fp8_channel weights, and "MoGELayer fp8", the layer after
+quantize_("fp8_block")): the eager time (`triton.testing.do_bench` of plain calls, L2 flushed before each,
 as in the issue's table), the graph-replay time (`do_bench_cudagraph`), their difference, the host time
 of one call (perf_counter around the call, the GPU idle before it: what the host spends before the
 kernels can run), the same with eager_direct=False (every op through torch.ops' dispatcher, the path
 before the eager direct calls), and the Triton launches per call that did not come from a cached handle
 (0 in a steady state); then, with --profile, a torch.profiler table of CPU time per function and the
-top of a cProfile of 200 calls of each op at T = 1 and of the mlp at the largest T.
+top of a cProfile of 200 calls of each op at T = 1 (the FP8 mlp included) and of the mlp at the largest T.
 Qwen3-30B routes as plain top-8 (G=1, k_g=8), Mixtral-8x7B as top-2 (G=1, k_g=2).
 
 Without a GPU (`--simulate`, here or in CI): the public ops, the layer and the Triton launchers on CPU
 tensors, as on the GPU up to the compiled launcher, which is replaced by a no-op (a stand-in driver
 answers device, stream and target; the compile step returns a stand-in handle; the triton backend runs
-CPU tensors with the H200 config table and TMA descriptors): the Python host time per call (CPU time of
-the thread, min over repeats) and the function calls per call, before any CUDA work, direct and through
-torch.ops. Run it on two checkouts to compare them.
+CPU tensors with the H200 config tables, bf16 and FP8, and TMA descriptors): the Python host time per
+call (CPU time of the thread, min over repeats) and the function calls per call, before any CUDA work,
+direct and through torch.ops, and the Triton launches a call that did not come from a cached handle.
+Rows: the bf16 ops and layer, then FP8 experts: "mlp fp8" / "mlp fp8c" (grouped_mlp with fp8_block /
+fp8_channel weights), "permute fp8" (grouped_permute_fp8), "dispatch fp8" (grouped_dispatch_fp8) and
+"MoGELayer fp8" (the layer after quantize_("fp8_block")). Run it on two checkouts to compare them;
+--ops picks rows.
 """
 from __future__ import annotations
 
@@ -111,6 +117,15 @@ def _simulated_gpu_path():
     grouped_gemm._table_config = table_config
     grouped_gemm._tma_device = lambda device: True
     grouped_gemm._num_sms = lambda device: 132
+    # FP8: the H200 table (as fp8_table_config looks it up on the card) and compiled-launch constexprs
+    # and options (no interpreter rounding, the configs' register caps)
+    from moge_kernels.triton import fp8_gemm
+
+    def fp8_table_config(M, E, gemm, device):
+        return gemm_configs.FP8_TABLES["H200"][(gemm_configs.regime(M, E), gemm)]
+
+    gemm_configs.fp8_table_config = fp8_table_config
+    fp8_gemm._interpreted = lambda t: False
     return torch, mk
 
 
@@ -118,7 +133,7 @@ def _simulated_calls(torch, mk, T):
     """{name: (fn, its triton launcher or None)} at T tokens: Pangu's routing (E=64, G=8, top-1 per
     group), small widths (the host path depends on the shapes only through config choice)."""
     from moge_kernels import reference as R
-    from moge_kernels.triton import combine, dispatch, grouped_gemm
+    from moge_kernels.triton import combine, dispatch, fp8_gemm, grouped_gemm
 
     torch.manual_seed(0)
     H, I, E, G, dtype = 128, 64, 64, 8, torch.bfloat16
@@ -126,9 +141,25 @@ def _simulated_calls(torch, mk, T):
     logits = torch.randn(T, E)
     w_gate_up = (torch.randn(E, 2 * I, H) * H ** -0.5).to(dtype)
     w_down = (torch.randn(E, H, I) * I ** -0.5).to(dtype)
-    permuted, weights, _, offsets, row_index = R.grouped_dispatch(hidden, logits, G)
+    permuted, weights, topk_ids, offsets, row_index = R.grouped_dispatch(hidden, logits, G)
     expert_out = torch.randn_like(permuted)
     layer = mk.MoGELayer(H, I, E, G, 1, dtype=dtype).eval()
+    # FP8 experts (Hopper inference): both weight formats, the FP8 dispatch / permute (e4m3 rows), the
+    # FP8 layer (its dispatch writes e4m3 rows, its shared expert none here)
+    fp8_w = {fmt: (mk.quantize_expert_weights(w_gate_up, fmt, parts=2), mk.quantize_expert_weights(w_down, fmt))
+             for fmt in ("fp8_block", "fp8_channel")}
+    layer_fp8 = mk.MoGELayer(H, I, E, G, 1, dtype=dtype).eval().quantize_("fp8_block")
+    fp8_calls = {}
+    for name, fmt in (("mlp fp8", "fp8_block"), ("mlp fp8c", "fp8_channel")):
+        gu, dn = fp8_w[fmt]
+        fp8_calls[name] = (
+            lambda gu=gu, dn=dn: mk.grouped_mlp(permuted, gu, dn, offsets),
+            lambda gu=gu, dn=dn: fp8_gemm.grouped_mlp_fp8(permuted, gu.weight, gu.scale, dn.weight, dn.scale,
+                                                          offsets, None, gu.block_n, gu.block_k))
+    fp8_calls["permute fp8"] = (lambda: mk.grouped_permute_fp8(hidden, topk_ids, E),
+                                lambda: fp8_gemm.permute_fp8(hidden, row_index, offsets))
+    fp8_calls["dispatch fp8"] = (lambda: mk.grouped_dispatch_fp8(hidden, logits, G), None)
+    fp8_calls["MoGELayer fp8"] = (lambda: layer_fp8(hidden), None)
     return {
         "dispatch": (lambda: mk.grouped_dispatch(hidden, logits, G),
                      lambda: dispatch.grouped_dispatch(hidden, logits, G)),
@@ -138,6 +169,7 @@ def _simulated_calls(torch, mk, T):
                     lambda: combine.grouped_combine(expert_out, weights, row_index)),
         "layer": (lambda: mk.moge_forward(hidden, logits, w_gate_up, w_down, G), None),
         "MoGELayer": (lambda: layer(hidden), None),
+        **fp8_calls,
     }
 
 
@@ -165,22 +197,48 @@ def _python_calls(fn, n=20):
     return sum(s[1] for s in pstats.Stats(prof).stats.values()) / n
 
 
+def simulated_steady_state(names, tokens, warmup=3, calls=5) -> dict:
+    """{(T, op): Triton launches per call that did not come from a cached handle, after `warmup` calls}
+    under the simulation (0 in a steady state). Installs the stand-ins: run it in a process of its own."""
+    torch, mk = _simulated_gpu_path()
+    result = {}
+    for T in tokens:
+        table = _simulated_calls(torch, mk, T)
+        for name in names:
+            public = table[name][0]
+            with torch.no_grad():
+                for _ in range(warmup):
+                    public()
+                before = _slow_launches()
+                for _ in range(calls):
+                    public()
+            result[(T, name)] = (_slow_launches() - before) / calls
+    return result
+
+
 def simulate(args):
     torch, mk = _simulated_gpu_path()
     tokens = [int(t) for t in args.tokens.split(",")]
+    wanted = None if args.ops is None else [o.strip() for o in args.ops.split(",")]
     direct = "eager_direct" in mk.get_options()
     print("CPU SIMULATION of the GPU host path (bench/host_overhead.py --simulate): CPU tensors, bf16, "
           "triton backend with launches replaced by no-ops, H200 configs; CPU us per call (min and median "
           f"of {args.repeats} x {args.inner} calls) and Python calls per call (cProfile), under "
           "torch.no_grad(). 'public': the mk.* call; 'torch.ops': the same with eager_direct=False (every "
-          "call through the dispatcher); 'launcher': the triton function alone.")
-    print(f"{'T':>5} {'op':<10} {'public min':>10} {'median':>8} {'calls':>6} {'torch.ops min':>13} "
-          f"{'calls':>6} {'launcher min':>12} {'calls':>6}")
+          "call through the dispatcher); 'launcher': the triton function alone; 'slow': Triton launches "
+          "a call not from a cached handle (0 in a steady state). fp8 = fp8_block weights, fp8c = "
+          "fp8_channel.")
+    print(f"{'T':>5} {'op':<13} {'public min':>10} {'median':>8} {'calls':>6} {'torch.ops min':>13} "
+          f"{'calls':>6} {'launcher min':>12} {'calls':>6} {'slow':>5}")
     for T in tokens:
         for name, (public, launcher) in _simulated_calls(torch, mk, T).items():
+            if wanted is not None and name not in wanted:
+                continue
             with torch.no_grad():
                 lo, med = _per_call_us(public, args.repeats, args.inner)
-                row = f"{T:>5} {name:<10} {lo:>10.1f} {med:>8.1f} {_python_calls(public):>6.0f}"
+                slow = _slow_launches()
+                row = f"{T:>5} {name:<13} {lo:>10.1f} {med:>8.1f} {_python_calls(public):>6.0f}"
+                slow = (_slow_launches() - slow) / 21      # _python_calls: 21 calls
                 if direct:
                     with mk.use_options(eager_direct=False):
                         row += f" {_per_call_us(public, args.repeats, args.inner)[0]:>13.1f}" \
@@ -190,7 +248,9 @@ def simulate(args):
                 if launcher is not None:
                     row += f" {_per_call_us(launcher, args.repeats, args.inner)[0]:>12.1f}" \
                            f" {_python_calls(launcher):>6.0f}"
-                print(row, flush=True)
+                else:
+                    row += f" {'':>12} {'':>6}"
+                print(row + f" {slow:>5.2f}", flush=True)
                 if args.profile and T == tokens[0]:
                     prof = cProfile.Profile()
                     prof.enable()
@@ -204,7 +264,30 @@ def simulate(args):
 
 
 # ------------------------------------------------------------------------------------ GPU
-def _pipelines(shape, T, dtype):
+def _fp8_pipelines(fp8_rows, permuted, offsets, hidden, w_gate_up, w_down, module):
+    """The FP8 rows of _pipelines (sm_89+): "mlp fp8" (fp8_block weights of the same experts), with
+    fp8_rows "all" also "mlp fp8c" (fp8_channel) and "MoGELayer fp8" (quantize_("fp8_block"))."""
+    import copy
+    import torch
+    import moge_kernels as mk
+    if fp8_rows == "none" or torch.cuda.get_device_capability() < (8, 9):
+        return {}
+    calls = {}
+    formats = (("mlp fp8", "fp8_block"),) + ((("mlp fp8c", "fp8_channel"),) if fp8_rows == "all" else ())
+    for name, fmt in formats:
+        gu, dn = mk.quantize_expert_weights(w_gate_up, fmt, parts=2), mk.quantize_expert_weights(w_down, fmt)
+        calls[name] = lambda gu=gu, dn=dn: mk.grouped_mlp(permuted, gu, dn, offsets)
+    if fp8_rows == "all":
+        layer = copy.deepcopy(module).quantize_("fp8_block")
+
+        def layer_fp8():
+            with torch.inference_mode():
+                return layer(hidden)
+        calls["MoGELayer fp8"] = layer_fp8
+    return calls
+
+
+def _pipelines(shape, T, dtype, fp8_rows="none"):
     import torch
     import moge_kernels as mk
     from moge_kernels import reference as R
@@ -242,6 +325,7 @@ def _pipelines(shape, T, dtype):
         "MoGELayer": layer_module,           # router GEMM included, inference_mode
         "gmm mlp": lambda: B.grouped_mm_mlp(permuted, w_gate_up, w_down, offsets),
         "gmm layer": lambda: B.torch_layer(hidden, logits, w_gate_up, w_down, G, k_g),
+        **_fp8_pipelines(fp8_rows, permuted, offsets, hidden, w_gate_up, w_down, module),
     }
     if gemm_configs.regime(permuted.shape[0], E) not in gemm_configs.TWO_STREAM_REGIMES:
         del calls["mlp 1str"]                # no regime with a two-stream split
@@ -251,9 +335,9 @@ def _pipelines(shape, T, dtype):
 def _slow_launches() -> int:
     """Launches of the package's Triton kernels through kernel[grid](...) so far (launch.Kernel): in a
     steady state none, every launch from the cached handle."""
-    from moge_kernels.triton import combine, dispatch, grouped_gemm, launch
-    return sum(k.slow_launches for m in (combine, dispatch, grouped_gemm) for k in vars(m).values()
-               if isinstance(k, launch.Kernel))
+    from moge_kernels.triton import combine, dispatch, fp8_gemm, grouped_gemm, launch, permute
+    return sum(k.slow_launches for m in (combine, dispatch, fp8_gemm, grouped_gemm, permute)
+               for k in vars(m).values() if isinstance(k, launch.Kernel))
 
 
 def _host_us(fn, n=50):
@@ -284,13 +368,13 @@ def gpu(args):
           f"do_bench_cudagraph (graph); host us = one call's host time, GPU idle")
     print("'host us ops': the same with eager_direct=False (every op through torch.ops' dispatcher, as "
           "before the direct path); 'slow/call': Triton launches not from a cached handle per call")
-    print(f"{'shape':<13} {'T':>5} {'op':<9} {'eager ms':>9} {'graph ms':>9} {'eager-graph':>11} "
+    print(f"{'shape':<13} {'T':>5} {'op':<13} {'eager ms':>9} {'graph ms':>9} {'eager-graph':>11} "
           f"{'host us':>8} {'host us ops':>11} {'slow/call':>9}")
     overhead = {}
     for name in shapes:
         shape = SHAPES[name]
         for T in tokens:
-            calls = _pipelines(shape, T, dtype)
+            calls = _pipelines(shape, T, dtype, args.fp8)
             for op, fn in calls.items():
                 fn()
                 torch.cuda.synchronize()
@@ -309,7 +393,7 @@ def gpu(args):
                 diff = eager - graph if graph is not None else float("nan")
                 if T == 1:
                     overhead[(name, op)] = diff
-                print(f"{name:<13} {T:>5} {op:<9} {eager:>9.4f} "
+                print(f"{name:<13} {T:>5} {op:<13} {eager:>9.4f} "
                       f"{graph if graph is not None else float('nan'):>9.4f} {diff:>11.4f} {host:>8.1f} "
                       f"{host_ops:>11.1f} {slow:>9.2f}", flush=True)
             del calls
@@ -321,10 +405,12 @@ def gpu(args):
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
         # T = 1 for each op, and the mlp at the largest T (its host time grew with T at e85f27b)
-        cases = [(name, 1, op) for name in shapes for op in ("dispatch", "mlp", "combine", "layer")]
+        cases = [(name, 1, op) for name in shapes for op in ("dispatch", "mlp", "combine", "layer", "mlp fp8")]
         cases += [(name, max(tokens), "mlp") for name in shapes if max(tokens) > 1]
         for name, T, op in cases:
-            fn = _pipelines(SHAPES[name], T, dtype)[op]
+            fn = _pipelines(SHAPES[name], T, dtype, args.fp8).get(op)
+            if fn is None:             # no FP8 rows here
+                continue
             for _ in range(10):
                 fn()
             torch.cuda.synchronize()
@@ -416,6 +502,10 @@ def main(argv=None):
     ap.add_argument("--gaps", action="store_true", help="GPU: eager time split into host, loop, cold kernels")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--inner", type=int, default=200)
+    ap.add_argument("--fp8", choices=("none", "mlp", "all"), default="mlp",
+                    help="GPU: FP8 rows (sm_89+): mlp = 'mlp fp8' (fp8_block weights); all = also 'mlp fp8c' "
+                         "(fp8_channel) and 'MoGELayer fp8'")
+    ap.add_argument("--ops", default=None, help="--simulate: only these rows (e.g. 'mlp,mlp fp8')")
     args = ap.parse_args(argv)
     return simulate(args) if args.simulate else gaps(args) if args.gaps else gpu(args)
 
