@@ -57,8 +57,12 @@ from .. import fp8
 from ..registry import register_kernel
 from . import DEVICES
 from . import gemm_configs
-from .grouped_gemm import TensorDescriptor, _locate, _schedule, _tma_ok, cached_descriptor, zero_tail_tile
-from .launch import Kernel, cdiv, ensure_context, pow2
+from triton.runtime import driver
+
+from . import launch
+from .grouped_gemm import (TensorDescriptor, _copy_descriptor, _locate, _schedule, _tma_ok, cached_descriptor,
+                           zero_tail_tile)
+from .launch import _INTERPRET, Kernel, _hooks_idle, cdiv, ensure_context, pow2
 
 ROUND_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
@@ -388,11 +392,13 @@ def _interpreted(t: torch.Tensor) -> bool:
     return t.device.type != "cuda"     # the triton backend runs CPU tensors only under the interpreter
 
 
-def quantize_rows(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] float -> (e4m3 [M, K], fp32 scales [M, ceil(K/group)] or [M, 1] for group 0, k-major)."""
+def quantize_rows(x: torch.Tensor, group: int, q=None, s=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] float -> (e4m3 [M, K], fp32 scales [M, ceil(K/group)] or [M, 1] for group 0, k-major),
+    written to q and s where given (else allocated)."""
     M, K = x.shape
-    q = torch.empty(M, K, dtype=fp8.E4M3, device=x.device)
-    s = fp8.new_scales(x, M, K, group)
+    if q is None:
+        q = torch.empty(M, K, dtype=fp8.E4M3, device=x.device)
+        s = fp8.new_scales(x, M, K, group)
     kb = s.shape[1]
     if M == 0 or K == 0:
         return q, s.fill_(fp8.MIN_SCALE)
@@ -492,12 +498,6 @@ def _prepare(x, w, w_scale, name, block_k):
     return x, w.contiguous(), w_scale.contiguous()
 
 
-def _decode_path(M: int, E: int, block_k: int, device) -> bool:
-    """Quantize x (and h) in the GEMMs' loads (16-row gate_up tiles) rather than in a row kernel first
-    and in the gate_up epilogue."""
-    return block_k == 128 and choose_config(M, E, "gate_up", device).block_m <= 16
-
-
 def grouped_gemm_fp8(x, w, w_scale, expert_offsets, block_n=128, block_k=128):
     """Registered as triton's moge::grouped_gemm_fp8: [M, N] in x's dtype."""
     x, w, w_scale = _prepare(x, w, w_scale, "w", block_k)
@@ -516,14 +516,37 @@ def grouped_gemm_fp8(x, w, w_scale, expert_offsets, block_n=128, block_k=128):
 def grouped_mlp_fp8(x, w_gate_up, w_gate_up_scale, w_down, w_down_scale, expert_offsets, row_scale=None,
                     block_n=128, block_k=128, x_scale=None, out_dtype=None):
     """Registered as triton's moge::grouped_mlp_fp8: [M, H] in x's dtype (out_dtype for e4m3 x with its
-    x_scale, quantized already: fp8.quantize_activations' rule, e.g. by permute_fp8)."""
+    x_scale, quantized already: fp8.quantize_activations' rule, e.g. by permute_fp8). A repeated call
+    replays the launches of its plan (_MlpPlan) where one is cached."""
+    tensors = (x, x_scale, w_gate_up, w_gate_up_scale, w_down, w_down_scale, expert_offsets, row_scale)
+    ptrs = [0 if t is None else t.data_ptr() for t in tensors]
+    key = _plan_key(tensors, ptrs, block_n, block_k, out_dtype)
+    plan = _mlp_plans.get(key)
+    if plan is not None and plan is not _UNPLANNED and plan.ready():
+        return plan.replay(tensors, ptrs)
+    dtype = x.dtype if x_scale is None else out_dtype
+    y = torch.empty(x.shape[0], w_down.shape[1], dtype=dtype, device=x.device)
+    if plan is _UNPLANNED or not REPLAY or key is None:
+        return _mlp_launches(tensors, y, block_n, block_k, dtype)
+    with launch.recording() as launches:
+        _mlp_launches(tensors, y, block_n, block_k, dtype)
+    plan = _MlpPlan.make(launches, tensors, ptrs, y)
+    if plan is not None or _all_fast(launches):      # not replayable however it runs: never record again
+        if len(_mlp_plans) >= MAX_PLANS:
+            _mlp_plans.clear()
+        _mlp_plans[key] = plan if plan is not None else _UNPLANNED
+    return y
+
+
+def _mlp_launches(tensors, y, block_n, block_k, dtype):
+    """grouped_mlp_fp8's work into y [M, H]: checks, config choice and the launches; its intermediates
+    (x and h in e4m3 with their scales, h in the output dtype) are views of one scratch allocation."""
+    x, x_scale, w_gate_up, w_gate_up_scale, w_down, w_down_scale, expert_offsets, row_scale = tensors
     x, w_gate_up, w_gate_up_scale = _prepare(x, w_gate_up, w_gate_up_scale, "w_gate_up", block_k)
     w_down, w_down_scale = w_down.contiguous(), w_down_scale.contiguous()
     offsets = expert_offsets.contiguous()
     M, H = x.shape
     E, I = w_gate_up.shape[0], w_gate_up.shape[1] // 2
-    dtype = x.dtype if x_scale is None else out_dtype
-    y = torch.empty(M, H, dtype=dtype, device=x.device)
     if I == 0 or H == 0:
         return y.zero_()
     if row_scale is not None:
@@ -532,30 +555,225 @@ def grouped_mlp_fp8(x, w_gate_up, w_gate_up_scale, w_down, w_down_scale, expert_
     cfg_dn = choose_config(M, E, "down", x.device)
     common = dict(round_dtype=dtype)
     down = dict(swiglu=False, quant_out=False, row_scale=row_scale, zero_tail=True, **common)
-    if _decode_path(M, E, block_k, x.device):
-        # decode: x (unless quantized already) and h quantized in the GEMMs' loads, h in the output
-        # dtype between them
-        h = torch.empty(M, I, dtype=dtype, device=x.device)
+    if block_k == 128 and cfg_gu.block_m <= 16:
+        # decode (16-row gate_up tiles): x (unless quantized already) and h quantized in the GEMMs'
+        # loads, h in the output dtype between them
+        (h,) = _scratch(x, [(dtype, M, I)])
         launch_fp8_gemm(x, x_scale, w_gate_up, w_gate_up_scale, offsets, h, None, block_n, block_k, cfg_gu,
                         swiglu=True, quant_x=x_scale is None, quant_out=False, **common)
         return launch_fp8_gemm(h, None, w_down, w_down_scale, offsets, y, None, block_n, block_k, cfg_dn,
                                quant_x=True, **down)
-    xq, xs = (x, x_scale) if x_scale is not None else quantize_rows(x, block_k)
-    if block_k == 128 and cfg_gu.block_n == 128:
-        # h quantized in the gate_up epilogue: one column tile of 128 = one scale group
-        hq = torch.empty(M, I, dtype=fp8.E4M3, device=x.device)
-        hs = fp8.new_scales(x, M, I, 128)
+    # h quantized in the gate_up epilogue where one column tile of 128 is one scale group; else (per-token
+    # scales, block_k = 0, other groups, the H200 table's 64-column tiles) h in the output dtype, then the
+    # row kernel
+    epilogue = block_k == 128 and cfg_gu.block_n == 128
+    parts = [] if x_scale is not None else [(fp8.E4M3, M, H), (torch.float32, M, H, block_k)]
+    parts += [] if epilogue else [(dtype, M, I)]
+    parts += [(fp8.E4M3, M, I), (torch.float32, M, I, 128 if epilogue else block_k)]
+    buffers = _scratch(x, parts)
+    if x_scale is None:
+        xq, xs = quantize_rows(x, block_k, buffers.pop(0), buffers.pop(0))
+    else:
+        xq, xs = x, x_scale
+    if epilogue:
+        hq, hs = buffers
         launch_fp8_gemm(xq, xs, w_gate_up, w_gate_up_scale, offsets, hq, hs, block_n, block_k, cfg_gu,
                         swiglu=True, quant_x=False, quant_out=True, **common)
     else:
-        # per-token scales (block_k = 0), other groups or narrower tiles: h in the output dtype, then
-        # the row kernel
-        h = torch.empty(M, I, dtype=dtype, device=x.device)
+        h, hq, hs = buffers
         launch_fp8_gemm(xq, xs, w_gate_up, w_gate_up_scale, offsets, h, None, block_n, block_k, cfg_gu,
                         swiglu=True, quant_x=False, quant_out=False, **common)
-        hq, hs = quantize_rows(h, block_k)
+        quantize_rows(h, block_k, hq, hs)
     return launch_fp8_gemm(hq, hs, w_down, w_down_scale, offsets, y, None, block_n, block_k, cfg_dn,
                            quant_x=False, **down)
+
+
+SCRATCH_ALIGN = 128     # bytes; TMA bases need 16 (and Triton specialises pointers on 16-byte alignment)
+
+
+def _scratch(like: torch.Tensor, parts) -> list:
+    """Views of one new allocation on like's device: (dtype, M, K) -> [M, K] row-major; (torch.float32,
+    M, K, group) -> activation scales [M, ceil(K/group)] stored k-major, as fp8.new_scales makes them.
+    One allocation instead of one per buffer: each costs microseconds of host time."""
+    shapes, offsets, total = [], [], 0
+    for part in parts:
+        dtype, M, K = part[:3]
+        if len(part) == 4:
+            kb = 1 if part[3] == 0 else -(-K // part[3])
+            shapes.append((dtype, (kb, M), True))
+            n = kb * M
+        else:
+            shapes.append((dtype, (M, K), False))
+            n = M * K
+        offsets.append(total)
+        total += -(-n * dtype.itemsize // SCRATCH_ALIGN) * SCRATCH_ALIGN
+    buf = torch.empty(total, dtype=torch.uint8, device=like.device)
+    views = []
+    for (dtype, shape, k_major), off in zip(shapes, offsets):
+        n = shape[0] * shape[1]
+        v = buf[off:off + n * dtype.itemsize].view(dtype).view(shape)
+        views.append(v.t() if k_major else v)
+    return views
+
+
+# ----------------------------------------------------------------------------- replayed mlp calls
+# An FP8 mlp call is 3-4 launches whose every argument but the data pointers follows from the shapes,
+# strides, dtypes, alignments and device of its tensors, its blocks and the forced configs. The first call
+# of such a key runs _mlp_launches (checks, configs, allocations, Kernel.launch) and records its launches;
+# later calls allocate y and the scratch buffer and call the recorded launchers with this call's pointers:
+# the same kernels, grids and arguments (a launch's tensor arguments map to one of the call's tensors, y
+# or the scratch buffer at a fixed offset), without the per-launch argument binding. Calls whose first
+# run made a tensor of its own (a copy to contiguous, row_scale converted to fp32), or whose tensors
+# share a data pointer, are never replayed.
+REPLAY = True            # False: every call through _mlp_launches (tests compare the two)
+MAX_PLANS = 4096
+_mlp_plans: dict = {}
+_UNPLANNED = object()    # a key whose calls are not replayable
+
+
+def _plan_key(tensors, ptrs, block_n, block_k, out_dtype):
+    """Everything that decides an mlp call's launches but its data pointers, or None (no plan: degenerate
+    sizes, the interpreter)."""
+    x = tensors[0]
+    if _INTERPRET or x.shape[0] == 0 or x.shape[1] == 0:
+        return None
+    # the current device too: the recorded launchers are that device's (Kernel.launch keys on it)
+    key = [block_n, block_k, out_dtype, x.device, _forced.get("gate_up"), _forced.get("down"),
+           torch._C._cuda_getDevice() if x.is_cuda else None]
+    for t, ptr in zip(tensors, ptrs):
+        if t is None:
+            key.append(None)
+        else:
+            key += (t.shape, t.stride(), t.dtype, ptr & 15)
+    return tuple(key)
+
+
+def _all_fast(launches) -> bool:
+    """Whether the recorded launches went through cached handles (else their handles may come later)."""
+    return _hooks_idle() and all(kernel.fast for kernel, _, _, _ in launches)
+
+
+class _MlpPlan:
+    """The recorded launches of one mlp key: per launch its kernel, launcher and constant arguments, the
+    positions of its tensor arguments (source, byte offset) and of its TMA descriptors (source, byte
+    offset, the descriptor's fields, its base's dtype, shape and strides)."""
+
+    def __init__(self, kernels, steps, scratch_bytes, y_shape, y_dtype, tma_context):
+        self.kernels, self.steps = kernels, steps
+        self.scratch_bytes, self.y_shape, self.y_dtype = scratch_bytes, y_shape, y_dtype
+        self.tma_context = tma_context     # a CUDA TMA launch: ensure_context before it
+
+    def ready(self) -> bool:
+        return REPLAY and _hooks_idle() and all(k.fast for k in self.kernels)
+
+    @classmethod
+    def make(cls, launches, tensors, ptrs, y):
+        """The plan of a recorded call, or None where it cannot be replayed."""
+        if not launches or not _all_fast(launches):
+            return None
+        sources = [p for p in ptrs] + [y.data_ptr()]          # then the scratch buffer, found below
+        live = [p for p, t in zip(sources, list(tensors) + [y]) if t is not None and p]
+        if len(set(live)) != len(live):
+            return None                                       # two tensors share a pointer
+        scratch = _scratch_range(launches, set(live))
+        if scratch is False:
+            return None
+        base, end = scratch if scratch else (0, 0)
+        n_src = len(sources)
+
+        def locate(ptr):
+            if ptr in sources:
+                return sources.index(ptr), 0
+            if base <= ptr < end:
+                return n_src, ptr - base
+            return None
+
+        steps = []
+        for kernel, grid, args, meta in launches:
+            entry = kernel.entry(args, meta)
+            if entry is None:
+                return None
+            run, function, packed, constexprs = entry
+            consts = list(args)
+            slots, descs = [], []
+            for i, a in enumerate(args):
+                if isinstance(a, torch.Tensor):
+                    where = locate(a.data_ptr())
+                    if where is None:
+                        return None
+                    slots.append((i,) + where)
+                    consts[i] = None
+                elif TensorDescriptor is not None and isinstance(a, TensorDescriptor):
+                    b = a.base
+                    where = locate(b.data_ptr())
+                    if where is None or not hasattr(a, "__dict__"):
+                        return None
+                    descs.append((i,) + where + ({**vars(a), "base": None}, b.dtype, tuple(b.shape),
+                                                 tuple(b.stride())))
+                    consts[i] = None
+            n = len(grid)
+            grid3 = (grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1)
+            steps.append((run, function, packed, grid3, consts, tuple(slots), tuple(descs), constexprs))
+        tma_context = y.is_cuda and any(step[6] for step in steps)
+        return cls(tuple({k: None for k, _, _, _ in launches}), steps, end - base, tuple(y.shape), y.dtype,
+                   tma_context)
+
+    def replay(self, tensors, ptrs):
+        x = tensors[0]
+        device = x.device
+        y = torch.empty(self.y_shape, dtype=self.y_dtype, device=device)
+        srcs = list(ptrs)
+        srcs.append(y.data_ptr())
+        scratch = None
+        if self.scratch_bytes:
+            scratch = torch.empty(self.scratch_bytes, dtype=torch.uint8, device=device)
+            srcs.append(scratch.data_ptr())
+        if self.tma_context:
+            ensure_context(device)
+        stream = driver.active.get_current_stream(driver.active.get_current_device())
+        for run, function, packed, grid, consts, slots, descs, constexprs in self.steps:
+            args = list(consts)
+            for i, src, off in slots:
+                args[i] = srcs[src] + off
+            for i, src, off, fields, dtype, shape, strides in descs:
+                args[i] = _copy_descriptor(fields, _descriptor_base(tensors, y, scratch, src, off, dtype,
+                                                                    shape, strides))
+            run(grid[0], grid[1], grid[2], stream, function, packed, None, None, None, *args, *constexprs)
+        return y
+
+
+def _scratch_range(launches, known):
+    """(first, end) data pointers of the scratch buffer a recorded call launched with (tensor arguments
+    at no known pointer: views of one allocation), () for none, False where they are not one buffer's."""
+    owners = {}
+    for _, _, args, _ in launches:
+        for a in args:
+            t = a.base if TensorDescriptor is not None and isinstance(a, TensorDescriptor) else a
+            if isinstance(t, torch.Tensor) and t.data_ptr() not in known:
+                storage = t.untyped_storage()
+                owners[storage.data_ptr()] = storage.nbytes()
+    if not owners:
+        return ()
+    if len(owners) != 1:
+        return False
+    (first, nbytes), = owners.items()
+    return first, first + nbytes
+
+
+def _descriptor_base(tensors, y, scratch, src, off, dtype, shape, strides):
+    """The tensor a replayed TMA descriptor points at: the recorded base's view of this call's tensor."""
+    if src < len(tensors):
+        t = tensors[src]
+    elif src == len(tensors):
+        t = y
+    else:
+        t = scratch
+    if t.dtype != dtype:
+        t = t.view(dtype)
+        off //= dtype.itemsize
+    else:
+        off //= t.element_size()
+    return t.as_strided(shape, strides, t.storage_offset() + off)
 
 
 register_kernel("triton", "grouped_gemm_fp8", grouped_gemm_fp8, devices=DEVICES)

@@ -68,7 +68,11 @@ def pow2(n: int) -> int:
     return 1 << max(int(n) - 1, 0).bit_length()
 
 
-_thread = threading.local()
+class _ThreadState(threading.local):
+    record = None      # a list while `recording` collects this thread's launches
+
+
+_thread = _ThreadState()
 
 
 def ensure_context(device: torch.device) -> None:
@@ -137,9 +141,40 @@ class Kernel:
     def launch(self, grid, args: tuple, meta: tuple) -> None:
         """self.fn[grid](*args, **dict(zip(meta_names, meta))); `args` are the runtime arguments in
         signature order."""
+        record = _thread.record
+        if record is not None:
+            record.append((self, grid, args, meta))
         if not self.fast:
             self.fn[grid](*args, **dict(zip(self.meta_names, meta)))
             return
+        key, launch_args = self._key(args, meta)
+        entry = self._compiled.get(key)
+        if entry is None or not _hooks_idle():
+            self.slow_launches += 1
+            named = dict(zip(self.meta_names, meta))
+            compiled = self.fn[grid](*args, **named)
+            if entry is None and getattr(compiled, "function", None) is not None \
+                    and hasattr(compiled, "packed_metadata"):
+                if len(self._compiled) >= MAX_ENTRIES:
+                    self._compiled.clear()
+                self._compiled[key] = (compiled.run, compiled.function, compiled.packed_metadata,
+                                       tuple(named[name] for name in self.constexpr_names))
+            return
+        run, function, packed_metadata, constexprs = entry
+        stream = driver.active.get_current_stream(key[-1])
+        n = len(grid)
+        run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, stream, function, packed_metadata,
+            None, None, None, *launch_args, *constexprs)
+
+    def entry(self, args: tuple, meta: tuple):
+        """The cached (launcher, function, packed metadata, constexpr values) that launch(grid, args,
+        meta) calls on the current device, or None (not launched yet, or no cached handle)."""
+        if not self.fast:
+            return None
+        return self._compiled.get(self._key(args, meta)[0])
+
+    def _key(self, args: tuple, meta: tuple):
+        """(specialisation key, args with tensors as data pointers); the key ends with the device."""
         layout = self._layouts.get(meta)
         if layout is None:
             layout = self._layouts[meta] = (
@@ -158,23 +193,18 @@ class Kernel:
             key.append(ptr & 15 == 0)
         for i in ints:
             key.append(args[i])
-        device = driver.active.get_current_device()
-        key.append(device)
-        key = tuple(key)
-        entry = self._compiled.get(key)
-        if entry is None or not _hooks_idle():
-            self.slow_launches += 1
-            named = dict(zip(self.meta_names, meta))
-            compiled = self.fn[grid](*args, **named)
-            if entry is None and getattr(compiled, "function", None) is not None \
-                    and hasattr(compiled, "packed_metadata"):
-                if len(self._compiled) >= MAX_ENTRIES:
-                    self._compiled.clear()
-                self._compiled[key] = (compiled.run, compiled.function, compiled.packed_metadata,
-                                       tuple(named[name] for name in self.constexpr_names))
-            return
-        run, function, packed_metadata, constexprs = entry
-        stream = driver.active.get_current_stream(device)
-        n = len(grid)
-        run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, stream, function, packed_metadata,
-            None, None, None, *launch_args, *constexprs)
+        key.append(driver.active.get_current_device())
+        return tuple(key), launch_args
+
+
+class recording:
+    """`with recording() as launches:` collects the (kernel, grid, args, meta) of every Kernel.launch
+    of this thread inside the block, in order (a caller that replays them: fp8_gemm's mlp plans)."""
+
+    def __enter__(self) -> list:
+        self._outer = _thread.record
+        _thread.record = []
+        return _thread.record
+
+    def __exit__(self, *exc) -> None:
+        _thread.record = self._outer
