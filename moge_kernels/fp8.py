@@ -275,7 +275,7 @@ def grouped_permute_fp8(hidden: Tensor, topk_ids: Tensor, num_experts: int, grou
     reads each hidden row once, quantizes it and writes its K copies."""
     from . import ops
     _, expert_offsets, row_index = ops.grouped_permute(hidden[:, :0], topk_ids, num_experts)
-    q, s = torch.ops.moge.permute_fp8(hidden, row_index, expert_offsets, group)
+    q, s = ops._run("permute_fp8", hidden, row_index, expert_offsets, group)   # direct where allowed
     return QuantizedActivations(q, s, group, hidden.dtype), expert_offsets, row_index
 
 
@@ -288,7 +288,7 @@ def grouped_dispatch_fp8(hidden: Tensor, router_logits: Tensor, num_groups: int,
     _, topk_weights, topk_ids, expert_offsets, row_index = ops.grouped_dispatch(
         hidden[:, :0], router_logits, num_groups, topk_per_group, expert_scale, renormalize, score_func,
         expert_mask)
-    q, s = torch.ops.moge.permute_fp8(hidden, row_index, expert_offsets, group)
+    q, s = ops._run("permute_fp8", hidden, row_index, expert_offsets, group)   # direct where allowed
     return QuantizedActivations(q, s, group, hidden.dtype), topk_weights, topk_ids, expert_offsets, row_index
 
 

@@ -106,7 +106,7 @@ def _schema_args(op_name):
 _checked: dict[tuple, tuple] = {}
 MAX_CHECKED = 4096
 _PLAIN_TENSOR_TYPES = (Tensor, torch.nn.Parameter)   # Parameter disables __torch_function__: plain to ops
-_SCALARS = (type(None), int, float, bool, str)
+_SCALARS = (type(None), int, float, bool, str, torch.dtype)   # dtype: grouped_mlp_fp8's out_dtype
 
 
 def _signature(name, args) -> Optional[tuple]:
