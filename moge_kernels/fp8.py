@@ -322,9 +322,22 @@ def dequantize_activations(q: Tensor, scale: Tensor, group: int = BLOCK) -> Tens
 #   w_down_scale [E, 1, NB', KB'], fp8_block_size [2] int64 (block_n, block_k; 0: whole K)
 # so its state dict round-trips; HF FP8 checkpoints (experts.{e}.{gate,up,down}_proj.weight in e4m3 with
 # weight_scale_inv [ceil(N/128), ceil(K/128)], or a per-channel weight_scale [N, 1]) load into it; their
-# FP8 shared expert (same keys under shared_expert.) loads dequantized into the bf16 shared parameters.
+# FP8 shared expert (same keys under shared_expert.) loads into an FP8 shared expert as it is, else
+# dequantized into the bf16 shared parameters.
 _CKPT_SCALES = ("weight_scale_inv", "weight_scale")
 _PROJ = ("gate_proj", "up_proj", "down_proj")
+
+
+def _scale_kind(state_dict, key: str):
+    """Which of a checkpoint weight's scale keys (key + "weight_scale_inv" / "weight_scale") is present,
+    or None."""
+    return next((k for k in _CKPT_SCALES if key + k in state_dict), None)
+
+
+def _checkpoint_blocks(scale: Tensor, rows: int) -> tuple[int, int]:
+    """(block_n, block_k) of a checkpoint's scale for a weight of `rows` rows: [rows, 1] per channel,
+    else 128x128 blocks."""
+    return (1, 0) if tuple(scale.shape) == (rows, 1) else (BLOCK, BLOCK)
 
 
 def layer_weights(layer) -> tuple[QuantizedExpertWeights, QuantizedExpertWeights] | None:
@@ -359,7 +372,7 @@ def _to_fp8_mode(layer, block_n: int, block_k: int, device) -> None:
 def layer_shared_weights(layer) -> tuple:
     """(shared gate_up, shared down) as shared_expert_mlp takes them: the bf16 parameters, or the FP8
     weights of an FP8 shared expert."""
-    blocks = getattr(layer, "_fp8_shared_blocks", None)
+    blocks = layer._fp8_shared_blocks            # a Python copy of fp8_shared_block_size: no device read
     if blocks is None:
         return layer.shared_w_gate_up, layer.shared_w_down
     block_n, block_k = blocks
@@ -390,14 +403,13 @@ def keep_checkpoint_shared_expert_fp8(layer, state_dict) -> None:
         return
     key = "shared_expert.gate_proj."
     weight = state_dict.get(key + "weight")
-    kind = next((k for k in _CKPT_SCALES if key + k in state_dict), None)
+    kind = _scale_kind(state_dict, key)
     if weight is None or weight.dtype != E4M3 or kind is None:
         found = "absent" if weight is None else f"{weight.dtype}" + ("" if kind else " without a scale key")
         raise ValueError("from_pretrained_state_dict: shared_expert_fp8=True needs the checkpoint's shared "
                          f"expert in e4m3 with its {' or '.join(_CKPT_SCALES)} ({key}weight is {found}); "
                          "for float weights use quantize_(fmt, shared_expert=True)")
-    per_channel = tuple(state_dict[key + kind].shape) == (weight.shape[0], 1)
-    block_n, block_k = (1, 0) if per_channel else (BLOCK, BLOCK)
+    block_n, block_k = _checkpoint_blocks(state_dict[key + kind], weight.shape[0])
     _to_fp8_shared_mode(layer, block_n, block_k, layer.router_scale.device)
 
 
@@ -452,13 +464,13 @@ def _dequantize_shared_keys(state_dict, prefix, error_msgs) -> None:
         weight = state_dict.get(key + "weight")
         if weight is None or weight.dtype != E4M3:
             continue
-        kind = next((k for k in _CKPT_SCALES if key + k in state_dict), None)
+        kind = _scale_kind(state_dict, key)
         if kind is None:
             errors.append(f"FP8 checkpoint key {key}weight is e4m3 without its {' or '.join(_CKPT_SCALES)}")
             continue
         scale = state_dict[key + kind].float().clamp_min(MIN_SCALE)
         N, K = weight.shape
-        block_n, block_k = (1, 0) if tuple(scale.shape) == (N, 1) else (BLOCK, BLOCK)
+        block_n, block_k = _checkpoint_blocks(scale, N)
         want = scale_shape(1, N, K, 1, block_n, block_k)[2:]
         if tuple(scale.shape) != want:
             errors.append(f"FP8 checkpoint key {key}{kind}: shape {tuple(scale.shape)}, expected {want} "
@@ -489,7 +501,7 @@ def _take_shared_fp8_keys(module, state_dict, prefix, error_msgs) -> None:
     try:
         for key in keys:
             weight = state_dict.pop(key + "weight")
-            kind = next((k for k in _CKPT_SCALES if key + k in state_dict), None)
+            kind = _scale_kind(state_dict, key)
             if weight.dtype != E4M3:
                 q = quantize_expert_weights(weight.float()[None], format_name(block_n, block_k))
                 parts.append((q.weight[0], q.scale[0, 0]))
@@ -520,7 +532,7 @@ def take_fp8_checkpoint_keys(module, state_dict, prefix, local_metadata, strict,
     expert as it is, else dequantized into the bf16 one (_dequantize_shared_keys)."""
     _take_shared_fp8_keys(module, state_dict, prefix, error_msgs)
     _dequantize_shared_keys(state_dict, prefix, error_msgs)
-    if prefix + "fp8_shared_block_size" in state_dict and getattr(module, "_fp8_shared_blocks", None) is None:
+    if prefix + "fp8_shared_block_size" in state_dict and module._fp8_shared_blocks is None:
         block_n, block_k = (int(v) for v in state_dict[prefix + "fp8_shared_block_size"].tolist())
         _to_fp8_shared_mode(module, block_n, block_k, module.router_scale.device)
     if prefix + "fp8_block_size" in state_dict:
@@ -529,12 +541,11 @@ def take_fp8_checkpoint_keys(module, state_dict, prefix, local_metadata, strict,
             _to_fp8_mode(module, block_n, block_k, module.router_scale.device)
         return
     first = prefix + "experts.0.gate_proj."
-    kind = next((s for s in _CKPT_SCALES if first + s in state_dict), None)
+    kind = _scale_kind(state_dict, first)
     if kind is None or state_dict.get(first + "weight", torch.empty(0)).dtype != E4M3:
         return
     E, I, H = module.num_experts, module.intermediate_size, module.hidden_size
-    per_channel = tuple(state_dict[first + kind].shape) == (I, 1)
-    block_n, block_k = (1, 0) if per_channel else (BLOCK, BLOCK)
+    block_n, block_k = _checkpoint_blocks(state_dict[first + kind], I)
     gate_up, gate_up_scale, down, down_scale = [], [], [], []
     try:
         for e in range(E):
