@@ -10,8 +10,9 @@ medians over interleaved rounds. In the same run:
               gate_up, silu * up, h quantized per token, down), where this torch has it
 Both weight formats: fp8 = fp8_block, fp8c = fp8_channel (per-channel weights, per-token activations);
 the FP8 layers keep the shared expert in bf16 (MoGELayer.quantize_'s default), "fp8 layer, fp8 shared"
-quantizes it too (quantize_(shared_expert=True)): its speed and its accuracy against the bf16 layer;
-the mlp's ratio to the weight-read floor and to its FLOP floor at the fp8 mm rate.
+quantizes it too (quantize_(shared_expert=True)): its speed and its accuracy against the bf16 layer
+("fp8c layer, fp8c shared" the same in the per-channel format); fp8c runs with the current
+options.fp8_fast_accum (default: fast accumulation); the mlp's ratio to the weight-read floor and to its FLOP floor at the fp8 mm rate.
 Accuracy (printed): FP8 grouped_mlp vs the reference with the same quantization (goal <= 1e-2), the
 gate_up GEMM alone in fp32 vs the reference, and vs bf16 on the unquantized weights; FP8 layer vs bf16
 layer (goal <= 4e-2).
@@ -26,7 +27,7 @@ layer (goal <= 4e-2).
 --sweep times the FP8 grouped_mlp (graph replays, cold L2, medians) with one GEMM's config forced to
 each candidate of moge_kernels/triton/gemm_configs.FP8_CANDIDATES for the T's regime (the other GEMM at
 its table entry), prints the winner of each (regime, GEMM) as the FP8_H200_TABLE line to commit, and
-then the normal table. A time budget (--budget, seconds) skips the candidates it has no time left for
+then the normal table; --sweep-fmt fp8_channel sweeps FP8_CHANNEL_CANDIDATES for FP8_CHANNEL_H200_TABLE. A time budget (--budget, seconds) skips the candidates it has no time left for
 and says so.
 """
 from __future__ import annotations
@@ -84,9 +85,10 @@ def scaled_grouped_mm_pipeline(x, offsets, wgu_q, wgu_s, wd_q, wd_s):
                                     out_dtype=torch.bfloat16)
 
 
-def sweep(Ts, dev, timer, layer, gu, dn, deadline, twins=False, only=""):
+def sweep(Ts, dev, timer, layer, gu, dn, deadline, twins=False, only="", channel=False):
     """Per T: the mlp with gate_up, then down, forced to each candidate of the T's regime (the table's
-    entry first); the winner of each as a table line."""
+    entry first); the winner of each as a table line. channel: the per-channel format's table and
+    candidates (fast accumulation)."""
     from moge_kernels.triton import fp8_gemm, gemm_configs
     lines = []
     for T in Ts:
@@ -97,9 +99,9 @@ def sweep(Ts, dev, timer, layer, gu, dn, deadline, twins=False, only=""):
         with torch.no_grad(), mk.use_backend("reference"):
             want = mk.grouped_mlp(x, gu, dn, offsets)
         for gemm in ("gate_up", "down"):
-            table = gemm_configs.fp8_table_config(M, E, gemm, dev)
-            cands = [table] + [c for c in gemm_configs.FP8_CANDIDATES[(reg, gemm)]
-                               if c != table and only in str(c)]
+            table = gemm_configs.fp8_table_config(M, E, gemm, dev, channel)
+            pool = gemm_configs.FP8_CHANNEL_CANDIDATES if channel else gemm_configs.FP8_CANDIDATES
+            cands = [table] + [c for c in pool[(reg, gemm)] if c != table and only in str(c)]
             if twins:   # each TMA candidate also with pointer loads: tells a TMA fault from a tile fault
                 cands += [dataclasses.replace(c, tma=False) for c in cands
                           if c.tma and dataclasses.replace(c, tma=False) not in cands]
@@ -130,7 +132,7 @@ def sweep(Ts, dev, timer, layer, gu, dn, deadline, twins=False, only=""):
     print("\nsweep winners (mlp ms with that GEMM's config; table = the committed entry):")
     for T, reg, gemm, ms, table_ms, best in lines:
         print(f"  T={T:>5} {reg:>7} {gemm:>7}: {ms:.3f} ms (table {table_ms:.3f})  {best}")
-    print("FP8_H200_TABLE lines (moge_kernels/triton/gemm_configs.py):")
+    print(f"{'FP8_CHANNEL_H200_TABLE' if channel else 'FP8_H200_TABLE'} lines (moge_kernels/triton/gemm_configs.py):")
     for T, reg, gemm, ms, table_ms, best in lines:
         fields = [str(best.block_m), str(best.block_n), str(best.num_warps), str(best.num_stages)]
         fields += ["tma=True"] * best.tma + [f"maxnreg={best.maxnreg}"] * bool(best.maxnreg)
@@ -204,8 +206,9 @@ def main():
     layer8s = copy.deepcopy(layer).quantize_("fp8_block", shared_expert=True)      # shared expert in FP8
     gu, dn = fp8.layer_weights(layer8)
     # per-channel weights, per-token activations: one scale per row, so the FP8 dots chain through one
-    # accumulator (Triton promotes it to fp32 every 128 k) instead of a scaled FMA per 128-k block
+    # accumulator (options.fp8_fast_accum: over all of K) instead of a scaled FMA per 128-k block
     layer8c = copy.deepcopy(layer).quantize_("fp8_channel")
+    layer8cs = copy.deepcopy(layer).quantize_("fp8_channel", shared_expert=True)
     guc, dnc = fp8.layer_weights(layer8c)
     wgu, wd = layer.w_gate_up.detach(), layer.w_down.detach()
     # the peer's weights: per-channel (rowwise) e4m3 of the same weights
@@ -219,7 +222,7 @@ def main():
     if args.sweep:
         sweep([int(t) for t in args.T.split(",")], dev, timer, layer,
               *((gu, dn) if args.sweep_fmt == "fp8_block" else (guc, dnc)),
-              time.monotonic() + args.budget, args.twins, args.sweep_only)
+              time.monotonic() + args.budget, args.twins, args.sweep_only, args.sweep_fmt == "fp8_channel")
 
     rows = []
     for T in [int(t) for t in args.T.split(",")]:
@@ -239,6 +242,7 @@ def main():
             methods["fp8 layer, fp8 shared"] = lambda: layer8s(hidden)
             methods["fp8c mlp"] = lambda: mk.grouped_mlp(x, guc, dnc, offsets)
             methods["fp8c layer"] = lambda: layer8c(hidden)
+            methods["fp8c layer, fp8c shared"] = lambda: layer8cs(hidden)
             notes = []
             if has_peer:
                 try:
@@ -267,7 +271,8 @@ def main():
             acc = {"fp8 mlp vs bf16": rel_err(y8, y16), "fp8c mlp vs bf16": rel_err(y8c, y16),
                    "fp8 layer vs bf16 layer": rel_err(layer8(hidden), layer(hidden)),
                    "fp8 layer (fp8 shared) vs bf16 layer": rel_err(layer8s(hidden), layer(hidden)),
-                   "fp8c layer vs bf16 layer": rel_err(layer8c(hidden), layer(hidden))}
+                   "fp8c layer vs bf16 layer": rel_err(layer8c(hidden), layer(hidden)),
+                   "fp8c layer (fp8c shared) vs bf16 layer": rel_err(layer8cs(hidden), layer(hidden))}
             if T in (16, 128, 4096):
                 with mk.use_backend("reference"):
                     acc["fp8 mlp vs reference"] = rel_err(y8, mk.grouped_mlp(x, gu, dn, offsets))
@@ -297,8 +302,9 @@ def main():
     print("fp8 floor = FP8 weight-read floor; FLOP floor = the mlp's FLOPs at the fp8 _scaled_mm rate above")
     print("| T | bf16 mlp | fp8 mlp | fp8c mlp | fp8 floor | fp8 mlp / floor | fp8c / floor | "
           "fp8 mlp / FLOP floor | peer _scaled_grouped_mm | bf16 layer | fp8 layer | fp8 layer, fp8 shared | "
-          "fp8c layer | layer speed-up fp8 / fp8 with fp8 shared / fp8c | fp8 / fp8c TFLOP/s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "fp8c layer | fp8c layer, fp8c shared | layer speed-up fp8 / fp8 with fp8 shared / fp8c / fp8c with "
+          "fp8c shared | fp8 / fp8c TFLOP/s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for T, med, floor_ms, acc, _ in rows:
         f = lambda k: f"{med[k]:.3f}" if k in med else "n/a"  # noqa: E731
         flops = 6 * T * 8 * H * I
@@ -312,7 +318,8 @@ def main():
               f"{ratio('fp8 mlp'):.2f}x | {ratio('fp8c mlp'):.2f}x | {flop_ratio:.2f}x | "
               f"{f('peer _scaled_grouped_mm')} | "
               f"{f('bf16 layer')} | {f('fp8 layer')} | {f('fp8 layer, fp8 shared')} | {f('fp8c layer')} | "
-              f"{speed('fp8 layer'):.2f}x / {speed('fp8 layer, fp8 shared'):.2f}x / {speed('fp8c layer'):.2f}x | "
+              f"{f('fp8c layer, fp8c shared')} | {speed('fp8 layer'):.2f}x / {speed('fp8 layer, fp8 shared'):.2f}x / "
+              f"{speed('fp8c layer'):.2f}x / {speed('fp8c layer, fp8c shared'):.2f}x | "
               f"{tflops('fp8 mlp'):.0f} / {tflops('fp8c mlp'):.0f} |")
     print("\ngoals: T>=4096 layer speed-up >= 1.7x; T<=1024 fp8 mlp / floor <= 1.2x; fp8 mlp < peer at "
           "every T; fp8 mlp vs reference <= 1e-2; fp8 layer vs bf16 layer <= 4e-2")

@@ -125,8 +125,9 @@ def _simulated_gpu_path():
     # and options (no interpreter rounding, the configs' register caps)
     from moge_kernels.triton import fp8_gemm
 
-    def fp8_table_config(M, E, gemm, device):
-        return gemm_configs.FP8_TABLES["H200"][(gemm_configs.regime(M, E), gemm)]
+    def fp8_table_config(M, E, gemm, device, channel=False):
+        tables = gemm_configs.FP8_CHANNEL_TABLES if channel else gemm_configs.FP8_TABLES
+        return tables["H200"][(gemm_configs.regime(M, E), gemm)]
 
     gemm_configs.fp8_table_config = fp8_table_config
     fp8_gemm._interpreted = lambda t: False

@@ -402,10 +402,13 @@ def test_fp8_tables_are_launchable():
     a block, a register cap ptxas accepts."""
     from moge_kernels.triton import gemm_configs as gc
     keys = {(r, g) for _, r in gc.REGIMES for g in ("gate_up", "down")}
-    configs = [(k[1], c) for table in gc.FP8_TABLES.values() for k, c in table.items()]
-    configs += [(k[1], c) for k, cands in gc.FP8_CANDIDATES.items() for c in cands]
+    tables = list(gc.FP8_TABLES.values()) + list(gc.FP8_CHANNEL_TABLES.values())
+    configs = [(k[1], c) for table in tables for k, c in table.items()]
+    configs += [(k[1], c) for cands in (gc.FP8_CANDIDATES, gc.FP8_CHANNEL_CANDIDATES)
+                for k, cs in cands.items() for c in cs]
     configs += [(g, c) for g, c in gc.FP8_INTERPRETER_ROWS.items()] + [("gate_up", gc.FP8_INTERPRETER_DECODE)]
-    assert all(set(table) == keys for table in gc.FP8_TABLES.values())
+    assert all(set(table) == keys for table in tables)
+    assert set(gc.FP8_CHANNEL_TABLES) == set(gc.FP8_TABLES)
     for gemm, c in configs:
         assert c.block_m in (16, 32, 64, 128) and c.num_warps in (4, 8) and c.num_stages >= 1, (gemm, c)
         sub_n = c.block_n if gemm == "gate_up" or c.block_n <= 128 else c.block_n // 2
@@ -733,6 +736,33 @@ def test_gpu_fp8_decode_tiles(T, fmt, monkeypatch):
     row_scale = torch.rand(x.shape[0], generator=torch.Generator().manual_seed(T)).cuda()
     y, want, yg, want_g = _triton_vs_reference(x, gu, dn, offsets, row_scale)
     assert rel_err(y, want) <= REF_TOL and rel_err(yg, want_g) <= REF_TOL
+
+
+@gpu
+@pytest.mark.parametrize("fast", [True, False], ids=["fast_accum", "fp32_every_128"])
+@pytest.mark.parametrize("T", [128, 1024, 4096])
+def test_gpu_fp8_channel_accumulation(T, fast):
+    """fp8_channel with either accumulation (options.fp8_fast_accum): within the reference's bound, at
+    the Pangu shape where K = 5120 is longest."""
+    x, offsets, gu, dn, _, _ = _routed(T, **PANGU, fmt="fp8_channel")
+    with mk.use_options(fp8_fast_accum=fast):
+        y, want, yg, want_g = _triton_vs_reference(x, gu, dn, offsets)
+    print(f"fp8_channel T={T} fast={fast}: mlp vs reference {rel_err(y, want):.2e}, gemm {rel_err(yg, want_g):.2e}")
+    assert rel_err(y, want) <= REF_TOL and rel_err(yg, want_g) <= REF_TOL
+
+
+@gpu
+@pytest.mark.parametrize("gemm", ["gate_up", "down"])
+def test_gpu_fp8_channel_candidates(gemm, monkeypatch):
+    """Every sweep candidate of the fast-accumulation channel table compiles, launches and matches the
+    reference (I = 1344's partial tiles, 40 rows an expert: partial row tiles)."""
+    from moge_kernels.triton import fp8_gemm, gemm_configs as gc
+    x, offsets, gu, dn, _, _ = _routed(320, 5120, 1344, 64, 8, "fp8_channel")
+    cands = {c for (r, g), cs in gc.FP8_CHANNEL_CANDIDATES.items() if g == gemm and r != "decode" for c in cs}
+    for c in sorted(cands, key=str):
+        monkeypatch.setitem(fp8_gemm._forced, gemm, c)
+        y, want, _, _ = _triton_vs_reference(x, gu, dn, offsets)
+        assert rel_err(y, want) <= REF_TOL, (c, rel_err(y, want))
 
 
 @gpu

@@ -20,8 +20,10 @@ of the same output columns), the plain GEMM two when its config is 256 wide. Per
     then spans one 128-k block only. Chaining the dots through one rescaled accumulator would save the
     second tile, but measured 1.5e-2 from the reference on the H200 (4.7e-3 this way;
     bench/results/fp8_sweep_h200_fb3354e.txt), above the 1e-2 bound.
-The per-channel format accumulates plain dots (max_num_imprecise_acc = BK: fp32 promotion every 128 k,
-like the block path) and scales once in the epilogue. Partial blocks are masked loads (zeros): Pangu's
+The per-channel format scales once in the epilogue; its k loop is one chain of dots through the
+accumulator (options.fp8_fast_accum, default): on Hopper the wgmmas then stay in flight one after the
+other, in the tensor cores' FP8 accumulation precision over all of K (CUTLASS's FastAccum); with the
+option off, max_num_imprecise_acc = BK promotes to fp32 every 128 k, as the block path does. Partial blocks are masked loads (zeros): Pangu's
 I = 1344 is 10 full k-slices and a half one in the down GEMM, and a half column tile of gate and of up
 in gate_up; nothing is padded.
 
@@ -53,7 +55,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import fp8
+from .. import fp8, options
 from ..registry import register_kernel
 from . import DEVICES
 from . import gemm_configs
@@ -249,7 +251,7 @@ def _fp8_gemm_kernel(
         TWO: tl.constexpr, SCALAR_COLS: tl.constexpr, QUANT_X: tl.constexpr,
         QUANT_OUT: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, ROUND: tl.constexpr,
         EXPLICIT_ROUND: tl.constexpr, USE_TMA: tl.constexpr, ZERO_TAIL: tl.constexpr,
-        TILE_N: tl.constexpr):
+        TILE_N: tl.constexpr, FAST_ACC: tl.constexpr):
     """Grid: (max_row_tiles * num_n_tiles,); see the module docstring. A tile is sub-tile 0 (weight rows
     [col0, col0+BN)) and, with TWO, sub-tile 1 (rows sub_shift further: SwiGLU's up rows, or the next BN
     columns of a plain GEMM), each with its own accumulator. ZERO_TAIL: the programs past the real work
@@ -334,6 +336,10 @@ def _fp8_gemm_kernel(
             sc0 = sc0_next
             if TWO:
                 sc1 = sc1_next
+        elif FAST_ACC:   # one chain of wgmmas over all of K: none waits for the one before it
+            acc0 = tl.dot(a, tl.trans(b0), acc0)
+            if TWO:
+                acc1 = tl.dot(a, tl.trans(b1), acc1)
         else:
             acc0 = tl.dot(a, tl.trans(b0), acc0, max_num_imprecise_acc=BK)
             if TWO:
@@ -377,15 +383,16 @@ _quantize_rows = Kernel(_quantize_rows_kernel, ("BM", "G", "ONE_GROUP", "EXPLICI
 _permute = Kernel(_permute_fp8_kernel, ("K", "BT", "G", "ONE_GROUP", "EXPLICIT_ROUND", "num_warps"))
 _gemm = Kernel(_fp8_gemm_kernel, (
     "E", "E_POW2", "BM", "BN", "BK", "BLOCK_N", "BLOCK_K", "PER_K", "SWIGLU", "TWO", "SCALAR_COLS", "QUANT_X",
-    "QUANT_OUT", "HAS_ROW_SCALE", "ROUND", "EXPLICIT_ROUND", "USE_TMA", "ZERO_TAIL", "TILE_N", "num_warps",
-    "num_stages", "maxnreg"))
+    "QUANT_OUT", "HAS_ROW_SCALE", "ROUND", "EXPLICIT_ROUND", "USE_TMA", "ZERO_TAIL", "TILE_N", "FAST_ACC",
+    "num_warps", "num_stages", "maxnreg"))
 Fp8Config = gemm_configs.Fp8Config
 _forced: dict[str, Fp8Config] = {}   # bench/bench_fp8.py --sweep, tests: "gate_up" / "down" -> config
 
 
-def choose_config(M: int, E: int, gemm: str, device: torch.device) -> Fp8Config:
-    """A forced config (the sweep), else the committed table (gemm_configs.FP8_TABLES)."""
-    return _forced.get(gemm) or gemm_configs.fp8_table_config(M, E, gemm, device)
+def choose_config(M: int, E: int, gemm: str, device: torch.device, block_k: int) -> Fp8Config:
+    """A forced config (the sweep), else the committed table of the weight format (gemm_configs)."""
+    channel = block_k == 0 and options.current.fp8_fast_accum
+    return _forced.get(gemm) or gemm_configs.fp8_table_config(M, E, gemm, device, channel)
 
 
 def _interpreted(t: torch.Tensor) -> bool:
@@ -478,7 +485,8 @@ def launch_fp8_gemm(x, x_scale, w, w_scale, expert_offsets, out, out_scale, bloc
         os_.stride(1) if out_scale is not None else 0), (
         E, max(2, pow2(E)), BM, BN, BK, block_n, max(block_k, 1), per_k, swiglu, two, scalar_cols, quant_x,
         quant_out, has_row_scale, ROUND_CODES[round_dtype], _interpreted(x), use_tma, zero_tail and not swiglu,
-        tile_n, cfg.num_warps, cfg.num_stages, launch_cap(cfg, x)))
+        tile_n, not per_k and options.current.fp8_fast_accum, cfg.num_warps, cfg.num_stages,
+        launch_cap(cfg, x)))
     return out
 
 
@@ -506,7 +514,7 @@ def grouped_gemm_fp8(x, w, w_scale, expert_offsets, block_n=128, block_k=128):
     y = x.new_empty(M, w.shape[1])
     if x.shape[1] == 0:
         return y.zero_()
-    cfg = choose_config(M, E, "down", x.device)
+    cfg = choose_config(M, E, "down", x.device, block_k)
     fuse = block_k == 128 and cfg.block_m <= 16
     xq, xs = (x, None) if fuse else quantize_rows(x, block_k)
     return launch_fp8_gemm(xq, xs, w, w_scale, offsets, y, None, block_n, block_k, cfg, swiglu=False,
@@ -551,8 +559,8 @@ def _mlp_launches(tensors, y, block_n, block_k, dtype):
         return y.zero_()
     if row_scale is not None:
         row_scale = row_scale.to(torch.float32).contiguous()
-    cfg_gu = choose_config(M, E, "gate_up", x.device)
-    cfg_dn = choose_config(M, E, "down", x.device)
+    cfg_gu = choose_config(M, E, "gate_up", x.device, block_k)
+    cfg_dn = choose_config(M, E, "down", x.device, block_k)
     common = dict(round_dtype=dtype)
     down = dict(swiglu=False, quant_out=False, row_scale=row_scale, zero_tail=True, **common)
     if block_k == 128 and cfg_gu.block_m <= 16:
@@ -639,7 +647,7 @@ def _plan_key(tensors, ptrs, block_n, block_k, out_dtype):
         return None
     # the current device too: the recorded launchers are that device's (Kernel.launch keys on it)
     key = [block_n, block_k, out_dtype, x.device, _forced.get("gate_up"), _forced.get("down"),
-           torch._C._cuda_getDevice() if x.is_cuda else None]
+           torch._C._cuda_getDevice() if x.is_cuda else None, options.current.fp8_fast_accum]
     for t, ptr in zip(tensors, ptrs):
         if t is None:
             key.append(None)

@@ -351,9 +351,28 @@ _FP8_ROWS = {"gate_up": [F(128, 64, 8, 3, tma=True, maxnreg=128), F(64, 64, 4, 3
 FP8_CANDIDATES = {(r, g): (_FP8_DECODE if r == "decode" else _FP8_ROWS)[g]
                   for _, r in REGIMES for g in ("gate_up", "down")}
 
+# The per-channel format with fast accumulation (options.fp8_fast_accum): its k loop is one chain of
+# wgmmas with no scale FMA between them, so the wide single-CTA tiles of a plain FP8 GEMM apply (128 rows,
+# 128 gate + 128 up columns or 256 down columns, 8 warps, the accumulators without a register cap).
+FP8_CHANNEL_H200_TABLE = dict(FP8_H200_TABLE)
+FP8_CHANNEL_TABLES = {"H100": FP8_CHANNEL_H200_TABLE, "H200": FP8_CHANNEL_H200_TABLE}
+_FP8_CHANNEL_ROWS = {"gate_up": [F(128, 128, 8, 3, tma=True), F(128, 128, 8, 4, tma=True),
+                                 F(64, 128, 4, 4, tma=True), F(128, 64, 8, 4, tma=True),
+                                 F(128, 64, 4, 4, tma=True), F(64, 64, 4, 4, tma=True),
+                                 F(64, 128, 8, 4, tma=True), F(128, 64, 8, 3, tma=True, maxnreg=128)],
+                     "down": [F(128, 256, 8, 3, tma=True), F(128, 256, 8, 4, tma=True),
+                              F(128, 128, 8, 4, tma=True), F(128, 128, 4, 4, tma=True),
+                              F(64, 256, 8, 4, tma=True), F(64, 128, 4, 4, tma=True),
+                              F(64, 128, 4, 3, tma=True, maxnreg=168)]}
+FP8_CHANNEL_CANDIDATES = {(r, g): (_FP8_DECODE if r == "decode" else _FP8_CHANNEL_ROWS)[g]
+                          for _, r in REGIMES for g in ("gate_up", "down")}
 
-def fp8_table_config(num_rows: int, num_experts: int, gemm: str, device: torch.device) -> Fp8Config:
-    """The committed FP8 table: (M/E regime, gemm, device family) -> config."""
+
+def fp8_table_config(num_rows: int, num_experts: int, gemm: str, device: torch.device,
+                     channel: bool = False) -> Fp8Config:
+    """The committed FP8 table: (M/E regime, gemm, device family) -> config; channel: the table of the
+    per-channel format with fast accumulation."""
     if device.type != "cuda":
         return FP8_INTERPRETER_DECODE if num_rows <= 8 * num_experts else FP8_INTERPRETER_ROWS[gemm]
-    return FP8_TABLES[device_family(device_index(device))][(regime(num_rows, num_experts), gemm)]
+    tables = FP8_CHANNEL_TABLES if channel else FP8_TABLES
+    return tables[device_family(device_index(device))][(regime(num_rows, num_experts), gemm)]
