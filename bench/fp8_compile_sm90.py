@@ -34,24 +34,26 @@ from moge_kernels.triton import fp8_gemm, gemm_configs  # noqa: E402
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
 
-def compile_config(gemm: str, cfg, E: int = 64, decode: bool = False):
+def compile_config(gemm: str, cfg, E: int = 64, decode: bool = False, channel: bool = False):
     """decode: the 16-row quantize-in-load path (bf16 x quantized in the load, h in bf16 between the
-    GEMMs); else the row-quantized path (e4m3 x, gate_up's e4m3 epilogue)."""
+    GEMMs); channel: the per-channel format with fast accumulation (h in bf16, scales in the epilogue);
+    else the row-quantized block path (e4m3 x, gate_up's e4m3 epilogue)."""
     swiglu = gemm == "gate_up"
+    quant_out = swiglu and not decode and not channel
     two = swiglu or cfg.block_n > 128
     bn = cfg.block_n // 2 if two and not swiglu else cfg.block_n
     kernel = fp8_gemm._fp8_gemm_kernel
     sig = {name: "i32" for name in kernel.arg_names}
     sig.update(x_ptr="*bf16" if decode else "*fp8e4nv", x_scale_ptr="*fp32", w_ptr="*fp8e4nv",
-               w_scale_ptr="*fp32", y_ptr="*fp8e4nv" if swiglu and not decode else "*bf16",
+               w_scale_ptr="*fp32", y_ptr="*fp8e4nv" if quant_out else "*bf16",
                y_scale_ptr="*fp32", offsets_ptr="*i32",
                row_scale_ptr="*fp32", x_desc=f"tensordesc<fp8e4nv[{cfg.block_m}, 128]>",
                w_desc=f"tensordesc<fp8e4nv[{bn}, 128]>")
     consts = dict(E=E, E_POW2=triton.next_power_of_2(E), BM=cfg.block_m, BN=bn, BK=128, BLOCK_N=128,
-                  BLOCK_K=128, PER_K=True, SWIGLU=swiglu, TWO=two, SCALAR_COLS=True,
-                  QUANT_X=decode, QUANT_OUT=swiglu and not decode, HAS_ROW_SCALE=False, ROUND=2,
-                  EXPLICIT_ROUND=False, USE_TMA=cfg.tma and not decode, ZERO_TAIL=not swiglu,
-                  TILE_N=bn * 2 if two and not swiglu else bn)
+                  BLOCK_K=0 if channel else 128, PER_K=not channel, SWIGLU=swiglu, TWO=two,
+                  SCALAR_COLS=not channel, QUANT_X=decode, QUANT_OUT=quant_out, HAS_ROW_SCALE=False,
+                  ROUND=2, EXPLICIT_ROUND=False, USE_TMA=cfg.tma and not decode, ZERO_TAIL=not swiglu,
+                  TILE_N=bn * 2 if two and not swiglu else bn, FAST_ACC=channel)
     sig.update({name: "constexpr" for name in consts})
     # what a launch at Pangu's shape specializes on: 16-byte aligned pointers, sizes and row strides
     # that are multiples of 16 (without these the pointer loads compile scalar and spill)
@@ -103,9 +105,12 @@ def main():
     ap.add_argument("--gemm", choices=("gate_up", "down"), default=None)
     ap.add_argument("--decode", action="store_true",
                     help="the 16-row quantize-in-load candidates instead of the TMA ones")
+    ap.add_argument("--channel", action="store_true",
+                    help="the per-channel format with fast accumulation (FP8_CHANNEL_CANDIDATES)")
     args = ap.parse_args()
     seen = []
-    for (reg, gemm), cands in gemm_configs.FP8_CANDIDATES.items():
+    pool = gemm_configs.FP8_CHANNEL_CANDIDATES if args.channel else gemm_configs.FP8_CANDIDATES
+    for (reg, gemm), cands in pool.items():
         for cfg in cands:
             wanted = cfg.block_m <= 16 if args.decode else cfg.tma
             if wanted and (gemm, cfg) not in seen and args.gemm in (None, gemm):
@@ -115,7 +120,7 @@ def main():
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for gemm, cfg in seen:
         try:
-            ck = compile_config(gemm, cfg, decode=args.decode)
+            ck = compile_config(gemm, cfg, decode=args.decode, channel=args.channel)
             r = cubin_report(ck.asm["cubin"])
             print(f"| {gemm} | {cfg} | {r['regs']} | {r['stack']} | {r['loop_spills']} | {r['loop_fp32']} | "
                   f"{r['loop_mma']} | {r['loop_waits']} | {r['loop_bars']} | {ck.metadata.shared // 1024} | "
