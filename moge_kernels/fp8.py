@@ -380,8 +380,9 @@ def layer_shared_weights(layer) -> tuple:
             QuantizedExpertWeights(layer.shared_w_down_fp8, layer.shared_w_down_scale, block_n, block_k))
 
 
-def _to_fp8_shared_mode(layer, block_n: int, block_k: int, device) -> None:
-    """Replace the bf16 shared-expert parameters by (empty) FP8 buffers of the layer's sizes."""
+def _to_fp8_shared_mode(layer, block_n: int, block_k: int, device, scale_format: str = "fp32") -> None:
+    """Replace the bf16 shared-expert parameters by (empty) FP8 buffers of the layer's sizes; scale_format:
+    what float shared-expert checkpoint weights loaded later are quantized with (_take_shared_fp8_keys)."""
     H, Is = layer.hidden_size, layer.shared_intermediate_size
     layer.register_parameter("shared_w_gate_up", None)
     layer.register_parameter("shared_w_down", None)
@@ -393,6 +394,7 @@ def _to_fp8_shared_mode(layer, block_n: int, block_k: int, device) -> None:
                           torch.empty(scale_shape(1, H, Is, 1, block_n, block_k), device=device))
     layer.register_buffer("fp8_shared_block_size", torch.tensor([block_n, block_k], device=device))
     layer._fp8_shared_blocks = (block_n, block_k)
+    layer._fp8_shared_scale_format = scale_format
 
 
 def keep_checkpoint_shared_expert_fp8(layer, state_dict) -> None:
@@ -432,7 +434,7 @@ def quantize_layer_(layer, fmt: str, scale_format: str, shared_expert: bool = Fa
     if shared_expert and layer.shared_w_gate_up is not None:
         sgu = quantize_expert_weights(layer.shared_w_gate_up.detach()[None], fmt, scale_format, parts=2)
         sdn = quantize_expert_weights(layer.shared_w_down.detach()[None], fmt, scale_format)
-        _to_fp8_shared_mode(layer, sgu.block_n, sgu.block_k, sgu.weight.device)
+        _to_fp8_shared_mode(layer, sgu.block_n, sgu.block_k, sgu.weight.device, scale_format)
         layer.shared_w_gate_up_fp8, layer.shared_w_gate_up_scale = sgu.weight, sgu.scale
         layer.shared_w_down_fp8, layer.shared_w_down_scale = sdn.weight, sdn.scale
     w_gate_up = layer.w_gate_up.detach()
@@ -492,7 +494,7 @@ def _dequantize_shared_keys(state_dict, prefix, error_msgs) -> None:
 def _take_shared_fp8_keys(module, state_dict, prefix, error_msgs) -> None:
     """Into a layer whose shared expert is FP8 already (quantize_ before load_state_dict), checkpoint
     keys shared_expert.{gate,up,down}_proj.weight load as its FP8 buffers: e4m3 ones with their scales as
-    they are (the layer's blocks), float ones quantized in the layer's format."""
+    they are (the layer's blocks), float ones quantized in the layer's format and scale format."""
     keys = [f"{prefix}shared_expert.{p}." for p in _PROJ]
     if module._fp8_shared_blocks is None or keys[0] + "weight" not in state_dict:
         return
@@ -503,7 +505,8 @@ def _take_shared_fp8_keys(module, state_dict, prefix, error_msgs) -> None:
             weight = state_dict.pop(key + "weight")
             kind = _scale_kind(state_dict, key)
             if weight.dtype != E4M3:
-                q = quantize_expert_weights(weight.float()[None], format_name(block_n, block_k))
+                q = quantize_expert_weights(weight.float()[None], format_name(block_n, block_k),
+                                            module._fp8_shared_scale_format)
                 parts.append((q.weight[0], q.scale[0, 0]))
                 continue
             if kind is None:

@@ -65,6 +65,7 @@ class MoGELayer(nn.Module):
     # default, so that reading it is an attribute lookup, not nn.Module.__getattr__'s AttributeError
     _fp8_blocks: Optional[tuple] = None
     _fp8_shared_blocks: Optional[tuple] = None      # the same for an FP8 shared expert
+    _fp8_shared_scale_format: str = "fp32"          # its scales' format (quantize_'s scale_format)
 
     def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, num_groups: int,
                  topk_per_group: int = 1, shared_intermediate_size: int = 0,

@@ -122,6 +122,21 @@ def test_checkpoint_shared_keys_load_into_fp8_shared_expert(e4m3):
         assert torch.equal(dst(x), want(x))
 
 
+def test_float_checkpoint_shared_keys_take_the_layers_scale_format():
+    """Float shared-expert keys loaded into a layer quantized with e8m0 scales get e8m0 scales too: the
+    same bytes and scales as quantizing those weights with quantize_(..., "e8m0")."""
+    src = _layer(seed=7)
+    want = copy.deepcopy(src).quantize_("fp8_block", "e8m0", shared_expert=True)
+    dst = _layer(seed=8).quantize_("fp8_block", "e8m0", shared_expert=True)
+    sd = {k: v for k, v in want.state_dict().items() if not k.startswith(("shared_w", "fp8_shared"))}
+    sd.update(_checkpoint_keys(src, False))
+    dst.load_state_dict(sd)
+    scale = dst.shared_w_gate_up_scale
+    assert torch.equal(scale, torch.exp2(torch.log2(scale).round()))       # powers of two
+    assert torch.equal(scale, want.shared_w_gate_up_scale)
+    assert torch.equal(dst.shared_w_down_fp8.view(torch.uint8), want.shared_w_down_fp8.view(torch.uint8))
+
+
 def test_checkpoint_shared_keys_bad_scale_is_an_error():
     src = _layer(seed=5)
     dst = _layer(seed=6).quantize_("fp8_block", shared_expert=True)
