@@ -12,7 +12,8 @@ Both weight formats: fp8 = fp8_block, fp8c = fp8_channel (per-channel weights, p
 the FP8 layers keep the shared expert in bf16 (MoGELayer.quantize_'s default), "fp8 layer, fp8 shared"
 quantizes it too (quantize_(shared_expert=True)): its speed and its accuracy against the bf16 layer
 ("fp8c layer, fp8c shared" the same in the per-channel format); fp8c runs with the current
-options.fp8_fast_accum (default: fast accumulation); the mlp's ratio to the weight-read floor and to its FLOP floor at the fp8 mm rate.
+options.fp8_fast_accum (default off: fp32 promotion every 128 k; MOGE_FP8_FAST_ACCUM=1 times the
+fast accumulation); the mlp's ratio to the weight-read floor and to its FLOP floor at the fp8 mm rate.
 Accuracy (printed): FP8 grouped_mlp vs the reference with the same quantization (goal <= 1e-2), the
 gate_up GEMM alone in fp32 vs the reference, and vs bf16 on the unquantized weights; FP8 layer vs bf16
 layer (goal <= 4e-2).
@@ -206,7 +207,7 @@ def main():
     layer8s = copy.deepcopy(layer).quantize_("fp8_block", shared_expert=True)      # shared expert in FP8
     gu, dn = fp8.layer_weights(layer8)
     # per-channel weights, per-token activations: one scale per row, so the FP8 dots chain through one
-    # accumulator (options.fp8_fast_accum: over all of K) instead of a scaled FMA per 128-k block
+    # accumulator (promoted to fp32 every 128 k) instead of a scaled FMA per 128-k block
     layer8c = copy.deepcopy(layer).quantize_("fp8_channel")
     layer8cs = copy.deepcopy(layer).quantize_("fp8_channel", shared_expert=True)
     guc, dnc = fp8.layer_weights(layer8c)

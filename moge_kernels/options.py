@@ -27,7 +27,7 @@ attribute of a plain object: no environment access and no parsing per call.
 | ascend_impl        | MOGE_ASCEND_IMPL         | "python" (torch_npu operators) or "cpp" (the CANN extension) | "python" |
 | eager_direct       | MOGE_EAGER_DIRECT        | bool: a public op called eagerly with nothing to record calls its kernel without torch.ops' dispatcher (ops.direct_call_allowed) | True |
 | eager_graphs       | MOGE_EAGER_GRAPHS        | int >= 0: eager layer calls (moge_forward, MoGELayer, transformers' "moge" experts) of at most this many tokens on a GPU replay a CUDA graph captured per signature (moge_kernels/eager_graphs.py); 0 = off | 0 |
-| fp8_fast_accum     | MOGE_FP8_FAST_ACCUM      | bool: the Triton per-channel FP8 GEMMs (fp8_channel) keep the tensor cores' FP8 accumulation over all of K, fp32 only in the epilogue (CUTLASS's FastAccum, vLLM's default for per-channel FP8); False: promoted to fp32 every 128 k. The block format always promotes per 128-k block | True |
+| fp8_fast_accum     | MOGE_FP8_FAST_ACCUM      | bool: the Triton per-channel FP8 GEMMs (fp8_channel) keep the tensor cores' FP8 accumulation over all of K, fp32 only in the epilogue (CUTLASS's FastAccum); off: promoted to fp32 every 128 k. On the H200 it is 1-10% faster but its mlp is 1.6e-2 from the reference (off: 5e-3; bench/results/fp8_channel_fast_h200_effca01.txt). The block format always promotes per 128-k block | False |
 
 Booleans: True/False in code; "1"/"true"/"yes"/"on" and "0"/"false"/"no"/"off" (any case) in the
 environment. An empty variable is the same as an unset one.
@@ -175,7 +175,7 @@ _OPTIONS = {opt.name: opt for opt in (
     _Option("ascend_impl", "MOGE_ASCEND_IMPL", _choice(("python", "cpp")), "python"),
     _Option("eager_direct", "MOGE_EAGER_DIRECT", _bool, True),
     _Option("eager_graphs", "MOGE_EAGER_GRAPHS", _count, 0),
-    _Option("fp8_fast_accum", "MOGE_FP8_FAST_ACCUM", _bool, True),
+    _Option("fp8_fast_accum", "MOGE_FP8_FAST_ACCUM", _bool, False),
 )}
 BACKEND_ENV = "MOGE_BACKEND"
 NAMES = ("backend",) + tuple(_OPTIONS)

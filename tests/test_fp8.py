@@ -738,31 +738,45 @@ def test_gpu_fp8_decode_tiles(T, fmt, monkeypatch):
     assert rel_err(y, want) <= REF_TOL and rel_err(yg, want_g) <= REF_TOL
 
 
+# fp8_channel with options.fp8_fast_accum (opt-in): the tensor cores' FP8 accumulation over all of K. On
+# the H200 the mlp measured 1.6e-2 from the reference (the GEMM alone 2.6e-3; the e4m3 quantization of h
+# amplifies it), above REF_TOL: its own bound, so a regression of that path still fails
+FAST_ACCUM_TOL = 2.5e-2
+
+
 @gpu
-@pytest.mark.parametrize("fast", [True, False], ids=["fast_accum", "fp32_every_128"])
 @pytest.mark.parametrize("T", [128, 1024, 4096])
-def test_gpu_fp8_channel_accumulation(T, fast):
-    """fp8_channel with either accumulation (options.fp8_fast_accum): within the reference's bound, at
-    the Pangu shape where K = 5120 is longest."""
+def test_gpu_fp8_channel_accumulation(T):
+    """fp8_channel with either accumulation (options.fp8_fast_accum) at the Pangu shape, where K = 5120 is
+    longest: the default within REF_TOL, fast accumulation within its own bound and really another path."""
     x, offsets, gu, dn, _, _ = _routed(T, **PANGU, fmt="fp8_channel")
-    with mk.use_options(fp8_fast_accum=fast):
-        y, want, yg, want_g = _triton_vs_reference(x, gu, dn, offsets)
-    print(f"fp8_channel T={T} fast={fast}: mlp vs reference {rel_err(y, want):.2e}, gemm {rel_err(yg, want_g):.2e}")
+    runs = {}
+    for fast in (False, True):
+        with mk.use_options(fp8_fast_accum=fast):
+            runs[fast] = _triton_vs_reference(x, gu, dn, offsets)
+        y, want, yg, want_g = runs[fast]
+        print(f"fp8_channel T={T} fast={fast}: mlp vs reference {rel_err(y, want):.2e}, "
+              f"gemm {rel_err(yg, want_g):.2e}")
+    y, want, yg, want_g = runs[False]
     assert rel_err(y, want) <= REF_TOL and rel_err(yg, want_g) <= REF_TOL
+    y_fast, _, yg_fast, _ = runs[True]
+    assert rel_err(y_fast, want) <= FAST_ACCUM_TOL and rel_err(yg_fast, want_g) <= REF_TOL
+    assert not torch.equal(yg_fast, yg)
 
 
 @gpu
 @pytest.mark.parametrize("gemm", ["gate_up", "down"])
 def test_gpu_fp8_channel_candidates(gemm, monkeypatch):
     """Every sweep candidate of the fast-accumulation channel table compiles, launches and matches the
-    reference (I = 1344's partial tiles, 40 rows an expert: partial row tiles)."""
+    reference within its bound (I = 1344's partial tiles, 40 rows an expert: partial row tiles)."""
     from moge_kernels.triton import fp8_gemm, gemm_configs as gc
     x, offsets, gu, dn, _, _ = _routed(320, 5120, 1344, 64, 8, "fp8_channel")
     cands = {c for (r, g), cs in gc.FP8_CHANNEL_CANDIDATES.items() if g == gemm and r != "decode" for c in cs}
-    for c in sorted(cands, key=str):
-        monkeypatch.setitem(fp8_gemm._forced, gemm, c)
-        y, want, _, _ = _triton_vs_reference(x, gu, dn, offsets)
-        assert rel_err(y, want) <= REF_TOL, (c, rel_err(y, want))
+    with mk.use_options(fp8_fast_accum=True):
+        for c in sorted(cands, key=str):
+            monkeypatch.setitem(fp8_gemm._forced, gemm, c)
+            y, want, _, _ = _triton_vs_reference(x, gu, dn, offsets)
+            assert rel_err(y, want) <= FAST_ACCUM_TOL, (c, rel_err(y, want))
 
 
 @gpu

@@ -184,3 +184,37 @@ def test_replayed_launches_under_the_simulation():
     res = subprocess.run([sys.executable, "-c", _SIMULATION_CHECK], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=300)
     assert res.returncode == 0 and "SIMULATION OK" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("fmt", ["fp8_block", "fp8_channel"])
+@pytest.mark.parametrize("M", [8, 1024], ids=["decode", "rows"])
+def test_gpu_replayed_calls_equal_the_plain_path(M, fmt, monkeypatch):
+    """On the GPU: the second call of a key records a plan and later calls replay it (new tensors, so new
+    data pointers, each time), bit-identical to the same calls with REPLAY off."""
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("FP8 kernels need sm_89+")
+    monkeypatch.setattr(fp8_gemm, "_mlp_plans", {})
+    E, H, I = 16, 512, 200
+    _, gu, dn, _ = _problem(M=M, E=E, H=H, I=I, fmt=fmt, seed=5)
+    gu, dn = gu.to("cuda"), dn.to("cuda")
+    counts = torch.full((E,), M // E)
+    counts[0] += M - counts.sum()
+    counts[3] = 0
+    counts[1] += M // E
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)]).to(torch.int32).cuda()
+    inputs = [torch.randn(M, H, generator=torch.Generator().manual_seed(s)).to("cuda", torch.bfloat16)
+              for s in range(4)]
+    replays = []
+    real_replay = fp8_gemm._MlpPlan.replay
+    monkeypatch.setattr(fp8_gemm._MlpPlan, "replay",
+                        lambda self, *a: replays.append(1) or real_replay(self, *a))
+    with torch.no_grad(), mk.use_backend("triton"):
+        replayed = [mk.grouped_mlp(x.clone(), gu, dn, offsets.clone()) for x in inputs]
+        plans = [p for p in fp8_gemm._mlp_plans.values() if isinstance(p, fp8_gemm._MlpPlan)]
+        assert len(plans) == 1 and plans[0].ready() and len(replays) >= 2
+        monkeypatch.setattr(fp8_gemm, "REPLAY", False)
+        plain = [mk.grouped_mlp(x, gu, dn, offsets) for x in inputs]
+    for a, b in zip(replayed, plain):
+        assert torch.equal(a, b)
+    assert not torch.equal(replayed[0], replayed[1])

@@ -20,10 +20,10 @@ of the same output columns), the plain GEMM two when its config is 256 wide. Per
     then spans one 128-k block only. Chaining the dots through one rescaled accumulator would save the
     second tile, but measured 1.5e-2 from the reference on the H200 (4.7e-3 this way;
     bench/results/fp8_sweep_h200_fb3354e.txt), above the 1e-2 bound.
-The per-channel format scales once in the epilogue; its k loop is one chain of dots through the
-accumulator (options.fp8_fast_accum, default): on Hopper the wgmmas then stay in flight one after the
-other, in the tensor cores' FP8 accumulation precision over all of K (CUTLASS's FastAccum); with the
-option off, max_num_imprecise_acc = BK promotes to fp32 every 128 k, as the block path does. Partial blocks are masked loads (zeros): Pangu's
+The per-channel format scales once in the epilogue; its dots promote to fp32 every 128 k
+(max_num_imprecise_acc = BK), as the block path does, or with options.fp8_fast_accum (opt-in) chain
+through the accumulator in the tensor cores' FP8 accumulation precision over all of K (CUTLASS's
+FastAccum: 1-10% faster on the H200, 1.6e-2 from the reference at the mlp level instead of 5e-3). Partial blocks are masked loads (zeros): Pangu's
 I = 1344 is 10 full k-slices and a half one in the down GEMM, and a half column tile of gate and of up
 in gate_up; nothing is padded.
 

@@ -352,9 +352,20 @@ FP8_CANDIDATES = {(r, g): (_FP8_DECODE if r == "decode" else _FP8_ROWS)[g]
                   for _, r in REGIMES for g in ("gate_up", "down")}
 
 # The per-channel format with fast accumulation (options.fp8_fast_accum): its k loop is one chain of
-# wgmmas with no scale FMA between them, so the wide single-CTA tiles of a plain FP8 GEMM apply (128 rows,
-# 128 gate + 128 up columns or 256 down columns, 8 warps, the accumulators without a register cap).
-FP8_CHANNEL_H200_TABLE = dict(FP8_H200_TABLE)
+# wgmmas with no fp32 work between them, so the wide single-CTA tiles of a plain FP8 GEMM apply (128 rows,
+# 128 gate + 128 up columns or 256 down columns, 8 warps, no register cap). From the sweep of
+# bench/results/fp8_channel_fast_h200_effca01.txt (mlp ms, the other GEMM at the block table's entry);
+# "small" keeps the block table's (not swept).
+FP8_CHANNEL_H200_TABLE = {
+    **FP8_H200_TABLE,
+    ("decode", "gate_up"): F(16, 32, 4, 4),                  # T=1: 0.099 ms (64x64 tma r168: 0.106)
+    ("medium", "gate_up"): F(128, 128, 8, 4, tma=True),      # T=1024: 0.623 ms (64x64 r168: 0.690)
+    ("medium", "down"): F(128, 256, 8, 4, tma=True),         # T=1024: 0.649 ms (64x128 r168: 0.657)
+    ("prefill", "gate_up"): F(128, 128, 8, 4, tma=True),     # T=4096: 1.684 ms (128x64 r128: 1.766)
+    ("prefill", "down"): F(128, 256, 8, 4, tma=True),        # T=4096: 1.712 ms (64x128 r168: 1.783)
+    ("large", "gate_up"): F(128, 128, 8, 4, tma=True),       # T=16384: 6.549 ms (128x64 r128: 6.641)
+    ("large", "down"): F(128, 256, 8, 4, tma=True),          # T=16384: 6.372 ms (64x128 r168: 6.608)
+}
 FP8_CHANNEL_TABLES = {"H100": FP8_CHANNEL_H200_TABLE, "H200": FP8_CHANNEL_H200_TABLE}
 _FP8_CHANNEL_ROWS = {"gate_up": [F(128, 128, 8, 3, tma=True), F(128, 128, 8, 4, tma=True),
                                  F(64, 128, 4, 4, tma=True), F(128, 64, 8, 4, tma=True),
