@@ -25,6 +25,7 @@ layer (goal <= 4e-2).
 
 --eager T,...  first the eager (no graph) host cost of the FP8 mlp a call, with the cached launches
               and with Triton's kernel[grid] launches, interleaved.
+--kernels T,... first the GPU time of each kernel in one eager FP8 mlp and FP8 layer call (torch.profiler).
 --sweep times the FP8 grouped_mlp (graph replays, cold L2, medians) with one GEMM's config forced to
 each candidate of moge_kernels/triton/gemm_configs.FP8_CANDIDATES for the T's regime (the other GEMM at
 its table entry), prints the winner of each (regime, GEMM) as the FP8_H200_TABLE line to commit, and
@@ -176,6 +177,31 @@ def eager_host(dev, gu, dn, layer, Ts):
               flush=True)
 
 
+def kernel_times(dev, gu, dn, layer8, Ts):
+    """GPU time per kernel of one eager FP8 grouped_mlp call and one FP8 layer call (torch.profiler, CUDA
+    activities, 20 calls each, means), where a call's time goes between its kernels."""
+    from torch.profiler import ProfilerActivity, profile
+    for T in Ts:
+        hidden = torch.randn(T, H, device=dev, dtype=torch.bfloat16)
+        with torch.no_grad(), mk.use_backend("triton"):
+            x, _, _, offsets, _ = mk.grouped_dispatch(hidden, layer8.gate(hidden), G, 1, layer8.router_scale)
+            for name, fn in (("fp8 mlp", lambda: mk.grouped_mlp(x, gu, dn, offsets)),
+                             ("fp8 layer", lambda: layer8(hidden))):
+                fn()
+                torch.cuda.synchronize()
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    for _ in range(20):
+                        fn()
+                    torch.cuda.synchronize()
+                rows = [(e.key, e.device_time_total / 20, e.count // 20) for e in prof.key_averages()
+                        if e.device_time_total > 0]
+                rows.sort(key=lambda r: -r[1])
+                total = sum(r[1] for r in rows)
+                print(f"\nkernels of one {name} call, T={T} (us of GPU time, mean of 20 eager calls; sum {total:.1f}):")
+                for key, us, n in rows[:12]:
+                    print(f"  {us:8.1f} us  x{n}  {key[:110]}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--T", default=",".join(map(str, TS)))
@@ -188,6 +214,8 @@ def main():
     ap.add_argument("--twins", action="store_true",
                     help="the sweep times each TMA candidate with pointer loads too")
     ap.add_argument("--eager", default="", help="T list: eager host cost of the FP8 mlp first (e.g. 1,16,128)")
+    ap.add_argument("--kernels", default="", help="T list: GPU time per kernel of an FP8 mlp and layer call "
+                    "first (torch.profiler)")
     ap.add_argument("--sweep-fmt", default="fp8_block", choices=("fp8_block", "fp8_channel"),
                     help="the weight format the sweep times")
     args = ap.parse_args()
@@ -220,6 +248,8 @@ def main():
 
     if args.eager:
         eager_host(dev, gu, dn, layer, [int(t) for t in args.eager.split(",")])
+    if args.kernels:
+        kernel_times(dev, gu, dn, layer8, [int(t) for t in args.kernels.split(",")])
     if args.sweep:
         sweep([int(t) for t in args.T.split(",")], dev, timer, layer,
               *((gu, dn) if args.sweep_fmt == "fp8_block" else (guc, dnc)),
