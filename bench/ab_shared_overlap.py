@@ -1,10 +1,11 @@
 """The shared expert beside the routed experts, A/B (issue "H200 first": overlap of the routed experts
 with the shared expert): the Pangu layer (H=5120, I=1344, E=64, G=8, shared 5376, bf16, triton backend)
-as moge_forward runs it (one stream: dispatch, routed grouped_mlp, shared expert, combine) against the
-same ops with the shared expert on a second stream, forked before the dispatch and joined before the
-combine. Graph replays with a cold L2 and eager back-to-back calls, interleaved rounds, medians; the
-layer's floor (weights of the experts that get rows + the shared expert at the copy rate, or its FLOPs at
-the dense rate) measured in the same run. With --fp8 the routed experts are fp8_block (bf16 shared).
+through moge_forward with the option shared_expert_stream off (one stream: dispatch, routed grouped_mlp,
+shared expert, combine) and on (the shared expert on a side stream, forked before the dispatch and
+joined before the combine; ops.shared_expert_side_stream). Graph replays with a cold L2 and eager
+back-to-back calls, interleaved rounds, medians; the layer's floor (weights of the experts that get rows +
+the shared expert at the copy rate, or its FLOPs at the dense rate) measured in the same run. With --fp8
+the routed experts are fp8_block (bf16 shared).
 
     python3 bench/ab_shared_overlap.py [--tokens 1,16,128,1024,4096] [--rounds 5]
 """
@@ -16,7 +17,6 @@ import statistics
 import sys
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import moge_kernels as mk  # noqa: E402
@@ -41,22 +41,10 @@ def main():
     s_down = torch.randn(H, IS, device=dev, dtype=torch.bfloat16) * IS ** -0.5
     routed = (mk.quantize_expert_weights(w_gate_up, "fp8_block", parts=2),
               mk.quantize_expert_weights(w_down, "fp8_block")) if args.fp8 else (w_gate_up, w_down)
-    side = torch.cuda.Stream(dev)
 
-    def one_stream(hidden, logits):
-        return mk.moge_forward(hidden, logits, *routed, G, 1, None, False, "softmax", s_gate_up, s_down)
-
-    def two_streams(hidden, logits):
-        main_stream = torch.cuda.current_stream(dev)
-        side.wait_stream(main_stream)
-        with torch.cuda.stream(side):
-            shared = F.linear(mk.swiglu(F.linear(hidden, s_gate_up)), s_down)
-        permuted, weights, _, offsets, row_index = mk.grouped_dispatch(hidden, logits, G)
-        expert_out = mk.grouped_mlp(permuted, *routed, offsets)
-        main_stream.wait_stream(side)
-        if not torch.cuda.is_current_stream_capturing():
-            shared.record_stream(main_stream)     # freed by the main stream's combine, not the side's
-        return mk.grouped_combine(expert_out, weights, row_index, shared)
+    def layer(hidden, logits, side):
+        with mk.use_options(shared_expert_stream=side):
+            return mk.moge_forward(hidden, logits, *routed, G, 1, None, False, "softmax", s_gate_up, s_down)
 
     print(f"{torch.cuda.get_device_name()}: copy {bandwidth / 1e9:.0f} GB/s, dense {flops / 1e12:.0f} TFLOP/s; "
           f"Pangu layer, {'fp8_block' if args.fp8 else 'bf16'} routed experts, bf16 shared expert; ms = median "
@@ -70,7 +58,7 @@ def main():
         hidden = torch.randn(T, H, device=dev, dtype=torch.bfloat16)
         logits = torch.randn(T, E, device=dev)
         with torch.no_grad(), mk.use_backend("triton"):
-            a, b = one_stream(hidden, logits), two_streams(hidden, logits)
+            a, b = layer(hidden, logits, False), layer(hidden, logits, True)
             torch.cuda.synchronize()
             diff = (a.float() - b.float()).abs().max().item()
             offsets = mk.grouped_dispatch(hidden, logits, G)[3]
@@ -78,7 +66,7 @@ def main():
             weight_bytes = active * routed_bytes_per_expert + 3 * H * IS * 2
             fl = 2 * T * (G * 3 * H * I + 3 * H * IS)
             floor = max(weight_bytes / bandwidth, fl / flops) * 1e3
-            fns = {"one": lambda: one_stream(hidden, logits), "two": lambda: two_streams(hidden, logits)}
+            fns = {"one": lambda: layer(hidden, logits, False), "two": lambda: layer(hidden, logits, True)}
             graphs = {k: capture_graph(f, dev) for k, f in fns.items()}
             for f in fns.values():
                 warm_up(f, dev)

@@ -93,7 +93,7 @@ def _selection() -> tuple:
     validate keep calls out of the graphs; ascend_impl is for NPUs)."""
     o = options.current
     return (registry.get_backend(), o.triton_gemm_config, o.triton_autotune, o.triton_mlp_streams,
-            o.triton_pdl, o.cuda_gemm_tile)
+            o.triton_pdl, o.cuda_gemm_tile, o.shared_expert_stream, o.fp8_fast_accum)
 
 
 def _capturable(first: Tensor) -> bool:

@@ -279,7 +279,13 @@ def direct_call_allowed(op_name: str, args) -> bool:
 
 def _nothing_intercepts() -> bool:
     """direct_call_allowed's conditions that do not depend on the arguments (its first two)."""
-    if torch.compiler.is_compiling() or not options.current.eager_direct:
+    return options.current.eager_direct and _untraced()
+
+
+def _untraced() -> bool:
+    """No torch.compile / dynamo or jit tracing, forward-mode AD level, dispatch or function mode, or
+    functorch transform: what runs is what an eager call of real tensors runs."""
+    if torch.compiler.is_compiling():
         return False
     C = torch._C
     return not (C._len_torch_dispatch_stack() or C._is_torch_function_mode_enabled()
@@ -610,6 +616,55 @@ def records_grad(*tensors: Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
+# The shared expert reads only `hidden`, so it may run beside the dispatch and the routed experts. On the
+# H200 (bench/ab_shared_overlap.py, Pangu layer; bench/results/shared_overlap_h200_13e8479.txt) a side
+# stream took the graph replays 1-10% down at every T (bf16 T=1 0.150 -> 0.135 ms, fp8 experts 0.122 ->
+# 0.113), and eager calls from T=1024 on (1-3%); below that an eager call pays more host time for the
+# stream switch than the overlap gains (bf16 T=1 0.366 -> 0.404 ms, fp8 T=16 0.414 -> 0.549).
+SHARED_STREAM_EAGER_MIN_TOKENS = 1024
+_shared_streams: dict[int, tuple] = {}    # device index -> (side stream, fork event, join event)
+
+
+def shared_expert_side_stream(hidden: Tensor, shared_w_gate_up, shared_w_down) -> Optional[tuple]:
+    """(side stream, fork event, join event) where the layer's shared expert runs on a side stream (option
+    shared_expert_stream: "auto" = under CUDA-graph capture, or eager calls of at least
+    SHARED_STREAM_EAGER_MIN_TOKENS tokens), else None: not CUDA, no tokens, anything tracing or recording
+    gradients (training stays on one stream)."""
+    flag = options.current.shared_expert_stream
+    if flag is False or not hidden.is_cuda or hidden.shape[0] == 0 or type(hidden) not in _PLAIN_TENSOR_TYPES:
+        return None
+    if flag is None and hidden.shape[0] < SHARED_STREAM_EAGER_MIN_TOKENS \
+            and not torch.cuda.is_current_stream_capturing():
+        return None
+    weights = [w for w in (shared_w_gate_up, shared_w_down) if isinstance(w, Tensor)]
+    if not _untraced() or records_grad(hidden, *weights):
+        return None
+    index = hidden.get_device()
+    if index not in _shared_streams:
+        _shared_streams[index] = (torch.cuda.Stream(device=index), torch.cuda.Event(), torch.cuda.Event())
+    return _shared_streams[index]
+
+
+def _fork_shared(side: tuple, fn: Callable, hidden: Tensor, *weights) -> Tensor:
+    """fn(hidden, *weights) on the side stream, after the current stream's work so far."""
+    stream, fork, join = side
+    fork.record(torch.cuda.current_stream(hidden.device))
+    stream.wait_event(fork)
+    with torch.cuda.stream(stream):
+        out = fn(hidden, *weights)
+    join.record(stream)
+    return out
+
+
+def _join_shared(side: tuple, shared_out: Tensor) -> None:
+    """The current stream waits for the side stream's shared expert, whose output it then reads (and, in
+    an eager call, frees: record_stream keeps the side stream from reusing it first)."""
+    main = torch.cuda.current_stream(shared_out.device)
+    main.wait_event(side[2])
+    if not torch.cuda.is_current_stream_capturing():
+        shared_out.record_stream(main)
+
+
 def run_experts(mlp: Callable, grad_experts: Optional[Callable], permuted: Tensor, w_gate_up, w_down,
                 expert_offsets: Tensor) -> Tensor:
     """The layer's expert step: grad_experts where autograd records it and one is given, else mlp (both
@@ -657,6 +712,11 @@ def compose_layer(hidden: Tensor, router_logits: Tensor, w_gate_up: Tensor, w_do
                      (hidden, router_logits, w_gate_up, w_down, shared_w_gate_up, shared_w_down))
     if phase_hook is not None:
         phase_hook("route")
+    side = None
+    if shared_w_gate_up is not None and experts is None and phase_hook is None:
+        side = shared_expert_side_stream(hidden, shared_w_gate_up, shared_w_down)
+    if side is not None:
+        shared_out = _fork_shared(side, layer_ops.shared_mlp, hidden, shared_w_gate_up, shared_w_down)
     permuted, topk_weights, _, expert_offsets, row_index = layer_ops.dispatch(
         hidden, router_logits, num_groups, topk_per_group, expert_scale, renormalize, score_func,
         expert_mask)
@@ -667,8 +727,12 @@ def compose_layer(hidden: Tensor, router_logits: Tensor, w_gate_up: Tensor, w_do
         expert_out = experts(permuted, w_gate_up, w_down, expert_offsets)
     if phase_hook is not None:
         phase_hook("combine")
-    shared_out = None if shared_w_gate_up is None else layer_ops.shared_mlp(hidden, shared_w_gate_up,
-                                                                           shared_w_down)
+    if side is not None:
+        _join_shared(side, shared_out)
+    elif shared_w_gate_up is not None:
+        shared_out = layer_ops.shared_mlp(hidden, shared_w_gate_up, shared_w_down)
+    else:
+        shared_out = None
     out = layer_ops.combine(expert_out, topk_weights, row_index, shared_out)
     if phase_hook is not None:
         phase_hook("end")
@@ -725,17 +789,32 @@ def _compose_direct(layer_args, weights_check):
     else:
         for i, value in dispatch_conversions:
             dispatch_args[i] = value
+    shared_checked = True
+
+    def shared_expert(hidden, shared_w_gate_up, shared_w_down):     # shared_expert_mlp, swiglu checked
+        nonlocal shared_checked
+        shared_gate_up = F.linear(hidden, shared_w_gate_up)
+        if check:
+            shared_checked = ARG_CHECKS["swiglu"](shared_gate_up) is None
+        return F.linear(_run_kernel("swiglu", (shared_gate_up,)), shared_w_down)
+
+    side = None if shared_w_gate_up is None else shared_expert_side_stream(hidden, shared_w_gate_up,
+                                                                           shared_w_down)
+    if side is not None:
+        shared_out = _fork_shared(side, shared_expert, hidden, shared_w_gate_up, shared_w_down)
     permuted, topk_weights, _, expert_offsets, row_index = _run_kernel("grouped_dispatch", dispatch_args)
     mlp_args = (permuted, w_gate_up, w_down, expert_offsets, None)
     if check:
         cacheable &= ARG_CHECKS["grouped_mlp"](*mlp_args) is None     # (a check converting nothing returns None)
     expert_out = _run_kernel("grouped_mlp", mlp_args)
-    shared_out = None
-    if shared_w_gate_up is not None:                         # shared_expert_mlp
-        shared_gate_up = F.linear(hidden, shared_w_gate_up)
-        if check:
-            cacheable &= ARG_CHECKS["swiglu"](shared_gate_up) is None
-        shared_out = F.linear(_run_kernel("swiglu", (shared_gate_up,)), shared_w_down)
+    if side is not None:
+        _join_shared(side, shared_out)
+    elif shared_w_gate_up is not None:
+        shared_out = shared_expert(hidden, shared_w_gate_up, shared_w_down)
+    else:
+        shared_out = None
+    if check:
+        cacheable &= shared_checked
     combine_args = (expert_out, topk_weights, row_index, shared_out)
     if check:
         cacheable &= ARG_CHECKS["grouped_combine"](*combine_args) is None

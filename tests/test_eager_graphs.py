@@ -104,11 +104,12 @@ def test_run_keys_on_the_backend_and_kernel_options(graph_stand_in):
     replayed with another."""
     x, w = torch.randn(3, 4), torch.randn(4, 4)
     for opts in ({}, {"triton_mlp_streams": False}, {"cuda_gemm_tile": "big"},
-                 {"triton_gemm_config": "16,32,32,4,2"}, {"triton_autotune": True}, {"backend": "cpu"}, {}):
+                 {"triton_gemm_config": "16,32,32,4,2"}, {"triton_autotune": True}, {"backend": "cpu"},
+                 {"shared_expert_stream": False}, {"fp8_fast_accum": True}, {}):
         with mk.use_options(**opts):
             for _ in range(2):
                 eager_graphs.run(lambda x: (x @ w,), (x,), (w,), "t")
-    assert eager_graphs.num_graphs() == 6 and [g.replays for g in graph_stand_in] == [3, 1, 1, 1, 1, 1]
+    assert eager_graphs.num_graphs() == 8 and [g.replays for g in graph_stand_in] == [3] + [1] * 7
 
 
 def test_run_never_captures_what_the_reference_backend_runs(graph_stand_in):
