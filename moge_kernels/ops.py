@@ -617,10 +617,10 @@ def records_grad(*tensors: Tensor) -> bool:
 
 
 # The shared expert reads only `hidden`, so it may run beside the dispatch and the routed experts. On the
-# H200 (bench/ab_shared_overlap.py, Pangu layer; bench/results/shared_overlap_h200_13e8479.txt) a side
-# stream took the graph replays 1-10% down at every T (bf16 T=1 0.150 -> 0.135 ms, fp8 experts 0.122 ->
-# 0.113), and eager calls from T=1024 on (1-3%); below that an eager call pays more host time for the
-# stream switch than the overlap gains (bf16 T=1 0.366 -> 0.404 ms, fp8 T=16 0.414 -> 0.549).
+# H200 (bench/ab_shared_overlap.py, Pangu layer; bench/results/shared_overlap_h200_90ac255.txt) the side
+# stream took every graph replay 1-9% down (bf16 T=1 0.150 -> 0.136 ms, FP8 experts 0.122 -> 0.113) and
+# eager calls from T=1024 on (T=1024 1.240 -> 1.194); below that an eager call pays more host time for the
+# stream switch than the overlap gains (bf16 T=1 0.289 -> 0.329 ms, FP8 experts T=16 0.466 -> 0.590).
 SHARED_STREAM_EAGER_MIN_TOKENS = 1024
 _shared_streams: dict[int, tuple] = {}    # device index -> (side stream, fork event, join event)
 

@@ -23,9 +23,9 @@ of the same output columns), the plain GEMM two when its config is 256 wide. Per
 The per-channel format scales once in the epilogue; its dots promote to fp32 every 128 k
 (max_num_imprecise_acc = BK), as the block path does, or with options.fp8_fast_accum (opt-in) chain
 through the accumulator in the tensor cores' FP8 accumulation precision over all of K (CUTLASS's
-FastAccum: 1-10% faster on the H200, 1.6e-2 from the reference at the mlp level instead of 5e-3). Partial blocks are masked loads (zeros): Pangu's
-I = 1344 is 10 full k-slices and a half one in the down GEMM, and a half column tile of gate and of up
-in gate_up; nothing is padded.
+FastAccum: 1-10% faster on the H200, 1.6e-2 from the reference at the mlp level instead of 5e-3).
+Partial blocks are masked loads (zeros): Pangu's I = 1344 is 10 full k-slices and a half one in the down
+GEMM, and a half column tile of gate and of up in gate_up; nothing is padded.
 
 Operands come through pointer loads (masked), or with the config's `tma` (Hopper; e4m3 x, rows of 16-byte
 multiples) through TMA descriptors built on the host: x [M, K] in [BM, 128] boxes, w viewed [E*W_ROWS, K]
