@@ -26,7 +26,7 @@ answers device, stream and target; the compile step returns a stand-in handle; t
 CPU tensors with the H200 config tables, bf16 and FP8, and TMA descriptors): the Python host time per
 call (CPU time of the thread, min over repeats) and the function calls per call, before any CUDA work,
 direct and through torch.ops, and the Triton launches a call that did not come from a cached handle.
-Rows: the bf16 ops and layer, then FP8 experts: "mlp fp8" / "mlp fp8c" (grouped_mlp with fp8_block /
+Rows: the bf16 ops (dispatch, permute, mlp, combine) and layer, then FP8 experts: "mlp fp8" / "mlp fp8c" (grouped_mlp with fp8_block /
 fp8_channel weights), "permute fp8" (grouped_permute_fp8), "dispatch fp8" (grouped_dispatch_fp8) and
 "MoGELayer fp8" (the layer after quantize_("fp8_block")). Run it on two checkouts to compare them;
 --ops picks rows.
@@ -138,7 +138,7 @@ def _simulated_calls(torch, mk, T):
     """{name: (fn, its triton launcher or None)} at T tokens: Pangu's routing (E=64, G=8, top-1 per
     group), small widths (the host path depends on the shapes only through config choice)."""
     from moge_kernels import reference as R
-    from moge_kernels.triton import combine, dispatch, fp8_gemm, grouped_gemm
+    from moge_kernels.triton import combine, dispatch, fp8_gemm, grouped_gemm, permute
 
     torch.manual_seed(0)
     H, I, E, G, dtype = 128, 64, 64, 8, torch.bfloat16
@@ -168,6 +168,8 @@ def _simulated_calls(torch, mk, T):
     return {
         "dispatch": (lambda: mk.grouped_dispatch(hidden, logits, G),
                      lambda: dispatch.grouped_dispatch(hidden, logits, G)),
+        "permute": (lambda: mk.grouped_permute(hidden, topk_ids, E),
+                    lambda: permute.grouped_permute(hidden, topk_ids, E)),
         "mlp": (lambda: mk.grouped_mlp(permuted, w_gate_up, w_down, offsets),
                 lambda: grouped_gemm.grouped_mlp(permuted, w_gate_up, w_down, offsets)),
         "combine": (lambda: mk.grouped_combine(expert_out, weights, row_index),
