@@ -3,8 +3,9 @@
 An eager MoGE layer call at decode sizes costs the host more than its kernels cost the GPU
 (bench/results/eager_gaps_h200_bc54ef3.txt, H200: about 0.20 ms of host time per moge_forward at T=1 against
 0.094 ms of kernels), so a decode loop runs at the host's pace. With `eager_graphs = N > 0`, a layer call
-of at most N tokens on a GPU that nothing records (ops.compose_layer's direct path: no grad, no compile,
-no mode) is captured once per key in a CUDA graph and replayed from then on: its two per-call inputs
+of at most N tokens on a GPU that nothing records (no grad, no compile, no mode: ops.compose_layer's
+direct path, and its per-op path for FP8 expert weights, keyed on their tensors and blocks) is captured
+once per key in a CUDA graph and replayed from then on: its two per-call inputs
 (hidden, router_logits) are copied into the graph's input buffers, the graph is replayed on the current
 stream, and its outputs are cloned (the graph's own buffers are overwritten by the next replay).
 

@@ -710,6 +710,37 @@ def compose_layer(hidden: Tensor, router_logits: Tensor, w_gate_up: Tensor, w_do
     if weights_check is not None:
         cached_check("moge_forward", weights_check,
                      (hidden, router_logits, w_gate_up, w_down, shared_w_gate_up, shared_w_down))
+    per_op = (w_gate_up, w_down, num_groups, topk_per_group, expert_scale, renormalize, score_func,
+              shared_w_gate_up, shared_w_down, layer_ops, grad_experts, expert_mask)
+    if experts is None and phase_hook is None and eager_graphs.applies(hidden):
+        # the per-op path's layers (FP8 weights) replay from a graph too, keyed on every tensor they hold
+        fixed = _flat_fixed(per_op[:9] + per_op[11:])
+        if replay_allowed(hidden, router_logits, *[t for t in fixed if isinstance(t, Tensor)]):
+            def layer(hidden, router_logits):
+                out, expert_offsets = _compose_ops(hidden, router_logits, *per_op, need_offsets)
+                return (out, expert_offsets) if need_offsets else (out,)
+            outputs = eager_graphs.run(layer, (hidden, router_logits), fixed,
+                                       ("compose_layer_ops", layer_ops, need_offsets))
+            return outputs if need_offsets else (outputs[0], None)
+    return _compose_ops(hidden, router_logits, *per_op, need_offsets, experts, phase_hook)
+
+
+def _flat_fixed(args) -> tuple:
+    """compose_layer's fixed arguments for eager_graphs.run's key: FP8 weights as their tensors and
+    blocks."""
+    flat = []
+    for a in args:
+        if isinstance(a, fp8.QuantizedExpertWeights):
+            flat += [a.weight, a.scale, a.block_n, a.block_k]
+        else:
+            flat.append(a)
+    return tuple(flat)
+
+
+def _compose_ops(hidden, router_logits, w_gate_up, w_down, num_groups, topk_per_group, expert_scale,
+                 renormalize, score_func, shared_w_gate_up, shared_w_down, layer_ops, grad_experts,
+                 expert_mask, need_offsets, experts=None, phase_hook=None):
+    """compose_layer's per-op path: each step through layer_ops (the public ops, or a caller's)."""
     if phase_hook is not None:
         phase_hook("route")
     side = None

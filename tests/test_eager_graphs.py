@@ -151,6 +151,34 @@ def test_compose_layer_replays_through_run(graph_stand_in):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_fp8_layers_replay_through_run(graph_stand_in):
+    """A layer with FP8 expert weights (the per-op path: MoGELayer after quantize_, moge_forward given
+    QuantizedExpertWeights) replays too, keyed on the FP8 tensors: the same outputs as without the option,
+    an in-place change of an FP8 weight seen by the next replay, no graph with eager_direct off."""
+    E, H, I, G = 8, 128, 64, 2
+    w_gate_up, w_down = make_expert_weights(E, H, I, seed=3)
+    gu, dn = mk.quantize_expert_weights(w_gate_up, parts=2), mk.quantize_expert_weights(w_down)
+    inputs = [make_routing_inputs(3, E, H, seed=s) for s in range(3)]
+    torch.manual_seed(0)
+    layer = mk.MoGELayer(H, I, E, G, 1, shared_intermediate_size=64).eval().quantize_("fp8_block")
+    with torch.no_grad():
+        got = [mk.moge_forward(h, l, gu, dn, G) for h, l in inputs]
+        got_layer = [layer(h) for h, _ in inputs]
+        assert eager_graphs.num_graphs() == 2 and [g.replays for g in graph_stand_in] == [2, 2]
+        layer.w_down_scale.mul_(2)                       # in place: seen by the next replay
+        doubled = layer(inputs[0][0])
+        assert eager_graphs.num_graphs() == 2
+        eager_graphs.clear()
+        with mk.use_options(eager_direct=False):
+            want_doubled = layer(inputs[0][0])
+            layer.w_down_scale.div_(2)
+            want = [mk.moge_forward(h, l, gu, dn, G) for h, l in inputs]
+            want_layer = [layer(h) for h, _ in inputs]
+        assert eager_graphs.num_graphs() == 0
+    for a, b in zip(got + got_layer + [doubled], want + want_layer + [want_doubled]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_replays_copy_out_expert_offsets_only_where_the_caller_reads_them(graph_stand_in):
     """moge_forward drops expert_offsets: its graph's only output is the layer's; MoGELayer asked for the
     auxiliary loss gets expert_offsets from its own graph, and the loss of the eager call."""
@@ -175,6 +203,26 @@ def test_replays_copy_out_expert_offsets_only_where_the_caller_reads_them(graph_
 
 
 # ------------------------------------------------------------------------------------------ GPU
+@gpu
+@pytest.mark.parametrize("T", [1, 16])
+def test_gpu_fp8_layer_replays_equal_eager(T):
+    """An FP8 MoGELayer (bf16 shared expert) at decode sizes: replays equal the eager calls bit for bit."""
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("FP8 kernels need sm_89+")
+    torch.manual_seed(0)
+    E, H, I, G = 16, 256, 128, 4
+    layer = mk.MoGELayer(H, I, E, G, 1, shared_intermediate_size=192).to("cuda", torch.bfloat16).eval()
+    layer.quantize_("fp8_block")
+    inputs = [_layer_inputs(T, seed)[0] for seed in range(4)]
+    with torch.no_grad():
+        want = [layer(h) for h in inputs]
+        with mk.use_options(eager_graphs=16):
+            got = [layer(h) for h in inputs]
+            assert eager_graphs.num_graphs() == 1
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
 def _layer_inputs(T, seed, E=16, H=256):
     return make_routing_inputs(T, E, H, torch.bfloat16, "cuda", seed=seed)
 
