@@ -203,6 +203,10 @@ def test_replays_copy_out_expert_offsets_only_where_the_caller_reads_them(graph_
 
 
 # ------------------------------------------------------------------------------------------ GPU
+def _layer_inputs(T, seed, E=16, H=256):
+    return make_routing_inputs(T, E, H, torch.bfloat16, "cuda", seed=seed)
+
+
 @gpu
 @pytest.mark.parametrize("T", [1, 16])
 def test_gpu_fp8_layer_replays_equal_eager(T):
@@ -221,10 +225,6 @@ def test_gpu_fp8_layer_replays_equal_eager(T):
             assert eager_graphs.num_graphs() == 1
     for a, b in zip(got, want):
         assert torch.equal(a, b)
-
-
-def _layer_inputs(T, seed, E=16, H=256):
-    return make_routing_inputs(T, E, H, torch.bfloat16, "cuda", seed=seed)
 
 
 @gpu
