@@ -10,6 +10,7 @@
 #   before      op times against 3b6eff9 in interleaved rounds (issue 16's no-regression check)
 #   transformers  transformers experts, moge vs grouped_mm/batched_mm/eager, forward (issue 18)
 #   fp8         the fp8 sweep and table (issue 21)
+#   overlap     the layer with its shared expert on one stream / a side stream, bf16 then FP8 experts (issue 19)
 #   ncu_fp8     Nsight Compute of the FP8 gate_up and down GEMMs at NCU_T (default 1 4096)
 #   bench       python -m moge_kernels.bench, the package's main job (issue 19's ratios)
 #   tests:<k>   pytest -q of the files matching tests/test_<k>*.py
@@ -49,6 +50,10 @@ for step in ${STEPS:-probe suite}; do
            > "$OUT/transformers.log"; tail -50 "$OUT/transformers.log" ;;
     fp8) timeout ${FP8_S:-100} python3 bench/bench_fp8.py ${FP8_ARGS:---sweep --T 1,1024,4096} 2>&1 | quiet \
            | tee "$OUT/fp8.log" | tail -40 ;;
+    overlap) for flag in "" --fp8; do
+             timeout ${OVERLAP_S:-100} python3 bench/ab_shared_overlap.py $flag ${OVERLAP_ARGS:-} 2>&1 | quiet \
+               | tee -a "$OUT/overlap.log" | tail -8
+           done ;;
     ncu_fp8) for t in ${NCU_T:-1 4096}; do
              timeout 120 ncu --kernel-name regex:_fp8_gemm_kernel --launch-skip 2 --launch-count 2 \
                --section SpeedOfLight --section Occupancy --section WarpStateStats --section MemoryWorkloadAnalysis \
