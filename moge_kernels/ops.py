@@ -645,13 +645,13 @@ def shared_expert_side_stream(hidden: Tensor, shared_w_gate_up, shared_w_down) -
     return _shared_streams[index]
 
 
-def _fork_shared(side: tuple, fn: Callable, hidden: Tensor, *weights) -> Tensor:
-    """fn(hidden, *weights) on the side stream, after the current stream's work so far."""
+def _fork_shared(side: tuple, fn: Callable, hidden: Tensor, *args):
+    """fn(hidden, *args) on the side stream, after the current stream's work so far."""
     stream, fork, join = side
     fork.record(torch.cuda.current_stream(hidden.device))
     stream.wait_event(fork)
     with torch.cuda.stream(stream):
-        out = fn(hidden, *weights)
+        out = fn(hidden, *args)
     join.record(stream)
     return out
 
@@ -714,7 +714,8 @@ def compose_layer(hidden: Tensor, router_logits: Tensor, w_gate_up: Tensor, w_do
               shared_w_gate_up, shared_w_down, layer_ops, grad_experts, expert_mask)
     if experts is None and phase_hook is None and eager_graphs.applies(hidden):
         # the per-op path's layers (FP8 weights) replay from a graph too, keyed on every tensor they hold
-        fixed = _flat_fixed(per_op[:9] + per_op[11:])
+        fixed = _flat_fixed((w_gate_up, w_down, num_groups, topk_per_group, expert_scale, renormalize,
+                             score_func, shared_w_gate_up, shared_w_down, expert_mask))
         if replay_allowed(hidden, router_logits, *[t for t in fixed if isinstance(t, Tensor)]):
             def layer(hidden, router_logits):
                 out, expert_offsets = _compose_ops(hidden, router_logits, *per_op, need_offsets)
@@ -820,19 +821,11 @@ def _compose_direct(layer_args, weights_check):
     else:
         for i, value in dispatch_conversions:
             dispatch_args[i] = value
-    shared_checked = True
-
-    def shared_expert(hidden, shared_w_gate_up, shared_w_down):     # shared_expert_mlp, swiglu checked
-        nonlocal shared_checked
-        shared_gate_up = F.linear(hidden, shared_w_gate_up)
-        if check:
-            shared_checked = ARG_CHECKS["swiglu"](shared_gate_up) is None
-        return F.linear(_run_kernel("swiglu", (shared_gate_up,)), shared_w_down)
-
     side = None if shared_w_gate_up is None else shared_expert_side_stream(hidden, shared_w_gate_up,
                                                                            shared_w_down)
     if side is not None:
-        shared_out = _fork_shared(side, shared_expert, hidden, shared_w_gate_up, shared_w_down)
+        shared_out, shared_checked = _fork_shared(side, _shared_expert_direct, hidden, shared_w_gate_up,
+                                                  shared_w_down, check)
     permuted, topk_weights, _, expert_offsets, row_index = _run_kernel("grouped_dispatch", dispatch_args)
     mlp_args = (permuted, w_gate_up, w_down, expert_offsets, None)
     if check:
@@ -841,9 +834,9 @@ def _compose_direct(layer_args, weights_check):
     if side is not None:
         _join_shared(side, shared_out)
     elif shared_w_gate_up is not None:
-        shared_out = shared_expert(hidden, shared_w_gate_up, shared_w_down)
+        shared_out, shared_checked = _shared_expert_direct(hidden, shared_w_gate_up, shared_w_down, check)
     else:
-        shared_out = None
+        shared_out, shared_checked = None, True
     if check:
         cacheable &= shared_checked
     combine_args = (expert_out, topk_weights, row_index, shared_out)
@@ -853,6 +846,13 @@ def _compose_direct(layer_args, weights_check):
     if check and cacheable:
         _store(_layer_checked, key, dispatch_conversions)
     return out, expert_offsets
+
+
+def _shared_expert_direct(hidden, shared_w_gate_up, shared_w_down, check: bool) -> tuple:
+    """_compose_direct's shared_expert_mlp: (out, whether its swiglu check passed, or True unchecked)."""
+    shared_gate_up = F.linear(hidden, shared_w_gate_up)
+    checked = ARG_CHECKS["swiglu"](shared_gate_up) is None if check else True
+    return F.linear(_run_kernel("swiglu", (shared_gate_up,)), shared_w_down), checked
 
 
 def moge_forward(hidden: Tensor, router_logits: Tensor, w_gate_up: Tensor, w_down: Tensor,
