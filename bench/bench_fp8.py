@@ -29,7 +29,8 @@ layer (goal <= 4e-2).
 --sweep times the FP8 grouped_mlp (graph replays, cold L2, medians) with one GEMM's config forced to
 each candidate of moge_kernels/triton/gemm_configs.FP8_CANDIDATES for the T's regime (the other GEMM at
 its table entry), prints the winner of each (regime, GEMM) as the FP8_H200_TABLE line to commit, and
-then the normal table; --sweep-fmt fp8_channel sweeps FP8_CHANNEL_CANDIDATES for FP8_CHANNEL_H200_TABLE. A time budget (--budget, seconds) skips the candidates it has no time left for
+then the normal table; --sweep-fmt fp8_channel sweeps FP8_CHANNEL_CANDIDATES for FP8_CHANNEL_H200_TABLE.
+A time budget (--budget, seconds) skips the candidates it has no time left for
 and says so.
 """
 from __future__ import annotations

@@ -26,9 +26,9 @@ answers device, stream and target; the compile step returns a stand-in handle; t
 CPU tensors with the H200 config tables, bf16 and FP8, and TMA descriptors): the Python host time per
 call (CPU time of the thread, min over repeats) and the function calls per call, before any CUDA work,
 direct and through torch.ops, and the Triton launches a call that did not come from a cached handle.
-Rows: the bf16 ops (dispatch, permute, mlp, combine) and layer, then FP8 experts: "mlp fp8" / "mlp fp8c" (grouped_mlp with fp8_block /
-fp8_channel weights), "permute fp8" (grouped_permute_fp8), "dispatch fp8" (grouped_dispatch_fp8) and
-"MoGELayer fp8" (the layer after quantize_("fp8_block")). Run it on two checkouts to compare them;
+Rows: the bf16 ops (dispatch, permute, mlp, combine) and layer, then FP8 experts: "mlp fp8" / "mlp fp8c"
+(grouped_mlp with fp8_block / fp8_channel weights), "permute fp8" (grouped_permute_fp8), "dispatch fp8"
+(grouped_dispatch_fp8) and "MoGELayer fp8" (the layer after quantize_("fp8_block")). Run it on two checkouts to compare them;
 --ops picks rows.
 """
 from __future__ import annotations

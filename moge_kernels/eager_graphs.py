@@ -35,8 +35,9 @@ for bit: the capture makes the choices the eager call made (the Triton grouped_m
 (grouped_gemm._two_streams) as outside a capture; with triton_autotune, the config tuned eagerly), so it
 also compiles nothing the first call did not. One choice differs and changes no bit: the layer's shared
 expert takes its side stream in every capture, this one too (ops.shared_expert_side_stream: the same
-kernels, forked and joined; faster as a graph at every T, slower only as small eager calls); the autocast cache is off during a capture (a cached cast of
-a weight is freed when autocast exits: the graph must cast, as the eager call does on a cache miss).
+kernels, forked and joined; faster as a graph at every T, slower only as small eager calls); the autocast
+cache is off during a capture (a cached cast of a weight is freed when autocast exits: the graph must cast,
+as the eager call does on a cache miss).
 """
 from __future__ import annotations
 
