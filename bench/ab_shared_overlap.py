@@ -20,6 +20,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import moge_kernels as mk  # noqa: E402
+from moge_kernels.bench.problems import floor_ms  # noqa: E402
 from moge_kernels.bench.timing import Timer, capture_graph, elapsed_ms, measure_ceilings, warm_up  # noqa: E402
 
 H, I, E, G, IS = 5120, 1344, 64, 8, 5376
@@ -65,7 +66,7 @@ def main():
             active = int(((offsets[1:] - offsets[:-1]) > 0).sum())
             weight_bytes = active * routed_bytes_per_expert + 3 * H * IS * 2
             fl = 2 * T * (G * 3 * H * I + 3 * H * IS)
-            floor = max(weight_bytes / bandwidth, fl / flops) * 1e3
+            floor, _ = floor_ms(fl, weight_bytes, bandwidth / 1e9, flops / 1e12)
             fns = {"one": lambda: layer(hidden, logits, False), "two": lambda: layer(hidden, logits, True)}
             graphs = {k: capture_graph(f, dev) for k, f in fns.items()}
             for f in fns.values():
