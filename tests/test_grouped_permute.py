@@ -135,16 +135,17 @@ def test_triton_tilings(backend, device, count_block_t, copy_config):
 @pytest.mark.parametrize("backend,device", [c for c in CASES if c[0] == "triton"])
 @pytest.mark.parametrize("drop", [0.0, 0.4])
 def test_triton_scan_in_chunks(backend, device, drop, monkeypatch):
-    """The scan launch over several chunks of count blocks (the last block partial), E a power of two
-    (E+1 buckets padded to 2E) and not."""
+    """The scan launch over several chunks of count blocks (the last block partial) and several programs
+    of bucket columns (the last partial), E a power of two (E+1 buckets) and not."""
     from moge_kernels.triton import permute as tp
-    monkeypatch.setattr(tp, "SCAN_TILE_ELEMS", 128)      # 128 // pow2(E+1) blocks a chunk
+    monkeypatch.setattr(tp, "SCAN_TILE_ELEMS", 16)       # 16 // SCAN_COLS blocks a chunk
+    monkeypatch.setattr(tp, "SCAN_COLS", 4)              # 17 / 13 buckets: 5 / 4 programs
     tp._plan.cache_clear()
     try:
         for T, K, E in ((53, 3, 16), (41, 2, 12)):
             hidden = torch.randn(T, 5, generator=generator(T)).to(device)
             ids = make_topk_ids(T, K, E, seed=T, device=device, drop=drop)
-            for count_block_t in (1, 2):                 # 53 / 27 blocks: 14 / 7 chunks of 4 (E = 16)
+            for count_block_t in (1, 2):                 # 53 / 27 blocks: 14 / 7 chunks of 4
                 out = tp.grouped_permute(hidden, ids, E, count_block_t=count_block_t, copy_config=(4, 8, 1))
                 assert_permute_equal(out, R.permute(hidden, ids, E))
     finally:

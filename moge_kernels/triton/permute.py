@@ -8,6 +8,8 @@ count blocks; bucket E holds the dropped slots, id -1):
                                the same bucket, in (token, slot) order
     block_base      [NB, E+1]  int32 scratch: first, per-bucket counts of each count block; after the scan
                                kernel (when it runs), the rows of bucket e that blocks before b fill
+    block_prefix    [NB, E+1]  int32 scratch (scan kernel only): the rows of block b in buckets < e, so that
+                               expert_offsets[e] is the sum of column e over the blocks
     expert_offsets  [E+1]      int32 exclusive cumsum of rows per expert (output); offsets[E] = kept slots
     row_index       [T, K]     int32 expert_offsets[bucket] + block_base[t // COUNT_BLOCK_T, bucket]
                                + slot_rank[t, k] (output)
@@ -17,10 +19,12 @@ dependent launch, launch.use_pdl: each starts while the one before it finishes):
 
     1. _rank_kernel, one program per count block: its COUNT_BLOCK_T x pow2(K) slots sorted by bucket in
        one tl.sort, each slot's rank from a segmented count along the sorted keys, the per-bucket counts
-       from tl.histogram. The work per slot grows as log^2 of the block's slots, not with E.
-    2. _scan_kernel, one program, one pass over the NB x (E+1) counts: block_base and expert_offsets
-       (skipped for NB <= FUSED_SCAN_MAX_BLOCKS blocks, where every copy program redoes this scan from the
-       counts, as dispatch.py does).
+       from tl.histogram (and their exclusive cumsum, block_prefix, when the scan kernel runs). The work
+       per slot grows as log^2 of the block's slots, not with E.
+    2. _scan_kernel, one program per SCAN_COLS buckets, one load of its columns: block_base (a running
+       sum down each column) and expert_offsets (each column's sum of block_prefix). No program waits for
+       another (skipped for NB <= FUSED_SCAN_MAX_BLOCKS blocks, where every copy program redoes this scan
+       from the counts, as dispatch.py does).
     3. _copy_kernel, one program per (token block, H block): every index of its BLOCK_T x K slots loaded
        at once, then row_index and the K copies of each hidden row (read once, written from registers);
        a dropped slot's row is written with zeros.
@@ -40,7 +44,6 @@ import triton.language as tl
 from .. import options
 from ..registry import register_kernel
 from . import DEVICES
-from .dispatch import _store_block_bases
 from .launch import Kernel, cdiv, gdc_launch_dependents, gdc_wait, pow2, use_pdl
 
 _INTERPRET = options.TRITON_INTERPRET
@@ -56,8 +59,10 @@ FUSED_SCAN_MAX_BLOCKS = 16
 # bench/results/permute_variants_h200_05caac9.txt: 128 against 256 blocks, Qwen3-30B T=4096 1.44x the
 # floor against 1.52x, no shape slower).
 MAX_COUNT_BLOCKS = 128
-# Scan tile [CHUNK_B blocks, pow2(E+1) buckets].
-SCAN_TILE_ELEMS = 8192
+# Buckets per scan program, and the most count blocks one load of its tile takes
+# ([SCAN_TILE_ELEMS // SCAN_COLS, SCAN_COLS] counts and as many prefixes).
+SCAN_COLS = 16
+SCAN_TILE_ELEMS = 4096
 
 
 # ----------------------------------------------------------------------------------------- launch 1
@@ -72,9 +77,10 @@ def _rank_kernel(
     ids_ptr,             # [T, K] int32/int64, strides (stride_it, stride_ik)
     slot_rank_ptr,       # [T, K] int32 out
     block_base_ptr,      # [NB, E+1] int32 out: per-block bucket counts (column E: the dropped slots)
+    block_prefix_ptr,    # [NB, E+1] int32 out if PREFIX: per-block exclusive cumsum of those counts
     T, stride_it, stride_ik,
     E: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_T: tl.constexpr, NUM_BINS: tl.constexpr,
-    USE_GDC: tl.constexpr,
+    PREFIX: tl.constexpr, USE_GDC: tl.constexpr,
 ):
     """Grid (NB,): program b ranks the BLOCK_T*K_PAD slots of tokens [b*BLOCK_T, (b+1)*BLOCK_T) in one
     sort: key = bucket * S + flat slot (buckets: the expert, E for a dropped slot, E+1 for padding, which
@@ -99,26 +105,42 @@ def _rank_kernel(
     t_sorted = pid * BLOCK_T + slot // K_PAD
     tl.store(slot_rank_ptr + t_sorted * K + slot % K_PAD, count - 1, mask=bucket_sorted <= E)
     bins = tl.arange(0, NUM_BINS)
-    tl.store(block_base_ptr + pid * (E + 1) + bins, tl.histogram(bucket, NUM_BINS), mask=bins <= E)
+    counts = tl.histogram(bucket, NUM_BINS)
+    tl.store(block_base_ptr + pid * (E + 1) + bins, counts, mask=bins <= E)
+    if PREFIX:
+        tl.store(block_prefix_ptr + pid * (E + 1) + bins, tl.cumsum(counts, axis=0) - counts, mask=bins <= E)
 
 
 # ----------------------------------------------------------------------------------------- launch 2
 @triton.jit(do_not_specialize=["num_blocks"])
 def _scan_kernel(
     block_base_ptr,      # [NB, E+1] int32 in: per-block counts; out (in place): rows before each block
+    block_prefix_ptr,    # [NB, E+1] int32 in: per-block exclusive cumsum of the counts over buckets
     expert_offsets_ptr,  # [E+1] int32 out
     num_blocks,
-    E: tl.constexpr, E1_PAD: tl.constexpr, CHUNK_B: tl.constexpr, USE_GDC: tl.constexpr,
+    E: tl.constexpr, CHUNK_B: tl.constexpr, COLS: tl.constexpr, USE_GDC: tl.constexpr,
 ):
-    """Grid (1,), one pass over the counts: each block's first row within its bucket (a running sum over
-    blocks, the copy adds expert_offsets[bucket]), then the exclusive cumsum of the totals over buckets."""
+    """Grid (cdiv(E+1, COLS),): program j owns buckets [j*COLS, (j+1)*COLS). Each block's first row within
+    bucket e is the running sum of column e over the blocks before it; expert_offsets[e], the rows of
+    every bucket < e, is the sum of column e of block_prefix. No program depends on another (a
+    one-program scan walks all NB x (E+1) counts serially); up to CHUNK_B blocks, one load."""
     if USE_GDC:
         gdc_launch_dependents()
         gdc_wait()                                    # the rank kernel's counts
-    e = tl.arange(0, E1_PAD)
-    e_ok = e < E + 1
-    total = _store_block_bases(block_base_ptr, tl.zeros_like(e), e, e_ok, num_blocks, E + 1, CHUNK_B)
-    tl.store(expert_offsets_ptr + e, tl.cumsum(total, axis=0) - total, mask=e_ok)
+    cols = tl.program_id(0) * COLS + tl.arange(0, COLS)
+    col_ok = cols <= E
+    base = tl.zeros([COLS], tl.int32)
+    offsets = tl.zeros([COLS], tl.int32)
+    for b0 in range(0, num_blocks, CHUNK_B):
+        b = b0 + tl.arange(0, CHUNK_B)
+        mask = (b < num_blocks)[:, None] & col_ok[None, :]
+        offs = b[:, None] * (E + 1) + cols[None, :]
+        counts = tl.load(block_base_ptr + offs, mask=mask, other=0)
+        offsets += tl.sum(tl.load(block_prefix_ptr + offs, mask=mask, other=0), axis=0)
+        # read before write, same program, same addresses: in place is safe
+        tl.store(block_base_ptr + offs, base[None, :] + tl.cumsum(counts, axis=0) - counts, mask=mask)
+        base += tl.sum(counts, axis=0)
+    tl.store(expert_offsets_ptr + cols, offsets, mask=col_ok)
 
 
 # ----------------------------------------------------------------------------------------- launch 3
@@ -197,8 +219,8 @@ def _copy_kernel(
 # USE_GDC and launch_pdl (launch.use_pdl) go together: the scan and the copy start while the kernel
 # before them finishes; the rank kernel, the first of the chain, launches as usual (its inputs may still
 # be in the making).
-_rank = Kernel(_rank_kernel, ("E", "K", "K_PAD", "BLOCK_T", "NUM_BINS", "USE_GDC", "num_warps"))
-_scan = Kernel(_scan_kernel, ("E", "E1_PAD", "CHUNK_B", "USE_GDC", "num_warps", "launch_pdl"))
+_rank = Kernel(_rank_kernel, ("E", "K", "K_PAD", "BLOCK_T", "NUM_BINS", "PREFIX", "USE_GDC", "num_warps"))
+_scan = Kernel(_scan_kernel, ("E", "CHUNK_B", "COLS", "USE_GDC", "num_warps", "launch_pdl"))
 _copy = Kernel(_copy_kernel, ("E", "K", "K_PAD", "E_PAD", "NB_PAD", "FUSED_SCAN", "COUNT_BLOCK_T", "BLOCK_T",
                               "BLOCK_H", "USE_GDC", "num_warps", "launch_pdl"))
 
@@ -228,22 +250,24 @@ def _count_config(T: int, K: int, max_blocks: int = None, max_slots: int = None)
 @functools.lru_cache(maxsize=4096)
 def _plan(T, K, E, H, count_block_t, copy_config, pdl):
     """The launches of one call, a pure function of the shapes and choices: (number of count blocks,
-    rank meta, scan meta or None (the copy programs scan), copy meta, copy grid)."""
-    e_pad, e1_pad, k_pad = pow2(E), pow2(E + 1), pow2(K)
+    rank meta, scan meta or None (the copy programs scan), scan grid, copy meta, copy grid)."""
+    e_pad, k_pad = pow2(E), pow2(K)
     count_block_t = count_block_t or _count_config(T, K)
     num_blocks = cdiv(T, count_block_t)
     fused_scan = num_blocks <= FUSED_SCAN_MAX_BLOCKS
     block_slots = count_block_t * k_pad
-    rank_meta = (E, K, k_pad, count_block_t, pow2(E + 2), pdl, 4 if block_slots <= 512 else 8)
-    scan_meta = None if fused_scan else \
-        (E, e1_pad, min(pow2(num_blocks), max(1, SCAN_TILE_ELEMS // e1_pad)), pdl, 8, pdl)
+    rank_meta = (E, K, k_pad, count_block_t, pow2(E + 2), not fused_scan, pdl, 4 if block_slots <= 512 else 8)
+    scan_cols = min(SCAN_COLS, pow2(E + 1))
+    chunk_b = min(pow2(num_blocks), max(1, SCAN_TILE_ELEMS // scan_cols))
+    scan_meta = None if fused_scan else (E, chunk_b, scan_cols, pdl, 4, pdl)
+    scan_grid = (cdiv(E + 1, scan_cols),)
     block_t, block_h, num_warps = copy_config or _copy_config(T, H)
     if fused_scan:
         block_t = min(block_t, count_block_t)
     copy_meta = (E, K, k_pad, e_pad, pow2(num_blocks), fused_scan, count_block_t, block_t, block_h,
                  pdl, num_warps, pdl)
     copy_grid = (cdiv(T, block_t), max(1, cdiv(H, block_h)))   # >= 1 H block: row_index
-    return num_blocks, rank_meta, scan_meta, copy_meta, copy_grid
+    return num_blocks, rank_meta, scan_meta, scan_grid, copy_meta, copy_grid
 
 
 def grouped_permute(hidden, topk_ids, num_experts, *, count_block_t=None, copy_config=None, pdl=None):
@@ -262,16 +286,19 @@ def grouped_permute(hidden, topk_ids, num_experts, *, count_block_t=None, copy_c
         return permuted, torch.zeros(E + 1, dtype=torch.int32, device=device), row_index
     if hidden.stride(1) != 1:
         hidden = hidden.contiguous()
-    num_blocks, rank_meta, scan_meta, copy_meta, copy_grid = _plan(
+    num_blocks, rank_meta, scan_meta, scan_grid, copy_meta, copy_grid = _plan(
         T, K, E, H, count_block_t, copy_config, use_pdl(device) if pdl is None else bool(pdl))
     expert_offsets = torch.empty(E + 1, dtype=torch.int32, device=device)  # [E+1] int32
-    scratch = torch.empty(T * K + num_blocks * (E + 1), dtype=torch.int32, device=device)
+    table = num_blocks * (E + 1)
+    scratch = torch.empty(T * K + (table if scan_meta is None else 2 * table), dtype=torch.int32,
+                          device=device)
     slot_rank = scratch[:T * K]                                              # [T, K] int32
-    block_base = scratch[T * K:]                                             # [NB, E+1] int32
+    block_base = scratch[T * K:T * K + table]                                # [NB, E+1] int32
+    block_prefix = scratch[T * K + table:] if scan_meta is not None else block_base   # [NB, E+1] int32
     sit, sik = topk_ids.stride()
-    _rank.launch((num_blocks,), (topk_ids, slot_rank, block_base, T, sit, sik), rank_meta)
+    _rank.launch((num_blocks,), (topk_ids, slot_rank, block_base, block_prefix, T, sit, sik), rank_meta)
     if scan_meta is not None:
-        _scan.launch((1,), (block_base, expert_offsets, num_blocks), scan_meta)
+        _scan.launch(scan_grid, (block_base, block_prefix, expert_offsets, num_blocks), scan_meta)
     _copy.launch(copy_grid, (hidden, topk_ids, slot_rank, block_base, expert_offsets, row_index, permuted,
                              T, H, hidden.stride(0), sit, sik, num_blocks), copy_meta)
     return permuted, expert_offsets, row_index
