@@ -133,6 +133,36 @@ def test_triton_tilings(backend, device, count_block_t, copy_config):
 
 
 @pytest.mark.parametrize("backend,device", [c for c in CASES if c[0] == "triton"])
+@pytest.mark.parametrize("T,K,E,H,one_pass", [
+    (1, 8, 128, 64, True),      # decode, top-8 of 128
+    (16, 8, 128, 33, True),     # 16 x 8 = 128 slots: the largest one-pass call of K = 8
+    (17, 8, 128, 33, False),    # one token more: the rank and copy launches
+    (64, 2, 8, 20, True),       # top-2: 64 tokens in one pass
+    (5, 3, 12, 300, True),      # K not a power of two, H past one copy block
+    (128, 1, 4, 7, True),       # one slot a token, 128 tokens
+])
+def test_triton_one_pass(backend, device, T, K, E, H, one_pass, monkeypatch):
+    """Decode sizes in one launch (every program compares all slots with all): dropped slots, a token
+    repeating an expert, ids as a transposed int64 view, hidden with a row stride; and that the size
+    picks the path."""
+    from moge_kernels.triton import permute as tp
+    launched = []
+    real = tp._one_pass.launch
+    monkeypatch.setattr(tp._one_pass, "launch", lambda *a: (launched.append(a), real(*a)))
+    wide = torch.randn(T, H + 5, generator=generator(T + H)).to(device)
+    hidden = wide[:, 5:]
+    ids = make_topk_ids(T, K, E, seed=T, device=device, drop=0.3)
+    cases = [ids]
+    if K >= 2:
+        repeated = ids.clone().long()
+        repeated[:, 1] = repeated[:, 0]
+        cases.append(repeated.t().contiguous().t())
+    for case in cases:
+        assert_permute_equal(run(backend, hidden, case, E), R.permute(hidden.contiguous(), case.contiguous(), E))
+    assert len(launched) == (len(cases) if one_pass else 0)
+
+
+@pytest.mark.parametrize("backend,device", [c for c in CASES if c[0] == "triton"])
 @pytest.mark.parametrize("drop", [0.0, 0.4])
 def test_triton_scan_in_chunks(backend, device, drop, monkeypatch):
     """The scan launch over several chunks of count blocks (the last block partial) and several programs
@@ -476,8 +506,8 @@ def test_gpu_gemm_and_mlp_zero_rows_past_offsets_at_scale(backend, M, E, H, I, k
 @pytest.mark.parametrize("T", [5, 300, 4096])
 def test_gpu_pdl_on_and_off_agree(T):
     """The triton permute's launch chain with programmatic dependent launch (the default on sm_90+) and
-    without it: the same outputs, eagerly and replayed from a CUDA graph on new ids; T = 5 skips the scan
-    launch (the copy scans), 4096 runs it."""
+    without it: the same outputs, eagerly and replayed from a CUDA graph on new ids; T = 5 is one launch
+    (no chain), 300 skips the scan launch (the copy scans), 4096 runs it."""
     from moge_kernels.triton import permute as tp
     K, E, H = 8, 128, 2048
     hidden = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)

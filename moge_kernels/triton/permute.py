@@ -14,8 +14,11 @@ count blocks; bucket E holds the dropped slots, id -1):
     row_index       [T, K]     int32 expert_offsets[bucket] + block_base[t // COUNT_BLOCK_T, bucket]
                                + slot_rank[t, k] (output)
 
-Launches (current stream, no host synchronisation; on sm_90+ the second and third with programmatic
-dependent launch, launch.use_pdl: each starts while the one before it finishes):
+Decode sizes (T * pow2(K) <= ONE_PASS_MAX_SLOTS) take one launch, _one_pass_kernel: each of its programs
+(one per H block) places every slot itself, a slot's row being the number of slots with a smaller
+(bucket, slot) key, from one comparison of all slots with all. Larger calls take three launches (current
+stream, no host synchronisation; on sm_90+ the second and third with programmatic dependent launch,
+launch.use_pdl: each starts while the one before it finishes):
 
     1. _rank_kernel, one program per count block: its COUNT_BLOCK_T x pow2(K) slots sorted by bucket in
        one tl.sort, each slot's rank from a segmented count along the sorted keys, the per-bucket counts
@@ -52,6 +55,10 @@ _INTERPRET = options.TRITON_INTERPRET
 # no cheaper, only the scan longer; and at most MAX_BLOCK_SLOTS, one sort's keys in registers.
 MIN_BLOCK_SLOTS = 128
 MAX_BLOCK_SLOTS = 8192
+# Up to this many slots (T * pow2(K)) a call is one launch: every program compares all slots with all.
+ONE_PASS_MAX_SLOTS = 128
+# Elements of hidden a one-pass program copies ([pow2(T), BLOCK_H]).
+ONE_PASS_TILE_ELEMS = 8192
 # Up to this many count blocks the copy programs scan the counts themselves (no scan launch).
 FUSED_SCAN_MAX_BLOCKS = 16
 # Past that, at most this many count blocks: the scan is one program reading NB x (E+1) counts once, so
@@ -214,6 +221,56 @@ def _copy_kernel(
         tl.store(permuted_ptr + row_k.to(tl.int64)[:, None] * H + h[None, :], vals, mask=mask)
 
 
+# ----------------------------------------------------------------------------------------- one pass
+@triton.jit(do_not_specialize=["T"])
+def _one_pass_kernel(
+    hidden_ptr,          # [T, H] row stride stride_ht, unit column stride
+    ids_ptr,             # [T, K] int32/int64, strides (stride_it, stride_ik)
+    expert_offsets_ptr,  # [E+1] int32 out (program 0)
+    row_index_ptr,       # [T, K] int32 out (program 0)
+    permuted_ptr,        # [T*K, H] out, contiguous
+    T, H, stride_ht, stride_it, stride_ik,
+    E: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr, T_PAD: tl.constexpr, E1_PAD: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    """Grid (cdiv(H, BLOCK_H),), T_PAD * K_PAD <= ONE_PASS_MAX_SLOTS: the whole permute of a decode step.
+    Slot (t, k) has key bucket * S + (t * K_PAD + k) (bucket: the expert, E for a dropped slot, E + 1 for
+    padding); its row is the number of keys smaller than its own, its place in the stable order, from
+    one S x S comparison (S = T_PAD * K_PAD, a few thousand lanes: every program does it, none waits
+    for another), and expert_offsets[e] the number of slots in buckets below e."""
+    S: tl.constexpr = T_PAD * K_PAD
+    pid_h = tl.program_id(0)
+    t = tl.arange(0, T_PAD)
+    h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    mask = (t < T)[:, None] & (h < H)[None, :]
+    rows = tl.load(hidden_ptr + t.to(tl.int64)[:, None] * stride_ht + h[None, :], mask=mask)
+    i = tl.arange(0, S)                               # flat slot, (token, slot) order
+    ti = i // K_PAD
+    ki = i % K_PAD
+    ok = (ti < T) & (ki < K)
+    ids = tl.load(ids_ptr + ti.to(tl.int64) * stride_it + ki * stride_ik, mask=ok, other=-1)
+    # ids outside [-1, E) count as dropped
+    bucket = tl.where(ok, tl.where((ids >= 0) & (ids < E), ids, E), E + 1).to(tl.int32)
+    key = bucket * S + i
+    row = tl.sum((key[None, :] < key[:, None]).to(tl.int32), axis=1)          # [S]
+    row2 = tl.reshape(row, (T_PAD, K_PAD))
+    kept2 = tl.reshape(bucket < E, (T_PAD, K_PAD))
+    t2 = t[:, None]
+    k2 = tl.arange(0, K_PAD)[None, :]
+    ok2 = (t2 < T) & (k2 < K)
+    if pid_h == 0:
+        tl.store(row_index_ptr + t2 * K + k2, row2, mask=ok2)
+        e = tl.arange(0, E1_PAD)
+        below = tl.sum((bucket[None, :] < e[:, None]).to(tl.int32), axis=1)    # [E1_PAD]
+        tl.store(expert_offsets_ptr + e, below, mask=e <= E)
+    code = tl.where(kept2, row2, -1 - row2)           # a dropped slot's row as -1 - row: written with zeros
+    for k in tl.static_range(K):
+        code_k = tl.sum(tl.where(k2 == k, code, 0), axis=1)              # [T_PAD] column k
+        row_k = tl.where(code_k >= 0, code_k, -1 - code_k)
+        vals = tl.where((code_k >= 0)[:, None], rows, tl.zeros_like(rows))
+        tl.store(permuted_ptr + row_k.to(tl.int64)[:, None] * H + h[None, :], vals, mask=mask)
+
+
 # ----------------------------------------------------------------------------------------- launcher
 # Launched through cached compiled handles (launch.Kernel): the three launches cost little host time.
 # USE_GDC and launch_pdl (launch.use_pdl) go together: the scan and the copy start while the kernel
@@ -223,6 +280,7 @@ _rank = Kernel(_rank_kernel, ("E", "K", "K_PAD", "BLOCK_T", "NUM_BINS", "PREFIX"
 _scan = Kernel(_scan_kernel, ("E", "CHUNK_B", "COLS", "USE_GDC", "num_warps", "launch_pdl"))
 _copy = Kernel(_copy_kernel, ("E", "K", "K_PAD", "E_PAD", "NB_PAD", "FUSED_SCAN", "COUNT_BLOCK_T", "BLOCK_T",
                               "BLOCK_H", "USE_GDC", "num_warps", "launch_pdl"))
+_one_pass = Kernel(_one_pass_kernel, ("E", "K", "K_PAD", "T_PAD", "E1_PAD", "BLOCK_H", "num_warps"))
 
 
 def _copy_config(T: int, H: int):
@@ -245,6 +303,16 @@ def _count_config(T: int, K: int, max_blocks: int = None, max_slots: int = None)
         return pow2(cdiv(T, FUSED_SCAN_MAX_BLOCKS))
     max_block_t = max(min_block_t, (max_slots or MAX_BLOCK_SLOTS) // pow2(K))
     return min(max_block_t, max(min_block_t, pow2(cdiv(T, max_blocks or MAX_COUNT_BLOCKS))))
+
+
+@functools.lru_cache(maxsize=4096)
+def _one_pass_plan(T, K, E, H):
+    """(meta, grid) of the one-pass launch, or None where the call is too large for it."""
+    t_pad, k_pad = pow2(T), pow2(K)
+    if t_pad * k_pad > ONE_PASS_MAX_SLOTS:
+        return None
+    block_h = min(pow2(H), 1024, max(16, ONE_PASS_TILE_ELEMS // t_pad))
+    return (E, K, k_pad, t_pad, pow2(E + 1), block_h, 4), (max(1, cdiv(H, block_h)),)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -274,8 +342,8 @@ def grouped_permute(hidden, topk_ids, num_experts, *, count_block_t=None, copy_c
     """Triton kernel of `moge::grouped_permute` (arguments already checked by moge_kernels.checks).
 
     count_block_t (tokens per rank program, a power of two) / copy_config=(BLOCK_T, BLOCK_H, num_warps)
-    override the tile choice, pdl=True / False the programmatic dependent launch (default
-    launch.use_pdl; tests, tuning)."""
+    override the tile choice (and take the rank/copy launches at any size), pdl=True / False the
+    programmatic dependent launch (default launch.use_pdl; tests, tuning)."""
     T, K = topk_ids.shape
     H = hidden.shape[1]
     E = num_experts
@@ -286,6 +354,13 @@ def grouped_permute(hidden, topk_ids, num_experts, *, count_block_t=None, copy_c
         return permuted, torch.zeros(E + 1, dtype=torch.int32, device=device), row_index
     if hidden.stride(1) != 1:
         hidden = hidden.contiguous()
+    sit, sik = topk_ids.stride()
+    one_pass = None if count_block_t or copy_config else _one_pass_plan(T, K, E, H)
+    if one_pass is not None:
+        expert_offsets = torch.empty(E + 1, dtype=torch.int32, device=device)  # [E+1] int32
+        _one_pass.launch(one_pass[1], (hidden, topk_ids, expert_offsets, row_index, permuted, T, H,
+                                       hidden.stride(0), sit, sik), one_pass[0])
+        return permuted, expert_offsets, row_index
     num_blocks, rank_meta, scan_meta, scan_grid, copy_meta, copy_grid = _plan(
         T, K, E, H, count_block_t, copy_config, use_pdl(device) if pdl is None else bool(pdl))
     expert_offsets = torch.empty(E + 1, dtype=torch.int32, device=device)  # [E+1] int32
@@ -295,7 +370,6 @@ def grouped_permute(hidden, topk_ids, num_experts, *, count_block_t=None, copy_c
     slot_rank = scratch[:T * K]                                              # [T, K] int32
     block_base = scratch[T * K:T * K + table]                                # [NB, E+1] int32
     block_prefix = scratch[T * K + table:] if scan_meta is not None else block_base   # [NB, E+1] int32
-    sit, sik = topk_ids.stride()
     _rank.launch((num_blocks,), (topk_ids, slot_rank, block_base, block_prefix, T, sit, sik), rank_meta)
     if scan_meta is not None:
         _scan.launch(scan_grid, (block_base, block_prefix, expert_offsets, num_blocks), scan_meta)
