@@ -15,8 +15,8 @@ count blocks; bucket E holds the dropped slots, id -1):
                                + slot_rank[t, k] (output)
 
 Decode sizes (T * pow2(K) <= ONE_PASS_MAX_SLOTS) take one launch, _one_pass_kernel: each of its programs
-(one per H block) places every slot itself, a slot's row being the number of slots with a smaller
-(bucket, slot) key, from one comparison of all slots with all. Larger calls take three launches (current
+(one per H block) sorts all the slots' (bucket, slot) keys itself, a few hundred at most, and a slot's
+row is its place in that order. Larger calls take three launches (current
 stream, no host synchronisation; on sm_90+ the second and third with programmatic dependent launch,
 launch.use_pdl: each starts while the one before it finishes):
 
@@ -55,9 +55,9 @@ _INTERPRET = options.TRITON_INTERPRET
 # no cheaper, only the scan longer; and at most MAX_BLOCK_SLOTS, one sort's keys in registers.
 MIN_BLOCK_SLOTS = 128
 MAX_BLOCK_SLOTS = 8192
-# Up to this many slots (T * pow2(K)) a call is one launch: every program compares all slots with all.
+# Up to this many slots (T * pow2(K)) a call is one launch: every program sorts all the slots.
 ONE_PASS_MAX_SLOTS = 128
-# Elements of hidden a one-pass program copies ([pow2(T), BLOCK_H]).
+# Elements a one-pass program copies ([slots, BLOCK_H]).
 ONE_PASS_TILE_ELEMS = 8192
 # Up to this many count blocks the copy programs scan the counts themselves (no scan launch).
 FUSED_SCAN_MAX_BLOCKS = 16
@@ -230,20 +230,16 @@ def _one_pass_kernel(
     row_index_ptr,       # [T, K] int32 out (program 0)
     permuted_ptr,        # [T*K, H] out, contiguous
     T, H, stride_ht, stride_it, stride_ik,
-    E: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr, T_PAD: tl.constexpr, E1_PAD: tl.constexpr,
+    E: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr, S: tl.constexpr, NUM_BINS: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
-    """Grid (cdiv(H, BLOCK_H),), T_PAD * K_PAD <= ONE_PASS_MAX_SLOTS: the whole permute of a decode step.
-    Slot (t, k) has key bucket * S + (t * K_PAD + k) (bucket: the expert, E for a dropped slot, E + 1 for
-    padding); its row is the number of keys smaller than its own, its place in the stable order, from
-    one S x S comparison (S = T_PAD * K_PAD, a few thousand lanes: every program does it, none waits
-    for another), and expert_offsets[e] the number of slots in buckets below e."""
-    S: tl.constexpr = T_PAD * K_PAD
+    """Grid (cdiv(H, BLOCK_H),), S = pow2(T * K_PAD) <= ONE_PASS_MAX_SLOTS: the whole permute of a
+    decode step. Every program sorts all the slots' keys, bucket * S + (t * K_PAD + k) (bucket: the
+    expert, E for a dropped slot, E + 1 for padding, which sorts last): sorted position p is the row of
+    the slot its key names, so the program copies in that order, each row from its token's hidden row
+    (a dropped slot's row with zeros). Program 0 also writes row_index and expert_offsets (the exclusive
+    cumsum of the bucket counts)."""
     pid_h = tl.program_id(0)
-    t = tl.arange(0, T_PAD)
-    h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
-    mask = (t < T)[:, None] & (h < H)[None, :]
-    rows = tl.load(hidden_ptr + t.to(tl.int64)[:, None] * stride_ht + h[None, :], mask=mask)
     i = tl.arange(0, S)                               # flat slot, (token, slot) order
     ti = i // K_PAD
     ki = i % K_PAD
@@ -251,24 +247,24 @@ def _one_pass_kernel(
     ids = tl.load(ids_ptr + ti.to(tl.int64) * stride_it + ki * stride_ik, mask=ok, other=-1)
     # ids outside [-1, E) count as dropped
     bucket = tl.where(ok, tl.where((ids >= 0) & (ids < E), ids, E), E + 1).to(tl.int32)
-    key = bucket * S + i
-    row = tl.sum((key[None, :] < key[:, None]).to(tl.int32), axis=1)          # [S]
-    row2 = tl.reshape(row, (T_PAD, K_PAD))
-    kept2 = tl.reshape(bucket < E, (T_PAD, K_PAD))
-    t2 = t[:, None]
-    k2 = tl.arange(0, K_PAD)[None, :]
-    ok2 = (t2 < T) & (k2 < K)
+    keys = tl.sort(bucket * S + i)                    # position p holds the slot of row p
+    bucket_sorted = keys // S
+    slot = keys % S
+    tok = slot // K_PAD
+    real = bucket_sorted <= E
     if pid_h == 0:
-        tl.store(row_index_ptr + t2 * K + k2, row2, mask=ok2)
-        e = tl.arange(0, E1_PAD)
-        below = tl.sum((bucket[None, :] < e[:, None]).to(tl.int32), axis=1)    # [E1_PAD]
-        tl.store(expert_offsets_ptr + e, below, mask=e <= E)
-    code = tl.where(kept2, row2, -1 - row2)           # a dropped slot's row as -1 - row: written with zeros
-    for k in tl.static_range(K):
-        code_k = tl.sum(tl.where(k2 == k, code, 0), axis=1)              # [T_PAD] column k
-        row_k = tl.where(code_k >= 0, code_k, -1 - code_k)
-        vals = tl.where((code_k >= 0)[:, None], rows, tl.zeros_like(rows))
-        tl.store(permuted_ptr + row_k.to(tl.int64)[:, None] * H + h[None, :], vals, mask=mask)
+        p = tl.arange(0, S)
+        tl.store(row_index_ptr + tok * K + slot % K_PAD, p, mask=real)
+        counts = tl.histogram(bucket, NUM_BINS)
+        bins = tl.arange(0, NUM_BINS)
+        tl.store(expert_offsets_ptr + bins, tl.cumsum(counts, axis=0) - counts, mask=bins <= E)
+    h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    h_ok = (h < H)[None, :]
+    kept = (bucket_sorted < E)[:, None]
+    vals = tl.load(hidden_ptr + tok.to(tl.int64)[:, None] * stride_ht + h[None, :], mask=kept & h_ok,
+                   other=0.0)
+    tl.store(permuted_ptr + tl.arange(0, S).to(tl.int64)[:, None] * H + h[None, :], vals,
+             mask=real[:, None] & h_ok)
 
 
 # ----------------------------------------------------------------------------------------- launcher
@@ -280,7 +276,7 @@ _rank = Kernel(_rank_kernel, ("E", "K", "K_PAD", "BLOCK_T", "NUM_BINS", "PREFIX"
 _scan = Kernel(_scan_kernel, ("E", "CHUNK_B", "COLS", "USE_GDC", "num_warps", "launch_pdl"))
 _copy = Kernel(_copy_kernel, ("E", "K", "K_PAD", "E_PAD", "NB_PAD", "FUSED_SCAN", "COUNT_BLOCK_T", "BLOCK_T",
                               "BLOCK_H", "USE_GDC", "num_warps", "launch_pdl"))
-_one_pass = Kernel(_one_pass_kernel, ("E", "K", "K_PAD", "T_PAD", "E1_PAD", "BLOCK_H", "num_warps"))
+_one_pass = Kernel(_one_pass_kernel, ("E", "K", "K_PAD", "S", "NUM_BINS", "BLOCK_H", "num_warps"))
 
 
 def _copy_config(T: int, H: int):
@@ -308,11 +304,12 @@ def _count_config(T: int, K: int, max_blocks: int = None, max_slots: int = None)
 @functools.lru_cache(maxsize=4096)
 def _one_pass_plan(T, K, E, H):
     """(meta, grid) of the one-pass launch, or None where the call is too large for it."""
-    t_pad, k_pad = pow2(T), pow2(K)
-    if t_pad * k_pad > ONE_PASS_MAX_SLOTS:
+    k_pad = pow2(K)
+    slots = pow2(T * k_pad)
+    if slots > ONE_PASS_MAX_SLOTS:
         return None
-    block_h = min(pow2(H), 1024, max(16, ONE_PASS_TILE_ELEMS // t_pad))
-    return (E, K, k_pad, t_pad, pow2(E + 1), block_h, 4), (max(1, cdiv(H, block_h)),)
+    block_h = min(pow2(H), 1024, max(16, ONE_PASS_TILE_ELEMS // slots))
+    return (E, K, k_pad, slots, pow2(E + 2), block_h, 4), (max(1, cdiv(H, block_h)),)
 
 
 @functools.lru_cache(maxsize=4096)
