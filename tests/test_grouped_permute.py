@@ -132,6 +132,18 @@ def test_triton_tilings(backend, device, count_block_t, copy_config):
     assert_permute_equal(out, R.permute(hidden, repeated, E))
 
 
+def _id_cases(T, K, E, device):
+    """Ids with dropped slots, and (K >= 2) the same with slot 1 repeating slot 0's expert, as a
+    transposed int64 view."""
+    ids = make_topk_ids(T, K, E, seed=T, device=device, drop=0.3)
+    cases = [ids]
+    if K >= 2:
+        repeated = ids.clone().long()
+        repeated[:, 1] = repeated[:, 0]
+        cases.append(repeated.t().contiguous().t())
+    return cases
+
+
 @pytest.mark.parametrize("backend,device", [c for c in CASES if c[0] == "triton"])
 @pytest.mark.parametrize("T,K,E,H,one_pass", [
     (1, 8, 128, 64, True),      # decode, top-8 of 128
@@ -151,12 +163,7 @@ def test_triton_one_pass(backend, device, T, K, E, H, one_pass, monkeypatch):
     monkeypatch.setattr(tp._one_pass, "launch", lambda *a: (launched.append(a), real(*a)))
     wide = torch.randn(T, H + 5, generator=generator(T + H)).to(device)
     hidden = wide[:, 5:]
-    ids = make_topk_ids(T, K, E, seed=T, device=device, drop=0.3)
-    cases = [ids]
-    if K >= 2:
-        repeated = ids.clone().long()
-        repeated[:, 1] = repeated[:, 0]
-        cases.append(repeated.t().contiguous().t())
+    cases = _id_cases(T, K, E, device)
     for case in cases:
         assert_permute_equal(run(backend, hidden, case, E), R.permute(hidden.contiguous(), case.contiguous(), E))
     assert len(launched) == (len(cases) if one_pass else 0)
@@ -193,13 +200,7 @@ def test_triton_rank_blocks(backend, device, T, K, E, block_t):
     an expert, empty experts, ids as a transposed int64 view."""
     from moge_kernels.triton import permute as tp
     hidden = torch.randn(T, 6, generator=generator(T)).to(device)
-    ids = make_topk_ids(T, K, E, seed=T, device=device, drop=0.3)
-    cases = [ids]
-    if K >= 2:
-        repeated = ids.clone().long()
-        repeated[:, 1] = repeated[:, 0]
-        cases.append(repeated.t().contiguous().t())
-    for case in cases:
+    for case in _id_cases(T, K, E, device):
         for count_block_t in (None, block_t):
             out = tp.grouped_permute(hidden, case, E, count_block_t=count_block_t)
             assert_permute_equal(out, R.permute(hidden, case.contiguous(), E))
