@@ -227,25 +227,6 @@ def _col_scales(ws_ptr, kb, r0, W_ROWS, KB, PART_ROWS, NB, BN: tl.constexpr, BLO
 
 
 @triton.jit
-def _slice_scales(xs_ptrs, xs_ok, stride_xsk, ws_ptr, k_slice, num_sub, col0, r1, W_ROWS, KB, PART_ROWS, NB,
-                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_K: tl.constexpr, SCALAR_COLS: tl.constexpr, LOAD_X: tl.constexpr, TWO: tl.constexpr):
-    """Block scales of k-slice k_slice (clamped to the last one): the [BM] x scales (ones without LOAD_X)
-    and the weight scales of sub-tiles 0 and 1 (1 only with TWO)."""
-    kb = (tl.minimum(k_slice, num_sub - 1) * BK) // BLOCK_K
-    if LOAD_X:
-        sa = tl.load(xs_ptrs + kb * stride_xsk, mask=xs_ok, other=1.0)
-    else:
-        sa = tl.full([BM], 1.0, tl.float32)
-    sc0 = _col_scales(ws_ptr, kb, col0, W_ROWS, KB, PART_ROWS, NB, BN, BLOCK_N, SCALAR_COLS)
-    if TWO:
-        sc1 = _col_scales(ws_ptr, kb, r1, W_ROWS, KB, PART_ROWS, NB, BN, BLOCK_N, SCALAR_COLS)
-    else:
-        sc1 = sc0
-    return sa, sc0, sc1
-
-
-@triton.jit
 def _outer(sa, sc, SCALAR_COLS: tl.constexpr):
     """Block scale of each accumulator element, sa [BM] x sc (scalar or [BN]): a row vector [BM, 1]
     when sc is one scalar (one multiply per element where it is applied), else [BM, BN]."""
@@ -315,23 +296,38 @@ def _fp8_gemm_kernel(
     # The block scales of k-step 0, then each step prefetches the next step's: [BM] x scales (a
     # coalesced vector with k-major scale storage) and one weight scale per sub-tile (SCALAR_COLS);
     # with K_SUB = 2 a second set (suffix _b) for the step's second slice
-    load_x: tl.constexpr = PER_K and not QUANT_X
-    sa, sc0, sc1 = _slice_scales(xs_ptrs, xs_ok, stride_xsk, ws_ptr, 0, num_sub, col0, r1, W_ROWS, KB,
-                                 PART_ROWS, NB, BM, BN, BK, BLOCK_N, BLOCK_K, SCALAR_COLS, load_x, True)
-    if K_SUB == 2:
-        sa_b, sc0_b, sc1_b = _slice_scales(xs_ptrs, xs_ok, stride_xsk, ws_ptr, 1, num_sub, col0, r1, W_ROWS,
-                                           KB, PART_ROWS, NB, BM, BN, BK, BLOCK_N, BLOCK_K, SCALAR_COLS,
-                                           load_x, True)
+    kb_b = (tl.minimum(1, num_sub - 1) * BK) // BLOCK_K
+    if PER_K and not QUANT_X:
+        sa = tl.load(xs_ptrs, mask=xs_ok, other=1.0)
+        sa_b = tl.load(xs_ptrs + kb_b * stride_xsk, mask=xs_ok, other=1.0)
+    else:
+        sa = tl.full([BM], 1.0, tl.float32)
+        sa_b = sa
+    sc0 = _col_scales(ws_ptr, 0, col0, W_ROWS, KB, PART_ROWS, NB, BN, BLOCK_N, SCALAR_COLS)
+    sc1 = _col_scales(ws_ptr, 0, r1, W_ROWS, KB, PART_ROWS, NB, BN, BLOCK_N, SCALAR_COLS)
+    sc0_b = _col_scales(ws_ptr, kb_b, col0, W_ROWS, KB, PART_ROWS, NB, BN, BLOCK_N, SCALAR_COLS)
+    sc1_b = _col_scales(ws_ptr, kb_b, r1, W_ROWS, KB, PART_ROWS, NB, BN, BLOCK_N, SCALAR_COLS)
     for kk in range(num_k):
         k_ok = offs_k < K - kk * KS
-        if PER_K:   # next step's scales (the last step reloads its own: always in bounds)
-            sa_next, sc0_next, sc1_next = _slice_scales(
-                xs_ptrs, xs_ok, stride_xsk, ws_ptr, (kk + 1) * K_SUB, num_sub, col0, r1, W_ROWS, KB,
-                PART_ROWS, NB, BM, BN, BK, BLOCK_N, BLOCK_K, SCALAR_COLS, load_x, TWO)
+        if PER_K:
+            # next step's scales (the last step reloads its own: always in bounds)
+            kb_next = (tl.minimum((kk + 1) * K_SUB, num_sub - 1) * BK) // BLOCK_K
+            if not QUANT_X:
+                sa_next = tl.load(xs_ptrs + kb_next * stride_xsk, mask=xs_ok, other=1.0)
+            sc0_next = _col_scales(ws_ptr, kb_next, col0, W_ROWS, KB, PART_ROWS, NB, BN, BLOCK_N,
+                                   SCALAR_COLS)
+            if TWO:
+                sc1_next = _col_scales(ws_ptr, kb_next, r1, W_ROWS, KB, PART_ROWS, NB, BN, BLOCK_N,
+                                       SCALAR_COLS)
             if K_SUB == 2:
-                sa_next_b, sc0_next_b, sc1_next_b = _slice_scales(
-                    xs_ptrs, xs_ok, stride_xsk, ws_ptr, (kk + 1) * K_SUB + 1, num_sub, col0, r1, W_ROWS, KB,
-                    PART_ROWS, NB, BM, BN, BK, BLOCK_N, BLOCK_K, SCALAR_COLS, load_x, TWO)
+                kb_next_b = (tl.minimum((kk + 1) * K_SUB + 1, num_sub - 1) * BK) // BLOCK_K
+                if not QUANT_X:
+                    sa_next_b = tl.load(xs_ptrs + kb_next_b * stride_xsk, mask=xs_ok, other=1.0)
+                sc0_next_b = _col_scales(ws_ptr, kb_next_b, col0, W_ROWS, KB, PART_ROWS, NB, BN, BLOCK_N,
+                                         SCALAR_COLS)
+                if TWO:
+                    sc1_next_b = _col_scales(ws_ptr, kb_next_b, r1, W_ROWS, KB, PART_ROWS, NB, BN, BLOCK_N,
+                                             SCALAR_COLS)
         if USE_TMA:
             # Rows past M and columns past K are zero-filled; rows of the next expert (x) and weight
             # rows past N_OUT are loaded but their outputs are never stored. No pointer tensors.
