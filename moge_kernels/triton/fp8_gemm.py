@@ -251,7 +251,7 @@ def _fp8_gemm_kernel(
         TWO: tl.constexpr, SCALAR_COLS: tl.constexpr, QUANT_X: tl.constexpr,
         QUANT_OUT: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, ROUND: tl.constexpr,
         EXPLICIT_ROUND: tl.constexpr, USE_TMA: tl.constexpr, ZERO_TAIL: tl.constexpr,
-        TILE_N: tl.constexpr, FAST_ACC: tl.constexpr, K_SUB: tl.constexpr):
+        TILE_N: tl.constexpr, FAST_ACC: tl.constexpr):
     """Grid: (max_row_tiles * num_n_tiles,); see the module docstring. A tile is sub-tile 0 (weight rows
     [col0, col0+BN)) and, with TWO, sub-tile 1 (rows sub_shift further: SwiGLU's up rows, or the next BN
     columns of a plain GEMM), each with its own accumulator. ZERO_TAIL: the programs past the real work
@@ -289,29 +289,21 @@ def _fp8_gemm_kernel(
     xs_ok = rows < M                           # rows of the next expert have real scales too
     acc0 = tl.zeros((BM, BN), dtype=tl.float32)
     acc1 = tl.zeros((BM, BN), dtype=tl.float32)
-    KS: tl.constexpr = BK * K_SUB              # k per loop step: K_SUB slices of BK, a scale block each
-    num_sub = tl.cdiv(K, BK)
-    num_k = tl.cdiv(K, KS)
+    num_k = tl.cdiv(K, BK)
     w_row0 = e * W_ROWS + col0                 # TMA: sub-tile 0's first row in the [E*W_ROWS, K] view
     # The block scales of k-step 0, then each step prefetches the next step's: [BM] x scales (a
-    # coalesced vector with k-major scale storage) and one weight scale per sub-tile (SCALAR_COLS);
-    # with K_SUB = 2 a second set (suffix _b) for the step's second slice
-    kb_b = (tl.minimum(1, num_sub - 1) * BK) // BLOCK_K
+    # coalesced vector with k-major scale storage) and one weight scale per sub-tile (SCALAR_COLS)
     if PER_K and not QUANT_X:
         sa = tl.load(xs_ptrs, mask=xs_ok, other=1.0)
-        sa_b = tl.load(xs_ptrs + kb_b * stride_xsk, mask=xs_ok, other=1.0)
     else:
         sa = tl.full([BM], 1.0, tl.float32)
-        sa_b = sa
     sc0 = _col_scales(ws_ptr, 0, col0, W_ROWS, KB, PART_ROWS, NB, BN, BLOCK_N, SCALAR_COLS)
     sc1 = _col_scales(ws_ptr, 0, r1, W_ROWS, KB, PART_ROWS, NB, BN, BLOCK_N, SCALAR_COLS)
-    sc0_b = _col_scales(ws_ptr, kb_b, col0, W_ROWS, KB, PART_ROWS, NB, BN, BLOCK_N, SCALAR_COLS)
-    sc1_b = _col_scales(ws_ptr, kb_b, r1, W_ROWS, KB, PART_ROWS, NB, BN, BLOCK_N, SCALAR_COLS)
     for kk in range(num_k):
-        k_ok = offs_k < K - kk * KS
+        k_ok = offs_k < K - kk * BK
         if PER_K:
             # next step's scales (the last step reloads its own: always in bounds)
-            kb_next = (tl.minimum((kk + 1) * K_SUB, num_sub - 1) * BK) // BLOCK_K
+            kb_next = (tl.minimum(kk + 1, num_k - 1) * BK) // BLOCK_K
             if not QUANT_X:
                 sa_next = tl.load(xs_ptrs + kb_next * stride_xsk, mask=xs_ok, other=1.0)
             sc0_next = _col_scales(ws_ptr, kb_next, col0, W_ROWS, KB, PART_ROWS, NB, BN, BLOCK_N,
@@ -319,27 +311,13 @@ def _fp8_gemm_kernel(
             if TWO:
                 sc1_next = _col_scales(ws_ptr, kb_next, r1, W_ROWS, KB, PART_ROWS, NB, BN, BLOCK_N,
                                        SCALAR_COLS)
-            if K_SUB == 2:
-                kb_next_b = (tl.minimum((kk + 1) * K_SUB + 1, num_sub - 1) * BK) // BLOCK_K
-                if not QUANT_X:
-                    sa_next_b = tl.load(xs_ptrs + kb_next_b * stride_xsk, mask=xs_ok, other=1.0)
-                sc0_next_b = _col_scales(ws_ptr, kb_next_b, col0, W_ROWS, KB, PART_ROWS, NB, BN, BLOCK_N,
-                                         SCALAR_COLS)
-                if TWO:
-                    sc1_next_b = _col_scales(ws_ptr, kb_next_b, r1, W_ROWS, KB, PART_ROWS, NB, BN, BLOCK_N,
-                                             SCALAR_COLS)
         if USE_TMA:
             # Rows past M and columns past K are zero-filled; rows of the next expert (x) and weight
             # rows past N_OUT are loaded but their outputs are never stored. No pointer tensors.
-            a = x_desc.load([row0, kk * KS])
-            b0 = w_desc.load([w_row0, kk * KS])
+            a = x_desc.load([row0, kk * BK])
+            b0 = w_desc.load([w_row0, kk * BK])
             if TWO:
-                b1 = w_desc.load([w_row0 + sub_shift, kk * KS])
-            if K_SUB == 2:
-                a_b = x_desc.load([row0, kk * KS + BK])
-                b0_b = w_desc.load([w_row0, kk * KS + BK])
-                if TWO:
-                    b1_b = w_desc.load([w_row0 + sub_shift, kk * KS + BK])
+                b1 = w_desc.load([w_row0 + sub_shift, kk * BK])
         else:
             if QUANT_X:
                 xf = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
@@ -349,29 +327,10 @@ def _fp8_gemm_kernel(
             b0 = tl.load(w_ptrs0, mask=w_ok0[:, None] & k_ok[None, :], other=0.0)
             if TWO:
                 b1 = tl.load(w_ptrs1, mask=w_ok1[:, None] & k_ok[None, :], other=0.0)
-            if K_SUB == 2:
-                k_ok_b = offs_k < K - kk * KS - BK
-                if QUANT_X:
-                    xf_b = tl.load(x_ptrs + BK, mask=row_ok[:, None] & k_ok_b[None, :], other=0.0)
-                    a_b, sa_b = _quantize_tile(xf_b.to(tl.float32), BM, EXPLICIT_ROUND)
-                else:
-                    a_b = tl.load(x_ptrs + BK, mask=row_ok[:, None] & k_ok_b[None, :], other=0.0)
-                b0_b = tl.load(w_ptrs0 + BK, mask=w_ok0[:, None] & k_ok_b[None, :], other=0.0)
-                if TWO:
-                    b1_b = tl.load(w_ptrs1 + BK, mask=w_ok1[:, None] & k_ok_b[None, :], other=0.0)
         if PER_K:
             acc0 += tl.dot(a, tl.trans(b0)) * _outer(sa, sc0, SCALAR_COLS)
             if TWO:
                 acc1 += tl.dot(a, tl.trans(b1)) * _outer(sa, sc1, SCALAR_COLS)
-            if K_SUB == 2:
-                acc0 += tl.dot(a_b, tl.trans(b0_b)) * _outer(sa_b, sc0_b, SCALAR_COLS)
-                if TWO:
-                    acc1 += tl.dot(a_b, tl.trans(b1_b)) * _outer(sa_b, sc1_b, SCALAR_COLS)
-                if not QUANT_X:
-                    sa_b = sa_next_b
-                sc0_b = sc0_next_b
-                if TWO:
-                    sc1_b = sc1_next_b
             if not QUANT_X:
                 sa = sa_next
             sc0 = sc0_next
@@ -385,9 +344,9 @@ def _fp8_gemm_kernel(
             acc0 = tl.dot(a, tl.trans(b0), acc0, max_num_imprecise_acc=BK)
             if TWO:
                 acc1 = tl.dot(a, tl.trans(b1), acc1, max_num_imprecise_acc=BK)
-        x_ptrs += KS
-        w_ptrs0 += KS
-        w_ptrs1 += KS
+        x_ptrs += BK
+        w_ptrs0 += BK
+        w_ptrs1 += BK
     if not PER_K:   # per-channel weights, per-token activations: one scale each, applied once
         sa = tl.load(xs_ptrs, mask=xs_ok, other=0.0)
         acc0 = acc0 * (sa[:, None] * _col_scales(ws_ptr, 0, col0, W_ROWS, KB, PART_ROWS, NB, BN, BLOCK_N,
@@ -425,7 +384,7 @@ _permute = Kernel(_permute_fp8_kernel, ("K", "BT", "G", "ONE_GROUP", "EXPLICIT_R
 _gemm = Kernel(_fp8_gemm_kernel, (
     "E", "E_POW2", "BM", "BN", "BK", "BLOCK_N", "BLOCK_K", "PER_K", "SWIGLU", "TWO", "SCALAR_COLS", "QUANT_X",
     "QUANT_OUT", "HAS_ROW_SCALE", "ROUND", "EXPLICIT_ROUND", "USE_TMA", "ZERO_TAIL", "TILE_N", "FAST_ACC",
-    "K_SUB", "num_warps", "num_stages", "maxnreg"))
+    "num_warps", "num_stages", "maxnreg"))
 Fp8Config = gemm_configs.Fp8Config
 _forced: dict[str, Fp8Config] = {}   # bench/bench_fp8.py --sweep, tests: "gate_up" / "down" -> config
 
@@ -497,7 +456,6 @@ def launch_fp8_gemm(x, x_scale, w, w_scale, expert_offsets, out, out_scale, bloc
         raise AssertionError("quantize-in-load needs one scale group per k-slice")
     if quant_out and not (per_k and BN == block_k):
         raise AssertionError("epilogue quantization needs one scale group per column tile")
-    k_sub = cfg.k_sub if per_k else 1          # per-channel weights: one k-slice a step
     NB, KB = w_scale.shape[2], w_scale.shape[3]
     part_rows = w_rows // w_scale.shape[1]
     # one weight scale per sub-tile and k-step when a sub-tile lies in one block of one projection
@@ -527,7 +485,7 @@ def launch_fp8_gemm(x, x_scale, w, w_scale, expert_offsets, out, out_scale, bloc
         os_.stride(1) if out_scale is not None else 0), (
         E, max(2, pow2(E)), BM, BN, BK, block_n, max(block_k, 1), per_k, swiglu, two, scalar_cols, quant_x,
         quant_out, has_row_scale, ROUND_CODES[round_dtype], _interpreted(x), use_tma, zero_tail and not swiglu,
-        tile_n, not per_k and options.current.fp8_fast_accum, k_sub, cfg.num_warps, cfg.num_stages,
+        tile_n, not per_k and options.current.fp8_fast_accum, cfg.num_warps, cfg.num_stages,
         launch_cap(cfg, x)))
     return out
 

@@ -281,7 +281,7 @@ def candidates(num_rows: int, num_experts: int, swiglu: bool, dtype: torch.dtype
 # ----------------------------------------------------------------------------- FP8 (triton/fp8_gemm.py)
 @dataclasses.dataclass(frozen=True)
 class Fp8Config:
-    """A launch of the FP8 grouped GEMM (k-slices are 128 = one scale block, k_sub of them a stage). A tile is one or two
+    """A launch of the FP8 grouped GEMM (k-slices are always 128 = one scale block). A tile is one or two
     column sub-tiles of <= 128 columns, each its own accumulator with one weight-scale block per k-step:
     gate_up always two (gate and up, block_n columns each); the plain GEMM one (block_n <= 128) or two
     (block_n = 256: two sub-tiles of 128)."""
@@ -294,13 +294,10 @@ class Fp8Config:
     # leaves one CTA of 8 warps per SM; a cap lets a second CTA in, whose k-steps interleave with the
     # first's (one CTA's scale FMAs run while the other's wgmma does)
     maxnreg: int | None = None
-    # 128-k blocks a pipeline stage loads (block-scaled format): 2 reads 256 contiguous bytes of each
-    # weight row a stage, two dots with their own scales
-    k_sub: int = 1
 
     def __str__(self):
         return (f"{self.block_m}x{self.block_n} w{self.num_warps} s{self.num_stages}{' tma' if self.tma else ''}"
-                f"{f' r{self.maxnreg}' if self.maxnreg else ''}{f' k{self.k_sub}' if self.k_sub > 1 else ''}")
+                f"{f' r{self.maxnreg}' if self.maxnreg else ''}")
 
 
 F = Fp8Config
@@ -342,14 +339,11 @@ FP8_INTERPRETER_ROWS = {"gate_up": F(32, 128, 4, 1), "down": F(32, 64, 4, 1)}
 _FP8_DECODE = {"gate_up": [F(64, 64, 4, 4, tma=True, maxnreg=168), F(16, 32, 4, 4), F(16, 64, 4, 4),
                            F(64, 32, 4, 4, tma=True), F(64, 32, 4, 6, tma=True),
                            F(64, 64, 4, 6, tma=True, maxnreg=168), F(16, 32, 4, 8), F(16, 32, 4, 6),
-                           F(64, 32, 4, 8, tma=True), F(64, 64, 4, 8, tma=True, maxnreg=168),
-                           F(64, 64, 4, 2, tma=True, maxnreg=168, k_sub=2), F(64, 64, 4, 3, tma=True, k_sub=2),
-                           F(16, 32, 4, 4, k_sub=2), F(64, 32, 4, 4, tma=True, k_sub=2)],
+                           F(64, 32, 4, 8, tma=True), F(64, 64, 4, 8, tma=True, maxnreg=168)],
                "down": [F(16, 64, 4, 4), F(16, 128, 4, 4), F(64, 64, 4, 4, tma=True), F(64, 32, 4, 4, tma=True),
                         F(64, 32, 4, 6, tma=True), F(64, 64, 4, 6, tma=True),
                         F(64, 128, 4, 3, tma=True, maxnreg=168), F(16, 64, 4, 8), F(16, 32, 4, 8),
-                        F(16, 128, 4, 6), F(16, 64, 4, 3, k_sub=2), F(16, 64, 4, 4, k_sub=2),
-                        F(64, 64, 4, 3, tma=True, k_sub=2)]}
+                        F(16, 128, 4, 6)]}
 _FP8_ROWS = {"gate_up": [F(128, 64, 8, 3, tma=True, maxnreg=128), F(64, 64, 4, 3, tma=True, maxnreg=168),
                          F(128, 128, 8, 4, tma=True), F(128, 64, 8, 4, tma=True),
                          F(64, 64, 4, 4, tma=True, maxnreg=168), F(128, 64, 8, 2, tma=True, maxnreg=128),
