@@ -100,10 +100,9 @@ def main():
     device = torch.device("cuda")
     bandwidth, _ = measure_ceilings(device)                  # bytes/s, read + write
     timer = Timer(device)
-    methods = ["triton", "cuda", "torch", "bcast"] + variants
+    methods = ["triton", "cuda", "torch"] + variants
     print(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s; ms are medians of CUDA-graph replays, cold L2; "
-          f"(x) = ratio to the floor; torch = sort/gather/scatter peer; bcast = not a permute, a reference: "
-          f"torch's copy of each row to K contiguous places (the same bytes, no routing)")
+          f"(x) = ratio to the floor; torch = sort/gather/scatter peer")
     print(f"{'model':15} {'T':>6} {'drop':>5} {'floor':>8} " + " ".join(f"{m:>16}" for m in methods))
     for name in args.models.split(","):
         H, E, K = MODELS[name]
@@ -117,11 +116,6 @@ def main():
                 for method in methods:
                     if method == "torch":
                         fn = lambda: B.torch_permute(hidden, ids, E)   # noqa: E731
-                    elif method == "bcast":
-                        rows = torch.empty(T, K, H, device=device, dtype=hidden.dtype)
-                        replays[method] = (None, capture_graph(
-                            lambda: rows.copy_(hidden[:, None].expand(T, K, H))))
-                        continue
                     elif method in VARIANTS:
                         fn = triton_variant(hidden, ids, E, **VARIANTS[method])
                     elif mk.backends()[method]["available"]:

@@ -338,12 +338,10 @@ FP8_INTERPRETER_ROWS = {"gate_up": F(32, 128, 4, 1), "down": F(32, 64, 4, 1)}
 # where the 16-row tiles are latency-bound (ncu at T=1: 5 warps an SM, 0.3 instructions a cycle).
 _FP8_DECODE = {"gate_up": [F(64, 64, 4, 4, tma=True, maxnreg=168), F(16, 32, 4, 4), F(16, 64, 4, 4),
                            F(64, 32, 4, 4, tma=True), F(64, 32, 4, 6, tma=True),
-                           F(64, 64, 4, 6, tma=True, maxnreg=168), F(16, 32, 4, 8), F(16, 32, 4, 6),
-                           F(64, 32, 4, 8, tma=True), F(64, 64, 4, 8, tma=True, maxnreg=168)],
+                           F(64, 64, 4, 6, tma=True, maxnreg=168)],
                "down": [F(16, 64, 4, 4), F(16, 128, 4, 4), F(64, 64, 4, 4, tma=True), F(64, 32, 4, 4, tma=True),
                         F(64, 32, 4, 6, tma=True), F(64, 64, 4, 6, tma=True),
-                        F(64, 128, 4, 3, tma=True, maxnreg=168), F(16, 64, 4, 8), F(16, 32, 4, 8),
-                        F(16, 128, 4, 6)]}
+                        F(64, 128, 4, 3, tma=True, maxnreg=168)]}
 _FP8_ROWS = {"gate_up": [F(128, 64, 8, 3, tma=True, maxnreg=128), F(64, 64, 4, 3, tma=True, maxnreg=168),
                          F(128, 128, 8, 4, tma=True), F(128, 64, 8, 4, tma=True),
                          F(64, 64, 4, 4, tma=True, maxnreg=168), F(128, 64, 8, 2, tma=True, maxnreg=128),
