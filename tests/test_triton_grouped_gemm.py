@@ -371,8 +371,7 @@ def test_config_table_covers_every_regime():
                     es = 4 if dtype == torch.float32 else 2
                     assert (fitted.num_stages * gemm_configs.stage_bytes(fitted, swiglu, es)
                             <= gemm_configs.SMEM_LIMIT), (family, regime, dtype)
-    assert gemm_configs.regime(8, 64) == "tiny"              # Pangu T=1
-    assert gemm_configs.regime(128, 64) == "decode"          # Pangu T=16
+    assert gemm_configs.regime(8, 64) == "decode"            # Pangu T=1
     assert gemm_configs.regime(32768, 64) == "prefill"       # Pangu T=4096
     assert gemm_configs.regime(131072, 64) == "large"        # Pangu T=16384
     assert gemm_configs._parse_forced("64,128,64,8,4,1,0,1") == C(64, 128, 64, 8, 4, True, False, True)

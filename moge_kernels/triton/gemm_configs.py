@@ -56,16 +56,13 @@ C = GemmConfig
 # expert fit one tile), narrow block_n so that enough programs stream in parallel, deep k slices so each
 # stage moves many bytes. Prefill is matrix-bound: 128-row tiles (wgmma's 2 x m64), 256 output columns
 # (gate+up 2 x 128, or 256 plain) so that each operand byte fetched from L2 feeds enough FLOPs.
-# "tiny" is decode with at most half a row per expert (Pangu T <= 4): few experts active, so a GEMM has
-# few programs, and one wave of them (small shared-memory stages, more CTAs an SM) beats deep pipelines.
-REGIMES = ((0.5, "tiny"), (2.0, "decode"), (32.0, "small"), (192.0, "medium"), (1024.0, "prefill"),
+REGIMES = ((2.0, "decode"), (32.0, "small"), (192.0, "medium"), (1024.0, "prefill"),
            (float("inf"), "large"))
 
 # (regime, swiglu) -> config, for 16-bit inputs on H100/H200. From three `bench_experts.py --sweep` runs on
 # an H100 80GB HBM3 (triton 3.6), Pangu shapes; bench/results/experts_h100.txt has the table they give,
 # experts_h100_sweep*.txt the sweeps.
-#   decode  (T<=16):   weight streaming at 86-93% of the copy bandwidth, one row tile per expert
-#                      ("tiny", T<=4, takes these entries on the H100);
+#   decode  (T<=16):   weight streaming at 86-93% of the copy bandwidth, one row tile per expert;
 #                      deeper k slices, wider n tiles, TMA or persistent streaming (1 or 2 programs per
 #                      SM) move the time by < 1% or lose
 #   small   (T~128):   32-row tiles hold an expert's ~16 rows
@@ -86,8 +83,6 @@ REGIMES = ((0.5, "tiny"), (2.0, "decode"), (32.0, "small"), (192.0, "medium"), (
 #                      kernel it tied at T=1024 and 4096 and lost 1.6% at 16384. Neither the two-box TMA
 #                      gate_up nor a persistent gate_up is kept (git history and bench/results have them)
 H100_TABLE = {
-    ("tiny", True): C(16, 32, 128, 4, 4),       # decode's (not swept apart on the H100)
-    ("tiny", False): C(16, 64, 128, 4, 4),
     ("decode", True): C(16, 32, 128, 4, 4),
     ("decode", False): C(16, 64, 128, 4, 4),
     ("small", True): C(32, 64, 128, 4, 4),
@@ -105,13 +100,7 @@ H100_TABLE = {
 # A second H200 sweep (bench/results/experts_h200_sweep2.txt, extra candidates at T = 1024 and 4096)
 # found gate_up with 64-row split tails 2.1% faster at T = 4096 (prefill); at T = 1024 no candidate beat
 # the table by more than 0.8% (64-row tiles, narrower n, deeper or wider k slices: all slower).
-# A third (bench/results/decode_sweeps_h200_1ff48d2.txt, T = 1 and 16) gave "tiny" its own entries: at
-# T=1 down 16x64x64 in 4 stages (40 KB: five CTAs an SM, the 640 programs of 8 active experts in one
-# wave) 0.0306 against 0.0324 ms (2% slower at T=16, so decode keeps its entry), gate_up 16x64x128 in 3
-# stages 0.0560 against 0.0572 ms (also first at T=1 in experts_h200_sweep.txt).
 H200_TABLE = {**H100_TABLE,
-              ("tiny", True): C(16, 64, 128, 4, 3),
-              ("tiny", False): C(16, 64, 64, 4, 4),
               ("small", True): C(32, 64, 128, 4, 3),
               ("small", False): C(32, 128, 64, 4, 4),
               ("prefill", True): C(128, 128, 64, 8, 4, tma=True, tail_m=64, split_n=True)}
@@ -139,16 +128,12 @@ _big_gate_up = [C(128, 128, 64, 8, 4, **T), C(128, 128, 64, 8, 4, split_n=True, 
 _big_down = [C(128, 256, 64, 8, 4, **P), C(128, 256, 64, 8, 3, **P), C(128, 256, 64, 8, 4, **T),
              C(128, 256, 64, 8, 3, tma=True, split_m=True), C(128, 256, 64, 8, 4, tma=True, tail_m=32),
              C(256, 128, 64, 8, 4, **P)]
-_decode_gate_up = [C(16, 32, 128, 4, 4), C(16, 64, 128, 4, 3), C(16, 16, 256, 4, 4), C(16, 32, 128, 4, 3),
-                   C(16, 32, 64, 4, 4), C(16, 16, 128, 4, 6)]
-_decode_down = [C(16, 64, 128, 4, 4), C(16, 64, 64, 4, 8), C(16, 32, 256, 4, 3), C(16, 64, 64, 4, 8, **P),
-                C(16, 64, 128, 4, 3), C(16, 64, 64, 4, 4), C(16, 32, 128, 4, 4), C(16, 32, 64, 4, 6),
-                C(16, 128, 64, 4, 4)]
 CANDIDATES = {
-    ("tiny", True): _decode_gate_up,
-    ("tiny", False): _decode_down,
-    ("decode", True): _decode_gate_up,
-    ("decode", False): _decode_down,
+    ("decode", True): [C(16, 32, 128, 4, 4), C(16, 64, 128, 4, 3), C(16, 16, 256, 4, 4),
+                       C(16, 32, 128, 4, 3), C(16, 32, 64, 4, 4), C(16, 16, 128, 4, 6)],
+    ("decode", False): [C(16, 64, 128, 4, 4), C(16, 64, 64, 4, 8), C(16, 32, 256, 4, 3),
+                        C(16, 64, 64, 4, 8, **P), C(16, 64, 128, 4, 3), C(16, 64, 64, 4, 4),
+                        C(16, 32, 128, 4, 4), C(16, 32, 64, 4, 6), C(16, 128, 64, 4, 4)],
     ("small", True): [C(32, 64, 128, 4, 4), C(32, 32, 128, 4, 5), C(32, 64, 128, 4, 3),
                       C(32, 64, 64, 4, 6), C(32, 128, 64, 4, 4)],
     ("small", False): [C(32, 64, 128, 4, 4), C(32, 32, 128, 4, 4), C(32, 128, 64, 4, 4),
@@ -328,8 +313,6 @@ F = Fp8Config
 # quantize x in their loads (those are latency-bound: ncu_fp8_h200_aa17213.txt, 5 warps an SM).
 # "medium" takes prefill's down tile, "large" prefill's (neither timed at those T).
 FP8_H200_TABLE = {
-    ("tiny", "gate_up"): F(64, 64, 4, 4, tma=True, maxnreg=168),      # decode's (the same at T=1)
-    ("tiny", "down"): F(16, 64, 4, 4),
     ("decode", "gate_up"): F(64, 64, 4, 4, tma=True, maxnreg=168),    # T=1: 0.069 ms (16x32: 0.076)
     ("decode", "down"): F(16, 64, 4, 4),                              # T=1: 0.075 ms
     ("small", "gate_up"): F(64, 64, 4, 3, tma=True, maxnreg=168),     # T=128: 0.372 ms (64x128: 0.470)
@@ -367,7 +350,7 @@ _FP8_ROWS = {"gate_up": [F(128, 64, 8, 3, tma=True, maxnreg=128), F(64, 64, 4, 3
                       F(64, 128, 4, 3, tma=True, maxnreg=168), F(64, 128, 4, 4, tma=True, maxnreg=168),
                       F(64, 128, 4, 5, tma=True), F(128, 128, 8, 3, tma=True, maxnreg=168),
                       F(64, 64, 4, 4, tma=True, maxnreg=128), F(128, 64, 8, 3, tma=True, maxnreg=128)]}
-FP8_CANDIDATES = {(r, g): (_FP8_DECODE if r in ("tiny", "decode") else _FP8_ROWS)[g]
+FP8_CANDIDATES = {(r, g): (_FP8_DECODE if r == "decode" else _FP8_ROWS)[g]
                   for _, r in REGIMES for g in ("gate_up", "down")}
 
 # The per-channel format with fast accumulation (options.fp8_fast_accum): its k loop is one chain of
@@ -377,7 +360,6 @@ FP8_CANDIDATES = {(r, g): (_FP8_DECODE if r in ("tiny", "decode") else _FP8_ROWS
 # "small" keeps the block table's (not swept).
 FP8_CHANNEL_H200_TABLE = {
     **FP8_H200_TABLE,
-    ("tiny", "gate_up"): F(16, 32, 4, 4),                    # decode's
     ("decode", "gate_up"): F(16, 32, 4, 4),                  # T=1: 0.099 ms (64x64 tma r168: 0.106)
     ("medium", "gate_up"): F(128, 128, 8, 4, tma=True),      # T=1024: 0.623 ms (64x64 r168: 0.690)
     ("medium", "down"): F(128, 256, 8, 4, tma=True),         # T=1024: 0.649 ms (64x128 r168: 0.657)
@@ -395,7 +377,7 @@ _FP8_CHANNEL_ROWS = {"gate_up": [F(128, 128, 8, 3, tma=True), F(128, 128, 8, 4, 
                               F(128, 128, 8, 4, tma=True), F(128, 128, 4, 4, tma=True),
                               F(64, 256, 8, 4, tma=True), F(64, 128, 4, 4, tma=True),
                               F(64, 128, 4, 3, tma=True, maxnreg=168)]}
-FP8_CHANNEL_CANDIDATES = {(r, g): (_FP8_DECODE if r in ("tiny", "decode") else _FP8_CHANNEL_ROWS)[g]
+FP8_CHANNEL_CANDIDATES = {(r, g): (_FP8_DECODE if r == "decode" else _FP8_CHANNEL_ROWS)[g]
                           for _, r in REGIMES for g in ("gate_up", "down")}
 
 
