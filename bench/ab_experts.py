@@ -49,7 +49,7 @@ def _spec_variant(name):
 
     def entries(table):
         out = {}
-        for regime_name, _ in gemm_configs.REGIMES:
+        for _, regime_name in gemm_configs.REGIMES:
             if gate_up != "-":
                 out[(regime_name, True)] = gemm_configs._parse_forced(gate_up)
             if down != "-":
