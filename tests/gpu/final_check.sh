@@ -60,7 +60,7 @@ for step in ${STEPS:-probe suite}; do
                python3 tests/gpu/ncu_fp8.py $t > "$OUT/ncu_fp8_$t.log" 2>&1
              grep -E "_fp8_gemm_kernel|Duration|Throughput|Achieved Occupancy|Theoretical Occupancy|Registers|Block Limit|Stall|Warp Cycles Per Issued|Executed Ipc|One or More" "$OUT/ncu_fp8_$t.log" | head -60
            done ;;
-    bench) timeout ${BENCH_S:-120} python3 -m moge_kernels.bench 2>&1 | quiet | tee "$OUT/bench.log" | tail -60 ;;
+    bench) timeout ${BENCH_S:-240} python3 -m moge_kernels.bench 2>&1 | quiet | tee "$OUT/bench.log" | tail -60 ;;
     tests:*) k=${step#tests:}; timeout ${TESTS_S:-120} python3 -m pytest -q -p no:cacheprovider -n ${TESTS_N:-8} tests/test_${k}*.py 2>&1 \
            | quiet | tee "$OUT/tests_$k.log" | tail -15 ;;
     pytest) timeout ${PYTEST_S:-120} python3 -m pytest -q -p no:cacheprovider -n 8 $PYTEST_ARGS 2>&1 | quiet \
