@@ -139,6 +139,7 @@ def sweep(Ts, dev, timer, layer, gu, dn, deadline, twins=False, only="", channel
     for T, reg, gemm, ms, table_ms, best in lines:
         fields = [str(best.block_m), str(best.block_n), str(best.num_warps), str(best.num_stages)]
         fields += ["tma=True"] * best.tma + [f"maxnreg={best.maxnreg}"] * bool(best.maxnreg)
+        fields += ["swap=True"] * best.swap
         print(f"    ({reg!r}, {gemm!r}): F({', '.join(fields)}),   # T={T}: {ms:.3f} ms")
 
 

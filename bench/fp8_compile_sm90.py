@@ -53,7 +53,7 @@ def compile_config(gemm: str, cfg, E: int = 64, decode: bool = False, channel: b
                   BLOCK_K=0 if channel else 128, PER_K=not channel, SWIGLU=swiglu, TWO=two,
                   SCALAR_COLS=not channel, QUANT_X=decode, QUANT_OUT=quant_out, HAS_ROW_SCALE=False,
                   ROUND=2, EXPLICIT_ROUND=False, USE_TMA=cfg.tma and not decode, ZERO_TAIL=not swiglu,
-                  TILE_N=bn * 2 if two and not swiglu else bn, FAST_ACC=channel)
+                  TILE_N=bn * 2 if two and not swiglu else bn, FAST_ACC=channel, SWAP_AB=cfg.swap)
     sig.update({name: "constexpr" for name in consts})
     # what a launch at Pangu's shape specializes on: 16-byte aligned pointers, sizes and row strides
     # that are multiples of 16 (without these the pointer loads compile scalar and spill)
@@ -112,7 +112,7 @@ def main():
     pool = gemm_configs.FP8_CHANNEL_CANDIDATES if args.channel else gemm_configs.FP8_CANDIDATES
     for (reg, gemm), cands in pool.items():
         for cfg in cands:
-            wanted = cfg.block_m <= 16 if args.decode else cfg.tma
+            wanted = cfg.block_m <= 16 and not cfg.swap if args.decode else cfg.tma
             if wanted and (gemm, cfg) not in seen and args.gemm in (None, gemm):
                 seen.append((gemm, cfg))
     print("| gemm | config | regs | spill stack B | k loop: spill ld/st | fp32 ops | wgmma | waits | barriers "

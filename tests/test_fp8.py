@@ -481,6 +481,30 @@ def test_triton_fp8_tma_path_against_reference(cfg, fmt, monkeypatch):
 
 
 @requires_triton_fp8
+@pytest.mark.parametrize("fmt", ["fp8_block", "fp8_channel"])
+@pytest.mark.parametrize("cfg", [dict(block_m=16, block_n=64, tma=True), dict(block_m=16, block_n=128, tma=True),
+                                 dict(block_m=32, block_n=64, tma=False)],
+                         ids=["16x64-tma", "16x128-tma", "32x64-ptr"])
+@pytest.mark.parametrize("M", [5, 150], ids=lambda m: f"M{m}")
+def test_triton_fp8_swapped_tiles_against_reference(M, cfg, fmt, monkeypatch):
+    """Tiles with the weight rows on the MMA's M side (Fp8Config.swap): the same values as the plain
+    tiles' within the bound, over one row an expert and several row tiles an expert, I = 144 (partial
+    k-block in down, partial column tile in gate_up), an empty expert, row_scale, both formats."""
+    from moge_kernels.triton import fp8_gemm
+    if cfg["tma"] and fp8_gemm.TensorDescriptor is None:
+        pytest.skip("this triton has no host TensorDescriptor")
+    c = fp8_gemm.Fp8Config(num_warps=4, num_stages=2, swap=True, **cfg)
+    monkeypatch.setitem(fp8_gemm._forced, "gate_up", c)
+    monkeypatch.setitem(fp8_gemm._forced, "down", c)
+    x, gu, dn, offsets, _, _ = _problem(M, 4, 256, 144, torch.float32, fmt, seed=33 + M,
+                                        device="cuda" if HAS_CUDA else "cpu")
+    assert (offsets.diff() == 0).any()
+    row_scale = torch.rand(M, generator=torch.Generator().manual_seed(6)).to(x.device)
+    y, want, yg, want_g = _triton_vs_reference(x, gu, dn, offsets, row_scale)
+    assert rel_err(y, want) <= REF_TOL and rel_err(yg, want_g) <= REF_TOL, (rel_err(y, want), rel_err(yg, want_g))
+
+
+@requires_triton_fp8
 def test_triton_fp8_rejects_blocks_it_has_no_kernel_for():
     x, gu, dn, offsets, wgu, wd = _problem(8, 2, 256, 128, torch.float32, seed=21)
     w = torch.randn(2, 96, 96)
@@ -736,6 +760,23 @@ def test_gpu_fp8_decode_tiles(T, fmt, monkeypatch):
     row_scale = torch.rand(x.shape[0], generator=torch.Generator().manual_seed(T)).cuda()
     y, want, yg, want_g = _triton_vs_reference(x, gu, dn, offsets, row_scale)
     assert rel_err(y, want) <= REF_TOL and rel_err(yg, want_g) <= REF_TOL
+
+
+@gpu
+@pytest.mark.parametrize("T", [1, 16, 40])
+@pytest.mark.parametrize("fmt", ["fp8_block", "fp8_channel"])
+def test_gpu_fp8_swapped_candidates(T, fmt, monkeypatch):
+    """Every swapped decode candidate (weight rows on the wgmma's M side) at the Pangu shape, as gate_up
+    and as down, vs the reference: one row an expert, two, and five (T=40: row tiles past 16 rows)."""
+    from moge_kernels.triton import fp8_gemm, gemm_configs as gc
+    x, offsets, gu, dn, _, _ = _routed(T, **PANGU, fmt=fmt)
+    row_scale = torch.rand(x.shape[0], generator=torch.Generator().manual_seed(T)).cuda()
+    for gemm in ("gate_up", "down"):
+        for c in [c for c in gc.FP8_CANDIDATES[("decode", gemm)] if c.swap]:
+            monkeypatch.setitem(fp8_gemm._forced, gemm, c)
+            y, want, yg, want_g = _triton_vs_reference(x, gu, dn, offsets, row_scale)
+            assert rel_err(y, want) <= REF_TOL and rel_err(yg, want_g) <= REF_TOL, (gemm, c, rel_err(y, want))
+        monkeypatch.delitem(fp8_gemm._forced, gemm)
 
 
 # fp8_channel with options.fp8_fast_accum (opt-in): the tensor cores' FP8 accumulation over all of K. On

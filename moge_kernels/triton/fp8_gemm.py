@@ -227,13 +227,43 @@ def _col_scales(ws_ptr, kb, r0, W_ROWS, KB, PART_ROWS, NB, BN: tl.constexpr, BLO
 
 
 @triton.jit
-def _outer(sa, sc, SCALAR_COLS: tl.constexpr):
+def _outer(sa, sc, SCALAR_COLS: tl.constexpr, SWAP_AB: tl.constexpr):
     """Block scale of each accumulator element, sa [BM] x sc (scalar or [BN]): a row vector [BM, 1]
-    when sc is one scalar (one multiply per element where it is applied), else [BM, BN]."""
-    if SCALAR_COLS:
-        return (sa * sc)[:, None]
+    when sc is one scalar (one multiply per element where it is applied), else [BM, BN]; with SWAP_AB
+    the accumulator is [BN, BM] and so is the scale ([1, BM] for one scalar)."""
+    if SWAP_AB:
+        if SCALAR_COLS:
+            return (sa * sc)[None, :]
+        else:
+            return sc[:, None] * sa[None, :]
     else:
-        return sa[:, None] * sc[None, :]
+        if SCALAR_COLS:
+            return (sa * sc)[:, None]
+        else:
+            return sa[:, None] * sc[None, :]
+
+
+@triton.jit
+def _fp8_dot(a, b, acc, PER_K: tl.constexpr, FAST_ACC: tl.constexpr, BK: tl.constexpr,
+             SWAP_AB: tl.constexpr):
+    """One k-step's product of the x tile a [BM, BK] and a weight sub-tile b [BN, BK], both e4m3 and
+    k-contiguous (FP8 wgmma takes both operands k-major): a @ b^T [BM, BN], or with SWAP_AB b @ a^T
+    [BN, BM], the weight rows on the MMA's M side (64 or 128 rows an instruction) and the few rows of x on
+    its N side (16 an instruction): at decode, where an expert has a row or two, the 64-row M side of a
+    wgmma would be mostly padding. PER_K: the product alone (zero start), scaled and added by the caller;
+    else accumulated into acc, promoted to fp32 every BK unless FAST_ACC."""
+    if SWAP_AB:
+        lhs = b
+        rhs = tl.trans(a)
+    else:
+        lhs = a
+        rhs = tl.trans(b)
+    if PER_K:
+        return tl.dot(lhs, rhs)
+    elif FAST_ACC:   # one chain of wgmmas over all of K: none waits for the one before it
+        return tl.dot(lhs, rhs, acc)
+    else:
+        return tl.dot(lhs, rhs, acc, max_num_imprecise_acc=BK)
 
 
 @triton.jit
@@ -251,7 +281,7 @@ def _fp8_gemm_kernel(
         TWO: tl.constexpr, SCALAR_COLS: tl.constexpr, QUANT_X: tl.constexpr,
         QUANT_OUT: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, ROUND: tl.constexpr,
         EXPLICIT_ROUND: tl.constexpr, USE_TMA: tl.constexpr, ZERO_TAIL: tl.constexpr,
-        TILE_N: tl.constexpr, FAST_ACC: tl.constexpr):
+        TILE_N: tl.constexpr, FAST_ACC: tl.constexpr, SWAP_AB: tl.constexpr):
     """Grid: (max_row_tiles * num_n_tiles,); see the module docstring. A tile is sub-tile 0 (weight rows
     [col0, col0+BN)) and, with TWO, sub-tile 1 (rows sub_shift further: SwiGLU's up rows, or the next BN
     columns of a plain GEMM), each with its own accumulator. ZERO_TAIL: the programs past the real work
@@ -287,8 +317,12 @@ def _fp8_gemm_kernel(
     ws_ptr = w_scale_ptr + e.to(tl.int64) * stride_wse
     xs_ptrs = x_scale_ptr + rows64 * stride_xsm
     xs_ok = rows < M                           # rows of the next expert have real scales too
-    acc0 = tl.zeros((BM, BN), dtype=tl.float32)
-    acc1 = tl.zeros((BM, BN), dtype=tl.float32)
+    if SWAP_AB:   # [BN, BM] until after the k loop
+        acc0 = tl.zeros((BN, BM), dtype=tl.float32)
+        acc1 = tl.zeros((BN, BM), dtype=tl.float32)
+    else:
+        acc0 = tl.zeros((BM, BN), dtype=tl.float32)
+        acc1 = tl.zeros((BM, BN), dtype=tl.float32)
     num_k = tl.cdiv(K, BK)
     w_row0 = e * W_ROWS + col0                 # TMA: sub-tile 0's first row in the [E*W_ROWS, K] view
     # The block scales of k-step 0, then each step prefetches the next step's: [BM] x scales (a
@@ -328,25 +362,26 @@ def _fp8_gemm_kernel(
             if TWO:
                 b1 = tl.load(w_ptrs1, mask=w_ok1[:, None] & k_ok[None, :], other=0.0)
         if PER_K:
-            acc0 += tl.dot(a, tl.trans(b0)) * _outer(sa, sc0, SCALAR_COLS)
+            acc0 += _fp8_dot(a, b0, acc0, PER_K, FAST_ACC, BK, SWAP_AB) * _outer(sa, sc0, SCALAR_COLS,
+                                                                                 SWAP_AB)
             if TWO:
-                acc1 += tl.dot(a, tl.trans(b1)) * _outer(sa, sc1, SCALAR_COLS)
+                acc1 += _fp8_dot(a, b1, acc1, PER_K, FAST_ACC, BK, SWAP_AB) * _outer(sa, sc1, SCALAR_COLS,
+                                                                                     SWAP_AB)
             if not QUANT_X:
                 sa = sa_next
             sc0 = sc0_next
             if TWO:
                 sc1 = sc1_next
-        elif FAST_ACC:   # one chain of wgmmas over all of K: none waits for the one before it
-            acc0 = tl.dot(a, tl.trans(b0), acc0)
-            if TWO:
-                acc1 = tl.dot(a, tl.trans(b1), acc1)
         else:
-            acc0 = tl.dot(a, tl.trans(b0), acc0, max_num_imprecise_acc=BK)
+            acc0 = _fp8_dot(a, b0, acc0, PER_K, FAST_ACC, BK, SWAP_AB)
             if TWO:
-                acc1 = tl.dot(a, tl.trans(b1), acc1, max_num_imprecise_acc=BK)
+                acc1 = _fp8_dot(a, b1, acc1, PER_K, FAST_ACC, BK, SWAP_AB)
         x_ptrs += BK
         w_ptrs0 += BK
         w_ptrs1 += BK
+    if SWAP_AB:
+        acc0 = tl.trans(acc0)
+        acc1 = tl.trans(acc1)
     if not PER_K:   # per-channel weights, per-token activations: one scale each, applied once
         sa = tl.load(xs_ptrs, mask=xs_ok, other=0.0)
         acc0 = acc0 * (sa[:, None] * _col_scales(ws_ptr, 0, col0, W_ROWS, KB, PART_ROWS, NB, BN, BLOCK_N,
@@ -384,7 +419,7 @@ _permute = Kernel(_permute_fp8_kernel, ("K", "BT", "G", "ONE_GROUP", "EXPLICIT_R
 _gemm = Kernel(_fp8_gemm_kernel, (
     "E", "E_POW2", "BM", "BN", "BK", "BLOCK_N", "BLOCK_K", "PER_K", "SWIGLU", "TWO", "SCALAR_COLS", "QUANT_X",
     "QUANT_OUT", "HAS_ROW_SCALE", "ROUND", "EXPLICIT_ROUND", "USE_TMA", "ZERO_TAIL", "TILE_N", "FAST_ACC",
-    "num_warps", "num_stages", "maxnreg"))
+    "SWAP_AB", "num_warps", "num_stages", "maxnreg"))
 Fp8Config = gemm_configs.Fp8Config
 _forced: dict[str, Fp8Config] = {}   # bench/bench_fp8.py --sweep, tests: "gate_up" / "down" -> config
 
@@ -485,7 +520,7 @@ def launch_fp8_gemm(x, x_scale, w, w_scale, expert_offsets, out, out_scale, bloc
         os_.stride(1) if out_scale is not None else 0), (
         E, max(2, pow2(E)), BM, BN, BK, block_n, max(block_k, 1), per_k, swiglu, two, scalar_cols, quant_x,
         quant_out, has_row_scale, ROUND_CODES[round_dtype], _interpreted(x), use_tma, zero_tail and not swiglu,
-        tile_n, not per_k and options.current.fp8_fast_accum, cfg.num_warps, cfg.num_stages,
+        tile_n, not per_k and options.current.fp8_fast_accum, cfg.swap, cfg.num_warps, cfg.num_stages,
         launch_cap(cfg, x)))
     return out
 
@@ -515,7 +550,7 @@ def grouped_gemm_fp8(x, w, w_scale, expert_offsets, block_n=128, block_k=128):
     if x.shape[1] == 0:
         return y.zero_()
     cfg = choose_config(M, E, "down", x.device, block_k)
-    fuse = block_k == 128 and cfg.block_m <= 16
+    fuse = block_k == 128 and cfg.block_m <= 16 and not cfg.swap
     xq, xs = (x, None) if fuse else quantize_rows(x, block_k)
     return launch_fp8_gemm(xq, xs, w, w_scale, offsets, y, None, block_n, block_k, cfg, swiglu=False,
                            quant_x=fuse, quant_out=False, round_dtype=x.dtype, zero_tail=True)
@@ -563,7 +598,7 @@ def _mlp_launches(tensors, y, block_n, block_k, dtype):
     cfg_dn = choose_config(M, E, "down", x.device, block_k)
     common = dict(round_dtype=dtype)
     down = dict(swiglu=False, quant_out=False, row_scale=row_scale, zero_tail=True, **common)
-    if block_k == 128 and cfg_gu.block_m <= 16:
+    if block_k == 128 and cfg_gu.block_m <= 16 and not cfg_gu.swap:
         # decode (16-row gate_up tiles): x (unless quantized already) and h quantized in the GEMMs'
         # loads, h in the output dtype between them
         (h,) = _scratch(x, [(dtype, M, I)])

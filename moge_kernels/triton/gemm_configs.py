@@ -294,10 +294,13 @@ class Fp8Config:
     # leaves one CTA of 8 warps per SM; a cap lets a second CTA in, whose k-steps interleave with the
     # first's (one CTA's scale FMAs run while the other's wgmma does)
     maxnreg: int | None = None
+    # weight rows on the MMA's M side, x rows on its N side (fp8_gemm._fp8_dot): for tiles of few x rows
+    # (block_m 16 or 32); x is quantized by the row kernel first (not in the GEMM's load)
+    swap: bool = False
 
     def __str__(self):
         return (f"{self.block_m}x{self.block_n} w{self.num_warps} s{self.num_stages}{' tma' if self.tma else ''}"
-                f"{f' r{self.maxnreg}' if self.maxnreg else ''}")
+                f"{f' r{self.maxnreg}' if self.maxnreg else ''}{' swap' if self.swap else ''}")
 
 
 F = Fp8Config
@@ -336,12 +339,17 @@ FP8_INTERPRETER_ROWS = {"gate_up": F(32, 128, 4, 1), "down": F(32, 64, 4, 1)}
 # Triton 3.6 waits for each FP8 wgmma before its scale FMAs, so only another CTA's wgmma fills the gap).
 # Decode also times 64-row TMA tiles (x quantized by the row kernel first): few instructions a k-step
 # where the 16-row tiles are latency-bound (ncu at T=1: 5 warps an SM, 0.3 instructions a cycle).
+# The swapped tiles (weight rows on the MMA's M side, fp8_gemm._fp8_dot) put 16 x rows, not 64, in each
+# wgmma: a decode k-step's accumulator and scale FMAs shrink fourfold.
+_FP8_SWAPPED = [F(16, 64, 4, 4, tma=True, swap=True), F(16, 128, 4, 4, tma=True, swap=True),
+                F(16, 64, 4, 6, tma=True, swap=True), F(16, 128, 4, 3, tma=True, swap=True)]
 _FP8_DECODE = {"gate_up": [F(64, 64, 4, 4, tma=True, maxnreg=168), F(16, 32, 4, 4), F(16, 64, 4, 4),
                            F(64, 32, 4, 4, tma=True), F(64, 32, 4, 6, tma=True),
-                           F(64, 64, 4, 6, tma=True, maxnreg=168)],
+                           F(64, 64, 4, 6, tma=True, maxnreg=168), *_FP8_SWAPPED],
                "down": [F(16, 64, 4, 4), F(16, 128, 4, 4), F(64, 64, 4, 4, tma=True), F(64, 32, 4, 4, tma=True),
                         F(64, 32, 4, 6, tma=True), F(64, 64, 4, 6, tma=True),
-                        F(64, 128, 4, 3, tma=True, maxnreg=168)]}
+                        F(64, 128, 4, 3, tma=True, maxnreg=168), *_FP8_SWAPPED,
+                        F(16, 256, 4, 3, tma=True, swap=True)]}
 _FP8_ROWS = {"gate_up": [F(128, 64, 8, 3, tma=True, maxnreg=128), F(64, 64, 4, 3, tma=True, maxnreg=168),
                          F(128, 128, 8, 4, tma=True), F(128, 64, 8, 4, tma=True),
                          F(64, 64, 4, 4, tma=True, maxnreg=168), F(128, 64, 8, 2, tma=True, maxnreg=128),
