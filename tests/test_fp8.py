@@ -752,7 +752,7 @@ def test_gpu_fp8_mlp_accuracy(shape, T, fmt):
 @pytest.mark.parametrize("fmt", ["fp8_block", "fp8_channel"])
 def test_gpu_fp8_decode_tiles(T, fmt, monkeypatch):
     """The 16-row tiles that quantize x (and h) in their loads: no longer the H200 table's decode choice
-    (its 64-row TMA gate_up won), still a kernel path (the interpreter's, other tables'): vs the reference."""
+    (the swapped TMA tiles won), still a kernel path (the interpreter's, other tables'): vs the reference."""
     from moge_kernels.triton import fp8_gemm
     monkeypatch.setitem(fp8_gemm._forced, "gate_up", fp8_gemm.Fp8Config(16, 64, 4, 4))
     monkeypatch.setitem(fp8_gemm._forced, "down", fp8_gemm.Fp8Config(16, 64, 4, 4))

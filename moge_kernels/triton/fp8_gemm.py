@@ -31,13 +31,15 @@ Operands come through pointer loads (masked), or with the config's `tma` (Hopper
 multiples) through TMA descriptors built on the host: x [M, K] in [BM, 128] boxes, w viewed [E*W_ROWS, K]
 in [BN, 128] boxes, zero-filled past the tensor; rows of the next expert and weight rows past N_OUT are
 loaded but never stored. The weight tile stays K-major ([BN, BK], fed as tl.dot(a, tl.trans(b))), the
-layout FP8 wgmma needs for both operands.
+layout FP8 wgmma needs for both operands. Swapped tiles (the config's `swap`, decode sizes) compute
+tl.dot(b, tl.trans(a)) [BN, BM] instead, both operands still K-major: the weight rows fill the wgmma's
+64-row M side and the tile's 16 x rows its N side, not 16 real rows in a 64-row M side.
 
 Where x is quantized (fp8.py's rule; both paths give the same values):
   QUANT_X    in the GEMM's load: a bf16 x tile is quantized in registers per 1x128 group (block format).
-             Every column tile of a row recomputes it; taken with 16-row gate_up tiles (the interpreter's
-             decode config; on the H200 the 64-row TMA tiles after the row kernel were as fast or faster,
-             gemm_configs.FP8_H200_TABLE).
+             Every column tile of a row recomputes it; taken with 16-row gate_up tiles that are not
+             swapped (the interpreter's decode config; on the H200 the swapped 16-row TMA tiles after the
+             row kernel are faster, gemm_configs.FP8_H200_TABLE).
   otherwise  a row-quantization kernel writes x in e4m3 + scales first (_quantize_rows_kernel).
 The gate_up epilogue computes h = silu(gate) * up in fp32, rounds it to x's dtype (fp8.py) and either
   QUANT_OUT  quantizes it per row over its BN = 128 columns (one scale group) and writes e4m3 + scales

@@ -313,11 +313,15 @@ F = Fp8Config
 # so another CTA's wgmma fills the gap). A 64-column gate_up cannot quantize h in its epilogue (a scale
 # group is 128 columns): h goes through the row kernel, which costs less than the wide tile's single CTA.
 # At decode the 64-row TMA gate_up (x quantized by the row kernel first) beat the 16-row tiles that
-# quantize x in their loads (those are latency-bound: ncu_fp8_h200_aa17213.txt, 5 warps an SM).
+# quantize x in their loads (those are latency-bound: ncu_fp8_h200_aa17213.txt, 5 warps an SM), and the
+# swapped 16-row TMA tiles beat both (a quarter of the 64-row tile's accumulator and scale FMAs).
 # "medium" takes prefill's down tile, "large" prefill's (neither timed at those T).
 FP8_H200_TABLE = {
-    ("decode", "gate_up"): F(64, 64, 4, 4, tma=True, maxnreg=168),    # T=1: 0.069 ms (16x32: 0.076)
-    ("decode", "down"): F(16, 64, 4, 4),                              # T=1: 0.075 ms
+    # decode: the swapped tiles (fp8_gemm._fp8_dot), bench/results/fp8_swap_h200_698adea.txt (mlp ms, the
+    # other GEMM at its former entry): gate_up T=1 0.065 (64x64 tma r168: 0.072), T=16 0.323 (0.362);
+    # down T=1 0.068 (16x64 pointer loads: 0.069), T=16 0.328 (0.335)
+    ("decode", "gate_up"): F(16, 64, 4, 4, tma=True, swap=True),
+    ("decode", "down"): F(16, 64, 4, 4, tma=True, swap=True),
     ("small", "gate_up"): F(64, 64, 4, 3, tma=True, maxnreg=168),     # T=128: 0.372 ms (64x128: 0.470)
     ("small", "down"): F(64, 128, 4, 3, tma=True, maxnreg=168),       # T=128: 0.431 ms
     ("medium", "gate_up"): F(64, 64, 4, 3, tma=True, maxnreg=168),    # T=1024: 0.707 ms (128x128: 0.892)
@@ -358,7 +362,10 @@ _FP8_ROWS = {"gate_up": [F(128, 64, 8, 3, tma=True, maxnreg=128), F(64, 64, 4, 3
                       F(64, 128, 4, 3, tma=True, maxnreg=168), F(64, 128, 4, 4, tma=True, maxnreg=168),
                       F(64, 128, 4, 5, tma=True), F(128, 128, 8, 3, tma=True, maxnreg=168),
                       F(64, 64, 4, 4, tma=True, maxnreg=128), F(128, 64, 8, 3, tma=True, maxnreg=128)]}
-FP8_CANDIDATES = {(r, g): (_FP8_DECODE if r == "decode" else _FP8_ROWS)[g]
+# small (T=128 at Pangu's shape: ~16 rows an expert): the row tiles, and swapped tiles of 16 and 32 rows
+_FP8_SMALL = {g: [*cands, F(16, 64, 4, 4, tma=True, swap=True), F(32, 64, 4, 4, tma=True, swap=True),
+                  F(32, 128, 4, 3, tma=True, swap=True)] for g, cands in _FP8_ROWS.items()}
+FP8_CANDIDATES = {(r, g): {"decode": _FP8_DECODE, "small": _FP8_SMALL}.get(r, _FP8_ROWS)[g]
                   for _, r in REGIMES for g in ("gate_up", "down")}
 
 # The per-channel format with fast accumulation (options.fp8_fast_accum): its k loop is one chain of
