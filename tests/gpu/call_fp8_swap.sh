@@ -1,0 +1,6 @@
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+MOGE_BUILD_CUDA=0 timeout 120 python3 setup.py build_ext --inplace > $OUT/build.log 2>&1; echo build $?
+timeout 150 python3 -m pytest -q -p no:cacheprovider -n 8 tests/test_fp8.py -k "swapped or decode or accuracy or graph or nan or tables" 2>&1 | grep -v -E "Warning|warn\(" > $OUT/pytest.log; tail -3 $OUT/pytest.log
+timeout 200 python3 bench/bench_fp8.py --sweep --T 1,16,128 --sweep-only swap --budget 100 --rounds 3 2>&1 | grep -v -E "Warning|warn\(" > $OUT/fp8.log; grep -E "winners|T=  |^T=|\| 1 |\| 16 |\| 128 " $OUT/fp8.log | head -30
+timeout 150 ncu --kernel-name regex:_fp8_gemm_kernel --launch-skip 2 --launch-count 2 --section SpeedOfLight --section Occupancy --section LaunchStats --metrics regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio,dram__throughput.avg.pct_of_peak_sustained_elapsed,lts__t_sector_hit_rate.pct python3 tests/gpu/ncu_fp8.py 1 > $OUT/ncu_fp8_1.log 2>&1; grep -E "_fp8_gemm_kernel|Duration|DRAM Through|Registers Per|Achieved Active|Block Limit Sh|stalled" $OUT/ncu_fp8_1.log | awk '$NF+0 > 0.05 || /kernel|Duration|DRAM|Regis|Achieved|Block/' | head -60
+timeout 60 python3 tests/gpu/kernel_times.py 1 1024 2>&1 | grep -v -E "Warning|warn\(" > $OUT/kernel_times.log; cat $OUT/kernel_times.log | head -70
