@@ -329,7 +329,8 @@ def main():
     bw, bf16_rate = ceil.rates()
     fp8_rate = mm8_flops / statistics.median(mm8_ms) / 1e9
     print(f"\n{torch.cuda.get_device_name()}: copy {bw:.0f} GB/s, bf16 mm {bf16_rate:.0f} TFLOP/s, "
-          f"fp8 _scaled_mm 8192^3 {fp8_rate:.0f} TFLOP/s; ms are graph-replay medians, cold L2")
+          f"fp8 _scaled_mm 8192^3 {fp8_rate:.0f} TFLOP/s; ms are graph-replay medians, cold L2 "
+          f"({timer.describe()})")
     print("fp8 = block-scaled (fp8_block: 128x128 weight blocks, 1x128 activation groups); fp8c = fp8_channel "
           "(per-channel weights, per-token activations)")
     print("fp8 floor = FP8 weight-read floor; FLOP floor = the mlp's FLOPs at the fp8 _scaled_mm rate above")

@@ -101,7 +101,7 @@ def main():
     bandwidth, _ = measure_ceilings(device)                  # bytes/s, read + write
     timer = Timer(device)
     methods = ["triton", "cuda", "torch"] + variants
-    print(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s; ms are medians of CUDA-graph replays, cold L2; "
+    print(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s; ms are medians of CUDA-graph replays, cold L2 ({timer.describe()}); "
           f"(x) = ratio to the floor; torch = sort/gather/scatter peer")
     print(f"{'model':15} {'T':>6} {'drop':>5} {'floor':>8} " + " ".join(f"{m:>16}" for m in methods))
     for name in args.models.split(","):

@@ -53,7 +53,8 @@ def compile_config(gemm: str, cfg, E: int = 64, decode: bool = False, channel: b
                   BLOCK_K=0 if channel else 128, PER_K=not channel, SWIGLU=swiglu, TWO=two,
                   SCALAR_COLS=not channel, QUANT_X=decode, QUANT_OUT=quant_out, HAS_ROW_SCALE=False,
                   ROUND=2, EXPLICIT_ROUND=False, USE_TMA=cfg.tma and not decode, ZERO_TAIL=not swiglu,
-                  TILE_N=bn * 2 if two and not swiglu else bn, FAST_ACC=channel, SWAP_AB=cfg.swap)
+                  TILE_N=bn * 2 if two and not swiglu else bn, FAST_ACC=channel, SWAP_AB=cfg.swap,
+                  USE_GDC=True)
     sig.update({name: "constexpr" for name in consts})
     # what a launch at Pangu's shape specializes on: 16-byte aligned pointers, sizes and row strides
     # that are multiples of 16 (without these the pointer loads compile scalar and spill)

@@ -21,13 +21,14 @@ attribute of a plain object: no environment access and no parsing per call.
 | triton_gemm_config | MOGE_TRITON_GEMM_CONFIG  | None, or "BM,BN,BK,warps,stages[,tma[,split_m[,split_n[,persistent[,tail_m]]]]]" (a string, a sequence of ints or a GemmConfig): one Triton grouped-GEMM config for every launch | None |
 | triton_autotune    | MOGE_TRITON_AUTOTUNE     | bool: time the candidate configs of a key on its first call (never under graph capture) | False |
 | triton_mlp_streams | MOGE_TRITON_MLP_STREAMS  | "auto" (from 32 rows per expert) or bool: Triton grouped_mlp's expert halves on two streams | "auto" |
-| triton_pdl         | MOGE_TRITON_PDL          | bool: the Triton permute and dispatch launch their later kernels with programmatic dependent launch on sm_90+ (each starts while the one before it finishes) | True |
+| triton_pdl         | MOGE_TRITON_PDL          | bool: the Triton permute, dispatch and FP8 grouped GEMMs launch their later kernels with programmatic dependent launch on sm_90+ (each starts while the one before it finishes) | True |
 | cuda_gemm_tile     | MOGE_CUDA_GEMM_TILE      | CUDA_GEMM_TILES: the cuda backend's many-rows GEMM tile | "auto" |
 | bwd_gemm           | MOGE_BWD_GEMM            | "auto" (torch._grouped_mm where it applies) or "triton" | "auto" |
 | ascend_impl        | MOGE_ASCEND_IMPL         | "python" (torch_npu operators) or "cpp" (the CANN extension) | "python" |
 | eager_direct       | MOGE_EAGER_DIRECT        | bool: a public op called eagerly with nothing to record calls its kernel without torch.ops' dispatcher (ops.direct_call_allowed) | True |
 | eager_graphs       | MOGE_EAGER_GRAPHS        | int >= 0: eager layer calls (moge_forward, MoGELayer, transformers' "moge" experts) of at most this many tokens on a GPU replay a CUDA graph captured per signature (moge_kernels/eager_graphs.py); 0 = off | 0 |
 | shared_expert_stream | MOGE_SHARED_EXPERT_STREAM | "auto" (under CUDA-graph capture, and eager calls of at least 1024 tokens) or bool: a layer's shared expert runs on a side stream beside its dispatch and routed experts (CUDA, nothing recording gradients; ops.shared_expert_side_stream) | "auto" |
+| bench_flush        | MOGE_BENCH_FLUSH         | "read" or "write": how the benchmarks' timer evicts the L2 before each sample (moge_kernels/bench/timing.py: a read leaves it clean; a memset, as triton.testing.do_bench, leaves it dirty) | "read" |
 | fp8_fast_accum     | MOGE_FP8_FAST_ACCUM      | bool: the Triton per-channel FP8 GEMMs (fp8_channel) keep the tensor cores' FP8 accumulation over all of K, fp32 only in the epilogue (CUTLASS's FastAccum); off: promoted to fp32 every 128 k. On the H200 it is 1-10% faster but its mlp is 1.6e-2 from the reference (off: 5e-3; bench/results/fp8_channel_fast_h200_effca01.txt). The block format always promotes per 128-k block | False |
 
 Booleans: True/False in code; "1"/"true"/"yes"/"on" and "0"/"false"/"no"/"off" (any case) in the
@@ -177,6 +178,7 @@ _OPTIONS = {opt.name: opt for opt in (
     _Option("eager_direct", "MOGE_EAGER_DIRECT", _bool, True),
     _Option("eager_graphs", "MOGE_EAGER_GRAPHS", _count, 0),
     _Option("fp8_fast_accum", "MOGE_FP8_FAST_ACCUM", _bool, False),
+    _Option("bench_flush", "MOGE_BENCH_FLUSH", _choice(("read", "write")), "read"),
     _Option("shared_expert_stream", "MOGE_SHARED_EXPERT_STREAM", _auto_or_bool, None),
 )}
 BACKEND_ENV = "MOGE_BACKEND"

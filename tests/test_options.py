@@ -30,6 +30,7 @@ CASES = {
     "eager_direct": ([(True, True), ("off", False), ("1", True)], ["direct", 2]),
     "triton_pdl": ([(True, True), ("off", False), ("yes", True)], ["pdl", 1]),
     "fp8_fast_accum": ([(True, True), ("0", False), ("on", True)], ["fast", 2]),
+    "bench_flush": ([("read", "read"), ("WRITE", "write")], ["memset", True, 0]),
     "shared_expert_stream": ([(None, None), ("auto", None), (True, True), ("off", False)], ["side", 3]),
     "eager_graphs": ([(0, 0), (16, 16), ("8", 8), (" 4 ", 4)], [True, False, "on", -1, "-2", 1.5, None]),
     "triton_gemm_config": ([(None, None), ("64,128,64,8,4", (64, 128, 64, 8, 4)),

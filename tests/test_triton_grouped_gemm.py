@@ -566,3 +566,30 @@ def test_int64_addressing_gpu():
         _check(out[lo:hi], lowp, exact, what=f"int64 rows {lo}:{hi}")
     del x
     torch.cuda.empty_cache()
+
+
+@needs_gpu
+@pytest.mark.parametrize("streams", [False, True], ids=["one-stream", "two-streams"])
+@pytest.mark.parametrize("T", [1, 16, 128, 1024, 4096])
+def test_gpu_mlp_dependent_launch_changes_no_bit(T, streams):
+    """grouped_mlp's down GEMM as a dependent launch of its gate_up (option triton_pdl, the default) or
+    as a plain one: the same bits, eagerly and as a graph replay, at the Pangu shape (decode to prefill:
+    tiled and persistent down kernels), on one stream and on two."""
+    H, I, E, K = 5120, 1344, 64, 8
+    M = T * K
+    x = torch.randn(M, H, device="cuda", dtype=torch.bfloat16)
+    w_gate_up, w_down = testing.make_expert_weights(E, H, I, torch.bfloat16, "cuda", seed=T)
+    offsets = testing.random_offsets(M, E, seed=T, device="cuda")
+    row_scale = torch.rand(M, device="cuda")
+    runs = {}
+    for pdl in (True, False):
+        with moge_kernels.use_options(triton_pdl=pdl, triton_mlp_streams=streams), torch.no_grad():
+            eager = torch.ops.moge.grouped_mlp(x, w_gate_up, w_down, offsets, row_scale)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                captured = torch.ops.moge.grouped_mlp(x, w_gate_up, w_down, offsets, row_scale)
+            graph.replay()
+            torch.cuda.synchronize()
+            runs[pdl] = (eager, captured.clone())
+    assert torch.equal(runs[True][0], runs[False][0]) and torch.equal(runs[True][1], runs[False][1])
+    assert torch.equal(runs[True][0], runs[True][1])

@@ -14,7 +14,7 @@ from . import report
 from .check import self_check
 from .methods import BASELINES, available_backends, available_baselines, build_methods
 from .problems import CPU_TOKENS, DEFAULT_OPS, GPU_TOKENS, OPS, SHAPES, WeightCache, make_problem, work
-from .timing import Ceilings, Timer, prepare
+from .timing import Ceilings, Timer, flush_note, prepare
 
 # Per (shape, T) and method, each round times n calls with n ~ ROUND_MS / (time of one call): enough
 # samples for a stable median at small T, one call a round at large T. 9 GPU rounds keep the full sweep
@@ -272,8 +272,9 @@ def main(argv=None) -> int:
 
     print(f"\nceilings measured in this run (medians): copy {ceil.bandwidth_gbs:.0f} GB/s (read + write), "
           f"dense matmul {ceil.matmul_tflops:.4g} TFLOP/s ({dtype})")
-    print("median ms per call; mode graph = CUDA-graph replay, eager = as called; called ms = the same "
-          "method as called (no graph: what eager users get); GB/s = the op's fewest bytes / time;\n"
+    print(f"median ms per call ({flush_note(gpu)}); mode graph = CUDA-graph replay, eager = as called; "
+          "called ms = the same method as called (no graph: what eager users get); GB/s = the op's fewest "
+          "bytes / time;\n"
           "x eager, x gmm = speed-up over the eager reference and the torch._grouped_mm pipeline; "
           + (report.FLOOR_NOTE if gpu else report.NO_FLOOR_NOTE) + "\n")
     print(report.format_table(rows))

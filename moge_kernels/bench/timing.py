@@ -1,8 +1,11 @@
 """Timing: the device's own ceilings, CUDA-graph capture, and per-call samples that start from a cold L2.
 
-On CUDA every sample is one call between two CUDA events, after a 256 MB memset that evicts the L2 (as
-`triton.testing.do_bench` does): no timing is of inputs left in the cache by the previous call, and the
-host's launch work overlaps the memset. Methods without host syncs are captured once in a CUDA graph
+On CUDA every sample is one call between two CUDA events, after a read of a 256 MB buffer that evicts
+the L2: no timing is of inputs left in the cache by the previous call, and the host's launch work
+overlaps the read. The eviction reads rather than writes (option bench_flush="write": a memset, as
+`triton.testing.do_bench` does): a memset leaves the L2 full of dirty lines, which the timed call then
+writes back to DRAM as it evicts them, up to 60 MB of writes inside the sample (about 14 us on an H200),
+a cost of the flush, not of the op, and one the floors (bytes the op must move) do not hold. Methods without host syncs are captured once in a CUDA graph
 and timed as graph replays (the device time of the op, free of launch gaps, as a serving engine runs
 it); the others are timed as called. On CPU a sample is perf_counter around one (synchronous) call.
 
@@ -18,14 +21,46 @@ from typing import Callable
 
 import torch
 
+from .. import options
+
 L2_FLUSH_BYTES = 256 << 20        # > 4x the 50 MB L2 of an H100 (60 MB on an H200)
 
 
+FLUSH_MODES = ("read", "write")
+
+
+def flush_mode() -> str:
+    return options.current.bench_flush
+
+
+def flush_note(cuda: bool, mode: str | None = None) -> str:
+    """How each sample starts, for a report's legend."""
+    if not cuda:
+        return "perf_counter around each call"
+    mode = mode or flush_mode()
+    return (f"each sample after a {L2_FLUSH_BYTES >> 20} MB " +
+            ("read (the L2 left clean)" if mode == "read" else "memset (the L2 left dirty)"))
+
+
 class Timer:
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, flush: str | None = None):
         self.device = device
         self.cuda = device.type == "cuda"
-        self.flush = torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.int32, device=device) if self.cuda else None
+        self.mode = flush or flush_mode()
+        if self.mode not in FLUSH_MODES:
+            raise ValueError(f"Timer: flush must be one of {FLUSH_MODES}, got {self.mode!r}")
+        self.flush = torch.zeros(L2_FLUSH_BYTES // 4, dtype=torch.int32, device=device) if self.cuda else None
+        self._sink = torch.zeros((), dtype=torch.int64, device=device) if self.cuda else None
+
+    def describe(self) -> str:
+        return flush_note(self.cuda, self.mode)
+
+    def evict(self) -> None:
+        """Evict the L2 (the cold-cache state of a sample)."""
+        if self.mode == "read":
+            torch.sum(self.flush, dim=0, dtype=torch.int64, out=self._sink)
+        else:
+            self.flush.zero_()
 
     def samples(self, fn: Callable, n: int) -> list[float]:
         """n per-call times of fn(), in milliseconds."""
@@ -39,7 +74,7 @@ class Timer:
         starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
         ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
         for start, end in zip(starts, ends):
-            self.flush.zero_()
+            self.evict()
             start.record()
             fn()
             end.record()

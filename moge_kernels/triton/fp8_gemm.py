@@ -66,7 +66,8 @@ from triton.runtime import driver
 from . import launch
 from .grouped_gemm import (TensorDescriptor, _copy_descriptor, _locate, _schedule, _tma_ok, cached_descriptor,
                            zero_tail_tile)
-from .launch import _INTERPRET, Kernel, _hooks_idle, cdiv, ensure_context, pow2
+from .launch import (_INTERPRET, Kernel, _hooks_idle, cdiv, ensure_context, gdc_launch_dependents, gdc_wait, pow2,
+                     use_pdl)
 
 ROUND_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
@@ -132,9 +133,12 @@ def _round_to(v, ROUND: tl.constexpr):
 @triton.jit
 def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, stride_sm, stride_sk,
                           BM: tl.constexpr, G: tl.constexpr, ONE_GROUP: tl.constexpr,
-                          EXPLICIT_ROUND: tl.constexpr):
+                          EXPLICIT_ROUND: tl.constexpr, USE_GDC: tl.constexpr):
     """Grid (cdiv(M, BM), KB): rows [pid0*BM, +BM), group pid1 of G columns; ONE_GROUP: the whole row
     (one scale per token), walked in chunks of G twice (amax, then quantize)."""
+    if USE_GDC:   # the GEMM after it may launch now; x may be the output of the launch before it
+        gdc_launch_dependents()
+        gdc_wait()
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     row_ok = rows < M
     rows64 = rows.to(tl.int64)
@@ -283,16 +287,22 @@ def _fp8_gemm_kernel(
         TWO: tl.constexpr, SCALAR_COLS: tl.constexpr, QUANT_X: tl.constexpr,
         QUANT_OUT: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, ROUND: tl.constexpr,
         EXPLICIT_ROUND: tl.constexpr, USE_TMA: tl.constexpr, ZERO_TAIL: tl.constexpr,
-        TILE_N: tl.constexpr, FAST_ACC: tl.constexpr, SWAP_AB: tl.constexpr):
+        TILE_N: tl.constexpr, FAST_ACC: tl.constexpr, SWAP_AB: tl.constexpr, USE_GDC: tl.constexpr):
     """Grid: (max_row_tiles * num_n_tiles,); see the module docstring. A tile is sub-tile 0 (weight rows
     [col0, col0+BN)) and, with TWO, sub-tile 1 (rows sub_shift further: SwiGLU's up rows, or the next BN
     columns of a plain GEMM), each with its own accumulator. ZERO_TAIL: the programs past the real work
     write zeros to the rows past offsets[E] (grouped_gemm.zero_tail_tile)."""
     pid = tl.program_id(0)
+    if USE_GDC:   # the launch after this one may start now; it waits for this one before reading
+        gdc_launch_dependents()
+    # expert_offsets and the weights are older than the op's chain of launches (its first launch is not
+    # a dependent one): read before gdc_wait, while the launch before this one finishes
     experts, starts, ends, m_tiles, work_begin, work_end = _schedule(offsets_ptr, num_n_tiles, E,
                                                                      E_POW2, BM)
     total = tl.max(work_end, 0)
     if pid >= total:
+        if USE_GDC:
+            gdc_wait()
         if ZERO_TAIL:
             zero_tail_tile(y_ptr, offsets_ptr, pid - total, M, N_OUT, num_n_tiles, stride_ym, E, BM, TILE_N)
         return
@@ -329,12 +339,14 @@ def _fp8_gemm_kernel(
     w_row0 = e * W_ROWS + col0                 # TMA: sub-tile 0's first row in the [E*W_ROWS, K] view
     # The block scales of k-step 0, then each step prefetches the next step's: [BM] x scales (a
     # coalesced vector with k-major scale storage) and one weight scale per sub-tile (SCALAR_COLS)
+    sc0 = _col_scales(ws_ptr, 0, col0, W_ROWS, KB, PART_ROWS, NB, BN, BLOCK_N, SCALAR_COLS)
+    sc1 = _col_scales(ws_ptr, 0, r1, W_ROWS, KB, PART_ROWS, NB, BN, BLOCK_N, SCALAR_COLS)
+    if USE_GDC:   # x and its scales may be the output of the launch before this one
+        gdc_wait()
     if PER_K and not QUANT_X:
         sa = tl.load(xs_ptrs, mask=xs_ok, other=1.0)
     else:
         sa = tl.full([BM], 1.0, tl.float32)
-    sc0 = _col_scales(ws_ptr, 0, col0, W_ROWS, KB, PART_ROWS, NB, BN, BLOCK_N, SCALAR_COLS)
-    sc1 = _col_scales(ws_ptr, 0, r1, W_ROWS, KB, PART_ROWS, NB, BN, BLOCK_N, SCALAR_COLS)
     for kk in range(num_k):
         k_ok = offs_k < K - kk * BK
         if PER_K:
@@ -416,12 +428,16 @@ def _fp8_gemm_kernel(
 
 
 # Cached launches (launch.Kernel: Triton's per-call argument binding done once per specialisation)
-_quantize_rows = Kernel(_quantize_rows_kernel, ("BM", "G", "ONE_GROUP", "EXPLICIT_ROUND", "num_warps"))
+# USE_GDC and launch_pdl (launch.use_pdl): an op's launches after its first start while the one before
+# them finishes (programmatic dependent launch, as permute.py's), each waiting (gdc_wait) before it reads
+# what that one wrote; the first launches as usual (its inputs may still be in the making).
+_quantize_rows = Kernel(_quantize_rows_kernel, ("BM", "G", "ONE_GROUP", "EXPLICIT_ROUND", "USE_GDC", "num_warps",
+                                                "launch_pdl"))
 _permute = Kernel(_permute_fp8_kernel, ("K", "BT", "G", "ONE_GROUP", "EXPLICIT_ROUND", "num_warps"))
 _gemm = Kernel(_fp8_gemm_kernel, (
     "E", "E_POW2", "BM", "BN", "BK", "BLOCK_N", "BLOCK_K", "PER_K", "SWIGLU", "TWO", "SCALAR_COLS", "QUANT_X",
     "QUANT_OUT", "HAS_ROW_SCALE", "ROUND", "EXPLICIT_ROUND", "USE_TMA", "ZERO_TAIL", "TILE_N", "FAST_ACC",
-    "SWAP_AB", "num_warps", "num_stages", "maxnreg"))
+    "SWAP_AB", "USE_GDC", "num_warps", "num_stages", "maxnreg", "launch_pdl"))
 Fp8Config = gemm_configs.Fp8Config
 _forced: dict[str, Fp8Config] = {}   # bench/bench_fp8.py --sweep, tests: "gate_up" / "down" -> config
 
@@ -436,9 +452,11 @@ def _interpreted(t: torch.Tensor) -> bool:
     return t.device.type != "cuda"     # the triton backend runs CPU tensors only under the interpreter
 
 
-def quantize_rows(x: torch.Tensor, group: int, q=None, s=None) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_rows(x: torch.Tensor, group: int, q=None, s=None, chained: bool = False
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] float -> (e4m3 [M, K], fp32 scales [M, ceil(K/group)] or [M, 1] for group 0, k-major),
-    written to q and s where given (else allocated)."""
+    written to q and s where given (else allocated). chained: not its op's first launch (a dependent
+    launch where launch.use_pdl)."""
     M, K = x.shape
     if q is None:
         q = torch.empty(M, K, dtype=fp8.E4M3, device=x.device)
@@ -448,8 +466,9 @@ def quantize_rows(x: torch.Tensor, group: int, q=None, s=None) -> tuple[torch.Te
         return q, s.fill_(fp8.MIN_SCALE)
     G = 128 if group == 0 else group
     BM = 32
+    pdl = use_pdl(x.device)
     _quantize_rows.launch((cdiv(M, BM), kb), (x, q, s, M, K, x.stride(0), q.stride(0), s.stride(0), s.stride(1)),
-                          (BM, G, group == 0, _interpreted(x), 4))
+                          (BM, G, group == 0, _interpreted(x), pdl, 4, pdl and chained))
     return q, s
 
 
@@ -474,9 +493,9 @@ def permute_fp8(hidden, row_index, expert_offsets, group=128):
 
 
 def launch_fp8_gemm(x, x_scale, w, w_scale, expert_offsets, out, out_scale, block_n, block_k, cfg, *,
-                    swiglu, quant_x, quant_out, round_dtype, row_scale=None, zero_tail=False):
+                    swiglu, quant_x, quant_out, round_dtype, row_scale=None, zero_tail=False, chained=False):
     """out[rows of e] = x[rows of e] @ dequant(w[e])^T (SwiGLU of it with swiglu); zero_tail: zeros in
-    out's rows past expert_offsets[E]. No host sync."""
+    out's rows past expert_offsets[E]; chained: not its op's first launch (quantize_rows). No host sync."""
     M, K = x.shape
     E, w_rows = w.shape[:2]
     n_out = w_rows // 2 if swiglu else w_rows
@@ -513,6 +532,7 @@ def launch_fp8_gemm(x, x_scale, w, w_scale, expert_offsets, out, out_scale, bloc
         x_desc, w_desc = x, w          # placeholders, never read
     xs = x_scale if x_scale is not None else x
     os_ = out_scale if out_scale is not None else out
+    pdl = use_pdl(x.device)
     _gemm.launch((max_row_tiles * num_n_tiles,), (
         x, xs, w, w_scale, x_desc, w_desc, out, os_, expert_offsets, row_scale if has_row_scale else out,
         M, n_out, K, KB, NB, part_rows, w_rows, num_n_tiles, sub_shift,
@@ -522,8 +542,8 @@ def launch_fp8_gemm(x, x_scale, w, w_scale, expert_offsets, out, out_scale, bloc
         os_.stride(1) if out_scale is not None else 0), (
         E, max(2, pow2(E)), BM, BN, BK, block_n, max(block_k, 1), per_k, swiglu, two, scalar_cols, quant_x,
         quant_out, has_row_scale, ROUND_CODES[round_dtype], _interpreted(x), use_tma, zero_tail and not swiglu,
-        tile_n, not per_k and options.current.fp8_fast_accum, cfg.swap, cfg.num_warps, cfg.num_stages,
-        launch_cap(cfg, x)))
+        tile_n, not per_k and options.current.fp8_fast_accum, cfg.swap, pdl, cfg.num_warps, cfg.num_stages,
+        launch_cap(cfg, x), pdl and chained))
     return out
 
 
@@ -555,7 +575,7 @@ def grouped_gemm_fp8(x, w, w_scale, expert_offsets, block_n=128, block_k=128):
     fuse = block_k == 128 and cfg.block_m <= 16 and not cfg.swap
     xq, xs = (x, None) if fuse else quantize_rows(x, block_k)
     return launch_fp8_gemm(xq, xs, w, w_scale, offsets, y, None, block_n, block_k, cfg, swiglu=False,
-                           quant_x=fuse, quant_out=False, round_dtype=x.dtype, zero_tail=True)
+                           quant_x=fuse, quant_out=False, round_dtype=x.dtype, zero_tail=True, chained=not fuse)
 
 
 def grouped_mlp_fp8(x, w_gate_up, w_gate_up_scale, w_down, w_down_scale, expert_offsets, row_scale=None,
@@ -607,7 +627,7 @@ def _mlp_launches(tensors, y, block_n, block_k, dtype):
         launch_fp8_gemm(x, x_scale, w_gate_up, w_gate_up_scale, offsets, h, None, block_n, block_k, cfg_gu,
                         swiglu=True, quant_x=x_scale is None, quant_out=False, **common)
         return launch_fp8_gemm(h, None, w_down, w_down_scale, offsets, y, None, block_n, block_k, cfg_dn,
-                               quant_x=True, **down)
+                               quant_x=True, chained=True, **down)
     # h quantized in the gate_up epilogue where one column tile of 128 is one scale group; else (per-token
     # scales, block_k = 0, other groups, the H200 table's 64-column tiles) h in the output dtype, then the
     # row kernel
@@ -620,17 +640,18 @@ def _mlp_launches(tensors, y, block_n, block_k, dtype):
         xq, xs = quantize_rows(x, block_k, buffers.pop(0), buffers.pop(0))
     else:
         xq, xs = x, x_scale
+    quantized_here = x_scale is None       # then gate_up follows the row kernel
     if epilogue:
         hq, hs = buffers
         launch_fp8_gemm(xq, xs, w_gate_up, w_gate_up_scale, offsets, hq, hs, block_n, block_k, cfg_gu,
-                        swiglu=True, quant_x=False, quant_out=True, **common)
+                        swiglu=True, quant_x=False, quant_out=True, chained=quantized_here, **common)
     else:
         h, hq, hs = buffers
         launch_fp8_gemm(xq, xs, w_gate_up, w_gate_up_scale, offsets, h, None, block_n, block_k, cfg_gu,
-                        swiglu=True, quant_x=False, quant_out=False, **common)
-        quantize_rows(h, block_k, hq, hs)
+                        swiglu=True, quant_x=False, quant_out=False, chained=quantized_here, **common)
+        quantize_rows(h, block_k, hq, hs, chained=True)
     return launch_fp8_gemm(hq, hs, w_down, w_down_scale, offsets, y, None, block_n, block_k, cfg_dn,
-                           quant_x=False, **down)
+                           quant_x=False, chained=True, **down)
 
 
 SCRATCH_ALIGN = 128     # bytes; TMA bases need 16 (and Triton specialises pointers on 16-byte alignment)
@@ -684,7 +705,8 @@ def _plan_key(tensors, ptrs, block_n, block_k, out_dtype):
         return None
     # the current device too: the recorded launchers are that device's (Kernel.launch keys on it)
     key = [block_n, block_k, out_dtype, x.device, _forced.get("gate_up"), _forced.get("down"),
-           torch._C._cuda_getDevice() if x.is_cuda else None, options.current.fp8_fast_accum]
+           torch._C._cuda_getDevice() if x.is_cuda else None, options.current.fp8_fast_accum,
+           options.current.triton_pdl]
     for t, ptr in zip(tensors, ptrs):
         if t is None:
             key.append(None)
