@@ -67,6 +67,8 @@ _GEMM_CONFIG_FLAGS = frozenset(("tma", "split_m", "split_n"))
 # build, else mma.sync "big"); "wgmma96" / "wgmma128" the same with the SwiGLU tile width forced (96 or
 # 128 output columns; default 96 when it divides I and 128 does not); "big": the mma.sync tile.
 CUDA_GEMM_TILES = ("auto", "wgmma", "wgmma96", "wgmma128", "big")
+# MOGE_BENCH_FLUSH: how moge_kernels.bench.timing evicts the L2 before a sample
+BENCH_FLUSH_MODES = ("read", "write")
 
 
 class _Invalid(ValueError):
@@ -178,7 +180,7 @@ _OPTIONS = {opt.name: opt for opt in (
     _Option("eager_direct", "MOGE_EAGER_DIRECT", _bool, True),
     _Option("eager_graphs", "MOGE_EAGER_GRAPHS", _count, 0),
     _Option("fp8_fast_accum", "MOGE_FP8_FAST_ACCUM", _bool, False),
-    _Option("bench_flush", "MOGE_BENCH_FLUSH", _choice(("read", "write")), "read"),
+    _Option("bench_flush", "MOGE_BENCH_FLUSH", _choice(BENCH_FLUSH_MODES), "read"),
     _Option("shared_expert_stream", "MOGE_SHARED_EXPERT_STREAM", _auto_or_bool, None),
 )}
 BACKEND_ENV = "MOGE_BACKEND"

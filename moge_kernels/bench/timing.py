@@ -5,8 +5,8 @@ the L2: no timing is of inputs left in the cache by the previous call, and the h
 overlaps the read. The eviction reads rather than writes (option bench_flush="write": a memset, as
 `triton.testing.do_bench` does): a memset leaves the L2 full of dirty lines, which the timed call then
 writes back to DRAM as it evicts them, up to 60 MB of writes inside the sample (about 14 us on an H200),
-a cost of the flush, not of the op, and one the floors (bytes the op must move) do not hold. Methods without host syncs are captured once in a CUDA graph
-and timed as graph replays (the device time of the op, free of launch gaps, as a serving engine runs
+a cost of the flush, not of the op, and one the floors (bytes the op must move) do not hold. Methods
+without host syncs are captured once in a CUDA graph and timed as graph replays (the device time of the op, free of launch gaps, as a serving engine runs
 it); the others are timed as called. On CPU a sample is perf_counter around one (synchronous) call.
 
 The card reaches its power limit at large T and its clocks drop, so the CLI does not time one method
@@ -26,18 +26,11 @@ from .. import options
 L2_FLUSH_BYTES = 256 << 20        # > 4x the 50 MB L2 of an H100 (60 MB on an H200)
 
 
-FLUSH_MODES = ("read", "write")
-
-
-def flush_mode() -> str:
-    return options.current.bench_flush
-
-
 def flush_note(cuda: bool, mode: str | None = None) -> str:
     """How each sample starts, for a report's legend."""
     if not cuda:
         return "perf_counter around each call"
-    mode = mode or flush_mode()
+    mode = mode or options.current.bench_flush
     return (f"each sample after a {L2_FLUSH_BYTES >> 20} MB " +
             ("read (the L2 left clean)" if mode == "read" else "memset (the L2 left dirty)"))
 
@@ -46,9 +39,9 @@ class Timer:
     def __init__(self, device: torch.device, flush: str | None = None):
         self.device = device
         self.cuda = device.type == "cuda"
-        self.mode = flush or flush_mode()
-        if self.mode not in FLUSH_MODES:
-            raise ValueError(f"Timer: flush must be one of {FLUSH_MODES}, got {self.mode!r}")
+        self.mode = flush or options.current.bench_flush
+        if self.mode not in options.BENCH_FLUSH_MODES:
+            raise ValueError(f"Timer: flush must be one of {options.BENCH_FLUSH_MODES}, got {self.mode!r}")
         self.flush = torch.zeros(L2_FLUSH_BYTES // 4, dtype=torch.int32, device=device) if self.cuda else None
         self._sink = torch.zeros((), dtype=torch.int64, device=device) if self.cuda else None
 

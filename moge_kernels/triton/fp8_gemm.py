@@ -563,6 +563,12 @@ def _prepare(x, w, w_scale, name, block_k):
     return x, w.contiguous(), w_scale.contiguous()
 
 
+def _quantizes_in_load(cfg: Fp8Config, block_k: int) -> bool:
+    """Whether x (bf16) is quantized in the GEMM's own load (QUANT_X) rather than by the row kernel first:
+    16-row tiles that are not swapped, one 128-column scale group a k-slice."""
+    return block_k == 128 and cfg.block_m <= 16 and not cfg.swap
+
+
 def grouped_gemm_fp8(x, w, w_scale, expert_offsets, block_n=128, block_k=128):
     """Registered as triton's moge::grouped_gemm_fp8: [M, N] in x's dtype."""
     x, w, w_scale = _prepare(x, w, w_scale, "w", block_k)
@@ -572,7 +578,7 @@ def grouped_gemm_fp8(x, w, w_scale, expert_offsets, block_n=128, block_k=128):
     if x.shape[1] == 0:
         return y.zero_()
     cfg = choose_config(M, E, "down", x.device, block_k)
-    fuse = block_k == 128 and cfg.block_m <= 16 and not cfg.swap
+    fuse = _quantizes_in_load(cfg, block_k)
     xq, xs = (x, None) if fuse else quantize_rows(x, block_k)
     return launch_fp8_gemm(xq, xs, w, w_scale, offsets, y, None, block_n, block_k, cfg, swiglu=False,
                            quant_x=fuse, quant_out=False, round_dtype=x.dtype, zero_tail=True, chained=not fuse)
@@ -620,7 +626,7 @@ def _mlp_launches(tensors, y, block_n, block_k, dtype):
     cfg_dn = choose_config(M, E, "down", x.device, block_k)
     common = dict(round_dtype=dtype)
     down = dict(swiglu=False, quant_out=False, row_scale=row_scale, zero_tail=True, **common)
-    if block_k == 128 and cfg_gu.block_m <= 16 and not cfg_gu.swap:
+    if _quantizes_in_load(cfg_gu, block_k):
         # decode (16-row gate_up tiles): x (unless quantized already) and h quantized in the GEMMs'
         # loads, h in the output dtype between them
         (h,) = _scratch(x, [(dtype, M, I)])

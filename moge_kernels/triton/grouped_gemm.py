@@ -540,15 +540,16 @@ def launch_grouped_gemm(x: torch.Tensor, w: torch.Tensor, expert_offsets: torch.
     else:
         x_desc = x_desc_tail = x      # placeholders, never read when USE_TMA is off
         w_desc = w_desc_half = w
-    if plan.kernel is _persistent:
+    if plan.kernel is _persistent:      # launches as usual, even where chained
         _persistent.launch(plan.grid, (x_desc, w_desc, out, expert_offsets, scale, bias, plan.n_out, K, w_rows,
                                        plan.num_n_tiles, plan.num_programs, out.stride(0)), plan.meta)
         return zero_rows_past_experts(out, expert_offsets) if zero_tail else out
+    pdl = (chained or feeds_next) and use_pdl(x.device)
     _tiled.launch(plan.grid, (
         x, w, x_desc, x_desc_tail, w_desc, w_desc_half, out, expert_offsets, scale, bias,
         M, plan.n_out, K, w_rows, plan.num_n_tiles,
         x.stride(0), w.stride(0), w.stride(1), w.stride(2) if pack else 0, out.stride(0)),
-        plan.meta + (zero_tail, (chained or feeds_next) and use_pdl(x.device), chained and use_pdl(x.device)))
+        plan.meta + (zero_tail, pdl, pdl and chained))
     return out
 
 
