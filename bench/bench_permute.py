@@ -10,7 +10,10 @@ measured in the same run. Goal (issue 18): <= 1.3x the floor at T >= 4096.
 --variants: extra tilings of the triton kernel, each a column (see VARIANTS), so that one run picks
 between them; 'none' for the backends only.
 --profile: per-launch device time of the triton kernel at each shape (torch.profiler, eager calls), to
-see whether ranking, scan or copy holds the time."""
+see whether ranking, scan or copy holds the time.
+
+Column bcast: not a permute, the same bytes moved by one torch copy (hidden broadcast to K copies of each
+row, written in token order, no ids): what this GPU gives that read:write mix, beside the copy-rate floor."""
 from __future__ import annotations
 
 import argparse
@@ -35,8 +38,9 @@ MODELS = {   # name: (H, E, K)
 
 # Tilings of the triton kernel the --variants columns try, as overrides of its defaults: max_blocks (the
 # count-block cap: each rank program's sort against the one-program scan), max_slots (the largest sort,
-# past which blocks multiply), copy ((BLOCK_T, num_warps[, BLOCK_H]) of the copy tile: index round trips
-# per byte against occupancy), pdl (False: the chain without programmatic dependent launch).
+# past which blocks multiply), copy ((BLOCK_T, num_warps[, BLOCK_H[, H_FAST]]) of the copy tile: index round trips
+# per byte against occupancy), pdl (False: the chain without programmatic dependent launch), fused_counts
+# (the largest count table the copy programs scan past decode; 0: the scan launch there).
 VARIANTS = {
     "blocks64": dict(max_blocks=64),
     "blocks256": dict(max_blocks=256),
@@ -49,20 +53,26 @@ VARIANTS = {
     "copy_h512": dict(copy=(4, 2, 512)),
     "copy_h2048": dict(copy=(4, 8, 2048)),
     "no_pdl": dict(pdl=False),
+    "hfast": dict(copy=(4, 4, 1024, True)),
+    "hfast1x4w": dict(copy=(1, 4, 1024, True)),
+    "fused0": dict(fused_counts=0),
+    "fused1024": dict(fused_counts=1024),
+    "fused4096": dict(fused_counts=4096),
 }
 
 
-def triton_variant(hidden, ids, E, max_blocks=None, max_slots=None, copy=None, pdl=None):
+def triton_variant(hidden, ids, E, max_blocks=None, max_slots=None, copy=None, pdl=None, fused_counts=None):
     """grouped_permute of the triton backend with some of its choices overridden (VARIANTS)."""
     from moge_kernels.triton import permute as tp
     T, K = ids.shape
-    count_block_t = tp._count_config(T, K, max_blocks, max_slots) if max_blocks or max_slots else None
+    count_block_t = tp._count_config(T, K, E, max_blocks, max_slots, fused_counts=0) \
+        if max_blocks or max_slots else None
     copy_config = None
     if copy:
         block_h = copy[2] if len(copy) > 2 else tp._copy_config(T, hidden.shape[1])[1]
-        copy_config = (copy[0], block_h, copy[1])
+        copy_config = (copy[0], min(block_h, tp.pow2(hidden.shape[1])), copy[1], *copy[3:])
     return lambda: tp.grouped_permute(hidden, ids, E, count_block_t=count_block_t, copy_config=copy_config,
-                                      pdl=pdl)
+                                      pdl=pdl, fused_counts=fused_counts)
 
 
 def profile_us(fn, reps: int = 10) -> str:
@@ -100,9 +110,9 @@ def main():
     device = torch.device("cuda")
     bandwidth, _ = measure_ceilings(device)                  # bytes/s, read + write
     timer = Timer(device)
-    methods = ["triton", "cuda", "torch"] + variants
+    methods = ["triton", "cuda", "torch", "bcast"] + variants
     print(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s; ms are medians of CUDA-graph replays, cold L2 ({timer.describe()}); "
-          f"(x) = ratio to the floor; torch = sort/gather/scatter peer")
+          f"(x) = ratio to the floor; torch = sort/gather/scatter peer; bcast = the same bytes as one broadcast copy, no ids")
     print(f"{'model':15} {'T':>6} {'drop':>5} {'floor':>8} " + " ".join(f"{m:>16}" for m in methods))
     for name in args.models.split(","):
         H, E, K = MODELS[name]
@@ -116,6 +126,10 @@ def main():
                 for method in methods:
                     if method == "torch":
                         fn = lambda: B.torch_permute(hidden, ids, E)   # noqa: E731
+                    elif method == "bcast":
+                        out = torch.empty(T, K, H, device=device, dtype=hidden.dtype)
+                        replays[method] = (None, capture_graph(lambda: out.copy_(hidden[:, None].expand(T, K, H))))
+                        continue
                     elif method in VARIANTS:
                         fn = triton_variant(hidden, ids, E, **VARIANTS[method])
                     elif mk.backends()[method]["available"]:

@@ -112,23 +112,29 @@ def test_dtypes_and_noncontiguous(backend, device, dtype):
 
 
 @pytest.mark.parametrize("backend,device", [c for c in CASES if c[0] == "triton"])
-@pytest.mark.parametrize("count_block_t,copy_config", [
-    (1, (16, 16, 1)),      # 45 count blocks: the scan launch
-    (2, (1, 16, 1)),       # 23 blocks: scan launch
-    (4, (2, 4, 1)),        # 12 blocks: the scan fused into the copy programs, H split in 3
-    (8, (16, 32, 2)),      # fused; copy tile clamped to the count block
-    (64, (2, 128, 4)),     # one block, most of it past T
+@pytest.mark.parametrize("count_block_t,copy_config,fused_counts", [
+    (1, (16, 16, 1), 0),              # 45 count blocks: the scan launch
+    (1, (16, 16, 1, True), None),     # 45 blocks, a table of 585 counts: scanned by the copy programs
+    (2, (1, 16, 1), 0),               # 23 blocks: scan launch
+    (2, (1, 4, 1, True), 0),          # scan launch; H split in 3, the H blocks of a token block adjacent
+    (4, (2, 4, 1), None),             # 12 blocks: the scan fused into the copy programs, H split in 3
+    (8, (16, 32, 2), None),           # fused; copy tile clamped to the count block
+    (64, (2, 128, 4), None),          # one block, most of it past T
 ])
-def test_triton_tilings(backend, device, count_block_t, copy_config):
+def test_triton_tilings(backend, device, count_block_t, copy_config, fused_counts):
     from moge_kernels.triton import permute as tp
     T, K, E, H = 45, 3, 12, 10
     hidden = torch.randn(T, H, generator=generator(4)).to(device)
     ids = make_topk_ids(T, K, E, seed=4, device=device)
-    out = tp.grouped_permute(hidden, ids, E, count_block_t=count_block_t, copy_config=copy_config)
+    kwargs = dict(count_block_t=count_block_t, copy_config=copy_config, fused_counts=fused_counts)
+    num_blocks = -(-T // count_block_t)
+    assert (tp._plan(T, K, E, H, count_block_t, copy_config, False, fused_counts)[2] is None) == \
+        tp._fused_scan(num_blocks, E, fused_counts)
+    out = tp.grouped_permute(hidden, ids, E, **kwargs)
     assert_permute_equal(out, R.permute(hidden, ids, E))
     # a token repeating an expert and dropped slots in every block, ids as a transposed int64 view
     repeated = torch.stack([ids[:, 0], ids[:, 0], torch.full_like(ids[:, 0], -1)], 1).long().t().contiguous().t()
-    out = tp.grouped_permute(hidden, repeated, E, count_block_t=count_block_t, copy_config=copy_config)
+    out = tp.grouped_permute(hidden, repeated, E, **kwargs)
     assert_permute_equal(out, R.permute(hidden, repeated, E))
 
 
@@ -183,7 +189,8 @@ def test_triton_scan_in_chunks(backend, device, drop, monkeypatch):
             hidden = torch.randn(T, 5, generator=generator(T)).to(device)
             ids = make_topk_ids(T, K, E, seed=T, device=device, drop=drop)
             for count_block_t in (1, 2):                 # 53 / 27 blocks: 14 / 7 chunks of 4
-                out = tp.grouped_permute(hidden, ids, E, count_block_t=count_block_t, copy_config=(4, 8, 1))
+                out = tp.grouped_permute(hidden, ids, E, count_block_t=count_block_t, copy_config=(4, 8, 1),
+                                         fused_counts=0)
                 assert_permute_equal(out, R.permute(hidden, ids, E))
     finally:
         tp._plan.cache_clear()
@@ -191,7 +198,7 @@ def test_triton_scan_in_chunks(backend, device, drop, monkeypatch):
 
 @pytest.mark.parametrize("backend,device", [c for c in CASES if c[0] == "triton"])
 @pytest.mark.parametrize("T,K,E,block_t", [
-    (70, 2, 16, 2),      # 35 blocks: the scan launch
+    (70, 2, 16, 2),      # 35 blocks: the scan launch (fused_counts=0) or the copy programs' scan
     (9, 8, 128, 16),     # one block, most of it past T; E a power of two (its bins pow2(E+2))
     (1, 1, 3, 1),        # one slot
 ])
@@ -201,8 +208,8 @@ def test_triton_rank_blocks(backend, device, T, K, E, block_t):
     from moge_kernels.triton import permute as tp
     hidden = torch.randn(T, 6, generator=generator(T)).to(device)
     for case in _id_cases(T, K, E, device):
-        for count_block_t in (None, block_t):
-            out = tp.grouped_permute(hidden, case, E, count_block_t=count_block_t)
+        for count_block_t, fused_counts in ((None, None), (block_t, 0), (block_t, None)):
+            out = tp.grouped_permute(hidden, case, E, count_block_t=count_block_t, fused_counts=fused_counts)
             assert_permute_equal(out, R.permute(hidden, case.contiguous(), E))
 
 
@@ -463,17 +470,49 @@ def test_gpu_compile_fullgraph_backward(backend):
 
 @pytest.mark.skipif(not AVAILABLE["triton"]["available"], reason="needs triton")
 def test_triton_count_config():
-    """The tiling rule: decode spreads over <= 16 blocks (scan fused into the copy), larger T over at most
-    MAX_COUNT_BLOCKS blocks of MIN_BLOCK_SLOTS to MAX_BLOCK_SLOTS slots (more blocks only past that)."""
+    """The tiling rule: decode spreads over <= 16 blocks (scan fused into the copy); past that, a count
+    table of at most FUSED_SCAN_MAX_COUNTS entries from blocks of at most FUSED_SCAN_MAX_BLOCK_SLOTS slots
+    (also scanned by the copy programs), else at most MAX_COUNT_BLOCKS blocks of MIN_BLOCK_SLOTS to
+    MAX_BLOCK_SLOTS slots (more blocks only past that), scanned by the scan launch."""
     from moge_kernels.triton import permute as tp
     for T in (1, 7, 100, 256, 257, 4096, 16384, 65536, 1 << 20):
         for K in (1, 2, 6, 8):
-            block_t = tp._count_config(T, K)
-            num_blocks = -(-T // block_t)
-            assert block_t == tp.pow2(block_t) and block_t * tp.pow2(K) <= max(tp.MAX_BLOCK_SLOTS, tp.pow2(K))
-            if num_blocks > tp.FUSED_SCAN_MAX_BLOCKS:
+            for E in (8, 32, 128):
+                block_t = tp._count_config(T, K, E)
+                num_blocks = -(-T // block_t)
+                assert block_t == tp.pow2(block_t) and block_t * tp.pow2(K) <= max(tp.MAX_BLOCK_SLOTS, tp.pow2(K))
+                if num_blocks <= tp.FUSED_SCAN_MAX_BLOCKS:
+                    continue
                 assert block_t * tp.pow2(K) >= tp.MIN_BLOCK_SLOTS
-                assert num_blocks <= tp.MAX_COUNT_BLOCKS or block_t * tp.pow2(K) == tp.MAX_BLOCK_SLOTS
+                if tp._fused_scan(num_blocks, E):
+                    assert num_blocks * (E + 1) <= tp.FUSED_SCAN_MAX_COUNTS
+                else:
+                    assert num_blocks <= tp.MAX_COUNT_BLOCKS or block_t * tp.pow2(K) == tp.MAX_BLOCK_SLOTS
+                unfused = tp._count_config(T, K, E, fused_counts=0)
+                assert -(-T // unfused) <= tp.MAX_COUNT_BLOCKS or unfused * tp.pow2(K) == tp.MAX_BLOCK_SLOTS
+    # the shapes it is for: Mixtral (E=8, K=2) and gpt-oss (E=32, K=4) at T=4096 skip the scan launch
+    for K, E in ((2, 8), (4, 32)):
+        assert tp._fused_scan(-(-4096 // tp._count_config(4096, K, E)), E)
+    assert not tp._fused_scan(-(-4096 // tp._count_config(4096, 8, 128)), 128)
+
+
+@pytest.mark.parametrize("backend,device", [c for c in CASES if c[0] == "triton"])
+@pytest.mark.parametrize("drop", [0.0, 0.3])
+def test_triton_copy_scans_small_tables(backend, device, drop):
+    """More count blocks than decode's FUSED_SCAN_MAX_BLOCKS but a small table (few experts): the copy
+    programs scan it (no scan launch), with the same rows as through the scan launch and the reference;
+    the last count block partial, an expert with no rows."""
+    from moge_kernels.triton import permute as tp
+    T, K, E, H = 300, 8, 8, 5
+    hidden = torch.randn(T, H, generator=generator(T)).to(device)
+    ids = make_topk_ids(T, K, E, seed=11, device=device, drop=drop)
+    num_blocks = -(-T // tp._count_config(T, K, E))
+    assert num_blocks > tp.FUSED_SCAN_MAX_BLOCKS and tp._fused_scan(num_blocks, E)
+    assert tp._plan(T, K, E, H, None, None, False)[2] is None           # no scan launch
+    assert tp._plan(T, K, E, H, None, None, False, 0)[2] is not None    # fused_counts=0: the scan launch
+    ref = R.permute(hidden, ids, E)
+    assert_permute_equal(tp.grouped_permute(hidden, ids, E), ref)
+    assert_permute_equal(tp.grouped_permute(hidden, ids, E, fused_counts=0), ref)
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")

@@ -26,8 +26,8 @@ launch.use_pdl: each starts while the one before it finishes):
        per slot grows as log^2 of the block's slots, not with E.
     2. _scan_kernel, one program per SCAN_COLS buckets, one load of its columns: block_base (a running
        sum down each column) and expert_offsets (each column's sum of block_prefix). No program waits for
-       another (skipped for NB <= FUSED_SCAN_MAX_BLOCKS blocks, where every copy program redoes this scan
-       from the counts, as dispatch.py does).
+       another (skipped for NB <= FUSED_SCAN_MAX_BLOCKS blocks or a table of at most FUSED_SCAN_MAX_COUNTS
+       counts, where every copy program redoes this scan from the counts, as dispatch.py does).
     3. _copy_kernel, one program per (token block, H block): every index of its BLOCK_T x K slots loaded
        at once, then row_index and the K copies of each hidden row (read once, written from registers);
        a dropped slot's row is written with zeros.
@@ -61,6 +61,11 @@ ONE_PASS_MAX_SLOTS = 128
 ONE_PASS_TILE_ELEMS = 8192
 # Up to this many count blocks the copy programs scan the counts themselves (no scan launch).
 FUSED_SCAN_MAX_BLOCKS = 16
+# Past decode, so do they where a count table of at most FUSED_SCAN_MAX_COUNTS entries (NB x (E+1)) takes
+# blocks of at most FUSED_SCAN_MAX_BLOCK_SLOTS slots: few experts (Mixtral, gpt-oss) at T ~ 4096, where
+# the scan launch and its wait cost more than every copy program reading the table from L2.
+FUSED_SCAN_MAX_COUNTS = 2048
+FUSED_SCAN_MAX_BLOCK_SLOTS = 1024
 # Past that, at most this many count blocks: the scan is one program reading NB x (E+1) counts once, so
 # more blocks shorten each rank program's sort but lengthen the scan (H200,
 # bench/results/permute_variants_h200_05caac9.txt: 128 against 256 blocks, Qwen3-30B T=4096 1.44x the
@@ -163,15 +168,22 @@ def _copy_kernel(
     T, H, stride_ht, stride_it, stride_ik, num_blocks,
     E: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr, NB_PAD: tl.constexpr,
     FUSED_SCAN: tl.constexpr, COUNT_BLOCK_T: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
-    USE_GDC: tl.constexpr,
+    H_FAST: tl.constexpr, USE_GDC: tl.constexpr,
 ):
-    """Grid (cdiv(T, BLOCK_T), cdiv(H, BLOCK_H)). FUSED_SCAN needs BLOCK_T <= COUNT_BLOCK_T (powers of two).
+    """Grid (cdiv(T, BLOCK_T), cdiv(H, BLOCK_H)), or with H_FAST (cdiv(T, BLOCK_T) * cdiv(H, BLOCK_H),)
+    with the H blocks of a token block on consecutive programs (its rows read and written whole, close in
+    time). FUSED_SCAN needs BLOCK_T <= COUNT_BLOCK_T (powers of two).
 
     Every index load of the program's BLOCK_T x K slots is issued with the hidden tile's, before the
     first store: the K stores then run back to back from registers (a load after a store to another
     pointer cannot be hoisted above it, so loading per slot would chain 2K round trips)."""
-    pid_t = tl.program_id(0)
-    pid_h = tl.program_id(1)
+    if H_FAST:
+        num_h = tl.cdiv(H, BLOCK_H)
+        pid_t = tl.program_id(0) // num_h
+        pid_h = tl.program_id(0) % num_h
+    else:
+        pid_t = tl.program_id(0)
+        pid_h = tl.program_id(1)
     t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     t_ok = t < T
     h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -275,12 +287,12 @@ def _one_pass_kernel(
 _rank = Kernel(_rank_kernel, ("E", "K", "K_PAD", "BLOCK_T", "NUM_BINS", "PREFIX", "USE_GDC", "num_warps"))
 _scan = Kernel(_scan_kernel, ("E", "CHUNK_B", "COLS", "USE_GDC", "num_warps", "launch_pdl"))
 _copy = Kernel(_copy_kernel, ("E", "K", "K_PAD", "E_PAD", "NB_PAD", "FUSED_SCAN", "COUNT_BLOCK_T", "BLOCK_T",
-                              "BLOCK_H", "USE_GDC", "num_warps", "launch_pdl"))
+                              "BLOCK_H", "H_FAST", "USE_GDC", "num_warps", "launch_pdl"))
 _one_pass = Kernel(_one_pass_kernel, ("E", "K", "K_PAD", "S", "NUM_BINS", "BLOCK_H", "num_warps"))
 
 
 def _copy_config(T: int, H: int):
-    """(BLOCK_T, BLOCK_H, num_warps) of the copy."""
+    """(BLOCK_T, BLOCK_H, num_warps[, H_FAST]) of the copy (H_FAST False when left out)."""
     block_h = min(pow2(H), 1024)   # one 16-byte vector a thread per token at 4 warps (16-bit)
     # Decode: one token a program (T*H/BLOCK_H programs); prefill: 4 tokens a program put 4 loads and
     # 4*K stores in flight per thread behind one round of index loads.
@@ -291,14 +303,28 @@ def _copy_config(T: int, H: int):
     return block_t, block_h, num_warps
 
 
-def _count_config(T: int, K: int, max_blocks: int = None, max_slots: int = None) -> int:
-    """COUNT_BLOCK_T: tokens per rank program (a power of two). max_blocks / max_slots override
-    MAX_COUNT_BLOCKS / MAX_BLOCK_SLOTS (tuning)."""
+def _count_config(T: int, K: int, E: int, max_blocks: int = None, max_slots: int = None,
+                  fused_counts: int = None) -> int:
+    """COUNT_BLOCK_T: tokens per rank program (a power of two). max_blocks / max_slots / fused_counts
+    override MAX_COUNT_BLOCKS / MAX_BLOCK_SLOTS / FUSED_SCAN_MAX_COUNTS (tuning; 0: no fused scan past
+    decode)."""
     min_block_t = max(1, MIN_BLOCK_SLOTS // pow2(K))
     if T <= FUSED_SCAN_MAX_BLOCKS * min_block_t:   # decode: up to 16 blocks, scanned by the copy programs
         return pow2(cdiv(T, FUSED_SCAN_MAX_BLOCKS))
+    budget = FUSED_SCAN_MAX_COUNTS if fused_counts is None else fused_counts
+    block_t = min_block_t
+    while cdiv(T, block_t) * (E + 1) > budget and block_t * pow2(K) < FUSED_SCAN_MAX_BLOCK_SLOTS:
+        block_t *= 2
+    if cdiv(T, block_t) * (E + 1) <= budget:      # a table the copy programs scan
+        return block_t
     max_block_t = max(min_block_t, (max_slots or MAX_BLOCK_SLOTS) // pow2(K))
     return min(max_block_t, max(min_block_t, pow2(cdiv(T, max_blocks or MAX_COUNT_BLOCKS))))
+
+
+def _fused_scan(num_blocks: int, E: int, fused_counts: int = None) -> bool:
+    """Whether the copy programs scan the NB x (E+1) count table themselves (no scan launch)."""
+    budget = FUSED_SCAN_MAX_COUNTS if fused_counts is None else fused_counts
+    return num_blocks <= FUSED_SCAN_MAX_BLOCKS or num_blocks * (E + 1) <= budget
 
 
 @functools.lru_cache(maxsize=4096)
@@ -313,34 +339,39 @@ def _one_pass_plan(T, K, E, H):
 
 
 @functools.lru_cache(maxsize=4096)
-def _plan(T, K, E, H, count_block_t, copy_config, pdl):
+def _plan(T, K, E, H, count_block_t, copy_config, pdl, fused_counts=None):
     """The launches of one call, a pure function of the shapes and choices: (number of count blocks,
     rank meta, scan meta or None (the copy programs scan), scan grid, copy meta, copy grid)."""
     e_pad, k_pad = pow2(E), pow2(K)
-    count_block_t = count_block_t or _count_config(T, K)
+    count_block_t = count_block_t or _count_config(T, K, E, fused_counts=fused_counts)
     num_blocks = cdiv(T, count_block_t)
-    fused_scan = num_blocks <= FUSED_SCAN_MAX_BLOCKS
+    fused_scan = _fused_scan(num_blocks, E, fused_counts)
     block_slots = count_block_t * k_pad
     rank_meta = (E, K, k_pad, count_block_t, pow2(E + 2), not fused_scan, pdl, 4 if block_slots <= 512 else 8)
     scan_cols = min(SCAN_COLS, pow2(E + 1))
     chunk_b = min(pow2(num_blocks), max(1, SCAN_TILE_ELEMS // scan_cols))
     scan_meta = None if fused_scan else (E, chunk_b, scan_cols, pdl, 4, pdl)
     scan_grid = (cdiv(E + 1, scan_cols),)
-    block_t, block_h, num_warps = copy_config or _copy_config(T, H)
+    block_t, block_h, num_warps, *h_fast = copy_config or _copy_config(T, H)
+    h_fast = bool(h_fast and h_fast[0])
     if fused_scan:
         block_t = min(block_t, count_block_t)
     copy_meta = (E, K, k_pad, e_pad, pow2(num_blocks), fused_scan, count_block_t, block_t, block_h,
-                 pdl, num_warps, pdl)
+                 h_fast, pdl, num_warps, pdl)
     copy_grid = (cdiv(T, block_t), max(1, cdiv(H, block_h)))   # >= 1 H block: row_index
+    if h_fast:
+        copy_grid = (copy_grid[0] * copy_grid[1],)
     return num_blocks, rank_meta, scan_meta, scan_grid, copy_meta, copy_grid
 
 
-def grouped_permute(hidden, topk_ids, num_experts, *, count_block_t=None, copy_config=None, pdl=None):
+def grouped_permute(hidden, topk_ids, num_experts, *, count_block_t=None, copy_config=None, pdl=None,
+                    fused_counts=None):
     """Triton kernel of `moge::grouped_permute` (arguments already checked by moge_kernels.checks).
 
     count_block_t (tokens per rank program, a power of two) / copy_config=(BLOCK_T, BLOCK_H, num_warps)
     override the tile choice (and take the rank/copy launches at any size), pdl=True / False the
-    programmatic dependent launch (default launch.use_pdl; tests, tuning)."""
+    programmatic dependent launch (default launch.use_pdl), fused_counts FUSED_SCAN_MAX_COUNTS (tests,
+    tuning)."""
     T, K = topk_ids.shape
     H = hidden.shape[1]
     E = num_experts
@@ -359,7 +390,7 @@ def grouped_permute(hidden, topk_ids, num_experts, *, count_block_t=None, copy_c
                                        hidden.stride(0), sit, sik), one_pass[0])
         return permuted, expert_offsets, row_index
     num_blocks, rank_meta, scan_meta, scan_grid, copy_meta, copy_grid = _plan(
-        T, K, E, H, count_block_t, copy_config, use_pdl(device) if pdl is None else bool(pdl))
+        T, K, E, H, count_block_t, copy_config, use_pdl(device) if pdl is None else bool(pdl), fused_counts)
     expert_offsets = torch.empty(E + 1, dtype=torch.int32, device=device)  # [E+1] int32
     table = num_blocks * (E + 1)
     scratch = torch.empty(T * K + (table if scan_meta is None else 2 * table), dtype=torch.int32,
