@@ -10,10 +10,7 @@ measured in the same run. Goal (issue 18): <= 1.3x the floor at T >= 4096.
 --variants: extra tilings of the triton kernel, each a column (see VARIANTS), so that one run picks
 between them; 'none' for the backends only.
 --profile: per-launch device time of the triton kernel at each shape (torch.profiler, eager calls), to
-see whether ranking, scan or copy holds the time.
-
-Column bcast: not a permute, the same bytes moved by one torch copy (hidden broadcast to K copies of each
-row, written in token order, no ids): what this GPU gives that read:write mix, beside the copy-rate floor."""
+see whether ranking, scan or copy holds the time."""
 from __future__ import annotations
 
 import argparse
@@ -55,6 +52,7 @@ VARIANTS = {
     "no_pdl": dict(pdl=False),
     "hfast": dict(copy=(4, 4, 1024, True)),
     "hfast1x4w": dict(copy=(1, 4, 1024, True)),
+    "no_hfast": dict(copy=(4, 4, 1024, False)),
     "fused0": dict(fused_counts=0),
     "fused1024": dict(fused_counts=1024),
     "fused4096": dict(fused_counts=4096),
@@ -110,9 +108,9 @@ def main():
     device = torch.device("cuda")
     bandwidth, _ = measure_ceilings(device)                  # bytes/s, read + write
     timer = Timer(device)
-    methods = ["triton", "cuda", "torch", "bcast"] + variants
+    methods = ["triton", "cuda", "torch"] + variants
     print(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s; ms are medians of CUDA-graph replays, cold L2 ({timer.describe()}); "
-          f"(x) = ratio to the floor; torch = sort/gather/scatter peer; bcast = the same bytes as one broadcast copy, no ids")
+          f"(x) = ratio to the floor; torch = sort/gather/scatter peer")
     print(f"{'model':15} {'T':>6} {'drop':>5} {'floor':>8} " + " ".join(f"{m:>16}" for m in methods))
     for name in args.models.split(","):
         H, E, K = MODELS[name]
@@ -126,10 +124,6 @@ def main():
                 for method in methods:
                     if method == "torch":
                         fn = lambda: B.torch_permute(hidden, ids, E)   # noqa: E731
-                    elif method == "bcast":
-                        out = torch.empty(T, K, H, device=device, dtype=hidden.dtype)
-                        replays[method] = (None, capture_graph(lambda: out.copy_(hidden[:, None].expand(T, K, H))))
-                        continue
                     elif method in VARIANTS:
                         fn = triton_variant(hidden, ids, E, **VARIANTS[method])
                     elif mk.backends()[method]["available"]:

@@ -61,11 +61,13 @@ ONE_PASS_MAX_SLOTS = 128
 ONE_PASS_TILE_ELEMS = 8192
 # Up to this many count blocks the copy programs scan the counts themselves (no scan launch).
 FUSED_SCAN_MAX_BLOCKS = 16
-# Past decode, so do they where a count table of at most FUSED_SCAN_MAX_COUNTS entries (NB x (E+1)) takes
-# blocks of at most FUSED_SCAN_MAX_BLOCK_SLOTS slots: few experts (Mixtral, gpt-oss) at T ~ 4096, where
-# the scan launch and its wait cost more than every copy program reading the table from L2.
+# Past decode, so do they where more than FUSED_SCAN_MAX_BLOCKS blocks of at most FUSED_SCAN_MAX_BLOCK_SLOTS
+# slots make a count table (NB x (E+1)) of at most FUSED_SCAN_MAX_COUNTS: few experts (Mixtral, gpt-oss) at
+# T >= 1024, where the scan launch costs more than every copy program reading the table from L2 (H200,
+# bench/results/permute_fused_h200_278aeec.txt: gpt-oss-20b T=4096 1.36x the floor against 1.42x, Mixtral
+# 1.29x against 1.34x; fewer, larger blocks (Qwen3-30B and Pangu at T=1024) slowed the rank launch more).
 FUSED_SCAN_MAX_COUNTS = 2048
-FUSED_SCAN_MAX_BLOCK_SLOTS = 1024
+FUSED_SCAN_MAX_BLOCK_SLOTS = 512
 # Past that, at most this many count blocks: the scan is one program reading NB x (E+1) counts once, so
 # more blocks shorten each rank program's sort but lengthen the scan (H200,
 # bench/results/permute_variants_h200_05caac9.txt: 128 against 256 blocks, Qwen3-30B T=4096 1.44x the
@@ -300,7 +302,9 @@ def _copy_config(T: int, H: int):
     if _INTERPRET:   # the interpreter pays per program and per op, not per element: few, big programs
         block_t = 16
     num_warps = max(1, min(4, block_t * block_h // 256))
-    return block_t, block_h, num_warps
+    # H_FAST: a token block's rows read and written whole by consecutive programs (H200, same run:
+    # gpt-oss-20b T=16384 1.18x the floor against 1.26x, every shape from T=4096 on as fast or faster)
+    return block_t, block_h, num_warps, True
 
 
 def _count_config(T: int, K: int, E: int, max_blocks: int = None, max_slots: int = None,
@@ -315,8 +319,8 @@ def _count_config(T: int, K: int, E: int, max_blocks: int = None, max_slots: int
     block_t = min_block_t
     while cdiv(T, block_t) * (E + 1) > budget and block_t * pow2(K) < FUSED_SCAN_MAX_BLOCK_SLOTS:
         block_t *= 2
-    if cdiv(T, block_t) * (E + 1) <= budget:      # a table the copy programs scan
-        return block_t
+    if FUSED_SCAN_MAX_BLOCKS < cdiv(T, block_t) and cdiv(T, block_t) * (E + 1) <= budget:
+        return block_t                             # a table the copy programs scan
     max_block_t = max(min_block_t, (max_slots or MAX_BLOCK_SLOTS) // pow2(K))
     return min(max_block_t, max(min_block_t, pow2(cdiv(T, max_blocks or MAX_COUNT_BLOCKS))))
 
