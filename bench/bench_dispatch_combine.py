@@ -117,7 +117,7 @@ def _triton_version():
 
 
 # ----------------------------------------------------------------------------- tuning aids
-COPY_CONFIGS = [(1, 512, 2), (1, 1024, 4), (2, 1024, 4), (4, 1024, 4), (4, 512, 4), (1, 2048, 8)]
+COPY_CONFIGS = [(1, 512, 2), (1, 1024, 4), (2, 1024, 4), (4, 1024, 4), (4, 1024, 4, True), (4, 512, 4), (1, 2048, 8)]
 COMBINE_CONFIGS = [(1, 512, 2), (1, 1024, 4), (2, 1024, 4), (4, 1024, 4), (2, 512, 4)]
 ROUTE_BLOCKS = [1, 2, 4, 8, 16, 32, 64]
 
@@ -137,7 +137,7 @@ def sweep(Ts=(16, 128, 1024, 4096), shape=PANGU, dtype=torch.bfloat16, device="c
                  for b in ROUTE_BLOCKS if b <= max(T, 1)]
         cells += [f"default={us(lambda: D.grouped_dispatch(h, lg, G, k_g)):.1f}"]
         log(f"sweep T={T} dispatch us: " + " ".join(cells))
-        default_copy = D._copy_config(T, H)
+        default_copy = D.copy_config(T, H)
         cells = [f"copy{c}{'*' if c == default_copy else ''}="
                  f"{us(lambda: D.grouped_dispatch(h, lg, G, k_g, copy_config=c)):.1f}" for c in COPY_CONFIGS]
         log(f"sweep T={T} dispatch us: " + " ".join(cells))

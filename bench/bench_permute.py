@@ -67,7 +67,7 @@ def triton_variant(hidden, ids, E, max_blocks=None, max_slots=None, copy=None, p
         if max_blocks or max_slots else None
     copy_config = None
     if copy:
-        block_h = copy[2] if len(copy) > 2 else tp._copy_config(T, hidden.shape[1])[1]
+        block_h = copy[2] if len(copy) > 2 else tp.copy_config(T, hidden.shape[1])[1]
         copy_config = (copy[0], min(block_h, tp.pow2(hidden.shape[1])), copy[1], *copy[3:])
     return lambda: tp.grouped_permute(hidden, ids, E, count_block_t=count_block_t, copy_config=copy_config,
                                       pdl=pdl, fused_counts=fused_counts)

@@ -497,6 +497,17 @@ def test_triton_count_config():
 
 
 @pytest.mark.parametrize("backend,device", [c for c in CASES if c[0] == "triton"])
+@pytest.mark.parametrize("copy_config", [None, (4, 8, 1, True), (4, 8, 1, False)])
+def test_triton_no_columns(backend, device, copy_config):
+    """H = 0: no copy work, but one H block of programs still writes row_index (both copy grids)."""
+    from moge_kernels.triton import permute as tp
+    for T, K, E in ((40, 2, 8), (300, 8, 8), (5, 3, 4)):
+        hidden = torch.randn(T, 0, device=device)
+        ids = make_topk_ids(T, K, E, seed=T, device=device)
+        assert_permute_equal(tp.grouped_permute(hidden, ids, E, copy_config=copy_config), R.permute(hidden, ids, E))
+
+
+@pytest.mark.parametrize("backend,device", [c for c in CASES if c[0] == "triton"])
 @pytest.mark.parametrize("drop", [0.0, 0.3])
 def test_triton_copy_scans_small_tables(backend, device, drop):
     """More count blocks than decode's FUSED_SCAN_MAX_BLOCKS but a small table (few experts): the copy

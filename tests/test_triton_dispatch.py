@@ -47,7 +47,9 @@ def test_matches_reference(T, E, G, k_g, H):
 
 @pytest.mark.parametrize("route_block_t,copy_config", [
     (1, (16, 16, 1)),     # 23 blocks: the scan launch
+    (1, (2, 8, 1, True)),   # scan launch; the 6 H blocks of a token block on consecutive programs
     (2, (1, 64, 1)),      # 12 blocks: the scan fused into the permute programs
+    (2, (1, 16, 1, True)),  # fused scan, 1-d grid
     (4, (16, 32, 2)),     # fused; copy tile clamped to the routing block
     (8, (4, 8, 1)),
     (64, (2, 128, 4))])   # one block

@@ -58,6 +58,7 @@ from ..reference import ScoreFunc
 from ..registry import register_kernel
 from . import DEVICES
 from .launch import Kernel, cdiv, gdc_launch_dependents, gdc_wait, pow2, use_pdl
+from .permute import copy_config, copy_grid, copy_program
 
 try:  # accurate expf (the one PyTorch's CUDA softmax uses); Triton's tl.exp is ex2.approx on fp32
     from triton.language.extra import libdevice
@@ -338,13 +339,14 @@ def _permute_kernel(
     T, H, stride_ht, num_blocks,
     E: tl.constexpr, S: tl.constexpr, G: tl.constexpr, K_G: tl.constexpr, K: tl.constexpr,
     G_PAD: tl.constexpr, S_PAD: tl.constexpr, NB_PAD: tl.constexpr, FUSED_SCAN: tl.constexpr,
-    ROUTE_BLOCK_T: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, USE_GDC: tl.constexpr,
+    ROUTE_BLOCK_T: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, H_FAST: tl.constexpr,
+    USE_GDC: tl.constexpr,
 ):
-    """Grid (cdiv(T, BLOCK_T), cdiv(H, BLOCK_H)): tokens [pid_t*BLOCK_T, +BLOCK_T), columns of block pid_h.
+    """Grid permute.copy_grid(T, H, BLOCK_T, BLOCK_H, H_FAST): tokens [pid_t*BLOCK_T, +BLOCK_T), columns of
+    block pid_h.
 
     FUSED_SCAN needs BLOCK_T <= ROUTE_BLOCK_T (both powers of two): a program's tokens share one block."""
-    pid_t = tl.program_id(0)
-    pid_h = tl.program_id(1)
+    pid_t, pid_h = copy_program(H, BLOCK_H, H_FAST)
     t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     t_ok = t < T
     h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -389,19 +391,6 @@ def _permute_kernel(
 
 
 # ----------------------------------------------------------------------------------------- launcher
-def _copy_config(T: int, H: int):
-    """(BLOCK_T, BLOCK_H, num_warps) of the permute copy."""
-    # 1024 columns x 4 warps = one 16-byte vector a thread per token (bf16/fp16); H = 5120 splits evenly.
-    block_h = min(pow2(H), 1024)
-    # Decode: one token a program gives T*H/BLOCK_H programs; prefill: 4 tokens a program put 4 loads
-    # and 4*K stores in flight per thread.
-    block_t = 1 if T < 1024 else 4
-    if _INTERPRET:   # the interpreter pays per program and per op, not per element: few, big programs
-        block_t = 16
-    num_warps = max(1, min(4, block_t * block_h // 256))
-    return block_t, block_h, num_warps
-
-
 _ROUTE_META = ("E", "S", "G", "K_G", "K", "G_PAD", "S_PAD", "KG_PAD", "BLOCK_T", "SCORE_FUNC", "RENORMALIZE",
                "HAS_SCALE", "PRECISE", "num_warps")
 # USE_GDC and launch_pdl (launch.use_pdl) go together, as in permute.py: the scan and the permute start
@@ -410,18 +399,19 @@ _route = Kernel(_route_kernel, _ROUTE_META + ("USE_GDC",))
 _route_permute = Kernel(_route_permute_kernel, _ROUTE_META + ("BLOCK_H",))
 _scan = Kernel(_scan_kernel, ("E", "S", "G", "K_G", "S_PAD", "CHUNK_B", "USE_GDC", "num_warps", "launch_pdl"))
 _permute = Kernel(_permute_kernel, ("E", "S", "G", "K_G", "K", "G_PAD", "S_PAD", "NB_PAD", "FUSED_SCAN",
-                                    "ROUTE_BLOCK_T", "BLOCK_T", "BLOCK_H", "USE_GDC", "num_warps", "launch_pdl"))
+                                    "ROUTE_BLOCK_T", "BLOCK_T", "BLOCK_H", "H_FAST", "USE_GDC", "num_warps",
+                                    "launch_pdl"))
 
 
 @functools.lru_cache(maxsize=4096)
-def _plan(T, E, H, G, k_g, score_func, renormalize, has_scale, route_block_t, copy_config, fused, pdl):
+def _plan(T, E, H, G, k_g, score_func, renormalize, has_scale, route_block_t, copy_tile, fused, pdl):
     """The launches of one call: (route_permute meta, grid) for the one-launch path, else (route meta,
     num_blocks, scan meta or None, permute meta, permute grid). Pure function of the shapes and flags."""
     S, K = E // G, G * k_g
     g_pad, s_pad, kg_pad = pow2(G), pow2(S), pow2(k_g)
     precise = not _INTERPRET and libdevice is not None
     if fused is None:
-        fused = route_block_t is None and copy_config is None and \
+        fused = route_block_t is None and copy_tile is None and \
             pow2(T) * g_pad * s_pad <= FUSED_ROUTE_MAX_ELEMS
     if fused:
         block_t = pow2(T)
@@ -441,14 +431,13 @@ def _plan(T, E, H, G, k_g, score_func, renormalize, has_scale, route_block_t, co
                   precise, 8 if route_block_t * g_pad * s_pad >= 8192 else 4, pdl)
     scan_meta = None if fused_scan else \
         (E, S, G, k_g, s_pad, min(pow2(num_blocks), max(1, SCAN_TILE_ELEMS // s_pad)), pdl, 4, pdl)
-    block_t, block_h, num_warps = copy_config or _copy_config(T, H)
+    block_t, block_h, num_warps, *h_fast = copy_tile or copy_config(T, H)
+    h_fast = bool(h_fast and h_fast[0])
     if fused_scan:
         block_t = min(block_t, route_block_t)
     permute_meta = (E, S, G, k_g, K, g_pad, s_pad, pow2(num_blocks), fused_scan, route_block_t, block_t,
-                    block_h, pdl, num_warps, pdl)
-    # At least one H block even when H == 0: the pid_h == 0 programs write row_index.
-    grid = (cdiv(T, block_t), max(1, cdiv(H, block_h)))
-    return route_meta, num_blocks, scan_meta, permute_meta, grid
+                    block_h, h_fast, pdl, num_warps, pdl)
+    return route_meta, num_blocks, scan_meta, permute_meta, copy_grid(T, H, block_t, block_h, h_fast)
 
 
 def grouped_dispatch(hidden, router_logits, num_groups, topk_per_group=1, expert_scale=None,
@@ -457,7 +446,7 @@ def grouped_dispatch(hidden, router_logits, num_groups, topk_per_group=1, expert
     """Triton kernel of `moge::grouped_dispatch` (arguments already checked by moge_kernels.checks;
     score_func is a reference.ScoreFunc value).
 
-    route_block_t / copy_config=(BLOCK_T, BLOCK_H, num_warps) override the tile choice, fused=False /
+    route_block_t / copy_config=(BLOCK_T, BLOCK_H, num_warps[, H_FAST]) override the tile choice, fused=False /
     True the one-launch path of small T, pdl=True / False the programmatic dependent launch of the
     three-launch path (default launch.use_pdl) (tests, tuning)."""
     T, E = router_logits.shape

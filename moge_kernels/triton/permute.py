@@ -158,6 +158,17 @@ def _scan_kernel(
 
 
 # ----------------------------------------------------------------------------------------- launch 3
+@triton.jit
+def copy_program(H, BLOCK_H: tl.constexpr, H_FAST: tl.constexpr):
+    """(token block, H block) of a copy program (this kernel's and dispatch.py's): grid (NT, NH), or with
+    H_FAST (NT * NH,), the H blocks of a token block on consecutive programs (copy_grid)."""
+    if H_FAST:
+        num_h = tl.maximum(tl.cdiv(H, BLOCK_H), 1)
+        return tl.program_id(0) // num_h, tl.program_id(0) % num_h
+    else:
+        return tl.program_id(0), tl.program_id(1)
+
+
 @triton.jit(do_not_specialize=["T", "num_blocks"])
 def _copy_kernel(
     hidden_ptr,          # [T, H] row stride stride_ht, unit column stride
@@ -172,20 +183,13 @@ def _copy_kernel(
     FUSED_SCAN: tl.constexpr, COUNT_BLOCK_T: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
     H_FAST: tl.constexpr, USE_GDC: tl.constexpr,
 ):
-    """Grid (cdiv(T, BLOCK_T), cdiv(H, BLOCK_H)), or with H_FAST (cdiv(T, BLOCK_T) * cdiv(H, BLOCK_H),)
-    with the H blocks of a token block on consecutive programs (its rows read and written whole, close in
-    time). FUSED_SCAN needs BLOCK_T <= COUNT_BLOCK_T (powers of two).
+    """Grid copy_grid(T, H, BLOCK_T, BLOCK_H, H_FAST). FUSED_SCAN needs BLOCK_T <= COUNT_BLOCK_T (powers
+    of two).
 
     Every index load of the program's BLOCK_T x K slots is issued with the hidden tile's, before the
     first store: the K stores then run back to back from registers (a load after a store to another
     pointer cannot be hoisted above it, so loading per slot would chain 2K round trips)."""
-    if H_FAST:
-        num_h = tl.cdiv(H, BLOCK_H)
-        pid_t = tl.program_id(0) // num_h
-        pid_h = tl.program_id(0) % num_h
-    else:
-        pid_t = tl.program_id(0)
-        pid_h = tl.program_id(1)
+    pid_t, pid_h = copy_program(H, BLOCK_H, H_FAST)
     t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     t_ok = t < T
     h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -293,8 +297,9 @@ _copy = Kernel(_copy_kernel, ("E", "K", "K_PAD", "E_PAD", "NB_PAD", "FUSED_SCAN"
 _one_pass = Kernel(_one_pass_kernel, ("E", "K", "K_PAD", "S", "NUM_BINS", "BLOCK_H", "num_warps"))
 
 
-def _copy_config(T: int, H: int):
-    """(BLOCK_T, BLOCK_H, num_warps[, H_FAST]) of the copy (H_FAST False when left out)."""
+def copy_config(T: int, H: int):
+    """(BLOCK_T, BLOCK_H, num_warps, H_FAST) of the copy (this one's and dispatch.py's; an override may
+    leave H_FAST out: False)."""
     block_h = min(pow2(H), 1024)   # one 16-byte vector a thread per token at 4 warps (16-bit)
     # Decode: one token a program (T*H/BLOCK_H programs); prefill: 4 tokens a program put 4 loads and
     # 4*K stores in flight per thread behind one round of index loads.
@@ -305,6 +310,12 @@ def _copy_config(T: int, H: int):
     # H_FAST: a token block's rows read and written whole by consecutive programs (H200, same run:
     # gpt-oss-20b T=16384 1.18x the floor against 1.26x, every shape from T=4096 on as fast or faster)
     return block_t, block_h, num_warps, True
+
+
+def copy_grid(T: int, H: int, block_t: int, block_h: int, h_fast: bool) -> tuple:
+    """The copy's grid (copy_program): at least one H block, whose programs write row_index."""
+    grid = (cdiv(T, block_t), max(1, cdiv(H, block_h)))
+    return (grid[0] * grid[1],) if h_fast else grid
 
 
 def _count_config(T: int, K: int, E: int, max_blocks: int = None, max_slots: int = None,
@@ -343,7 +354,7 @@ def _one_pass_plan(T, K, E, H):
 
 
 @functools.lru_cache(maxsize=4096)
-def _plan(T, K, E, H, count_block_t, copy_config, pdl, fused_counts=None):
+def _plan(T, K, E, H, count_block_t, copy_tile, pdl, fused_counts=None):
     """The launches of one call, a pure function of the shapes and choices: (number of count blocks,
     rank meta, scan meta or None (the copy programs scan), scan grid, copy meta, copy grid)."""
     e_pad, k_pad = pow2(E), pow2(K)
@@ -356,23 +367,20 @@ def _plan(T, K, E, H, count_block_t, copy_config, pdl, fused_counts=None):
     chunk_b = min(pow2(num_blocks), max(1, SCAN_TILE_ELEMS // scan_cols))
     scan_meta = None if fused_scan else (E, chunk_b, scan_cols, pdl, 4, pdl)
     scan_grid = (cdiv(E + 1, scan_cols),)
-    block_t, block_h, num_warps, *h_fast = copy_config or _copy_config(T, H)
+    block_t, block_h, num_warps, *h_fast = copy_tile or copy_config(T, H)
     h_fast = bool(h_fast and h_fast[0])
     if fused_scan:
         block_t = min(block_t, count_block_t)
     copy_meta = (E, K, k_pad, e_pad, pow2(num_blocks), fused_scan, count_block_t, block_t, block_h,
                  h_fast, pdl, num_warps, pdl)
-    copy_grid = (cdiv(T, block_t), max(1, cdiv(H, block_h)))   # >= 1 H block: row_index
-    if h_fast:
-        copy_grid = (copy_grid[0] * copy_grid[1],)
-    return num_blocks, rank_meta, scan_meta, scan_grid, copy_meta, copy_grid
+    return num_blocks, rank_meta, scan_meta, scan_grid, copy_meta, copy_grid(T, H, block_t, block_h, h_fast)
 
 
 def grouped_permute(hidden, topk_ids, num_experts, *, count_block_t=None, copy_config=None, pdl=None,
                     fused_counts=None):
     """Triton kernel of `moge::grouped_permute` (arguments already checked by moge_kernels.checks).
 
-    count_block_t (tokens per rank program, a power of two) / copy_config=(BLOCK_T, BLOCK_H, num_warps)
+    count_block_t (tokens per rank program, a power of two) / copy_config=(BLOCK_T, BLOCK_H, num_warps[, H_FAST])
     override the tile choice (and take the rank/copy launches at any size), pdl=True / False the
     programmatic dependent launch (default launch.use_pdl), fused_counts FUSED_SCAN_MAX_COUNTS (tests,
     tuning)."""
