@@ -58,7 +58,10 @@ VARIANTS = {
     "hfast_h2048": dict(copy=(4, 8, 2048, True)),
     "fused0": dict(fused_counts=0),
     "fused1024": dict(fused_counts=1024),
-    "fused4096": dict(fused_counts=4096),
+    "fused2048": dict(fused_counts=2048),
+    "fused8192": dict(fused_counts=8192),
+    "hfast4x2w": dict(copy=(4, 2, 1024, True)),
+    "hfast2x2w": dict(copy=(2, 2, 1024, True)),
 }
 
 

@@ -64,9 +64,10 @@ FUSED_SCAN_MAX_BLOCKS = 16
 # Past decode, so do they where more than FUSED_SCAN_MAX_BLOCKS blocks of at most FUSED_SCAN_MAX_BLOCK_SLOTS
 # slots make a count table (NB x (E+1)) of at most FUSED_SCAN_MAX_COUNTS: few experts (Mixtral, gpt-oss) at
 # T >= 1024, where the scan launch costs more than every copy program reading the table from L2 (H200,
-# bench/results/permute_fused_h200_278aeec.txt: gpt-oss-20b T=4096 1.36x the floor against 1.42x, Mixtral
-# 1.29x against 1.34x; fewer, larger blocks (Qwen3-30B and Pangu at T=1024) slowed the rank launch more).
-FUSED_SCAN_MAX_COUNTS = 2048
+# bench/results/permute_fused_h200_278aeec.txt and permute_tiles_h200_4cd60f9.txt: gpt-oss-20b T=4096
+# 1.32x the floor against 1.40x with the scan launch, Mixtral 1.28x against 1.32x; fewer, larger blocks
+# (Qwen3-30B and Pangu at T=1024) slowed the rank launch more than the scan launch cost).
+FUSED_SCAN_MAX_COUNTS = 4096
 FUSED_SCAN_MAX_BLOCK_SLOTS = 512
 # Past that, at most this many count blocks: the scan is one program reading NB x (E+1) counts once, so
 # more blocks shorten each rank program's sort but lengthen the scan (H200,
