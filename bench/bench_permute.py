@@ -37,7 +37,8 @@ MODELS = {   # name: (H, E, K)
 # count-block cap: each rank program's sort against the one-program scan), max_slots (the largest sort,
 # past which blocks multiply), copy ((BLOCK_T, num_warps[, BLOCK_H[, H_FAST]]) of the copy tile: index round trips
 # per byte against occupancy), pdl (False: the chain without programmatic dependent launch), fused_counts
-# (the largest count table the copy programs scan past decode; 0: the scan launch there).
+# (the largest count table the copy programs scan past decode; 0: the scan launch there), rank_in_copy
+# (where the slots are ranked: the rank launch's sort, False, or the copy programs, True).
 VARIANTS = {
     "blocks64": dict(max_blocks=64),
     "blocks256": dict(max_blocks=256),
@@ -58,6 +59,8 @@ VARIANTS = {
     "hfast_h2048": dict(copy=(4, 8, 2048, True)),
     "fused0": dict(fused_counts=0),
     "fused1024": dict(fused_counts=1024),
+    "sort_rank": dict(rank_in_copy=False),
+    "copy_rank": dict(rank_in_copy=True),
     "fused2048": dict(fused_counts=2048),
     "fused8192": dict(fused_counts=8192),
     "hfast4x2w": dict(copy=(4, 2, 1024, True)),
@@ -65,7 +68,8 @@ VARIANTS = {
 }
 
 
-def triton_variant(hidden, ids, E, max_blocks=None, max_slots=None, copy=None, pdl=None, fused_counts=None):
+def triton_variant(hidden, ids, E, max_blocks=None, max_slots=None, copy=None, pdl=None, fused_counts=None,
+                   rank_in_copy=None):
     """grouped_permute of the triton backend with some of its choices overridden (VARIANTS)."""
     from moge_kernels.triton import permute as tp
     T, K = ids.shape
@@ -76,7 +80,7 @@ def triton_variant(hidden, ids, E, max_blocks=None, max_slots=None, copy=None, p
         block_h = copy[2] if len(copy) > 2 else tp.copy_config(T, hidden.shape[1])[1]
         copy_config = (copy[0], min(block_h, tp.pow2(hidden.shape[1])), copy[1], *copy[3:])
     return lambda: tp.grouped_permute(hidden, ids, E, count_block_t=count_block_t, copy_config=copy_config,
-                                      pdl=pdl, fused_counts=fused_counts)
+                                      pdl=pdl, fused_counts=fused_counts, rank_in_copy=rank_in_copy)
 
 
 def profile_us(fn, reps: int = 10) -> str:

@@ -121,14 +121,17 @@ def test_dtypes_and_noncontiguous(backend, device, dtype):
     (8, (16, 32, 2), None),           # fused; copy tile clamped to the count block
     (64, (2, 128, 4), None),          # one block, most of it past T
 ])
-def test_triton_tilings(backend, device, count_block_t, copy_config, fused_counts):
+@pytest.mark.parametrize("rank_in_copy", [False, True])
+def test_triton_tilings(backend, device, count_block_t, copy_config, fused_counts, rank_in_copy):
+    """Each tiling, the slots ranked by the rank launch's sort or by the copy programs."""
     from moge_kernels.triton import permute as tp
     T, K, E, H = 45, 3, 12, 10
     hidden = torch.randn(T, H, generator=generator(4)).to(device)
     ids = make_topk_ids(T, K, E, seed=4, device=device)
-    kwargs = dict(count_block_t=count_block_t, copy_config=copy_config, fused_counts=fused_counts)
+    kwargs = dict(count_block_t=count_block_t, copy_config=copy_config, fused_counts=fused_counts,
+                  rank_in_copy=rank_in_copy)
     num_blocks = -(-T // count_block_t)
-    assert (tp._plan(T, K, E, H, count_block_t, copy_config, False, fused_counts)[2] is None) == \
+    assert (tp._plan(T, K, E, H, count_block_t, copy_config, False, fused_counts)[3] is None) == \
         tp._fused_scan(num_blocks, E, fused_counts)
     out = tp.grouped_permute(hidden, ids, E, **kwargs)
     assert_permute_equal(out, R.permute(hidden, ids, E))
@@ -189,9 +192,10 @@ def test_triton_scan_in_chunks(backend, device, drop, monkeypatch):
             hidden = torch.randn(T, 5, generator=generator(T)).to(device)
             ids = make_topk_ids(T, K, E, seed=T, device=device, drop=drop)
             for count_block_t in (1, 2):                 # 53 / 27 blocks: 14 / 7 chunks of 4
-                out = tp.grouped_permute(hidden, ids, E, count_block_t=count_block_t, copy_config=(4, 8, 1),
-                                         fused_counts=0)
-                assert_permute_equal(out, R.permute(hidden, ids, E))
+                for rank_in_copy in (False, True):
+                    out = tp.grouped_permute(hidden, ids, E, count_block_t=count_block_t, copy_config=(4, 8, 1),
+                                             fused_counts=0, rank_in_copy=rank_in_copy)
+                    assert_permute_equal(out, R.permute(hidden, ids, E))
     finally:
         tp._plan.cache_clear()
 
@@ -208,8 +212,10 @@ def test_triton_rank_blocks(backend, device, T, K, E, block_t):
     from moge_kernels.triton import permute as tp
     hidden = torch.randn(T, 6, generator=generator(T)).to(device)
     for case in _id_cases(T, K, E, device):
-        for count_block_t, fused_counts in ((None, None), (block_t, 0), (block_t, None)):
-            out = tp.grouped_permute(hidden, case, E, count_block_t=count_block_t, fused_counts=fused_counts)
+        for count_block_t, fused_counts, rank_in_copy in ((None, None, None), (block_t, 0, False),
+                                                           (block_t, 0, True), (block_t, None, False)):
+            out = tp.grouped_permute(hidden, case, E, count_block_t=count_block_t, fused_counts=fused_counts,
+                                     rank_in_copy=rank_in_copy)
             assert_permute_equal(out, R.permute(hidden, case.contiguous(), E))
 
 
@@ -519,11 +525,12 @@ def test_triton_copy_scans_small_tables(backend, device, drop):
     ids = make_topk_ids(T, K, E, seed=11, device=device, drop=drop)
     num_blocks = -(-T // tp._count_config(T, K, E))
     assert num_blocks > tp.FUSED_SCAN_MAX_BLOCKS and tp._fused_scan(num_blocks, E)
-    assert tp._plan(T, K, E, H, None, None, False)[2] is None           # no scan launch
-    assert tp._plan(T, K, E, H, None, None, False, 0)[2] is not None    # fused_counts=0: the scan launch
+    assert tp._plan(T, K, E, H, None, None, False)[3] is None           # no scan launch
+    assert tp._plan(T, K, E, H, None, None, False, 0)[3] is not None    # fused_counts=0: the scan launch
     ref = R.permute(hidden, ids, E)
     assert_permute_equal(tp.grouped_permute(hidden, ids, E), ref)
     assert_permute_equal(tp.grouped_permute(hidden, ids, E, fused_counts=0), ref)
+    assert_permute_equal(tp.grouped_permute(hidden, ids, E, rank_in_copy=False), ref)
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")

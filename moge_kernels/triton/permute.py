@@ -23,14 +23,16 @@ launch.use_pdl: each starts while the one before it finishes):
     1. _rank_kernel, one program per count block: its COUNT_BLOCK_T x pow2(K) slots sorted by bucket in
        one tl.sort, each slot's rank from a segmented count along the sorted keys, the per-bucket counts
        from tl.histogram (and their exclusive cumsum, block_prefix, when the scan kernel runs). The work
-       per slot grows as log^2 of the block's slots, not with E.
+       per slot grows as log^2 of the block's slots, not with E. Blocks of at most
+       RANK_IN_COPY_MAX_SLOTS slots skip the sort: the copy programs rank their slots instead.
     2. _scan_kernel, one program per SCAN_COLS buckets, one load of its columns: block_base (a running
        sum down each column) and expert_offsets (each column's sum of block_prefix). No program waits for
        another (skipped for NB <= FUSED_SCAN_MAX_BLOCKS blocks or a table of at most FUSED_SCAN_MAX_COUNTS
        counts, where every copy program redoes this scan from the counts, as dispatch.py does).
     3. _copy_kernel, one program per (token block, H block): every index of its BLOCK_T x K slots loaded
-       at once, then row_index and the K copies of each hidden row (read once, written from registers);
-       a dropped slot's row is written with zeros.
+       at once (with RANK_IN_COPY, each slot's rank counted from its count block's ids, before the wait
+       for the counts), then row_index and the K copies of each hidden row (read once, written from
+       registers); a dropped slot's row is written with zeros.
 
 Same order as the reference (moge_kernels.reference.permute): bucket, then token, then slot, so a token
 may send two slots to one expert. Ids outside [-1, E) (only possible without MOGE_VALIDATE on a GPU, since
@@ -74,6 +76,9 @@ FUSED_SCAN_MAX_BLOCK_SLOTS = 512
 # bench/results/permute_variants_h200_05caac9.txt: 128 against 256 blocks, Qwen3-30B T=4096 1.44x the
 # floor against 1.52x, no shape slower).
 MAX_COUNT_BLOCKS = 128
+# Count blocks of at most this many slots: the copy programs rank their slots themselves (RANK_IN_COPY:
+# [BLOCK_T * K_PAD, slots] id compares, before they wait for the counts), the rank launch only counts.
+RANK_IN_COPY_MAX_SLOTS = 256
 # Buckets per scan program, and the most count blocks one load of its tile takes
 # ([SCAN_TILE_ELEMS // SCAN_COLS, SCAN_COLS] counts and as many prefixes).
 SCAN_COLS = 16
@@ -95,13 +100,14 @@ def _rank_kernel(
     block_prefix_ptr,    # [NB, E+1] int32 out if PREFIX: per-block exclusive cumsum of those counts
     T, stride_it, stride_ik,
     E: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_T: tl.constexpr, NUM_BINS: tl.constexpr,
-    PREFIX: tl.constexpr, USE_GDC: tl.constexpr,
+    PREFIX: tl.constexpr, RANKS: tl.constexpr, USE_GDC: tl.constexpr,
 ):
     """Grid (NB,): program b ranks the BLOCK_T*K_PAD slots of tokens [b*BLOCK_T, (b+1)*BLOCK_T) in one
     sort: key = bucket * S + flat slot (buckets: the expert, E for a dropped slot, E+1 for padding, which
     sorts last), so the sorted keys hold each bucket's slots contiguous and in (token, slot) order; a
     segmented count along them is each slot's rank, stored back at the slot it came from. The counts are a
-    histogram over NUM_BINS >= E+2 bins. Work per slot: log^2 of the block's slots, whatever E."""
+    histogram over NUM_BINS >= E+2 bins. Work per slot: log^2 of the block's slots, whatever E.
+    Without RANKS, the counts alone (the copy programs rank their slots themselves: RANK_IN_COPY)."""
     if USE_GDC:   # the next launch (scan or copy) may start now; it waits for this one before reading
         gdc_launch_dependents()
     S: tl.constexpr = BLOCK_T * K_PAD
@@ -113,12 +119,13 @@ def _rank_kernel(
     ids = tl.load(ids_ptr + t.to(tl.int64) * stride_it + k * stride_ik, mask=ok, other=-1)
     # ids outside [-1, E) count as dropped
     bucket = tl.where(ok, tl.where((ids >= 0) & (ids < E), ids, E), E + 1).to(tl.int32)
-    keys = tl.sort(bucket * S + i)
-    bucket_sorted = keys // S
-    slot = keys % S
-    _, count = tl.associative_scan((bucket_sorted, tl.full([S], 1, tl.int32)), 0, _same_bucket_count)
-    t_sorted = pid * BLOCK_T + slot // K_PAD
-    tl.store(slot_rank_ptr + t_sorted * K + slot % K_PAD, count - 1, mask=bucket_sorted <= E)
+    if RANKS:
+        keys = tl.sort(bucket * S + i)
+        bucket_sorted = keys // S
+        slot = keys % S
+        _, count = tl.associative_scan((bucket_sorted, tl.full([S], 1, tl.int32)), 0, _same_bucket_count)
+        t_sorted = pid * BLOCK_T + slot // K_PAD
+        tl.store(slot_rank_ptr + t_sorted * K + slot % K_PAD, count - 1, mask=bucket_sorted <= E)
     bins = tl.arange(0, NUM_BINS)
     counts = tl.histogram(bucket, NUM_BINS)
     tl.store(block_base_ptr + pid * (E + 1) + bins, counts, mask=bins <= E)
@@ -174,7 +181,7 @@ def copy_program(H, BLOCK_H: tl.constexpr, H_FAST: tl.constexpr):
 def _copy_kernel(
     hidden_ptr,          # [T, H] row stride stride_ht, unit column stride
     ids_ptr,             # [T, K] int32/int64, strides (stride_it, stride_ik)
-    slot_rank_ptr,       # [T, K] int32
+    slot_rank_ptr,       # [T, K] int32 (not read with RANK_IN_COPY)
     block_base_ptr,      # [NB, E+1] int32: rows before each block after the scan kernel; FUSED_SCAN: counts
     expert_offsets_ptr,  # [E+1] int32: in after the scan kernel; FUSED_SCAN: out (by program (0, 0))
     row_index_ptr,       # [T, K] int32 out
@@ -182,10 +189,12 @@ def _copy_kernel(
     T, H, stride_ht, stride_it, stride_ik, num_blocks,
     E: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr, NB_PAD: tl.constexpr,
     FUSED_SCAN: tl.constexpr, COUNT_BLOCK_T: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
-    H_FAST: tl.constexpr, USE_GDC: tl.constexpr,
+    H_FAST: tl.constexpr, RANK_IN_COPY: tl.constexpr, USE_GDC: tl.constexpr,
 ):
     """Grid copy_grid(T, H, BLOCK_T, BLOCK_H, H_FAST). FUSED_SCAN needs BLOCK_T <= COUNT_BLOCK_T (powers
-    of two).
+    of two). RANK_IN_COPY (also BLOCK_T <= COUNT_BLOCK_T): each slot's rank within its count block is
+    counted here, from the block's ids (the caller's: before gdc_wait, while the rank kernel counts),
+    instead of loaded from slot_rank.
 
     Every index load of the program's BLOCK_T x K slots is issued with the hidden tile's, before the
     first store: the K stores then run back to back from registers (a load after a store to another
@@ -204,9 +213,23 @@ def _copy_kernel(
     ids = tl.load(ids_ptr + t2.to(tl.int64) * stride_it + k2 * stride_ik, mask=ok2, other=-1)
     kept = (ids >= 0) & (ids < E)                     # ids outside [-1, E) count as dropped
     bucket = tl.where(kept, ids, E).to(tl.int32)      # [BLOCK_T, K_PAD]
+    if RANK_IN_COPY:
+        # the earlier slots (token, then slot order) of this count block that go to the same bucket
+        S: tl.constexpr = COUNT_BLOCK_T * K_PAD
+        block_t0 = (pid_t * BLOCK_T // COUNT_BLOCK_T) * COUNT_BLOCK_T
+        j = tl.arange(0, S)
+        tj = block_t0 + j // K_PAD
+        kj = j % K_PAD
+        ok_j = (tj < T) & (kj < K)
+        ids_j = tl.load(ids_ptr + tj.to(tl.int64) * stride_it + kj * stride_ik, mask=ok_j, other=-1)
+        bucket_j = tl.where(ok_j, tl.where((ids_j >= 0) & (ids_j < E), ids_j, E), E + 1)   # [S]
+        mine = (t2 - block_t0) * K_PAD + k2                                          # [BLOCK_T, K_PAD]
+        same = (j[None, None, :] < mine[:, :, None]) & (bucket_j[None, None, :] == bucket[:, :, None])
+        row = tl.sum(same.to(tl.int32), axis=2)
     if USE_GDC:   # hidden and ids are the caller's (older than the chain); ranks and counts are not
         gdc_wait()
-    row = tl.load(slot_rank_ptr + t2 * K + k2, mask=ok2, other=0)
+    if not RANK_IN_COPY:
+        row = tl.load(slot_rank_ptr + t2 * K + k2, mask=ok2, other=0)
     if FUSED_SCAN:   # the scan kernel's work for this program's block, E expert columns as there
         b2 = tl.arange(0, NB_PAD)[:, None]
         e1 = tl.arange(0, E_PAD)
@@ -291,10 +314,11 @@ def _one_pass_kernel(
 # USE_GDC and launch_pdl (launch.use_pdl) go together: the scan and the copy start while the kernel
 # before them finishes; the rank kernel, the first of the chain, launches as usual (its inputs may still
 # be in the making).
-_rank = Kernel(_rank_kernel, ("E", "K", "K_PAD", "BLOCK_T", "NUM_BINS", "PREFIX", "USE_GDC", "num_warps"))
+_rank = Kernel(_rank_kernel, ("E", "K", "K_PAD", "BLOCK_T", "NUM_BINS", "PREFIX", "RANKS", "USE_GDC",
+                              "num_warps"))
 _scan = Kernel(_scan_kernel, ("E", "CHUNK_B", "COLS", "USE_GDC", "num_warps", "launch_pdl"))
 _copy = Kernel(_copy_kernel, ("E", "K", "K_PAD", "E_PAD", "NB_PAD", "FUSED_SCAN", "COUNT_BLOCK_T", "BLOCK_T",
-                              "BLOCK_H", "H_FAST", "USE_GDC", "num_warps", "launch_pdl"))
+                              "BLOCK_H", "H_FAST", "RANK_IN_COPY", "USE_GDC", "num_warps", "launch_pdl"))
 _one_pass = Kernel(_one_pass_kernel, ("E", "K", "K_PAD", "S", "NUM_BINS", "BLOCK_H", "num_warps"))
 
 
@@ -355,36 +379,41 @@ def _one_pass_plan(T, K, E, H):
 
 
 @functools.lru_cache(maxsize=4096)
-def _plan(T, K, E, H, count_block_t, copy_tile, pdl, fused_counts=None):
+def _plan(T, K, E, H, count_block_t, copy_tile, pdl, fused_counts=None, rank_in_copy=None):
     """The launches of one call, a pure function of the shapes and choices: (number of count blocks,
-    rank meta, scan meta or None (the copy programs scan), scan grid, copy meta, copy grid)."""
+    whether the copy ranks the slots, rank meta, scan meta or None (the copy programs scan), scan grid,
+    copy meta, copy grid)."""
     e_pad, k_pad = pow2(E), pow2(K)
     count_block_t = count_block_t or _count_config(T, K, E, fused_counts=fused_counts)
     num_blocks = cdiv(T, count_block_t)
     fused_scan = _fused_scan(num_blocks, E, fused_counts)
     block_slots = count_block_t * k_pad
-    rank_meta = (E, K, k_pad, count_block_t, pow2(E + 2), not fused_scan, pdl, 4 if block_slots <= 512 else 8)
+    if rank_in_copy is None:
+        rank_in_copy = block_slots <= RANK_IN_COPY_MAX_SLOTS
+    rank_meta = (E, K, k_pad, count_block_t, pow2(E + 2), not fused_scan, not rank_in_copy, pdl,
+                 4 if block_slots <= 512 else 8)
     scan_cols = min(SCAN_COLS, pow2(E + 1))
     chunk_b = min(pow2(num_blocks), max(1, SCAN_TILE_ELEMS // scan_cols))
     scan_meta = None if fused_scan else (E, chunk_b, scan_cols, pdl, 4, pdl)
     scan_grid = (cdiv(E + 1, scan_cols),)
     block_t, block_h, num_warps, *h_fast = copy_tile or copy_config(T, H)
     h_fast = bool(h_fast and h_fast[0])
-    if fused_scan:
+    if fused_scan or rank_in_copy:
         block_t = min(block_t, count_block_t)
     copy_meta = (E, K, k_pad, e_pad, pow2(num_blocks), fused_scan, count_block_t, block_t, block_h,
-                 h_fast, pdl, num_warps, pdl)
-    return num_blocks, rank_meta, scan_meta, scan_grid, copy_meta, copy_grid(T, H, block_t, block_h, h_fast)
+                 h_fast, bool(rank_in_copy), pdl, num_warps, pdl)
+    return (num_blocks, bool(rank_in_copy), rank_meta, scan_meta, scan_grid, copy_meta,
+            copy_grid(T, H, block_t, block_h, h_fast))
 
 
 def grouped_permute(hidden, topk_ids, num_experts, *, count_block_t=None, copy_config=None, pdl=None,
-                    fused_counts=None):
+                    fused_counts=None, rank_in_copy=None):
     """Triton kernel of `moge::grouped_permute` (arguments already checked by moge_kernels.checks).
 
     count_block_t (tokens per rank program, a power of two) / copy_config=(BLOCK_T, BLOCK_H, num_warps[, H_FAST])
     override the tile choice (and take the rank/copy launches at any size), pdl=True / False the
-    programmatic dependent launch (default launch.use_pdl), fused_counts FUSED_SCAN_MAX_COUNTS (tests,
-    tuning)."""
+    programmatic dependent launch (default launch.use_pdl), fused_counts FUSED_SCAN_MAX_COUNTS,
+    rank_in_copy=True / False where the slots are ranked (default: RANK_IN_COPY_MAX_SLOTS) (tests, tuning)."""
     T, K = topk_ids.shape
     H = hidden.shape[1]
     E = num_experts
@@ -402,20 +431,22 @@ def grouped_permute(hidden, topk_ids, num_experts, *, count_block_t=None, copy_c
         _one_pass.launch(one_pass[1], (hidden, topk_ids, expert_offsets, row_index, permuted, T, H,
                                        hidden.stride(0), sit, sik), one_pass[0])
         return permuted, expert_offsets, row_index
-    num_blocks, rank_meta, scan_meta, scan_grid, copy_meta, copy_grid = _plan(
-        T, K, E, H, count_block_t, copy_config, use_pdl(device) if pdl is None else bool(pdl), fused_counts)
+    num_blocks, rank_in_copy, rank_meta, scan_meta, scan_grid, copy_meta, grid = _plan(
+        T, K, E, H, count_block_t, copy_config, use_pdl(device) if pdl is None else bool(pdl), fused_counts,
+        rank_in_copy)
     expert_offsets = torch.empty(E + 1, dtype=torch.int32, device=device)  # [E+1] int32
     table = num_blocks * (E + 1)
-    scratch = torch.empty(T * K + (table if scan_meta is None else 2 * table), dtype=torch.int32,
+    ranks = 0 if rank_in_copy else T * K                                     # slot_rank's entries
+    scratch = torch.empty(ranks + (table if scan_meta is None else 2 * table), dtype=torch.int32,
                           device=device)
-    slot_rank = scratch[:T * K]                                              # [T, K] int32
-    block_base = scratch[T * K:T * K + table]                                # [NB, E+1] int32
-    block_prefix = scratch[T * K + table:] if scan_meta is not None else block_base   # [NB, E+1] int32
+    block_base = scratch[ranks:ranks + table]                                # [NB, E+1] int32
+    slot_rank = scratch[:ranks] if ranks else block_base                     # [T, K] int32
+    block_prefix = scratch[ranks + table:] if scan_meta is not None else block_base   # [NB, E+1] int32
     _rank.launch((num_blocks,), (topk_ids, slot_rank, block_base, block_prefix, T, sit, sik), rank_meta)
     if scan_meta is not None:
         _scan.launch(scan_grid, (block_base, block_prefix, expert_offsets, num_blocks), scan_meta)
-    _copy.launch(copy_grid, (hidden, topk_ids, slot_rank, block_base, expert_offsets, row_index, permuted,
-                             T, H, hidden.stride(0), sit, sik, num_blocks), copy_meta)
+    _copy.launch(grid, (hidden, topk_ids, slot_rank, block_base, expert_offsets, row_index, permuted,
+                        T, H, hidden.stride(0), sit, sik, num_blocks), copy_meta)
     return permuted, expert_offsets, row_index
 
 
