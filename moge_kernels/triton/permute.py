@@ -23,8 +23,8 @@ launch.use_pdl: each starts while the one before it finishes):
     1. _rank_kernel, one program per count block: its COUNT_BLOCK_T x pow2(K) slots sorted by bucket in
        one tl.sort, each slot's rank from a segmented count along the sorted keys, the per-bucket counts
        from tl.histogram (and their exclusive cumsum, block_prefix, when the scan kernel runs). The work
-       per slot grows as log^2 of the block's slots, not with E. Blocks of at most
-       RANK_IN_COPY_MAX_SLOTS slots skip the sort: the copy programs rank their slots instead.
+       per slot grows as log^2 of the block's slots, not with E. Small blocks skip the sort
+       (RANK_IN_COPY_MAX_COMPARES): the copy programs rank their slots instead.
     2. _scan_kernel, one program per SCAN_COLS buckets, one load of its columns: block_base (a running
        sum down each column) and expert_offsets (each column's sum of block_prefix). No program waits for
        another (skipped for NB <= FUSED_SCAN_MAX_BLOCKS blocks or a table of at most FUSED_SCAN_MAX_COUNTS
@@ -76,9 +76,11 @@ FUSED_SCAN_MAX_BLOCK_SLOTS = 512
 # bench/results/permute_variants_h200_05caac9.txt: 128 against 256 blocks, Qwen3-30B T=4096 1.44x the
 # floor against 1.52x, no shape slower).
 MAX_COUNT_BLOCKS = 128
-# Count blocks of at most this many slots: the copy programs rank their slots themselves (RANK_IN_COPY:
-# [BLOCK_T * K_PAD, slots] id compares, before they wait for the counts), the rank launch only counts.
-RANK_IN_COPY_MAX_SLOTS = 256
+# Up to this many id compares a copy program (BLOCK_T * K_PAD slots against the count block's slots), the
+# copy programs rank their slots themselves (RANK_IN_COPY, before they wait for the counts) and the rank
+# launch only counts (H200, bench/results/permute_rank_h200_12dbf43.txt: Mixtral T=1024 1.83x the floor
+# against 2.04x, T=4096 1.22x against 1.25x; 8192 compares, Qwen3-30B and Pangu at K=8, were slower).
+RANK_IN_COPY_MAX_COMPARES = 2048
 # Buckets per scan program, and the most count blocks one load of its tile takes
 # ([SCAN_TILE_ELEMS // SCAN_COLS, SCAN_COLS] counts and as many prefixes).
 SCAN_COLS = 16
@@ -388,18 +390,18 @@ def _plan(T, K, E, H, count_block_t, copy_tile, pdl, fused_counts=None, rank_in_
     num_blocks = cdiv(T, count_block_t)
     fused_scan = _fused_scan(num_blocks, E, fused_counts)
     block_slots = count_block_t * k_pad
+    block_t, block_h, num_warps, *h_fast = copy_tile or copy_config(T, H)
+    h_fast = bool(h_fast and h_fast[0])
     if rank_in_copy is None:
-        rank_in_copy = block_slots <= RANK_IN_COPY_MAX_SLOTS
+        rank_in_copy = min(block_t, count_block_t) * k_pad * block_slots <= RANK_IN_COPY_MAX_COMPARES
+    if fused_scan or rank_in_copy:
+        block_t = min(block_t, count_block_t)
     rank_meta = (E, K, k_pad, count_block_t, pow2(E + 2), not fused_scan, not rank_in_copy, pdl,
                  4 if block_slots <= 512 else 8)
     scan_cols = min(SCAN_COLS, pow2(E + 1))
     chunk_b = min(pow2(num_blocks), max(1, SCAN_TILE_ELEMS // scan_cols))
     scan_meta = None if fused_scan else (E, chunk_b, scan_cols, pdl, 4, pdl)
     scan_grid = (cdiv(E + 1, scan_cols),)
-    block_t, block_h, num_warps, *h_fast = copy_tile or copy_config(T, H)
-    h_fast = bool(h_fast and h_fast[0])
-    if fused_scan or rank_in_copy:
-        block_t = min(block_t, count_block_t)
     copy_meta = (E, K, k_pad, e_pad, pow2(num_blocks), fused_scan, count_block_t, block_t, block_h,
                  h_fast, bool(rank_in_copy), pdl, num_warps, pdl)
     return (num_blocks, bool(rank_in_copy), rank_meta, scan_meta, scan_grid, copy_meta,
@@ -413,7 +415,7 @@ def grouped_permute(hidden, topk_ids, num_experts, *, count_block_t=None, copy_c
     count_block_t (tokens per rank program, a power of two) / copy_config=(BLOCK_T, BLOCK_H, num_warps[, H_FAST])
     override the tile choice (and take the rank/copy launches at any size), pdl=True / False the
     programmatic dependent launch (default launch.use_pdl), fused_counts FUSED_SCAN_MAX_COUNTS,
-    rank_in_copy=True / False where the slots are ranked (default: RANK_IN_COPY_MAX_SLOTS) (tests, tuning)."""
+    rank_in_copy=True / False where the slots are ranked (default: RANK_IN_COPY_MAX_COMPARES) (tests, tuning)."""
     T, K = topk_ids.shape
     H = hidden.shape[1]
     E = num_experts
