@@ -68,9 +68,12 @@ FUSED_SCAN_MAX_BLOCKS = 16
 # T >= 1024, where the scan launch costs more than every copy program reading the table from L2 (H200,
 # bench/results/permute_fused_h200_278aeec.txt and permute_tiles_h200_4cd60f9.txt: gpt-oss-20b T=4096
 # 1.32x the floor against 1.40x with the scan launch, Mixtral 1.28x against 1.32x; fewer, larger blocks
-# (Qwen3-30B and Pangu at T=1024) slowed the rank launch more than the scan launch cost).
+# (Qwen3-30B and Pangu at T=1024) slowed the rank launch more than the scan launch cost: a block doubles
+# to fit the table only while FUSED_SCAN_MIN_GROWN_BLOCKS rank programs remain; Pangu at T=1024, 64 blocks
+# of 128 slots with the scan launch, took 1.33-1.35x the floor in two runs and 1.40x as 32 fused blocks).
 FUSED_SCAN_MAX_COUNTS = 4096
 FUSED_SCAN_MAX_BLOCK_SLOTS = 512
+FUSED_SCAN_MIN_GROWN_BLOCKS = 64
 # Past that, at most this many count blocks: the scan is one program reading NB x (E+1) counts once, so
 # more blocks shorten each rank program's sort but lengthen the scan (H200,
 # bench/results/permute_variants_h200_05caac9.txt: 128 against 256 blocks, Qwen3-30B T=4096 1.44x the
@@ -355,7 +358,8 @@ def _count_config(T: int, K: int, E: int, max_blocks: int = None, max_slots: int
         return pow2(cdiv(T, FUSED_SCAN_MAX_BLOCKS))
     budget = FUSED_SCAN_MAX_COUNTS if fused_counts is None else fused_counts
     block_t = min_block_t
-    while cdiv(T, block_t) * (E + 1) > budget and block_t * pow2(K) < FUSED_SCAN_MAX_BLOCK_SLOTS:
+    while cdiv(T, block_t) * (E + 1) > budget and block_t * pow2(K) < FUSED_SCAN_MAX_BLOCK_SLOTS and \
+            cdiv(T, 2 * block_t) >= FUSED_SCAN_MIN_GROWN_BLOCKS:
         block_t *= 2
     if FUSED_SCAN_MAX_BLOCKS < cdiv(T, block_t) and cdiv(T, block_t) * (E + 1) <= budget:
         return block_t                             # a table the copy programs scan
