@@ -63,14 +63,13 @@ ONE_PASS_MAX_SLOTS = 128
 ONE_PASS_TILE_ELEMS = 8192
 # Up to this many count blocks the copy programs scan the counts themselves (no scan launch).
 FUSED_SCAN_MAX_BLOCKS = 16
-# Past decode, so do they where more than FUSED_SCAN_MAX_BLOCKS blocks of at most FUSED_SCAN_MAX_BLOCK_SLOTS
-# slots make a count table (NB x (E+1)) of at most FUSED_SCAN_MAX_COUNTS: few experts (Mixtral, gpt-oss) at
-# T >= 1024, where the scan launch costs more than every copy program reading the table from L2 (H200,
-# bench/results/permute_fused_h200_278aeec.txt and permute_tiles_h200_4cd60f9.txt: gpt-oss-20b T=4096
-# 1.32x the floor against 1.40x with the scan launch, Mixtral 1.28x against 1.32x; fewer, larger blocks
-# (Qwen3-30B and Pangu at T=1024) slowed the rank launch more than the scan launch cost: a block doubles
-# to fit the table only while FUSED_SCAN_MIN_GROWN_BLOCKS rank programs remain; Pangu at T=1024, 64 blocks
-# of 128 slots with the scan launch, took 1.33-1.35x the floor in two runs and 1.40x as 32 fused blocks).
+# Past decode, so do they where the count table (NB x (E+1)) has at most FUSED_SCAN_MAX_COUNTS entries:
+# few experts (Mixtral, gpt-oss) at T >= 1024, where a scan launch costs more than every copy program
+# reading the table from L2 (H200, bench/results/permute_tiles_h200_4cd60f9.txt: gpt-oss-20b T=4096 1.32x
+# the floor against 1.40x, Mixtral 1.28x against 1.32x). To fit it a block may double, up to
+# FUSED_SCAN_MAX_BLOCK_SLOTS slots and while FUSED_SCAN_MIN_GROWN_BLOCKS rank programs remain: fewer
+# programs slowed the rank launch more than the scan launch cost (Pangu T=1024: 1.40x as 32 fused blocks,
+# 1.33-1.35x as 64 with the scan launch).
 FUSED_SCAN_MAX_COUNTS = 4096
 FUSED_SCAN_MAX_BLOCK_SLOTS = 512
 FUSED_SCAN_MIN_GROWN_BLOCKS = 64
