@@ -431,8 +431,7 @@ def _plan(T, E, H, G, k_g, score_func, renormalize, has_scale, route_block_t, co
                   precise, 8 if route_block_t * g_pad * s_pad >= 8192 else 4, pdl)
     scan_meta = None if fused_scan else \
         (E, S, G, k_g, s_pad, min(pow2(num_blocks), max(1, SCAN_TILE_ELEMS // s_pad)), pdl, 4, pdl)
-    block_t, block_h, num_warps, *h_fast = copy_tile or copy_config(T, H)
-    h_fast = bool(h_fast and h_fast[0])
+    block_t, block_h, num_warps, h_fast = copy_config(T, H, copy_tile)
     if fused_scan:
         block_t = min(block_t, route_block_t)
     permute_meta = (E, S, G, k_g, K, g_pad, s_pad, pow2(num_blocks), fused_scan, route_block_t, block_t,

@@ -91,6 +91,13 @@ SCAN_TILE_ELEMS = 4096
 
 # ----------------------------------------------------------------------------------------- launch 1
 @triton.jit
+def _slot_bucket(ids, ok, E: tl.constexpr):
+    """The bucket a slot sorts into: its expert, E for a dropped slot (id -1, or outside [-1, E): only
+    possible without MOGE_VALIDATE on a GPU), E + 1 for padding (ok False), which sorts last."""
+    return tl.where(ok, tl.where((ids >= 0) & (ids < E), ids, E), E + 1).to(tl.int32)
+
+
+@triton.jit
 def _same_bucket_count(bucket_a, count_a, bucket_b, count_b):
     """Combine of a segmented count over bucket-sorted slots (equal buckets are contiguous)."""
     return bucket_b, tl.where(bucket_a == bucket_b, count_a + count_b, count_b)
@@ -121,8 +128,7 @@ def _rank_kernel(
     k = i % K_PAD
     ok = (k < K) & (t < T)
     ids = tl.load(ids_ptr + t.to(tl.int64) * stride_it + k * stride_ik, mask=ok, other=-1)
-    # ids outside [-1, E) count as dropped
-    bucket = tl.where(ok, tl.where((ids >= 0) & (ids < E), ids, E), E + 1).to(tl.int32)
+    bucket = _slot_bucket(ids, ok, E)
     if RANKS:
         keys = tl.sort(bucket * S + i)
         bucket_sorted = keys // S
@@ -226,7 +232,7 @@ def _copy_kernel(
         kj = j % K_PAD
         ok_j = (tj < T) & (kj < K)
         ids_j = tl.load(ids_ptr + tj.to(tl.int64) * stride_it + kj * stride_ik, mask=ok_j, other=-1)
-        bucket_j = tl.where(ok_j, tl.where((ids_j >= 0) & (ids_j < E), ids_j, E), E + 1)   # [S]
+        bucket_j = _slot_bucket(ids_j, ok_j, E)                                       # [S]
         mine = (t2 - block_t0) * K_PAD + k2                                          # [BLOCK_T, K_PAD]
         same = (j[None, None, :] < mine[:, :, None]) & (bucket_j[None, None, :] == bucket[:, :, None])
         row = tl.sum(same.to(tl.int32), axis=2)
@@ -291,8 +297,7 @@ def _one_pass_kernel(
     ki = i % K_PAD
     ok = (ti < T) & (ki < K)
     ids = tl.load(ids_ptr + ti.to(tl.int64) * stride_it + ki * stride_ik, mask=ok, other=-1)
-    # ids outside [-1, E) count as dropped
-    bucket = tl.where(ok, tl.where((ids >= 0) & (ids < E), ids, E), E + 1).to(tl.int32)
+    bucket = _slot_bucket(ids, ok, E)
     keys = tl.sort(bucket * S + i)                    # position p holds the slot of row p
     bucket_sorted = keys // S
     slot = keys % S
@@ -326,9 +331,12 @@ _copy = Kernel(_copy_kernel, ("E", "K", "K_PAD", "E_PAD", "NB_PAD", "FUSED_SCAN"
 _one_pass = Kernel(_one_pass_kernel, ("E", "K", "K_PAD", "S", "NUM_BINS", "BLOCK_H", "num_warps"))
 
 
-def copy_config(T: int, H: int):
-    """(BLOCK_T, BLOCK_H, num_warps, H_FAST) of the copy (this one's and dispatch.py's; an override may
-    leave H_FAST out: False)."""
+def copy_config(T: int, H: int, override: tuple = None):
+    """(BLOCK_T, BLOCK_H, num_warps, H_FAST) of the copy (this one's and dispatch.py's), or the caller's
+    override (BLOCK_T, BLOCK_H, num_warps[, H_FAST]) with H_FAST False where left out."""
+    if override is not None:
+        block_t, block_h, num_warps, *h_fast = override
+        return block_t, block_h, num_warps, bool(h_fast and h_fast[0])
     block_h = min(pow2(H), 1024)   # one 16-byte vector a thread per token at 4 warps (16-bit)
     # Decode: one token a program (T*H/BLOCK_H programs); prefill: 4 tokens a program put 4 loads and
     # 4*K stores in flight per thread behind one round of index loads.
@@ -355,21 +363,25 @@ def _count_config(T: int, K: int, E: int, max_blocks: int = None, max_slots: int
     min_block_t = max(1, MIN_BLOCK_SLOTS // pow2(K))
     if T <= FUSED_SCAN_MAX_BLOCKS * min_block_t:   # decode: up to 16 blocks, scanned by the copy programs
         return pow2(cdiv(T, FUSED_SCAN_MAX_BLOCKS))
-    budget = FUSED_SCAN_MAX_COUNTS if fused_counts is None else fused_counts
     block_t = min_block_t
-    while cdiv(T, block_t) * (E + 1) > budget and block_t * pow2(K) < FUSED_SCAN_MAX_BLOCK_SLOTS and \
-            cdiv(T, 2 * block_t) >= FUSED_SCAN_MIN_GROWN_BLOCKS:
+    while not _table_fits(cdiv(T, block_t), E, fused_counts) and \
+            block_t * pow2(K) < FUSED_SCAN_MAX_BLOCK_SLOTS and cdiv(T, 2 * block_t) >= FUSED_SCAN_MIN_GROWN_BLOCKS:
         block_t *= 2
-    if FUSED_SCAN_MAX_BLOCKS < cdiv(T, block_t) and cdiv(T, block_t) * (E + 1) <= budget:
+    if FUSED_SCAN_MAX_BLOCKS < cdiv(T, block_t) and _table_fits(cdiv(T, block_t), E, fused_counts):
         return block_t                             # a table the copy programs scan
     max_block_t = max(min_block_t, (max_slots or MAX_BLOCK_SLOTS) // pow2(K))
     return min(max_block_t, max(min_block_t, pow2(cdiv(T, max_blocks or MAX_COUNT_BLOCKS))))
 
 
+def _table_fits(num_blocks: int, E: int, fused_counts: int = None) -> bool:
+    """Whether an NB x (E+1) count table is small enough for every copy program to scan it
+    (FUSED_SCAN_MAX_COUNTS, or fused_counts where given)."""
+    return num_blocks * (E + 1) <= (FUSED_SCAN_MAX_COUNTS if fused_counts is None else fused_counts)
+
+
 def _fused_scan(num_blocks: int, E: int, fused_counts: int = None) -> bool:
     """Whether the copy programs scan the NB x (E+1) count table themselves (no scan launch)."""
-    budget = FUSED_SCAN_MAX_COUNTS if fused_counts is None else fused_counts
-    return num_blocks <= FUSED_SCAN_MAX_BLOCKS or num_blocks * (E + 1) <= budget
+    return num_blocks <= FUSED_SCAN_MAX_BLOCKS or _table_fits(num_blocks, E, fused_counts)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -393,8 +405,7 @@ def _plan(T, K, E, H, count_block_t, copy_tile, pdl, fused_counts=None, rank_in_
     num_blocks = cdiv(T, count_block_t)
     fused_scan = _fused_scan(num_blocks, E, fused_counts)
     block_slots = count_block_t * k_pad
-    block_t, block_h, num_warps, *h_fast = copy_tile or copy_config(T, H)
-    h_fast = bool(h_fast and h_fast[0])
+    block_t, block_h, num_warps, h_fast = copy_config(T, H, copy_tile)
     if rank_in_copy is None:
         rank_in_copy = min(block_t, count_block_t) * k_pad * block_slots <= RANK_IN_COPY_MAX_COMPARES
     if fused_scan or rank_in_copy:
