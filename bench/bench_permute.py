@@ -65,6 +65,9 @@ VARIANTS = {
     "fused8192": dict(fused_counts=8192),
     "hfast4x2w": dict(copy=(4, 2, 1024, True)),
     "hfast2x2w": dict(copy=(2, 2, 1024, True)),
+    "hfast2x2w_sort": dict(copy=(2, 2, 1024, True), rank_in_copy=False),
+    "hfast2x4w_sort": dict(copy=(2, 4, 1024, True), rank_in_copy=False),
+    "hfast1x2w": dict(copy=(1, 2, 1024, True)),
 }
 
 

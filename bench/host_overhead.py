@@ -12,7 +12,8 @@ MoGELayer (its forward under inference_mode, router GEMM included), the `torch._
 and layer (bench/baselines.py) and, on sm_89+, "mlp fp8" (grouped_mlp with the same experts' fp8_block
 weights; --fp8 all adds "mlp fp8c", fp8_channel weights, and "MoGELayer fp8", the layer after
 quantize_("fp8_block")): the eager time (`triton.testing.do_bench` of plain calls, L2 flushed before each,
-as in the issue's table), the graph-replay time (`do_bench_cudagraph`), their difference, the host time
+as in the issue's table), the graph-replay time (`do_bench_cudagraph`), their difference, a call's share of
+back-to-back calls without a flush (what a loop of plain calls sees), the host time
 of one call (perf_counter around the call, the GPU idle before it: what the host spends before the
 kernels can run), the same with eager_direct=False (every op through torch.ops' dispatcher, the path
 before the eager direct calls), and the Triton launches per call that did not come from a cached handle
@@ -360,6 +361,24 @@ def _host_us(fn, n=50):
     return statistics.median(samples)
 
 
+def _loop_ms(fn, ms_per_call, budget_ms, repeats=3):
+    """ms per call of back-to-back calls (no flush, no sync inside the loop): median of `repeats` loops
+    of about budget_ms each."""
+    import torch
+    calls = max(5, min(200, int(budget_ms / max(ms_per_call, 1e-3))))
+    samples = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        samples.append(start.elapsed_time(end) / calls)
+    return statistics.median(samples)
+
+
 def gpu(args):
     import torch
     import triton
@@ -375,8 +394,10 @@ def gpu(args):
           f"do_bench_cudagraph (graph); host us = one call's host time, GPU idle")
     print("'host us ops': the same with eager_direct=False (every op through torch.ops' dispatcher, as "
           "before the direct path); 'slow/call': Triton launches not from a cached handle per call")
+    print("'loop ms': a call's share of back-to-back calls without a flush (events around the loop: what a "
+          "decode loop of plain calls sees, host time included where the GPU waits for it)")
     print(f"{'shape':<13} {'T':>5} {'op':<13} {'eager ms':>9} {'graph ms':>9} {'eager-graph':>11} "
-          f"{'host us':>8} {'host us ops':>11} {'slow/call':>9}")
+          f"{'loop ms':>9} {'host us':>8} {'host us ops':>11} {'slow/call':>9}")
     overhead = {}
     for name in shapes:
         shape = SHAPES[name]
@@ -391,6 +412,7 @@ def gpu(args):
                     graph = tt.do_bench_cudagraph(fn, rep=args.rep_ms, return_mode="median")
                 except Exception as err:  # noqa: BLE001  report it, keep the eager figure
                     print(f"    {op}: no graph ({type(err).__name__}: {str(err)[:80]})")
+                loop = _loop_ms(fn, graph if graph is not None else eager, args.rep_ms)
                 slow = _slow_launches()
                 host = _host_us(fn)
                 slow = (_slow_launches() - slow) / 50
@@ -401,8 +423,8 @@ def gpu(args):
                 if T == 1:
                     overhead[(name, op)] = diff
                 print(f"{name:<13} {T:>5} {op:<13} {eager:>9.4f} "
-                      f"{graph if graph is not None else float('nan'):>9.4f} {diff:>11.4f} {host:>8.1f} "
-                      f"{host_ops:>11.1f} {slow:>9.2f}", flush=True)
+                      f"{graph if graph is not None else float('nan'):>9.4f} {diff:>11.4f} {loop:>9.4f} "
+                      f"{host:>8.1f} {host_ops:>11.1f} {slow:>9.2f}", flush=True)
             del calls
             torch.cuda.empty_cache()
     if overhead:
