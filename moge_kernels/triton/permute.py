@@ -81,8 +81,10 @@ MAX_COUNT_BLOCKS = 128
 # Up to this many id compares a copy program (BLOCK_T * K_PAD slots against the count block's slots), the
 # copy programs rank their slots themselves (RANK_IN_COPY, before they wait for the counts) and the rank
 # launch only counts (H200, bench/results/permute_rank_h200_12dbf43.txt: Mixtral T=1024 1.83x the floor
-# against 2.04x, T=4096 1.22x against 1.25x; 8192 compares, Qwen3-30B and Pangu at K=8, were slower).
-RANK_IN_COPY_MAX_COMPARES = 2048
+# against 2.04x, T=4096 1.22x against 1.25x; 8192 compares, Qwen3-30B and Pangu at K=8, were slower, and
+# so were 2048, gpt-oss-20b T=4096 with 2-token copy tiles: 1.31x against 1.26x with the sort,
+# bench/results/permute_tiles_h200_5eefb7c.txt).
+RANK_IN_COPY_MAX_COMPARES = 1024
 # Buckets per scan program, and the most count blocks one load of its tile takes
 # ([SCAN_TILE_ELEMS // SCAN_COLS, SCAN_COLS] counts and as many prefixes).
 SCAN_COLS = 16
@@ -339,8 +341,11 @@ def copy_config(T: int, H: int, override: tuple = None):
         return block_t, block_h, num_warps, bool(h_fast and h_fast[0])
     block_h = min(pow2(H), 1024)   # one 16-byte vector a thread per token at 4 warps (16-bit)
     # Decode: one token a program (T*H/BLOCK_H programs); prefill: 4 tokens a program put 4 loads and
-    # 4*K stores in flight per thread behind one round of index loads.
-    block_t = 1 if T < 1024 else 4
+    # 4*K stores in flight per thread behind one round of index loads. Where H is no multiple of BLOCK_H
+    # (a partly masked last H block), 2 tokens at the same 4 warps (H200, same run,
+    # bench/results/permute_tiles_h200_5eefb7c.txt: gpt-oss-20b, H=2880, T=4096 1.26x the floor against 1.31x;
+    # Qwen3-30B and Mixtral, whose H are multiples, were slower so, Pangu the same)
+    block_t = 1 if T < 1024 else 4 if H % block_h == 0 else 2
     if _INTERPRET:   # the interpreter pays per program and per op, not per element: few, big programs
         block_t = 16
     num_warps = max(1, min(4, block_t * block_h // 256))
