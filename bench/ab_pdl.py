@@ -2,8 +2,9 @@
 the median over rounds (CUDA, bf16, sm_90+). The floor: the bytes the call must move.
 
 --switch pdl (option triton_pdl: programmatic dependent launch): the Triton grouped_dispatch (Pangu
-routing), grouped_permute (Qwen3-30B, gpt-oss-20b, Mixtral widths) and the Pangu-shape grouped_mlp in
-bf16 and FP8 (fp8_block); the mlp's floor: the weights of the experts with rows.
+routing), grouped_permute (Qwen3-30B, gpt-oss-20b, Mixtral widths), the Pangu-shape grouped_mlp in
+bf16 and FP8 (fp8_block) and the bf16 layer (moge_forward, cases "layer"); the mlp's and the layer's
+floor: the weights of the experts with rows.
 --switch quant_in_load (fp8_gemm.QUANT_X_SWAPPED: the swapped decode tiles quantize x and h in their
 loads, two launches, or the row kernel does before each GEMM, four): the FP8 (fp8_block) grouped_mlp at
 the Pangu and Qwen3-30B shapes and the FP8 MoGELayer at Pangu's (cases "mlp").
@@ -23,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from moge_kernels.bench.timing import Timer, capture_graph, measure_ceilings  # noqa: E402
 import moge_kernels as mk  # noqa: E402
 from moge_kernels import fp8  # noqa: E402
-from moge_kernels.testing import make_routing_inputs, make_topk_ids  # noqa: E402
+from moge_kernels.testing import make_expert_weights, make_routing_inputs, make_topk_ids  # noqa: E402
 from moge_kernels.triton import dispatch as td, fp8_gemm, permute as tp  # noqa: E402
 
 PERMUTE_MODELS = {"qwen3-30b-a3b": (2048, 128, 8), "gpt-oss-20b": (2880, 32, 4), "mixtral-8x7b": (4096, 8, 2)}
@@ -80,6 +81,13 @@ def cases(T, kinds, switch="pdl"):
         yield from mlp_cases(T, switch)
     if switch != "pdl":
         return
+    if "layer" in kinds:     # the whole layer: each op's first launch depends on the op before it
+        H, I, E, G = 5120, 1344, 64, 8
+        hidden, logits = make_routing_inputs(T, E, H, torch.bfloat16, "cuda", seed=T)
+        w_gate_up, w_down = make_expert_weights(E, H, I, torch.bfloat16, "cuda", seed=T)
+        active = int((mk.grouped_dispatch(hidden, logits, G)[3].diff() > 0).sum())
+        yield ("layer pangu bf16", active * 3 * H * I * 2,
+               _with_pdl(lambda: mk.moge_forward(hidden, logits, w_gate_up, w_down, G)))
     hidden, logits = make_routing_inputs(T, 64, 5120, torch.bfloat16, "cuda", seed=T)
     if "dispatch" in kinds:
         yield ("dispatch pangu", T * 5120 * 2 * 9 + T * 64 * 4,

@@ -593,3 +593,40 @@ def test_gpu_mlp_dependent_launch_changes_no_bit(T, streams):
             runs[pdl] = (eager, captured.clone())
     assert torch.equal(runs[True][0], runs[False][0]) and torch.equal(runs[True][1], runs[False][1])
     assert torch.equal(runs[True][0], runs[True][1])
+
+
+@needs_gpu
+@pytest.mark.parametrize("route", ["dispatch", "permute"])
+@pytest.mark.parametrize("T", [1, 16, 128, 1024])
+def test_gpu_layer_dependent_launches_change_no_bit(T, route):
+    """Every op's first launch as a dependent launch of the op before it (option triton_pdl: gate_up after
+    the dispatch's or the permute's last launch, combine after the down GEMM, each waiting before it reads
+    anything) or as plain launches: the same bits for the whole chain, eagerly and as a graph replay
+    (back to back, so each op's launch overlaps the previous op's), Pangu shape, MoGE routing through
+    grouped_dispatch or plain top-8 ids through grouped_permute."""
+    H, I, E, G = 5120, 1344, 64, 8
+    hidden, logits = testing.make_routing_inputs(T, E, H, torch.bfloat16, "cuda", seed=T)
+    w_gate_up, w_down = testing.make_expert_weights(E, H, I, torch.bfloat16, "cuda", seed=T)
+    ids = testing.make_topk_ids(T, G, E, seed=T, device="cuda", drop=0.1, empty_every=3)
+    weights = torch.rand(T, G, device="cuda")
+
+    def chain():
+        if route == "dispatch":
+            x, w, _, offsets, row_index = torch.ops.moge.grouped_dispatch(hidden, logits, G)
+        else:
+            (x, offsets, row_index), w = torch.ops.moge.grouped_permute(hidden, ids, E), weights
+        y = torch.ops.moge.grouped_mlp(x, w_gate_up, w_down, offsets)
+        return torch.ops.moge.grouped_combine(y, w, row_index)
+
+    runs = {}
+    for pdl in (True, False):
+        with moge_kernels.use_options(triton_pdl=pdl), moge_kernels.use_backend("triton"), torch.no_grad():
+            eager = chain()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                captured = chain()
+            graph.replay()
+            torch.cuda.synchronize()
+            runs[pdl] = (eager, captured.clone())
+    assert torch.equal(runs[True][0], runs[False][0]) and torch.equal(runs[True][1], runs[False][1])
+    assert torch.equal(runs[True][0], runs[True][1])

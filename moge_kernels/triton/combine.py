@@ -21,7 +21,7 @@ import triton.language as tl
 from .. import options
 from ..registry import register_kernel
 from . import DEVICES
-from .launch import Kernel, pow2
+from .launch import Kernel, gdc_launch_dependents, gdc_wait, pow2, use_pdl
 
 _INTERPRET = options.TRITON_INTERPRET
 
@@ -35,8 +35,14 @@ def _combine_kernel(
     out_ptr,             # [T, H] contiguous, expert_out's dtype
     T, H, stride_er, stride_wt, stride_wk, stride_rt, stride_rk, stride_st,
     K: tl.constexpr, HAS_SHARED: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+    USE_GDC: tl.constexpr,
 ):
-    """Grid (cdiv(T, BLOCK_T), cdiv(H, BLOCK_H))."""
+    """Grid (cdiv(T, BLOCK_T), cdiv(H, BLOCK_H)). USE_GDC: a dependent launch (programmatic dependent
+    launch): it may start while the launch before it (the down GEMM) finishes and waits for it before
+    reading anything; the next op's first launch may start once every program has begun."""
+    if USE_GDC:
+        gdc_launch_dependents()
+        gdc_wait()
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     t_ok = t < T
@@ -56,7 +62,8 @@ def _combine_kernel(
     tl.store(out_ptr + t.to(tl.int64)[:, None] * H + h[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-_combine = Kernel(_combine_kernel, ("K", "HAS_SHARED", "BLOCK_T", "BLOCK_H", "num_warps"))
+_combine = Kernel(_combine_kernel, ("K", "HAS_SHARED", "BLOCK_T", "BLOCK_H", "USE_GDC", "num_warps",
+                                     "launch_pdl"))
 
 
 @functools.lru_cache(maxsize=4096)
@@ -87,12 +94,13 @@ def grouped_combine(expert_out, topk_weights, row_index, shared_out=None, *, con
         shared_out = shared_out.contiguous()
     has_shared = shared_out is not None
     block_t, block_h, num_warps = config or _combine_config(T, H)
+    pdl = use_pdl(expert_out.device)
     _combine.launch(
         ((T + block_t - 1) // block_t, (H + block_h - 1) // block_h),
         (expert_out, topk_weights, row_index, shared_out if has_shared else expert_out, out,
          T, H, expert_out.stride(0), topk_weights.stride(0), topk_weights.stride(1),
          row_index.stride(0), row_index.stride(1), shared_out.stride(0) if has_shared else 0),
-        (K, has_shared, block_t, block_h, num_warps))
+        (K, has_shared, block_t, block_h, pdl, num_warps, pdl))
     return out
 
 

@@ -233,11 +233,14 @@ def _route_permute_kernel(
     E: tl.constexpr, S: tl.constexpr, G: tl.constexpr, K_G: tl.constexpr, K: tl.constexpr,
     G_PAD: tl.constexpr, S_PAD: tl.constexpr, KG_PAD: tl.constexpr,
     BLOCK_T: tl.constexpr, SCORE_FUNC: tl.constexpr, RENORMALIZE: tl.constexpr, HAS_SCALE: tl.constexpr,
-    PRECISE: tl.constexpr, BLOCK_H: tl.constexpr,
+    PRECISE: tl.constexpr, BLOCK_H: tl.constexpr, USE_GDC: tl.constexpr,
 ):
     """Grid (cdiv(H, BLOCK_H),), all T <= BLOCK_T tokens in one routing tile: every program routes them
     all (a tile of a few hundred scores), so each knows every row's place, and copies its columns of
-    them; program 0 writes the index outputs. One launch instead of two for decode."""
+    them; program 0 writes the index outputs. One launch instead of two for decode. USE_GDC: the next
+    op's first launch may start now (it waits for this one before reading anything)."""
+    if USE_GDC:
+        gdc_launch_dependents()
     pid_h = tl.program_id(0)
     t3 = tl.arange(0, BLOCK_T)[:, None, None]
     g3 = tl.arange(0, G_PAD)[None, :, None]
@@ -346,6 +349,8 @@ def _permute_kernel(
     block pid_h.
 
     FUSED_SCAN needs BLOCK_T <= ROUTE_BLOCK_T (both powers of two): a program's tokens share one block."""
+    if USE_GDC:   # the next op's first launch may start now (it waits for this one before reading)
+        gdc_launch_dependents()
     pid_t, pid_h = copy_program(H, BLOCK_H, H_FAST)
     t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     t_ok = t < T
@@ -396,7 +401,7 @@ _ROUTE_META = ("E", "S", "G", "K_G", "K", "G_PAD", "S_PAD", "KG_PAD", "BLOCK_T",
 # USE_GDC and launch_pdl (launch.use_pdl) go together, as in permute.py: the scan and the permute start
 # while the kernel before them finishes; the routing kernel, first of the chain, launches as usual.
 _route = Kernel(_route_kernel, _ROUTE_META + ("USE_GDC",))
-_route_permute = Kernel(_route_permute_kernel, _ROUTE_META + ("BLOCK_H",))
+_route_permute = Kernel(_route_permute_kernel, _ROUTE_META + ("BLOCK_H", "USE_GDC"))
 _scan = Kernel(_scan_kernel, ("E", "S", "G", "K_G", "S_PAD", "CHUNK_B", "USE_GDC", "num_warps", "launch_pdl"))
 _permute = Kernel(_permute_kernel, ("E", "S", "G", "K_G", "K", "G_PAD", "S_PAD", "NB_PAD", "FUSED_SCAN",
                                     "ROUTE_BLOCK_T", "BLOCK_T", "BLOCK_H", "H_FAST", "USE_GDC", "num_warps",
@@ -419,7 +424,7 @@ def _plan(T, E, H, G, k_g, score_func, renormalize, has_scale, route_block_t, co
         block_h = min(pow2(H), 1024) if _INTERPRET else min(pow2(H), max(128, 1024 // block_t))
         num_warps = max(1, min(4, block_t * block_h // 256))
         meta = (E, S, G, k_g, K, g_pad, s_pad, kg_pad, block_t, score_func, renormalize, has_scale, precise,
-                num_warps, block_h)
+                num_warps, block_h, pdl)
         return meta, (max(1, cdiv(H, block_h)),)
     if route_block_t is None:
         route_block_t = max(1, ROUTE_BLOCK_ELEMS // (g_pad * s_pad))

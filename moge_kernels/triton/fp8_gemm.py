@@ -286,21 +286,25 @@ def _fp8_gemm_kernel(
         TWO: tl.constexpr, SCALAR_COLS: tl.constexpr, QUANT_X: tl.constexpr,
         QUANT_OUT: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, ROUND: tl.constexpr,
         EXPLICIT_ROUND: tl.constexpr, USE_TMA: tl.constexpr, ZERO_TAIL: tl.constexpr,
-        TILE_N: tl.constexpr, FAST_ACC: tl.constexpr, SWAP_AB: tl.constexpr, USE_GDC: tl.constexpr):
+        TILE_N: tl.constexpr, FAST_ACC: tl.constexpr, SWAP_AB: tl.constexpr, USE_GDC: tl.constexpr,
+        WAIT_FIRST: tl.constexpr):
     """Grid: (max_row_tiles * num_n_tiles,); see the module docstring. A tile is sub-tile 0 (weight rows
     [col0, col0+BN)) and, with TWO, sub-tile 1 (rows sub_shift further: SwiGLU's up rows, or the next BN
     columns of a plain GEMM), each with its own accumulator. ZERO_TAIL: the programs past the real work
-    write zeros to the rows past offsets[E] (grouped_gemm.zero_tail_tile)."""
+    write zeros to the rows past offsets[E] (grouped_gemm.zero_tail_tile). WAIT_FIRST (the op's first
+    launch): every input may be the launch before it's output, so it waits before reading anything."""
     pid = tl.program_id(0)
     if USE_GDC:   # the launch after this one may start now; it waits for this one before reading
         gdc_launch_dependents()
-    # expert_offsets and the weights are older than the op's chain of launches (its first launch is not
-    # a dependent one): read before gdc_wait, while the launch before this one finishes
+        if WAIT_FIRST:
+            gdc_wait()
+    # Later launches of the op: expert_offsets and the weights are older than the op's chain of launches,
+    # read before gdc_wait, while the launch before this one finishes
     experts, starts, ends, m_tiles, work_begin, work_end = _schedule(offsets_ptr, num_n_tiles, E,
                                                                      E_POW2, BM)
     total = tl.max(work_end, 0)
     if pid >= total:
-        if USE_GDC:
+        if USE_GDC and not WAIT_FIRST:
             gdc_wait()
         if ZERO_TAIL:
             zero_tail_tile(y_ptr, offsets_ptr, pid - total, M, N_OUT, num_n_tiles, stride_ym, E, BM, TILE_N)
@@ -340,7 +344,7 @@ def _fp8_gemm_kernel(
     # coalesced vector with k-major scale storage) and one weight scale per sub-tile (SCALAR_COLS)
     sc0 = _col_scales(ws_ptr, 0, col0, W_ROWS, KB, PART_ROWS, NB, BN, BLOCK_N, SCALAR_COLS)
     sc1 = _col_scales(ws_ptr, 0, r1, W_ROWS, KB, PART_ROWS, NB, BN, BLOCK_N, SCALAR_COLS)
-    if USE_GDC:   # x and its scales may be the output of the launch before this one
+    if USE_GDC and not WAIT_FIRST:   # x and its scales may be the output of the launch before this one
         gdc_wait()
     if PER_K and not QUANT_X:
         sa = tl.load(xs_ptrs, mask=xs_ok, other=1.0)
@@ -429,16 +433,17 @@ def _fp8_gemm_kernel(
 
 
 # Cached launches (launch.Kernel: Triton's per-call argument binding done once per specialisation)
-# USE_GDC and launch_pdl (launch.use_pdl): an op's launches after its first start while the one before
-# them finishes (programmatic dependent launch, as permute.py's), each waiting (gdc_wait) before it reads
-# what that one wrote; the first launches as usual (its inputs may still be in the making).
+# USE_GDC and launch_pdl (launch.use_pdl): every launch may start while the one before it finishes
+# (programmatic dependent launch), waiting (gdc_wait) before it reads what that one wrote: the op's
+# first launch before it reads anything (its inputs may be the previous op's outputs), a later one after
+# it has scheduled its tile from what is older than the op.
 _quantize_rows = Kernel(_quantize_rows_kernel, ("BM", "G", "ONE_GROUP", "EXPLICIT_ROUND", "USE_GDC", "num_warps",
                                                 "launch_pdl"))
 _permute = Kernel(_permute_fp8_kernel, ("K", "BT", "G", "ONE_GROUP", "EXPLICIT_ROUND", "num_warps"))
 _gemm = Kernel(_fp8_gemm_kernel, (
     "E", "E_POW2", "BM", "BN", "BK", "BLOCK_N", "BLOCK_K", "PER_K", "SWIGLU", "TWO", "SCALAR_COLS", "QUANT_X",
     "QUANT_OUT", "HAS_ROW_SCALE", "ROUND", "EXPLICIT_ROUND", "USE_TMA", "ZERO_TAIL", "TILE_N", "FAST_ACC",
-    "SWAP_AB", "USE_GDC", "num_warps", "num_stages", "maxnreg", "launch_pdl"))
+    "SWAP_AB", "USE_GDC", "WAIT_FIRST", "num_warps", "num_stages", "maxnreg", "launch_pdl"))
 Fp8Config = gemm_configs.Fp8Config
 _forced: dict[str, Fp8Config] = {}   # bench/bench_fp8.py --sweep, tests: "gate_up" / "down" -> config
 
@@ -453,11 +458,10 @@ def _interpreted(t: torch.Tensor) -> bool:
     return t.device.type != "cuda"     # the triton backend runs CPU tensors only under the interpreter
 
 
-def quantize_rows(x: torch.Tensor, group: int, q=None, s=None, chained: bool = False
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_rows(x: torch.Tensor, group: int, q=None, s=None) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] float -> (e4m3 [M, K], fp32 scales [M, ceil(K/group)] or [M, 1] for group 0, k-major),
-    written to q and s where given (else allocated). chained: not its op's first launch (a dependent
-    launch where launch.use_pdl)."""
+    written to q and s where given (else allocated). A dependent launch where launch.use_pdl: it waits
+    for the launch before it before reading x."""
     M, K = x.shape
     if q is None:
         q = torch.empty(M, K, dtype=fp8.E4M3, device=x.device)
@@ -469,7 +473,7 @@ def quantize_rows(x: torch.Tensor, group: int, q=None, s=None, chained: bool = F
     BM = 32
     pdl = use_pdl(x.device)
     _quantize_rows.launch((cdiv(M, BM), kb), (x, q, s, M, K, x.stride(0), q.stride(0), s.stride(0), s.stride(1)),
-                          (BM, G, group == 0, _interpreted(x), pdl, 4, pdl and chained))
+                          (BM, G, group == 0, _interpreted(x), pdl, 4, pdl))
     return q, s
 
 
@@ -496,7 +500,8 @@ def permute_fp8(hidden, row_index, expert_offsets, group=128):
 def launch_fp8_gemm(x, x_scale, w, w_scale, expert_offsets, out, out_scale, block_n, block_k, cfg, *,
                     swiglu, quant_x, quant_out, round_dtype, row_scale=None, zero_tail=False, chained=False):
     """out[rows of e] = x[rows of e] @ dequant(w[e])^T (SwiGLU of it with swiglu); zero_tail: zeros in
-    out's rows past expert_offsets[E]; chained: not its op's first launch (quantize_rows). No host sync."""
+    out's rows past expert_offsets[E]; chained: not its op's first launch (the row kernel or gate_up ran
+    before it in this op), so it reads expert_offsets before waiting for that launch. No host sync."""
     M, K = x.shape
     E, w_rows = w.shape[:2]
     n_out = w_rows // 2 if swiglu else w_rows
@@ -543,8 +548,8 @@ def launch_fp8_gemm(x, x_scale, w, w_scale, expert_offsets, out, out_scale, bloc
         os_.stride(1) if out_scale is not None else 0), (
         E, max(2, pow2(E)), BM, BN, BK, block_n, max(block_k, 1), per_k, swiglu, two, scalar_cols, quant_x,
         quant_out, has_row_scale, ROUND_CODES[round_dtype], _interpreted(x), use_tma, zero_tail and not swiglu,
-        tile_n, not per_k and options.current.fp8_fast_accum, cfg.swap, pdl, cfg.num_warps, cfg.num_stages,
-        launch_cap(cfg, x), pdl and chained))
+        tile_n, not per_k and options.current.fp8_fast_accum, cfg.swap, pdl, not chained, cfg.num_warps,
+        cfg.num_stages, launch_cap(cfg, x), pdl))
     return out
 
 
@@ -661,7 +666,7 @@ def _mlp_launches(tensors, y, block_n, block_k, dtype):
         h, hq, hs = buffers
         launch_fp8_gemm(xq, xs, w_gate_up, w_gate_up_scale, offsets, h, None, block_n, block_k, cfg_gu,
                         swiglu=True, quant_x=False, quant_out=False, chained=quantized_here, **common)
-        quantize_rows(h, block_k, hq, hs, chained=True)
+        quantize_rows(h, block_k, hq, hs)
     return launch_fp8_gemm(hq, hs, w_down, w_down_scale, offsets, y, None, block_n, block_k, cfg_dn,
                            quant_x=False, chained=True, **down)
 

@@ -239,20 +239,23 @@ def _grouped_gemm_kernel(
         SWIGLU: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
         USE_TMA: tl.constexpr, TAIL_BM: tl.constexpr, SPLIT_N_TAIL: tl.constexpr,
         WIDE: tl.constexpr, PACK: tl.constexpr, DOT_PRECISION: tl.constexpr, ZERO_TAIL: tl.constexpr,
-        USE_GDC: tl.constexpr):
+        USE_GDC: tl.constexpr, WAIT_FIRST: tl.constexpr):
     """Grid: (max_row_tiles * num_n_tiles,); see the module docstring for the schedule. ZERO_TAIL: the
     programs past the real work write zeros to the rows past offsets[E] (zero_tail_tile). USE_GDC: a
-    launch of a dependent chain (grouped_mlp): the next launch may start once every program has begun;
-    a dependent launch (the down GEMM) schedules its tile from expert_offsets (older than the op) while
-    the launch before it finishes, then waits for that one's writes (x; a no-op where it launched as
-    usual)."""
+    dependent launch (programmatic dependent launch; gdc_wait is a no-op where it launched as usual), and
+    the next launch may start once every program has begun. WAIT_FIRST (an op's first launch): every
+    input may be the launch before it's output (dispatch's or permute's), so it waits before reading
+    anything; otherwise (grouped_mlp's down GEMM) it schedules its tile from expert_offsets (older than
+    the op) while the launch before it finishes, then waits for that one's writes (x)."""
     pid = tl.program_id(0)
     if USE_GDC:
         gdc_launch_dependents()
+        if WAIT_FIRST:
+            gdc_wait()
     experts, starts, ends, m_tiles, work_begin, work_end = _schedule(offsets_ptr, num_n_tiles, E,
                                                                      E_POW2, BM)
     total = tl.max(work_end, 0)
-    if USE_GDC:
+    if USE_GDC and not WAIT_FIRST:
         gdc_wait()
     if pid >= total:
         if ZERO_TAIL:
@@ -353,7 +356,7 @@ def _tma_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 _TILED_META = ("E", "E_POW2", "BM", "BN", "BK", "SWIGLU", "HAS_ROW_SCALE", "HAS_BIAS", "EVEN_K", "USE_TMA",
                "TAIL_BM", "SPLIT_N_TAIL", "WIDE", "PACK", "DOT_PRECISION", "num_warps", "num_stages", "ZERO_TAIL",
-               "USE_GDC", "launch_pdl")
+               "USE_GDC", "WAIT_FIRST", "launch_pdl")
 _tiled = Kernel(_grouped_gemm_kernel, _TILED_META)
 _persistent = Kernel(_grouped_gemm_persistent_kernel, ("E", "E_POW2", "BM", "BN", "BK", "HAS_ROW_SCALE",
                                                        "HAS_BIAS", "PACKED", "DOT_PRECISION", "num_warps",
@@ -500,7 +503,7 @@ def _weight_view(plan: _Plan, x, w):
 def launch_grouped_gemm(x: torch.Tensor, w: torch.Tensor, expert_offsets: torch.Tensor,
                         out: torch.Tensor, swiglu: bool, row_scale=None,
                         config: gemm_configs.GemmConfig | None = None, zero_tail: bool = False,
-                        bias=None, chained: bool = False, feeds_next: bool = False) -> torch.Tensor:
+                        bias=None, chained: bool = False) -> torch.Tensor:
     """out[rows of e] = x[rows of e] @ w[e]^T (+ bias[e]) (or silu(gate) * up of it when swiglu). No host
     sync. zero_tail: also zeros in out's rows past expert_offsets[E] (rows of no expert).
 
@@ -508,9 +511,10 @@ def launch_grouped_gemm(x: torch.Tensor, w: torch.Tensor, expert_offsets: torch.
     [E, W_ROWS, Kd/B, B] (packing.pack_expert_weights), out [M, N_OUT] contiguous, expert_offsets [E+1]
     int32 contiguous, row_scale [M] fp32 contiguous or None, bias [E, N_OUT] contiguous or None (not with
     swiglu). Programmatic dependent launch where launch.use_pdl (the tiled kernel; the persistent one
-    launches as usual): chained, x is the output of the launch just before this one on this stream and
-    expert_offsets, w, row_scale and bias are older than that launch (grouped_mlp's down GEMM), so this
-    launch may start while that one finishes; feeds_next, the next launch is such a dependent one (gate_up)."""
+    launches as usual): the launch may start while the one before it on this stream finishes, and waits
+    for it before reading any input (an op's first launch: its inputs may be the previous op's outputs),
+    or with chained, where x alone is that launch's output and expert_offsets, w, row_scale and bias are
+    older (grouped_mlp's down GEMM), before reading x."""
     M, K = x.shape
     E, w_rows = w.shape[:2]
     if M == 0 or w_rows < (2 if swiglu else 1):
@@ -544,12 +548,12 @@ def launch_grouped_gemm(x: torch.Tensor, w: torch.Tensor, expert_offsets: torch.
         _persistent.launch(plan.grid, (x_desc, w_desc, out, expert_offsets, scale, bias, plan.n_out, K, w_rows,
                                        plan.num_n_tiles, plan.num_programs, out.stride(0)), plan.meta)
         return zero_rows_past_experts(out, expert_offsets) if zero_tail else out
-    pdl = (chained or feeds_next) and use_pdl(x.device)
+    pdl = use_pdl(x.device)
     _tiled.launch(plan.grid, (
         x, w, x_desc, x_desc_tail, w_desc, w_desc_half, out, expert_offsets, scale, bias,
         M, plan.n_out, K, w_rows, plan.num_n_tiles,
         x.stride(0), w.stride(0), w.stride(1), w.stride(2) if pack else 0, out.stride(0)),
-        plan.meta + (zero_tail, pdl, pdl and chained))
+        plan.meta + (zero_tail, pdl, not chained, pdl))
     return out
 
 
@@ -696,7 +700,7 @@ def grouped_mlp(x, w_gate_up, w_down, expert_offsets, row_scale=None):
     if row_scale is not None and (row_scale.dtype != torch.float32 or not row_scale.is_contiguous()):
         row_scale = row_scale.to(torch.float32).contiguous()
     if not _two_streams(x, E, I):
-        launch_grouped_gemm(x, w_gate_up, offsets, h, swiglu=True, feeds_next=True)
+        launch_grouped_gemm(x, w_gate_up, offsets, h, swiglu=True)
         return launch_grouped_gemm(h, w_down, offsets, y, swiglu=False, row_scale=row_scale, zero_tail=True,
                                    chained=True)
     # Experts [0, E/2) on this stream, [E/2, E) on a side stream; offsets hold absolute rows, so a slice
@@ -711,13 +715,11 @@ def grouped_mlp(x, w_gate_up, w_down, expert_offsets, row_scale=None):
     side, fork, join = _side_stream(x.device)
     fork.record(main)
     side.wait_event(fork)
-    launch_grouped_gemm(x, w_gate_up[:half], offsets[:half + 1], h, swiglu=True, config=cfg_gate_up,
-                        feeds_next=True)
+    launch_grouped_gemm(x, w_gate_up[:half], offsets[:half + 1], h, swiglu=True, config=cfg_gate_up)
     launch_grouped_gemm(h, w_down[:half], offsets[:half + 1], y, swiglu=False, row_scale=row_scale,
                         config=cfg_down, chained=True)
     with torch.cuda.stream(side):      # (one stream switch a call: the first half runs where we are)
-        launch_grouped_gemm(x, w_gate_up[half:], offsets[half:], h, swiglu=True, config=cfg_gate_up,
-                            feeds_next=True)
+        launch_grouped_gemm(x, w_gate_up[half:], offsets[half:], h, swiglu=True, config=cfg_gate_up)
         # the half ending at expert E also zeros the rows past offsets[E]
         launch_grouped_gemm(h, w_down[half:], offsets[half:], y, swiglu=False, row_scale=row_scale,
                             config=cfg_down, zero_tail=True, chained=True)

@@ -211,6 +211,8 @@ def _copy_kernel(
     Every index load of the program's BLOCK_T x K slots is issued with the hidden tile's, before the
     first store: the K stores then run back to back from registers (a load after a store to another
     pointer cannot be hoisted above it, so loading per slot would chain 2K round trips)."""
+    if USE_GDC:   # the next op's first launch may start now (it waits for this one before reading)
+        gdc_launch_dependents()
     pid_t, pid_h = copy_program(H, BLOCK_H, H_FAST)
     t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     t_ok = t < T
@@ -285,14 +287,17 @@ def _one_pass_kernel(
     permuted_ptr,        # [T*K, H] out, contiguous
     T, H, stride_ht, stride_it, stride_ik,
     E: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr, S: tl.constexpr, NUM_BINS: tl.constexpr,
-    BLOCK_H: tl.constexpr,
+    BLOCK_H: tl.constexpr, USE_GDC: tl.constexpr,
 ):
     """Grid (cdiv(H, BLOCK_H),), S = pow2(T * K_PAD) <= ONE_PASS_MAX_SLOTS: the whole permute of a
     decode step. Every program sorts all the slots' keys, bucket * S + (t * K_PAD + k) (bucket: the
     expert, E for a dropped slot, E + 1 for padding, which sorts last): sorted position p is the row of
     the slot its key names, so the program copies in that order, each row from its token's hidden row
     (a dropped slot's row with zeros). Program 0 also writes row_index and expert_offsets (the exclusive
-    cumsum of the bucket counts)."""
+    cumsum of the bucket counts). USE_GDC: the next op's first launch may start now (it waits for this
+    one before reading anything)."""
+    if USE_GDC:
+        gdc_launch_dependents()
     pid_h = tl.program_id(0)
     i = tl.arange(0, S)                               # flat slot, (token, slot) order
     ti = i // K_PAD
@@ -330,7 +335,7 @@ _rank = Kernel(_rank_kernel, ("E", "K", "K_PAD", "BLOCK_T", "NUM_BINS", "PREFIX"
 _scan = Kernel(_scan_kernel, ("E", "CHUNK_B", "COLS", "USE_GDC", "num_warps", "launch_pdl"))
 _copy = Kernel(_copy_kernel, ("E", "K", "K_PAD", "E_PAD", "NB_PAD", "FUSED_SCAN", "COUNT_BLOCK_T", "BLOCK_T",
                               "BLOCK_H", "H_FAST", "RANK_IN_COPY", "USE_GDC", "num_warps", "launch_pdl"))
-_one_pass = Kernel(_one_pass_kernel, ("E", "K", "K_PAD", "S", "NUM_BINS", "BLOCK_H", "num_warps"))
+_one_pass = Kernel(_one_pass_kernel, ("E", "K", "K_PAD", "S", "NUM_BINS", "BLOCK_H", "USE_GDC", "num_warps"))
 
 
 def copy_config(T: int, H: int, override: tuple = None):
@@ -390,14 +395,14 @@ def _fused_scan(num_blocks: int, E: int, fused_counts: int = None) -> bool:
 
 
 @functools.lru_cache(maxsize=4096)
-def _one_pass_plan(T, K, E, H):
+def _one_pass_plan(T, K, E, H, pdl=False):
     """(meta, grid) of the one-pass launch, or None where the call is too large for it."""
     k_pad = pow2(K)
     slots = pow2(T * k_pad)
     if slots > ONE_PASS_MAX_SLOTS:
         return None
     block_h = min(pow2(H), 1024, max(16, ONE_PASS_TILE_ELEMS // slots))
-    return (E, K, k_pad, slots, pow2(E + 2), block_h, 4), (max(1, cdiv(H, block_h)),)
+    return (E, K, k_pad, slots, pow2(E + 2), block_h, pdl, 4), (max(1, cdiv(H, block_h)),)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -446,15 +451,15 @@ def grouped_permute(hidden, topk_ids, num_experts, *, count_block_t=None, copy_c
     if hidden.stride(1) != 1:
         hidden = hidden.contiguous()
     sit, sik = topk_ids.stride()
-    one_pass = None if count_block_t or copy_config else _one_pass_plan(T, K, E, H)
+    pdl = use_pdl(device) if pdl is None else bool(pdl)
+    one_pass = None if count_block_t or copy_config else _one_pass_plan(T, K, E, H, pdl)
     if one_pass is not None:
         expert_offsets = torch.empty(E + 1, dtype=torch.int32, device=device)  # [E+1] int32
         _one_pass.launch(one_pass[1], (hidden, topk_ids, expert_offsets, row_index, permuted, T, H,
                                        hidden.stride(0), sit, sik), one_pass[0])
         return permuted, expert_offsets, row_index
     num_blocks, rank_in_copy, rank_meta, scan_meta, scan_grid, copy_meta, grid = _plan(
-        T, K, E, H, count_block_t, copy_config, use_pdl(device) if pdl is None else bool(pdl), fused_counts,
-        rank_in_copy)
+        T, K, E, H, count_block_t, copy_config, pdl, fused_counts, rank_in_copy)
     expert_offsets = torch.empty(E + 1, dtype=torch.int32, device=device)  # [E+1] int32
     table = num_blocks * (E + 1)
     ranks = 0 if rank_in_copy else T * K                                     # slot_rank's entries
