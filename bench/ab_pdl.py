@@ -1,15 +1,11 @@
-"""A switch on and off, in interleaved rounds, as CUDA-graph replays with a cold L2, medians per round, then
-the median over rounds (CUDA, bf16, sm_90+). The floor: the bytes the call must move.
+"""Programmatic dependent launch (option triton_pdl) on and off, in interleaved rounds, as CUDA-graph
+replays with a cold L2, medians per round, then the median over rounds (CUDA, bf16, sm_90+): the Triton
+grouped_dispatch (Pangu routing), grouped_permute (Qwen3-30B, gpt-oss-20b, Mixtral widths), the
+Pangu-shape grouped_mlp in bf16 and FP8 (fp8_block) and the bf16 layer (moge_forward, cases "layer",
+where each op's first launch depends on the op before it). The floor: the bytes the call must move (for
+the mlp and the layer, the weights of the experts with rows).
 
---switch pdl (option triton_pdl: programmatic dependent launch): the Triton grouped_dispatch (Pangu
-routing), grouped_permute (Qwen3-30B, gpt-oss-20b, Mixtral widths), the Pangu-shape grouped_mlp in
-bf16 and FP8 (fp8_block) and the bf16 layer (moge_forward, cases "layer"); the mlp's and the layer's
-floor: the weights of the experts with rows.
---switch quant_in_load (fp8_gemm.QUANT_X_SWAPPED: the swapped decode tiles quantize x and h in their
-loads, two launches, or the row kernel does before each GEMM, four): the FP8 (fp8_block) grouped_mlp at
-the Pangu and Qwen3-30B shapes and the FP8 MoGELayer at Pangu's (cases "mlp").
-
-    python3 bench/ab_pdl.py [--switch pdl] [--tokens 1024,4096,16384] [--rounds 5] [--cases dispatch,permute,mlp]
+    python3 bench/ab_pdl.py [--tokens 1024,4096,16384] [--rounds 5] [--cases dispatch,permute,mlp,layer]
 """
 from __future__ import annotations
 
@@ -25,7 +21,7 @@ from moge_kernels.bench.timing import Timer, capture_graph, measure_ceilings  # 
 import moge_kernels as mk  # noqa: E402
 from moge_kernels import fp8  # noqa: E402
 from moge_kernels.testing import make_expert_weights, make_routing_inputs, make_topk_ids  # noqa: E402
-from moge_kernels.triton import dispatch as td, fp8_gemm, permute as tp  # noqa: E402
+from moge_kernels.triton import dispatch as td, permute as tp  # noqa: E402
 
 PERMUTE_MODELS = {"qwen3-30b-a3b": (2048, 128, 8), "gpt-oss-20b": (2880, 32, 4), "mixtral-8x7b": (4096, 8, 2)}
 
@@ -37,50 +33,25 @@ def _with_pdl(fn):
     return run
 
 
-def _with_quant_in_load(fn):
-    def run(in_load):
-        fp8_gemm.QUANT_X_SWAPPED = in_load
-        fp8_gemm._mlp_plans.clear()        # a plan records its launches: one per choice
-        try:
-            with torch.no_grad():
-                return fn()
-        finally:
-            fp8_gemm.QUANT_X_SWAPPED = True
-            fp8_gemm._mlp_plans.clear()
-    return run
+def mlp_cases(T):
+    """The Pangu-shape grouped_mlp, bf16 and fp8_block weights, from Pangu routing."""
+    H, I, E, G = 5120, 1344, 64, 8
+    torch.manual_seed(0)
+    layer = mk.MoGELayer(H, I, E, G).to("cuda", torch.bfloat16).eval()
+    gu, dn = fp8.layer_weights(mk.MoGELayer(H, I, E, G).to("cuda", torch.bfloat16).eval().quantize_("fp8_block"))
+    hidden, logits = make_routing_inputs(T, E, H, torch.bfloat16, "cuda", seed=T)
+    x, _, _, offsets, _ = mk.grouped_dispatch(hidden, logits, G)
+    active = int((offsets.diff() > 0).sum())
+    yield ("mlp pangu bf16", active * 3 * H * I * 2,
+           _with_pdl(lambda: mk.grouped_mlp(x, layer.w_gate_up, layer.w_down, offsets)))
+    yield ("mlp pangu fp8", active * (gu.weight[0].numel() + dn.weight[0].numel()),
+           _with_pdl(lambda: mk.grouped_mlp(x, gu, dn, offsets)))
 
 
-def mlp_cases(T, switch):
-    """The grouped_mlp from MoGE routing at the Pangu shape (pdl: bf16 and fp8_block weights) or the
-    Pangu and Qwen3-30B shapes and the Pangu FP8 layer (quant_in_load: fp8_block)."""
-    shapes = {"pangu": (5120, 1344, 64, 8)} if switch == "pdl" else \
-        {"pangu": (5120, 1344, 64, 8), "qwen3": (2048, 768, 128, 1)}
-    wrap = _with_pdl if switch == "pdl" else _with_quant_in_load
-    for name, (H, I, E, G) in shapes.items():
-        torch.manual_seed(0)
-        layer = mk.MoGELayer(H, I, E, G, 8 // G).to("cuda", torch.bfloat16).eval()
-        gu, dn = fp8.layer_weights(layer.quantize_("fp8_block"))
-        hidden, logits = make_routing_inputs(T, E, H, torch.bfloat16, "cuda", seed=T)
-        x, _, _, offsets, _ = mk.grouped_dispatch(hidden, logits, G, 8 // G)
-        active = int((offsets.diff() > 0).sum())
-        if switch == "pdl":
-            w_gate_up, w_down = (torch.randn(E, *w.shape[1:], device="cuda", dtype=torch.bfloat16)
-                                 for w in (gu.weight, dn.weight))
-            yield (f"mlp {name} bf16", active * 3 * H * I * 2,
-                   wrap(lambda: mk.grouped_mlp(x, w_gate_up, w_down, offsets)))
-        yield (f"mlp {name} fp8", active * (gu.weight[0].numel() + dn.weight[0].numel()),
-               wrap(lambda x=x, gu=gu, dn=dn, offsets=offsets: mk.grouped_mlp(x, gu, dn, offsets)))
-        if switch == "quant_in_load" and name == "pangu":
-            yield (f"MoGELayer {name} fp8", active * (gu.weight[0].numel() + dn.weight[0].numel()),
-                   wrap(lambda layer=layer, hidden=hidden: layer(hidden)))
-
-
-def cases(T, kinds, switch="pdl"):
-    """(name, floor bytes, fn(flag)) of every timed call at T tokens."""
+def cases(T, kinds):
+    """(name, floor bytes, fn(pdl)) of every timed call at T tokens."""
     if "mlp" in kinds:
-        yield from mlp_cases(T, switch)
-    if switch != "pdl":
-        return
+        yield from mlp_cases(T)
     if "layer" in kinds:     # the whole layer: each op's first launch depends on the op before it
         H, I, E, G = 5120, 1344, 64, 8
         hidden, logits = make_routing_inputs(T, E, H, torch.bfloat16, "cuda", seed=T)
@@ -103,17 +74,16 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", default="1024,4096,16384")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--cases", default="dispatch,permute,mlp")
-    parser.add_argument("--switch", choices=("pdl", "quant_in_load"), default="pdl")
+    parser.add_argument("--cases", default="dispatch,permute,mlp,layer")
     args = parser.parse_args()
     device = torch.device("cuda")
     bandwidth, _ = measure_ceilings(device)
     timer = Timer(device)
     print(f"{torch.cuda.get_device_name()}: copy {bandwidth / 1e9:.0f} GB/s; ms = median over {args.rounds} "
           "interleaved rounds of the median of 20 graph replays (cold L2); (x) = ratio to the memory floor")
-    print(f"{'case':28} {'T':>6} {'floor':>8} {args.switch + ' on':>16} {args.switch + ' off':>16} {'off/on':>7}")
+    print(f"{'case':28} {'T':>6} {'floor':>8} 'pdl on':>16} {'pdl off':>16} {'off/on':>7}")
     for T in (int(t) for t in args.tokens.split(",")):
-        for name, floor_bytes, fn in cases(T, args.cases.split(","), args.switch):
+        for name, floor_bytes, fn in cases(T, args.cases.split(",")):
             graphs = {pdl: capture_graph(lambda pdl=pdl: fn(pdl)) for pdl in (True, False)}
             times = {True: [], False: []}
             for _ in range(args.rounds):

@@ -21,7 +21,7 @@ attribute of a plain object: no environment access and no parsing per call.
 | triton_gemm_config | MOGE_TRITON_GEMM_CONFIG  | None, or "BM,BN,BK,warps,stages[,tma[,split_m[,split_n[,persistent[,tail_m]]]]]" (a string, a sequence of ints or a GemmConfig): one Triton grouped-GEMM config for every launch | None |
 | triton_autotune    | MOGE_TRITON_AUTOTUNE     | bool: time the candidate configs of a key on its first call (never under graph capture) | False |
 | triton_mlp_streams | MOGE_TRITON_MLP_STREAMS  | "auto" (from 32 rows per expert) or bool: Triton grouped_mlp's expert halves on two streams | "auto" |
-| triton_pdl         | MOGE_TRITON_PDL          | bool: the Triton permute, dispatch, grouped_mlp (its down GEMM) and FP8 mlp launch their later kernels with programmatic dependent launch on sm_90+ (each starts while the one before it finishes) | True |
+| triton_pdl         | MOGE_TRITON_PDL          | bool: the Triton permute, dispatch, grouped_mlp, combine and FP8 mlp launch their later kernels, and grouped_mlp, combine and the FP8 mlp their first, with programmatic dependent launch on sm_90+ (each starts while the launch before it finishes, the previous op's too, and waits for it before reading its outputs) | True |
 | cuda_gemm_tile     | MOGE_CUDA_GEMM_TILE      | CUDA_GEMM_TILES: the cuda backend's many-rows GEMM tile | "auto" |
 | bwd_gemm           | MOGE_BWD_GEMM            | "auto" (torch._grouped_mm where it applies) or "triton" | "auto" |
 | ascend_impl        | MOGE_ASCEND_IMPL         | "python" (torch_npu operators) or "cpp" (the CANN extension) | "python" |

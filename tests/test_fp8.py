@@ -505,32 +505,6 @@ def test_triton_fp8_swapped_tiles_against_reference(M, cfg, fmt, monkeypatch):
 
 
 @requires_triton_fp8
-@pytest.mark.parametrize("M", [5, 150], ids=lambda m: f"M{m}")
-def test_triton_fp8_swapped_quantize_in_load_changes_no_bit(M, monkeypatch):
-    """Swapped 16-row TMA tiles quantizing x and h in their loads (the two-launch decode mlp) against
-    the row kernel before each GEMM (four launches): fp8.py's rule either way, so the same bits, over
-    I = 144 (h's partial last group), an empty expert and row_scale; the grouped_gemm op too."""
-    from moge_kernels.triton import fp8_gemm
-    if fp8_gemm.TensorDescriptor is None:
-        pytest.skip("this triton has no host TensorDescriptor")
-    c = fp8_gemm.Fp8Config(16, 64, 4, 2, tma=True, swap=True)
-    monkeypatch.setitem(fp8_gemm._forced, "gate_up", c)
-    monkeypatch.setitem(fp8_gemm._forced, "down", c)
-    x, gu, dn, offsets, _, _ = _problem(M, 4, 256, 144, torch.float32, seed=35 + M,
-                                        device="cuda" if HAS_CUDA else "cpu")
-    assert (offsets.diff() == 0).any()
-    row_scale = torch.rand(M, generator=torch.Generator().manual_seed(7)).to(x.device)
-    runs = []
-    for in_load in (True, False):
-        monkeypatch.setattr(fp8_gemm, "QUANT_X_SWAPPED", in_load)
-        fp8_gemm._mlp_plans.clear()
-        with mk.use_backend("triton"):
-            runs.append((mk.grouped_mlp(x, gu, dn, offsets, row_scale), mk.grouped_gemm(x, gu, offsets)))
-    fp8_gemm._mlp_plans.clear()
-    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
-
-
-@requires_triton_fp8
 def test_triton_fp8_rejects_blocks_it_has_no_kernel_for():
     x, gu, dn, offsets, wgu, wd = _problem(8, 2, 256, 128, torch.float32, seed=21)
     w = torch.randn(2, 96, 96)

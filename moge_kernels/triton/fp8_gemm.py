@@ -37,8 +37,9 @@ tl.dot(b, tl.trans(a)) [BN, BM] instead, both operands still K-major: the weight
 
 Where x is quantized (fp8.py's rule; both paths give the same values):
   QUANT_X    in the GEMM's load: a bf16 x tile is quantized in registers per 1x128 group (block format).
-             Every column tile of a row recomputes it; taken with 16-row tiles (decode), swapped or
-             not, x through pointer loads beside TMA weight tiles where the config has TMA.
+             Every column tile of a row recomputes it; taken with 16-row gate_up tiles that are not
+             swapped (the interpreter's decode config; on the H200 the swapped 16-row TMA tiles after the
+             row kernel are faster, gemm_configs.FP8_H200_TABLE).
   otherwise  a row-quantization kernel writes x in e4m3 + scales first (_quantize_rows_kernel).
 The gate_up epilogue computes h = silu(gate) * up in fp32, rounds it to x's dtype (fp8.py) and either
   QUANT_OUT  quantizes it per row over its BN = 128 columns (one scale group) and writes e4m3 + scales
@@ -362,21 +363,19 @@ def _fp8_gemm_kernel(
             if TWO:
                 sc1_next = _col_scales(ws_ptr, kb_next, r1, W_ROWS, KB, PART_ROWS, NB, BN, BLOCK_N,
                                        SCALAR_COLS)
-        # TMA: rows past M and columns past K are zero-filled; rows of the next expert (x) and weight
-        # rows past N_OUT are loaded but their outputs are never stored. Float x quantized in the load
-        # (QUANT_X) comes through pointer loads, whichever way the weights come.
-        if QUANT_X:
-            xf = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-            a, sa = _quantize_tile(xf, BM, EXPLICIT_ROUND)
-        elif USE_TMA:
-            a = x_desc.load([row0, kk * BK])
-        else:
-            a = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         if USE_TMA:
+            # Rows past M and columns past K are zero-filled; rows of the next expert (x) and weight
+            # rows past N_OUT are loaded but their outputs are never stored. No pointer tensors.
+            a = x_desc.load([row0, kk * BK])
             b0 = w_desc.load([w_row0, kk * BK])
             if TWO:
                 b1 = w_desc.load([w_row0 + sub_shift, kk * BK])
         else:
+            if QUANT_X:
+                xf = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+                a, sa = _quantize_tile(xf, BM, EXPLICIT_ROUND)
+            else:
+                a = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             b0 = tl.load(w_ptrs0, mask=w_ok0[:, None] & k_ok[None, :], other=0.0)
             if TWO:
                 b1 = tl.load(w_ptrs1, mask=w_ok1[:, None] & k_ok[None, :], other=0.0)
@@ -526,16 +525,16 @@ def launch_fp8_gemm(x, x_scale, w, w_scale, expert_offsets, out, out_scale, bloc
     num_n_tiles = cdiv(n_out, tile_n)
     max_row_tiles = min(M, cdiv(M, BM) + min(E, M))
     has_row_scale = row_scale is not None
-    # TMA: the weights, and e4m3 x where it is not quantized in the load; 16-byte aligned rows (K % 16 ==
-    # 0), Hopper or the interpreter; a box row is BK = 128 bytes, one 128-byte swizzle line
-    use_tma = cfg.tma and (quant_x or x.dtype == fp8.E4M3) and w.is_contiguous() and _tma_ok(x, w)
-    x_desc, w_desc = x, w              # placeholders, never read
+    # TMA: e4m3 x (not quantized in the load), 16-byte aligned rows (K % 16 == 0), Hopper or the
+    # interpreter; a box row is BK = 128 bytes, one 128-byte swizzle line
+    use_tma = cfg.tma and not quant_x and x.dtype == fp8.E4M3 and w.is_contiguous() and _tma_ok(x, w)
     if use_tma:
         if x.is_cuda:
             ensure_context(x.device)
-        if not quant_x:
-            x_desc = cached_descriptor(x, [BM, BK])
+        x_desc = cached_descriptor(x, [BM, BK])
         w_desc = cached_descriptor(w.view(E * w_rows, K), [BN, BK])
+    else:
+        x_desc, w_desc = x, w          # placeholders, never read
     xs = x_scale if x_scale is not None else x
     os_ = out_scale if out_scale is not None else out
     pdl = use_pdl(x.device)
@@ -569,15 +568,10 @@ def _prepare(x, w, w_scale, name, block_k):
     return x, w.contiguous(), w_scale.contiguous()
 
 
-# Swapped 16-row tiles quantize x (and the down GEMM h) in their loads too: decode's mlp is then two
-# launches, not four (the row kernel before each GEMM). False: the row kernel (bench/ab_fp8_quant.py).
-QUANT_X_SWAPPED = True
-
-
 def _quantizes_in_load(cfg: Fp8Config, block_k: int) -> bool:
     """Whether x (bf16) is quantized in the GEMM's own load (QUANT_X) rather than by the row kernel first:
-    16-row tiles (swapped ones where QUANT_X_SWAPPED), one 128-column scale group a k-slice."""
-    return block_k == 128 and cfg.block_m <= 16 and (QUANT_X_SWAPPED or not cfg.swap)
+    16-row tiles that are not swapped, one 128-column scale group a k-slice."""
+    return block_k == 128 and cfg.block_m <= 16 and not cfg.swap
 
 
 def grouped_gemm_fp8(x, w, w_scale, expert_offsets, block_n=128, block_k=128):

@@ -319,7 +319,10 @@ F = Fp8Config
 FP8_H200_TABLE = {
     # decode: the swapped tiles (fp8_gemm._fp8_dot), bench/results/fp8_swap_h200_698adea.txt (mlp ms, the
     # other GEMM at its former entry): gate_up T=1 0.065 (64x64 tma r168: 0.072), T=16 0.323 (0.362);
-    # down T=1 0.068 (16x64 pointer loads: 0.069), T=16 0.328 (0.335)
+    # down T=1 0.068 (16x64 pointer loads: 0.069), T=16 0.328 (0.335). With x and h quantized in these
+    # tiles' loads (pointer loads of bf16 x beside the TMA weight tiles; two launches, not four) the mlp
+    # was slower: T=1 0.0628 against 0.0536 ms, T=16 0.3165 against 0.3080 (bench/results/
+    # pdl_layer_h200_4c6fc06.txt): the row kernel before each GEMM stays
     ("decode", "gate_up"): F(16, 64, 4, 4, tma=True, swap=True),
     ("decode", "down"): F(16, 64, 4, 4, tma=True, swap=True),
     # T=128: 0.355 ms (64x64 tma r168: 0.399; fp8_swap_pdl_h200_f5f4a06.txt, sweep of device call 2)
