@@ -41,8 +41,8 @@ def _combine_kernel(
     launch): it may start while the launch before it (the down GEMM) finishes and waits for it before
     reading anything; the next op's first launch may start once every program has begun."""
     if USE_GDC:
-        gdc_launch_dependents()
         gdc_wait()
+        gdc_launch_dependents()
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     t_ok = t < T

@@ -136,9 +136,9 @@ def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, strid
                           EXPLICIT_ROUND: tl.constexpr, USE_GDC: tl.constexpr):
     """Grid (cdiv(M, BM), KB): rows [pid0*BM, +BM), group pid1 of G columns; ONE_GROUP: the whole row
     (one scale per token), walked in chunks of G twice (amax, then quantize)."""
-    if USE_GDC:   # the GEMM after it may launch now; x may be the output of the launch before it
+    if USE_GDC:   # x may be the output of the launch before it; then the GEMM after it may launch
+        gdc_wait()  # (before that one reads expert_offsets and scales ahead of its own wait)
         gdc_launch_dependents()
-        gdc_wait()
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     row_ok = rows < M
     rows64 = rows.to(tl.int64)
@@ -296,9 +296,9 @@ def _fp8_gemm_kernel(
     launch): every input may be the launch before it's output, so it waits before reading anything."""
     pid = tl.program_id(0)
     if USE_GDC:   # the launch after this one may start now; it waits for this one before reading
-        gdc_launch_dependents()
-        if WAIT_FIRST:
+        if WAIT_FIRST:   # first: that launch reads expert_offsets ahead of its own wait
             gdc_wait()
+        gdc_launch_dependents()
     # Later launches of the op: expert_offsets and the weights are older than the op's chain of launches,
     # read before gdc_wait, while the launch before this one finishes
     experts, starts, ends, m_tiles, work_begin, work_end = _schedule(offsets_ptr, num_n_tiles, E,

@@ -243,15 +243,17 @@ def _grouped_gemm_kernel(
     """Grid: (max_row_tiles * num_n_tiles,); see the module docstring for the schedule. ZERO_TAIL: the
     programs past the real work write zeros to the rows past offsets[E] (zero_tail_tile). USE_GDC: a
     dependent launch (programmatic dependent launch; gdc_wait is a no-op where it launched as usual), and
-    the next launch may start once every program has begun. WAIT_FIRST (an op's first launch): every
-    input may be the launch before it's output (dispatch's or permute's), so it waits before reading
-    anything; otherwise (grouped_mlp's down GEMM) it schedules its tile from expert_offsets (older than
+    the next launch may start once every program has begun (and waited, with WAIT_FIRST). WAIT_FIRST (an
+    op's first launch): every input may be the launch before it's output (dispatch's or permute's), so it
+    waits before reading anything; otherwise (grouped_mlp's down GEMM) it schedules its tile from expert_offsets (older than
     the op) while the launch before it finishes, then waits for that one's writes (x)."""
     pid = tl.program_id(0)
     if USE_GDC:
-        gdc_launch_dependents()
+        # An op's first launch waits before it lets the next launch start: that one (the down GEMM) reads
+        # expert_offsets before its own wait, so everything before this op must be done by then
         if WAIT_FIRST:
             gdc_wait()
+        gdc_launch_dependents()
     experts, starts, ends, m_tiles, work_begin, work_end = _schedule(offsets_ptr, num_n_tiles, E,
                                                                      E_POW2, BM)
     total = tl.max(work_end, 0)
