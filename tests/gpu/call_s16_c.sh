@@ -4,7 +4,7 @@ export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 q() { grep -v -E "Warning|warn\(" ; }
 git log --oneline -1
 timeout 200 python3 -m pytest -p no:cacheprovider -n 6 -v tests/test_triton_grouped_gemm.py tests/test_triton_combine.py \
-  tests/test_fp8.py -k "gpu or dependent or Gpu" 2>&1 | q > $OUT/pytest1.log
+  tests/test_fp8.py -k "gpu or dependent or triton_fp8" 2>&1 | q > $OUT/pytest1.log
 grep -E "FAILED|ERROR|passed|failed" $OUT/pytest1.log | tail -25
 timeout 120 python3 -m pytest -p no:cacheprovider -n 6 -v tests/test_grouped_permute.py tests/test_triton_dispatch.py \
   tests/test_layer.py 2>&1 | q > $OUT/pytest2.log
