@@ -81,7 +81,7 @@ def main():
     timer = Timer(device)
     print(f"{torch.cuda.get_device_name()}: copy {bandwidth / 1e9:.0f} GB/s; ms = median over {args.rounds} "
           "interleaved rounds of the median of 20 graph replays (cold L2); (x) = ratio to the memory floor")
-    print(f"{'case':28} {'T':>6} {'floor':>8} 'pdl on':>16} {'pdl off':>16} {'off/on':>7}")
+    print(f"{'case':28} {'T':>6} {'floor':>8} {'pdl on':>16} {'pdl off':>16} {'off/on':>7}")
     for T in (int(t) for t in args.tokens.split(",")):
         for name, floor_bytes, fn in cases(T, args.cases.split(",")):
             graphs = {pdl: capture_graph(lambda pdl=pdl: fn(pdl)) for pdl in (True, False)}
