@@ -2,7 +2,7 @@
 # timeout cut, the layer A/B of programmatic dependent launch after the wait-before-trigger fix, host cost. Logs under $OUT.
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 q() { grep -v -E "Warning|warn\(" ; }
-timeout 150 python3 -m pytest -p no:cacheprovider -n 4 -v tests/test_grouped_permute.py -k "gpu_cuda_graph" \
+timeout 150 python3 -m pytest -p no:cacheprovider -n 4 -v tests/test_grouped_permute.py::test_gpu_cuda_graph_capture \
   "tests/test_fp8.py::test_gpu_fp8_layer_pangu" "tests/test_fp8.py::test_gpu_fused_dispatch_graph_replay_and_compile" \
   "tests/test_fp8.py::test_gpu_small_case_for_memcheck" tests/test_fp8.py::test_gpu_fp8_dependent_launches_change_no_bit \
   2>&1 | q > $OUT/pytest.log
