@@ -245,8 +245,9 @@ def _grouped_gemm_kernel(
     dependent launch (programmatic dependent launch; gdc_wait is a no-op where it launched as usual), and
     the next launch may start once every program has begun (and waited, with WAIT_FIRST). WAIT_FIRST (an
     op's first launch): every input may be the launch before it's output (dispatch's or permute's), so it
-    waits before reading anything; otherwise (grouped_mlp's down GEMM) it schedules its tile from expert_offsets (older than
-    the op) while the launch before it finishes, then waits for that one's writes (x)."""
+    waits before reading anything; otherwise (grouped_mlp's down GEMM) it schedules its tile from
+    expert_offsets (older than the op) while the launch before it finishes, then waits for that one's
+    writes (x)."""
     pid = tl.program_id(0)
     if USE_GDC:
         # An op's first launch waits before it lets the next launch start: that one (the down GEMM) reads
