@@ -509,6 +509,24 @@ def test_triton_count_config():
     assert not tp._fused_scan(-(-4096 // tp._count_config(4096, 8, 128)), 128)
 
 
+@pytest.mark.skipif(not AVAILABLE["triton"]["available"], reason="needs triton")
+def test_triton_copy_config_compiled(monkeypatch):
+    """The compiled copy tile (the interpreter's is 16 tokens): one token a program at decode, 4 past
+    1024 tokens, 2 where H leaves a partly masked 1024-column block (gpt-oss's 2880); and where the copy
+    programs rank the slots: up to RANK_IN_COPY_MAX_COMPARES compares (gpt-oss-20b T=4096: the sort)."""
+    from moge_kernels.triton import permute as tp
+    monkeypatch.setattr(tp, "_INTERPRET", False)
+    assert tp.copy_config(512, 2880) == (1, 1024, 4, True)
+    assert tp.copy_config(4096, 2880) == (2, 1024, 4, True)
+    for H in (2048, 4096, 5120):
+        assert tp.copy_config(4096, H) == (4, 1024, 4, True)
+    assert tp.copy_config(4096, 64) == (4, 64, 1, True)
+    tp._plan.cache_clear()
+    assert not tp._plan(4096, 4, 32, 2880, None, None, True)[1]    # gpt-oss-20b: 2 x 4 x 256 compares
+    assert tp._plan(4096, 2, 8, 4096, None, None, True)[1]         # Mixtral: 4 x 2 x 128
+    tp._plan.cache_clear()
+
+
 @pytest.mark.parametrize("backend,device", [c for c in CASES if c[0] == "triton"])
 @pytest.mark.parametrize("copy_config", [None, (4, 8, 1, True), (4, 8, 1, False)])
 def test_triton_no_columns(backend, device, copy_config):
