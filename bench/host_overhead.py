@@ -361,22 +361,23 @@ def _host_us(fn, n=50):
     return statistics.median(samples)
 
 
-def _loop_ms(fn, ms_per_call, budget_ms, repeats=3):
-    """ms per call of back-to-back calls (no flush, no sync inside the loop): median of `repeats` loops
-    of about budget_ms each."""
+def _loop_ms(fn, calls, repeats=3):
+    """(GPU ms, host ms) per call of `calls` back-to-back calls (no flush, no sync inside the loop):
+    events around the loop and perf_counter around its launches, medians of `repeats` loops."""
     import torch
-    calls = max(5, min(200, int(budget_ms / max(ms_per_call, 1e-3))))
-    samples = []
+    loops, hosts = [], []
     for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         torch.cuda.synchronize()
         start.record()
+        t0 = time.perf_counter()
         for _ in range(calls):
             fn()
+        hosts.append((time.perf_counter() - t0) / calls * 1e3)
         end.record()
         torch.cuda.synchronize()
-        samples.append(start.elapsed_time(end) / calls)
-    return statistics.median(samples)
+        loops.append(start.elapsed_time(end) / calls)
+    return statistics.median(loops), statistics.median(hosts)
 
 
 def gpu(args):
@@ -412,7 +413,8 @@ def gpu(args):
                     graph = tt.do_bench_cudagraph(fn, rep=args.rep_ms, return_mode="median")
                 except Exception as err:  # noqa: BLE001  report it, keep the eager figure
                     print(f"    {op}: no graph ({type(err).__name__}: {str(err)[:80]})")
-                loop = _loop_ms(fn, graph if graph is not None else eager, args.rep_ms)
+                ms_per_call = graph if graph is not None else eager
+                loop, _ = _loop_ms(fn, max(5, min(200, int(args.rep_ms / max(ms_per_call, 1e-3)))))
                 slow = _slow_launches()
                 host = _host_us(fn)
                 slow = (_slow_launches() - slow) / 50
@@ -490,20 +492,9 @@ def gaps(args):
                 torch.cuda.synchronize()
                 eager = tt.do_bench(fn, warmup=25, rep=args.rep_ms, return_mode="median")
                 graph = tt.do_bench_cudagraph(fn, rep=args.rep_ms, return_mode="median")
-                loops, hosts = [], []
-                for _ in range(5):
-                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    torch.cuda.synchronize()
-                    start.record()
-                    t0 = time.perf_counter()
-                    for _ in range(200):
-                        fn()
-                    hosts.append((time.perf_counter() - t0) / 200 * 1e3)
-                    end.record()
-                    torch.cuda.synchronize()
-                    loops.append(start.elapsed_time(end) / 200)
-                print(f"{name:<10} T={T:<5} {op:<9} do_bench {eager:.4f}  loop {statistics.median(loops):.4f}"
-                      f"  host {statistics.median(hosts):.4f}  graph {graph:.4f}", flush=True)
+                loop, host = _loop_ms(fn, 200, repeats=5)
+                print(f"{name:<10} T={T:<5} {op:<9} do_bench {eager:.4f}  loop {loop:.4f}"
+                      f"  host {host:.4f}  graph {graph:.4f}", flush=True)
                 with profile(activities=[ProfilerActivity.CUDA]) as prof:
                     for _ in range(20):
                         flush.zero_()

@@ -395,7 +395,7 @@ def _fused_scan(num_blocks: int, E: int, fused_counts: int = None) -> bool:
 
 
 @functools.lru_cache(maxsize=4096)
-def _one_pass_plan(T, K, E, H, pdl=False):
+def _one_pass_plan(T, K, E, H, pdl):
     """(meta, grid) of the one-pass launch, or None where the call is too large for it."""
     k_pad = pow2(K)
     slots = pow2(T * k_pad)
